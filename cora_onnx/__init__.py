@@ -1,0 +1,23 @@
+"""cora-onnx: make ConvNets small for edge deployment and prove it in ONNX Runtime.
+
+The package imports torch lazily, so `passes` (pure ONNX) can import `cora_onnx.plan` and
+`cora_onnx.errors` without pulling torch in.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["quantize", "export_plan", "QuantizeResult", "Plan", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("quantize", "export_plan", "QuantizeResult"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "Plan":
+        from .plan import Plan
+
+        return Plan
+    raise AttributeError(f"module 'cora_onnx' has no attribute {name!r}")

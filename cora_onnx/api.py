@@ -1,0 +1,192 @@
+"""The Python API: one call runs search -> export -> verify and returns the report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import ImageSet, Preprocess, load_class_map, load_images, parse_floats
+from .errors import DataError, ModelError, SettingsError
+from .export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes, quantizable_layers
+from .io import atomic_write, check_output_path
+from .models import IMAGENET_MEAN, IMAGENET_STD, check_finite
+from .pipeline import apply_plan
+from .plan import Plan
+from .report import environment, write_report
+from .search import METHODS
+from .verify import cpu_threads, measure_latency, parity, predict_onnx, predict_torch, session, size_breakdown, top1
+
+__all__ = ["QuantizeResult", "quantize", "make_settings", "export_plan"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizeResult:
+    report: dict
+    plan: Plan
+    onnx_path: Path
+    float_model: nn.Module
+    quantized_model: nn.Module
+
+
+def make_settings(method: str, bits: int, options: dict[str, Any]):
+    """Validated settings of a search method; unknown options are a SettingsError."""
+    if method not in METHODS:
+        raise SettingsError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    cls = METHODS[method].settings
+    try:
+        return cls(bits=bits, **options)
+    except TypeError as exc:
+        raise SettingsError(f"invalid option for method {method}: {exc}") from None
+
+
+def _num_classes(model: nn.Module, input_size: int) -> int:
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, input_size, input_size))
+    except Exception as exc:
+        raise ModelError(f"the model does not run on 3x{input_size}x{input_size} input: "
+                         f"{str(exc).splitlines()[0][:200]}") from None
+    if out.dim() != 2:
+        raise ModelError(f"expected a classifier with N x classes output, got shape {tuple(out.shape)}")
+    return int(out.shape[1])
+
+
+def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path | None = None,
+             class_map: str | Path | None = None, bits: int = 4, method: str = "rtn",
+             out: str | Path = "model.onnx", mean: Sequence[float] | str = IMAGENET_MEAN,
+             std: Sequence[float] | str = IMAGENET_STD, input_size: int = 224, *, crop_ratio: float = 1.0,
+             report: str | Path | None = None, plan_out: str | Path | None = None,
+             float_out: str | Path | None = None, model_name: str | None = None, batch_size: int = 32,
+             parity_images: int = 1000, latency_runs: int = 30, latency_batch: int | None = None,
+             threads: int | None = None, seed: int = 0, **method_options) -> QuantizeResult:
+    """Quantize `model` with `method`, export to ONNX at `out`, verify in ONNX Runtime.
+
+    calib: folder of calibration images (flat or per class; needed by data-driven methods, and
+    used for parity when val is None); val: labelled folder (one folder per class) for top-1;
+    class_map: JSON of folder name -> class index when val's folders are a subset of the classes.
+    Returns a QuantizeResult whose .report is the dict also written to `report` (JSON).
+    """
+    settings = make_settings(method, bits, method_options)
+    m = METHODS[method]
+    outputs = [(out, "output model")] + [(p, w) for p, w in ((report, "report"), (plan_out, "plan"),
+                                                              (float_out, "float model")) if p is not None]
+    for p, what in outputs:
+        check_output_path(p, what)
+    if m.needs_calib and calib is None:
+        raise SettingsError(f"method {method} needs calibration images (calib=DIR)")
+    if calib is None and val is None:
+        raise SettingsError("give calib or val images: parity is measured on them")
+    pre = Preprocess(input_size=int(input_size), crop_ratio=crop_ratio, mean=parse_floats(mean, what="mean"),
+                     std=parse_floats(std, what="std"))
+    threads = threads or cpu_threads()
+    torch.manual_seed(seed)
+    model = model.eval()
+    check_finite(model)
+    n_classes = _num_classes(model, pre.input_size)
+    cmap = load_class_map(class_map) if class_map is not None else None
+    val_set = load_images(val, pre, labelled=True, class_map=cmap, num_classes=n_classes, what="validation folder") \
+        if val is not None else None
+    calib_set = load_images(calib, pre, what="calibration folder") if calib is not None else None
+
+    folded = fold_batchnorm(model)
+    t0 = time.perf_counter()
+    plan = m.run(folded, settings, calib_set)
+    search_seconds = time.perf_counter() - t0
+    plan = Plan(plan.method, plan.settings, plan.layers,
+                meta={**plan.meta, "model": model_name or type(model).__name__, "input_size": pre.input_size,
+                      "crop_ratio": pre.crop_ratio, "mean": list(pre.mean), "std": list(pre.std)})
+    log.info("search done in %.1f s: %d layers planned", search_seconds, len(plan.layers))
+
+    model_ir = export_onnx(folded, pre.input_size)
+    model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
+    float_bytes = onnx_bytes(model_ir)
+    quant_bytes = onnx_bytes(apply_plan(model_ir, plan))
+    qmodel = apply_plan_torch(folded, plan)
+
+    rep = _verify(model, qmodel, float_bytes, quant_bytes, val_set, calib_set, batch_size, parity_images,
+                  latency_runs, latency_batch, threads, seed, pre)
+    weight_params = sum(mod.weight.numel() for mod in quantizable_layers(folded).values())
+    report_dict = {
+        "model": plan.meta["model"], "method": method, "bits": bits, "onnx_path": str(out),
+        "onnx_bytes": len(quant_bytes), "float_onnx_bytes": len(float_bytes),
+        "compression_ratio": len(float_bytes) / len(quant_bytes),
+        "weight_params": weight_params, **rep, "search_seconds": search_seconds,
+        "settings": plan.settings,
+        "layers": [{"name": lp.name, "bits": lp.uniform.bits if lp.uniform else None, **dict(lp.info)}
+                   for lp in plan.layers],
+        "preprocess": {"input_size": pre.input_size, "crop_ratio": pre.crop_ratio, "mean": list(pre.mean),
+                       "std": list(pre.std)},
+        "images": {"calib": len(calib_set) if calib_set is not None else 0,
+                   "val": len(val_set) if val_set is not None else 0},
+        "environment": environment(threads),
+        "notes": _notes(plan),
+    }
+    atomic_write(out, lambda f: f.write(quant_bytes))
+    if float_out is not None:
+        atomic_write(float_out, lambda f: f.write(float_bytes))
+    if plan_out is not None:
+        plan.save(plan_out)
+    if report is not None:
+        write_report(report_dict, report)
+    return QuantizeResult(report_dict, plan, Path(out), model, qmodel)
+
+
+def _verify(model, qmodel, float_bytes: bytes, quant_bytes: bytes, val_set: ImageSet | None,
+            calib_set: ImageSet | None, batch_size: int, parity_images: int, latency_runs: int,
+            latency_batch: int | None, threads: int, seed: int, pre: Preprocess) -> dict:
+    qsess = session(quant_bytes, threads=threads)
+    t1 = {"float": None, "quantized_torch": None, "quantized_onnxruntime": None}
+    if val_set is not None:
+        ort_logits = predict_onnx(qsess, val_set, batch_size, "ONNX Runtime, quantized")
+        q_logits = predict_torch(qmodel, val_set, batch_size, "PyTorch, quantized")
+        f_logits = predict_torch(model, val_set, batch_size, "PyTorch, float")
+        t1 = {"float": top1(f_logits, val_set.labels), "quantized_torch": top1(q_logits, val_set.labels),
+              "quantized_onnxruntime": top1(ort_logits, val_set.labels)}
+        par = parity(ort_logits, q_logits)
+    else:
+        pset = calib_set.subset(parity_images, seed)
+        par = parity(predict_onnx(qsess, pset, batch_size, "ONNX Runtime, quantized"),
+                     predict_torch(qmodel, pset, batch_size, "PyTorch, quantized"))
+    shape = (3, pre.input_size, pre.input_size)
+    batches = (1,) if not latency_batch or latency_batch == 1 else (1, latency_batch)
+    log.info("measuring latency (%d interleaved runs per model and batch size)", latency_runs)
+    lat = measure_latency({"float": float_bytes, "quantized": qsess,
+                           "quantized_folded": session(quant_bytes, threads=threads, fold_weight_dq=True)},
+                          shape, batch_sizes=batches, runs=latency_runs, threads=threads, seed=seed)
+    return {
+        "top1": t1, "parity": par,
+        "latency_ms": {k: lat[k]["batch_1"]["median_ms"] for k in ("float", "quantized", "quantized_folded")},
+        "latency": lat,
+        "size_breakdown": {"float": size_breakdown(float_bytes), "quantized": size_breakdown(quant_bytes)},
+    }
+
+
+def _notes(plan: Plan) -> list[str]:
+    notes = []
+    if any(lp.uniform is not None and lp.uniform.bits <= 4 for lp in plan.layers):
+        notes.append("ONNX Runtime has no 4-bit Conv kernel on CPU: INT4 weights save disk, not time (their "
+                     "DequantizeLinear runs at each inference). latency 'quantized_folded' is the same file with "
+                     "session config session.disable_quant_qdq=1, which folds them at load.")
+    return notes
+
+
+def export_plan(model: nn.Module, plan: Plan, out: str | Path, input_size: int | None = None) -> int:
+    """Export `model` with a saved plan applied (no search, no verification); returns bytes written."""
+    check_output_path(out, "output model")
+    size = int(input_size or plan.meta.get("input_size", 224))
+    folded = fold_batchnorm(model.eval())
+    model_ir = export_onnx(folded, size)
+    model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
+    data = onnx_bytes(apply_plan(model_ir, plan))
+    atomic_write(out, lambda f: f.write(data))
+    return len(data)

@@ -1,0 +1,1 @@
+"""Built-in network architectures shipped with cora-onnx."""

@@ -1,0 +1,97 @@
+"""Torch side of the export: BatchNorm folding, the plan applied to a torch model (the
+reference the ONNX file is checked against), and torch.onnx export to an onnx_ir model."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from .errors import ModelError, PlanError
+from .io import atomic_write
+from .plan import Plan
+
+__all__ = ["fold_batchnorm", "quantizable_layers", "apply_plan_torch", "export_onnx", "save_onnx", "onnx_bytes",
+           "DEFAULT_OPSET"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 21  # INT4/UINT4 QuantizeLinear/DequantizeLinear
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of model (eval mode) with every Conv+BatchNorm pair folded into the Conv.
+
+    Uses torch.fx; a model fx cannot trace is returned unfolded (a copy), with a warning.
+    """
+    import torch.fx.experimental.optimization as fx_opt
+
+    model = copy.deepcopy(model).eval()
+    try:
+        folded = fx_opt.fuse(model)
+    except Exception as exc:  # fx raises many types on untraceable code
+        log.warning("BatchNorm not folded: torch.fx cannot trace the model (%s)", str(exc).splitlines()[0][:160])
+        return model
+    left = [n for n, m in folded.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if left:
+        log.info("%d BatchNorm layers are not after a Conv and stay in the graph (e.g. %s)", len(left), left[0])
+    return folded.eval()
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Conv2d and Linear modules by name, in definition order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def apply_plan_torch(model: nn.Module, plan: Plan) -> nn.Module:
+    """A copy of model whose planned weights are replaced by their dequantized values (and,
+    when a layer has an adapter, wrapped with the low-rank branch)."""
+    model = copy.deepcopy(model).eval()
+    layers = quantizable_layers(model)
+    for lp in plan.layers:
+        module = layers.get(lp.name)
+        if module is None:
+            raise PlanError(f"plan layer {lp.name} is not a Conv2d/Linear of the model")
+        if tuple(module.weight.shape) != lp.shape:
+            raise PlanError(f"plan layer {lp.name}: shape {lp.shape} differs from the model's {tuple(module.weight.shape)}")
+        if lp.uniform is not None:
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(lp.uniform.dequantize()))
+    return model
+
+
+def export_onnx(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET) -> ir.Model:
+    """torch.onnx (dynamo) export with a dynamic batch; input named "input", output "logits"."""
+    x = torch.zeros(2, 3, input_size, input_size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(model.eval(), (x,), dynamo=True, opset_version=opset, verbose=False,
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},), optimize=True)
+        except Exception as exc:
+            raise ModelError(f"torch.onnx export failed: {str(exc).splitlines()[0][:300]}") from None
+    model_ir = program.model
+    graph = model_ir.graph
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise ModelError(f"expected a model with one input and one output, got {len(graph.inputs)}/{len(graph.outputs)}")
+    graph.inputs[0].name = "input"
+    graph.outputs[0].name = "logits"
+    model_ir.producer_name = "cora-onnx"
+    return model_ir
+
+
+def onnx_bytes(model: ir.Model) -> bytes:
+    return ir.to_proto(model).SerializeToString()
+
+
+def save_onnx(model: ir.Model, path: str | Path) -> int:
+    """Write model atomically as a single file; returns its size in bytes."""
+    data = onnx_bytes(model)
+    atomic_write(path, lambda f: f.write(data))
+    return len(data)

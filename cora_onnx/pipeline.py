@@ -1,0 +1,39 @@
+"""The one place where pass pipelines are declared."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from passes import WeightQDQPass
+
+from .errors import OnnxModelError
+from .plan import Plan
+
+__all__ = ["cleanup_passes", "plan_pipeline", "apply_plan"]
+
+
+def cleanup_passes() -> list[ir.passes.PassBase]:
+    """Unused nodes and initializers out, topological order, then the full ONNX checker."""
+    return [
+        common.RemoveUnusedNodesPass(),
+        common.RemoveUnusedOpsetsPass(),
+        common.TopologicalSortPass(),
+        common.CheckerPass(full_check=True),
+    ]
+
+
+def plan_pipeline(plan: Plan) -> ir.passes.PassManager:
+    """Passes that apply a Plan to the float ONNX graph exported from the BN-folded model."""
+    return ir.passes.PassManager([WeightQDQPass(plan), *cleanup_passes()])
+
+
+def apply_plan(model: ir.Model, plan: Plan) -> ir.Model:
+    """Rewrite model in place according to plan and return it."""
+    try:
+        return plan_pipeline(plan)(model).model
+    except ir.passes.PassError as exc:  # the pass infra wraps failures; surface the cause
+        cause = exc.__cause__ or exc
+        if isinstance(cause, Exception) and not isinstance(cause, ir.passes.PassError):
+            raise cause from None
+        raise OnnxModelError(str(exc)) from None

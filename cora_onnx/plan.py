@@ -1,0 +1,242 @@
+"""The Plan: what the search decided for every layer, in plain frozen dataclasses.
+
+A Plan is independent of torch and ONNX (numpy arrays only) and is saved as two files,
+``NAME.json`` (settings, scalars) and ``NAME.npz`` (arrays), so search and export can run
+separately. Each layer names its weight by the torch module path; the ONNX initializer is
+``<module path>.weight`` (torch.onnx keeps parameter names).
+
+Components of a layer are optional: ``uniform`` (integer grid), ``adapter`` (low-rank
+correction), ``codebook`` (product quantization). New component types register in
+``_COMPONENTS``; serialization is generic over their dataclass fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import PlanError
+from .io import atomic_write
+
+__all__ = ["UniformWeights", "LowRankAdapter", "Codebook", "LayerPlan", "Plan", "PLAN_FORMAT"]
+
+PLAN_FORMAT = 1
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise PlanError(msg)
+
+
+@dataclass(frozen=True, eq=False)
+class UniformWeights:
+    """Weight on a uniform integer grid: w_hat = (q - zero_point) * scale along axis 0.
+
+    q holds the integer values (int8 when symmetric, uint8 otherwise) in the weight's shape;
+    scale and zero_point have shape (C_out,) when per_channel else (1,).
+    """
+
+    bits: int
+    symmetric: bool
+    per_channel: bool
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+
+    def __post_init__(self) -> None:
+        _check(2 <= int(self.bits) <= 8, f"uniform bits must be 2-8, got {self.bits}")
+        lo, hi = (-(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1) if self.symmetric else (0, (1 << self.bits) - 1)
+        want = np.int8 if self.symmetric else np.uint8
+        _check(self.q.dtype == want, f"uniform q must be {np.dtype(want).name}, got {self.q.dtype}")
+        _check(self.q.size == 0 or (int(self.q.min()) >= lo and int(self.q.max()) <= hi),
+               f"uniform q values outside the {self.bits}-bit grid [{lo}, {hi}]")
+        n = self.q.shape[0] if self.per_channel else 1
+        _check(self.scale.shape == (n,) and self.zero_point.shape == (n,),
+               f"uniform scale/zero_point must have shape ({n},), got {self.scale.shape}/{self.zero_point.shape}")
+        _check(self.scale.dtype == np.float32 and bool(np.all(self.scale > 0)) and bool(np.all(np.isfinite(self.scale))),
+               "uniform scale must be positive finite float32")
+        _check(self.zero_point.dtype == self.q.dtype, "uniform zero_point must have the dtype of q")
+
+    def dequantize(self) -> np.ndarray:
+        shape = (-1,) + (1,) * (self.q.ndim - 1)
+        return ((self.q.astype(np.float32) - self.zero_point.reshape(shape).astype(np.float32))
+                * self.scale.reshape(shape)).astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankAdapter:
+    """Low-rank correction added in parallel to a conv: B(A(x)).
+
+    a: (rank, C_in/groups, kh, kw) weights of a conv with the layer's kernel, stride, padding
+    and dilation; b: (C_out, rank, 1, 1) weights of a 1x1 conv. bits: None for float adapters,
+    else the bit width of their (per-channel, symmetric) quantization, already applied to a and b.
+    """
+
+    rank: int
+    a: np.ndarray
+    b: np.ndarray
+    bits: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, f"adapter rank must be >= 1, got {self.rank}")
+        _check(self.a.shape[0] == self.rank and self.b.shape[1] == self.rank,
+               f"adapter shapes {self.a.shape}/{self.b.shape} do not match rank {self.rank}")
+        _check(self.a.dtype == np.float32 and self.b.dtype == np.float32, "adapter factors must be float32")
+        _check(self.bits is None or 2 <= self.bits <= 8, f"adapter bits must be 2-8 or None, got {self.bits}")
+
+
+@dataclass(frozen=True, eq=False)
+class Codebook:
+    """Product quantization: the weight, viewed as (C_in*kh*kw/d) x C_out sub-vectors of size
+    block_size, is codewords[codes]. codewords: (k, block_size) float16; codes: uint8."""
+
+    block_size: int
+    codewords: np.ndarray
+    codes: np.ndarray
+
+    def __post_init__(self) -> None:
+        _check(self.codewords.ndim == 2 and self.codewords.shape[1] == self.block_size,
+               f"codewords must have shape (k, {self.block_size}), got {self.codewords.shape}")
+        _check(self.codes.dtype == np.uint8 and self.codewords.shape[0] <= 256,
+               "codes must be uint8 with at most 256 codewords")
+
+
+_COMPONENTS: dict[str, type] = {"uniform": UniformWeights, "adapter": LowRankAdapter, "codebook": Codebook}
+
+
+@dataclass(frozen=True, eq=False)
+class LayerPlan:
+    """Everything decided for one Conv/Linear layer. kind: "conv" or "linear"; shape: weight shape;
+    info: small JSON-able facts (e.g. error measurements) for reports."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    uniform: UniformWeights | None = None
+    adapter: LowRankAdapter | None = None
+    codebook: Codebook | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "layer name must not be empty")
+        _check(self.kind in ("conv", "linear"), f"layer {self.name}: kind must be conv or linear, got {self.kind}")
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if self.uniform is not None:
+            _check(self.uniform.q.shape == self.shape,
+                   f"layer {self.name}: q shape {self.uniform.q.shape} differs from weight shape {self.shape}")
+
+    @property
+    def weight(self) -> str:
+        """Name of the weight parameter (and of the ONNX initializer)."""
+        return f"{self.name}.weight"
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A whole model's plan. method: "rtn", "cora", "pq"...; settings: the search settings
+    (JSON-able); layers: one LayerPlan per compressed layer; meta: model/preprocessing facts."""
+
+    method: str
+    settings: Mapping[str, Any]
+    layers: tuple[LayerPlan, ...]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        names = [layer.name for layer in self.layers]
+        _check(len(names) == len(set(names)), "plan has duplicate layer names")
+
+    def meta_preprocess(self) -> dict:
+        """The preprocessing facts stored in meta (written into exported models' metadata)."""
+        return {k: self.meta[k] for k in ("input_size", "crop_ratio", "mean", "std") if k in self.meta}
+
+    def layer(self, name: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    # ---- persistence -------------------------------------------------------------------
+    @staticmethod
+    def paths(path: str | os.PathLike) -> tuple[Path, Path]:
+        """The (.json, .npz) pair for a plan path given with or without either suffix."""
+        p = Path(path)
+        if p.suffix in (".json", ".npz"):
+            p = p.with_suffix("")
+        return p.with_name(p.name + ".json"), p.with_name(p.name + ".npz")
+
+    def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
+        """Write NAME.json and NAME.npz atomically (temporary names, then rename)."""
+        jpath, npath = self.paths(path)
+        arrays: dict[str, np.ndarray] = {}
+        layers = []
+        for i, layer in enumerate(self.layers):
+            rec: dict[str, Any] = {"name": layer.name, "kind": layer.kind, "shape": list(layer.shape),
+                                   "info": dict(layer.info)}
+            for comp in _COMPONENTS:
+                value = getattr(layer, comp)
+                if value is None:
+                    continue
+                crec = {}
+                for f in dataclasses.fields(value):
+                    v = getattr(value, f.name)
+                    if isinstance(v, np.ndarray):
+                        key = f"{i}/{comp}/{f.name}"
+                        arrays[key] = v
+                        crec[f.name] = {"array": key}
+                    else:
+                        crec[f.name] = v
+                rec[comp] = crec
+            layers.append(rec)
+        doc = {"format": PLAN_FORMAT, "method": self.method, "settings": dict(self.settings),
+               "meta": dict(self.meta), "layers": layers}
+        atomic_write(npath, lambda f: np.savez(f, **arrays))
+        atomic_write(jpath, lambda f: f.write(json.dumps(doc, indent=1, default=_json_default).encode()))
+        return jpath, npath
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        jpath, npath = cls.paths(path)
+        for p in (jpath, npath):
+            if not p.is_file():
+                raise PlanError(f"plan file {p} does not exist")
+        try:
+            doc = json.loads(jpath.read_text())
+            arrays = dict(np.load(npath, allow_pickle=False))
+        except (ValueError, OSError) as exc:
+            raise PlanError(f"plan {jpath.with_suffix('')} is unreadable: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
+            raise PlanError(f"{jpath} is not a cora-onnx plan (format {PLAN_FORMAT})")
+        try:
+            layers = []
+            for rec in doc["layers"]:
+                comps = {}
+                for comp, ctype in _COMPONENTS.items():
+                    if comp in rec:
+                        kw = {k: (arrays[v["array"]] if isinstance(v, dict) and "array" in v else v)
+                              for k, v in rec[comp].items()}
+                        comps[comp] = ctype(**kw)
+                layers.append(LayerPlan(name=rec["name"], kind=rec["kind"], shape=tuple(rec["shape"]),
+                                        info=rec.get("info", {}), **comps))
+            return cls(method=doc["method"], settings=doc.get("settings", {}), layers=tuple(layers),
+                       meta=doc.get("meta", {}))
+        except (KeyError, TypeError) as exc:
+            raise PlanError(f"plan {jpath} is malformed: {exc}") from None
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serializable: {type(o).__name__}")

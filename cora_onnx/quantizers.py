@@ -1,0 +1,125 @@
+"""Uniform weight quantizers (2-8 bits): per-tensor or per-output-channel, symmetric or
+asymmetric, with min/max, k-standard-deviation (CoRa's choice) or per-channel MSE clipping.
+
+Everything is vectorized over channels; the MSE search loops only over candidate clip ratios.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SettingsError
+
+__all__ = ["CLIP_METHODS", "QuantSpec", "QuantizedTensor", "quantize_weight", "fake_quantize"]
+
+CLIP_METHODS = ("minmax", "std", "mse")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one weight tensor.
+
+    bits: 2-8. per_channel: one scale per output channel (axis 0). symmetric: signed grid with
+    zero point 0, else unsigned grid with a zero point. clip: "minmax", "std" (mean +/- k*std,
+    never wider than min/max) or "mse" (per-channel search of the range minimizing the squared
+    weight error). k: the std multiplier. mse_grid: number of clip ratios tried by "mse".
+    """
+
+    bits: int = 4
+    per_channel: bool = True
+    symmetric: bool = True
+    clip: str = "mse"
+    k: float = 3.0
+    mse_grid: int = 80
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise SettingsError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if self.clip not in CLIP_METHODS:
+            raise SettingsError(f"clip must be one of {', '.join(CLIP_METHODS)}, got {self.clip!r}")
+        if not (self.k > 0):
+            raise SettingsError(f"k (clipping std multiplier) must be > 0, got {self.k!r}")
+        if not 2 <= int(self.mse_grid) <= 1000:
+            raise SettingsError(f"mse_grid must be from 2 to 1000, got {self.mse_grid!r}")
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """Integer values q (int16 tensor, shape of the weight) with scale and zero point of shape
+    (C,) per channel or (1,) per tensor: w_hat = (q - zero_point) * scale along axis 0."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    spec: QuantSpec
+
+    def _bcast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape((-1,) + (1,) * (self.q.dim() - 1))
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.q.to(self.scale.dtype) - self._bcast(self.zero_point)) * self._bcast(self.scale)
+
+
+def _ranges(w2: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = w2.amin(dim=1), w2.amax(dim=1)
+    if spec.clip == "std":
+        mean, std = w2.mean(dim=1), w2.std(dim=1, unbiased=False)
+        lo = torch.maximum(lo, mean - spec.k * std)
+        hi = torch.minimum(hi, mean + spec.k * std)
+    return lo, hi
+
+
+def _params(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    tiny = torch.finfo(torch.float32).tiny
+    if spec.symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        scale = (amax / spec.qmax).clamp_min(tiny)
+        zp = torch.zeros_like(scale)
+    else:
+        scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(tiny)
+        zp = (spec.qmin - lo / scale).round().clamp(spec.qmin, spec.qmax)
+    return scale, zp
+
+
+def _fake(w2: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    q = (w2 / scale[:, None] + zp[:, None]).round().clamp(spec.qmin, spec.qmax)
+    return (q - zp[:, None]) * scale[:, None]
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+    """Quantize a weight (axis 0 = output channels) on the uniform grid described by spec."""
+    if not torch.isfinite(w).all():
+        raise SettingsError("weight has NaN or infinite values; cannot quantize")
+    w32 = w.detach().to(torch.float32)
+    w2 = w32.reshape(w32.shape[0], -1) if spec.per_channel else w32.reshape(1, -1)
+    lo, hi = _ranges(w2, spec)
+    if spec.clip == "mse":
+        best_err = torch.full_like(lo, float("inf"))
+        best_lo, best_hi = lo.clone(), hi.clone()
+        for ratio in torch.linspace(1.0, 0.2, spec.mse_grid).tolist():
+            clo, chi = lo * ratio, hi * ratio
+            scale, zp = _params(clo, chi, spec)
+            err = (_fake(w2, scale, zp, spec) - w2).pow(2).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo = torch.where(better, clo, best_lo)
+            best_hi = torch.where(better, chi, best_hi)
+        lo, hi = best_lo, best_hi
+    scale, zp = _params(lo, hi, spec)
+    q = (w2 / scale[:, None] + zp[:, None]).round().clamp(spec.qmin, spec.qmax)
+    return QuantizedTensor(q=q.to(torch.int16).reshape(w32.shape), scale=scale, zero_point=zp.to(torch.int16), spec=spec)
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize and dequantize in one step (same dtype and shape as w)."""
+    return quantize_weight(w, spec).dequantize().to(w.dtype)

@@ -1,0 +1,75 @@
+"""The report: one dict (saved as JSON for machines) and a table for people."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from .io import atomic_write
+
+__all__ = ["environment", "format_table", "write_report", "cpu_flags"]
+
+
+def cpu_flags() -> dict:
+    """The CPU facts that decide integer-kernel speed (x86 AVX2/AVX-512/VNNI, ARM dot product)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags.update(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "arm_dotprod": "asimddp" in flags}
+
+
+def environment(threads: int) -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "threads": threads, "cpu": cpu_flags()}
+
+
+def write_report(report: dict, path: str | Path) -> None:
+    data = json.dumps(report, indent=2, sort_keys=False).encode()
+    atomic_write(path, lambda f: f.write(data + b"\n"))
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.2f}%"
+
+
+def _mb(v) -> str:
+    return "-" if v is None else f"{v / 1e6:.2f} MB"
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.2f} ms"
+
+
+def format_table(r: dict) -> str:
+    """Human summary of a quantize report."""
+    t1, lat, par = r["top1"], r["latency_ms"], r["parity"]
+    ratio = r["float_onnx_bytes"] / r["onnx_bytes"] if r.get("onnx_bytes") else None
+    rows = [
+        ("", "float", "quantized"),
+        ("top-1, PyTorch", _pct(t1["float"]), _pct(t1["quantized_torch"])),
+        ("top-1, ONNX Runtime", "", _pct(t1["quantized_onnxruntime"])),
+        ("ONNX file", _mb(r["float_onnx_bytes"]), f"{_mb(r['onnx_bytes'])} ({ratio:.2f}x smaller)" if ratio else "-"),
+        (f"latency, batch 1 ({r['environment']['threads']} threads)", _ms(lat["float"]), _ms(lat["quantized"])),
+    ]
+    if lat.get("quantized_folded") is not None:
+        rows.append(("  weights folded at load", "", _ms(lat["quantized_folded"])))
+    w = max(len(a) for a, _, _ in rows)
+    lines = [f"cora-onnx: {r['model']}, method {r['method']}, {r['bits']}-bit weights -> {r['onnx_path']}"]
+    lines += [f"  {a:<{w}}  {b:>12}  {c}" for a, b, c in rows]
+    lines.append(f"  parity ONNX Runtime vs PyTorch quantized: max |logit diff| {par['max_abs_error']:.3g}, "
+                 f"top-1 agreement {par['top1_agreement']:.2f}% on {par['images']} images")
+    lines.append(f"  search {r['search_seconds']:.1f} s; {r['weight_params']:,} weight parameters")
+    for note in r.get("notes", []):
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)

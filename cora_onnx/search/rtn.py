@@ -1,0 +1,60 @@
+"""Round-to-nearest: every selected weight on its uniform grid, no calibration data needed."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..errors import SettingsError
+from ..export import quantizable_layers
+from ..plan import LayerPlan, Plan
+from ..quantizers import CLIP_METHODS, QuantSpec, quantize_weight
+from .layers import LayerSelection, layer_kind, select_layers, uniform_from
+
+__all__ = ["RtnSettings", "search_rtn"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RtnSettings:
+    """bits: 2-8 target width; per_channel / symmetric / clip / k: see QuantSpec;
+    selection: which layers stay at higher precision or in float."""
+
+    bits: int = 4
+    per_channel: bool = True
+    symmetric: bool = True
+    clip: str = "mse"
+    k: float = 3.0
+    selection: LayerSelection = field(default_factory=LayerSelection)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise SettingsError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if self.clip not in CLIP_METHODS:
+            raise SettingsError(f"clip must be one of {', '.join(CLIP_METHODS)}, got {self.clip!r}")
+        QuantSpec(bits=self.bits, clip=self.clip, k=self.k)  # validates k
+
+    def spec(self, bits: int) -> QuantSpec:
+        return QuantSpec(bits=bits, per_channel=self.per_channel, symmetric=self.symmetric, clip=self.clip, k=self.k)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def search_rtn(model: nn.Module, settings: RtnSettings, calib=None) -> Plan:
+    """Quantize every selected Conv2d/Linear weight of a BN-folded model."""
+    layers = quantizable_layers(model)
+    bits = select_layers(layers, settings.bits, settings.selection)
+    plans = []
+    for name, b in bits.items():
+        w = layers[name].weight.detach()
+        qt = quantize_weight(w, settings.spec(b))
+        err = float((qt.dequantize() - w).pow(2).mean() / w.pow(2).mean().clamp_min(1e-30))
+        plans.append(LayerPlan(name=name, kind=layer_kind(layers[name]), shape=tuple(w.shape),
+                               uniform=uniform_from(qt), info={"relative_weight_mse": err}))
+        log.debug("%s: %d bits, relative weight MSE %.3g", name, b, err)
+    return Plan(method="rtn", settings={"method": "rtn", **settings.to_json()}, layers=tuple(plans))

@@ -1,0 +1,145 @@
+"""ONNX Runtime verification (CPU): predictions, top-1, parity, latency and size. Never
+mutates a model."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .data import ImageSet
+from .errors import OnnxModelError
+from .io import check_input_file
+from .progress import progress
+
+__all__ = ["session", "predict_onnx", "predict_torch", "top1", "parity", "measure_latency", "size_breakdown",
+           "load_onnx_bytes", "cpu_threads"]
+
+
+def cpu_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load_onnx_bytes(path: str | os.PathLike) -> bytes:
+    """Read and validate an ONNX file (parse + checker): OnnxModelError when it is not one."""
+    p = check_input_file(path, "ONNX model")
+    data = p.read_bytes()
+    try:
+        proto = onnx.load_from_string(data)
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise OnnxModelError(f"{p} is not a valid ONNX model: {str(exc).splitlines()[0][:200]}") from None
+    if len(proto.graph.input) < 1 or len(proto.graph.output) < 1:
+        raise OnnxModelError(f"{p} has no graph input or output")
+    return data
+
+
+def session(model: bytes | str | os.PathLike, *, optimize: bool = True, threads: int | None = None,
+            fold_weight_dq: bool = False):
+    """A CPU InferenceSession. optimize=False turns graph optimizations off (bit-exact checks);
+    fold_weight_dq sets session.disable_quant_qdq=1 so constant weight DequantizeLinear nodes are
+    folded at load (float-speed kernels, but no int8 fusions)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.intra_op_num_threads = threads or cpu_threads()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if fold_weight_dq:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    src = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise OnnxModelError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+
+
+def predict_onnx(sess, images: ImageSet, batch_size: int = 32, desc: str = "onnxruntime") -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    n = (len(images) + batch_size - 1) // batch_size
+    outs = [sess.run(None, {name: x.numpy()})[0] for x in progress(images.batches(batch_size), n, desc)]
+    return np.concatenate(outs)
+
+
+def predict_torch(model, images: ImageSet, batch_size: int = 32, desc: str = "pytorch") -> np.ndarray:
+    import torch
+
+    n = (len(images) + batch_size - 1) // batch_size
+    model.eval()
+    with torch.inference_mode():
+        outs = [model(x).float().numpy() for x in progress(images.batches(batch_size), n, desc)]
+    return np.concatenate(outs)
+
+
+def top1(logits: np.ndarray, labels) -> float:
+    """Percent of argmax == label."""
+    labels = np.asarray(labels)
+    return float((logits.argmax(axis=1) == labels).mean() * 100.0)
+
+
+def parity(a: np.ndarray, b: np.ndarray) -> dict:
+    """Max abs logit difference and top-1 agreement (percent) between two runs on the same images."""
+    return {"max_abs_error": float(np.abs(a - b).max()),
+            "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean() * 100.0),
+            "images": int(a.shape[0])}
+
+
+def measure_latency(models: Mapping[str, object], input_shape: Sequence[int], *, batch_sizes: Sequence[int] = (1,),
+                    warmup: int = 5, runs: int = 30, threads: int | None = None, seed: int = 0) -> dict:
+    """Latency of several models in one interleaved run (round robin, so drift hits all alike).
+
+    models: name -> ONNX bytes/path or an existing InferenceSession. Returns
+    {name: {"batch_<n>": {"median_ms", "p10_ms", "p90_ms", "runs"}}, "threads": t}.
+    """
+    threads = threads or cpu_threads()
+    sessions = {k: (v if hasattr(v, "run") else session(v, threads=threads)) for k, v in models.items()}
+    rng = np.random.default_rng(seed)
+    result: dict = {k: {} for k in sessions}
+    for bs in batch_sizes:
+        x = rng.standard_normal((bs, *input_shape), dtype=np.float32)
+        feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+        times: dict[str, list[float]] = {k: [] for k in sessions}
+        for _ in range(warmup):
+            for k, s in sessions.items():
+                s.run(None, feeds[k])
+        for _ in range(runs):
+            for k, s in sessions.items():
+                t0 = time.perf_counter()
+                s.run(None, feeds[k])
+                times[k].append((time.perf_counter() - t0) * 1000.0)
+        for k, ts in times.items():
+            q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
+            result[k][f"batch_{bs}"] = {"median_ms": statistics.median(ts), "p10_ms": q[0], "p90_ms": q[-1],
+                                        "runs": len(ts)}
+    result["threads"] = threads
+    return result
+
+
+def size_breakdown(model: bytes | str | Path) -> dict:
+    """Bytes on disk by kind: integer weights, float weights, quantization parameters
+    (scales/zero points), other initializers, and graph structure (the rest of the file)."""
+    data = model if isinstance(model, bytes) else Path(model).read_bytes()
+    proto = onnx.load_from_string(data)
+    out = {"total": len(data), "integer_weights": 0, "float_weights": 0, "quant_params": 0, "other": 0}
+    ints = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+            onnx.TensorProto.INT2, onnx.TensorProto.UINT2} if hasattr(onnx.TensorProto, "INT2") else {
+        onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    for t in proto.graph.initializer:
+        n = len(t.raw_data) if t.raw_data else t.ByteSize()
+        if t.name.endswith(("_scale", "_zero_point")):
+            out["quant_params"] += n
+        elif t.data_type in ints:
+            out["integer_weights"] += n
+        elif t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and len(t.dims) >= 1:
+            out["float_weights"] += n
+        else:
+            out["other"] += n
+    out["graph"] = out["total"] - sum(v for k, v in out.items() if k != "total")
+    return out

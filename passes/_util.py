@@ -1,0 +1,43 @@
+"""Small onnx_ir helpers shared by the passes (no torch here, ever)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["PROVENANCE_KEY", "mark", "default_opset", "add_initializer", "int_tensor"]
+
+PROVENANCE_KEY = "cora_onnx.pass"
+
+
+def mark(node: ir.Node, pass_name: str, **facts: object) -> ir.Node:
+    """Record in node.metadata_props which pass made the node and the facts `inspect` shows."""
+    node.metadata_props[PROVENANCE_KEY] = pass_name
+    for key, value in facts.items():
+        node.metadata_props[f"cora_onnx.{key}"] = str(value)
+    return node
+
+
+def default_opset(model: ir.Model) -> int:
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
+
+
+def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    """Register a new initializer value; the name must be free."""
+    if name in graph.initializers:
+        raise ValueError(f"initializer {name} already exists")
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def int_tensor(values: np.ndarray, bits: int, signed: bool, name: str) -> ir.Tensor:
+    """Integer tensor in the smallest ONNX container for `bits`: packed INT4/UINT4 (2 per byte)
+    for 4 bits and fewer, INT8/UINT8 otherwise."""
+    import ml_dtypes  # shipped with onnx_ir
+
+    if bits <= 4:
+        arr = values.astype(np.int8 if signed else np.uint8).astype(ml_dtypes.int4 if signed else ml_dtypes.uint4)
+        return ir.Tensor(arr, dtype=ir.DataType.INT4 if signed else ir.DataType.UINT4, name=name)
+    arr = values.astype(np.int8 if signed else np.uint8)
+    return ir.Tensor(arr, name=name)

@@ -1,0 +1,66 @@
+"""WeightQDQPass: replace each planned Conv/Gemm weight by DequantizeLinear(integer initializer)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from cora_onnx.errors import PlanError
+from cora_onnx.plan import Plan
+
+from ._util import add_initializer, default_opset, int_tensor, mark
+
+__all__ = ["WeightQDQPass"]
+
+
+class WeightQDQPass(ir.passes.InPlacePass):
+    """For every layer of the plan with a uniform grid, store the integer weight (packed INT4/UINT4
+    at 4 bits and fewer, INT8/UINT8 above) with its scale and zero point, and feed the consumers
+    through a DequantizeLinear (axis 0 when per channel). Names: <weight>_quantized, _scale,
+    _zero_point, _DequantizeLinear; the float initializer is removed."""
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__()
+        self.layers = [layer for layer in plan.layers if layer.uniform is not None and layer.codebook is None]
+
+    def requires(self, model: ir.Model) -> None:
+        need = 21 if any(layer.uniform.bits <= 4 for layer in self.layers) else 13
+        have = default_opset(model)
+        if have < need:
+            raise ir.passes.PreconditionError(
+                f"WeightQDQPass needs opset >= {need} for the planned bit widths, the model has {have}")
+        missing = [layer.weight for layer in self.layers if layer.weight not in model.graph.initializers]
+        if missing:
+            raise PlanError(f"plan does not fit the ONNX model: no initializer named {', '.join(missing[:5])}"
+                            + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for layer in self.layers:
+            u = layer.uniform
+            old = graph.initializers[layer.weight]
+            if tuple(old.shape) != layer.shape:
+                raise PlanError(f"layer {layer.name}: plan shape {layer.shape} differs from ONNX {tuple(old.shape)}")
+            consumers = [use.node for use in old.uses()]
+            w = layer.weight
+            q = add_initializer(graph, f"{w}_quantized", int_tensor(u.q, u.bits, u.symmetric, f"{w}_quantized"))
+            scale_arr = u.scale.astype(np.float32) if u.per_channel else u.scale.astype(np.float32).reshape(())
+            zp_arr = u.zero_point if u.per_channel else u.zero_point.reshape(())
+            scale = add_initializer(graph, f"{w}_scale", ir.Tensor(scale_arr, name=f"{w}_scale"))
+            zp = add_initializer(graph, f"{w}_zero_point", int_tensor(zp_arr, u.bits, u.symmetric, f"{w}_zero_point"))
+            attrs = {"axis": 0} if u.per_channel else {}
+            dq = ir.node("DequantizeLinear", [q, scale, zp], attributes=attrs, name=f"{w}_DequantizeLinear")
+            dq.outputs[0].name = f"{w}_dequantized"
+            dq.outputs[0].dtype = ir.DataType.FLOAT
+            dq.outputs[0].shape = ir.Shape(layer.shape)
+            mark(dq, type(self).__name__, layer=layer.name, bits=u.bits,
+                 granularity="per_channel" if u.per_channel else "per_tensor")
+            if consumers:
+                graph.insert_before(consumers[0], dq)
+            else:
+                graph.append(dq)
+            old.replace_all_uses_with(dq.outputs[0])
+            del graph.initializers[w]
+            modified = True
+        return ir.passes.PassResult(model, modified)

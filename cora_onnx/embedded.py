@@ -306,7 +306,14 @@ def _build_into(folder: Path) -> dict[str, Any]:
     y_train, y_val = torch.from_numpy(train_y), torch.from_numpy(val_y)
 
     logger.info("Training DigitsCNN for %d epochs on CPU", _EPOCHS)
-    model = _train(x_train, y_train)
+    # One thread: the net is tiny, and it makes the weights identical on every machine
+    # (reductions differ across thread counts) and avoids OpenMP contention on busy cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = _train(x_train, y_train)
+    finally:
+        torch.set_num_threads(threads)
     train_acc = _accuracy(model, x_train, y_train)
     test_acc = _accuracy(model, x_val, y_val)
     logger.info("Float accuracy: train %.4f, test %.4f", train_acc, test_acc)

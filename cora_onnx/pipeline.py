@@ -13,6 +13,9 @@ from .plan import Plan
 __all__ = ["cleanup_passes", "plan_pipeline", "apply_plan"]
 
 
+_INFRA_ERRORS = (ir.passes.PassError, ir.passes.PreconditionError, ir.passes.PostconditionError)
+
+
 def cleanup_passes() -> list[ir.passes.PassBase]:
     """Unused nodes and initializers out, topological order, then the full ONNX checker."""
     return [
@@ -32,8 +35,10 @@ def apply_plan(model: ir.Model, plan: Plan) -> ir.Model:
     """Rewrite model in place according to plan and return it."""
     try:
         return plan_pipeline(plan)(model).model
-    except ir.passes.PassError as exc:  # the pass infra wraps failures; surface the cause
-        cause = exc.__cause__ or exc
-        if isinstance(cause, Exception) and not isinstance(cause, ir.passes.PassError):
-            raise cause from None
-        raise OnnxModelError(str(exc)) from None
+    except _INFRA_ERRORS as exc:  # the pass infra wraps failures; surface the cause
+        cause: BaseException = exc
+        while isinstance(cause, _INFRA_ERRORS) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, _INFRA_ERRORS):
+            raise OnnxModelError(f"graph rewrite failed: {cause}") from None
+        raise cause from None

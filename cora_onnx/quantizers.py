@@ -32,7 +32,7 @@ class QuantSpec:
     symmetric: bool = True
     clip: str = "mse"
     k: float = 3.0
-    mse_grid: int = 80
+    mse_grid: int = 40
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:

@@ -1,0 +1,100 @@
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+from cora_onnx.errors import PlanError
+from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes
+from cora_onnx.pipeline import apply_plan
+from cora_onnx.plan import Plan
+from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
+from passes import WeightQDQPass
+
+
+def _plan(model, bits, **kw):
+    return search_rtn(model, RtnSettings(bits=bits, selection=LayerSelection(keep=()), **kw))
+
+
+def _ort(blob, x):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+@pytest.mark.parametrize("bits,dtype", [(2, onnx.TensorProto.INT4), (4, onnx.TensorProto.INT4),
+                                        (6, onnx.TensorProto.INT8)])
+def test_structure(tiny, bits, dtype):
+    folded = fold_batchnorm(tiny)
+    plan = _plan(folded, bits)
+    model = export_onnx(folded, 8)
+    result = WeightQDQPass(plan)(model)
+    assert result.modified
+    proto = onnx.load_from_string(onnx_bytes(apply_plan(export_onnx(folded, 8), plan)))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("DequantizeLinear") == 4 and ops.count("Conv") == 3 and ops.count("Gemm") == 1
+    assert "BatchNormalization" not in ops
+    inits = {t.name: t for t in proto.graph.initializer}
+    for layer in plan.layers:
+        assert layer.weight not in inits  # float weight removed
+        q = inits[f"{layer.weight}_quantized"]
+        assert q.data_type == dtype
+        n = int(np.prod(layer.shape))
+        assert len(q.raw_data) == ((n + 1) // 2 if bits <= 4 else n)  # packed: bytes reflect the bit width
+        dq = next(x for x in proto.graph.node if x.output[0] == f"{layer.weight}_dequantized")
+        assert {a.name: a.i for a in dq.attribute}["axis"] == 0
+        assert {p.key: p.value for p in dq.metadata_props}["cora_onnx.pass"] == "WeightQDQPass"
+    # every DQ comes before its consumer
+    order = {o: i for i, n in enumerate(proto.graph.node) for o in n.output}
+    for i, n in enumerate(proto.graph.node):
+        assert all(order.get(inp, -1) < i for inp in n.input)
+
+
+def test_per_tensor_asymmetric(tiny):
+    folded = fold_batchnorm(tiny)
+    plan = _plan(folded, 4, per_channel=False, symmetric=False)
+    proto = onnx.load_from_string(onnx_bytes(apply_plan(export_onnx(folded, 8), plan)))
+    zps = [t for t in proto.graph.initializer if t.name.endswith("_zero_point")]
+    assert zps and all(t.data_type == onnx.TensorProto.UINT4 and list(t.dims) == [] for t in zps)
+    dqs = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert all(not any(a.name == "axis" for a in n.attribute) for n in dqs)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_numerics_match_torch(tiny, bits, symmetric):
+    folded = fold_batchnorm(tiny)
+    plan = _plan(folded, bits, symmetric=symmetric)
+    blob = onnx_bytes(apply_plan(export_onnx(folded, 8), plan))
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        ref = apply_plan_torch(folded, plan)(x).numpy()
+        flt = tiny(x).numpy()
+    out = _ort(blob, x.numpy())
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    if bits <= 3:  # and quantization really changed the function
+        assert np.abs(ref - flt).max() > 1e-3
+
+
+def test_no_uniform_layers_is_a_no_op(tiny):
+    folded = fold_batchnorm(tiny)
+    model = export_onnx(folded, 8)
+    assert not WeightQDQPass(Plan("rtn", {}, ()))(model).modified
+
+
+def test_missing_weight_rejected(tiny):
+    folded = fold_batchnorm(tiny)
+    plan = _plan(folded, 4)
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    other(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(PlanError, match="no initializer named"):
+        apply_plan(export_onnx(other.eval(), 8), plan)
+
+
+def test_int4_needs_opset_21(tiny):
+    folded = fold_batchnorm(tiny)
+    model = export_onnx(folded, 8, opset=18)
+    with pytest.raises(ir.passes.PreconditionError, match="opset >= 21"):
+        WeightQDQPass(_plan(folded, 4))(model)
+    assert WeightQDQPass(_plan(folded, 8))(export_onnx(folded, 8, opset=18)).modified

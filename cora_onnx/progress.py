@@ -14,7 +14,7 @@ log = logging.getLogger("cora_onnx")
 
 
 def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
-    """Yield items while showing progress on stderr (tty) or logging every ~10%."""
+    """Yield items while showing progress on stderr (tty) or logging every ~20%."""
     if total <= 1:
         yield from items
         return
@@ -25,7 +25,7 @@ def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
             yield from bar
         return
     start = time.perf_counter()
-    step = max(1, total // 10)
+    step = max(1, -(-total // 5))
     for i, item in enumerate(items, 1):
         yield item
         if i % step == 0 or i == total:

@@ -1,7 +1,8 @@
-"""Foundation figures for the README (issue 2): ResNet-18 from ../shared, RTN per-channel at
-2-8 bits: top-1 (PyTorch float / fake-quantized, ONNX Runtime), parity, file sizes, latency.
+"""Foundation figures for the README (issue 2): ResNet-18 from ../shared (or EfficientNet-Lite0
+with --model efficientnet_lite0), RTN per-channel at 2-8 bits: top-1 (PyTorch float /
+fake-quantized, ONNX Runtime), parity, file sizes, latency.
 
-    python tools/measure_foundation.py [--shared ../shared] [--bits 2 3 4 5 6 7 8] [--out results.json]
+    python tools/measure_foundation.py [--model resnet18] [--shared ../shared] [--bits 2 3 4 5 6 7 8] [--out results.json]
 
 Float logits are computed once; each bit width runs search -> export -> ONNX Runtime.
 """
@@ -15,12 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torchvision
-
 from cora_onnx.data import Preprocess, load_class_map, load_images
 from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes
-from cora_onnx.models import IMAGENET_MEAN, IMAGENET_STD
+from cora_onnx.models import build_model, default_normalization
 from cora_onnx.pipeline import apply_plan
 from cora_onnx.search import RtnSettings, search_rtn
 from cora_onnx.verify import measure_latency, parity, predict_onnx, predict_torch, session, top1
@@ -29,16 +27,21 @@ from cora_onnx.verify import measure_latency, parity, predict_onnx, predict_torc
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
+    ap.add_argument("--model", default="resnet18", choices=["resnet18", "efficientnet_lite0"])
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 7, 8])
     ap.add_argument("--latency-runs", type=int, default=20)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     shared = Path(args.shared)
-    model = torchvision.models.resnet18()
-    model.load_state_dict(torch.load(shared / "models/resnet18-imagenet.pt", weights_only=True))
-    model.eval()
-    pre = Preprocess(224, 1.0, IMAGENET_MEAN, IMAGENET_STD)
+    if args.model == "resnet18":
+        weights = shared / "models/resnet18-imagenet.pt"
+    else:
+        from cora_onnx.archs.efficientnet_lite import efficientnet_lite0_weights_path
+
+        weights = efficientnet_lite0_weights_path()
+    model = build_model(args.model, weights)
+    pre = Preprocess(224, 1.0, *default_normalization(args.model))
     val = load_images(shared / "data/imagenette/dev-val", pre, labelled=True,
                       class_map=load_class_map(shared / "data/imagenette/class_map.json"), num_classes=1000)
     folded = fold_batchnorm(model)
@@ -48,7 +51,7 @@ def main() -> None:
     f_ort = predict_onnx(fsess, val)
     rows = [{"bits": "float", "top1_torch": top1(f_logits, val.labels), "top1_ort": top1(f_ort, val.labels),
              "onnx_bytes": len(float_bytes)}]
-    print(f"float: torch {rows[0]['top1_torch']:.2f}%  ORT {rows[0]['top1_ort']:.2f}%  {len(float_bytes)/1e6:.2f} MB",
+    print(f"{args.model} float: torch {rows[0]['top1_torch']:.2f}%  ORT {rows[0]['top1_ort']:.2f}%  {len(float_bytes)/1e6:.2f} MB",
           flush=True)
     for bits in args.bits:
         t0 = time.perf_counter()

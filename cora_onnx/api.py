@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from .report import environment, write_report
 from .search import METHODS
 from .verify import cpu_threads, measure_latency, parity, predict_onnx, predict_torch, session, size_breakdown, top1
 
-__all__ = ["QuantizeResult", "quantize", "make_settings", "export_plan"]
+__all__ = ["QuantizeResult", "quantize", "make_settings", "export_plan", "effective_bits"]
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,11 @@ def make_settings(method: str, bits: int, options: dict[str, Any]):
     if method not in METHODS:
         raise SettingsError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     cls = METHODS[method].settings
-    try:
-        return cls(bits=bits, **options)
-    except TypeError as exc:
-        raise SettingsError(f"invalid option for method {method}: {exc}") from None
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise SettingsError(f"method {method} has no option {unknown[0]!r}; its options: {', '.join(sorted(fields))}")
+    return cls(bits=bits, **options)
 
 
 def _num_classes(model: nn.Module, input_size: int) -> int:
@@ -115,12 +117,14 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
 
     rep = _verify(model, qmodel, float_bytes, quant_bytes, val_set, calib_set, batch_size, parity_images,
                   latency_runs, latency_batch, threads, seed, pre)
-    weight_params = sum(mod.weight.numel() for mod in quantizable_layers(folded).values())
+    qlayers = quantizable_layers(folded)
+    weight_params = sum(mod.weight.numel() for mod in qlayers.values())
     report_dict = {
         "model": plan.meta["model"], "method": method, "bits": bits, "onnx_path": str(out),
         "onnx_bytes": len(quant_bytes), "float_onnx_bytes": len(float_bytes),
         "compression_ratio": len(float_bytes) / len(quant_bytes),
-        "weight_params": weight_params, **rep, "search_seconds": search_seconds,
+        "weight_params": weight_params, "effective_bits": effective_bits(plan, qlayers),
+        **rep, "search_seconds": search_seconds,
         "settings": plan.settings,
         "layers": [{"name": lp.name, "bits": lp.uniform.bits if lp.uniform else None, **dict(lp.info)}
                    for lp in plan.layers],
@@ -130,6 +134,7 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
                    "val": len(val_set) if val_set is not None else 0},
         "environment": environment(threads),
         "notes": _notes(plan),
+        **(m.report(plan) if m.report is not None else {}),
     }
     atomic_write(out, lambda f: f.write(quant_bytes))
     if float_out is not None:
@@ -169,6 +174,21 @@ def _verify(model, qmodel, float_bytes: bytes, quant_bytes: bytes, val_set: Imag
         "latency": lat,
         "size_breakdown": {"float": size_breakdown(float_bytes), "quantized": size_breakdown(quant_bytes)},
     }
+
+
+def effective_bits(plan: Plan, layers: dict[str, nn.Module]) -> float:
+    """All stored weight bits (grids, scales, zero points, adapters, codebooks; float32 for
+    unplanned layers) per weight parameter of the Conv/Linear layers."""
+    planned = {lp.name: lp for lp in plan.layers}
+    total = params = 0
+    for name, mod in layers.items():
+        n = mod.weight.numel()
+        params += n
+        bits = planned[name].stored_bits() if name in planned else None
+        total += 32 * n if bits is None else bits
+        if name in planned and bits is None and planned[name].adapter is not None:
+            total += planned[name].adapter.stored_bits()
+    return total / max(params, 1)
 
 
 def _notes(plan: Plan) -> list[str]:

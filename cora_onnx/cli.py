@@ -56,6 +56,50 @@ def _preprocess_options(fn):
     return fn
 
 
+def _methods():
+    from .search import METHODS
+
+    return METHODS
+
+
+def _option_table() -> dict[str, tuple]:
+    """click parameter name -> (CliOption, methods declaring it), over every registered method."""
+    table: dict[str, tuple] = {}
+    for name, m in _methods().items():
+        for o in m.options:
+            pname = o.decls.split("/")[0].lstrip("-").replace("-", "_")
+            prev = table.get(pname)
+            if prev is not None and (prev[0].type != o.type or prev[0].field != o.field):
+                raise RuntimeError(f"methods declare {o.decls} differently ({prev[1][0]} and {name})")
+            table[pname] = (prev[0] if prev else o, (prev[1] if prev else ()) + (name,))
+    return table
+
+
+def _method_options(fn):
+    """One click option per method option (default None: the method's settings default applies)."""
+    for pname, (o, names) in reversed(list(_option_table().items())):
+        kind = {"type": click.Choice(list(o.type))} if isinstance(o.type, tuple) else \
+            ({} if o.type is bool else {"type": o.type})
+        fn = click.option(o.decls, pname, default=None, help=f"{o.help} ({', '.join(names)})", **kind)(fn)
+    return fn
+
+
+def _method_settings(method: str, given: dict) -> dict:
+    """Settings fields from the method options the user set; options of other methods are refused."""
+    from .errors import SettingsError
+
+    out = {}
+    for pname, value in given.items():
+        if value is None:
+            continue
+        o, names = _option_table()[pname]
+        if method not in names:
+            flag = o.decls.split("/")[0] if value is not False or "/" not in o.decls else "--" + o.decls.split("/--")[1]
+            raise SettingsError(f"{flag} does not apply to --method {method} (it is an option of {', '.join(names)})")
+        out[o.field] = o.convert(value) if o.convert else value
+    return out
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cora-onnx")
 def main() -> None:
@@ -70,15 +114,13 @@ def main() -> None:
 @click.option("--val", type=click.Path(path_type=Path), default=None, help="Labelled images, one folder per class, for top-1.")
 @click.option("--class-map", type=click.Path(path_type=Path), default=None, help="JSON folder name -> class index, when --val's folders are a subset of the classes.")
 @click.option("--bits", type=int, default=4, show_default=True, help="Weight bits, 2-8.")
-@click.option("--method", default="rtn", show_default=True, help="Search method: rtn.")
+@click.option("--method", type=click.Choice(list(_methods())), default="rtn", show_default=True,
+              help="Search method: " + "; ".join(f"{k}: {m.help}" for k, m in _methods().items()) + ".")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output ONNX file [<model>-<method>-w<bits>.onnx].")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here.")
 @click.option("--plan-out", type=click.Path(path_type=Path), default=None, help="Save the plan (PLAN.json + PLAN.npz) for `export --plan`.")
 @click.option("--float-out", type=click.Path(path_type=Path), default=None, help="Also write the float (BN-folded) ONNX model.")
-@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scale granularity.")
-@click.option("--symmetric/--asymmetric", default=True, show_default=True, help="Signed grid with zero point 0, or unsigned with a zero point.")
-@click.option("--clip", type=click.Choice(["minmax", "std", "mse"]), default="mse", show_default=True, help="Weight range: min/max, mean +/- k std, or per-channel MSE search.")
-@click.option("--k", type=float, default=3.0, show_default=True, help="Std multiplier for --clip std.")
+@_method_options
 @click.option("--keep", default="first,last", show_default=True, help="Layers kept at --keep-bits: any of first,last,depthwise, or none.")
 @click.option("--keep-bits", type=int, default=8, show_default=True, help="Bits of the layers named by --keep.")
 @_preprocess_options
@@ -89,15 +131,16 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @_common_logging
 @_guard
-def quantize(arch, weights, calib, val, class_map, bits, method, out, report, plan_out, float_out, per_channel,
-             symmetric, clip, k, keep, keep_bits, input_size, crop_ratio, mean, std, batch_size, latency_runs,
-             latency_batch, threads, seed, verbose, quiet):
+def quantize(arch, weights, calib, val, class_map, bits, method, out, report, plan_out, float_out, keep, keep_bits,
+             input_size, crop_ratio, mean, std, batch_size, latency_runs, latency_batch, threads, seed, verbose, quiet,
+             **method_cli):
     """Search, export and verify: PyTorch model in, quantized ONNX model and report out."""
     _setup_logging(verbose, quiet)
     from .api import quantize as run
     from .errors import SettingsError
     from .models import build_model, default_normalization
     from .search import LayerSelection
+    from .search.options import parse_keep
 
     if arch is None and weights is None and calib is None and val is None:
         from .embedded import digits_default
@@ -113,12 +156,11 @@ def quantize(arch, weights, calib, val, class_map, bits, method, out, report, pl
         raise SettingsError("--model is required (a torchvision architecture name, efficientnet_lite0 or digits_cnn)")
     if weights is None:
         raise SettingsError("--weights FILE is required with --model")
-    keep_t = () if keep.strip().lower() == "none" else tuple(s.strip() for s in keep.split(",") if s.strip())
-    selection = LayerSelection(keep=keep_t, keep_bits=keep_bits)
+    selection = LayerSelection(keep=parse_keep(keep), keep_bits=keep_bits)
     out = out or Path(f"{arch}-{method}-w{bits}.onnx")
     dmean, dstd = default_normalization(arch)
     model = build_model(arch, weights)
-    options = dict(per_channel=per_channel, symmetric=symmetric, clip=clip, k=k, selection=selection)
+    options = {"selection": selection, **_method_settings(method, method_cli)}
     result = run(model, calib=calib, val=val, class_map=class_map, bits=bits, method=method, out=out,
                  mean=mean or dmean, std=std or dstd, input_size=input_size or 224, crop_ratio=crop_ratio,
                  report=report, plan_out=plan_out, float_out=float_out, model_name=arch, batch_size=batch_size,

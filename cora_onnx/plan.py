@@ -63,6 +63,10 @@ class UniformWeights:
                "uniform scale must be positive finite float32")
         _check(self.zero_point.dtype == self.q.dtype, "uniform zero_point must have the dtype of q")
 
+    def stored_bits(self) -> int:
+        """Bits this component takes in the exported file: grid values, float32 scales, zero points."""
+        return self.bits * (self.q.size + self.zero_point.size) + 32 * self.scale.size
+
     def dequantize(self) -> np.ndarray:
         shape = (-1,) + (1,) * (self.q.ndim - 1)
         return ((self.q.astype(np.float32) - self.zero_point.reshape(shape).astype(np.float32))
@@ -90,6 +94,17 @@ class LowRankAdapter:
         _check(self.a.dtype == np.float32 and self.b.dtype == np.float32, "adapter factors must be float32")
         _check(self.bits is None or 2 <= self.bits <= 8, f"adapter bits must be 2-8 or None, got {self.bits}")
 
+    @property
+    def params(self) -> int:
+        return int(self.a.size + self.b.size)
+
+    def stored_bits(self) -> int:
+        """Float32 factors, or `bits` per value plus a float32 scale and a zero point per output channel."""
+        if self.bits is None:
+            return 32 * self.params
+        channels = self.a.shape[0] + self.b.shape[0]
+        return self.bits * self.params + (32 + self.bits) * channels
+
 
 @dataclass(frozen=True, eq=False)
 class Codebook:
@@ -105,6 +120,9 @@ class Codebook:
                f"codewords must have shape (k, {self.block_size}), got {self.codewords.shape}")
         _check(self.codes.dtype == np.uint8 and self.codewords.shape[0] <= 256,
                "codes must be uint8 with at most 256 codewords")
+
+    def stored_bits(self) -> int:
+        return 8 * self.codes.size + 8 * self.codewords.itemsize * self.codewords.size
 
 
 _COMPONENTS: dict[str, type] = {"uniform": UniformWeights, "adapter": LowRankAdapter, "codebook": Codebook}
@@ -130,6 +148,12 @@ class LayerPlan:
         if self.uniform is not None:
             _check(self.uniform.q.shape == self.shape,
                    f"layer {self.name}: q shape {self.uniform.q.shape} differs from weight shape {self.shape}")
+
+    def stored_bits(self) -> int | None:
+        """Bits of all stored components, or None when the weight itself stays in float."""
+        if self.uniform is None and self.codebook is None:
+            return None
+        return sum(c.stored_bits() for c in (self.uniform, self.adapter, self.codebook) if c is not None)
 
     @property
     def weight(self) -> str:

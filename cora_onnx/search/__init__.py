@@ -1,7 +1,9 @@
 """Searches that turn a BN-folded torch model (and calibration images) into a Plan.
 
 Every method registers a `Method` in METHODS: a frozen settings dataclass (validated at
-construction) and a `run(model, settings, calib)` returning a Plan.
+construction), a `run(model, settings, calib)` returning a Plan, the command-line options that
+map onto its settings fields (plain data: the CLI builds click options from them, so adding a
+method never edits cli.py), and optionally `report(plan) -> dict`, extra report sections.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .layers import LayerSelection, select_layers, uniform_from
-from .rtn import RtnSettings, search_rtn
+from .options import CliOption
+from .rtn import RTN_OPTIONS, RtnSettings, search_rtn
 
-__all__ = ["Method", "METHODS", "LayerSelection", "select_layers", "uniform_from", "RtnSettings", "search_rtn"]
+__all__ = ["Method", "METHODS", "CliOption", "LayerSelection", "select_layers", "uniform_from", "RtnSettings",
+           "search_rtn"]
 
 
 @dataclass(frozen=True)
@@ -21,8 +25,12 @@ class Method:
     settings: type
     run: Callable[..., Any]
     needs_calib: bool
+    options: tuple[CliOption, ...] = ()
+    report: Callable[..., dict] | None = None
+    help: str = ""
 
 
 METHODS: dict[str, Method] = {
-    "rtn": Method("rtn", RtnSettings, search_rtn, needs_calib=False),
+    "rtn": Method("rtn", RtnSettings, search_rtn, needs_calib=False, options=RTN_OPTIONS,
+                  help="round to nearest on a uniform grid, no data needed"),
 }

@@ -13,8 +13,9 @@ from ..export import quantizable_layers
 from ..plan import LayerPlan, Plan
 from ..quantizers import CLIP_METHODS, QuantSpec, quantize_weight
 from .layers import LayerSelection, layer_kind, select_layers, uniform_from
+from .options import CliOption
 
-__all__ = ["RtnSettings", "search_rtn"]
+__all__ = ["RtnSettings", "search_rtn", "RTN_OPTIONS", "GRID_OPTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +59,14 @@ def search_rtn(model: nn.Module, settings: RtnSettings, calib=None) -> Plan:
                                uniform=uniform_from(qt), info={"relative_weight_mse": err}))
         log.debug("%s: %d bits, relative weight MSE %.3g", name, b, err)
     return Plan(method="rtn", settings={"method": "rtn", **settings.to_json()}, layers=tuple(plans))
+
+
+GRID_OPTIONS = (
+    CliOption("--per-channel/--per-tensor", "per_channel", bool, "Weight scale granularity [per-channel]."),
+    CliOption("--symmetric/--asymmetric", "symmetric", bool,
+              "Signed grid with zero point 0, or unsigned with a zero point [symmetric]."),
+    CliOption("--clip", "clip", tuple(CLIP_METHODS),
+              "Weight range: min/max, mean +/- k std, or per-channel MSE search [mse]."),
+    CliOption("--k", "k", float, "Std multiplier for --clip std [3.0]."),
+)
+RTN_OPTIONS = GRID_OPTIONS

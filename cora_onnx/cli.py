@@ -84,6 +84,17 @@ def _method_options(fn):
     return fn
 
 
+def _default_selection(settings_cls):
+    import dataclasses
+
+    from .search import LayerSelection
+
+    f = {f.name: f for f in dataclasses.fields(settings_cls)}.get("selection")
+    if f is not None and f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return LayerSelection()
+
+
 def _method_settings(method: str, given: dict) -> dict:
     """Settings fields from the method options the user set; options of other methods are refused."""
     from .errors import SettingsError
@@ -121,8 +132,9 @@ def main() -> None:
 @click.option("--plan-out", type=click.Path(path_type=Path), default=None, help="Save the plan (PLAN.json + PLAN.npz) for `export --plan`.")
 @click.option("--float-out", type=click.Path(path_type=Path), default=None, help="Also write the float (BN-folded) ONNX model.")
 @_method_options
-@click.option("--keep", default="first,last", show_default=True, help="Layers kept at --keep-bits: any of first,last,depthwise, or none.")
-@click.option("--keep-bits", type=int, default=8, show_default=True, help="Bits of the layers named by --keep.")
+@click.option("--keep", default=None, help="Layers kept at --keep-bits: any of first,last,depthwise, or none "
+              "[rtn: first,last; cora: first,last,depthwise].")
+@click.option("--keep-bits", type=int, default=None, help="Bits of the layers named by --keep [8].")
 @_preprocess_options
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size for evaluation.")
 @click.option("--latency-runs", type=int, default=30, show_default=True, help="Timed runs per model (after 5 warm-up runs).")
@@ -156,7 +168,9 @@ def quantize(arch, weights, calib, val, class_map, bits, method, out, report, pl
         raise SettingsError("--model is required (a torchvision architecture name, efficientnet_lite0 or digits_cnn)")
     if weights is None:
         raise SettingsError("--weights FILE is required with --model")
-    selection = LayerSelection(keep=parse_keep(keep), keep_bits=keep_bits)
+    defaults = _default_selection(_methods()[method].settings)
+    selection = LayerSelection(keep=defaults.keep if keep is None else parse_keep(keep),
+                               keep_bits=defaults.keep_bits if keep_bits is None else keep_bits)
     out = out or Path(f"{arch}-{method}-w{bits}.onnx")
     dmean, dstd = default_normalization(arch)
     model = build_model(arch, weights)

@@ -17,7 +17,7 @@ from .errors import ModelError, PlanError
 from .io import atomic_write
 from .plan import Plan
 
-__all__ = ["fold_batchnorm", "quantizable_layers", "apply_plan_torch", "export_onnx", "save_onnx", "onnx_bytes",
+__all__ = ["fold_batchnorm", "quantizable_layers", "apply_plan_torch", "AdaptedConv", "export_onnx", "save_onnx", "onnx_bytes",
            "DEFAULT_OPSET"]
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,32 @@ def apply_plan_torch(model: nn.Module, plan: Plan) -> nn.Module:
             raise PlanError(f"plan layer {lp.name} is not a Conv2d/Linear of the model")
         if tuple(module.weight.shape) != lp.shape:
             raise PlanError(f"plan layer {lp.name}: shape {lp.shape} differs from the model's {tuple(module.weight.shape)}")
-        if lp.uniform is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if lp.uniform is not None:
                 module.weight.copy_(torch.from_numpy(lp.uniform.dequantize()))
+            if lp.bias is not None:
+                module.bias = nn.Parameter(torch.from_numpy(lp.bias.values.copy()))
+        if lp.adapter is not None:
+            parent, _, leaf = lp.name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, AdaptedConv(module, lp.adapter))
     return model
+
+
+class AdaptedConv(nn.Module):
+    """conv(x) + B(A(x)): the low-rank branch as two convolutions, exactly as exported to ONNX."""
+
+    def __init__(self, conv: nn.Conv2d, adapter) -> None:
+        super().__init__()
+        self.conv = conv
+        self.adapter_a = nn.Conv2d(conv.in_channels, adapter.rank, conv.kernel_size, stride=conv.stride,
+                                   padding=conv.padding, dilation=conv.dilation, bias=False)
+        self.adapter_b = nn.Conv2d(adapter.rank, conv.out_channels, 1, bias=False)
+        with torch.no_grad():
+            self.adapter_a.weight.copy_(torch.from_numpy(adapter.a))
+            self.adapter_b.weight.copy_(torch.from_numpy(adapter.b))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.adapter_b(self.adapter_a(x))
 
 
 def export_onnx(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET) -> ir.Model:

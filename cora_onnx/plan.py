@@ -24,7 +24,7 @@ import numpy as np
 from .errors import PlanError
 from .io import atomic_write
 
-__all__ = ["UniformWeights", "LowRankAdapter", "Codebook", "LayerPlan", "Plan", "PLAN_FORMAT"]
+__all__ = ["UniformWeights", "LowRankAdapter", "Codebook", "Bias", "LayerPlan", "Plan", "PLAN_FORMAT"]
 
 PLAN_FORMAT = 1
 
@@ -86,6 +86,8 @@ class LowRankAdapter:
     a: np.ndarray
     b: np.ndarray
     bits: int | None = None
+    a_scale: np.ndarray | None = None
+    b_scale: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, f"adapter rank must be >= 1, got {self.rank}")
@@ -93,6 +95,20 @@ class LowRankAdapter:
                f"adapter shapes {self.a.shape}/{self.b.shape} do not match rank {self.rank}")
         _check(self.a.dtype == np.float32 and self.b.dtype == np.float32, "adapter factors must be float32")
         _check(self.bits is None or 2 <= self.bits <= 8, f"adapter bits must be 2-8 or None, got {self.bits}")
+        if self.bits is not None:
+            _check(self.a_scale is not None and self.b_scale is not None
+                   and self.a_scale.shape == (self.rank,) and self.b_scale.shape == (self.b.shape[0],),
+                   "quantized adapters need per-channel scales a_scale (rank,) and b_scale (C_out,)")
+            for t, sc in ((self.a, self.a_scale), (self.b, self.b_scale)):
+                q = t.reshape(t.shape[0], -1) / sc.reshape(-1, 1)
+                lim = (1 << (self.bits - 1)) - 1
+                _check(bool(np.all(np.abs(q - np.round(q)) < 1e-3)) and float(np.abs(q).max(initial=0)) <= lim + 1e-3,
+                       f"adapter factors are not on their {self.bits}-bit grid")
+
+    def integers(self, which: str) -> np.ndarray:
+        """The grid values of factor "a" or "b" (int8), for quantized adapters."""
+        t, sc = (self.a, self.a_scale) if which == "a" else (self.b, self.b_scale)
+        return np.round(t / sc.reshape((-1,) + (1,) * (t.ndim - 1))).astype(np.int8)
 
     @property
     def params(self) -> int:
@@ -125,7 +141,22 @@ class Codebook:
         return 8 * self.codes.size + 8 * self.codewords.itemsize * self.codewords.size
 
 
-_COMPONENTS: dict[str, type] = {"uniform": UniformWeights, "adapter": LowRankAdapter, "codebook": Codebook}
+@dataclass(frozen=True, eq=False)
+class Bias:
+    """A new bias for the layer (e.g. after correcting its output statistics): float32 (C_out,)."""
+
+    values: np.ndarray
+
+    def __post_init__(self) -> None:
+        _check(self.values.dtype == np.float32 and self.values.ndim == 1 and bool(np.all(np.isfinite(self.values))),
+               "bias values must be a finite float32 vector")
+
+    def stored_bits(self) -> int:
+        return 0  # biases are float in every layer; not counted as weight storage
+
+
+_COMPONENTS: dict[str, type] = {"uniform": UniformWeights, "adapter": LowRankAdapter, "codebook": Codebook,
+                                "bias": Bias}
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,12 +170,20 @@ class LayerPlan:
     uniform: UniformWeights | None = None
     adapter: LowRankAdapter | None = None
     codebook: Codebook | None = None
+    bias: Bias | None = None
     info: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "layer name must not be empty")
         _check(self.kind in ("conv", "linear"), f"layer {self.name}: kind must be conv or linear, got {self.kind}")
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if self.bias is not None:
+            _check(self.bias.values.shape == (self.shape[0],),
+                   f"layer {self.name}: bias shape {self.bias.values.shape} differs from ({self.shape[0]},)")
+        if self.adapter is not None:
+            _check(self.kind == "conv" and self.adapter.b.shape[0] == self.shape[0]
+                   and self.adapter.a.shape[1:] == self.shape[1:],
+                   f"layer {self.name}: adapter shapes {self.adapter.a.shape}/{self.adapter.b.shape} do not fit {self.shape}")
         if self.uniform is not None:
             _check(self.uniform.q.shape == self.shape,
                    f"layer {self.name}: q shape {self.uniform.q.shape} differs from weight shape {self.shape}")

@@ -12,7 +12,7 @@ import torch
 
 from .errors import SettingsError
 
-__all__ = ["CLIP_METHODS", "QuantSpec", "QuantizedTensor", "quantize_weight", "fake_quantize"]
+__all__ = ["CLIP_METHODS", "QuantSpec", "QuantizedTensor", "quantize_weight", "fake_quantize", "gptq_round"]
 
 CLIP_METHODS = ("minmax", "std", "mse")
 
@@ -123,3 +123,43 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantize and dequantize in one step (same dtype and shape as w)."""
     return quantize_weight(w, spec).dequantize().to(w.dtype)
+
+
+def gptq_round(w: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tensor, damp: float = 0.01,
+               block: int = 128) -> QuantizedTensor:
+    """Error-feedback rounding (GPTQ, Frantar et al. 2023) on the grid of `qt`.
+
+    w: the weight (C_out, ...), flattened to (C_out, K) in the order of torch's unfold (channel,
+    kernel row, kernel column); hessian: (K, K) second moment of the layer's input patches.
+    Columns are rounded one at a time and the rounding error is pushed onto the columns not yet
+    rounded, weighted by the inverse Hessian, so the layer *output* error shrinks. Same grid
+    (scale, zero point) as qt: only the integer values change.
+    """
+    spec = qt.spec
+    w2 = w.detach().to(torch.float32).reshape(w.shape[0], -1).clone()
+    k = w2.shape[1]
+    h = hessian.to(torch.float64).clone()
+    dead = torch.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w2[:, dead] = 0.0
+    h += torch.eye(k, dtype=h.dtype) * (damp * torch.diag(h).mean())
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
+    n = w2.shape[0]
+    scale = qt.scale.reshape(-1, 1).expand(n, 1) if spec.per_channel else qt.scale.reshape(1, 1).expand(n, 1)
+    zp = qt.zero_point.to(torch.float32).reshape(-1, 1).expand(n, 1) if spec.per_channel else \
+        qt.zero_point.to(torch.float32).reshape(1, 1).expand(n, 1)
+    q = torch.empty_like(w2)
+    for i0 in range(0, k, block):
+        i1 = min(i0 + block, k)
+        wb = w2[:, i0:i1].clone()
+        err = torch.zeros_like(wb)
+        hb = hinv[i0:i1, i0:i1]
+        for j in range(i1 - i0):
+            col = wb[:, j:j + 1]
+            qc = (col / scale + zp).round().clamp(spec.qmin, spec.qmax)
+            q[:, i0 + j:i0 + j + 1] = qc
+            e = (col - (qc - zp) * scale) / hb[j, j]
+            wb[:, j + 1:] -= e @ hb[j:j + 1, j + 1:]
+            err[:, j:j + 1] = e
+        w2[:, i1:] -= err @ hinv[i0:i1, i1:]
+    return QuantizedTensor(q=q.to(torch.int16).reshape(w.shape), scale=qt.scale, zero_point=qt.zero_point, spec=spec)

@@ -13,10 +13,11 @@ from typing import Any, Callable
 
 from .layers import LayerSelection, select_layers, uniform_from
 from .options import CliOption
-from .rtn import RTN_OPTIONS, RtnSettings, search_rtn
+from .cora import CORA_OPTIONS, CoraSettings, cora_report, search_cora
+from .rtn import GRID_OPTIONS, RTN_OPTIONS, RtnSettings, search_rtn
 
 __all__ = ["Method", "METHODS", "CliOption", "LayerSelection", "select_layers", "uniform_from", "RtnSettings",
-           "search_rtn"]
+           "search_rtn", "CoraSettings", "search_cora"]
 
 
 @dataclass(frozen=True)
@@ -33,4 +34,6 @@ class Method:
 METHODS: dict[str, Method] = {
     "rtn": Method("rtn", RtnSettings, search_rtn, needs_calib=False, options=RTN_OPTIONS,
                   help="round to nearest on a uniform grid, no data needed"),
+    "cora": Method("cora", CoraSettings, search_cora, needs_calib=True, options=GRID_OPTIONS + CORA_OPTIONS,
+                   report=cora_report, help="low-bit weights + searched low-rank adapters (Luo et al. 2024)"),
 }

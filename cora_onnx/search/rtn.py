@@ -62,11 +62,11 @@ def search_rtn(model: nn.Module, settings: RtnSettings, calib=None) -> Plan:
 
 
 GRID_OPTIONS = (
-    CliOption("--per-channel/--per-tensor", "per_channel", bool, "Weight scale granularity [per-channel]."),
+    CliOption("--per-channel/--per-tensor", "per_channel", bool, "Weight scale granularity [per-channel; cora: from --preset]."),
     CliOption("--symmetric/--asymmetric", "symmetric", bool,
-              "Signed grid with zero point 0, or unsigned with a zero point [symmetric]."),
+              "Signed grid with zero point 0, or unsigned with a zero point [symmetric; cora: from --preset]."),
     CliOption("--clip", "clip", tuple(CLIP_METHODS),
-              "Weight range: min/max, mean +/- k std, or per-channel MSE search [mse]."),
+              "Weight range: min/max, mean +/- k std, or per-channel MSE search [mse; cora: from --preset]."),
     CliOption("--k", "k", float, "Std multiplier for --clip std [3.0]."),
 )
 RTN_OPTIONS = GRID_OPTIONS

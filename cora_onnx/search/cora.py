@@ -1,0 +1,516 @@
+"""CoRa (Luo et al., BMVC 2024): low-bit weights plus low-rank convolutional adapters that reclaim
+the quantization residual, with ranks searched by a differentiable Butterworth cutoff per layer.
+
+The search is cheap: a layer's Butterworth-weighted correction is folded into its conv weight in
+the forward pass (W_q + B diag(T(c)^2) A, one conv per layer) instead of running two extra
+full-rank convolutions, and only the cutoffs c_l are trained. Beyond the paper (the `default`
+preset; `reference` reproduces the paper's choices):
+
+- grid: per-channel symmetric with an MSE-searched range instead of per-tensor mean +/- k std;
+- rounding: error-feedback (GPTQ) rounding on the layer's input statistics instead of nearest;
+- residual: decomposed in the metric of the layer's inputs (SVD of R C with C C^T the input
+  second moment), so the top singular directions are those that matter for the layer *output*;
+- statistics: each quantized layer's output is corrected toward the float network's per-channel
+  mean and std (folded into the per-channel scales and the bias), instead of BatchNorm
+  re-estimation on the calibration images;
+- fine-tuning: after the ranks are fixed, the adapter factors and biases are fine-tuned by
+  distillation for the rest of the iteration budget.
+
+Grouped and depthwise convs get no adapter (the low-rank factorization of a grouped weight is a
+different object); by default depthwise convs stay at 8 bits (--keep), where they cost little.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DataError, SettingsError
+from ..export import quantizable_layers
+from ..plan import Bias, LayerPlan, LowRankAdapter, Plan
+from ..quantizers import CLIP_METHODS, QuantSpec, gptq_round, quantize_weight
+from .layers import LayerSelection, is_depthwise, layer_kind, select_layers, uniform_from
+from .options import CliOption
+
+__all__ = ["CoraSettings", "search_cora", "cora_report", "CORA_OPTIONS", "PRESETS", "butterworth"]
+
+log = logging.getLogger(__name__)
+
+PRESETS: dict[str, dict] = {
+    # the paper / reference implementation
+    "reference": dict(per_channel=False, symmetric=False, clip="std", k=3.0, rounding="nearest", svd="weight",
+                      stats="none", finetune_iters=0),
+    # the best combination measured here (see tools/measure_cora.py and the README ablation)
+    "default": dict(per_channel=True, symmetric=True, clip="mse", k=3.0, rounding="gptq", svd="activation",
+                    stats="float", finetune_iters=100),
+}
+ROUNDINGS = ("nearest", "gptq")
+SVDS = ("weight", "activation")
+STATS = ("none", "mean", "float")
+
+
+@dataclass(frozen=True)
+class CoraSettings:
+    """bits: weight bits (2-8); budget: adapter parameters as a fraction of the model's Conv/Linear
+    weight parameters; iters: total optimization steps (rank search + fine-tuning), at most 250 by
+    default policy; finetune_iters: steps of those spent fine-tuning adapters after the ranks are
+    fixed; calib_size: calibration images used; batch_size: images per step; order: Butterworth
+    order n; lr: Adam step on the cutoffs; gamma: weight of the budget penalty; adapter_bits:
+    8 (per-channel symmetric) or 0 for float adapters; preset: "default" or "reference" (fills
+    every grid/rounding/svd/stats/finetune setting left as None); stats_size: images for the
+    statistics pass (input second moments, float statistics)."""
+
+    bits: int = 4
+    preset: str = "default"
+    budget: float = 0.05
+    iters: int = 250
+    finetune_iters: int | None = None
+    calib_size: int = 1600
+    batch_size: int = 16
+    order: int = 4
+    lr: float = 0.01
+    gamma: float = 10.0
+    adapter_bits: int = 8
+    per_channel: bool | None = None
+    symmetric: bool | None = None
+    clip: str | None = None
+    k: float | None = None
+    rounding: str | None = None
+    svd: str | None = None
+    stats: str | None = None
+    stats_size: int = 128
+    selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first", "last", "depthwise")))
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise SettingsError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        for key, value in PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise SettingsError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if not (isinstance(self.budget, (int, float)) and 0 <= self.budget <= 1):
+            raise SettingsError(f"budget must be a fraction from 0 to 1 of the weight parameters, got {self.budget!r}")
+        if not 0 <= int(self.iters) <= 100_000:
+            raise SettingsError(f"iters must be from 0 to 100000, got {self.iters!r}")
+        if not 0 <= int(self.finetune_iters) <= int(self.iters):
+            raise SettingsError(f"finetune_iters must be from 0 to iters ({self.iters}), got {self.finetune_iters!r}")
+        if int(self.calib_size) < 1 or int(self.batch_size) < 1 or int(self.stats_size) < 1:
+            raise SettingsError("calib_size, batch_size and stats_size must be >= 1")
+        if not 1 <= int(self.order) <= 32:
+            raise SettingsError(f"order (Butterworth) must be from 1 to 32, got {self.order!r}")
+        if not (self.lr > 0 and self.gamma >= 0):
+            raise SettingsError(f"lr must be > 0 and gamma >= 0, got lr={self.lr!r} gamma={self.gamma!r}")
+        if self.adapter_bits not in (0, *range(2, 9)):
+            raise SettingsError(f"adapter_bits must be 0 (float adapters) or 2-8, got {self.adapter_bits!r}")
+        if self.clip not in CLIP_METHODS:
+            raise SettingsError(f"clip must be one of {', '.join(CLIP_METHODS)}, got {self.clip!r}")
+        for name, allowed in (("rounding", ROUNDINGS), ("svd", SVDS), ("stats", STATS)):
+            if getattr(self, name) not in allowed:
+                raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        QuantSpec(bits=self.bits, clip=self.clip, k=self.k)  # validates k
+
+    def spec(self, bits: int) -> QuantSpec:
+        return QuantSpec(bits=bits, per_channel=self.per_channel, symmetric=self.symmetric, clip=self.clip, k=self.k)
+
+    @property
+    def search_iters(self) -> int:
+        return int(self.iters) - int(self.finetune_iters)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _parse_adapter_bits(text) -> int:
+    return 0 if str(text).lower() in ("0", "float", "none") else int(text)
+
+
+CORA_OPTIONS = (
+    CliOption("--preset", "preset", tuple(PRESETS), "CoRa choices: the best measured combination, or the paper's "
+              "reference (per-tensor std-clipped grid, plain residual SVD, no correction, no fine-tuning) [default]."),
+    CliOption("--budget", "budget", float, "Adapter parameters as a fraction of the weight parameters [0.05]."),
+    CliOption("--iters", "iters", int, "Optimization steps in all: rank search + adapter fine-tuning [250]."),
+    CliOption("--finetune-iters", "finetune_iters", int, "Steps of --iters spent fine-tuning adapters [default 100, reference 0]."),
+    CliOption("--calib-size", "calib_size", int, "Calibration images used [1600]."),
+    CliOption("--search-batch", "batch_size", int, "Images per optimization step [16]."),
+    CliOption("--order", "order", int, "Butterworth filter order [4]."),
+    CliOption("--adapter-bits", "adapter_bits", str, "Adapter weight bits (per-channel symmetric), or float [8].",
+              convert=_parse_adapter_bits),
+    CliOption("--rounding", "rounding", ROUNDINGS, "Weight rounding: nearest, or GPTQ error feedback [default gptq]."),
+    CliOption("--svd", "svd", SVDS, "Residual decomposition: plain weight SVD, or in the metric of the layer "
+              "inputs [default activation]."),
+    CliOption("--stats", "stats", STATS, "Correct each layer's output statistics toward the float network: "
+              "none, mean only, or mean and std [default float]."),
+)
+
+
+def butterworth(c: torch.Tensor, full_rank: int, order: int) -> torch.Tensor:
+    """T_i = 1 / sqrt(1 + ((i / R) / c)^(2n)) for i = 1..R: the normalized Butterworth low-pass."""
+    i = torch.arange(1, full_rank + 1, dtype=torch.float32) / full_rank
+    return torch.rsqrt(1 + (i / c).pow(2 * order))
+
+
+class _Layer(nn.Module):
+    """A planned layer during the search: conv/linear with weight gain * (W_q + B_T A_T) + bias."""
+
+    def __init__(self, mod: nn.Module, wq: torch.Tensor, factors: tuple | None, order: int, init_c: float) -> None:
+        super().__init__()
+        self.is_conv = isinstance(mod, nn.Conv2d)
+        self.conv_args = dict(stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups) \
+            if self.is_conv else {}
+        self.shape = tuple(mod.weight.shape)
+        self.register_buffer("wq", wq.detach().reshape(self.shape[0], -1).clone())
+        cout = self.shape[0]
+        bias = mod.bias.detach().clone() if mod.bias is not None else torch.zeros(cout)
+        self.bias = nn.Parameter(bias, requires_grad=False)
+        self.register_buffer("gain", torch.ones(cout))
+        self.order = order
+        self.mode = "none"
+        if factors is not None:
+            u_s, v = factors  # (Cout, R) already scaled by S, and (R, K)
+            self.register_buffer("us", u_s)
+            self.register_buffer("v", v)
+            self.full_rank = u_s.shape[1]
+            self.c = nn.Parameter(torch.tensor(float(init_c)))
+            self.mode = "soft"
+
+    def delta(self) -> torch.Tensor | None:
+        if self.mode == "soft":
+            t2 = butterworth(self.c, self.full_rank, self.order).pow(2)
+            return (self.us * t2) @ self.v
+        if self.mode == "hard":
+            return self.b @ self.a
+        return None
+
+    def set_hard(self, rank: int) -> None:
+        """Fix the rank: trainable factors B = U_r S_r^(1/2), A = S_r^(1/2) V_r (no more cutoff)."""
+        s = self.us[:, :rank].norm(dim=0).clamp_min(1e-30)
+        self.b = nn.Parameter((self.us[:, :rank] / s.sqrt()).clone())
+        self.a = nn.Parameter((self.v[:rank] * s.sqrt()[:, None]).clone())
+        self.mode = "hard"
+
+    def weight(self) -> torch.Tensor:
+        w = self.wq
+        d = self.delta()
+        if d is not None:
+            w = w + d
+        return (w * self.gain[:, None]).reshape(self.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_conv:
+            return F.conv2d(x, self.weight(), self.bias, **self.conv_args)
+        return F.linear(x, self.weight(), self.bias)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _patches(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N*L, K) input rows whose product with the flattened weight gives the layer output."""
+    if isinstance(mod, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+@torch.no_grad()
+def _float_statistics(model: nn.Module, layers: dict[str, nn.Module], need_cov: set[str],
+                      batches: list[torch.Tensor]) -> tuple[dict, dict]:
+    """Per-channel output mean/std of every layer and input second moments of layers in need_cov."""
+    sums: dict[str, list] = {}
+    cov: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def fn(mod, inputs, out):
+            o = out.transpose(0, 1).reshape(out.shape[1], -1) if out.dim() == 4 else out.T
+            s = sums.setdefault(name, [0.0, 0.0, 0])
+            s[0] = s[0] + o.sum(1, dtype=torch.float64)
+            s[1] = s[1] + o.double().pow(2).sum(1)
+            s[2] += o.shape[1]
+            if name in need_cov:
+                p = _patches(mod, inputs[0])
+                cov[name] = cov.get(name, 0) + (p.T @ p).double()
+                counts[name] = counts.get(name, 0) + p.shape[0]
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    stats = {}
+    for n, (s1, s2, cnt) in sums.items():
+        mean = s1 / cnt
+        stats[n] = (mean.float(), (s2 / cnt - mean ** 2).clamp_min(0).sqrt().float())
+    return stats, {n: (cov[n] / counts[n]).float() for n in cov}
+
+
+@torch.no_grad()
+def _correct_statistics(student: nn.Module, wrapped: dict[str, _Layer], target: dict, batch: torch.Tensor,
+                        mode: str) -> None:
+    """One forward pass in layer order; each layer's output is corrected (and the correction folded
+    into its gain and bias) before the next layer sees it."""
+
+    def hook(name):
+        def fn(mod: _Layer, inputs, out):
+            o = out.transpose(0, 1).reshape(out.shape[1], -1) if out.dim() == 4 else out.T
+            mu_q, sd_q = o.mean(1), o.std(1, unbiased=False)
+            mu_f, sd_f = target[name]
+            a = (sd_f / sd_q.clamp_min(1e-12)).clamp(0.5, 2.0) if mode == "float" else torch.ones_like(mu_q)
+            a = torch.where(sd_q > 1e-8, a, torch.ones_like(a))
+            mod.gain.mul_(a)
+            mod.bias.data = a * (mod.bias.data - mu_q) + mu_f
+            view = (1, -1, 1, 1) if out.dim() == 4 else (1, -1)
+            return a.view(view) * (out - mu_q.view(view)) + mu_f.view(view)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in wrapped.items()]
+    try:
+        student(batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the student's log-softmax against the teacher's softmax."""
+    return -(F.softmax(teacher_logits, 1) * F.log_softmax(student_logits, 1)).sum(1).mean()
+
+
+def _quantize_adapter(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric grid: (dequantized values, scales)."""
+    qt = quantize_weight(t, QuantSpec(bits=bits, per_channel=True, symmetric=True, clip="minmax"))
+    return qt.dequantize().to(torch.float32), qt.scale.to(torch.float32)
+
+
+def _project_ranks(c: dict[str, float], full: dict[str, int], per_rank: dict[str, int], allowed: float) -> dict[str, int]:
+    """ceil(c R) per layer, scaled down uniformly (bisection on a factor) until it fits the budget."""
+    def ranks(f):
+        return {n: (max(1, math.ceil(min(1.0, f * c[n]) * full[n])) if f * c[n] * full[n] >= 0.5 else 0) for n in c}
+
+    def cost(r):
+        return sum(r[n] * per_rank[n] for n in r)
+
+    if cost(ranks(1.0)) <= allowed:
+        return ranks(1.0)
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(ranks(mid)) <= allowed else (lo, mid)
+    return ranks(lo)
+
+
+def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
+    """Quantize every selected layer, search adapter ranks under the budget, fine-tune, and plan."""
+    if calib is None or len(calib) == 0:
+        raise DataError("CoRa needs calibration images")
+    t_start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    layers = quantizable_layers(teacher)
+    bits = select_layers(layers, settings.bits, settings.selection)
+    total_params = sum(m.weight.numel() for m in layers.values())
+    adapted = [n for n, b in bits.items() if b == settings.bits and b < 8 and settings.budget > 0
+               and isinstance(layers[n], nn.Conv2d) and layers[n].groups == 1]
+    calib = calib.subset(settings.calib_size, settings.seed)
+    stats_set = calib.subset(settings.stats_size, settings.seed + 1)
+    stats_batches = list(stats_set.batches(32))
+    ungrouped = {n for n in bits if not (isinstance(layers[n], nn.Conv2d) and layers[n].groups != 1)}
+    need_cov = ungrouped if settings.rounding == "gptq" else set()  # grouped convs: nearest rounding
+    if settings.svd == "activation":
+        need_cov |= set(adapted)
+    log.info("CoRa: %d layers, %d with adapters; statistics pass on %d images", len(bits), len(adapted), len(stats_set))
+    float_stats, cov = _float_statistics(teacher, layers, need_cov, stats_batches)
+    with torch.no_grad():
+        teacher_logits = torch.cat([teacher(x) for x in calib.batches(64)])
+
+    # quantize, decompose the residual
+    student = copy.deepcopy(teacher)
+    wrapped: dict[str, _Layer] = {}
+    grids = {}
+    full, per_rank, weight_frac = {}, {}, {}
+    init_c = {}
+    for name, b in bits.items():
+        mod = layers[name]
+        w = mod.weight.detach()
+        qt = quantize_weight(w, settings.spec(b))
+        if settings.rounding == "gptq" and name in cov:
+            qt = gptq_round(w, qt, cov[name])
+        grids[name] = qt
+        wq = qt.dequantize().to(torch.float32)
+        factors = None
+        if name in adapted:
+            r = (w - wq).reshape(w.shape[0], -1)
+            if settings.svd == "activation":
+                h = cov[name].double()
+                h = h + torch.eye(h.shape[0], dtype=h.dtype) * (0.01 * torch.diag(h).mean() + 1e-12)
+                chol = torch.linalg.cholesky(h)  # H = C C^T
+                u, s, vt = torch.linalg.svd(r.double() @ chol, full_matrices=False)
+                v = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)  # V^T C^-1
+            else:
+                u, s, v = torch.linalg.svd(r.double(), full_matrices=False)
+            factors = ((u * s).float(), v.float())
+            full[name] = s.numel()
+            per_rank[name] = r.shape[1] + r.shape[0]
+            weight_frac[name] = full[name] * per_rank[name] / total_params
+        wrapped[name] = _Layer(mod, wq, factors, settings.order, 1.0)
+    if adapted:
+        start = min(1.0, settings.budget / max(sum(weight_frac.values()), 1e-12))
+        for n in adapted:
+            init_c[n] = max(start, 1.0 / full[n])
+            wrapped[n].c.data.fill_(init_c[n])
+    for name, w in wrapped.items():
+        _set_module(student, name, w)
+    student.eval()
+
+    gen = torch.Generator().manual_seed(settings.seed)
+    images = calib
+
+    def batch():
+        idx = torch.randint(len(images), (settings.batch_size,), generator=gen)
+        return images.preprocess.normalize(images.images[idx]), teacher_logits[idx]
+
+    if settings.stats != "none":
+        _correct_statistics(student, wrapped, float_stats, torch.cat(stats_batches), settings.stats)
+
+    # rank search: only the cutoffs are trained
+    cs = [wrapped[n].c for n in adapted]
+    fracs = torch.tensor([weight_frac[n] for n in adapted])
+    history = []
+    if adapted and settings.search_iters > 0:
+        opt = torch.optim.Adam(cs, lr=settings.lr)
+        lo = torch.tensor([1.0 / full[n] for n in adapted])
+        log.info("rank search: %d steps of %d images, budget %.3f of %d weight parameters",
+                 settings.search_iters, settings.batch_size, settings.budget, total_params)
+        for it in range(settings.search_iters):
+            x, t = batch()
+            c_vec = torch.stack(cs)
+            used = (c_vec * fracs).sum()
+            kd = _kd_loss(student(x), t)
+            loss = kd + settings.gamma * torch.exp(F.relu(used - settings.budget))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_value_(cs, 1.0)
+            opt.step()
+            with torch.no_grad():
+                c_new = torch.minimum(torch.maximum(torch.stack(cs), lo), torch.ones_like(lo))
+                for p, v in zip(cs, c_new):
+                    p.fill_(v)
+            history.append((float(kd), float(used)))
+            if it % 25 == 0 or it == settings.search_iters - 1:
+                ranks_now = [math.ceil(float(p) * full[n]) for p, n in zip(cs, adapted)]
+                log.info("search %d/%d: distillation loss %.4f, budget used %.4f/%.4f, ranks %d-%d (median %d)",
+                         it + 1, settings.search_iters, float(kd), float(used), settings.budget,
+                         min(ranks_now), max(ranks_now), int(np.median(ranks_now)))
+
+    # fix the ranks under the budget
+    allowed = settings.budget * total_params
+    c_final = {n: float(wrapped[n].c) for n in adapted}
+    ranks = _project_ranks(c_final, full, per_rank, allowed) if adapted else {}
+    for n in adapted:
+        if ranks[n] > 0:
+            wrapped[n].set_hard(ranks[n])
+        else:
+            wrapped[n].mode = "none"
+    live = [n for n in adapted if ranks.get(n, 0) > 0]
+    if settings.stats != "none":
+        with torch.no_grad():  # re-estimate from the gain/bias state before the soft correction
+            for w in wrapped.values():
+                w.gain.fill_(1.0)
+        _reset_biases(wrapped, layers)
+        _correct_statistics(student, wrapped, float_stats, torch.cat(stats_batches), settings.stats)
+
+    # fine-tune adapter factors and biases by distillation
+    if settings.finetune_iters > 0 and live:
+        params = []
+        for n in live:
+            for p in (wrapped[n].a, wrapped[n].b):
+                params.append({"params": [p], "lr": 1e-3 * float(p.detach().pow(2).mean().sqrt()) + 1e-12})
+        for w in wrapped.values():
+            w.bias.requires_grad_(True)
+            params.append({"params": [w.bias], "lr": 1e-3 * float(w.bias.detach().pow(2).mean().sqrt()) + 1e-6})
+        opt = torch.optim.Adam(params)
+        log.info("fine-tuning %d adapters and %d biases: %d steps", len(live), len(wrapped), settings.finetune_iters)
+        for it in range(settings.finetune_iters):
+            x, t = batch()
+            kd = _kd_loss(student(x), t)
+            opt.zero_grad()
+            kd.backward()
+            opt.step()
+            history.append((float(kd), float(sum(ranks[n] * per_rank[n] for n in live) / total_params)))
+            if it % 25 == 0 or it == settings.finetune_iters - 1:
+                log.info("fine-tune %d/%d: distillation loss %.4f", it + 1, settings.finetune_iters, float(kd))
+
+    # the plan
+    plans = []
+    adapter_params = 0
+    for name, b in bits.items():
+        w = wrapped[name]
+        qt = grids[name]
+        gain = w.gain.detach()
+        if not torch.allclose(gain, torch.ones_like(gain)):
+            scale = (qt.scale.expand(gain.shape[0]) if not settings.per_channel else qt.scale) * gain
+            zp = qt.zero_point.expand(gain.shape[0]) if not settings.per_channel else qt.zero_point
+            qt = dataclasses.replace(qt, scale=scale.contiguous(), zero_point=zp.contiguous(),
+                                     spec=dataclasses.replace(qt.spec, per_channel=True))
+        adapter = None
+        if w.mode == "hard":
+            a = w.a.detach().reshape((w.a.shape[0],) + w.shape[1:])
+            bmat = (w.b.detach() * gain[:, None]).reshape(w.shape[0], -1, 1, 1)
+            a_scale = b_scale = None
+            if settings.adapter_bits:
+                a, a_scale = _quantize_adapter(a, settings.adapter_bits)
+                bmat, b_scale = _quantize_adapter(bmat, settings.adapter_bits)
+            adapter = LowRankAdapter(rank=int(a.shape[0]), a=a.numpy().astype(np.float32),
+                                     b=bmat.numpy().astype(np.float32), bits=settings.adapter_bits or None,
+                                     a_scale=None if a_scale is None else a_scale.numpy(),
+                                     b_scale=None if b_scale is None else b_scale.numpy())
+            adapter_params += adapter.params
+        info = {"rank": ranks.get(name, 0), "full_rank": full.get(name, 0)}
+        if name in c_final:
+            info["cutoff"] = c_final[name]
+        bias = w.bias.detach().numpy().astype(np.float32)
+        orig_bias = layers[name].bias
+        changed = orig_bias is None or not np.array_equal(bias, orig_bias.detach().numpy())
+        plans.append(LayerPlan(name=name, kind=layer_kind(layers[name]), shape=tuple(w.shape),
+                               uniform=uniform_from(qt), adapter=adapter, bias=Bias(bias) if changed else None,
+                               info=info))
+    seconds = time.perf_counter() - t_start
+    meta = {"cora": {"iterations": len(history), "search_iterations": settings.search_iters if adapted else 0,
+                     "finetune_iterations": settings.finetune_iters if live else 0,
+                     "adapter_params": adapter_params, "weight_params": total_params,
+                     "adapter_fraction": adapter_params / total_params, "budget": settings.budget,
+                     "ranks": {n: ranks[n] for n in adapted}, "search_seconds": seconds,
+                     "final_loss": history[-1][0] if history else None}}
+    log.info("CoRa done in %.1f s: adapters %d parameters (%.2f%% of %d), %d steps", seconds, adapter_params,
+             100 * adapter_params / total_params, total_params, len(history))
+    return Plan(method="cora", settings={"method": "cora", **settings.to_json()}, layers=tuple(plans), meta=meta)
+
+
+def _reset_biases(wrapped: dict[str, _Layer], layers: dict[str, nn.Module]) -> None:
+    with torch.no_grad():
+        for n, w in wrapped.items():
+            b = layers[n].bias
+            w.bias.data = b.detach().clone() if b is not None else torch.zeros_like(w.bias)
+
+
+def cora_report(plan: Plan) -> dict:
+    """The report's `cora` section."""
+    return {"cora": dict(plan.meta.get("cora", {}))}

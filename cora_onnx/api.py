@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import onnx_ir as ir
 import torch
 from torch import nn
 
@@ -112,11 +113,15 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
     model_ir = export_onnx(folded, pre.input_size)
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
     float_bytes = onnx_bytes(model_ir)
+    extra = {}
+    if any(lp.adapter is not None for lp in plan.layers):  # the same model without its branches, timed alongside
+        bare = Plan(plan.method, plan.settings, tuple(dataclasses.replace(lp, adapter=None) for lp in plan.layers))
+        extra["quantized_no_adapters"] = onnx_bytes(apply_plan(ir.from_proto(ir.to_proto(model_ir)), bare))
     quant_bytes = onnx_bytes(apply_plan(model_ir, plan))
     qmodel = apply_plan_torch(folded, plan)
 
     rep = _verify(model, qmodel, float_bytes, quant_bytes, val_set, calib_set, batch_size, parity_images,
-                  latency_runs, latency_batch, threads, seed, pre)
+                  latency_runs, latency_batch, threads, seed, pre, extra)
     qlayers = quantizable_layers(folded)
     weight_params = sum(mod.weight.numel() for mod in qlayers.values())
     report_dict = {
@@ -148,7 +153,7 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
 
 def _verify(model, qmodel, float_bytes: bytes, quant_bytes: bytes, val_set: ImageSet | None,
             calib_set: ImageSet | None, batch_size: int, parity_images: int, latency_runs: int,
-            latency_batch: int | None, threads: int, seed: int, pre: Preprocess) -> dict:
+            latency_batch: int | None, threads: int, seed: int, pre: Preprocess, extra: dict | None = None) -> dict:
     qsess = session(quant_bytes, threads=threads)
     t1 = {"float": None, "quantized_torch": None, "quantized_onnxruntime": None}
     if val_set is not None:
@@ -166,11 +171,12 @@ def _verify(model, qmodel, float_bytes: bytes, quant_bytes: bytes, val_set: Imag
     batches = (1,) if not latency_batch or latency_batch == 1 else (1, latency_batch)
     log.info("measuring latency (%d interleaved runs per model and batch size)", latency_runs)
     lat = measure_latency({"float": float_bytes, "quantized": qsess,
-                           "quantized_folded": session(quant_bytes, threads=threads, fold_weight_dq=True)},
+                           "quantized_folded": session(quant_bytes, threads=threads, fold_weight_dq=True),
+                           **(extra or {})},
                           shape, batch_sizes=batches, runs=latency_runs, threads=threads, seed=seed)
     return {
         "top1": t1, "parity": par,
-        "latency_ms": {k: lat[k]["batch_1"]["median_ms"] for k in ("float", "quantized", "quantized_folded")},
+        "latency_ms": {k: v["batch_1"]["median_ms"] for k, v in lat.items() if isinstance(v, dict) and "batch_1" in v},
         "latency": lat,
         "size_breakdown": {"float": size_breakdown(float_bytes), "quantized": size_breakdown(quant_bytes)},
     }

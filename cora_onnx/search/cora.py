@@ -48,10 +48,10 @@ log = logging.getLogger(__name__)
 PRESETS: dict[str, dict] = {
     # the paper / reference implementation
     "reference": dict(per_channel=False, symmetric=False, clip="std", k=3.0, rounding="nearest", svd="weight",
-                      stats="none", finetune_iters=0),
+                      stats="none", iters=250, finetune_iters=0),
     # the best combination measured here (see tools/measure_cora.py and the README ablation)
     "default": dict(per_channel=True, symmetric=True, clip="mse", k=3.0, rounding="gptq", svd="activation",
-                    stats="float", finetune_iters=100),
+                    stats="float", iters=100, finetune_iters=40),
 }
 ROUNDINGS = ("nearest", "gptq")
 SVDS = ("weight", "activation")
@@ -62,7 +62,7 @@ STATS = ("none", "mean", "float")
 class CoraSettings:
     """bits: weight bits (2-8); budget: adapter parameters as a fraction of the model's Conv/Linear
     weight parameters; iters: total optimization steps (rank search + fine-tuning), at most 250 by
-    default policy; finetune_iters: steps of those spent fine-tuning adapters after the ranks are
+    for the reference preset, 100 for the default one; finetune_iters: steps of those spent fine-tuning adapters after the ranks are
     fixed; calib_size: calibration images used; batch_size: images per step; order: Butterworth
     order n; lr: Adam step on the cutoffs; gamma: weight of the budget penalty; adapter_bits:
     8 (per-channel symmetric) or 0 for float adapters; preset: "default" or "reference" (fills
@@ -72,7 +72,7 @@ class CoraSettings:
     bits: int = 4
     preset: str = "default"
     budget: float = 0.05
-    iters: int = 250
+    iters: int | None = None
     finetune_iters: int | None = None
     calib_size: int = 1600
     batch_size: int = 16
@@ -97,6 +97,8 @@ class CoraSettings:
         for key, value in PRESETS[self.preset].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
+        if self.finetune_iters > self.iters and PRESETS[self.preset]["finetune_iters"] == self.finetune_iters:
+            object.__setattr__(self, "finetune_iters", self.iters // 2)  # --iters below the preset's fine-tuning
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise SettingsError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
         if not (isinstance(self.budget, (int, float)) and 0 <= self.budget <= 1):
@@ -139,7 +141,7 @@ CORA_OPTIONS = (
     CliOption("--preset", "preset", tuple(PRESETS), "CoRa choices: the best measured combination, or the paper's "
               "reference (per-tensor std-clipped grid, plain residual SVD, no correction, no fine-tuning) [default]."),
     CliOption("--budget", "budget", float, "Adapter parameters as a fraction of the weight parameters [0.05]."),
-    CliOption("--iters", "iters", int, "Optimization steps in all: rank search + adapter fine-tuning [250]."),
+    CliOption("--iters", "iters", int, "Optimization steps in all: rank search + adapter fine-tuning [default preset 100, reference 250]."),
     CliOption("--finetune-iters", "finetune_iters", int, "Steps of --iters spent fine-tuning adapters [default 100, reference 0]."),
     CliOption("--calib-size", "calib_size", int, "Calibration images used [1600]."),
     CliOption("--search-batch", "batch_size", int, "Images per optimization step [16]."),
@@ -217,31 +219,44 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def _patches(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(N*L, K) input rows whose product with the flattened weight gives the layer output."""
+_COV_ROWS = 4096  # input rows per layer (spread over the batches) for its K x K input second moment
+
+
+def _patches(mod: nn.Module, x: torch.Tensor, rows: int | None = None,
+             gen: torch.Generator | None = None) -> torch.Tensor:
+    """(rows, K) input rows whose product with the flattened weight gives the layer output; with
+    `rows`, a random subset of output positions (same positions for every image) is unfolded."""
     if isinstance(mod, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
+        x = x.reshape(-1, x.shape[-1])
+        return x if rows is None or rows >= x.shape[0] else x[torch.randperm(x.shape[0], generator=gen)[:rows]]
     cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    n, k, positions = cols.shape
+    if rows is not None and rows < n * positions:
+        keep = torch.randperm(positions, generator=gen)[:max(1, -(-rows // n))]
+        cols = cols[:, :, keep]
+    return cols.transpose(1, 2).reshape(-1, k)
 
 
 @torch.no_grad()
 def _float_statistics(model: nn.Module, layers: dict[str, nn.Module], need_cov: set[str],
                       batches: list[torch.Tensor]) -> tuple[dict, dict]:
-    """Per-channel output mean/std of every layer and input second moments of layers in need_cov."""
+    """Per-channel output mean/std of every layer and input second moments of layers in need_cov
+    (from about _COV_ROWS sampled input rows per layer: K x K products dominate the cost)."""
     sums: dict[str, list] = {}
+    gen = torch.Generator().manual_seed(0)
     cov: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    rows = -(-_COV_ROWS // max(len(batches), 1))
 
     def hook(name):
         def fn(mod, inputs, out):
             o = out.transpose(0, 1).reshape(out.shape[1], -1) if out.dim() == 4 else out.T
             s = sums.setdefault(name, [0.0, 0.0, 0])
-            s[0] = s[0] + o.sum(1, dtype=torch.float64)
-            s[1] = s[1] + o.double().pow(2).sum(1)
+            s[0] = s[0] + o.sum(1).double()
+            s[1] = s[1] + (o * o).sum(1).double()
             s[2] += o.shape[1]
             if name in need_cov:
-                p = _patches(mod, inputs[0])
+                p = _patches(mod, inputs[0], rows, gen)
                 cov[name] = cov.get(name, 0) + (p.T @ p).double()
                 counts[name] = counts.get(name, 0) + p.shape[0]
         return fn
@@ -337,9 +352,13 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
     if settings.svd == "activation":
         need_cov |= set(adapted)
     log.info("CoRa: %d layers, %d with adapters; statistics pass on %d images", len(bits), len(adapted), len(stats_set))
+    t0 = time.perf_counter()
     float_stats, cov = _float_statistics(teacher, layers, need_cov, stats_batches)
+    t1 = time.perf_counter()
     with torch.no_grad():
         teacher_logits = torch.cat([teacher(x) for x in calib.batches(64)])
+    log.info("statistics pass %.1f s, teacher logits on %d images %.1f s", t1 - t0, len(calib), time.perf_counter() - t1)
+    t0 = time.perf_counter()
 
     # quantize, decompose the residual
     student = copy.deepcopy(teacher)
@@ -371,6 +390,8 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
             per_rank[name] = r.shape[1] + r.shape[0]
             weight_frac[name] = full[name] * per_rank[name] / total_params
         wrapped[name] = _Layer(mod, wq, factors, settings.order, 1.0)
+    log.info("quantization (%s rounding) and residual decomposition (%s): %.1f s", settings.rounding, settings.svd,
+             time.perf_counter() - t0)
     if adapted:
         start = min(1.0, settings.budget / max(sum(weight_frac.values()), 1e-12))
         for n in adapted:
@@ -413,16 +434,16 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
                 c_new = torch.minimum(torch.maximum(torch.stack(cs), lo), torch.ones_like(lo))
                 for p, v in zip(cs, c_new):
                     p.fill_(v)
-            history.append((float(kd), float(used)))
+            history.append((float(kd.detach()), float(used.detach())))
             if it % 25 == 0 or it == settings.search_iters - 1:
-                ranks_now = [math.ceil(float(p) * full[n]) for p, n in zip(cs, adapted)]
+                ranks_now = [math.ceil(float(p.detach()) * full[n]) for p, n in zip(cs, adapted)]
                 log.info("search %d/%d: distillation loss %.4f, budget used %.4f/%.4f, ranks %d-%d (median %d)",
-                         it + 1, settings.search_iters, float(kd), float(used), settings.budget,
+                         it + 1, settings.search_iters, float(kd.detach()), float(used.detach()), settings.budget,
                          min(ranks_now), max(ranks_now), int(np.median(ranks_now)))
 
     # fix the ranks under the budget
     allowed = settings.budget * total_params
-    c_final = {n: float(wrapped[n].c) for n in adapted}
+    c_final = {n: float(wrapped[n].c.detach()) for n in adapted}
     ranks = _project_ranks(c_final, full, per_rank, allowed) if adapted else {}
     for n in adapted:
         if ranks[n] > 0:
@@ -456,7 +477,7 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
             opt.step()
             history.append((float(kd), float(sum(ranks[n] * per_rank[n] for n in live) / total_params)))
             if it % 25 == 0 or it == settings.finetune_iters - 1:
-                log.info("fine-tune %d/%d: distillation loss %.4f", it + 1, settings.finetune_iters, float(kd))
+                log.info("fine-tune %d/%d: distillation loss %.4f", it + 1, settings.finetune_iters, float(kd.detach()))
 
     # the plan
     plans = []
@@ -498,7 +519,7 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
                      "adapter_params": adapter_params, "weight_params": total_params,
                      "adapter_fraction": adapter_params / total_params, "budget": settings.budget,
                      "ranks": {n: ranks[n] for n in adapted}, "search_seconds": seconds,
-                     "final_loss": history[-1][0] if history else None}}
+                     "loss_history": [round(h[0], 5) for h in history]}}
     log.info("CoRa done in %.1f s: adapters %d parameters (%.2f%% of %d), %d steps", seconds, adapter_params,
              100 * adapter_params / total_params, total_params, len(history))
     return Plan(method="cora", settings={"method": "cora", **settings.to_json()}, layers=tuple(plans), meta=meta)

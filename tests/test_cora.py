@@ -1,0 +1,146 @@
+"""CoRa search: settings, loss, budget, export parity, full-rank exactness, CLI."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cora_onnx.cli import main
+from cora_onnx.data import Preprocess, load_images
+from cora_onnx.errors import SettingsError
+from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes, quantizable_layers
+from cora_onnx.models import build_model
+from cora_onnx.pipeline import apply_plan
+from cora_onnx.plan import LayerPlan, LowRankAdapter, Plan
+from cora_onnx.quantizers import QuantSpec, quantize_weight
+from cora_onnx.search import LayerSelection, uniform_from
+from cora_onnx.search.cora import CoraSettings, butterworth, search_cora
+
+
+@pytest.fixture(scope="module")
+def setup(digits):
+    model = fold_batchnorm(build_model(digits.arch, digits.weights))
+    pre = Preprocess(digits.input_size, 1.0, digits.mean, digits.std)
+    calib = load_images(digits.calib_dir, pre)
+    return model, calib
+
+
+def _ort(blob, x):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+@pytest.fixture(scope="module")
+def searched(setup):
+    model, calib = setup
+    plan = search_cora(model, CoraSettings(bits=2, budget=0.08, iters=80, finetune_iters=30), calib)
+    return model, calib, plan
+
+
+def test_search_lowers_the_loss(searched):
+    _, _, plan = searched
+    hist = plan.meta["cora"]["loss_history"]
+    assert len(hist) == 80
+    assert np.mean(hist[-10:]) < 0.8 * np.mean(hist[:10])
+
+
+def test_budget_respected(setup):
+    model, calib = setup
+    weight_params = sum(m.weight.numel() for m in quantizable_layers(model).values())
+    for budget in (0.01, 0.05):
+        plan = search_cora(model, CoraSettings(bits=3, budget=budget, iters=20, finetune_iters=0), calib)
+        used = sum(lp.adapter.params for lp in plan.layers if lp.adapter is not None)
+        assert used == plan.meta["cora"]["adapter_params"] and used <= budget * weight_params
+        assert sum(lp.adapter is not None for lp in plan.layers) >= (1 if budget == 0.05 else 0)
+
+
+def test_export_parity_and_report_bits(searched, tmp_path):
+    model, calib, plan = searched
+    assert any(lp.adapter is not None and lp.adapter.bits == 8 for lp in plan.layers)
+    blob = onnx_bytes(apply_plan(export_onnx(model, 8), plan))
+    x = next(calib.batches(64))
+    with torch.no_grad():
+        ref = apply_plan_torch(model, plan)(x).numpy()
+    out = _ort(blob, x.numpy())
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+    assert (out.argmax(1) == ref.argmax(1)).all()
+    # the plan round-trips through disk and exports to the same bytes
+    plan.save(tmp_path / "p")
+    again = Plan.load(tmp_path / "p")
+    assert onnx_bytes(apply_plan(export_onnx(model, 8), again)) == blob
+
+
+def test_full_rank_float_adapter_reproduces_the_float_conv(setup):
+    model, _ = setup
+    layers = quantizable_layers(model)
+    plans = []
+    for name, mod in layers.items():
+        if not isinstance(mod, torch.nn.Conv2d) or mod.groups != 1:
+            continue
+        w = mod.weight.detach()
+        qt = quantize_weight(w, QuantSpec(bits=2))
+        r = (w - qt.dequantize()).reshape(w.shape[0], -1).double()
+        u, s, vt = torch.linalg.svd(r, full_matrices=False)
+        a = (s.sqrt()[:, None] * vt).float().reshape((len(s),) + tuple(w.shape[1:]))
+        b = (u * s.sqrt()).float().reshape(w.shape[0], len(s), 1, 1)
+        plans.append(LayerPlan(name=name, kind="conv", shape=tuple(w.shape), uniform=uniform_from(qt),
+                               adapter=LowRankAdapter(rank=len(s), a=a.numpy(), b=b.numpy())))
+    plan = Plan("cora", {}, tuple(plans))
+    blob = onnx_bytes(apply_plan(export_onnx(model, 8), plan))
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        flt = model(x).numpy()
+        without = apply_plan_torch(model, Plan("rtn", {}, tuple(LayerPlan(name=p.name, kind=p.kind, shape=p.shape,
+                                                                          uniform=p.uniform) for p in plans)))(x).numpy()
+    out = _ort(blob, x.numpy())
+    np.testing.assert_allclose(out, flt, atol=2e-4, rtol=1e-4)
+    assert np.abs(without - flt).max() > 100 * np.abs(out - flt).max()  # the 2-bit model alone is far off
+
+
+def test_butterworth_is_a_low_pass():
+    t = butterworth(torch.tensor(0.25), 100, 4)
+    assert t[0] > 0.99 and abs(float(t[24]) - 2 ** -0.5) < 1e-6 and t[-1] < 0.01
+    assert torch.all(t[1:] <= t[:-1])
+
+
+@pytest.mark.parametrize("kw,word", [({"budget": 1.5}, "budget"), ({"iters": 10, "finetune_iters": 20}, "finetune_iters"),
+                                     ({"adapter_bits": 9}, "adapter_bits"), ({"preset": "paper"}, "preset"),
+                                     ({"order": 0}, "order"), ({"bits": 1}, "bits"), ({"rounding": "up"}, "rounding")])
+def test_bad_settings(kw, word):
+    with pytest.raises(SettingsError, match=word):
+        CoraSettings(**kw)
+
+
+def test_presets_fill_unset_fields():
+    ref = CoraSettings(preset="reference")
+    assert (ref.per_channel, ref.symmetric, ref.clip, ref.svd, ref.stats, ref.finetune_iters) == \
+        (False, False, "std", "weight", "none", 0)
+    assert CoraSettings(preset="reference", per_channel=True).per_channel is True
+
+
+def test_cli_cora_and_option_checks(digits, tmp_path):
+    base = ["quantize", "--model", digits.arch, "--weights", digits.weights, "--calib", digits.calib_dir,
+            "--val", digits.val_dir, "--input-size", 8, "--mean", ",".join(map(str, digits.mean)),
+            "--std", ",".join(map(str, digits.std)), "--bits", 3, "-q"]
+    runner = CliRunner()
+    bad = runner.invoke(main, [str(a) for a in base + ["--method", "rtn", "--budget", 0.1, "--out", tmp_path / "x.onnx"]])
+    assert bad.exit_code == 2 and "--budget does not apply to --method rtn" in bad.output
+    assert not (tmp_path / "x.onnx").exists()
+    bad = runner.invoke(main, [str(a) for a in base + ["--method", "cora", "--budget", 2, "--out", tmp_path / "x.onnx"]])
+    assert bad.exit_code == 2 and "budget" in bad.output and not (tmp_path / "x.onnx").exists()
+    ok = runner.invoke(main, [str(a) for a in base + ["--method", "cora", "--budget", 0.05, "--iters", 30,
+                                                      "--finetune-iters", 10, "--out", tmp_path / "c.onnx",
+                                                      "--report", tmp_path / "r.json", "--latency-runs", 2]])
+    assert ok.exit_code == 0, ok.output
+    r = json.loads((tmp_path / "r.json").read_text())
+    cora = r["cora"]
+    assert cora["iterations"] == 30 and cora["budget"] == 0.05 and cora["adapter_params"] <= 0.05 * r["weight_params"]
+    assert set(cora["ranks"]) and r["parity"]["top1_agreement"] >= 99.5
+    assert 3 < r["effective_bits"] < 32
+    assert "quantized_no_adapters" in r["latency_ms"]
+    shown = runner.invoke(main, ["inspect", str(tmp_path / "c.onnx")])
+    assert "rank=" in shown.output and "adapter_bytes=" in shown.output

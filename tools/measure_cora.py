@@ -1,0 +1,132 @@
+"""CoRa figures for the README (issue 3): float | RTN | CoRa reference preset | CoRa default, and the
+ablation from the reference preset to the default one step at a time. Every row runs the product
+path (`cora_onnx.quantize`: search -> export -> ONNX Runtime top-1, parity, size, latency) on the
+../shared images (calib 1,600, dev-val 1,000) and is appended to a JSON-lines file; `--table`
+prints the markdown tables from that file.
+
+    python tools/measure_cora.py --model resnet18 --bits 4 3 --configs rtn reference default --out cora.jsonl
+    python tools/measure_cora.py --model resnet18 --bits 3 --configs ablation --iters 100 --out cora.jsonl
+    python tools/measure_cora.py --table cora.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+ABLATION = [  # cumulative: each row adds one change to the row above
+    ("reference", {"preset": "reference"}),
+    ("+ per-channel MSE grid", {"preset": "reference", "per_channel": True, "symmetric": True, "clip": "mse"}),
+    ("+ statistics correction", {"preset": "reference", "per_channel": True, "symmetric": True, "clip": "mse",
+                                 "stats": "float"}),
+    ("+ GPTQ rounding", {"preset": "reference", "per_channel": True, "symmetric": True, "clip": "mse",
+                         "stats": "float", "rounding": "gptq"}),
+    ("+ input-metric SVD", {"preset": "reference", "per_channel": True, "symmetric": True, "clip": "mse",
+                            "stats": "float", "rounding": "gptq", "svd": "activation"}),
+    ("+ adapter fine-tuning (= default)", {"preset": "default"}),
+]
+CONFIGS = {"rtn": ("rtn", {}), "reference": ("cora", {"preset": "reference"}), "default": ("cora", {"preset": "default"}),
+           "no-adapters": ("cora", {"preset": "default", "budget": 0.0})}
+
+
+def run(args) -> None:
+    from cora_onnx import quantize
+    from cora_onnx.models import build_model, default_normalization
+
+    shared = Path(args.shared)
+    if args.model == "resnet18":
+        weights = shared / "models/resnet18-imagenet.pt"
+    else:
+        from cora_onnx.archs.efficientnet_lite import efficientnet_lite0_weights_path
+
+        weights = efficientnet_lite0_weights_path()
+    mean, std = default_normalization(args.model)
+    rows = []
+    for cfg in args.configs:
+        if cfg == "ablation":
+            rows += [(f"ablation: {name}", "cora", dict(kw)) for name, kw in ABLATION]
+        else:
+            method, kw = CONFIGS[cfg]
+            rows.append((cfg, method, dict(kw)))
+    for bits in args.bits:
+        for name, method, kw in rows:
+            if method == "cora":
+                if args.iters is not None:
+                    kw["iters"] = args.iters
+                    if args.finetune_iters is not None:
+                        kw["finetune_iters"] = args.finetune_iters
+                if args.budget is not None:
+                    kw.setdefault("budget", args.budget)
+            model = build_model(args.model, weights)
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                res = quantize(model, calib=shared / "data/imagenette/calib", val=shared / "data/imagenette/dev-val",
+                               class_map=shared / "data/imagenette/class_map.json", bits=bits, method=method,
+                               out=Path(tmp) / "m.onnx", mean=mean, std=std, model_name=args.model,
+                               latency_runs=args.latency_runs, **kw)
+                wall = time.perf_counter() - t0
+            r = res.report
+            rec = {"model": args.model, "config": name, "bits": bits, "options": kw, "top1": r["top1"],
+                   "parity": r["parity"], "onnx_bytes": r["onnx_bytes"], "float_onnx_bytes": r["float_onnx_bytes"],
+                   "effective_bits": r["effective_bits"], "search_seconds": r["search_seconds"], "wall_seconds": wall,
+                   "latency_ms": r["latency_ms"], "cora": {k: v for k, v in r.get("cora", {}).items() if k != "loss_history"},
+                   "environment": r["environment"], "torch_threads": args.torch_threads}
+            print(json.dumps({k: rec[k] for k in ("config", "bits", "top1", "effective_bits", "search_seconds")}), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+
+def table(path: str) -> None:
+    recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    fmt = "| {model} | {config} | W{bits} | {t1:.1f}% | {fl:.1f}% | {agree:.1f}% | {mb:.2f} MB | {eb:.2f} | {it} | {ad} | {sec} | {lat} |"
+    print("| model | config | bits | top-1 ORT | float | ORT=PyTorch | ONNX file | effective bits | iterations | "
+          "adapters (% weights) | search s | latency b1 ms: float / quantized / no branches |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in recs:
+        c = r.get("cora") or {}
+        lat = r["latency_ms"]
+        print(fmt.format(model=r["model"], config=r["config"], bits=r["bits"], t1=r["top1"]["quantized_onnxruntime"],
+                         fl=r["top1"]["float"], agree=r["parity"]["top1_agreement"], mb=r["onnx_bytes"] / 1e6,
+                         eb=r["effective_bits"], it=c.get("iterations", "-"),
+                         ad=f"{100 * c['adapter_fraction']:.2f}%" if c else "-",
+                         sec=f"{r['search_seconds']:.0f}",
+                         lat=" / ".join(f"{lat[k]:.1f}" if k in lat else "-" for k in ("float", "quantized",
+                                                                                     "quantized_no_adapters"))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
+    ap.add_argument("--model", default="resnet18", choices=["resnet18", "efficientnet_lite0"])
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--configs", nargs="+", default=["rtn", "reference", "default"],
+                    choices=[*CONFIGS, "ablation"])
+    ap.add_argument("--iters", type=int, default=None, help="override CoRa's iterations (all rows)")
+    ap.add_argument("--finetune-iters", type=int, default=None)
+    ap.add_argument("--budget", type=float, default=None)
+    ap.add_argument("--latency-runs", type=int, default=10)
+    ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads for the search "
+                    "(1 avoids OpenMP spin contention when the machine is shared)")
+    ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--table", default=None, help="print the markdown table from this JSON-lines file and exit")
+    args = ap.parse_args()
+    if args.table:
+        table(args.table)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    for name in ("cora_onnx.verify", "onnxscript", "torch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

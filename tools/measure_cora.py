@@ -6,6 +6,7 @@ prints the markdown tables from that file.
 
     python tools/measure_cora.py --model resnet18 --bits 4 3 --configs rtn reference default --out cora.jsonl
     python tools/measure_cora.py --model resnet18 --bits 3 --configs ablation --iters 100 --out cora.jsonl
+    python tools/measure_cora.py --light --model resnet18 --bits 3 --iters 30 --calib-size 400 --val-size 500 --out cora.jsonl
     python tools/measure_cora.py --table cora.jsonl
 """
 
@@ -81,8 +82,64 @@ def run(args) -> None:
                     f.write(json.dumps(rec) + "\n")
 
 
+def run_light(args) -> None:
+    """Ablation rows without export or latency: search, then top-1 of the PyTorch model (the full
+    rows establish that ONNX Runtime matches PyTorch); calibration and validation subsets."""
+    import resource
+
+    from cora_onnx.data import Preprocess, load_class_map, load_images
+    from cora_onnx.export import apply_plan_torch, fold_batchnorm
+    from cora_onnx.models import build_model, default_normalization
+    from cora_onnx.search.cora import CoraSettings, search_cora
+    from cora_onnx.verify import predict_torch, top1
+
+    shared = Path(args.shared)
+    model = build_model(args.model, shared / "models/resnet18-imagenet.pt") if args.model == "resnet18" else None
+    if model is None:
+        from cora_onnx.archs.efficientnet_lite import efficientnet_lite0_weights_path
+
+        model = build_model(args.model, efficientnet_lite0_weights_path())
+    pre = Preprocess(224, 1.0, *default_normalization(args.model))
+    calib = load_images(shared / "data/imagenette/calib", pre)
+    val = load_images(shared / "data/imagenette/dev-val", pre, labelled=True,
+                      class_map=load_class_map(shared / "data/imagenette/class_map.json"),
+                      num_classes=1000).subset(args.val_size, 0)
+    folded = fold_batchnorm(model)
+    float_top1 = top1(predict_torch(folded, val), val.labels)
+    for bits in args.bits:
+        for name, kw in ABLATION:
+            kw = dict(kw, calib_size=args.calib_size)
+            if args.iters is not None:
+                kw["iters"] = args.iters
+            t0 = time.perf_counter()
+            plan = search_cora(folded, CoraSettings(bits=bits, **kw), calib)
+            secs = time.perf_counter() - t0
+            acc = top1(predict_torch(apply_plan_torch(folded, plan), val), val.labels)
+            c = {k: v for k, v in plan.meta["cora"].items() if k not in ("loss_history", "ranks")}
+            rec = {"model": args.model, "config": f"ablation: {name}", "bits": bits, "options": kw, "light": True,
+                   "top1_torch": acc, "float_top1_torch": float_top1, "val_images": len(val),
+                   "calib_images": min(args.calib_size, len(calib)), "search_seconds": secs, "cora": c,
+                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                   "torch_threads": args.torch_threads}
+            print(json.dumps({k: rec[k] for k in ("config", "bits", "top1_torch", "search_seconds")}), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+
 def table(path: str) -> None:
     recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    light = [r for r in recs if r.get("light")]
+    recs = [r for r in recs if not r.get("light")]
+    if light:
+        print("| model | ablation row | bits | top-1 PyTorch | float | iterations | adapters (% weights) | search s |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in light:
+            c = r["cora"]
+            print(f"| {r['model']} | {r['config'][len('ablation: '):]} | W{r['bits']} | {r['top1_torch']:.1f}% | "
+                  f"{r['float_top1_torch']:.1f}% | {c['iterations']} | {100 * c['adapter_fraction']:.2f}% | "
+                  f"{r['search_seconds']:.0f} |")
+        print()
     fmt = "| {model} | {config} | W{bits} | {t1:.1f}% | {fl:.1f}% | {agree:.1f}% | {mb:.2f} MB | {eb:.2f} | {it} | {ad} | {sec} | {lat} |"
     print("| model | config | bits | top-1 ORT | float | ORT=PyTorch | ONNX file | effective bits | iterations | "
           "adapters (% weights) | search s | latency b1 ms: float / quantized / no branches |")
@@ -112,6 +169,9 @@ def main() -> None:
     ap.add_argument("--latency-runs", type=int, default=10)
     ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads for the search "
                     "(1 avoids OpenMP spin contention when the machine is shared)")
+    ap.add_argument("--light", action="store_true", help="ablation rows only, PyTorch top-1, no export/latency")
+    ap.add_argument("--calib-size", type=int, default=1600, help="(--light) calibration images")
+    ap.add_argument("--val-size", type=int, default=1000, help="(--light) validation images")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--table", default=None, help="print the markdown table from this JSON-lines file and exit")
     args = ap.parse_args()
@@ -125,7 +185,7 @@ def main() -> None:
         torch.set_num_threads(args.torch_threads)
     for name in ("cora_onnx.verify", "onnxscript", "torch"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    run(args)
+    run_light(args) if args.light else run(args)
 
 
 if __name__ == "__main__":

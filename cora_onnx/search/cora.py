@@ -475,7 +475,7 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
             opt.zero_grad()
             kd.backward()
             opt.step()
-            history.append((float(kd), float(sum(ranks[n] * per_rank[n] for n in live) / total_params)))
+            history.append((float(kd.detach()), float(sum(ranks[n] * per_rank[n] for n in live) / total_params)))
             if it % 25 == 0 or it == settings.finetune_iters - 1:
                 log.info("fine-tune %d/%d: distillation loss %.4f", it + 1, settings.finetune_iters, float(kd.detach()))
 

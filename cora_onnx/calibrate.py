@@ -175,11 +175,18 @@ def collect_histograms(model_bytes: bytes, tensors: Sequence[str], batches: Iter
 
     sess = session(_with_outputs(model_bytes, tensors), threads=threads, fold_weight_dq=True)
     in_name = sess.get_inputs()[0].name
+    fixed = sess.get_inputs()[0].shape[0]
+    step = fixed if isinstance(fixed, int) and fixed > 0 else None  # a model exported with a fixed batch
     hists = {t: RangeHistogram(bins) for t in tensors}
     for x in progress(batches, total, "calibrating activations"):
-        outs = sess.run(list(tensors), {in_name: np.ascontiguousarray(x, dtype=np.float32)})
-        for t, v in zip(tensors, outs):
-            hists[t].update(v)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        for i in range(0, x.shape[0], step or x.shape[0]):
+            chunk = x[i:i + step] if step else x
+            if step and chunk.shape[0] != step:
+                break  # the last partial batch cannot run on a fixed-batch model
+            outs = sess.run(list(tensors), {in_name: chunk})
+            for t, v in zip(tensors, outs):
+                hists[t].update(v)
     return hists
 
 

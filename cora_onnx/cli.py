@@ -44,6 +44,23 @@ def _common_logging(fn):
     return click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")(fn)
 
 
+def _int8_options(fn):
+    from .calibrate import CALIB_METHODS
+
+    for opt in reversed([
+        click.option("--act-bits", type=click.Choice(["8"]), default=None,
+                     help="Integer activations (static, calibrated): quantized Conv/Gemm/Add run as ONNX Runtime integer "
+                          "kernels; weights use the width this CPU's kernels take (7 bits on AVX2 without VNNI)."),
+        click.option("--act-calib", type=click.Choice(list(CALIB_METHODS)), default="mse", show_default=True,
+                     help="Activation ranges: min/max, 99.99th percentile, or the histogram range of least 8-bit error."),
+        click.option("--format", "out_format", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
+                     help="Output format: ONNX, or ONNX Runtime's ORT format (mobile/minimal builds; operator report "
+                          "in the JSON report)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
 def _preprocess_options(fn):
     for opt in reversed([
         click.option("--input-size", type=int, default=None, help="Square input size in pixels [224; model default]."),
@@ -123,6 +140,7 @@ def main() -> None:
 @_method_options
 @click.option("--keep", default="first,last", show_default=True, help="Layers kept at --keep-bits: any of first,last,depthwise, or none.")
 @click.option("--keep-bits", type=int, default=8, show_default=True, help="Bits of the layers named by --keep.")
+@_int8_options
 @_preprocess_options
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size for evaluation.")
 @click.option("--latency-runs", type=int, default=30, show_default=True, help="Timed runs per model (after 5 warm-up runs).")
@@ -132,7 +150,7 @@ def main() -> None:
 @_common_logging
 @_guard
 def quantize(arch, weights, calib, val, class_map, bits, method, out, report, plan_out, float_out, keep, keep_bits,
-             input_size, crop_ratio, mean, std, batch_size, latency_runs, latency_batch, threads, seed, verbose, quiet,
+             act_bits, act_calib, out_format, input_size, crop_ratio, mean, std, batch_size, latency_runs, latency_batch, threads, seed, verbose, quiet,
              **method_cli):
     """Search, export and verify: PyTorch model in, quantized ONNX model and report out."""
     _setup_logging(verbose, quiet)
@@ -157,17 +175,58 @@ def quantize(arch, weights, calib, val, class_map, bits, method, out, report, pl
     if weights is None:
         raise SettingsError("--weights FILE is required with --model")
     selection = LayerSelection(keep=parse_keep(keep), keep_bits=keep_bits)
-    out = out or Path(f"{arch}-{method}-w{bits}.onnx")
+    out = out or Path(f"{arch}-{method}-w{bits}{'a8' if act_bits else ''}.{out_format}")
     dmean, dstd = default_normalization(arch)
     model = build_model(arch, weights)
     options = {"selection": selection, **_method_settings(method, method_cli)}
     result = run(model, calib=calib, val=val, class_map=class_map, bits=bits, method=method, out=out,
                  mean=mean or dmean, std=std or dstd, input_size=input_size or 224, crop_ratio=crop_ratio,
                  report=report, plan_out=plan_out, float_out=float_out, model_name=arch, batch_size=batch_size,
-                 latency_runs=latency_runs, latency_batch=latency_batch, threads=threads, seed=seed, **options)
+                 latency_runs=latency_runs, latency_batch=latency_batch, threads=threads, seed=seed,
+                 act_bits=int(act_bits) if act_bits else None, act_calib=act_calib, out_format=out_format, **options)
     from .report import format_table
 
     click.echo(format_table(result.report))
+
+
+@main.command()
+@click.argument("onnx_in", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model file.")
+@click.option("--bits", type=int, default=8, show_default=True, help="Weight bits, 2-8 (Conv and Gemm weights).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration images (needed with --act-bits).")
+@click.option("--keep", default="first,last", show_default=True, help="Layers kept at --keep-bits: first,last or none.")
+@click.option("--keep-bits", type=int, default=8, show_default=True, help="Bits of the layers named by --keep.")
+@click.option("--clip", type=click.Choice(["mse", "minmax"]), default="mse", show_default=True, help="Weight range search.")
+@_int8_options
+@_preprocess_options
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [all cores].")
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here.")
+@_common_logging
+@_guard
+def rewrite(onnx_in, out, bits, calib, keep, keep_bits, clip, act_bits, act_calib, out_format, input_size, crop_ratio,
+            mean, std, threads, report, verbose, quiet):
+    """Quantize a float ONNX model exported elsewhere (no PyTorch model): BatchNorm folding, weight
+    QDQ and, with --act-bits 8, calibrated activation QDQ for integer kernels."""
+    _setup_logging(verbose, quiet)
+    from .errors import SettingsError
+    from .rewrite import rewrite_onnx
+    from .search.options import parse_keep
+
+    kept = parse_keep(keep)
+    if any(k not in ("first", "last") for k in kept):
+        raise SettingsError(f"rewrite --keep takes first, last or none, got {keep!r}")
+    if not 2 <= keep_bits <= 8:
+        raise SettingsError(f"--keep-bits must be from 2 to 8, got {keep_bits}")
+    res = rewrite_onnx(onnx_in, out, bits, act_bits=int(act_bits) if act_bits else None, calib=calib,
+                       act_calib=act_calib, mean=mean, std=std, input_size=input_size, crop_ratio=crop_ratio,
+                       keep=kept, keep_bits=keep_bits, clip=clip, out_format=out_format, threads=threads, report=report)
+    r = res.report
+    line = (f"wrote {out} ({len(res.data) / 1e6:.2f} MB from {r['input_bytes'] / 1e6:.2f} MB; {len(r['layers'])} weights "
+            f"at {r['bits']} bits, {r['batchnorm_folded']} BatchNorm folded")
+    if "activations" in r:
+        k = r["activations"]["onnxruntime_kernels"]
+        line += f"; 8-bit activations: {k['integer']} integer kernels, {k['float_compute']} float Conv/Gemm/MatMul"
+    click.echo(line + ")")
 
 
 @main.command()

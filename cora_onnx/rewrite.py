@@ -49,10 +49,20 @@ def _opset(model: ir.Model) -> int:
 
 
 def _fold_batchnorm(model: ir.Model) -> int:
+    """Constant-fold (so computed biases become initializers), then fuse BatchNormalization
+    into the Conv/Gemm before it; returns how many were fused."""
+    from onnxscript.optimizer import fold_constants
     from onnxscript.rewriter import RewriteRuleSet
     from onnxscript.rewriter.rules.common import fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_gemm_rule
 
-    return RewriteRuleSet([fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_gemm_rule]).apply_to_model(model)
+    fold_constants(model)
+    n = RewriteRuleSet([fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_gemm_rule]).apply_to_model(model)
+    if n:
+        fold_constants(model)
+    left = sum(node.op_type == "BatchNormalization" for node in model.graph)
+    if left:
+        log.warning("%d BatchNormalization nodes are not after a Conv/Gemm and stay in the graph", left)
+    return n
 
 
 def _weight_layers(model: ir.Model) -> list[tuple[ir.Node, ir.Value]]:

@@ -7,7 +7,8 @@ The layout (which tensors get QuantizeLinear -> DequantizeLinear) is computed fr
 
 - compute nodes: Conv, Gemm, MatMul whose weight is a DequantizeLinear of an integer
   initializer or a float initializer, and Add of two activations;
-- every activation input and the output of a compute node is quantized; a Relu, or a Clip with
+- every activation input and the output of a compute node is quantized (except a Gemm/MatMul
+  output that is a graph output: ORT fuses those with float output); a Relu, or a Clip with
   min 0, that is the only consumer of a compute output is absorbed: the QuantizeLinear of the
   compute output takes the activation's range (lower bound 0), whose clamp is the activation
   (exact), and the activation node is removed (what ORT's own QDQ tooling does too);
@@ -28,6 +29,7 @@ from typing import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from cora_onnx.errors import PlanError
 from cora_onnx.npgrid import quantize_symmetric
 
 from ._util import add_initializer, default_opset, mark
@@ -172,8 +174,8 @@ def activation_layout(model: ir.Model) -> ActivationLayout:
         for v in (node.inputs if node.op_type == "Add" else node.inputs[:1]):
             want(v)
         out = node.outputs[0]
-        if out.is_graph_output():
-            continue  # logits stay float (ORT fuses to a float-output integer kernel)
+        if out.is_graph_output() and node.op_type in ("Gemm", "MatMul"):
+            continue  # logits stay float: ORT fuses DQ -> Gemm/MatMul into a float-output integer kernel
         act = _absorbable(out)
         if act is not None:
             layout.absorbed[out.name] = act.outputs[0].name
@@ -247,7 +249,7 @@ class ActivationQDQPass(ir.passes.InPlacePass):
         layout = activation_layout(model)
         missing = [t for t in layout.calibrate if t not in self.ranges]
         if missing:
-            raise ValueError(f"no calibrated range for {len(missing)} tensors, e.g. {missing[0]}")
+            raise PlanError(f"no calibrated range for {len(missing)} tensors, e.g. {missing[0]}")
         qparams = activation_qparams(self.ranges, self.scheme, layout)
         nodes = {n.name: n for n in graph}
         integer, floating = [], []
@@ -304,6 +306,13 @@ class ActivationQDQPass(ir.passes.InPlacePass):
             for user, idx in uses:
                 if user is not q:
                     user.replace_input_with(idx, dq.outputs[0])
+            if old.is_graph_output():  # the graph output keeps its name, now the dequantized value
+                for i, out in enumerate(graph.outputs):
+                    if out is old:
+                        name = old.name
+                        old.name = f"{name}_prequantized"
+                        dq.outputs[0].name = name
+                        graph.outputs[i] = dq.outputs[0]
             if absorbed_node is not None:
                 graph.remove(absorbed_node, safe=True)
         self.report = {"integer_nodes": integer, "float_nodes": floating,

@@ -306,10 +306,14 @@ def _preprocess_meta(blob: bytes) -> dict:
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [all cores].")
 @click.option("--fold-weight-dq", is_flag=True, help="Session config session.disable_quant_qdq=1: fold weight DequantizeLinear at load.")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the timings as JSON here.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Labelled folder (one folder per class): adds a top-1 column (preprocessing from each model's metadata).")
+@click.option("--class-map", type=click.Path(path_type=Path), default=None, help="JSON folder name -> class index for --data.")
 @_common_logging
 @_guard
-def bench(onnx_models, batches, runs, warmup, threads, fold_weight_dq, report, verbose, quiet):
-    """Latency of ONNX models in one interleaved run: median and p10-p90 per batch size."""
+def bench(onnx_models, batches, runs, warmup, threads, fold_weight_dq, report, data, class_map, verbose, quiet):
+    """Latency of ONNX models in one interleaved run: median and p10-p90 per batch size, the
+    ratio to the first model, and top-1 with --data."""
     _setup_logging(verbose, quiet)
     from .io import check_output_path
     from .report import environment, write_report
@@ -322,25 +326,53 @@ def bench(onnx_models, batches, runs, warmup, threads, fold_weight_dq, report, v
 
         raise SettingsError("--runs must be >= 1, --warmup >= 0 and --batch >= 1")
     threads = threads or cpu_threads()
-    sessions, shapes = {}, set()
+    sessions, shapes, blobs = {}, set(), {}
     for p in onnx_models:
-        s = session(load_onnx_bytes(p), threads=threads, fold_weight_dq=fold_weight_dq)
+        blobs[str(p)] = load_onnx_bytes(p)
+        s = session(blobs[str(p)], threads=threads, fold_weight_dq=fold_weight_dq)
         sessions[str(p)] = s
         shapes.add(tuple(d if isinstance(d, int) else -1 for d in s.get_inputs()[0].shape[1:]))
     if len(shapes) != 1 or -1 in next(iter(shapes)):
         from .errors import OnnxModelError
 
         raise OnnxModelError(f"models need one fixed input shape (besides batch) to be compared, got {sorted(shapes)}")
+    accuracy = _bench_top1(sessions, blobs, data, class_map) if data is not None else {}
     res = measure_latency(sessions, next(iter(shapes)), batch_sizes=batches, warmup=warmup, runs=runs, threads=threads)
     width = max(len(k) for k in sessions)
-    click.echo(f"{'model':<{width}}  " + "  ".join(f"{'batch ' + str(b) + ' median (p10-p90) ms':>34}" for b in batches))
+    first = next(iter(sessions))
+    head = f"{'model':<{width}}  " + "  ".join(f"{'batch ' + str(b) + ' median (p10-p90) ms':>34}  {'ratio':>6}"
+                                              for b in batches)
+    click.echo(head + ("  top-1" if accuracy else ""))
     for k in sessions:
         cells = [f"{res[k][f'batch_{b}']['median_ms']:8.2f} ({res[k][f'batch_{b}']['p10_ms']:.2f}-{res[k][f'batch_{b}']['p90_ms']:.2f})"
+                 f"  {res[k][f'batch_{b}']['median_ms'] / res[first][f'batch_{b}']['median_ms']:5.2f}x"
                  for b in batches]
-        click.echo(f"{k:<{width}}  " + "  ".join(f"{c:>34}" for c in cells))
-    click.echo(f"{threads} threads, {runs} runs after {warmup} warm-up, interleaved")
+        row = f"{k:<{width}}  " + "  ".join(f"{c:>42}" for c in cells)
+        click.echo(row + (f"  {accuracy[k]:.2f}%" if accuracy else ""))
+    click.echo(f"{threads} threads, {runs} runs after {warmup} warm-up, interleaved; ratio = median / first model's")
     if report is not None:
-        write_report({"latency": res, "environment": environment(threads)}, report)
+        write_report({"latency": res, **({"top1": accuracy} if accuracy else {}), "environment": environment(threads)},
+                     report)
+
+
+def _bench_top1(sessions: dict, blobs: dict, data: Path, class_map: Path | None) -> dict:
+    from .data import Preprocess, load_class_map, load_images, parse_floats
+    from .models import IMAGENET_MEAN, IMAGENET_STD
+    from .verify import predict_onnx, top1
+
+    cmap = load_class_map(class_map) if class_map else None
+    out = {}
+    for k, s in sessions.items():
+        meta = _preprocess_meta(blobs[k])
+        pre = Preprocess(input_size=meta.get("input_size") or s.get_inputs()[0].shape[-1],
+                         crop_ratio=meta.get("crop_ratio", 1.0),
+                         mean=parse_floats(meta.get("mean") or IMAGENET_MEAN, what="mean"),
+                         std=parse_floats(meta.get("std") or IMAGENET_STD, what="std"))
+        n = s.get_outputs()[0].shape[-1]
+        images = load_images(data, pre, labelled=True, class_map=cmap, num_classes=n if isinstance(n, int) else None,
+                             what="data folder")
+        out[k] = top1(predict_onnx(s, images), images.labels)
+    return out
 
 
 @main.command()

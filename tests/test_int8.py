@@ -14,7 +14,7 @@ def test_quantize_with_integer_activations(digits, tmp_path):
     model = build_model(digits.arch, digits.weights)
     res = quantize(model, calib=digits.calib_dir, val=digits.val_dir, bits=4, out=tmp_path / "m.onnx",
                    mean=digits.mean, std=digits.std, input_size=digits.input_size, latency_runs=3, act_bits=8,
-                   act_calib="percentile")
+                   act_calib="percentile", float_out=tmp_path / "f.onnx")
     r = res.report
     act = r["activations"]
     assert act["calibration"] == "percentile" and act["scheme"]["reason"]
@@ -51,3 +51,11 @@ def test_act_bits_needs_calib_and_valid_width(digits, tmp_path):
     with pytest.raises(SettingsError, match="act_bits"):
         quantize(model, calib=digits.calib_dir, out=tmp_path / "m.onnx", act_bits=4, input_size=digits.input_size)
     assert not (tmp_path / "m.onnx").exists()
+    # bench: interleaved latency with the ratio to the first model, and a top-1 column
+    b = CliRunner().invoke(main, ["bench", str(tmp_path / "f.onnx"), str(tmp_path / "m.onnx"), "--runs", "2",
+                                  "--data", str(digits.val_dir), "--report", str(tmp_path / "b.json"), "-q"])
+    assert b.exit_code == 0, b.output
+    lines = b.output.splitlines()
+    assert "top-1" in lines[0] and "ratio" in lines[0] and " 1.00x" in lines[1]
+    top = json.loads((tmp_path / "b.json").read_text())["top1"]
+    assert top[str(tmp_path / "m.onnx")] == pytest.approx(r["top1"]["quantized_onnxruntime"])

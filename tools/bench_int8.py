@@ -3,7 +3,8 @@
 
 Rows: float | onnxruntime.quantization.quantize_static (QDQ, u8 activations, per-channel s8
 weights, reduce_range, MinMax, same calibration images) | cora-onnx W8A8 (weights at the CPU's
-integer-kernel width, activation ranges by minmax / percentile / mse from ONE calibration pass).
+integer-kernel width with per-channel minmax or MSE ranges; activation ranges by minmax /
+percentile / mse, all from ONE calibration pass per weight grid).
 Top-1 in ONNX Runtime; batch-1 (and batch-8) latency of all rows in one interleaved run.
 
     python tools/bench_int8.py [--models resnet18 efficientnet_lite0] [--calib-images 1600]
@@ -91,26 +92,30 @@ def run_model(name: str, shared: Path, args) -> list[dict]:
                           "seconds": time.perf_counter() - t0}
 
     scheme = choose_scheme()
-    t0 = time.perf_counter()
-    plan = search_rtn(folded, RtnSettings(bits=scheme.weight_bits, selection=LayerSelection(keep_bits=scheme.weight_bits)))
-    wq = apply_plan(export_program(folded, 224).model, plan)
-    layout = activation_layout(wq)
-    settings = CalibSettings()
-    n = (len(calib) + settings.batch_size - 1) // settings.batch_size
-    hists = collect_histograms(onnx_bytes(wq), layout.calibrate, (b.numpy() for b in calib.batches(settings.batch_size)),
-                               n, settings.bins, args.threads)
-    calib_s = time.perf_counter() - t0
-    qmodel = apply_plan_torch(folded, plan)
     sims = {}
-    for method in args.calib_methods:
-        m = ir.serde.deserialize_model(ir.to_proto(wq))
-        ranges = compute_ranges(hists, CalibSettings(method=method))
-        ActivationQDQPass(ranges, scheme)(m)
-        ir.passes.PassManager(cleanup_passes())(m)
-        key = f"cora_w{scheme.weight_bits}a8_{method}"
-        blobs[key] = onnx_bytes(m)
-        rows[key] = {"method": f"cora-onnx W{scheme.weight_bits}A8, activation ranges {method}", "seconds": calib_s}
-        sims[key] = ActivationQuantSim(program, qmodel, activation_qparams(ranges, scheme, layout), scheme.act_range)
+    for clip in args.weight_clips:
+        t0 = time.perf_counter()
+        plan = search_rtn(folded, RtnSettings(bits=scheme.weight_bits, clip=clip,
+                                              selection=LayerSelection(keep_bits=scheme.weight_bits)))
+        wq = apply_plan(export_program(folded, 224).model, plan)
+        layout = activation_layout(wq)
+        settings = CalibSettings()
+        n = (len(calib) + settings.batch_size - 1) // settings.batch_size
+        # one calibration pass; every range method reads the same histograms
+        hists = collect_histograms(onnx_bytes(wq), layout.calibrate,
+                                   (b.numpy() for b in calib.batches(settings.batch_size)), n, settings.bins, args.threads)
+        calib_s = time.perf_counter() - t0
+        qmodel = apply_plan_torch(folded, plan)
+        for method in args.calib_methods:
+            m = ir.serde.deserialize_model(ir.to_proto(wq))
+            ranges = compute_ranges(hists, CalibSettings(method=method))
+            ActivationQDQPass(ranges, scheme)(m)
+            ir.passes.PassManager(cleanup_passes())(m)
+            key = f"cora_w{scheme.weight_bits}{clip}_a8{method}"
+            blobs[key] = onnx_bytes(m)
+            rows[key] = {"method": f"cora-onnx W{scheme.weight_bits}A8: weights per-channel {clip}, activations {method}",
+                         "seconds": calib_s, "scheme": scheme.to_json()}
+            sims[key] = ActivationQuantSim(program, qmodel, activation_qparams(ranges, scheme, layout), scheme.act_range)
 
     sessions = {k: session(b, threads=args.threads) for k, b in blobs.items()}
     for k, s in sessions.items():
@@ -176,6 +181,7 @@ def main() -> None:
                     choices=["resnet18", "efficientnet_lite0"])
     ap.add_argument("--calib-images", type=int, default=1600)
     ap.add_argument("--calib-methods", nargs="+", default=["minmax", "percentile", "mse"])
+    ap.add_argument("--weight-clips", nargs="+", default=["minmax", "mse"], help="RTN weight range search(es)")
     ap.add_argument("--parity-images", type=int, default=100)
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])

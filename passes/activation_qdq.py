@@ -157,6 +157,16 @@ def _absorbable(value: ir.Value) -> ir.Node | None:
     return None
 
 
+def _zero_channel_scales(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Output channels whose integer weights are all 0 (axis 0 of q) get scale 1: the dequantized
+    weight is 0 either way, and the INT32 bias scale (input x weight scale) stays usable."""
+    scale = np.asarray(scale, np.float32).copy()
+    if scale.size > 1:
+        zero = ~np.any(q.reshape(q.shape[0], -1) != 0, axis=1)
+        scale[zero] = np.maximum(scale[zero], 1.0)
+    return scale
+
+
 def activation_layout(model: ir.Model) -> ActivationLayout:
     """Which tensors get activation Q/DQ (see the module doc). Pure graph analysis."""
     graph = model.graph
@@ -333,6 +343,7 @@ class ActivationQDQPass(ir.passes.InPlacePass):
             per_axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and node.attributes.get_int("transB", 0)) else 1
             mat = np.moveaxis(arr, per_axis, 0)
             q, scale = quantize_symmetric(mat, self.scheme.weight_bits, clip=self.weight_clip)
+            scale = _zero_channel_scales(q, scale)
             q = np.ascontiguousarray(np.moveaxis(q, 0, per_axis))
             base = w.name
             qv = add_initializer(graph, f"{base}_quantized", ir.Tensor(q, name=f"{base}_quantized"))
@@ -382,6 +393,12 @@ class ActivationQDQPass(ir.passes.InPlacePass):
                         user.replace_input_with(2, new_z)
             mark(dq, dq.metadata_props.get("cora_onnx.pass", type(self).__name__),
                  **{"container": "int8", "restored_by": type(self).__name__})
+        fixed = _zero_channel_scales(np.moveaxis(qarr, axis, 0), scale.reshape(-1)) if scale.size > 1 else scale
+        if not np.array_equal(fixed.reshape(scale.shape), scale):
+            new_s = add_initializer(graph, f"{qv.name}_scale_int8", ir.Tensor(fixed.reshape(scale.shape).astype(np.float32),
+                                                                              name=f"{qv.name}_scale_int8"))
+            dq.replace_input_with(1, new_s)
+            scale = fixed.reshape(scale.shape)
         per_out = (node.op_type == "Conv" and axis == 0) or (node.op_type == "Gemm" and (
             axis == 0) == bool(node.attributes.get_int("transB", 0))) or (node.op_type == "MatMul" and axis == 1)
         if scale.size > 1 and not per_out:
@@ -396,7 +413,10 @@ class ActivationQDQPass(ir.passes.InPlacePass):
             return
         bias_scale = np.broadcast_to(np.asarray(bias_scale, np.float32), arr.shape).astype(np.float32)
         bias_scale = np.maximum(bias_scale, np.finfo(np.float32).tiny)
-        q = np.clip(np.round(arr / bias_scale), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
+        q64 = np.round(arr.astype(np.float64) / bias_scale.astype(np.float64))
+        if np.any(np.abs(q64) > 2 ** 31 - 1):
+            log.warning("%s: bias does not fit INT32 at scale input x weight; clipped", node.name)
+        q = np.clip(q64, -(2 ** 31 - 1), 2 ** 31 - 1).astype(np.int32)
         base = f"{b.name}_int32"
         i = 1
         while f"{base}_quantized" in graph.initializers:

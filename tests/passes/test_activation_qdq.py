@@ -160,3 +160,23 @@ def test_scheme_per_cpu(flags, act, wbits):
     s = choose_scheme(flags)
     assert (s.act_dtype, s.weight_bits) == (act, wbits) and s.reason
     assert s.to_json()["reduce_range"] == (wbits == 7)
+
+
+def test_all_zero_weight_channel_keeps_its_bias():
+    """A channel whose weights are all 0 (EfficientNet has some) must keep its float bias: its
+    tiny weight scale would make the INT32 bias scale underflow."""
+    w = np.random.default_rng(0).normal(size=(3, 2, 1, 1)).astype(np.float32)
+    w[1] = 0.0
+    g = onnx.helper.make_graph([onnx.helper.make_node("Conv", ["x", "w", "b"], ["y"])], "z",
+                               [onnx.helper.make_tensor_value_info("x", 1, ["N", 2, 2, 2])],
+                               [onnx.helper.make_tensor_value_info("y", 1, ["N", 3, 2, 2])],
+                               [onnx.numpy_helper.from_array(w, "w"),
+                                onnx.numpy_helper.from_array(np.array([0.5, 1.5, -0.5], np.float32), "b")])
+    proto = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    model = ir.serde.deserialize_model(proto)
+    ActivationQDQPass({"x": (-2.0, 2.0), "y": (-4.0, 4.0)}, AVX2)(model)
+    x = np.random.default_rng(1).uniform(-1, 1, size=(4, 2, 2, 2)).astype(np.float32)
+    got = session(onnx_bytes(model)).run(None, {"x": x})[0]
+    ref = session(proto.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got[:, 1], 1.5, atol=4.0 / 255)
+    assert np.abs(got - ref).max() < 0.1

@@ -17,7 +17,7 @@ from torch import nn
 
 from .data import ImageSet, Preprocess, load_class_map, load_images, parse_floats
 from .errors import DataError, ModelError, SettingsError
-from .export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes, quantizable_layers
+from .export import apply_plan_torch, export_onnx, export_program, fold_batchnorm, onnx_bytes, quantizable_layers
 from .io import atomic_write, check_output_path
 from .models import IMAGENET_MEAN, IMAGENET_STD, check_finite
 from .pipeline import apply_plan
@@ -71,14 +71,34 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
              report: str | Path | None = None, plan_out: str | Path | None = None,
              float_out: str | Path | None = None, model_name: str | None = None, batch_size: int = 32,
              parity_images: int = 1000, latency_runs: int = 30, latency_batch: int | None = None,
-             threads: int | None = None, seed: int = 0, **method_options) -> QuantizeResult:
+             threads: int | None = None, seed: int = 0, act_bits: int | None = None, act_calib: str = "mse",
+             out_format: str = "onnx", **method_options) -> QuantizeResult:
     """Quantize `model` with `method`, export to ONNX at `out`, verify in ONNX Runtime.
 
     calib: folder of calibration images (flat or per class; needed by data-driven methods, and
     used for parity when val is None); val: labelled folder (one folder per class) for top-1;
     class_map: JSON of folder name -> class index when val's folders are a subset of the classes.
+    act_bits: 8 for integer activations (static, calibrated on calib with act_calib = "minmax",
+    "percentile" or "mse"; weights then use the CPU's integer-kernel width, see
+    cora_onnx.int8.choose_scheme); None keeps float activations. out_format: "onnx" or "ort"
+    (ONNX Runtime's ORT format, written by onnxruntime's own converter).
     Returns a QuantizeResult whose .report is the dict also written to `report` (JSON).
     """
+    scheme = None
+    if act_bits is not None:
+        from .calibrate import CalibSettings
+        from .int8 import ACT_BITS, choose_scheme
+
+        if act_bits not in ACT_BITS:
+            raise SettingsError(f"act_bits must be one of {', '.join(map(str, ACT_BITS))} (or None for float activations), "
+                                f"got {act_bits!r}")
+        calib_settings = CalibSettings(method=act_calib)
+        if calib is None:
+            raise SettingsError("integer activations (act_bits=8) need calibration images (calib=DIR)")
+        scheme = choose_scheme()
+        bits, method_options = _fit_weight_bits(bits, method_options, scheme.weight_bits)
+    if out_format not in ("onnx", "ort"):
+        raise SettingsError(f"output format must be onnx or ort, got {out_format!r}")
     settings = make_settings(method, bits, method_options)
     m = METHODS[method]
     outputs = [(out, "output model")] + [(p, w) for p, w in ((report, "report"), (plan_out, "plan"),
@@ -110,18 +130,27 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
                       "crop_ratio": pre.crop_ratio, "mean": list(pre.mean), "std": list(pre.std)})
     log.info("search done in %.1f s: %d layers planned", search_seconds, len(plan.layers))
 
-    model_ir = export_onnx(folded, pre.input_size)
+    program = export_program(folded, pre.input_size)
+    model_ir = program.model
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
     float_bytes = onnx_bytes(model_ir)
     extra = {}
     if any(lp.adapter is not None for lp in plan.layers):  # the same model without its branches, timed alongside
         bare = Plan(plan.method, plan.settings, tuple(dataclasses.replace(lp, adapter=None) for lp in plan.layers))
-        extra["quantized_no_adapters"] = onnx_bytes(apply_plan(ir.from_proto(ir.to_proto(model_ir)), bare))
-    quant_bytes = onnx_bytes(apply_plan(model_ir, plan))
+        bare_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), bare)
+        extra["quantized_no_adapters"] = onnx_bytes(bare_ir) if scheme is None else \
+            _integer_activations(bare_ir, program, apply_plan_torch(folded, bare), calib_set, scheme,
+                                 calib_settings, threads)[0]
     qmodel = apply_plan_torch(folded, plan)
+    act_report = None
+    if scheme is None:
+        quant_bytes = onnx_bytes(apply_plan(model_ir, plan))
+    else:
+        quant_bytes, qmodel, act_report = _integer_activations(apply_plan(model_ir, plan), program, qmodel, calib_set,
+                                                               scheme, calib_settings, threads)
 
     rep = _verify(model, qmodel, float_bytes, quant_bytes, val_set, calib_set, batch_size, parity_images,
-                  latency_runs, latency_batch, threads, seed, pre, extra)
+                  latency_runs, latency_batch, threads, seed, pre, fold=scheme is None, extra=extra)
     qlayers = quantizable_layers(folded)
     weight_params = sum(mod.weight.numel() for mod in qlayers.values())
     report_dict = {
@@ -138,10 +167,18 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
         "images": {"calib": len(calib_set) if calib_set is not None else 0,
                    "val": len(val_set) if val_set is not None else 0},
         "environment": environment(threads),
-        "notes": _notes(plan),
+        "notes": _notes(plan) if scheme is None else [],
         **(m.report(plan) if m.report is not None else {}),
+        **({"activations": act_report} if act_report is not None else {}),
     }
-    atomic_write(out, lambda f: f.write(quant_bytes))
+    if out_format == "ort":
+        from .ort_format import to_ort
+
+        ort_bytes, ort_report = to_ort(quant_bytes)
+        report_dict["ort_format"] = ort_report
+        atomic_write(out, lambda f: f.write(ort_bytes))
+    else:
+        atomic_write(out, lambda f: f.write(quant_bytes))
     if float_out is not None:
         atomic_write(float_out, lambda f: f.write(float_bytes))
     if plan_out is not None:
@@ -151,9 +188,52 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
     return QuantizeResult(report_dict, plan, Path(out), model, qmodel)
 
 
+def _fit_weight_bits(bits: int, options: dict, weight_bits: int) -> tuple[int, dict]:
+    """Cap the weight grids (target and kept layers) at the width the CPU's integer kernels take."""
+    options = dict(options)
+    if bits > weight_bits:
+        log.info("integer kernels on this CPU take %d-bit weights: using %d instead of %d bits", weight_bits,
+                 weight_bits, bits)
+        bits = weight_bits
+    sel = options.get("selection")
+    if sel is not None and sel.keep_bits > weight_bits:
+        options["selection"] = dataclasses.replace(sel, keep_bits=weight_bits)
+    elif sel is None:
+        from .search import LayerSelection
+
+        options["selection"] = LayerSelection(keep_bits=min(LayerSelection().keep_bits, weight_bits))
+    return bits, options
+
+
+def _integer_activations(model_ir, program, qmodel, calib_set: ImageSet, scheme, calib_settings, threads: int):
+    """Activation QDQ on the weight-quantized graph; returns (bytes, PyTorch simulation, report)."""
+    import onnx_ir as ir
+
+    from .int8 import add_activation_qdq, integer_kernels
+    from .pipeline import cleanup_passes
+    from .simulate import ActivationQuantSim
+
+    t0 = time.perf_counter()
+    ranges, qparams, pass_report = add_activation_qdq(model_ir, calib_set, scheme, calib_settings, threads)
+    ir.passes.PassManager(cleanup_passes())(model_ir)
+    data = onnx_bytes(model_ir)
+    kernels = integer_kernels(data)
+    sim = ActivationQuantSim(program, qmodel, qparams, scheme.act_range)
+    report = {"bits": 8, "calibration": calib_settings.method, "calib_images": len(calib_set),
+              "calib_seconds": time.perf_counter() - t0, "scheme": scheme.to_json(),
+              "integer_nodes": len(pass_report["integer_nodes"]), "float_nodes": pass_report["float_nodes"],
+              "activation_tensors": pass_report["activation_tensors"],
+              "absorbed_activations": pass_report["absorbed_activations"],
+              "onnxruntime_kernels": kernels}
+    if kernels["float_compute"]:
+        log.warning("%d Conv/Gemm/MatMul nodes still run as float kernels in ONNX Runtime", kernels["float_compute"])
+    return data, sim, report
+
+
 def _verify(model, qmodel, float_bytes: bytes, quant_bytes: bytes, val_set: ImageSet | None,
             calib_set: ImageSet | None, batch_size: int, parity_images: int, latency_runs: int,
-            latency_batch: int | None, threads: int, seed: int, pre: Preprocess, extra: dict | None = None) -> dict:
+            latency_batch: int | None, threads: int, seed: int, pre: Preprocess, fold: bool = True,
+            extra: dict | None = None) -> dict:
     qsess = session(quant_bytes, threads=threads)
     t1 = {"float": None, "quantized_torch": None, "quantized_onnxruntime": None}
     if val_set is not None:
@@ -170,13 +250,15 @@ def _verify(model, qmodel, float_bytes: bytes, quant_bytes: bytes, val_set: Imag
     shape = (3, pre.input_size, pre.input_size)
     batches = (1,) if not latency_batch or latency_batch == 1 else (1, latency_batch)
     log.info("measuring latency (%d interleaved runs per model and batch size)", latency_runs)
-    lat = measure_latency({"float": float_bytes, "quantized": qsess,
-                           "quantized_folded": session(quant_bytes, threads=threads, fold_weight_dq=True),
-                           **(extra or {})},
-                          shape, batch_sizes=batches, runs=latency_runs, threads=threads, seed=seed)
+    models = {"float": float_bytes, "quantized": qsess}
+    if fold:  # load-time weight folding disables the integer fusions: only for weight-only models
+        models["quantized_folded"] = session(quant_bytes, threads=threads, fold_weight_dq=True)
+    models.update(extra or {})
+    lat = measure_latency(models, shape, batch_sizes=batches, runs=latency_runs, threads=threads, seed=seed)
     return {
         "top1": t1, "parity": par,
-        "latency_ms": {k: v["batch_1"]["median_ms"] for k, v in lat.items() if isinstance(v, dict) and "batch_1" in v},
+        "latency_ms": {k: lat[k]["batch_1"]["median_ms"] if k in lat else None
+                       for k in ("float", "quantized", "quantized_folded", *(extra or {}))},
         "latency": lat,
         "size_breakdown": {"float": size_breakdown(float_bytes), "quantized": size_breakdown(quant_bytes)},
     }

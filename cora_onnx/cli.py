@@ -44,6 +44,23 @@ def _common_logging(fn):
     return click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")(fn)
 
 
+def _int8_options(fn):
+    from .calibrate import CALIB_METHODS
+
+    for opt in reversed([
+        click.option("--act-bits", type=click.Choice(["8"]), default=None,
+                     help="Integer activations (static, calibrated): quantized Conv/Gemm/Add run as ONNX Runtime integer "
+                          "kernels; weights use the width this CPU's kernels take (7 bits on AVX2 without VNNI)."),
+        click.option("--act-calib", type=click.Choice(list(CALIB_METHODS)), default="mse", show_default=True,
+                     help="Activation ranges: min/max, 99.99th percentile, or the histogram range of least 8-bit error."),
+        click.option("--format", "out_format", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
+                     help="Output format: ONNX, or ONNX Runtime's ORT format (mobile/minimal builds; operator report "
+                          "in the JSON report)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
 def _preprocess_options(fn):
     for opt in reversed([
         click.option("--input-size", type=int, default=None, help="Square input size in pixels [224; model default]."),
@@ -135,6 +152,7 @@ def main() -> None:
 @click.option("--keep", default=None, help="Layers kept at --keep-bits: any of first,last,depthwise, or none "
               "[rtn: first,last; cora: first,last,depthwise].")
 @click.option("--keep-bits", type=int, default=None, help="Bits of the layers named by --keep [8].")
+@_int8_options
 @_preprocess_options
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size for evaluation.")
 @click.option("--latency-runs", type=int, default=30, show_default=True, help="Timed runs per model (after 5 warm-up runs).")
@@ -144,7 +162,7 @@ def main() -> None:
 @_common_logging
 @_guard
 def quantize(arch, weights, calib, val, class_map, bits, method, out, report, plan_out, float_out, keep, keep_bits,
-             input_size, crop_ratio, mean, std, batch_size, latency_runs, latency_batch, threads, seed, verbose, quiet,
+             act_bits, act_calib, out_format, input_size, crop_ratio, mean, std, batch_size, latency_runs, latency_batch, threads, seed, verbose, quiet,
              **method_cli):
     """Search, export and verify: PyTorch model in, quantized ONNX model and report out."""
     _setup_logging(verbose, quiet)
@@ -171,17 +189,58 @@ def quantize(arch, weights, calib, val, class_map, bits, method, out, report, pl
     defaults = _default_selection(_methods()[method].settings)
     selection = LayerSelection(keep=defaults.keep if keep is None else parse_keep(keep),
                                keep_bits=defaults.keep_bits if keep_bits is None else keep_bits)
-    out = out or Path(f"{arch}-{method}-w{bits}.onnx")
+    out = out or Path(f"{arch}-{method}-w{bits}{'a8' if act_bits else ''}.{out_format}")
     dmean, dstd = default_normalization(arch)
     model = build_model(arch, weights)
     options = {"selection": selection, **_method_settings(method, method_cli)}
     result = run(model, calib=calib, val=val, class_map=class_map, bits=bits, method=method, out=out,
                  mean=mean or dmean, std=std or dstd, input_size=input_size or 224, crop_ratio=crop_ratio,
                  report=report, plan_out=plan_out, float_out=float_out, model_name=arch, batch_size=batch_size,
-                 latency_runs=latency_runs, latency_batch=latency_batch, threads=threads, seed=seed, **options)
+                 latency_runs=latency_runs, latency_batch=latency_batch, threads=threads, seed=seed,
+                 act_bits=int(act_bits) if act_bits else None, act_calib=act_calib, out_format=out_format, **options)
     from .report import format_table
 
     click.echo(format_table(result.report))
+
+
+@main.command()
+@click.argument("onnx_in", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model file.")
+@click.option("--bits", type=int, default=8, show_default=True, help="Weight bits, 2-8 (Conv and Gemm weights).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration images (needed with --act-bits).")
+@click.option("--keep", default="first,last", show_default=True, help="Layers kept at --keep-bits: first,last or none.")
+@click.option("--keep-bits", type=int, default=8, show_default=True, help="Bits of the layers named by --keep.")
+@click.option("--clip", type=click.Choice(["mse", "minmax"]), default="mse", show_default=True, help="Weight range search.")
+@_int8_options
+@_preprocess_options
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [all cores].")
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here.")
+@_common_logging
+@_guard
+def rewrite(onnx_in, out, bits, calib, keep, keep_bits, clip, act_bits, act_calib, out_format, input_size, crop_ratio,
+            mean, std, threads, report, verbose, quiet):
+    """Quantize a float ONNX model exported elsewhere (no PyTorch model): BatchNorm folding, weight
+    QDQ and, with --act-bits 8, calibrated activation QDQ for integer kernels."""
+    _setup_logging(verbose, quiet)
+    from .errors import SettingsError
+    from .rewrite import rewrite_onnx
+    from .search.options import parse_keep
+
+    kept = parse_keep(keep)
+    if any(k not in ("first", "last") for k in kept):
+        raise SettingsError(f"rewrite --keep takes first, last or none, got {keep!r}")
+    if not 2 <= keep_bits <= 8:
+        raise SettingsError(f"--keep-bits must be from 2 to 8, got {keep_bits}")
+    res = rewrite_onnx(onnx_in, out, bits, act_bits=int(act_bits) if act_bits else None, calib=calib,
+                       act_calib=act_calib, mean=mean, std=std, input_size=input_size, crop_ratio=crop_ratio,
+                       keep=kept, keep_bits=keep_bits, clip=clip, out_format=out_format, threads=threads, report=report)
+    r = res.report
+    line = (f"wrote {out} ({len(res.data) / 1e6:.2f} MB from {r['input_bytes'] / 1e6:.2f} MB; {len(r['layers'])} weights "
+            f"at {r['bits']} bits, {r['batchnorm_folded']} BatchNorm folded")
+    if "activations" in r:
+        k = r["activations"]["onnxruntime_kernels"]
+        line += f"; 8-bit activations: {k['integer']} integer kernels, {k['float_compute']} float Conv/Gemm/MatMul"
+    click.echo(line + ")")
 
 
 @main.command()
@@ -261,10 +320,14 @@ def _preprocess_meta(blob: bytes) -> dict:
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [all cores].")
 @click.option("--fold-weight-dq", is_flag=True, help="Session config session.disable_quant_qdq=1: fold weight DequantizeLinear at load.")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the timings as JSON here.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Labelled folder (one folder per class): adds a top-1 column (preprocessing from each model's metadata).")
+@click.option("--class-map", type=click.Path(path_type=Path), default=None, help="JSON folder name -> class index for --data.")
 @_common_logging
 @_guard
-def bench(onnx_models, batches, runs, warmup, threads, fold_weight_dq, report, verbose, quiet):
-    """Latency of ONNX models in one interleaved run: median and p10-p90 per batch size."""
+def bench(onnx_models, batches, runs, warmup, threads, fold_weight_dq, report, data, class_map, verbose, quiet):
+    """Latency of ONNX models in one interleaved run: median and p10-p90 per batch size, the
+    ratio to the first model, and top-1 with --data."""
     _setup_logging(verbose, quiet)
     from .io import check_output_path
     from .report import environment, write_report
@@ -277,25 +340,53 @@ def bench(onnx_models, batches, runs, warmup, threads, fold_weight_dq, report, v
 
         raise SettingsError("--runs must be >= 1, --warmup >= 0 and --batch >= 1")
     threads = threads or cpu_threads()
-    sessions, shapes = {}, set()
+    sessions, shapes, blobs = {}, set(), {}
     for p in onnx_models:
-        s = session(load_onnx_bytes(p), threads=threads, fold_weight_dq=fold_weight_dq)
+        blobs[str(p)] = load_onnx_bytes(p)
+        s = session(blobs[str(p)], threads=threads, fold_weight_dq=fold_weight_dq)
         sessions[str(p)] = s
         shapes.add(tuple(d if isinstance(d, int) else -1 for d in s.get_inputs()[0].shape[1:]))
     if len(shapes) != 1 or -1 in next(iter(shapes)):
         from .errors import OnnxModelError
 
         raise OnnxModelError(f"models need one fixed input shape (besides batch) to be compared, got {sorted(shapes)}")
+    accuracy = _bench_top1(sessions, blobs, data, class_map) if data is not None else {}
     res = measure_latency(sessions, next(iter(shapes)), batch_sizes=batches, warmup=warmup, runs=runs, threads=threads)
     width = max(len(k) for k in sessions)
-    click.echo(f"{'model':<{width}}  " + "  ".join(f"{'batch ' + str(b) + ' median (p10-p90) ms':>34}" for b in batches))
+    first = next(iter(sessions))
+    head = f"{'model':<{width}}  " + "  ".join(f"{'batch ' + str(b) + ' median (p10-p90) ms':>34}  {'ratio':>6}"
+                                              for b in batches)
+    click.echo(head + ("  top-1" if accuracy else ""))
     for k in sessions:
         cells = [f"{res[k][f'batch_{b}']['median_ms']:8.2f} ({res[k][f'batch_{b}']['p10_ms']:.2f}-{res[k][f'batch_{b}']['p90_ms']:.2f})"
+                 f"  {res[k][f'batch_{b}']['median_ms'] / res[first][f'batch_{b}']['median_ms']:5.2f}x"
                  for b in batches]
-        click.echo(f"{k:<{width}}  " + "  ".join(f"{c:>34}" for c in cells))
-    click.echo(f"{threads} threads, {runs} runs after {warmup} warm-up, interleaved")
+        row = f"{k:<{width}}  " + "  ".join(f"{c:>42}" for c in cells)
+        click.echo(row + (f"  {accuracy[k]:.2f}%" if accuracy else ""))
+    click.echo(f"{threads} threads, {runs} runs after {warmup} warm-up, interleaved; ratio = median / first model's")
     if report is not None:
-        write_report({"latency": res, "environment": environment(threads)}, report)
+        write_report({"latency": res, **({"top1": accuracy} if accuracy else {}), "environment": environment(threads)},
+                     report)
+
+
+def _bench_top1(sessions: dict, blobs: dict, data: Path, class_map: Path | None) -> dict:
+    from .data import Preprocess, load_class_map, load_images, parse_floats
+    from .models import IMAGENET_MEAN, IMAGENET_STD
+    from .verify import predict_onnx, top1
+
+    cmap = load_class_map(class_map) if class_map else None
+    out = {}
+    for k, s in sessions.items():
+        meta = _preprocess_meta(blobs[k])
+        pre = Preprocess(input_size=meta.get("input_size") or s.get_inputs()[0].shape[-1],
+                         crop_ratio=meta.get("crop_ratio", 1.0),
+                         mean=parse_floats(meta.get("mean") or IMAGENET_MEAN, what="mean"),
+                         std=parse_floats(meta.get("std") or IMAGENET_STD, what="std"))
+        n = s.get_outputs()[0].shape[-1]
+        images = load_images(data, pre, labelled=True, class_map=cmap, num_classes=n if isinstance(n, int) else None,
+                             what="data folder")
+        out[k] = top1(predict_onnx(s, images), images.labels)
+    return out
 
 
 @main.command()

@@ -17,8 +17,8 @@ from .errors import ModelError, PlanError
 from .io import atomic_write
 from .plan import Plan
 
-__all__ = ["fold_batchnorm", "quantizable_layers", "apply_plan_torch", "AdaptedConv", "export_onnx", "save_onnx", "onnx_bytes",
-           "DEFAULT_OPSET"]
+__all__ = ["fold_batchnorm", "quantizable_layers", "apply_plan_torch", "AdaptedConv", "export_onnx", "export_program",
+           "save_onnx", "onnx_bytes", "DEFAULT_OPSET"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,13 @@ class AdaptedConv(nn.Module):
 
 def export_onnx(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET) -> ir.Model:
     """torch.onnx (dynamo) export with a dynamic batch; input named "input", output "logits"."""
+    return export_program(model, input_size, opset).model
+
+
+def export_program(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET):
+    """The torch.onnx ONNXProgram: .model is the onnx_ir model of export_onnx; .exported_program
+    is the torch.export program whose node names are the ONNX value names (used to simulate
+    activation quantization in PyTorch at the same tensors)."""
     x = torch.zeros(2, 3, input_size, input_size)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -105,7 +112,7 @@ def export_onnx(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET) -
     graph.inputs[0].name = "input"
     graph.outputs[0].name = "logits"
     model_ir.producer_name = "cora-onnx"
-    return model_ir
+    return program
 
 
 def onnx_bytes(model: ir.Model) -> bytes:

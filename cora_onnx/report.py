@@ -70,6 +70,17 @@ def format_table(r: dict) -> str:
     lines.append(f"  parity ONNX Runtime vs PyTorch quantized: max |logit diff| {par['max_abs_error']:.3g}, "
                  f"top-1 agreement {par['top1_agreement']:.2f}% on {par['images']} images")
     lines.append(f"  search {r['search_seconds']:.1f} s; {r['weight_params']:,} weight parameters")
+    act = r.get("activations")
+    if act:
+        k, sch = act["onnxruntime_kernels"], act["scheme"]
+        lines.append(f"  activations: 8-bit {sch['act_dtype']}, ranges by {act['calibration']} on {act['calib_images']} "
+                     f"images; weights {sch['weight_bits']}-bit ({sch['reason']})")
+        lines.append(f"  ONNX Runtime kernels: {k['integer']} integer, {k['float_compute']} float Conv/Gemm/MatMul")
+    if r.get("ort_format"):
+        o = r["ort_format"]
+        lines.append(f"  ORT format ({o['optimization_level']} optimizations): {o['bytes'] / 1e6:.2f} MB, "
+                     f"{o['operator_count']} operator types: " + "; ".join(
+                         f"{d} {v}: {','.join(ops)}" for d, by in o["operators"].items() for v, ops in by.items()))
     for note in r.get("notes", []):
         lines.append(f"  note: {note}")
     return "\n".join(lines)

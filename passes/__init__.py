@@ -1,7 +1,9 @@
 """ONNX graph rewriting passes on onnx_ir. Pure ONNX: nothing here imports torch."""
 
+from .activation_qdq import ActivationQDQPass, QuantScheme, activation_layout, activation_qparams
 from .bias_update import BiasUpdatePass
 from .low_rank_branch import LowRankBranchPass
 from .weight_qdq import WeightQDQPass
 
-__all__ = ["BiasUpdatePass", "LowRankBranchPass", "WeightQDQPass"]
+__all__ = ["ActivationQDQPass", "BiasUpdatePass", "LowRankBranchPass", "QuantScheme", "WeightQDQPass",
+           "activation_layout", "activation_qparams"]

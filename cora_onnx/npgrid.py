@@ -1,0 +1,51 @@
+"""Uniform weight grids in numpy (no torch): the same rule as cora_onnx.quantizers for the
+symmetric per-channel case, for code that works on ONNX files only (passes, `rewrite`).
+
+quantize_symmetric(w, bits, clip) gives the integers and scales quantizers.quantize_weight
+gives for QuantSpec(bits, per_channel=True, symmetric=True, clip) (tested for equality).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import SettingsError
+
+__all__ = ["quantize_symmetric"]
+
+
+def quantize_symmetric(w: np.ndarray, bits: int, clip: str = "mse", mse_grid: int = 40,
+                       per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric grid along axis 0: returns (q int8 in w's shape, scale float32 (C,) or (1,)).
+
+    clip: "minmax" (range = max |w|) or "mse" (per-channel search over mse_grid clip ratios
+    from 1.0 to 0.2 of the min/max range, minimizing the squared weight error)."""
+    if not 2 <= int(bits) <= 8:
+        raise SettingsError(f"bits must be from 2 to 8, got {bits}")
+    if clip not in ("minmax", "mse"):
+        raise SettingsError(f"clip must be minmax or mse for ONNX-side quantization, got {clip!r}")
+    w = np.asarray(w, dtype=np.float32)
+    if not np.isfinite(w).all():
+        raise SettingsError("weight has NaN or infinite values; cannot quantize")
+    w2 = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    tiny = np.finfo(np.float32).tiny
+    lo, hi = w2.min(axis=1), w2.max(axis=1)
+
+    def params(clo, chi):
+        return np.maximum(np.maximum(np.abs(clo), np.abs(chi)) / np.float32(qmax), tiny).astype(np.float32)
+
+    if clip == "mse":
+        best_err = np.full(lo.shape, np.inf, dtype=np.float32)
+        best_lo, best_hi = lo.copy(), hi.copy()
+        for ratio in np.linspace(1.0, 0.2, mse_grid, dtype=np.float32):
+            clo, chi = lo * ratio, hi * ratio
+            s = params(clo, chi)[:, None]
+            err = ((np.clip(np.round(w2 / s), qmin, qmax) * s - w2) ** 2).sum(axis=1)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_lo, best_hi = np.where(better, clo, best_lo), np.where(better, chi, best_hi)
+        lo, hi = best_lo, best_hi
+    scale = params(lo, hi)
+    q = np.clip(np.round(w2 / scale[:, None]), qmin, qmax).astype(np.int8).reshape(w.shape)
+    return q, scale

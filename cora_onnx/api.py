@@ -78,6 +78,8 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
     class_map: JSON of folder name -> class index when val's folders are a subset of the classes.
     Returns a QuantizeResult whose .report is the dict also written to `report` (JSON).
     """
+    if method in METHODS and "seed" in {f.name for f in dataclasses.fields(METHODS[method].settings)}:
+        method_options.setdefault("seed", seed)  # seeded searches follow --seed
     settings = make_settings(method, bits, method_options)
     m = METHODS[method]
     outputs = [(out, "output model")] + [(p, w) for p, w in ((report, "report"), (plan_out, "plan"),

@@ -63,6 +63,15 @@ def apply_plan_torch(model: nn.Module, plan: Plan) -> nn.Module:
         if lp.uniform is not None:
             with torch.no_grad():
                 module.weight.copy_(torch.from_numpy(lp.uniform.dequantize()))
+        if lp.codebook is not None:
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(lp.codebook.decode(lp.shape)))
+                if lp.codebook.bias is not None:
+                    bias = torch.from_numpy(lp.codebook.bias.copy())
+                    if module.bias is None:
+                        module.bias = nn.Parameter(bias)
+                    else:
+                        module.bias.copy_(bias)
     return model
 
 

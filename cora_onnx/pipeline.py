@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from passes import WeightQDQPass
+from passes import CodebookDecodePass, WeightQDQPass
 
 from .errors import OnnxModelError
 from .plan import Plan
@@ -28,7 +28,7 @@ def cleanup_passes() -> list[ir.passes.PassBase]:
 
 def plan_pipeline(plan: Plan) -> ir.passes.PassManager:
     """Passes that apply a Plan to the float ONNX graph exported from the BN-folded model."""
-    return ir.passes.PassManager([WeightQDQPass(plan), *cleanup_passes()])
+    return ir.passes.PassManager([WeightQDQPass(plan), CodebookDecodePass(plan), *cleanup_passes()])
 
 
 def apply_plan(model: ir.Model, plan: Plan) -> ir.Model:

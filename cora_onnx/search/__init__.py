@@ -13,10 +13,11 @@ from typing import Any, Callable
 
 from .layers import LayerSelection, select_layers, uniform_from
 from .options import CliOption
+from .pq import PQ_OPTIONS, PqSettings, pq_report, search_pq
 from .rtn import RTN_OPTIONS, RtnSettings, search_rtn
 
 __all__ = ["Method", "METHODS", "CliOption", "LayerSelection", "select_layers", "uniform_from", "RtnSettings",
-           "search_rtn"]
+           "search_rtn", "PqSettings", "search_pq"]
 
 
 @dataclass(frozen=True)
@@ -33,4 +34,7 @@ class Method:
 METHODS: dict[str, Method] = {
     "rtn": Method("rtn", RtnSettings, search_rtn, needs_calib=False, options=RTN_OPTIONS,
                   help="round to nearest on a uniform grid, no data needed"),
+    "pq": Method("pq", PqSettings, search_pq, needs_calib=True, options=PQ_OPTIONS, report=pq_report,
+                 help="product quantization (And the Bit Goes Down): uint8 codes into per-layer codebooks fitted "
+                      "to calibration activations (use --keep first: --keep last stores the classifier at 8 bits)"),
 }

@@ -8,7 +8,7 @@ import onnx_ir as ir
 from cora_onnx.errors import PlanError
 from cora_onnx.plan import Plan
 
-from ._util import add_initializer, default_opset, mark
+from ._util import add_initializer, default_opset, mark, planned_weight, require_weights
 
 __all__ = ["CodebookDecodePass"]
 
@@ -33,10 +33,7 @@ class CodebookDecodePass(ir.passes.InPlacePass):
         have = default_opset(model)
         if self.layers and have < 13:
             raise ir.passes.PreconditionError(f"CodebookDecodePass needs opset >= 13, the model has {have}")
-        missing = [layer.weight for layer in self.layers if layer.weight not in model.graph.initializers]
-        if missing:
-            raise PlanError(f"plan does not fit the ONNX model: no initializer named {', '.join(missing[:5])}"
-                            + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
+        require_weights(model, self.layers)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -44,10 +41,7 @@ class CodebookDecodePass(ir.passes.InPlacePass):
         modified = False
         for layer in self.layers:
             cb = layer.codebook
-            old = graph.initializers[layer.weight]
-            if tuple(old.shape) != layer.shape:
-                raise PlanError(f"layer {layer.name}: plan shape {layer.shape} differs from ONNX {tuple(old.shape)}")
-            consumers = [use.node for use in old.uses()]
+            old, consumers = planned_weight(graph, layer)
             bad = [n.op_type for n in consumers if n.op_type not in ("Conv", "Gemm")]
             if bad:
                 raise PlanError(f"layer {layer.name}: weight feeds {bad[0]}, expected Conv or Gemm")

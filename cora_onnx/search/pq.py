@@ -214,6 +214,21 @@ def weighted_error(w: torch.Tensor, H: torch.Tensor, w_hat: torch.Tensor) -> flo
     return float(num / den)
 
 
+_F16_TINY = 2.0 ** -14  # smallest normal float16
+
+
+def _round_scaled(C: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codewords and channel scales as stored (float16): the layer's magnitude moves into the
+    codewords (max |scale| = 1), and scales of near-dead channels (BN-folded weights can be 1e-10)
+    are raised to the smallest normal float16 instead of underflowing to zero: those channels'
+    weights are negligible either way, a zero or flushed scale would not be."""
+    top = s.abs().max().clamp_min(1e-30)
+    C, s = C * top, s / top
+    sign = torch.where(s < 0, -1.0, 1.0)
+    s = sign * s.abs().clamp_min(_F16_TINY)
+    return C.half().float(), s.half().float()
+
+
 def fit_codebook(w: torch.Tensor, H: torch.Tensor, k: int, iters: int = 20, *, channel_scale: bool = True,
                  generator: torch.Generator | None = None) -> PqFit:
     """EM for one layer. w: (C_out, m, d) sub-vectors; H: (G, m, d, d) input second moments per
@@ -291,10 +306,10 @@ def fit_codebook(w: torch.Tensor, H: torch.Tensor, k: int, iters: int = 20, *, c
             break
 
     # what is stored: float16 codewords and scales; final assignment against the rounded values
-    C = C.half().float()
     if channel_scale:
-        s = s.half().float()
-        s = torch.where(s != 0, s, torch.ones_like(s))
+        C, s = _round_scaled(C, s)
+    else:
+        C = C.half().float()
     Q = quad(C)
     codes = assign(C, Q)
     fit = PqFit(C, codes.reshape(O, m), s if channel_scale else None, 0.0, it)
@@ -547,9 +562,10 @@ def _finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modu
         for key in ("codewords", "scale", "bias"):
             if st[key] is not None:
                 st[key] = st[key].detach()
-        st["codewords"] = st["codewords"].half().float()
         if st["scale"] is not None:
-            st["scale"] = st["scale"].half().float()
+            st["codewords"], st["scale"] = _round_scaled(st["codewords"], st["scale"])
+        else:
+            st["codewords"] = st["codewords"].half().float()
     head = float(np.mean(losses[: max(1, len(losses) // 10)]))
     tail = float(np.mean(losses[-max(1, len(losses) // 10):]))
     log.info("fine-tuning: %d steps, distillation loss %.4f -> %.4f (%.1f s)", len(losses), head, tail,

@@ -47,7 +47,7 @@ from .layers import LayerSelection, is_depthwise, layer_kind, select_layers, uni
 from .options import CliOption
 
 __all__ = ["PqSettings", "PqFit", "search_pq", "fit_codebook", "weighted_error", "block_kind", "parse_block_size",
-           "pq_report", "PQ_OPTIONS", "BLOCK_PRESETS"]
+           "pq_report", "PQ_OPTIONS", "BLOCK_PRESETS", "assign_with_feedback", "full_error"]
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,9 @@ class PqSettings:
     calib_size: calibration images used (fine-tuning, output means); stats_size: the first of them
     used for each layer's input statistics (one forward per layer: the search's main cost). channel_scale: a float16
     scale per output channel; bias_correction: match each layer's output mean to the float
-    network's. seed: initialization and batch order. selection: layers kept on a uniform grid at
+    network's. error_feedback: after the EM, assign the codes block by block over the filter,
+    each block's error compensated in the blocks not yet assigned (GPTQ-style, with the full
+    input covariance, which the EM's block-diagonal objective ignores). seed: initialization and batch order. selection: layers kept on a uniform grid at
     keep_bits (first / last / depthwise) or left in float (skip); every other Conv/Linear is
     product-quantized."""
 
@@ -132,6 +134,7 @@ class PqSettings:
     stats_size: int = 64
     channel_scale: bool = True
     bias_correction: bool = True
+    error_feedback: bool = True
     seed: int = 0
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first",)))
 
@@ -318,6 +321,47 @@ def fit_codebook(w: torch.Tensor, H: torch.Tensor, k: int, iters: int = 20, *, c
     return dataclasses.replace(fit, error=err)
 
 
+def assign_with_feedback(w: torch.Tensor, H: torch.Tensor, fit: PqFit, damp: float = 0.01) -> PqFit:
+    """Codes re-assigned block by block (GPTQ order) for a fixed codebook: with U the upper
+    Cholesky factor of H^-1, block b is assigned under the metric (U_bb^T U_bb)^-1 and its error E
+    updates the later blocks, W_rest -= E U_bb^-1 U_b,rest. w: (C_out, m, d); H: (G, m*d, m*d)
+    full input second moment per group (G must divide C_out). Returns the fit with new codes and
+    its error measured with the full H (the EM's `error` uses only the diagonal blocks)."""
+    O, m, d = w.shape
+    G, FF, _ = H.shape
+    C, s = fit.codewords, fit.scale if fit.scale is not None else torch.ones(O)
+    W = w.reshape(G, O // G, FF).double().clone()
+    Hd = H.double() + damp * torch.diagonal(H.double(), dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None] \
+        * torch.eye(FF, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)  # (G, FF, FF)
+    codes = torch.empty(G, O // G, m, dtype=torch.long)
+    sg = s.reshape(G, O // G).double()
+    Cd = C.double()
+    for b in range(m):
+        sl = slice(b * d, (b + 1) * d)
+        Ubb = U[:, sl, sl]
+        Minv = torch.linalg.inv(Ubb.transpose(1, 2) @ Ubb)  # (G, d, d): metric of this block
+        v = W[:, :, sl] / sg[..., None]  # (G, O/G, d)
+        quad = torch.einsum("ki,gij,kj->gk", Cd, Minv, Cd)  # (G, k)
+        cross = torch.einsum("goi,gij,kj->gok", v, Minv, Cd)
+        code = (quad[:, None, :] - 2.0 * cross).argmin(-1)
+        codes[:, :, b] = code
+        E = W[:, :, sl] - sg[..., None] * Cd[code]
+        if b + 1 < m:
+            W[:, :, (b + 1) * d:] -= E @ torch.linalg.solve(Ubb, U[:, sl, (b + 1) * d:])
+    new = dataclasses.replace(fit, codes=codes.reshape(O, m))
+    return dataclasses.replace(new, error=full_error(w, H, new.weight()))
+
+
+def full_error(w: torch.Tensor, H: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """Relative output error with the full input second moment H (G, m*d, m*d)."""
+    G, FF, _ = H.shape
+    E = (w - w_hat).reshape(G, -1, FF).double()
+    Wo = w.reshape(G, -1, FF).double()
+    return float(torch.einsum("goi,gij,goj->", E, H.double(), E)
+                 / torch.einsum("goi,gij,goj->", Wo, H.double(), Wo).clamp_min(1e-30))
+
+
 # ---- statistics on the (partially quantized) network ---------------------------------------------
 class _Stop(Exception):
     pass
@@ -347,10 +391,13 @@ def _unfold(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)
 
 
-def _input_stats(model: nn.Module, mod: nn.Module, geom: _Geom, images, batch_size: int):
+def _input_stats(model: nn.Module, mod: nn.Module, geom: _Geom, images, batch_size: int, full: bool = False):
     """H (G, m, d, d) and mean patch (G, m*d) of `mod`'s input over the images; the forward
-    stops right after the layer's input is seen."""
+    stops right after the layer's input is seen. full: H is the whole (G, m*d, m*d) second
+    moment per group instead of its diagonal blocks."""
     G, m, d = geom.groups, geom.m, geom.d
+    if full:
+        m, d = 1, m * d  # one block of the whole filter: the same code gives the full matrix
     H = torch.zeros(G * m, d, d, dtype=torch.float64)
     mu = torch.zeros(G * m * d, dtype=torch.float64)
     count = [0]
@@ -469,10 +516,21 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
             log.info("%s: uniform %d bits (kept), relative weight MSE %.3g", name, kept[name], err)
             continue
         g = geoms[name]
-        H, mu = _input_stats(student, mod, g, stats_images, bs)
+        feedback = settings.error_feedback and g.m > 1
+        H, mu = _input_stats(student, mod, g, stats_images, bs, full=feedback)
         wv = w.reshape(w.shape[0], g.m, g.d)
+        Hfull = None
+        if feedback:  # diagonal blocks for the EM, the full matrix for the sequential assignment
+            Hfull = H.reshape(g.groups, g.m * g.d, g.m * g.d)
+            H = torch.diagonal(H.reshape(g.groups, g.m, g.d, g.m, g.d), dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
         fit = fit_codebook(wv, H, settings.codewords, settings.em_iters, channel_scale=settings.channel_scale,
                            generator=gen)
+        extra = {}
+        if Hfull is not None:
+            extra["full_error_without_feedback"] = full_error(wv, Hfull, fit.weight())
+            fit = assign_with_feedback(wv, Hfull, fit)
+            log.debug("%s: full-covariance error %.4f without feedback, %.4f with", name,
+                      extra["full_error_without_feedback"], fit.error)
         w_hat = fit.weight()
         with torch.no_grad():
             mod.weight.copy_(w_hat.reshape(w.shape))
@@ -488,10 +546,13 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
         werr = float((w_hat.reshape(w.shape) - w).pow(2).mean() / w.pow(2).mean().clamp_min(1e-30))
         plans[name] = LayerPlan(name=name, kind=layer_kind(mod), shape=tuple(w.shape), info={
             "block_kind": g.kind, "block_size": g.d, "codewords": int(fit.codewords.shape[0]),
-            "activation_weighted_error": fit.error, "relative_weight_mse": werr, "em_iterations": fit.iterations,
+            "activation_weighted_error": fit.error, **extra, "relative_weight_mse": werr,
+            "em_iterations": fit.iterations,
             "seconds": time.perf_counter() - t0})
-        log.info("%s: %s d=%d k=%d, activation-weighted error %.4f, relative weight MSE %.4f (%.1f s)", name, g.kind,
-                 g.d, fit.codewords.shape[0], fit.error, werr, time.perf_counter() - t0)
+        log.info("%s: %s d=%d k=%d, activation-weighted error %.4f%s, relative weight MSE %.4f (%.1f s)", name,
+                 g.kind, g.d, fit.codewords.shape[0], fit.error,
+                 f" (full covariance; {extra['full_error_without_feedback']:.4f} without feedback)" if extra else "",
+                 werr, time.perf_counter() - t0)
 
     ft_info: dict = {}
     if settings.finetune_steps and state:
@@ -613,6 +674,8 @@ PQ_OPTIONS = (
     CliOption("--calib-size", "calib_size", int, "Calibration images used [256 for pq]."),
     CliOption("--stats-size", "stats_size", int,
               "PQ: calibration images for each layer's input statistics (one forward each) [64]."),
+    CliOption("--error-feedback/--no-error-feedback", "error_feedback", bool,
+              "PQ: assign codes block by block, compensating each block's error in the next ones [on]."),
     CliOption("--channel-scale/--no-channel-scale", "channel_scale", bool,
               "PQ: float16 scale per output channel (BN-folded weights) [on]."),
     CliOption("--bias-correction/--no-bias-correction", "bias_correction", bool,

@@ -11,7 +11,7 @@ from cora_onnx.errors import SettingsError
 from cora_onnx.export import fold_batchnorm
 from cora_onnx.plan import Plan
 from cora_onnx.search import LayerSelection, PqSettings, search_pq
-from cora_onnx.search.pq import fit_codebook, parse_block_size, weighted_error
+from cora_onnx.search.pq import assign_with_feedback, fit_codebook, full_error, parse_block_size, weighted_error
 
 
 def _images(n=48, size=8, seed=0):
@@ -40,6 +40,20 @@ def test_em_beats_plain_kmeans_on_the_activation_weighted_error(channel_scale):
     assert e_em < 0.85 * e_km
     # and k-means is the better one on the plain weight error it optimizes
     assert weighted_error(w, identity, km.weight()) < weighted_error(w, identity, em.weight())
+
+
+def test_error_feedback_lowers_the_full_covariance_error():
+    g = torch.Generator().manual_seed(2)
+    O, m, d = 64, 16, 4
+    w = torch.randn(O, m, d, generator=g)
+    x = torch.randn(5000, m * d, generator=g) @ (0.3 * torch.randn(m * d, m * d, generator=g) + torch.eye(m * d))
+    H = (x.T @ x / x.shape[0])[None]  # inputs correlated across blocks
+    blocks = torch.diagonal(H.reshape(1, m, d, m, d), dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
+    fit = fit_codebook(w, blocks, 32, 10)
+    fb = assign_with_feedback(w, H, fit)
+    assert torch.equal(fb.codewords, fit.codewords) and fb.codes.shape == fit.codes.shape
+    assert fb.error == pytest.approx(full_error(w, H, fb.weight()))
+    assert fb.error < 0.9 * full_error(w, H, fit.weight())
 
 
 def test_em_is_exact_when_a_layer_has_few_distinct_subvectors():

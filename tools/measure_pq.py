@@ -118,7 +118,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
     ap.add_argument("--model", default="efficientnet_lite0", choices=["resnet18", "efficientnet_lite0"])
-    ap.add_argument("--blocks", nargs="+", default=["small", "large"], choices=["small", "large"])
+    ap.add_argument("--blocks", nargs="*", default=["small", "large"], choices=["small", "large"],
+                    help="block presets to run (none: ResNet-18 reconstruction check only)")
     ap.add_argument("--codewords", type=int, default=256)
     ap.add_argument("--em-iters", type=int, default=20)
     ap.add_argument("--finetune-steps", type=int, default=100)
@@ -147,16 +148,17 @@ def main() -> None:
     calib = load_images(shared / "data/imagenette/calib", pre)
     folded = fold_batchnorm(model)
     float_bytes = onnx_bytes(export_onnx(folded, 224))
-    fsess = session(float_bytes)
-    f_ort = predict_onnx(fsess, val)
-    result: dict = {"model": args.model, "args": vars(args), "float": {"top1_ort": top1(f_ort, val.labels),
-                                                                       "onnx_bytes": len(float_bytes)}, "rows": []}
-    print(f"{args.model} float: ORT top-1 {result['float']['top1_ort']:.2f}%  {len(float_bytes) / 1e6:.2f} MB", flush=True)
+    result: dict = {"model": args.model, "args": vars(args), "float": {"onnx_bytes": len(float_bytes)}, "rows": []}
+    if args.blocks:
+        fsess = session(float_bytes)
+        result["float"]["top1_ort"] = top1(predict_onnx(fsess, val), val.labels)
+        print(f"{args.model} float: ORT top-1 {result['float']['top1_ort']:.2f}%  {len(float_bytes) / 1e6:.2f} MB",
+              flush=True)
     selection = LayerSelection(keep=parse_keep(args.keep))
 
     if args.model == "resnet18" and not args.skip_reconstruction:
         st = PqSettings(blocks="small", codewords=args.codewords, em_iters=args.em_iters, finetune_steps=0,
-                        calib_size=args.calib_size, bias_correction=False, channel_scale=False,
+                        calib_size=args.calib_size, bias_correction=False, channel_scale=False, error_feedback=False,
                         selection=LayerSelection(keep=()))
         t0 = time.perf_counter()
         rec = resnet_reconstruction(model, st, calib)

@@ -99,6 +99,8 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
         bits, method_options = _fit_weight_bits(bits, method_options, scheme.weight_bits)
     if out_format not in ("onnx", "ort"):
         raise SettingsError(f"output format must be onnx or ort, got {out_format!r}")
+    if method in METHODS and "seed" in {f.name for f in dataclasses.fields(METHODS[method].settings)}:
+        method_options.setdefault("seed", seed)  # seeded searches follow --seed
     settings = make_settings(method, bits, method_options)
     m = METHODS[method]
     outputs = [(out, "output model")] + [(p, w) for p, w in ((report, "report"), (plan_out, "plan"),

@@ -68,6 +68,15 @@ def apply_plan_torch(model: nn.Module, plan: Plan) -> nn.Module:
         if lp.adapter is not None:
             parent, _, leaf = lp.name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, AdaptedConv(module, lp.adapter))
+        if lp.codebook is not None:
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(lp.codebook.decode(lp.shape)))
+                if lp.codebook.bias is not None:
+                    bias = torch.from_numpy(lp.codebook.bias.copy())
+                    if module.bias is None:
+                        module.bias = nn.Parameter(bias)
+                    else:
+                        module.bias.copy_(bias)
     return model
 
 

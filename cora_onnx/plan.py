@@ -125,20 +125,49 @@ class LowRankAdapter:
 @dataclass(frozen=True, eq=False)
 class Codebook:
     """Product quantization: the weight, viewed as (C_in*kh*kw/d) x C_out sub-vectors of size
-    block_size, is codewords[codes]. codewords: (k, block_size) float16; codes: uint8."""
+    block_size, is codewords[codes]. codewords: (k, block_size) float16; codes: uint8.
+
+    Layout (the one definition, see `decode`): each output channel's filter, flattened in
+    (C_in/groups, kh, kw) order, is cut into consecutive sub-vectors of block_size values; codes
+    has shape (C_out, C_in/groups*kh*kw/block_size) and codes[o, j] picks the codeword of the
+    j-th sub-vector of filter o. scale: optional float16 (C_out,) multiplying each decoded filter
+    (the per-channel factor BatchNorm folding puts into a weight, so codewords are shared across
+    channels of different magnitude). bias: optional float32 (C_out,) that replaces the layer's
+    bias (bias correction after quantization; not counted in stored_bits: the float bias is
+    stored either way)."""
 
     block_size: int
     codewords: np.ndarray
     codes: np.ndarray
+    scale: np.ndarray | None = None
+    bias: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _check(self.codewords.ndim == 2 and self.codewords.shape[1] == self.block_size,
                f"codewords must have shape (k, {self.block_size}), got {self.codewords.shape}")
+        _check(self.codewords.dtype == np.float16, f"codewords must be float16, got {self.codewords.dtype}")
         _check(self.codes.dtype == np.uint8 and self.codewords.shape[0] <= 256,
                "codes must be uint8 with at most 256 codewords")
+        _check(self.codes.ndim == 2, f"codes must have shape (C_out, sub-vectors per filter), got {self.codes.shape}")
+        _check(self.codes.size == 0 or int(self.codes.max()) < self.codewords.shape[0],
+               f"codes refer to codeword {int(self.codes.max()) if self.codes.size else 0} of {self.codewords.shape[0]}")
+        _check(self.scale is None or (self.scale.dtype == np.float16 and self.scale.shape == (self.codes.shape[0],)),
+               f"codebook scale must be float16 of shape ({self.codes.shape[0]},)")
+        _check(self.bias is None or (self.bias.dtype == np.float32 and self.bias.shape == (self.codes.shape[0],)),
+               f"codebook bias must be float32 of shape ({self.codes.shape[0]},)")
 
     def stored_bits(self) -> int:
-        return 8 * self.codes.size + 8 * self.codewords.itemsize * self.codewords.size
+        return 8 * self.codes.size + 16 * self.codewords.size + (0 if self.scale is None else 16 * self.scale.size)
+
+    def decode(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The float32 weight of `shape` (C_out, ...): codewords[codes], times scale per output channel."""
+        shape = tuple(int(s) for s in shape)
+        _check(int(np.prod(shape)) == self.codes.size * self.block_size and shape[0] == self.codes.shape[0],
+               f"codebook with codes {self.codes.shape} x block {self.block_size} cannot decode to shape {shape}")
+        w = self.codewords.astype(np.float32)[self.codes.astype(np.intp)].reshape(shape[0], -1)
+        if self.scale is not None:
+            w = w * self.scale.astype(np.float32)[:, None]
+        return w.reshape(shape)
 
 
 @dataclass(frozen=True, eq=False)

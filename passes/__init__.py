@@ -2,8 +2,9 @@
 
 from .activation_qdq import ActivationQDQPass, QuantScheme, activation_layout, activation_qparams
 from .bias_update import BiasUpdatePass
+from .codebook_decode import CodebookDecodePass
 from .low_rank_branch import LowRankBranchPass
 from .weight_qdq import WeightQDQPass
 
-__all__ = ["ActivationQDQPass", "BiasUpdatePass", "LowRankBranchPass", "QuantScheme", "WeightQDQPass",
-           "activation_layout", "activation_qparams"]
+__all__ = ["ActivationQDQPass", "BiasUpdatePass", "CodebookDecodePass", "LowRankBranchPass", "QuantScheme",
+           "WeightQDQPass", "activation_layout", "activation_qparams"]

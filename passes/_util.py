@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["PROVENANCE_KEY", "mark", "default_opset", "add_initializer", "int_tensor"]
+from cora_onnx.errors import PlanError
+
+__all__ = ["PROVENANCE_KEY", "mark", "default_opset", "add_initializer", "int_tensor", "require_weights",
+           "planned_weight"]
 
 PROVENANCE_KEY = "cora_onnx.pass"
 
@@ -41,3 +44,19 @@ def int_tensor(values: np.ndarray, bits: int, signed: bool, name: str) -> ir.Ten
         return ir.Tensor(arr, dtype=ir.DataType.INT4 if signed else ir.DataType.UINT4, name=name)
     arr = values.astype(np.int8 if signed else np.uint8)
     return ir.Tensor(arr, name=name)
+
+
+def require_weights(model: ir.Model, layers) -> None:
+    """PlanError unless every planned layer's weight is an initializer of the model."""
+    missing = [layer.weight for layer in layers if layer.weight not in model.graph.initializers]
+    if missing:
+        raise PlanError(f"plan does not fit the ONNX model: no initializer named {', '.join(missing[:5])}"
+                        + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
+
+
+def planned_weight(graph: ir.Graph, layer) -> tuple[ir.Value, list[ir.Node]]:
+    """The weight initializer of a planned layer (shape checked) and the nodes that use it."""
+    value = graph.initializers[layer.weight]
+    if tuple(value.shape) != layer.shape:
+        raise PlanError(f"layer {layer.name}: plan shape {layer.shape} differs from ONNX {tuple(value.shape)}")
+    return value, [use.node for use in value.uses()]

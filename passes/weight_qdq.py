@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from cora_onnx.errors import PlanError
 from cora_onnx.plan import Plan
 
-from ._util import add_initializer, default_opset, int_tensor, mark
+from ._util import add_initializer, default_opset, int_tensor, mark, planned_weight, require_weights
 
 __all__ = ["WeightQDQPass"]
 
@@ -29,20 +28,14 @@ class WeightQDQPass(ir.passes.InPlacePass):
         if have < need:
             raise ir.passes.PreconditionError(
                 f"WeightQDQPass needs opset >= {need} for the planned bit widths, the model has {have}")
-        missing = [layer.weight for layer in self.layers if layer.weight not in model.graph.initializers]
-        if missing:
-            raise PlanError(f"plan does not fit the ONNX model: no initializer named {', '.join(missing[:5])}"
-                            + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
+        require_weights(model, self.layers)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         modified = False
         for layer in self.layers:
             u = layer.uniform
-            old = graph.initializers[layer.weight]
-            if tuple(old.shape) != layer.shape:
-                raise PlanError(f"layer {layer.name}: plan shape {layer.shape} differs from ONNX {tuple(old.shape)}")
-            consumers = [use.node for use in old.uses()]
+            old, consumers = planned_weight(graph, layer)
             w = layer.weight
             q = add_initializer(graph, f"{w}_quantized", int_tensor(u.q, u.bits, u.symmetric, f"{w}_quantized"))
             scale_arr = u.scale.astype(np.float32) if u.per_channel else u.scale.astype(np.float32).reshape(())

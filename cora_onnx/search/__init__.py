@@ -14,10 +14,11 @@ from typing import Any, Callable
 from .layers import LayerSelection, select_layers, uniform_from
 from .options import CliOption
 from .cora import CORA_OPTIONS, CoraSettings, cora_report, search_cora
+from .pq import PQ_OPTIONS, PqSettings, pq_report, search_pq
 from .rtn import GRID_OPTIONS, RTN_OPTIONS, RtnSettings, search_rtn
 
 __all__ = ["Method", "METHODS", "CliOption", "LayerSelection", "select_layers", "uniform_from", "RtnSettings",
-           "search_rtn", "CoraSettings", "search_cora"]
+           "search_rtn", "CoraSettings", "search_cora", "PqSettings", "search_pq"]
 
 
 @dataclass(frozen=True)
@@ -36,4 +37,7 @@ METHODS: dict[str, Method] = {
                   help="round to nearest on a uniform grid, no data needed"),
     "cora": Method("cora", CoraSettings, search_cora, needs_calib=True, options=GRID_OPTIONS + CORA_OPTIONS,
                    report=cora_report, help="low-bit weights + searched low-rank adapters (Luo et al. 2024)"),
+    "pq": Method("pq", PqSettings, search_pq, needs_calib=True, options=PQ_OPTIONS, report=pq_report,
+                 help="product quantization (And the Bit Goes Down): uint8 codes into per-layer codebooks fitted "
+                      "to calibration activations (use --keep first: --keep last stores the classifier at 8 bits)"),
 }

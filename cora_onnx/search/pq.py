@@ -1,0 +1,683 @@
+"""Product quantization: "And the Bit Goes Down" (Stock et al., ICLR 2020) on a BN-folded model.
+
+Per Conv/Linear layer every output filter, flattened in (C_in/groups, kh, kw) order, is cut into
+sub-vectors of `block_size` values (the layout of `plan.Codebook`); one codebook of up to 256
+codewords per layer (uint8 codes). The codebook is fitted by an EM whose objective is the error
+on the layer's outputs for in-domain inputs, sum_j (w_j - w^_j)^T H_b (w_j - w^_j), H_b the second
+moment of the inputs that sub-vector j multiplies (the diagonal d x d blocks of the unfolded-input
+covariance; the paper's objective ||x W - x W^||^2 without the cross terms between blocks).
+
+- E-step: every sub-vector to its best codeword under its own H_b, as batched matrix products.
+- M-step: codeword c = (sum_j H_bj)^-1 sum_j H_bj w_j over the sub-vectors assigned to c (the
+  sums are index_add / one matrix product over the distinct blocks; then a batched solve).
+- S-step (our addition, `channel_scale`): a float16 scale per output channel, fitted in closed form.
+  The paper quantizes weights *before* BatchNorm, whose per-channel scale stays in float; a
+  BN-folded weight carries that scale inside, and codewords shared across channels of very
+  different magnitude would waste the codebook. The scale restores the paper's setting.
+
+Layers are quantized in order, each one's input statistics measured on the network whose earlier
+layers are already quantized. Then the codewords (and channel scales and biases) are fine-tuned
+by distillation from the float network, a codeword's gradient being the mean of the gradients of
+the sub-vectors assigned to it. BatchNorm is folded in our models, so instead of re-estimating
+BN statistics each layer's bias is corrected so that the mean of its outputs (on the partially
+quantized network) matches the float network's: b = E_float[y] - W^ E_q[patch]; the fine-tuning
+then trains the biases too.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DataError, ModelError, SettingsError
+from ..export import quantizable_layers
+from ..plan import Codebook, LayerPlan, Plan
+from ..progress import progress
+from ..quantizers import QuantSpec, quantize_weight
+from .layers import LayerSelection, is_depthwise, layer_kind, select_layers, uniform_from
+from .options import CliOption
+
+__all__ = ["PqSettings", "PqFit", "search_pq", "fit_codebook", "weighted_error", "block_kind", "parse_block_size",
+           "pq_report", "PQ_OPTIONS", "BLOCK_PRESETS", "assign_with_feedback", "full_error"]
+
+log = logging.getLogger(__name__)
+
+BLOCK_PRESETS = ("small", "large")
+_FIXED_KINDS = ("1x1", "kxk", "depthwise", "linear")
+_CHUNK = 1 << 22  # elements per chunk of the n x k distance matrix / of unfolded inputs
+
+
+def block_kind(m: nn.Module) -> str:
+    """"linear", "depthwise", "1x1" or "<kh>x<kw>" (e.g. "3x3")."""
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if is_depthwise(m):
+        return "depthwise"
+    kh, kw = m.kernel_size
+    return f"{kh}x{kw}"
+
+
+def _valid_kind(kind: str) -> bool:
+    if kind in _FIXED_KINDS:
+        return True
+    a, _, b = kind.partition("x")
+    return a.isdigit() and b.isdigit() and int(a) >= 1 and int(b) >= 1
+
+
+def parse_block_size(text: Any) -> tuple[tuple[str, int], ...]:
+    """"1x1=8,3x3=18,linear=8" (or a mapping) -> sorted ((kind, d), ...). Kinds: 1x1, kxk (every
+    kernel larger than 1x1), <kh>x<kw> (e.g. 3x3, 5x5), depthwise, linear."""
+    if isinstance(text, Mapping):
+        items = list(text.items())
+    elif isinstance(text, (tuple, list)):
+        items = [tuple(p) for p in text]
+    else:
+        items = []
+        for part in str(text).split(","):
+            if not part.strip():
+                continue
+            kind, eq, value = part.partition("=")
+            if not eq:
+                raise SettingsError(f"block_size entries must be KIND=SIZE (e.g. 1x1=4,3x3=9,linear=4), got {part.strip()!r}")
+            items.append((kind.strip(), value.strip()))
+    out = {}
+    for kind, value in items:
+        kind = str(kind).strip().lower()
+        if not _valid_kind(kind):
+            raise SettingsError(f"block_size kind must be 1x1, kxk, <kh>x<kw>, depthwise or linear, got {kind!r}")
+        try:
+            d = int(value)
+        except (TypeError, ValueError):
+            raise SettingsError(f"block_size for {kind} must be a positive integer, got {value!r}") from None
+        if isinstance(value, bool) or d < 1 or str(d) != str(value).strip():
+            raise SettingsError(f"block_size for {kind} must be a positive integer, got {value!r}")
+        out[kind] = d
+    return tuple(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class PqSettings:
+    """bits: not used by PQ (its rate is log2(codewords) / block_size bits per weight; accepted
+    because every method receives --bits). blocks: "small" (d = kh*kw for k x k kernels, 4 for
+    1x1 and linear) or "large" (2*kh*kw, 8); depthwise kernels are always one block. block_size:
+    per-kind overrides ("3x3=18,1x1=8"; an explicit size that does not divide a layer is an
+    error, a preset size that does not falls back to the small one). codewords: per layer, 1-256
+    (uint8 codes). em_iters: EM iterations per layer. finetune_steps / finetune_lr / batch_size:
+    distillation fine-tuning (Adam) of codewords, channel scales and biases; 0 steps skips it.
+    calib_size: calibration images used (fine-tuning, output means); stats_size: the first of them
+    used for each layer's input statistics (one forward per layer: the search's main cost). channel_scale: a float16
+    scale per output channel; bias_correction: match each layer's output mean to the float
+    network's. error_feedback: after the EM, assign the codes block by block over the filter,
+    each block's error compensated in the blocks not yet assigned (GPTQ-style, with the full
+    input covariance, which the EM's block-diagonal objective ignores). seed: initialization and batch order. selection: layers kept on a uniform grid at
+    keep_bits (first / last / depthwise) or left in float (skip); every other Conv/Linear is
+    product-quantized."""
+
+    bits: int | None = None
+    blocks: str = "small"
+    block_size: Any = ()
+    codewords: int = 256
+    em_iters: int = 20
+    finetune_steps: int = 100
+    finetune_lr: float = 1e-4
+    batch_size: int = 32
+    calib_size: int = 256
+    stats_size: int = 64
+    channel_scale: bool = True
+    bias_correction: bool = True
+    error_feedback: bool = True
+    seed: int = 0
+    selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first",)))
+
+    def __post_init__(self) -> None:
+        def _int(name: str, lo: int, hi: int | None = None, why: str = "") -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+                rng = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+                raise SettingsError(f"{name} must be an integer {rng}{why}, got {v!r}")
+
+        if self.bits is not None:
+            _int("bits", 1, 32)
+        if self.blocks not in BLOCK_PRESETS:
+            raise SettingsError(f"blocks must be one of {', '.join(BLOCK_PRESETS)}, got {self.blocks!r}")
+        object.__setattr__(self, "block_size", parse_block_size(self.block_size))
+        _int("codewords", 1, 256, " (codes are stored in one byte, uint8)")
+        _int("em_iters", 1)
+        _int("finetune_steps", 0)
+        _int("batch_size", 1)
+        _int("calib_size", 1)
+        _int("stats_size", 1)
+        _int("seed", 0)
+        if not (isinstance(self.finetune_lr, (int, float)) and np.isfinite(self.finetune_lr) and self.finetune_lr > 0):
+            raise SettingsError(f"finetune_lr must be a positive number, got {self.finetune_lr!r}")
+        if not isinstance(self.selection, LayerSelection):
+            raise SettingsError("selection must be a LayerSelection")
+
+    def block_for(self, m: nn.Module) -> tuple[int, bool]:
+        """(block size, explicitly given) for a Conv2d/Linear module."""
+        kind = block_kind(m)
+        given = dict(self.block_size)
+        if kind in given:
+            return given[kind], True
+        if kind not in ("linear", "depthwise", "1x1") and "kxk" in given:
+            return given["kxk"], True
+        if kind in ("linear", "1x1"):
+            return (4 if self.blocks == "small" else 8), False
+        kk = m.kernel_size[0] * m.kernel_size[1]
+        return (kk if kind == "depthwise" or self.blocks == "small" else 2 * kk), False
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---- the EM ------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class PqFit:
+    """codewords (k, d) float32, codes (C_out, m) int64, scale (C_out,) float32 or None;
+    error: activation-weighted relative error sum (w-w^)^T H (w-w^) / sum w^T H w."""
+
+    codewords: torch.Tensor
+    codes: torch.Tensor
+    scale: torch.Tensor | None
+    error: float
+    iterations: int
+
+    def weight(self) -> torch.Tensor:
+        """Decoded sub-vectors, (C_out, m, d)."""
+        w = self.codewords[self.codes]
+        return w if self.scale is None else w * self.scale[:, None, None]
+
+
+def _block_index(c_out: int, groups: int, m: int) -> torch.Tensor:
+    """(C_out, m) index into H viewed as (groups*m, d, d)."""
+    g = torch.arange(c_out) // (c_out // groups)
+    return g[:, None] * m + torch.arange(m)[None, :]
+
+
+def _apply_h(H: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """H_b w_j for every sub-vector: H (G, m, d, d), w (C_out, m, d) -> (C_out, m, d)."""
+    G, m, d, _ = H.shape
+    return torch.einsum("gbij,gobj->gobi", H, w.reshape(G, -1, m, d)).reshape(w.shape)
+
+
+def weighted_error(w: torch.Tensor, H: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """sum_j (w_j - w^_j)^T H_bj (w_j - w^_j) / sum_j w_j^T H_bj w_j (w, w^: (C_out, m, d))."""
+    e = w - w_hat
+    num = (e * _apply_h(H, e)).sum()
+    den = (w * _apply_h(H, w)).sum().clamp_min(1e-30)
+    return float(num / den)
+
+
+_F16_TINY = 2.0 ** -14  # smallest normal float16
+
+
+def _round_scaled(C: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codewords and channel scales as stored (float16): the layer's magnitude moves into the
+    codewords (max |scale| = 1), and scales of near-dead channels (BN-folded weights can be 1e-10)
+    are raised to the smallest normal float16 instead of underflowing to zero: those channels'
+    weights are negligible either way, a zero or flushed scale would not be."""
+    top = s.abs().max().clamp_min(1e-30)
+    C, s = C * top, s / top
+    sign = torch.where(s < 0, -1.0, 1.0)
+    s = sign * s.abs().clamp_min(_F16_TINY)
+    return C.half().float(), s.half().float()
+
+
+def fit_codebook(w: torch.Tensor, H: torch.Tensor, k: int, iters: int = 20, *, channel_scale: bool = True,
+                 generator: torch.Generator | None = None) -> PqFit:
+    """EM for one layer. w: (C_out, m, d) sub-vectors; H: (G, m, d, d) input second moments per
+    group and block (identity blocks give plain k-means); k: codewords (fewer are used when the
+    layer has fewer distinct sub-vectors, which are then reproduced exactly)."""
+    w = w.detach().float()
+    H = H.detach().float()
+    O, m, d = w.shape
+    G = H.shape[0]
+    if H.shape != (G, m, d, d) or O % G:
+        raise ValueError(f"H {tuple(H.shape)} does not fit sub-vectors {tuple(w.shape)}")
+    n = O * m
+    gen = generator or torch.Generator().manual_seed(0)
+    Hf = H.reshape(G * m, d, d)
+    lam = 1e-6 * float(torch.diagonal(Hf, dim1=1, dim2=2).mean().clamp_min(1e-30))
+    hidx = _block_index(O, G, m).reshape(n)
+    Hw = _apply_h(H, w).reshape(n, d)
+    wf = w.reshape(n, d)
+    wHw = float((wf * Hw).sum().clamp_min(1e-30))
+    owner = torch.arange(n) // m  # output channel of each sub-vector
+
+    if channel_scale:
+        s = w.reshape(O, -1).pow(2).mean(1).sqrt()
+        s = torch.where(s > 0, s, torch.ones_like(s))
+    else:
+        s = torch.ones(O)
+    v = wf / s[owner, None]
+    uniq = torch.unique(v, dim=0)
+    if uniq.shape[0] <= k:
+        C = uniq.clone()
+    else:
+        C = uniq[torch.randperm(uniq.shape[0], generator=gen)[:k]].clone()
+    k = C.shape[0]
+
+    def quad(C: torch.Tensor) -> torch.Tensor:  # (G*m, k): c^T H_b c
+        return torch.einsum("ki,hij,kj->hk", C, Hf, C)
+
+    def assign(C: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+        Hv = Hw / s[owner, None]
+        codes = torch.empty(n, dtype=torch.long)
+        step = max(1, _CHUNK // max(k, 1))
+        for a in range(0, n, step):
+            dist = Q[hidx[a:a + step]] - 2.0 * Hv[a:a + step] @ C.T
+            codes[a:a + step] = dist.argmin(1)
+        return codes
+
+    Q = quad(C)
+    codes = assign(C, Q)
+    it = 0
+    for it in range(1, iters + 1):
+        # M-step: weighted Lloyd update, one batched solve for all codewords
+        omega = s[owner] ** 2
+        counts = torch.zeros(k * G * m).index_add_(0, codes * (G * m) + hidx, omega).reshape(k, G * m)
+        A = (counts @ Hf.reshape(G * m, d * d)).reshape(k, d, d).double()
+        r = torch.zeros(k, d).index_add_(0, codes, Hw * s[owner, None]).double()
+        used = torch.bincount(codes, minlength=k) > 0
+        A = A + lam * torch.eye(d, dtype=torch.float64)
+        C_new = C.clone()
+        C_new[used] = torch.linalg.solve(A[used], r[used].unsqueeze(-1)).squeeze(-1).float()
+        if not bool(used.all()):  # empty codewords restart at the worst-reconstructed sub-vectors
+            err = (wf - s[owner, None] * C[codes]) * (Hw - s[owner, None] * torch.einsum("nij,nj->ni", Hf[hidx], C[codes]))
+            worst = err.sum(1).argsort(descending=True)[: int((~used).sum())]
+            C_new[~used] = v[worst]
+        C = C_new
+        Q = quad(C)
+        if channel_scale:  # S-step: least-squares scale per output channel
+            num = (C[codes] * Hw).sum(1).reshape(O, m).sum(1)
+            den = Q[hidx, codes].reshape(O, m).sum(1)
+            s = torch.where(den > 0, num / den.clamp_min(1e-30), s)
+            s = torch.where(s.abs() > 0, s, torch.ones_like(s))
+        new_codes = assign(C, Q)
+        changed = int((new_codes != codes).sum())
+        codes = new_codes
+        if changed == 0 and not channel_scale:
+            break
+
+    # what is stored: float16 codewords and scales; final assignment against the rounded values
+    if channel_scale:
+        C, s = _round_scaled(C, s)
+    else:
+        C = C.half().float()
+    Q = quad(C)
+    codes = assign(C, Q)
+    fit = PqFit(C, codes.reshape(O, m), s if channel_scale else None, 0.0, it)
+    e = wf - fit.weight().reshape(n, d)
+    err = float((e * _apply_h(H, e.reshape(O, m, d)).reshape(n, d)).sum()) / wHw
+    return dataclasses.replace(fit, error=err)
+
+
+def assign_with_feedback(w: torch.Tensor, H: torch.Tensor, fit: PqFit, damp: float = 0.01) -> PqFit:
+    """Codes re-assigned block by block (GPTQ order) for a fixed codebook: with U the upper
+    Cholesky factor of H^-1, block b is assigned under the metric (U_bb^T U_bb)^-1 and its error E
+    updates the later blocks, W_rest -= E U_bb^-1 U_b,rest. w: (C_out, m, d); H: (G, m*d, m*d)
+    full input second moment per group (G must divide C_out). Returns the fit with new codes and
+    its error measured with the full H (the EM's `error` uses only the diagonal blocks)."""
+    O, m, d = w.shape
+    G, FF, _ = H.shape
+    C, s = fit.codewords, fit.scale if fit.scale is not None else torch.ones(O)
+    W = w.reshape(G, O // G, FF).double().clone()
+    Hd = H.double() + damp * torch.diagonal(H.double(), dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None] \
+        * torch.eye(FF, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)  # (G, FF, FF)
+    codes = torch.empty(G, O // G, m, dtype=torch.long)
+    sg = s.reshape(G, O // G).double()
+    Cd = C.double()
+    for b in range(m):
+        sl = slice(b * d, (b + 1) * d)
+        Ubb = U[:, sl, sl]
+        Minv = torch.linalg.inv(Ubb.transpose(1, 2) @ Ubb)  # (G, d, d): metric of this block
+        v = W[:, :, sl] / sg[..., None]  # (G, O/G, d)
+        quad = torch.einsum("ki,gij,kj->gk", Cd, Minv, Cd)  # (G, k)
+        cross = torch.einsum("goi,gij,kj->gok", v, Minv, Cd)
+        code = (quad[:, None, :] - 2.0 * cross).argmin(-1)
+        codes[:, :, b] = code
+        E = W[:, :, sl] - sg[..., None] * Cd[code]
+        if b + 1 < m:
+            W[:, :, (b + 1) * d:] -= E @ torch.linalg.solve(Ubb, U[:, sl, (b + 1) * d:])
+    new = dataclasses.replace(fit, codes=codes.reshape(O, m))
+    return dataclasses.replace(new, error=full_error(w, H, new.weight()))
+
+
+def full_error(w: torch.Tensor, H: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """Relative output error with the full input second moment H (G, m*d, m*d)."""
+    G, FF, _ = H.shape
+    E = (w - w_hat).reshape(G, -1, FF).double()
+    Wo = w.reshape(G, -1, FF).double()
+    return float(torch.einsum("goi,gij,goj->", E, H.double(), E)
+                 / torch.einsum("goi,gij,goj->", Wo, H.double(), Wo).clamp_min(1e-30))
+
+
+# ---- statistics on the (partially quantized) network ---------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Geom:
+    name: str
+    kind: str
+    d: int
+    groups: int
+    m: int
+
+
+def _unfold(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Layer input -> (N, C_in*kh*kw, L) patches (Linear: (N, C_in, 1))."""
+    if isinstance(mod, nn.Linear):
+        return x.reshape(-1, x.shape[-1], 1)
+    pad = mod.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            pad = (0, 0)
+        elif all(k % 2 for k in mod.kernel_size):
+            pad = tuple(dl * (k - 1) // 2 for k, dl in zip(mod.kernel_size, mod.dilation))
+        else:
+            raise ModelError(f"padding='same' with an even kernel is not supported by pq")
+    return F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)
+
+
+def _input_stats(model: nn.Module, mod: nn.Module, geom: _Geom, images, batch_size: int, full: bool = False):
+    """H (G, m, d, d) and mean patch (G, m*d) of `mod`'s input over the images; the forward
+    stops right after the layer's input is seen. full: H is the whole (G, m*d, m*d) second
+    moment per group instead of its diagonal blocks."""
+    G, m, d = geom.groups, geom.m, geom.d
+    if full:
+        m, d = 1, m * d  # one block of the whole filter: the same code gives the full matrix
+    H = torch.zeros(G * m, d, d, dtype=torch.float64)
+    mu = torch.zeros(G * m * d, dtype=torch.float64)
+    count = [0]
+
+    def hook(_mod, inputs):
+        cols = _unfold(_mod, inputs[0].detach().float())
+        N, FF, L = cols.shape
+        step = max(1, _CHUNK // max(FF * L, 1))
+        for a in range(0, N, step):
+            c = cols[a:a + step]
+            mu.add_(c.sum((0, 2)).double())
+            x = c.reshape(c.shape[0], G * m, d, L).permute(1, 2, 0, 3).reshape(G * m, d, -1)
+            H.add_(torch.bmm(x, x.transpose(1, 2)).double())
+        count[0] += N * L
+        raise _Stop
+
+    handle = mod.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for x in images.batches(batch_size):
+                try:
+                    model(x)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if count[0] == 0:
+        raise ModelError(f"layer {geom.name} was never called by the model's forward")
+    n = float(count[0])
+    return (H / n).float().reshape(G, m, d, d), (mu / n).float().reshape(G, m * d)
+
+
+def _output_means(model: nn.Module, mods: dict[str, nn.Module], images, batch_size: int) -> dict[str, torch.Tensor]:
+    """Per-output-channel mean of every layer's output on the (float) model, one pass."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def make(name):
+        def hook(_mod, _inp, out):
+            o = out.detach().float()
+            o = o.transpose(0, 1).reshape(o.shape[1], -1) if o.dim() == 4 else o.reshape(-1, o.shape[-1]).T
+            sums[name] = sums.get(name, 0) + o.double().sum(1)
+            counts[name] = counts.get(name, 0) + o.shape[1]
+        return hook
+
+    handles = [mod.register_forward_hook(make(n)) for n, mod in mods.items()]
+    try:
+        with torch.no_grad():
+            for x in progress(images.batches(batch_size), -(-len(images) // batch_size), "pq: float statistics"):
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (sums[n] / counts[n]).float() for n in sums}
+
+
+# ---- search --------------------------------------------------------------------------------------
+def _geometry(name: str, mod: nn.Module, settings: PqSettings) -> _Geom:
+    d, explicit = settings.block_for(mod)
+    w = mod.weight
+    per_filter = int(w[0].numel())
+    groups = 1 if isinstance(mod, nn.Linear) else int(mod.groups)
+    kind = block_kind(mod)
+    if per_filter % d:
+        if explicit:
+            raise SettingsError(f"block size {d} for {kind} layers does not divide layer {name} "
+                                f"({per_filter} weights per output channel, shape {tuple(w.shape)})")
+        small = PqSettings(blocks="small").block_for(mod)[0]
+        log.info("%s: %s block size %d does not divide %d weights per filter; using %d", name, settings.blocks, d,
+                 per_filter, small)
+        d = small
+    return _Geom(name, kind, d, groups, per_filter // d)
+
+
+def _codebook_weight(cw: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor | None, shape) -> torch.Tensor:
+    w = cw[codes]
+    if scale is not None:
+        w = w * scale[:, None, None]
+    return w.reshape(shape)
+
+
+def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
+    """Product-quantize every selected Conv2d/Linear of a BN-folded model (see module doc)."""
+    if calib is None or len(calib) == 0:
+        raise DataError("pq needs calibration images")
+    model = model.eval()
+    layers = quantizable_layers(model)
+    if not layers:
+        raise ModelError("the model has no Conv2d/Linear layer to quantize")
+    # which layers: keep -> uniform at keep_bits, skip -> float, the rest -> PQ (validated first)
+    kept = {n: b for n, b in select_layers(layers, 0, settings.selection).items() if b}
+    order = [n for n in layers if n not in settings.selection.skip]
+    geoms = {n: _geometry(n, layers[n], settings) for n in order if n not in kept}
+    images = calib.subset(settings.calib_size, settings.seed)
+    stats_images = images.subset(settings.stats_size, settings.seed)
+    bs = settings.batch_size
+    gen = torch.Generator().manual_seed(settings.seed)
+    t_start = time.perf_counter()
+
+    student = copy.deepcopy(model).eval()
+    slayers = quantizable_layers(student)
+    targets = _output_means(model, layers, images, bs) if settings.bias_correction else {}
+    state: dict[str, dict] = {}
+    plans: dict[str, LayerPlan] = {}
+    for name in progress(order, len(order), "pq: layers"):
+        mod = slayers[name]
+        t0 = time.perf_counter()
+        w = mod.weight.detach().float().clone()
+        if name in kept:
+            qt = quantize_weight(w, QuantSpec(bits=kept[name]))
+            with torch.no_grad():
+                mod.weight.copy_(qt.dequantize())
+            err = float((qt.dequantize() - w).pow(2).mean() / w.pow(2).mean().clamp_min(1e-30))
+            plans[name] = LayerPlan(name=name, kind=layer_kind(mod), shape=tuple(w.shape), uniform=uniform_from(qt),
+                                    info={"relative_weight_mse": err})
+            log.info("%s: uniform %d bits (kept), relative weight MSE %.3g", name, kept[name], err)
+            continue
+        g = geoms[name]
+        feedback = settings.error_feedback and g.m > 1
+        H, mu = _input_stats(student, mod, g, stats_images, bs, full=feedback)
+        wv = w.reshape(w.shape[0], g.m, g.d)
+        Hfull = None
+        if feedback:  # diagonal blocks for the EM, the full matrix for the sequential assignment
+            Hfull = H.reshape(g.groups, g.m * g.d, g.m * g.d)
+            H = torch.diagonal(H.reshape(g.groups, g.m, g.d, g.m, g.d), dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
+        fit = fit_codebook(wv, H, settings.codewords, settings.em_iters, channel_scale=settings.channel_scale,
+                           generator=gen)
+        extra = {}
+        if Hfull is not None:
+            extra["full_error_without_feedback"] = full_error(wv, Hfull, fit.weight())
+            fit = assign_with_feedback(wv, Hfull, fit)
+            log.debug("%s: full-covariance error %.4f without feedback, %.4f with", name,
+                      extra["full_error_without_feedback"], fit.error)
+        w_hat = fit.weight()
+        with torch.no_grad():
+            mod.weight.copy_(w_hat.reshape(w.shape))
+            bias = mod.bias.detach().clone() if mod.bias is not None else torch.zeros(w.shape[0])
+            if settings.bias_correction:
+                gidx = torch.arange(w.shape[0]) // (w.shape[0] // g.groups)
+                bias = targets[name] - (w_hat.reshape(w.shape[0], -1) * mu[gidx]).sum(1)
+            if mod.bias is None:
+                mod.bias = nn.Parameter(bias.clone())
+            else:
+                mod.bias.copy_(bias)
+        state[name] = {"codewords": fit.codewords, "codes": fit.codes, "scale": fit.scale, "bias": bias.float()}
+        werr = float((w_hat.reshape(w.shape) - w).pow(2).mean() / w.pow(2).mean().clamp_min(1e-30))
+        plans[name] = LayerPlan(name=name, kind=layer_kind(mod), shape=tuple(w.shape), info={
+            "block_kind": g.kind, "block_size": g.d, "codewords": int(fit.codewords.shape[0]),
+            "activation_weighted_error": fit.error, **extra, "relative_weight_mse": werr,
+            "em_iterations": fit.iterations,
+            "seconds": time.perf_counter() - t0})
+        log.info("%s: %s d=%d k=%d, activation-weighted error %.4f%s, relative weight MSE %.4f (%.1f s)", name,
+                 g.kind, g.d, fit.codewords.shape[0], fit.error,
+                 f" (full covariance; {extra['full_error_without_feedback']:.4f} without feedback)" if extra else "",
+                 werr, time.perf_counter() - t0)
+
+    ft_info: dict = {}
+    if settings.finetune_steps and state:
+        ft_info = _finetune(model, student, slayers, state, images, settings, gen)
+
+    out = []
+    for name in order:
+        lp = plans[name]
+        if name in state:
+            st = state[name]
+            cb = Codebook(block_size=geoms[name].d, codewords=st["codewords"].detach().numpy().astype(np.float16),
+                          codes=st["codes"].numpy().astype(np.uint8),
+                          scale=None if st["scale"] is None else st["scale"].detach().numpy().astype(np.float16),
+                          bias=st["bias"].detach().numpy().astype(np.float32))
+            w = layers[name].weight.detach().numpy()
+            w_hat = cb.decode(lp.shape)
+            info = {**lp.info, "relative_weight_mse": float(((w_hat - w) ** 2).mean() / max((w ** 2).mean(), 1e-30))}
+            lp = dataclasses.replace(lp, codebook=cb, info=info)
+        out.append(lp)
+    seconds = time.perf_counter() - t_start
+    return Plan(method="pq", settings={"method": "pq", **settings.to_json()}, layers=tuple(out),
+                meta={"pq_seconds": seconds, "pq_finetune": ft_info})
+
+
+def _finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Module], state: dict[str, dict], images,
+              settings: PqSettings, gen: torch.Generator) -> dict:
+    """Distillation (soft cross-entropy to the float logits) of codewords, scales and biases."""
+    from torch.func import functional_call
+
+    params, shapes = {}, {}
+    for name, st in state.items():
+        cw = st["codewords"].clone().requires_grad_(True)
+        k = cw.shape[0]
+        counts = torch.bincount(st["codes"].reshape(-1), minlength=k).float().clamp_min(1.0)
+        cw.register_hook(lambda g, c=counts: g / c[:, None])  # mean, not sum, of the assigned sub-vectors' grads
+        st["codewords"] = cw
+        if st["scale"] is not None:
+            st["scale"] = st["scale"].clone().requires_grad_(True)
+        st["bias"] = st["bias"].clone().requires_grad_(True)
+        shapes[name] = tuple(slayers[name].weight.shape)
+        params[name] = [p for p in (cw, st["scale"], st["bias"]) if p is not None]
+    opt = torch.optim.Adam([p for ps in params.values() for p in ps], lr=settings.finetune_lr)
+    with torch.no_grad():
+        teacher_logits = torch.cat([teacher(x) for x in images.batches(settings.batch_size)])
+    n = len(images)
+    student.eval()
+    losses = []
+    t0 = time.perf_counter()
+    perm = torch.randperm(n, generator=gen)
+    pos = 0
+    for _ in progress(range(settings.finetune_steps), settings.finetune_steps, "pq: fine-tuning codewords"):
+        if pos + settings.batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos:pos + settings.batch_size]
+        pos += settings.batch_size
+        x = images.preprocess.normalize(images.images[idx])
+        overrides = {}
+        for name, st in state.items():
+            overrides[f"{name}.weight"] = _codebook_weight(st["codewords"], st["codes"], st["scale"], shapes[name])
+            overrides[f"{name}.bias"] = st["bias"]
+        logits = functional_call(student, overrides, (x,))
+        loss = -(F.softmax(teacher_logits[idx], 1) * F.log_softmax(logits, 1)).sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    for st in state.values():
+        for key in ("codewords", "scale", "bias"):
+            if st[key] is not None:
+                st[key] = st[key].detach()
+        if st["scale"] is not None:
+            st["codewords"], st["scale"] = _round_scaled(st["codewords"], st["scale"])
+        else:
+            st["codewords"] = st["codewords"].half().float()
+    head = float(np.mean(losses[: max(1, len(losses) // 10)]))
+    tail = float(np.mean(losses[-max(1, len(losses) // 10):]))
+    log.info("fine-tuning: %d steps, distillation loss %.4f -> %.4f (%.1f s)", len(losses), head, tail,
+             time.perf_counter() - t0)
+    return {"steps": len(losses), "loss_first": head, "loss_last": tail, "seconds": time.perf_counter() - t0}
+
+
+# ---- report --------------------------------------------------------------------------------------
+def pq_report(plan: Plan) -> dict:
+    """The `pq` report section: block sizes, codewords, per-layer error, stored bytes by kind."""
+    pq_layers = [lp for lp in plan.layers if lp.codebook is not None]
+    codes = sum(lp.codebook.codes.nbytes for lp in pq_layers)
+    books = sum(lp.codebook.codewords.nbytes for lp in pq_layers)
+    scales = sum(lp.codebook.scale.nbytes for lp in pq_layers if lp.codebook.scale is not None)
+    biases = sum(lp.codebook.bias.nbytes for lp in pq_layers if lp.codebook.bias is not None)
+    uniform = sum((lp.uniform.stored_bits() + 7) // 8 for lp in plan.layers if lp.uniform is not None)
+    sizes = sorted({(lp.info.get("block_kind"), lp.codebook.block_size) for lp in pq_layers})
+    return {"pq": {
+        "blocks": plan.settings.get("blocks"),
+        "block_sizes": {k: d for k, d in sizes},
+        "codewords": plan.settings.get("codewords"),
+        "layers_pq": len(pq_layers),
+        "layers_uniform": sum(lp.uniform is not None for lp in plan.layers),
+        "stored_bytes": {"codes": codes, "codewords": books, "channel_scales": scales, "pq_biases": biases,
+                         "uniform_layers": uniform},
+        "finetune": dict(plan.meta.get("pq_finetune", {})),
+        "layers": [{"name": lp.name, "block_kind": lp.info.get("block_kind"), "block_size": lp.codebook.block_size,
+                    "codewords": int(lp.codebook.codewords.shape[0]),
+                    "activation_weighted_error": lp.info.get("activation_weighted_error"),
+                    "relative_weight_mse": lp.info.get("relative_weight_mse"),
+                    "bits_per_weight": lp.codebook.stored_bits() / float(np.prod(lp.shape))} for lp in pq_layers],
+    }}
+
+
+PQ_OPTIONS = (
+    CliOption("--blocks", "blocks", BLOCK_PRESETS,
+              "PQ block sizes: small (kh*kw for k x k kernels, 4 for 1x1/linear) or large (2*kh*kw, 8) [small]."),
+    CliOption("--block-size", "block_size", str,
+              "PQ block size per kernel kind, e.g. 1x1=8,3x3=18,linear=8 (kinds: 1x1, kxk, 3x3, 5x5..., depthwise, "
+              "linear); overrides --blocks."),
+    CliOption("--codewords", "codewords", int, "PQ codewords per layer, 1-256 (uint8 codes) [256]."),
+    CliOption("--em-iters", "em_iters", int, "PQ EM iterations per layer [20]."),
+    CliOption("--finetune-steps", "finetune_steps", int, "PQ distillation fine-tuning steps, 0 = none [100]."),
+    CliOption("--finetune-lr", "finetune_lr", float, "PQ fine-tuning learning rate (Adam) [1e-4]."),
+    CliOption("--calib-size", "calib_size", int, "Calibration images used [256 for pq]."),
+    CliOption("--stats-size", "stats_size", int,
+              "PQ: calibration images for each layer's input statistics (one forward each) [64]."),
+    CliOption("--error-feedback/--no-error-feedback", "error_feedback", bool,
+              "PQ: assign codes block by block, compensating each block's error in the next ones [on]."),
+    CliOption("--channel-scale/--no-channel-scale", "channel_scale", bool,
+              "PQ: float16 scale per output channel (BN-folded weights) [on]."),
+    CliOption("--bias-correction/--no-bias-correction", "bias_correction", bool,
+              "PQ: correct biases so output means match the float model [on]."),
+)

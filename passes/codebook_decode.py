@@ -1,0 +1,94 @@
+"""CodebookDecodePass: replace each product-quantized Conv/Gemm weight by a decoding subgraph."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from cora_onnx.errors import PlanError
+from cora_onnx.plan import Plan
+
+from ._util import add_initializer, default_opset, mark, planned_weight, require_weights
+
+__all__ = ["CodebookDecodePass"]
+
+
+class CodebookDecodePass(ir.passes.InPlacePass):
+    """For every layer of the plan with a codebook, store the codes as a UINT8 initializer
+    <w>_codes (C_out, sub-vectors per filter) and the codewords as FLOAT16 <w>_codewords (k, d);
+    the weight is computed in the graph (the layout of `Codebook.decode`):
+
+        Cast(<w>_codes -> INT32), Cast(<w>_codewords -> FLOAT) -> Gather(axis 0) -> Reshape(<w>_shape)
+        [-> Mul(Cast(<w>_codescale -> FLOAT))]  =  <w>_decoded
+
+    (Gather needs int32/int64 indices, so the byte codes are widened in the graph.) A corrected
+    bias in the plan replaces the layer's bias input (<layer>.bias_corrected). The float weight
+    initializer is removed; cleanup removes the old bias."""
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__()
+        self.layers = [layer for layer in plan.layers if layer.codebook is not None]
+
+    def requires(self, model: ir.Model) -> None:
+        have = default_opset(model)
+        if self.layers and have < 13:
+            raise ir.passes.PreconditionError(f"CodebookDecodePass needs opset >= 13, the model has {have}")
+        require_weights(model, self.layers)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        name = type(self).__name__
+        modified = False
+        for layer in self.layers:
+            cb = layer.codebook
+            old, consumers = planned_weight(graph, layer)
+            bad = [n.op_type for n in consumers if n.op_type not in ("Conv", "Gemm")]
+            if bad:
+                raise PlanError(f"layer {layer.name}: weight feeds {bad[0]}, expected Conv or Gemm")
+            w = layer.weight
+            facts = dict(layer=layer.name, block_size=cb.block_size, codewords=cb.codewords.shape[0])
+            codes = add_initializer(graph, f"{w}_codes", ir.Tensor(np.ascontiguousarray(cb.codes, dtype=np.uint8),
+                                                                   name=f"{w}_codes"))
+            books = add_initializer(graph, f"{w}_codewords", ir.Tensor(np.ascontiguousarray(cb.codewords, np.float16),
+                                                                       name=f"{w}_codewords"))
+            shape = add_initializer(graph, f"{w}_shape", ir.Tensor(np.array(layer.shape, dtype=np.int64),
+                                                                   name=f"{w}_shape"))
+            nodes = []
+
+            def node(op, inputs, out, **attrs):
+                n = ir.node(op, inputs, attributes=attrs, name=f"{w}_{out}")
+                n.outputs[0].name = f"{w}_{out}"
+                mark(n, name, **facts)
+                nodes.append(n)
+                return n.outputs[0]
+
+            idx = node("Cast", [codes], "codes_int32", to=ir.DataType.INT32)
+            table = node("Cast", [books], "codewords_float", to=ir.DataType.FLOAT)
+            gathered = node("Gather", [table, idx], "gathered", axis=0)
+            decoded = node("Reshape", [gathered, shape], "decoded" if cb.scale is None else "unscaled")
+            if cb.scale is not None:
+                sshape = (-1,) + (1,) * (len(layer.shape) - 1)
+                scale = add_initializer(graph, f"{w}_codescale", ir.Tensor(
+                    np.ascontiguousarray(cb.scale, np.float16).reshape(sshape), name=f"{w}_codescale"))
+                decoded = node("Mul", [decoded, node("Cast", [scale], "codescale_float", to=ir.DataType.FLOAT)],
+                               "decoded")
+            decoded.dtype = ir.DataType.FLOAT
+            decoded.shape = ir.Shape(layer.shape)
+            anchor = consumers[0] if consumers else None
+            for n in nodes:
+                if anchor is not None:
+                    graph.insert_before(anchor, n)
+                else:
+                    graph.append(n)
+            old.replace_all_uses_with(decoded)
+            del graph.initializers[w]
+            if cb.bias is not None:
+                bias = add_initializer(graph, f"{layer.name}.bias_corrected",
+                                       ir.Tensor(np.ascontiguousarray(cb.bias, np.float32),
+                                                 name=f"{layer.name}.bias_corrected"))
+                for n in consumers:
+                    if len(n.inputs) < 3:
+                        n.resize_inputs(3)
+                    n.replace_input_with(2, bias)
+            modified = True
+        return ir.passes.PassResult(model, modified)

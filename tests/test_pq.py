@@ -1,0 +1,153 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cora_onnx.cli import main
+from cora_onnx.data import ImageSet, Preprocess
+from cora_onnx.errors import SettingsError
+from cora_onnx.export import fold_batchnorm
+from cora_onnx.plan import Plan
+from cora_onnx.search import LayerSelection, PqSettings, search_pq
+from cora_onnx.search.pq import assign_with_feedback, fit_codebook, full_error, parse_block_size, weighted_error
+
+
+def _images(n=48, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ImageSet(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), None,
+                    tuple(map(str, range(n))), Preprocess(input_size=size))
+
+
+def _anisotropic_problem(seed=0, O=48, m=16, d=4):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(O, m, d, generator=g)
+    x = torch.randn(4000, m, d, generator=g) * torch.linspace(0.05, 3.0, d)  # inputs of very different scale
+    x[..., 1] += 0.9 * x[..., 0]  # and correlated
+    H = torch.einsum("nbi,nbj->bij", x, x)[None] / x.shape[0]
+    return w, H
+
+
+@pytest.mark.parametrize("channel_scale", [False, True])
+def test_em_beats_plain_kmeans_on_the_activation_weighted_error(channel_scale):
+    w, H = _anisotropic_problem()
+    identity = torch.eye(w.shape[2]).expand(1, w.shape[1], w.shape[2], w.shape[2]).contiguous()
+    em = fit_codebook(w, H, 32, 20, channel_scale=channel_scale)
+    km = fit_codebook(w, identity, 32, 20, channel_scale=channel_scale)  # identity H: plain k-means
+    e_em, e_km = weighted_error(w, H, em.weight()), weighted_error(w, H, km.weight())
+    assert e_em == pytest.approx(em.error, rel=1e-4)
+    assert e_em < 0.85 * e_km
+    # and k-means is the better one on the plain weight error it optimizes
+    assert weighted_error(w, identity, km.weight()) < weighted_error(w, identity, em.weight())
+
+
+def test_error_feedback_lowers_the_full_covariance_error():
+    g = torch.Generator().manual_seed(2)
+    O, m, d = 64, 16, 4
+    w = torch.randn(O, m, d, generator=g)
+    x = torch.randn(5000, m * d, generator=g) @ (0.3 * torch.randn(m * d, m * d, generator=g) + torch.eye(m * d))
+    H = (x.T @ x / x.shape[0])[None]  # inputs correlated across blocks
+    blocks = torch.diagonal(H.reshape(1, m, d, m, d), dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
+    fit = fit_codebook(w, blocks, 32, 10)
+    fb = assign_with_feedback(w, H, fit)
+    assert torch.equal(fb.codewords, fit.codewords) and fb.codes.shape == fit.codes.shape
+    assert fb.error == pytest.approx(full_error(w, H, fb.weight()))
+    assert fb.error < 0.9 * full_error(w, H, fit.weight())
+
+
+def test_em_is_exact_when_a_layer_has_few_distinct_subvectors():
+    g = torch.Generator().manual_seed(1)
+    book = torch.randn(200, 9, generator=g).half().float()
+    codes = torch.randint(0, 200, (64, 16), generator=g)
+    w = book[codes]
+    H = torch.eye(9).expand(1, 16, 9, 9).contiguous() * 2.0
+    fit = fit_codebook(w, H, 256, 5, channel_scale=False)
+    assert fit.codewords.shape[0] <= 200
+    assert torch.equal(fit.weight(), w)
+
+
+def test_search_codes_fit_one_byte_and_plan_roundtrip(tiny, tmp_path):
+    folded = fold_batchnorm(tiny)
+    st = PqSettings(codewords=256, em_iters=5, finetune_steps=3, calib_size=32, selection=LayerSelection(keep=()))
+    plan = search_pq(folded, st, _images())
+    assert [lp.name for lp in plan.layers] == ["conv1", "dw", "pw", "fc"]
+    for lp in plan.layers:
+        cb = lp.codebook
+        assert cb is not None and cb.codes.dtype == np.uint8 and cb.codewords.dtype == np.float16
+        assert cb.codewords.shape[0] <= 256 and int(cb.codes.max()) < cb.codewords.shape[0]
+        assert cb.codes.size * cb.block_size == int(np.prod(lp.shape))
+    assert {lp.name: lp.codebook.block_size for lp in plan.layers} == {"conv1": 9, "dw": 9, "pw": 4, "fc": 4}
+    plan.save(tmp_path / "p")
+    back = Plan.load(tmp_path / "p")
+    for a, b in zip(plan.layers, back.layers):
+        np.testing.assert_array_equal(a.codebook.decode(a.shape), b.codebook.decode(b.shape))
+        np.testing.assert_array_equal(a.codebook.bias, b.codebook.bias)
+
+
+def test_large_blocks_and_explicit_sizes(tiny):
+    folded = fold_batchnorm(tiny)
+    imgs = _images()
+    plan = search_pq(folded, PqSettings(blocks="large", em_iters=2, finetune_steps=0, selection=LayerSelection(keep=())),
+                     imgs)
+    # conv1 has 27 weights per filter: the large preset (18) does not divide it, so it falls back to 9
+    assert {lp.name: lp.codebook.block_size for lp in plan.layers} == {"conv1": 9, "dw": 9, "pw": 8, "fc": 8}
+    plan = search_pq(folded, PqSettings(block_size="1x1=2,linear=16", em_iters=2, finetune_steps=0,
+                                        selection=LayerSelection(keep=("first",))), imgs)
+    assert plan.layer("conv1").uniform is not None and plan.layer("conv1").codebook is None
+    assert plan.layer("pw").codebook.block_size == 2 and plan.layer("fc").codebook.block_size == 16
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"codewords": 257}, "codewords must be an integer from 1 to 256"),
+    ({"codewords": 0}, "codewords"),
+    ({"blocks": "medium"}, "blocks must be one of small, large"),
+    ({"block_size": "1x1=0"}, "block_size for 1x1 must be a positive integer"),
+    ({"block_size": "conv=4"}, "block_size kind"),
+    ({"block_size": "1x1"}, "KIND=SIZE"),
+    ({"em_iters": 0}, "em_iters"),
+    ({"finetune_lr": -1.0}, "finetune_lr"),
+])
+def test_bad_settings_are_rejected(kw, match):
+    with pytest.raises(SettingsError, match=match):
+        PqSettings(**kw)
+
+
+def test_block_size_not_dividing_a_layer_is_rejected_before_any_work(tiny):
+    folded = fold_batchnorm(tiny)
+    with pytest.raises(SettingsError, match=r"block size 3 for 1x1 layers does not divide layer pw \(8 weights"):
+        search_pq(folded, PqSettings(block_size="1x1=3"), _images())
+    assert parse_block_size({"3x3": 18, "linear": 8}) == (("3x3", 18), ("linear", 8))
+
+
+def _cli(digits, out, *extra):
+    args = ["quantize", "--model", digits.arch, "--weights", digits.weights, "--calib", digits.calib_dir,
+            "--val", digits.val_dir, "--input-size", 8, "--mean", ",".join(map(str, digits.mean)),
+            "--std", ",".join(map(str, digits.std)), "--method", "pq", "--out", out, "--latency-runs", 2, "-q", *extra]
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("extra,match", [
+    (("--codewords", 300), "error: codewords must be an integer from 1 to 256 (codes are stored in one byte"),
+    (("--block-size", "3x3=7"), "error: block size 7 for 3x3 layers does not divide layer"),
+    (("--blocks", "large", "--bits", 4, "--clip", "mse"), "error: --clip does not apply to --method pq"),
+])
+def test_cli_rejects_bad_pq_options(digits, tmp_path, extra, match):
+    res = _cli(digits, tmp_path / "m.onnx", *extra)
+    assert res.exit_code == 2, res.output
+    assert match in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_pq_end_to_end(digits, tmp_path):
+    res = _cli(digits, tmp_path / "m.onnx", "--keep", "first", "--codewords", 64, "--em-iters", 5,
+               "--finetune-steps", 10, "--calib-size", 128, "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["method"] == "pq" and r["settings"]["codewords"] == 64 and r["settings"]["seed"] == 0
+    assert r["parity"]["top1_agreement"] >= 99.5 and r["parity"]["max_abs_error"] < 1e-3
+    assert r["top1"]["quantized_onnxruntime"] > r["top1"]["float"] - 15
+    pq = r["pq"]
+    assert pq["layers_pq"] == len(pq["layers"]) >= 2 and pq["layers_uniform"] == 1
+    assert all(layer["codewords"] <= 64 and layer["activation_weighted_error"] >= 0 for layer in pq["layers"])
+    assert r["onnx_bytes"] == (tmp_path / "m.onnx").stat().st_size

@@ -1,0 +1,203 @@
+"""Product-quantization figures for the README (issue 4).
+
+    python tools/measure_pq.py --model efficientnet_lite0 [--blocks small large] [--finetune-steps 100] [--out pq.json]
+    python tools/measure_pq.py --model resnet18 [--blocks small large]
+
+EfficientNet-Lite0: per block preset, search (progressive EM + distillation) -> ONNX with the
+codebook-decoding subgraph -> ONNX Runtime top-1 on dev-val, file size and ratio to the float ONNX
+file, size breakdown (codes, codebooks, biases, the rest), time to compress, batch-1 latency
+(interleaved with float), parity with the PyTorch reference, and whether ORT constant-folds the
+decoding subgraph at load (Gather nodes left in the optimized graph).
+
+ResNet-18 (../shared) is already product-quantized at small blocks (256 codewords per layer,
+before BatchNorm): the un-folded model (BatchNorm kept) is searched with finetuning off and must
+be reconstructed almost exactly (max/mean relative weight error, distinct sub-vectors per layer);
+then the usual BN-folded pipeline at small and large blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from cora_onnx.data import Preprocess, load_class_map, load_images
+from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes, quantizable_layers
+from cora_onnx.models import build_model, default_normalization
+from cora_onnx.pipeline import apply_plan
+from cora_onnx.search import LayerSelection, PqSettings, search_pq
+from cora_onnx.search.options import parse_keep
+from cora_onnx.verify import measure_latency, parity, predict_onnx, predict_torch, session, top1
+
+
+def file_breakdown(blob: bytes) -> dict:
+    """Bytes of the file by role: PQ codes, codebooks (codewords + channel scales), biases, the rest."""
+    proto = onnx.load_from_string(blob)
+    out = {"total": len(blob), "codes": 0, "codebooks": 0, "biases": 0, "uniform_weights": 0, "float_weights": 0}
+    for t in proto.graph.initializer:
+        n = len(t.raw_data) if t.raw_data else t.ByteSize()
+        if t.name.endswith("_codes"):
+            out["codes"] += n
+        elif t.name.endswith(("_codewords", "_codescale")):
+            out["codebooks"] += n
+        elif t.name.endswith((".bias", ".bias_corrected")):
+            out["biases"] += n
+        elif t.name.endswith(("_quantized", "_scale", "_zero_point")):
+            out["uniform_weights"] += n
+        elif len(t.dims) >= 2:
+            out["float_weights"] += n
+    out["rest"] = out["total"] - sum(v for k, v in out.items() if k != "total")
+    return out
+
+
+def ort_folds_decode(blob: bytes) -> dict:
+    """Does ORT's optimizer (ORT_ENABLE_ALL) constant-fold the decoding subgraph at load?"""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "opt.onnx")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = path
+        so.log_severity_level = 3
+        t0 = time.perf_counter()
+        ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+        load_s = time.perf_counter() - t0
+        opt = onnx.load(path, load_external_data=False)
+    before = [n.op_type for n in onnx.load_from_string(blob).graph.node]
+    after = [n.op_type for n in opt.graph.node]
+    return {"gather_before": before.count("Gather"), "gather_after_optimization": after.count("Gather"),
+            "session_load_s": load_s}
+
+
+def evaluate(name: str, folded, plan, float_bytes, fsess, val, latency_runs: int, export_model=None) -> dict:
+    base = export_model if export_model is not None else folded
+    qbytes = onnx_bytes(apply_plan(export_onnx(base, 224), plan))
+    qsess = session(qbytes)
+    q_ort = predict_onnx(qsess, val)
+    q_torch = predict_torch(apply_plan_torch(base, plan), val)
+    lat = measure_latency({"float": fsess, "pq": qsess}, (3, 224, 224), runs=latency_runs) if latency_runs else None
+    row = {"name": name, "top1_ort": top1(q_ort, val.labels), "top1_torch": top1(q_torch, val.labels),
+           "onnx_bytes": len(qbytes), "ratio": len(float_bytes) / len(qbytes), **parity(q_ort, q_torch),
+           "breakdown": file_breakdown(qbytes), "ort_decode": ort_folds_decode(qbytes)}
+    if lat:
+        row["latency_float_ms"] = lat["float"]["batch_1"]["median_ms"]
+        row["latency_pq_ms"] = lat["pq"]["batch_1"]["median_ms"]
+    return row
+
+
+def resnet_reconstruction(model, settings: PqSettings, calib) -> dict:
+    """Search the un-folded ResNet-18 (its conv weights are the published PQ ones) and compare."""
+    plan = search_pq(model, settings, calib)
+    layers = quantizable_layers(model)
+    per = []
+    for lp in plan.layers:
+        if lp.codebook is None:
+            continue
+        w = layers[lp.name].weight.detach().numpy()
+        w_hat = lp.codebook.decode(lp.shape)
+        sub = w.reshape(w.shape[0], -1, lp.codebook.block_size).reshape(-1, lp.codebook.block_size)
+        per.append({"name": lp.name, "block_size": lp.codebook.block_size,
+                    "distinct_subvectors": int(np.unique(sub, axis=0).shape[0]),
+                    "codewords": int(lp.codebook.codewords.shape[0]),
+                    "relative_error": float(np.linalg.norm(w_hat - w) / np.linalg.norm(w)),
+                    "max_abs_error_over_max_abs": float(np.abs(w_hat - w).max() / np.abs(w).max())})
+    return {"plan": plan, "layers": per}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
+    ap.add_argument("--model", default="efficientnet_lite0", choices=["resnet18", "efficientnet_lite0"])
+    ap.add_argument("--blocks", nargs="*", default=["small", "large"], choices=["small", "large"],
+                    help="block presets to run (none: ResNet-18 reconstruction check only)")
+    ap.add_argument("--codewords", type=int, default=256)
+    ap.add_argument("--em-iters", type=int, default=20)
+    ap.add_argument("--finetune-steps", type=int, default=100)
+    ap.add_argument("--finetune-lr", type=float, default=1e-4)
+    ap.add_argument("--calib-size", type=int, default=256)
+    ap.add_argument("--keep", default="first", help="layers kept at 8-bit uniform: first,last,depthwise or none")
+    ap.add_argument("--latency-runs", type=int, default=20)
+    ap.add_argument("--torch-threads", type=int, default=2)
+    ap.add_argument("--skip-reconstruction", action="store_true", help="ResNet-18: skip the un-folded check")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("cora_onnx.search.pq").setLevel(logging.INFO)
+    torch.set_num_threads(args.torch_threads)
+    shared = Path(args.shared)
+    if args.model == "resnet18":
+        weights = shared / "models/resnet18-imagenet.pt"
+    else:
+        from cora_onnx.archs.efficientnet_lite import efficientnet_lite0_weights_path
+
+        weights = efficientnet_lite0_weights_path()
+    model = build_model(args.model, weights).eval()
+    pre = Preprocess(224, 1.0, *default_normalization(args.model))
+    val = load_images(shared / "data/imagenette/dev-val", pre, labelled=True,
+                      class_map=load_class_map(shared / "data/imagenette/class_map.json"), num_classes=1000)
+    calib = load_images(shared / "data/imagenette/calib", pre)
+    folded = fold_batchnorm(model)
+    float_bytes = onnx_bytes(export_onnx(folded, 224))
+    result: dict = {"model": args.model, "args": vars(args), "float": {"onnx_bytes": len(float_bytes)}, "rows": []}
+    if args.blocks:
+        fsess = session(float_bytes)
+        result["float"]["top1_ort"] = top1(predict_onnx(fsess, val), val.labels)
+        print(f"{args.model} float: ORT top-1 {result['float']['top1_ort']:.2f}%  {len(float_bytes) / 1e6:.2f} MB",
+              flush=True)
+    selection = LayerSelection(keep=parse_keep(args.keep))
+
+    if args.model == "resnet18" and not args.skip_reconstruction:
+        st = PqSettings(blocks="small", codewords=args.codewords, em_iters=args.em_iters, finetune_steps=0,
+                        calib_size=args.calib_size, bias_correction=False, channel_scale=False, error_feedback=False,
+                        selection=LayerSelection(keep=()))
+        t0 = time.perf_counter()
+        rec = resnet_reconstruction(model, st, calib)
+        secs = time.perf_counter() - t0
+        errs = np.array([r["relative_error"] for r in rec["layers"]])
+        q_torch = predict_torch(apply_plan_torch(model, rec["plan"]), val)
+        f_torch = predict_torch(model, val)
+        result["reconstruction"] = {"layers": rec["layers"], "max_relative_error": float(errs.max()),
+                                    "mean_relative_error": float(errs.mean()), "top1_torch": top1(q_torch, val.labels),
+                                    "float_top1_torch": top1(f_torch, val.labels), "seconds": secs}
+        print(f"ResNet-18 un-folded, small blocks, no fine-tuning: relative weight error max {errs.max():.2e} "
+              f"mean {errs.mean():.2e} over {len(errs)} layers; top-1 (PyTorch) {top1(q_torch, val.labels):.2f}% "
+              f"vs float {top1(f_torch, val.labels):.2f}% ({secs:.0f} s)", flush=True)
+        for r in rec["layers"]:
+            print(f"  {r['name']:<24} d={r['block_size']:<3} distinct {r['distinct_subvectors']:>6}  k={r['codewords']:<4}"
+                  f" rel.err {r['relative_error']:.2e}", flush=True)
+
+    for blocks in args.blocks:
+        st = PqSettings(blocks=blocks, codewords=args.codewords, em_iters=args.em_iters,
+                        finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, calib_size=args.calib_size,
+                        selection=selection)
+        t0 = time.perf_counter()
+        plan = search_pq(folded, st, calib)
+        secs = time.perf_counter() - t0
+        row = {"blocks": blocks, "compress_s": secs, **evaluate(blocks, folded, plan, float_bytes, fsess, val,
+                                                               args.latency_runs)}
+        row["finetune"] = dict(plan.meta.get("pq_finetune", {}))
+        result["rows"].append(row)
+        b = row["breakdown"]
+        print(f"{blocks}: ORT top-1 {row['top1_ort']:.2f}% (torch {row['top1_torch']:.2f}%, agree "
+              f"{row['top1_agreement']:.1f}%, max|dlogit| {row['max_abs_error']:.1e})  {row['onnx_bytes'] / 1e6:.3f} MB "
+              f"({row['ratio']:.1f}x)  compress {secs:.0f} s  latency {row.get('latency_float_ms', 0):.1f} -> "
+              f"{row.get('latency_pq_ms', 0):.1f} ms  | codes {b['codes'] / 1e3:.0f} kB, codebooks "
+              f"{b['codebooks'] / 1e3:.0f} kB, biases {b['biases'] / 1e3:.0f} kB, uniform {b['uniform_weights'] / 1e3:.0f}"
+              f" kB, rest {b['rest'] / 1e3:.0f} kB | ORT Gather nodes {row['ort_decode']['gather_before']} -> "
+              f"{row['ort_decode']['gather_after_optimization']} after load", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

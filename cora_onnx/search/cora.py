@@ -142,7 +142,7 @@ CORA_OPTIONS = (
               "reference (per-tensor std-clipped grid, plain residual SVD, no correction, no fine-tuning) [default]."),
     CliOption("--budget", "budget", float, "Adapter parameters as a fraction of the weight parameters [0.05]."),
     CliOption("--iters", "iters", int, "Optimization steps in all: rank search + adapter fine-tuning [default preset 100, reference 250]."),
-    CliOption("--finetune-iters", "finetune_iters", int, "Steps of --iters spent fine-tuning adapters [default 100, reference 0]."),
+    CliOption("--finetune-iters", "finetune_iters", int, "Steps of --iters spent fine-tuning adapters [default 40, reference 0]."),
     CliOption("--calib-size", "calib_size", int, "Calibration images used [1600]."),
     CliOption("--search-batch", "batch_size", int, "Images per optimization step [16]."),
     CliOption("--order", "order", int, "Butterworth filter order [4]."),

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
-import tempfile
 from typing import Mapping
 
 import onnx
@@ -60,17 +58,9 @@ def choose_scheme(flags: Mapping | None = None, act_dtype: str | None = None,
 def integer_kernels(model_bytes: bytes) -> dict:
     """Optimize the model as an ONNX Runtime CPU session does (level ALL) and count what runs:
     integer kernels (INTEGER_OPS), float Conv/Gemm/MatMul kernels, every op type."""
-    import onnxruntime as ort
+    from .verify import optimized_graph
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "optimized.onnx")
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.optimized_model_filepath = path
-        so.log_severity_level = 3
-        so.intra_op_num_threads = 1
-        ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
-        proto = onnx.load(path)
+    proto = optimized_graph(model_bytes)
     ops = collections.Counter(n.op_type for n in proto.graph.node)
     return {"integer": sum(ops[o] for o in INTEGER_OPS), "float_compute": sum(ops[o] for o in FLOAT_COMPUTE_OPS),
             "ops": dict(sorted(ops.items()))}

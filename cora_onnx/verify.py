@@ -18,7 +18,7 @@ from .io import check_input_file
 from .progress import progress
 
 __all__ = ["session", "predict_onnx", "predict_torch", "top1", "parity", "measure_latency", "size_breakdown",
-           "load_onnx_bytes", "cpu_threads"]
+           "load_onnx_bytes", "cpu_threads", "optimized_graph"]
 
 
 def cpu_threads() -> int:
@@ -143,3 +143,22 @@ def size_breakdown(model: bytes | str | Path) -> dict:
             out["other"] += n
     out["graph"] = out["total"] - sum(v for k, v in out.items() if k != "total")
     return out
+
+
+def optimized_graph(model_bytes: bytes):
+    """The graph ONNX Runtime's CPU session runs after its optimizer (level ALL), as an onnx.ModelProto."""
+    import os
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = path
+        so.log_severity_level = 3
+        so.intra_op_num_threads = 1
+        ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+        return onnx.load(path, load_external_data=False)

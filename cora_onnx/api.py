@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import onnx_ir as ir
 import torch
 from torch import nn
 
 from .data import ImageSet, Preprocess, load_class_map, load_images, parse_floats
-from .errors import DataError, ModelError, SettingsError
+from .errors import ModelError, SettingsError
 from .export import apply_plan_torch, export_onnx, export_program, fold_batchnorm, onnx_bytes, quantizable_layers
 from .io import atomic_write, check_output_path
 from .models import IMAGENET_MEAN, IMAGENET_STD, check_finite

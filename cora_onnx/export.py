@@ -4,7 +4,6 @@ reference the ONNX file is checked against), and torch.onnx export to an onnx_ir
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import warnings
 from pathlib import Path

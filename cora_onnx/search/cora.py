@@ -38,7 +38,7 @@ from ..errors import DataError, SettingsError
 from ..export import quantizable_layers
 from ..plan import Bias, LayerPlan, LowRankAdapter, Plan
 from ..quantizers import CLIP_METHODS, QuantSpec, gptq_round, quantize_weight
-from .layers import LayerSelection, is_depthwise, layer_kind, select_layers, uniform_from
+from .layers import LayerSelection, layer_kind, select_layers, uniform_from
 from .options import CliOption
 
 __all__ = ["CoraSettings", "search_cora", "cora_report", "CORA_OPTIONS", "PRESETS", "butterworth"]
@@ -365,7 +365,6 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
     wrapped: dict[str, _Layer] = {}
     grids = {}
     full, per_rank, weight_frac = {}, {}, {}
-    init_c = {}
     for name, b in bits.items():
         mod = layers[name]
         w = mod.weight.detach()
@@ -395,18 +394,16 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
     if adapted:
         start = min(1.0, settings.budget / max(sum(weight_frac.values()), 1e-12))
         for n in adapted:
-            init_c[n] = max(start, 1.0 / full[n])
-            wrapped[n].c.data.fill_(init_c[n])
+            wrapped[n].c.data.fill_(max(start, 1.0 / full[n]))
     for name, w in wrapped.items():
         _set_module(student, name, w)
     student.eval()
 
     gen = torch.Generator().manual_seed(settings.seed)
-    images = calib
 
     def batch():
-        idx = torch.randint(len(images), (settings.batch_size,), generator=gen)
-        return images.preprocess.normalize(images.images[idx]), teacher_logits[idx]
+        idx = torch.randint(len(calib), (settings.batch_size,), generator=gen)
+        return calib.preprocess.normalize(calib.images[idx]), teacher_logits[idx]
 
     if settings.stats != "none":
         _correct_statistics(student, wrapped, float_stats, torch.cat(stats_batches), settings.stats)

@@ -7,7 +7,11 @@ prints the markdown tables from that file.
     python tools/measure_cora.py --model resnet18 --bits 4 3 --configs rtn reference default --out cora.jsonl
     python tools/measure_cora.py --model resnet18 --bits 3 --configs ablation --iters 100 --out cora.jsonl
     python tools/measure_cora.py --light --model resnet18 --bits 3 --iters 30 --calib-size 400 --val-size 500 --out cora.jsonl
+    python tools/measure_cora.py --light --holdout --model resnet18 --bits 3 --iters 30 --calib-size 400 --out cora.jsonl
     python tools/measure_cora.py --table cora.jsonl
+
+--holdout (tools/holdout.py): calibrate on the calib images of five classes and score on the dev-val
+images of the other five, float on the same images, to see gains that are class-prior effects.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+
+from holdout import holdout_dirs
 
 ABLATION = [  # cumulative: each row adds one change to the row above
     ("reference", {"preset": "reference"}),
@@ -46,6 +52,10 @@ def run(args) -> None:
 
         weights = efficientnet_lite0_weights_path()
     mean, std = default_normalization(args.model)
+    data = shared / "data/imagenette"
+    holdout_tmp = tempfile.TemporaryDirectory() if args.holdout else None
+    calib_dir, val_dir, split = holdout_dirs(data, Path(holdout_tmp.name)) if args.holdout else \
+        (data / "calib", data / "dev-val", None)
     rows = []
     for cfg in args.configs:
         if cfg == "ablation":
@@ -65,8 +75,7 @@ def run(args) -> None:
             model = build_model(args.model, weights)
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
-                res = quantize(model, calib=shared / "data/imagenette/calib", val=shared / "data/imagenette/dev-val",
-                               class_map=shared / "data/imagenette/class_map.json", bits=bits, method=method,
+                res = quantize(model, calib=calib_dir, val=val_dir, class_map=data / "class_map.json", bits=bits, method=method,
                                out=Path(tmp) / "m.onnx", mean=mean, std=std, model_name=args.model,
                                latency_runs=args.latency_runs, **kw)
                 wall = time.perf_counter() - t0
@@ -75,7 +84,8 @@ def run(args) -> None:
                    "parity": r["parity"], "onnx_bytes": r["onnx_bytes"], "float_onnx_bytes": r["float_onnx_bytes"],
                    "effective_bits": r["effective_bits"], "search_seconds": r["search_seconds"], "wall_seconds": wall,
                    "latency_ms": r["latency_ms"], "cora": {k: v for k, v in r.get("cora", {}).items() if k != "loss_history"},
-                   "environment": r["environment"], "torch_threads": args.torch_threads}
+                   "environment": r["environment"], "torch_threads": args.torch_threads,
+                   **({"holdout": split} if split else {})}
             print(json.dumps({k: rec[k] for k in ("config", "bits", "top1", "effective_bits", "search_seconds")}), flush=True)
             if args.out:
                 with open(args.out, "a") as f:
@@ -100,14 +110,18 @@ def run_light(args) -> None:
 
         model = build_model(args.model, efficientnet_lite0_weights_path())
     pre = Preprocess(224, 1.0, *default_normalization(args.model))
-    calib = load_images(shared / "data/imagenette/calib", pre)
-    val = load_images(shared / "data/imagenette/dev-val", pre, labelled=True,
-                      class_map=load_class_map(shared / "data/imagenette/class_map.json"),
-                      num_classes=1000).subset(args.val_size, 0)
+    data = shared / "data/imagenette"
+    with tempfile.TemporaryDirectory() as tmp:
+        calib_dir, val_dir, split = holdout_dirs(data, Path(tmp)) if args.holdout else \
+            (data / "calib", data / "dev-val", None)
+        calib = load_images(calib_dir, pre)
+        val = load_images(val_dir, pre, labelled=True, class_map=load_class_map(data / "class_map.json"),
+                          num_classes=1000).subset(args.val_size, 0)
     folded = fold_batchnorm(model)
     float_top1 = top1(predict_torch(folded, val), val.labels)
+    rows = [ABLATION[i] for i in args.ablation_rows] if args.ablation_rows else ABLATION
     for bits in args.bits:
-        for name, kw in ABLATION:
+        for name, kw in rows:
             kw = dict(kw, calib_size=args.calib_size)
             if args.iters is not None:
                 kw["iters"] = args.iters
@@ -120,7 +134,7 @@ def run_light(args) -> None:
                    "top1_torch": acc, "float_top1_torch": float_top1, "val_images": len(val),
                    "calib_images": min(args.calib_size, len(calib)), "search_seconds": secs, "cora": c,
                    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-                   "torch_threads": args.torch_threads}
+                   "torch_threads": args.torch_threads, **({"holdout": split} if split else {})}
             print(json.dumps({k: rec[k] for k in ("config", "bits", "top1_torch", "search_seconds")}), flush=True)
             if args.out:
                 with open(args.out, "a") as f:
@@ -136,7 +150,8 @@ def table(path: str) -> None:
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in light:
             c = r["cora"]
-            print(f"| {r['model']} | {r['config'][len('ablation: '):]} | W{r['bits']} | {r['top1_torch']:.1f}% | "
+            held = " (held-out classes)" if r.get("holdout") else ""
+            print(f"| {r['model']} | {r['config'][len('ablation: '):]}{held} | W{r['bits']} | {r['top1_torch']:.1f}% | "
                   f"{r['float_top1_torch']:.1f}% | {c['iterations']} | {100 * c['adapter_fraction']:.2f}% | "
                   f"{r['search_seconds']:.0f} |")
         print()
@@ -147,7 +162,8 @@ def table(path: str) -> None:
     for r in recs:
         c = r.get("cora") or {}
         lat = r["latency_ms"]
-        print(fmt.format(model=r["model"], config=r["config"], bits=r["bits"], t1=r["top1"]["quantized_onnxruntime"],
+        print(fmt.format(model=r["model"], config=r["config"] + (" (held-out classes)" if r.get("holdout") else ""),
+                         bits=r["bits"], t1=r["top1"]["quantized_onnxruntime"],
                          fl=r["top1"]["float"], agree=r["parity"]["top1_agreement"], mb=r["onnx_bytes"] / 1e6,
                          eb=r["effective_bits"], it=c.get("iterations", "-"),
                          ad=f"{100 * c['adapter_fraction']:.2f}%" if c else "-",
@@ -172,6 +188,10 @@ def main() -> None:
     ap.add_argument("--light", action="store_true", help="ablation rows only, PyTorch top-1, no export/latency")
     ap.add_argument("--calib-size", type=int, default=1600, help="(--light) calibration images")
     ap.add_argument("--val-size", type=int, default=1000, help="(--light) validation images")
+    ap.add_argument("--ablation-rows", type=int, nargs="+", default=None,
+                    help=f"(--light) indices of the ablation rows to run, 0-{len(ABLATION) - 1} [all]")
+    ap.add_argument("--holdout", action="store_true", help="calibrate on five classes, score on the other five "
+                    "(tools/holdout.py)")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--table", default=None, help="print the markdown table from this JSON-lines file and exit")
     args = ap.parse_args()

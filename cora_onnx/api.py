@@ -23,7 +23,8 @@ from .pipeline import apply_plan
 from .plan import Plan
 from .report import environment, write_report
 from .search import METHODS
-from .verify import cpu_threads, measure_latency, parity, predict_onnx, predict_torch, session, size_breakdown, top1
+from .verify import (cpu_threads, fidelity, measure_latency, parity, predict_onnx, predict_torch, session, size_breakdown,
+                     top1)
 
 __all__ = ["QuantizeResult", "quantize", "make_settings", "export_plan", "effective_bits"]
 
@@ -70,7 +71,7 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
              report: str | Path | None = None, plan_out: str | Path | None = None,
              float_out: str | Path | None = None, model_name: str | None = None, batch_size: int = 32,
              parity_images: int = 1000, latency_runs: int = 30, latency_batch: int | None = None,
-             threads: int | None = None, seed: int = 0, act_bits: int | None = None, act_calib: str = "mse",
+             threads: int | None = None, seed: int = 0, act_bits: int | None = None, act_calib: str = "minmax",
              out_format: str = "onnx", **method_options) -> QuantizeResult:
     """Quantize `model` with `method`, export to ONNX at `out`, verify in ONNX Runtime.
 
@@ -237,6 +238,7 @@ def _verify(model, qmodel, float_bytes: bytes, quant_bytes: bytes, val_set: Imag
             extra: dict | None = None) -> dict:
     qsess = session(quant_bytes, threads=threads)
     t1 = {"float": None, "quantized_torch": None, "quantized_onnxruntime": None}
+    fid = None
     if val_set is not None:
         ort_logits = predict_onnx(qsess, val_set, batch_size, "ONNX Runtime, quantized")
         q_logits = predict_torch(qmodel, val_set, batch_size, "PyTorch, quantized")
@@ -244,6 +246,7 @@ def _verify(model, qmodel, float_bytes: bytes, quant_bytes: bytes, val_set: Imag
         t1 = {"float": top1(f_logits, val_set.labels), "quantized_torch": top1(q_logits, val_set.labels),
               "quantized_onnxruntime": top1(ort_logits, val_set.labels)}
         par = parity(ort_logits, q_logits)
+        fid = fidelity(ort_logits, f_logits)
     else:
         pset = calib_set.subset(parity_images, seed)
         par = parity(predict_onnx(qsess, pset, batch_size, "ONNX Runtime, quantized"),
@@ -258,6 +261,7 @@ def _verify(model, qmodel, float_bytes: bytes, quant_bytes: bytes, val_set: Imag
     lat = measure_latency(models, shape, batch_sizes=batches, runs=latency_runs, threads=threads, seed=seed)
     return {
         "top1": t1, "parity": par,
+        **({"fidelity_to_float": fid} if fid is not None else {}),
         "latency_ms": {k: lat[k]["batch_1"]["median_ms"] if k in lat else None
                        for k in ("float", "quantized", "quantized_folded", *(extra or {}))},
         "latency": lat,

@@ -25,11 +25,13 @@ import onnx
 from .errors import DataError, SettingsError
 from .progress import progress
 
-__all__ = ["CALIB_METHODS", "CalibSettings", "RangeHistogram", "collect_histograms", "compute_ranges", "calibrate"]
+__all__ = ["CALIB_METHODS", "DEFAULT_CALIB", "CalibSettings", "RangeHistogram", "collect_histograms", "compute_ranges", "calibrate"]
 
 log = logging.getLogger(__name__)
 
 CALIB_METHODS = ("minmax", "percentile", "mse")
+# measured best on both real models (tools/bench_int8.py, README "Integer inference")
+DEFAULT_CALIB = "minmax"
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class CalibSettings:
     resolution (kept between bins and 2*bins); levels: quantization levels the "mse" search
     assumes (256 for 8 bits); batch_size: images per ONNX Runtime call."""
 
-    method: str = "mse"
+    method: str = DEFAULT_CALIB
     percentile: float = 99.99
     bins: int = 2048
     levels: int = 256

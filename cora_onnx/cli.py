@@ -45,13 +45,13 @@ def _common_logging(fn):
 
 
 def _int8_options(fn):
-    from .calibrate import CALIB_METHODS
+    from .calibrate import CALIB_METHODS, DEFAULT_CALIB
 
     for opt in reversed([
         click.option("--act-bits", type=click.Choice(["8"]), default=None,
                      help="Integer activations (static, calibrated): quantized Conv/Gemm/Add run as ONNX Runtime integer "
                           "kernels; weights use the width this CPU's kernels take (7 bits on AVX2 without VNNI)."),
-        click.option("--act-calib", type=click.Choice(list(CALIB_METHODS)), default="mse", show_default=True,
+        click.option("--act-calib", type=click.Choice(list(CALIB_METHODS)), default=DEFAULT_CALIB, show_default=True,
                      help="Activation ranges: min/max, 99.99th percentile, or the histogram range of least 8-bit error."),
         click.option("--format", "out_format", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
                      help="Output format: ONNX, or ONNX Runtime's ORT format (mobile/minimal builds; operator report "

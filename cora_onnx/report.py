@@ -69,6 +69,10 @@ def format_table(r: dict) -> str:
     lines += [f"  {a:<{w}}  {b:>12}  {c}" for a, b, c in rows]
     lines.append(f"  parity ONNX Runtime vs PyTorch quantized: max |logit diff| {par['max_abs_error']:.3g}, "
                  f"top-1 agreement {par['top1_agreement']:.2f}% on {par['images']} images")
+    fid = r.get("fidelity_to_float")
+    if fid:
+        lines.append(f"  fidelity to float (ONNX Runtime quantized vs PyTorch float): top-1 agreement "
+                     f"{fid['top1_agreement']:.2f}%, mean KL {fid['kl_divergence']:.4f} nats on {fid['images']} images")
     lines.append(f"  search {r['search_seconds']:.1f} s; {r['weight_params']:,} weight parameters")
     act = r.get("activations")
     if act:

@@ -91,6 +91,22 @@ def parity(a: np.ndarray, b: np.ndarray) -> dict:
             "images": int(a.shape[0])}
 
 
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64) - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def fidelity(logits: np.ndarray, reference: np.ndarray) -> dict:
+    """How closely a compressed model follows its float reference on the same images: top-1
+    agreement (percent) and the mean KL divergence KL(reference || model) of the softmax outputs
+    (nats). Unlike top-1 accuracy on a small labelled set, neither needs labels and neither moves
+    by whole images, so small differences between methods show."""
+    ref, own = _log_softmax(reference), _log_softmax(logits)
+    return {"top1_agreement": float((logits.argmax(1) == reference.argmax(1)).mean() * 100.0),
+            "kl_divergence": float((np.exp(ref) * (ref - own)).sum(axis=1).mean()),
+            "images": int(logits.shape[0])}
+
+
 def measure_latency(models: Mapping[str, object], input_shape: Sequence[int], *, batch_sizes: Sequence[int] = (1,),
                     warmup: int = 5, runs: int = 30, threads: int | None = None, seed: int = 0) -> dict:
     """Latency of several models in one interleaved run (round robin, so drift hits all alike).

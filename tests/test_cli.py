@@ -34,7 +34,9 @@ def test_quantize_report(digits_run):
     assert r["onnx_bytes"] == (out / "m.onnx").stat().st_size < r["float_onnx_bytes"]
     assert r["top1"]["float"] > 95 and r["top1"]["quantized_onnxruntime"] > 90
     assert r["parity"]["top1_agreement"] >= 99.5
-    assert "top-1, ONNX Runtime" in res.output
+    fid = r["fidelity_to_float"]  # W4 on the digits net: close to float, not identical
+    assert 90 <= fid["top1_agreement"] <= 100 and 0 < fid["kl_divergence"] < 0.5 and fid["images"] == 450
+    assert "top-1, ONNX Runtime" in res.output and "fidelity to float" in res.output
 
 
 def test_eval_inspect_export_bench(digits_run):

@@ -2,10 +2,14 @@
 ../shared, calibrated on the 1,600 calibration images, scored on dev-val (1,000 images).
 
 Rows: float | onnxruntime.quantization.quantize_static (QDQ, u8 activations, per-channel s8
-weights, reduce_range, MinMax, same calibration images) | cora-onnx W8A8 (weights at the CPU's
-integer-kernel width with per-channel minmax or MSE ranges; activation ranges by minmax /
-percentile / mse, all from ONE calibration pass per weight grid).
-Top-1 in ONNX Runtime; batch-1 (and batch-8) latency of all rows in one interleaved run.
+weights, reduce_range, MinMax, same calibration images) | cora-onnx W8A8: weights at the CPU's
+integer-kernel width (7 bits on AVX2 without VNNI), either rounded to nearest on a per-channel grid
+(`--weights rtn`, `--weight-clips`) or by CoRa's default preset without adapters (`--weights cora`:
+GPTQ rounding, statistics correction, bias fine-tuning); activation ranges by minmax / percentile /
+mse (`--calib-methods`), all from ONE calibration pass per weight grid.
+Top-1 in ONNX Runtime, and how closely each row follows the float model on the same images (top-1
+agreement and mean KL divergence, cora_onnx.verify.fidelity: far less noisy than top-1 on 1,000
+images); batch-1 (and batch-8) latency of all rows in one interleaved run.
 
     python tools/bench_int8.py [--models resnet18 efficientnet_lite0] [--calib-images 1600]
         [--runs 50] [--out results/int8.json] [--plot results/int8.png]
@@ -23,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def ort_quantize_static(float_bytes: bytes, calib, batch_size: int = 16) -> bytes:
@@ -64,8 +67,9 @@ def run_model(name: str, shared: Path, args) -> list[dict]:
     from cora_onnx.models import build_model, default_normalization
     from cora_onnx.pipeline import apply_plan, cleanup_passes
     from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
+    from cora_onnx.search.cora import CoraSettings, search_cora
     from cora_onnx.simulate import ActivationQuantSim
-    from cora_onnx.verify import measure_latency, parity, predict_onnx, predict_torch, session, top1
+    from cora_onnx.verify import fidelity, measure_latency, parity, predict_onnx, predict_torch, session, top1
     from passes import ActivationQDQPass, activation_layout, activation_qparams
 
     torch.set_num_threads(args.threads)
@@ -93,39 +97,49 @@ def run_model(name: str, shared: Path, args) -> list[dict]:
 
     scheme = choose_scheme()
     sims = {}
-    for clip in args.weight_clips:
-        t0 = time.perf_counter()
-        plan = search_rtn(folded, RtnSettings(bits=scheme.weight_bits, clip=clip,
-                                              selection=LayerSelection(keep_bits=scheme.weight_bits)))
-        wq = apply_plan(export_program(folded, 224).model, plan)
-        layout = activation_layout(wq)
-        settings = CalibSettings()
-        n = (len(calib) + settings.batch_size - 1) // settings.batch_size
-        # one calibration pass; every range method reads the same histograms
-        hists = collect_histograms(onnx_bytes(wq), layout.calibrate,
-                                   (b.numpy() for b in calib.batches(settings.batch_size)), n, settings.bins, args.threads)
-        calib_s = time.perf_counter() - t0
-        qmodel = apply_plan_torch(folded, plan)
-        for method in args.calib_methods:
-            m = ir.serde.deserialize_model(ir.to_proto(wq))
-            ranges = compute_ranges(hists, CalibSettings(method=method))
-            ActivationQDQPass(ranges, scheme)(m)
-            ir.passes.PassManager(cleanup_passes())(m)
-            key = f"cora_w{scheme.weight_bits}{clip}_a8{method}"
-            blobs[key] = onnx_bytes(m)
-            rows[key] = {"method": f"cora-onnx W{scheme.weight_bits}A8: weights per-channel {clip}, activations {method}",
-                         "seconds": calib_s, "scheme": scheme.to_json()}
-            sims[key] = ActivationQuantSim(program, qmodel, activation_qparams(ranges, scheme, layout), scheme.act_range)
+    for weights in args.weights:
+        for clip in (args.weight_clips if weights == "rtn" else ["mse"]):
+            t0 = time.perf_counter()
+            keep = LayerSelection(keep_bits=scheme.weight_bits)
+            if weights == "rtn":
+                plan = search_rtn(folded, RtnSettings(bits=scheme.weight_bits, clip=clip, selection=keep))
+                what = f"RTN per-channel {clip}"
+            else:  # CoRa's default preset without adapters: GPTQ rounding, statistics correction, bias tuning
+                plan = search_cora(folded, CoraSettings(bits=scheme.weight_bits, budget=0.0, selection=keep), calib)
+                what = "CoRa preset, no adapters (GPTQ, statistics correction, bias fine-tuning)"
+            wq = apply_plan(export_program(folded, 224).model, plan)
+            layout = activation_layout(wq)
+            settings = CalibSettings()
+            n = (len(calib) + settings.batch_size - 1) // settings.batch_size
+            # one calibration pass; every range method reads the same histograms
+            hists = collect_histograms(onnx_bytes(wq), layout.calibrate, (b.numpy() for b in calib.batches(settings.batch_size)),
+                                       n, settings.bins, args.threads)
+            prep_s = time.perf_counter() - t0
+            qmodel = apply_plan_torch(folded, plan)
+            for method in args.calib_methods:
+                m = ir.serde.deserialize_model(ir.to_proto(wq))
+                ranges = compute_ranges(hists, CalibSettings(method=method))
+                ActivationQDQPass(ranges, scheme)(m)
+                ir.passes.PassManager(cleanup_passes())(m)
+                key = f"cora_w{scheme.weight_bits}{weights if weights == 'cora' else clip}_a8{method}"
+                blobs[key] = onnx_bytes(m)
+                rows[key] = {"method": f"cora-onnx W{scheme.weight_bits}A8: weights {what}, activations {method}",
+                             "seconds": prep_s, "scheme": scheme.to_json()}
+                sims[key] = ActivationQuantSim(program, qmodel, activation_qparams(ranges, scheme, layout), scheme.act_range)
 
     sessions = {k: session(b, threads=args.threads) for k, b in blobs.items()}
+    float_logits = None
     for k, s in sessions.items():
         logits = predict_onnx(s, val, 32, f"{name} {k}")
-        rows[k].update(top1=top1(logits, val.labels), bytes=len(blobs[k]), kernels=integer_kernels(blobs[k]))
+        float_logits = logits if float_logits is None else float_logits  # "float" comes first
+        rows[k].update(top1=top1(logits, val.labels), bytes=len(blobs[k]), kernels=integer_kernels(blobs[k]),
+                       fidelity=fidelity(logits, float_logits))
         if k in sims:  # parity with the PyTorch simulation on a subset
             sub = val.subset(args.parity_images, 0)
             par = parity(predict_onnx(s, sub, 32), predict_torch(sims[k], sub, 32, "PyTorch simulation"))
             rows[k]["parity_vs_pytorch_sim"] = par
-        print(f"{name} {k}: top-1 {rows[k]['top1']:.2f}%  {len(blobs[k]) / 1e6:.2f} MB  integer kernels "
+        print(f"{name} {k}: top-1 {rows[k]['top1']:.2f}%  agreement with float {rows[k]['fidelity']['top1_agreement']:.1f}%  "
+              f"KL {rows[k]['fidelity']['kl_divergence']:.4f}  {len(blobs[k]) / 1e6:.2f} MB  integer kernels "
               f"{rows[k]['kernels']['integer']}, float conv/gemm {rows[k]['kernels']['float_compute']}", flush=True)
     lat = measure_latency(sessions, (3, 224, 224), batch_sizes=tuple(args.batches), runs=args.runs, threads=args.threads)
     out = []
@@ -141,12 +155,14 @@ def run_model(name: str, shared: Path, args) -> list[dict]:
 
 
 def table(rows: list[dict], batches) -> str:
-    lines = ["| model | variant | top-1 (dev-val) | size | " + " | ".join(
+    lines = ["| model | variant | top-1 (dev-val) | top-1 agreement with float | KL to float | size | " + " | ".join(
         f"batch-{b} latency (x float)" for b in batches) + " |",
-             "| --- | --- | --- | --- | " + " | ".join("---" for _ in batches) + " |"]
+             "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in batches) + " |"]
     for r in rows:
         lat = " | ".join(f"{r[f'latency_b{b}_ms']:.1f} ms ({r[f'latency_b{b}_vs_float']:.2f}x)" for b in batches)
-        lines.append(f"| {r['model']} | {r['method']} | {r['top1']:.1f}% | {r['bytes'] / 1e6:.2f} MB | {lat} |")
+        fid = r["fidelity"]
+        lines.append(f"| {r['model']} | {r['method']} | {r['top1']:.1f}% | {fid['top1_agreement']:.1f}% | "
+                     f"{fid['kl_divergence']:.4f} | {r['bytes'] / 1e6:.2f} MB | {lat} |")
     return "\n".join(lines)
 
 
@@ -180,8 +196,12 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["resnet18", "efficientnet_lite0"],
                     choices=["resnet18", "efficientnet_lite0"])
     ap.add_argument("--calib-images", type=int, default=1600)
-    ap.add_argument("--calib-methods", nargs="+", default=["minmax", "percentile", "mse"])
-    ap.add_argument("--weight-clips", nargs="+", default=["minmax", "mse"], help="RTN weight range search(es)")
+    ap.add_argument("--calib-methods", nargs="+", default=["minmax"], choices=["minmax", "percentile", "mse"],
+                    help="activation range methods (one calibration pass serves all)")
+    ap.add_argument("--weights", nargs="+", default=["rtn", "cora"], choices=["rtn", "cora"],
+                    help="weight grids: round to nearest, or CoRa's default preset without adapters")
+    ap.add_argument("--weight-clips", nargs="+", default=["minmax"], choices=["minmax", "mse", "std"],
+                    help="RTN weight range search(es)")
     ap.add_argument("--parity-images", type=int, default=100)
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])

@@ -37,7 +37,10 @@ ABLATION = [  # cumulative: each row adds one change to the row above
     ("+ adapter fine-tuning (= default)", {"preset": "default"}),
 ]
 CONFIGS = {"rtn": ("rtn", {}), "reference": ("cora", {"preset": "reference"}), "default": ("cora", {"preset": "default"}),
-           "no-adapters": ("cora", {"preset": "default", "budget": 0.0})}
+           "no-adapters": ("cora", {"preset": "default", "budget": 0.0}),
+           # 8-bit integer activations (issue 5): the report's latency "no branches" is the same
+           # activation-quantized model without its adapter branches
+           "default-a8": ("cora", {"preset": "default", "act_bits": 8, "act_calib": "minmax"})}
 
 
 def run(args) -> None:

@@ -127,6 +127,10 @@ def run_model(name: str, shared: Path, args) -> list[dict]:
                              "seconds": prep_s, "scheme": scheme.to_json()}
                 sims[key] = ActivationQuantSim(program, qmodel, activation_qparams(ranges, scheme, layout), scheme.act_range)
 
+    if args.save_dir:  # keep the models, e.g. to re-time them later with `cora-onnx bench`
+        Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+        for k, b in blobs.items():
+            (Path(args.save_dir) / f"{name}_{k}.onnx").write_bytes(b)
     sessions = {k: session(b, threads=args.threads) for k, b in blobs.items()}
     float_logits = None
     for k, s in sessions.items():
@@ -208,6 +212,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--save-dir", default=None, help="also write every model here as <model>_<row>.onnx")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = []

@@ -84,7 +84,7 @@ def run(args) -> None:
                 wall = time.perf_counter() - t0
             r = res.report
             rec = {"model": args.model, "config": name, "bits": bits, "options": kw, "top1": r["top1"],
-                   "parity": r["parity"], "onnx_bytes": r["onnx_bytes"], "float_onnx_bytes": r["float_onnx_bytes"],
+                   "parity": r["parity"], "fidelity_to_float": r.get("fidelity_to_float"), "onnx_bytes": r["onnx_bytes"], "float_onnx_bytes": r["float_onnx_bytes"],
                    "effective_bits": r["effective_bits"], "search_seconds": r["search_seconds"], "wall_seconds": wall,
                    "latency_ms": r["latency_ms"], "cora": {k: v for k, v in r.get("cora", {}).items() if k != "loss_history"},
                    "environment": r["environment"], "torch_threads": args.torch_threads,
@@ -104,7 +104,7 @@ def run_light(args) -> None:
     from cora_onnx.export import apply_plan_torch, fold_batchnorm
     from cora_onnx.models import build_model, default_normalization
     from cora_onnx.search.cora import CoraSettings, search_cora
-    from cora_onnx.verify import predict_torch, top1
+    from cora_onnx.verify import fidelity, predict_torch, top1
 
     shared = Path(args.shared)
     model = build_model(args.model, shared / "models/resnet18-imagenet.pt") if args.model == "resnet18" else None
@@ -121,7 +121,8 @@ def run_light(args) -> None:
         val = load_images(val_dir, pre, labelled=True, class_map=load_class_map(data / "class_map.json"),
                           num_classes=1000).subset(args.val_size, 0)
     folded = fold_batchnorm(model)
-    float_top1 = top1(predict_torch(folded, val), val.labels)
+    float_logits = predict_torch(folded, val)
+    float_top1 = top1(float_logits, val.labels)
     rows = [ABLATION[i] for i in args.ablation_rows] if args.ablation_rows else ABLATION
     for bits in args.bits:
         for name, kw in rows:
@@ -131,10 +132,12 @@ def run_light(args) -> None:
             t0 = time.perf_counter()
             plan = search_cora(folded, CoraSettings(bits=bits, **kw), calib)
             secs = time.perf_counter() - t0
-            acc = top1(predict_torch(apply_plan_torch(folded, plan), val), val.labels)
+            logits = predict_torch(apply_plan_torch(folded, plan), val)
+            acc = top1(logits, val.labels)
             c = {k: v for k, v in plan.meta["cora"].items() if k not in ("loss_history", "ranks")}
             rec = {"model": args.model, "config": f"ablation: {name}", "bits": bits, "options": kw, "light": True,
                    "top1_torch": acc, "float_top1_torch": float_top1, "val_images": len(val),
+                   "fidelity_to_float": fidelity(logits, float_logits),
                    "calib_images": min(args.calib_size, len(calib)), "search_seconds": secs, "cora": c,
                    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                    "torch_threads": args.torch_threads, **({"holdout": split} if split else {})}
@@ -149,25 +152,30 @@ def table(path: str) -> None:
     light = [r for r in recs if r.get("light")]
     recs = [r for r in recs if not r.get("light")]
     if light:
-        print("| model | ablation row | bits | top-1 PyTorch | float | iterations | adapters (% weights) | search s |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| model | ablation row | bits | top-1 PyTorch | float | agreement with float / KL | iterations | "
+              "adapters (% weights) | search s |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in light:
             c = r["cora"]
             held = " (held-out classes)" if r.get("holdout") else ""
+            fid = r.get("fidelity_to_float")
+            fid = f"{fid['top1_agreement']:.1f}% / {fid['kl_divergence']:.3f}" if fid else "-"
             print(f"| {r['model']} | {r['config'][len('ablation: '):]}{held} | W{r['bits']} | {r['top1_torch']:.1f}% | "
-                  f"{r['float_top1_torch']:.1f}% | {c['iterations']} | {100 * c['adapter_fraction']:.2f}% | "
+                  f"{r['float_top1_torch']:.1f}% | {fid} | {c['iterations']} | {100 * c['adapter_fraction']:.2f}% | "
                   f"{r['search_seconds']:.0f} |")
         print()
-    fmt = "| {model} | {config} | W{bits} | {t1:.1f}% | {fl:.1f}% | {agree:.1f}% | {mb:.2f} MB | {eb:.2f} | {it} | {ad} | {sec} | {lat} |"
-    print("| model | config | bits | top-1 ORT | float | ORT=PyTorch | ONNX file | effective bits | iterations | "
+    fmt = "| {model} | {config} | W{bits} | {t1:.1f}% | {fl:.1f}% | {fid} | {agree:.1f}% | {mb:.2f} MB | {eb:.2f} | {it} | {ad} | {sec} | {lat} |"
+    print("| model | config | bits | top-1 ORT | float | agreement with float / KL | ORT=PyTorch | ONNX file | effective bits | iterations | "
           "adapters (% weights) | search s | latency b1 ms: float / quantized / no branches |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in recs:
         c = r.get("cora") or {}
+        fid = r.get("fidelity_to_float")
         lat = r["latency_ms"]
         print(fmt.format(model=r["model"], config=r["config"] + (" (held-out classes)" if r.get("holdout") else ""),
                          bits=r["bits"], t1=r["top1"]["quantized_onnxruntime"],
-                         fl=r["top1"]["float"], agree=r["parity"]["top1_agreement"], mb=r["onnx_bytes"] / 1e6,
+                         fl=r["top1"]["float"],
+                         fid=f"{fid['top1_agreement']:.1f}% / {fid['kl_divergence']:.3f}" if fid else "-", agree=r["parity"]["top1_agreement"], mb=r["onnx_bytes"] / 1e6,
                          eb=r["effective_bits"], it=c.get("iterations", "-"),
                          ad=f"{100 * c['adapter_fraction']:.2f}%" if c else "-",
                          sec=f"{r['search_seconds']:.0f}",

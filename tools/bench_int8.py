@@ -213,15 +213,19 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--save-dir", default=None, help="also write every model here as <model>_<row>.onnx")
+    ap.add_argument("--table", default=None, help="print the markdown table of a saved --out file and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text()), args.batches))
+        return
     logging.basicConfig(level=logging.WARNING)
     rows = []
     for name in args.models:
         rows += run_model(name, Path(args.shared), args)
+        if args.out:  # after each model, so a long run keeps what it has measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(rows, indent=2))
     print(table(rows, args.batches))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=2))
     if args.plot:
         plot(rows, Path(args.plot))
 

@@ -213,10 +213,14 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--save-dir", default=None, help="also write every model here as <model>_<row>.onnx")
-    ap.add_argument("--table", default=None, help="print the markdown table of a saved --out file and exit")
+    ap.add_argument("--table", nargs="+", default=None,
+                    help="print the markdown table (and --plot) of saved --out file(s) and exit")
     args = ap.parse_args()
     if args.table:
-        print(table(json.loads(Path(args.table).read_text()), args.batches))
+        rows = [r for f in args.table for r in json.loads(Path(f).read_text())]
+        print(table(rows, args.batches))
+        if args.plot:
+            plot(rows, Path(args.plot))
         return
     logging.basicConfig(level=logging.WARNING)
     rows = []

@@ -147,40 +147,48 @@ def run_light(args) -> None:
                     f.write(json.dumps(rec) + "\n")
 
 
+def _fid(r: dict) -> str:
+    f = r.get("fidelity_to_float")
+    return f"{f['top1_agreement']:.1f}% / {f['kl_divergence']:.3f}" if f else "-"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> None:
+    """Print a markdown table; the 'agreement with float' column only when some row has it."""
+    col = header.index("agreement with float / KL")
+    if all(r[col] == "-" for r in rows):
+        header, rows = header[:col] + header[col + 1:], [r[:col] + r[col + 1:] for r in rows]
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
 def table(path: str) -> None:
     recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     light = [r for r in recs if r.get("light")]
     recs = [r for r in recs if not r.get("light")]
+    held = lambda r: " (held-out classes)" if r.get("holdout") else ""  # noqa: E731
     if light:
-        print("| model | ablation row | bits | top-1 PyTorch | float | agreement with float / KL | iterations | "
-              "adapters (% weights) | search s |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for r in light:
-            c = r["cora"]
-            held = " (held-out classes)" if r.get("holdout") else ""
-            fid = r.get("fidelity_to_float")
-            fid = f"{fid['top1_agreement']:.1f}% / {fid['kl_divergence']:.3f}" if fid else "-"
-            print(f"| {r['model']} | {r['config'][len('ablation: '):]}{held} | W{r['bits']} | {r['top1_torch']:.1f}% | "
-                  f"{r['float_top1_torch']:.1f}% | {fid} | {c['iterations']} | {100 * c['adapter_fraction']:.2f}% | "
-                  f"{r['search_seconds']:.0f} |")
+        _markdown(["model", "ablation row", "bits", "top-1 PyTorch", "float", "agreement with float / KL", "iterations",
+                   "adapters (% weights)", "search s"],
+                  [[r["model"], r["config"][len("ablation: "):] + held(r), f"W{r['bits']}", f"{r['top1_torch']:.1f}%",
+                    f"{r['float_top1_torch']:.1f}%", _fid(r), str(r["cora"]["iterations"]),
+                    f"{100 * r['cora']['adapter_fraction']:.2f}%", f"{r['search_seconds']:.0f}"] for r in light])
         print()
-    fmt = "| {model} | {config} | W{bits} | {t1:.1f}% | {fl:.1f}% | {fid} | {agree:.1f}% | {mb:.2f} MB | {eb:.2f} | {it} | {ad} | {sec} | {lat} |"
-    print("| model | config | bits | top-1 ORT | float | agreement with float / KL | ORT=PyTorch | ONNX file | effective bits | iterations | "
-          "adapters (% weights) | search s | latency b1 ms: float / quantized / no branches |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    if not recs:
+        return
+    rows = []
     for r in recs:
-        c = r.get("cora") or {}
-        fid = r.get("fidelity_to_float")
-        lat = r["latency_ms"]
-        print(fmt.format(model=r["model"], config=r["config"] + (" (held-out classes)" if r.get("holdout") else ""),
-                         bits=r["bits"], t1=r["top1"]["quantized_onnxruntime"],
-                         fl=r["top1"]["float"],
-                         fid=f"{fid['top1_agreement']:.1f}% / {fid['kl_divergence']:.3f}" if fid else "-", agree=r["parity"]["top1_agreement"], mb=r["onnx_bytes"] / 1e6,
-                         eb=r["effective_bits"], it=c.get("iterations", "-"),
-                         ad=f"{100 * c['adapter_fraction']:.2f}%" if c else "-",
-                         sec=f"{r['search_seconds']:.0f}",
-                         lat=" / ".join(f"{lat[k]:.1f}" if k in lat else "-" for k in ("float", "quantized",
-                                                                                     "quantized_no_adapters"))))
+        c, lat = r.get("cora") or {}, r["latency_ms"]
+        rows.append([r["model"], r["config"] + held(r), f"W{r['bits']}", f"{r['top1']['quantized_onnxruntime']:.1f}%",
+                     f"{r['top1']['float']:.1f}%", _fid(r), f"{r['parity']['top1_agreement']:.1f}%",
+                     f"{r['onnx_bytes'] / 1e6:.2f} MB", f"{r['effective_bits']:.2f}", str(c.get("iterations", "-")),
+                     f"{100 * c['adapter_fraction']:.2f}%" if c else "-", f"{r['search_seconds']:.0f}",
+                     " / ".join(f"{lat[k]:.1f}" if lat.get(k) is not None else "-"
+                                for k in ("float", "quantized", "quantized_no_adapters"))])
+    _markdown(["model", "config", "bits", "top-1 ORT", "float", "agreement with float / KL", "ORT=PyTorch", "ONNX file",
+               "effective bits", "iterations", "adapters (% weights)", "search s",
+               "latency b1 ms: float / quantized / no branches"], rows)
 
 
 def main() -> None:

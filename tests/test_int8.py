@@ -59,3 +59,21 @@ def test_act_bits_needs_calib_and_valid_width(digits, tmp_path):
     with pytest.raises(SettingsError, match="act_bits"):
         quantize(model, calib=digits.calib_dir, out=tmp_path / "m.onnx", act_bits=4, input_size=digits.input_size)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cora_adapters_with_integer_activations(digits, tmp_path):
+    """W3 CoRa with 8-bit activations: the adapter branches are capped at the CPU's weight width and
+    run as integer convolutions like the rest; parity is then against float activations."""
+    from cora_onnx.int8 import choose_scheme
+
+    model = build_model(digits.arch, digits.weights)
+    res = quantize(model, calib=digits.calib_dir, val=digits.val_dir, bits=3, method="cora", out=tmp_path / "m.onnx",
+                   mean=digits.mean, std=digits.std, input_size=digits.input_size, latency_runs=2, act_bits=8,
+                   iters=20, finetune_iters=5, budget=0.1)
+    r, width = res.report, choose_scheme().weight_bits
+    adapters = [lp.adapter for lp in res.plan.layers if lp.adapter is not None]
+    assert adapters and all(a.bits == width for a in adapters)
+    k = r["activations"]["onnxruntime_kernels"]
+    assert k["float_compute"] == 0 and k["integer"] >= len(res.plan.layers) + 2 * len(adapters)
+    assert "float activations" in r["activations"]["parity_reference"]
+    assert r["parity"]["top1_agreement"] >= 90.0 and "quantized_no_adapters" in r["latency_ms"]

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 BLOCK_PRESETS = ("small", "large")
 _FIXED_KINDS = ("1x1", "kxk", "depthwise", "linear")
 _CHUNK = 1 << 22  # elements per chunk of the n x k distance matrix / of unfolded inputs
+DAMPING = 1e-2  # fit_codebook's ridge, relative to the layer's mean input energy per coordinate
 
 
 def block_kind(m: nn.Module) -> str:
@@ -112,13 +113,17 @@ class PqSettings:
     per-kind overrides ("3x3=18,1x1=8"; an explicit size that does not divide a layer is an
     error, a preset size that does not falls back to the small one). codewords: per layer, 1-256
     (uint8 codes). em_iters: EM iterations per layer. finetune_steps / finetune_lr / batch_size:
-    distillation fine-tuning (Adam) of codewords, channel scales and biases; 0 steps skips it.
+    distillation fine-tuning (Adam) of codewords, channel scales and biases; 0 steps skips it;
+    finetune_biases=False keeps the (corrected) biases fixed, finetune_last=False keeps the last
+    product-quantized layer (the classifier) fixed: both can carry the class prior of the
+    calibration images into the model.
     calib_size: calibration images used (fine-tuning, output means); stats_size: the first of them
     used for each layer's input statistics (one forward per layer: the search's main cost). channel_scale: a float16
     scale per output channel; bias_correction: match each layer's output mean to the float
     network's. error_feedback: after the EM, assign the codes block by block over the filter,
     each block's error compensated in the blocks not yet assigned (GPTQ-style, with the full
-    input covariance, which the EM's block-diagonal objective ignores). seed: initialization and batch order. selection: layers kept on a uniform grid at
+    input covariance, which the EM's block-diagonal objective ignores). damping: the EM's ridge
+    (see `fit_codebook`), relative to the layer's mean input energy. seed: initialization and batch order. selection: layers kept on a uniform grid at
     keep_bits (first / last / depthwise) or left in float (skip); every other Conv/Linear is
     product-quantized."""
 
@@ -135,6 +140,9 @@ class PqSettings:
     channel_scale: bool = True
     bias_correction: bool = True
     error_feedback: bool = True
+    finetune_biases: bool = True
+    finetune_last: bool = True
+    damping: float = DAMPING
     seed: int = 0
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first",)))
 
@@ -157,6 +165,9 @@ class PqSettings:
         _int("calib_size", 1)
         _int("stats_size", 1)
         _int("seed", 0)
+        if isinstance(self.damping, bool) or not (isinstance(self.damping, (int, float)) and np.isfinite(self.damping)
+                                                  and self.damping >= 0):
+            raise SettingsError(f"damping must be a number >= 0, got {self.damping!r}")
         if not (isinstance(self.finetune_lr, (int, float)) and np.isfinite(self.finetune_lr) and self.finetune_lr > 0):
             raise SettingsError(f"finetune_lr must be a positive number, got {self.finetune_lr!r}")
         if not isinstance(self.selection, LayerSelection):
@@ -233,24 +244,36 @@ def _round_scaled(C: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def fit_codebook(w: torch.Tensor, H: torch.Tensor, k: int, iters: int = 20, *, channel_scale: bool = True,
-                 generator: torch.Generator | None = None) -> PqFit:
+                 damping: float = DAMPING, generator: torch.Generator | None = None) -> PqFit:
     """EM for one layer. w: (C_out, m, d) sub-vectors; H: (G, m, d, d) input second moments per
     group and block (identity blocks give plain k-means); k: codewords (fewer are used when the
-    layer has fewer distinct sub-vectors, which are then reproduced exactly)."""
+    layer has fewer distinct sub-vectors, which are then reproduced exactly).
+
+    damping: the EM minimizes sum_j (w_j - w^_j)^T (H_bj + lam I) (w_j - w^_j) with lam = damping
+    times the layer's mean input energy per coordinate (mean diagonal of H). Without it, input
+    directions the calibration never excites (dead channels: H_b = 0) leave the assignment
+    arbitrary and the codeword update ill-conditioned, so those weights come out anywhere (ResNet-18's
+    layer1.0.conv1: relative weight error 2.6 at activation-weighted error 0). With it, such blocks
+    fall back to plain k-means and each codeword update is pulled toward its plain centroid;
+    `error` is still measured with the undamped H."""
     w = w.detach().float()
     H = H.detach().float()
     O, m, d = w.shape
     G = H.shape[0]
     if H.shape != (G, m, d, d) or O % G:
         raise ValueError(f"H {tuple(H.shape)} does not fit sub-vectors {tuple(w.shape)}")
+    if not (isinstance(damping, (int, float)) and np.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping must be a number >= 0, got {damping!r}")
     n = O * m
     gen = generator or torch.Generator().manual_seed(0)
+    wf = w.reshape(n, d)
+    wHw = float((wf * _apply_h(H, w).reshape(n, d)).sum().clamp_min(1e-30))  # undamped, for `error`
+    energy = float(torch.diagonal(H, dim1=2, dim2=3).mean().clamp_min(1e-30))
+    H_obj = H
+    H = H + max(damping, 1e-6) * energy * torch.eye(d)  # 1e-6: the solve's floor when damping is 0
     Hf = H.reshape(G * m, d, d)
-    lam = 1e-6 * float(torch.diagonal(Hf, dim1=1, dim2=2).mean().clamp_min(1e-30))
     hidx = _block_index(O, G, m).reshape(n)
     Hw = _apply_h(H, w).reshape(n, d)
-    wf = w.reshape(n, d)
-    wHw = float((wf * Hw).sum().clamp_min(1e-30))
     owner = torch.arange(n) // m  # output channel of each sub-vector
 
     if channel_scale:
@@ -288,7 +311,6 @@ def fit_codebook(w: torch.Tensor, H: torch.Tensor, k: int, iters: int = 20, *, c
         A = (counts @ Hf.reshape(G * m, d * d)).reshape(k, d, d).double()
         r = torch.zeros(k, d).index_add_(0, codes, Hw * s[owner, None]).double()
         used = torch.bincount(codes, minlength=k) > 0
-        A = A + lam * torch.eye(d, dtype=torch.float64)
         C_new = C.clone()
         C_new[used] = torch.linalg.solve(A[used], r[used].unsqueeze(-1)).squeeze(-1).float()
         if not bool(used.all()):  # empty codewords restart at the worst-reconstructed sub-vectors
@@ -317,7 +339,7 @@ def fit_codebook(w: torch.Tensor, H: torch.Tensor, k: int, iters: int = 20, *, c
     codes = assign(C, Q)
     fit = PqFit(C, codes.reshape(O, m), s if channel_scale else None, 0.0, it)
     e = wf - fit.weight().reshape(n, d)
-    err = float((e * _apply_h(H, e.reshape(O, m, d)).reshape(n, d)).sum()) / wHw
+    err = float((e * _apply_h(H_obj, e.reshape(O, m, d)).reshape(n, d)).sum()) / wHw
     return dataclasses.replace(fit, error=err)
 
 
@@ -524,7 +546,7 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
             Hfull = H.reshape(g.groups, g.m * g.d, g.m * g.d)
             H = torch.diagonal(H.reshape(g.groups, g.m, g.d, g.m, g.d), dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
         fit = fit_codebook(wv, H, settings.codewords, settings.em_iters, channel_scale=settings.channel_scale,
-                           generator=gen)
+                           damping=settings.damping, generator=gen)
         extra = {}
         if Hfull is not None:
             extra["full_error_without_feedback"] = full_error(wv, Hfull, fit.weight())
@@ -583,7 +605,10 @@ def _finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modu
     from torch.func import functional_call
 
     params, shapes = {}, {}
+    frozen = set() if settings.finetune_last else {list(state)[-1]}
     for name, st in state.items():
+        if name in frozen:
+            continue
         cw = st["codewords"].clone().requires_grad_(True)
         k = cw.shape[0]
         counts = torch.bincount(st["codes"].reshape(-1), minlength=k).float().clamp_min(1.0)
@@ -591,9 +616,12 @@ def _finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modu
         st["codewords"] = cw
         if st["scale"] is not None:
             st["scale"] = st["scale"].clone().requires_grad_(True)
-        st["bias"] = st["bias"].clone().requires_grad_(True)
+        if settings.finetune_biases:
+            st["bias"] = st["bias"].clone().requires_grad_(True)
         shapes[name] = tuple(slayers[name].weight.shape)
-        params[name] = [p for p in (cw, st["scale"], st["bias"]) if p is not None]
+        params[name] = [p for p in (cw, st["scale"], st["bias"]) if p is not None and p.requires_grad]
+    if not params:
+        return {}
     opt = torch.optim.Adam([p for ps in params.values() for p in ps], lr=settings.finetune_lr)
     with torch.no_grad():
         teacher_logits = torch.cat([teacher(x) for x in images.batches(settings.batch_size)])
@@ -610,7 +638,8 @@ def _finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modu
         pos += settings.batch_size
         x = images.preprocess.normalize(images.images[idx])
         overrides = {}
-        for name, st in state.items():
+        for name in params:  # frozen layers keep the weights and biases already in the student
+            st = state[name]
             overrides[f"{name}.weight"] = _codebook_weight(st["codewords"], st["codes"], st["scale"], shapes[name])
             overrides[f"{name}.bias"] = st["bias"]
         logits = functional_call(student, overrides, (x,))
@@ -619,7 +648,7 @@ def _finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modu
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    for st in state.values():
+    for st in (state[name] for name in params):
         for key in ("codewords", "scale", "bias"):
             if st[key] is not None:
                 st[key] = st[key].detach()
@@ -671,13 +700,20 @@ PQ_OPTIONS = (
     CliOption("--em-iters", "em_iters", int, "PQ EM iterations per layer [20]."),
     CliOption("--finetune-steps", "finetune_steps", int, "PQ distillation fine-tuning steps, 0 = none [100]."),
     CliOption("--finetune-lr", "finetune_lr", float, "PQ fine-tuning learning rate (Adam) [1e-4]."),
-    CliOption("--calib-size", "calib_size", int, "Calibration images used [256 for pq]."),
+    CliOption("--calib-size", "calib_size", int, "Calibration images used [256]."),
     CliOption("--stats-size", "stats_size", int,
               "PQ: calibration images for each layer's input statistics (one forward each) [64]."),
     CliOption("--error-feedback/--no-error-feedback", "error_feedback", bool,
               "PQ: assign codes block by block, compensating each block's error in the next ones [on]."),
     CliOption("--channel-scale/--no-channel-scale", "channel_scale", bool,
               "PQ: float16 scale per output channel (BN-folded weights) [on]."),
+    CliOption("--finetune-biases/--no-finetune-biases", "finetune_biases", bool,
+              "PQ: fine-tune the (corrected) biases too [on]."),
+    CliOption("--finetune-last/--no-finetune-last", "finetune_last", bool,
+              "PQ: fine-tune the last layer (the classifier) too [on]."),
+    CliOption("--damping", "damping", float,
+              "PQ: EM ridge toward plain k-means, relative to the layer's mean input energy; keeps weights the "
+              "calibration never excites [0.01]."),
     CliOption("--bias-correction/--no-bias-correction", "bias_correction", bool,
               "PQ: correct biases so output means match the float model [on]."),
 )

@@ -409,7 +409,7 @@ def _unfold(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         elif all(k % 2 for k in mod.kernel_size):
             pad = tuple(dl * (k - 1) // 2 for k, dl in zip(mod.kernel_size, mod.dilation))
         else:
-            raise ModelError(f"padding='same' with an even kernel is not supported by pq")
+            raise ModelError("padding='same' with an even kernel is not supported by pq")
     return F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)
 
 

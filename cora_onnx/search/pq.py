@@ -501,6 +501,13 @@ def _codebook_weight(cw: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor 
     return w.reshape(shape)
 
 
+def _stored_bias(b: torch.Tensor) -> np.ndarray:
+    """float16 (half the bytes; its rounding, 2^-11 of each value, is far below the PQ error) unless
+    a value is out of float16's range, then float32."""
+    b16 = b.half()
+    return (b16 if bool(torch.isfinite(b16).all()) else b.float()).numpy()
+
+
 def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
     """Product-quantize every selected Conv2d/Linear of a BN-folded model (see module doc)."""
     if calib is None or len(calib) == 0:
@@ -588,7 +595,7 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
             cb = Codebook(block_size=geoms[name].d, codewords=st["codewords"].detach().numpy().astype(np.float16),
                           codes=st["codes"].numpy().astype(np.uint8),
                           scale=None if st["scale"] is None else st["scale"].detach().numpy().astype(np.float16),
-                          bias=st["bias"].detach().numpy().astype(np.float32))
+                          bias=_stored_bias(st["bias"].detach()))
             w = layers[name].weight.detach().numpy()
             w_hat = cb.decode(lp.shape)
             info = {**lp.info, "relative_weight_mse": float(((w_hat - w) ** 2).mean() / max((w ** 2).mean(), 1e-30))}
@@ -624,7 +631,8 @@ def _finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modu
         return {}
     opt = torch.optim.Adam([p for ps in params.values() for p in ps], lr=settings.finetune_lr)
     with torch.no_grad():
-        teacher_logits = torch.cat([teacher(x) for x in images.batches(settings.batch_size)])
+        teacher_logits = torch.cat([teacher(x.contiguous(memory_format=torch.channels_last))
+                                    for x in images.batches(settings.batch_size)])
     n = len(images)
     student.eval()
     losses = []
@@ -636,7 +644,8 @@ def _finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modu
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos:pos + settings.batch_size]
         pos += settings.batch_size
-        x = images.preprocess.normalize(images.images[idx])
+        # channels-last input: PyTorch's CPU convolutions (depthwise above all) run ~1.5x faster fwd+bwd
+        x = images.preprocess.normalize(images.images[idx]).contiguous(memory_format=torch.channels_last)
         overrides = {}
         for name in params:  # frozen layers keep the weights and biases already in the student
             st = state[name]

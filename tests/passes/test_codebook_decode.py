@@ -1,6 +1,5 @@
 import numpy as np
 import onnx
-import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 from cora_onnx.cli import main
@@ -197,3 +198,39 @@ def test_shared_option_help_shows_each_methods_default():
     assert res.exit_code == 0
     text = " ".join(res.output.split())
     assert "--calib-size INTEGER Calibration images used [cora: 1600; pq: 256] (cora, pq)" in text
+
+
+def test_input_statistics_are_the_covariance_when_the_bias_absorbs_the_mean():
+    from cora_onnx.search.pq import _Geom, _input_stats
+
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).eval()
+    imgs = _images(n=8)
+    patches = torch.cat([F.unfold(x, 3, padding=1) for x in imgs.batches(4)])  # (N, 27, L)
+    x = patches.permute(0, 2, 1).reshape(-1, 27).double()
+    geom = _Geom("c", "3x3", 9, 1, 3)
+    second, mu = _input_stats(conv, conv, geom, imgs, 4)
+    cov, mu_c = _input_stats(conv, conv, geom, imgs, 4, centered=True)
+    torch.testing.assert_close(mu, x.mean(0).float()[None])
+    torch.testing.assert_close(mu_c, mu)
+
+    def blocks(m):
+        return torch.stack([m[b * 9:(b + 1) * 9, b * 9:(b + 1) * 9] for b in range(3)])[None].float()
+
+    torch.testing.assert_close(second, blocks(x.T @ x / len(x)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cov, blocks(torch.cov(x.T, correction=0)), rtol=1e-4, atol=1e-5)
+    assert float((second - cov).abs().max()) > 0.1  # the inputs have a mean: the two differ
+
+
+def test_covariance_objective_wins_once_the_mean_shift_is_absorbed():
+    """Inputs with a large mean (post-ReLU): fitting the second moment spends the codebook on the
+    mean response; the output error that remains after the bias correction is the covariance one."""
+    g = torch.Generator().manual_seed(4)
+    O, m, d = 64, 8, 8
+    w = torch.randn(O, m, d, generator=g)
+    x = 4.0 + torch.randn(6000, m, d, generator=g) * torch.linspace(0.2, 1.0, d)
+    second = torch.einsum("nbi,nbj->bij", x, x)[None] / len(x)
+    xc = x - x.mean(0)
+    cov = torch.einsum("nbi,nbj->bij", xc, xc)[None] / len(x)
+    by_cov = fit_codebook(w, cov, 16, 15, channel_scale=False)
+    by_second = fit_codebook(w, second, 16, 15, channel_scale=False)
+    assert weighted_error(w, cov, by_cov.weight()) < 0.8 * weighted_error(w, cov, by_second.weight())

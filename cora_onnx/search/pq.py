@@ -5,7 +5,10 @@ sub-vectors of `block_size` values (the layout of `plan.Codebook`); one codebook
 codewords per layer (uint8 codes). The codebook is fitted by an EM whose objective is the error
 on the layer's outputs for in-domain inputs, sum_j (w_j - w^_j)^T H_b (w_j - w^_j), H_b the second
 moment of the inputs that sub-vector j multiplies (the diagonal d x d blocks of the unfolded-input
-covariance; the paper's objective ||x W - x W^||^2 without the cross terms between blocks).
+second moment; the paper's objective ||x W - x W^||^2 without the cross terms between blocks).
+With bias correction (the default) H is the covariance instead: the bias absorbs the shift of the
+output mean, so only the error on the inputs' variation is left, and the codebook is not spent on
+the mean response that dominates the second moment of post-ReLU inputs.
 
 - E-step: every sub-vector to its best codeword under its own H_b, as batched matrix products.
 - M-step: codeword c = (sum_j H_bj)^-1 sum_j H_bj w_j over the sub-vectors assigned to c (the
@@ -413,10 +416,12 @@ def _unfold(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)
 
 
-def _input_stats(model: nn.Module, mod: nn.Module, geom: _Geom, images, batch_size: int, full: bool = False):
+def _input_stats(model: nn.Module, mod: nn.Module, geom: _Geom, images, batch_size: int, full: bool = False,
+                 centered: bool = False):
     """H (G, m, d, d) and mean patch (G, m*d) of `mod`'s input over the images; the forward
     stops right after the layer's input is seen. full: H is the whole (G, m*d, m*d) second
-    moment per group instead of its diagonal blocks."""
+    moment per group instead of its diagonal blocks. centered: H is the covariance E[(x-mu)(x-mu)^T]
+    instead of the second moment E[x x^T] (the error left once the bias absorbs the mean shift)."""
     G, m, d = geom.groups, geom.m, geom.d
     if full:
         m, d = 1, m * d  # one block of the whole filter: the same code gives the full matrix
@@ -449,7 +454,11 @@ def _input_stats(model: nn.Module, mod: nn.Module, geom: _Geom, images, batch_si
     if count[0] == 0:
         raise ModelError(f"layer {geom.name} was never called by the model's forward")
     n = float(count[0])
-    return (H / n).float().reshape(G, m, d, d), (mu / n).float().reshape(G, m * d)
+    H, mu = H / n, mu / n
+    if centered:
+        mb = mu.reshape(G * m, d)
+        H = H - mb[:, :, None] * mb[:, None, :]
+    return H.float().reshape(G, m, d, d), mu.float().reshape(G, m * d)
 
 
 def _output_means(model: nn.Module, mods: dict[str, nn.Module], images, batch_size: int) -> dict[str, torch.Tensor]:
@@ -546,7 +555,10 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
             continue
         g = geoms[name]
         feedback = settings.error_feedback and g.m > 1
-        H, mu = _input_stats(student, mod, g, stats_images, bs, full=feedback)
+        # with bias correction the mean shift of the output is absorbed by the bias: fit the covariance.
+        # Post-ReLU inputs have means far above their spread, and the second moment would spend the
+        # codebook on the mean response (EfficientNet-Lite0, large blocks: 9.9% top-1 with it)
+        H, mu = _input_stats(student, mod, g, stats_images, bs, full=feedback, centered=settings.bias_correction)
         wv = w.reshape(w.shape[0], g.m, g.d)
         Hfull = None
         if feedback:  # diagonal blocks for the EM, the full matrix for the sequential assignment
@@ -667,9 +679,13 @@ def _finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modu
             st["codewords"] = st["codewords"].half().float()
     head = float(np.mean(losses[: max(1, len(losses) // 10)]))
     tail = float(np.mean(losses[-max(1, len(losses) // 10):]))
-    log.info("fine-tuning: %d steps, distillation loss %.4f -> %.4f (%.1f s)", len(losses), head, tail,
-             time.perf_counter() - t0)
-    return {"steps": len(losses), "loss_first": head, "loss_last": tail, "seconds": time.perf_counter() - t0}
+    # the soft cross-entropy's floor is the teacher's entropy: loss - entropy is the KL to the teacher
+    p = F.softmax(teacher_logits, 1)
+    entropy = float(-(p * F.log_softmax(teacher_logits, 1)).sum(1).mean())
+    log.info("fine-tuning: %d steps, distillation loss %.4f -> %.4f (teacher entropy %.4f: KL %.4f -> %.4f) (%.1f s)",
+             len(losses), head, tail, entropy, head - entropy, tail - entropy, time.perf_counter() - t0)
+    return {"steps": len(losses), "loss_first": head, "loss_last": tail, "teacher_entropy": entropy,
+            "seconds": time.perf_counter() - t0}
 
 
 # ---- report --------------------------------------------------------------------------------------

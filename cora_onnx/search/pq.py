@@ -356,9 +356,7 @@ def assign_with_feedback(w: torch.Tensor, H: torch.Tensor, fit: PqFit, damp: flo
     G, FF, _ = H.shape
     C, s = fit.codewords, fit.scale if fit.scale is not None else torch.ones(O)
     W = w.reshape(G, O // G, FF).double().clone()
-    Hd = H.double() + damp * torch.diagonal(H.double(), dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None] \
-        * torch.eye(FF, dtype=torch.float64)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)  # (G, FF, FF)
+    U = _inverse_cholesky(H.double(), damp)  # (G, FF, FF)
     codes = torch.empty(G, O // G, m, dtype=torch.long)
     sg = s.reshape(G, O // G).double()
     Cd = C.double()
@@ -376,6 +374,27 @@ def assign_with_feedback(w: torch.Tensor, H: torch.Tensor, fit: PqFit, damp: flo
             W[:, :, (b + 1) * d:] -= E @ torch.linalg.solve(Ubb, U[:, sl, (b + 1) * d:])
     new = dataclasses.replace(fit, codes=codes.reshape(O, m))
     return dataclasses.replace(new, error=full_error(w, H, new.weight()))
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean diag * I)^-1, per group; the damping grows tenfold
+    (at most three times) while rounding leaves the inverse not numerically positive definite."""
+    FF = H.shape[-1]
+    H = (H + H.transpose(1, 2)) / 2
+    scale = torch.diagonal(H, dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None]
+    for attempt in range(4):
+        L, info = torch.linalg.cholesky_ex(H + damp * scale * torch.eye(FF, dtype=H.dtype))
+        if not bool(info.any()):
+            inv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex((inv + inv.transpose(1, 2)) / 2, upper=True)
+            if not bool(info.any()):
+                return U
+        if attempt < 3:
+            log.info("error feedback: input covariance not numerically positive definite at damping %g; using %g",
+                     damp, 10 * damp)
+            damp *= 10
+    raise ModelError("error feedback: the input covariance is not positive definite even with damping "
+                     f"{damp:g} (non-finite inputs?)")
 
 
 def full_error(w: torch.Tensor, H: torch.Tensor, w_hat: torch.Tensor) -> float:

@@ -120,8 +120,8 @@ class PqSettings:
     finetune_biases=False keeps the (corrected) biases fixed, finetune_last=False keeps the last
     product-quantized layer (the classifier) fixed: both can carry the class prior of the
     calibration images into the model.
-    calib_size: calibration images used (fine-tuning, output means); stats_size: the first of them
-    used for each layer's input statistics (one forward per layer: the search's main cost). channel_scale: a float16
+    calib_size: calibration images used (fine-tuning); stats_size: a subset of them used for each
+    layer's input statistics and the float output means of the bias correction (one forward per layer: the search's main cost). channel_scale: a float16
     scale per output channel; bias_correction: match each layer's output mean to the float
     network's. error_feedback: after the EM, assign the codes block by block over the filter,
     each block's error compensated in the blocks not yet assigned (GPTQ-style, with the full
@@ -556,7 +556,10 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
 
     student = copy.deepcopy(model).eval()
     slayers = quantizable_layers(student)
-    targets = _output_means(model, layers, images, bs) if settings.bias_correction else {}
+    # the float output means on the very images the student's input means come from: on other
+    # images the sampling difference of the two means goes into the bias (EfficientNet-Lite0:
+    # 8.5% relative error in the first depthwise layer's output mean with 64 vs 16 images)
+    targets = _output_means(model, layers, stats_images, bs) if settings.bias_correction else {}
     state: dict[str, dict] = {}
     plans: dict[str, LayerPlan] = {}
     for name in progress(order, len(order), "pq: layers"):

@@ -579,7 +579,7 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
         feedback = settings.error_feedback and g.m > 1
         # with bias correction the mean shift of the output is absorbed by the bias: fit the covariance.
         # Post-ReLU inputs have means far above their spread, and the second moment would spend the
-        # codebook on the mean response (EfficientNet-Lite0, large blocks: 9.9% top-1 with it)
+        # codebook on the mean response
         H, mu = _input_stats(student, mod, g, stats_images, bs, full=feedback, centered=settings.bias_correction)
         wv = w.reshape(w.shape[0], g.m, g.d)
         Hfull = None

@@ -97,8 +97,24 @@ def _method_options(fn):
     for pname, (o, names) in reversed(list(_option_table().items())):
         kind = {"type": click.Choice(list(o.type))} if isinstance(o.type, tuple) else \
             ({} if o.type is bool else {"type": o.type})
-        fn = click.option(o.decls, pname, default=None, help=f"{o.help} ({', '.join(names)})", **kind)(fn)
+        fn = click.option(o.decls, pname, default=None, help=_option_help(o, names), **kind)(fn)
     return fn
+
+
+def _option_help(o, names: tuple[str, ...]) -> str:
+    """An option's help; one declared by several methods shows each method's own default."""
+    if len(names) == 1:
+        return f"{o.help} ({names[0]})"
+    import dataclasses
+    import re
+
+    defaults = []
+    for name in names:
+        f = {f.name: f for f in dataclasses.fields(_methods()[name].settings)}.get(o.field)
+        if f is not None and f.default is not dataclasses.MISSING:
+            defaults.append(f"{name}: {f.default}")
+    text = re.sub(r"\s*\[[^\]]*\]\.?$", "", o.help)
+    return f"{text} [{'; '.join(defaults)}] ({', '.join(names)})"
 
 
 def _default_selection(settings_cls):

@@ -71,7 +71,7 @@ def apply_plan_torch(model: nn.Module, plan: Plan) -> nn.Module:
             with torch.no_grad():
                 module.weight.copy_(torch.from_numpy(lp.codebook.decode(lp.shape)))
                 if lp.codebook.bias is not None:
-                    bias = torch.from_numpy(lp.codebook.bias.copy())
+                    bias = torch.from_numpy(lp.codebook.bias).float()
                     if module.bias is None:
                         module.bias = nn.Parameter(bias)
                     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from passes import BiasUpdatePass, CodebookDecodePass, LowRankBranchPass, WeightQDQPass
+from passes import BiasUpdatePass, CodebookDecodePass, LowRankBranchPass, StripExportMetadataPass, WeightQDQPass
 
 from .errors import OnnxModelError
 from .plan import Plan
@@ -28,9 +28,10 @@ def cleanup_passes() -> list[ir.passes.PassBase]:
 
 def plan_pipeline(plan: Plan) -> ir.passes.PassManager:
     """Passes that apply a Plan to the float ONNX graph exported from the BN-folded model. The
-    passes that find layers by their float weight name run before WeightQDQPass replaces it."""
+    passes that find layers by their float weight name run before WeightQDQPass replaces it. The
+    exporter's per-node debug metadata (stack traces, FX text) is dropped from the compressed file."""
     return ir.passes.PassManager([BiasUpdatePass(plan), LowRankBranchPass(plan), WeightQDQPass(plan),
-                                  CodebookDecodePass(plan), *cleanup_passes()])
+                                  CodebookDecodePass(plan), StripExportMetadataPass(), *cleanup_passes()])
 
 
 def apply_plan(model: ir.Model, plan: Plan) -> ir.Model:

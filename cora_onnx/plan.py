@@ -132,7 +132,7 @@ class Codebook:
     has shape (C_out, C_in/groups*kh*kw/block_size) and codes[o, j] picks the codeword of the
     j-th sub-vector of filter o. scale: optional float16 (C_out,) multiplying each decoded filter
     (the per-channel factor BatchNorm folding puts into a weight, so codewords are shared across
-    channels of different magnitude). bias: optional float32 (C_out,) that replaces the layer's
+    channels of different magnitude). bias: optional float32 or float16 (C_out,) that replaces the layer's
     bias (bias correction after quantization; not counted in stored_bits: the float bias is
     stored either way)."""
 
@@ -153,8 +153,8 @@ class Codebook:
                f"codes refer to codeword {int(self.codes.max()) if self.codes.size else 0} of {self.codewords.shape[0]}")
         _check(self.scale is None or (self.scale.dtype == np.float16 and self.scale.shape == (self.codes.shape[0],)),
                f"codebook scale must be float16 of shape ({self.codes.shape[0]},)")
-        _check(self.bias is None or (self.bias.dtype == np.float32 and self.bias.shape == (self.codes.shape[0],)),
-               f"codebook bias must be float32 of shape ({self.codes.shape[0]},)")
+        _check(self.bias is None or (self.bias.dtype in (np.float32, np.float16) and self.bias.shape == (self.codes.shape[0],)),
+               f"codebook bias must be float32 or float16 of shape ({self.codes.shape[0]},)")
 
     def stored_bits(self) -> int:
         return 8 * self.codes.size + 16 * self.codewords.size + (0 if self.scale is None else 16 * self.scale.size)

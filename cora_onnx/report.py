@@ -51,6 +51,16 @@ def _ms(v) -> str:
     return "-" if v is None else f"{v:.2f} ms"
 
 
+def _weights(r: dict) -> str:
+    """What the weights became: "4-bit weights", or for product quantization its blocks and rate."""
+    pq = r.get("pq")
+    if not pq:
+        return f"{r['bits']}-bit weights"
+    sizes = ", ".join(f"{k} d={d}" for k, d in pq["block_sizes"].items())
+    return (f"{pq['blocks']} blocks ({sizes}), up to {pq['codewords']} codewords per layer, "
+            f"{r['effective_bits']:.2f} stored bits per weight")
+
+
 def format_table(r: dict) -> str:
     """Human summary of a quantize report."""
     t1, lat, par = r["top1"], r["latency_ms"], r["parity"]
@@ -65,8 +75,15 @@ def format_table(r: dict) -> str:
     if lat.get("quantized_folded") is not None:
         rows.append(("  weights folded at load", "", _ms(lat["quantized_folded"])))
     w = max(len(a) for a, _, _ in rows)
-    lines = [f"cora-onnx: {r['model']}, method {r['method']}, {r['bits']}-bit weights -> {r['onnx_path']}"]
+    lines = [f"cora-onnx: {r['model']}, method {r['method']}, {_weights(r)} -> {r['onnx_path']}"]
     lines += [f"  {a:<{w}}  {b:>12}  {c}" for a, b, c in rows]
+    pq = r.get("pq")
+    if pq:
+        sb = pq["stored_bytes"]
+        lines.append(f"  product quantization: {pq['layers_pq']} layers (codes {sb['codes'] / 1e3:.1f} kB, codewords "
+                     f"{sb['codewords'] / 1e3:.1f} kB, channel scales {sb['channel_scales'] / 1e3:.1f} kB, biases "
+                     f"{sb['pq_biases'] / 1e3:.1f} kB); {pq['layers_uniform']} layers on a uniform grid "
+                     f"({sb['uniform_layers'] / 1e3:.1f} kB)")
     lines.append(f"  parity ONNX Runtime vs PyTorch quantized: max |logit diff| {par['max_abs_error']:.3g}, "
                  f"top-1 agreement {par['top1_agreement']:.2f}% on {par['images']} images")
     fid = r.get("fidelity_to_float")

@@ -4,7 +4,8 @@ from .activation_qdq import ActivationQDQPass, QuantScheme, activation_layout, a
 from .bias_update import BiasUpdatePass
 from .codebook_decode import CodebookDecodePass
 from .low_rank_branch import LowRankBranchPass
+from .strip_metadata import StripExportMetadataPass
 from .weight_qdq import WeightQDQPass
 
 __all__ = ["ActivationQDQPass", "BiasUpdatePass", "CodebookDecodePass", "LowRankBranchPass", "QuantScheme",
-           "WeightQDQPass", "activation_layout", "activation_qparams"]
+           "StripExportMetadataPass", "WeightQDQPass", "activation_layout", "activation_qparams"]

@@ -22,8 +22,10 @@ class CodebookDecodePass(ir.passes.InPlacePass):
         [-> Mul(Cast(<w>_codescale -> FLOAT))]  =  <w>_decoded
 
     (Gather needs int32/int64 indices, so the byte codes are widened in the graph.) A corrected
-    bias in the plan replaces the layer's bias input (<layer>.bias_corrected). The float weight
-    initializer is removed; cleanup removes the old bias."""
+    bias in the plan replaces the layer's bias input (<layer>.bias_corrected, float32, or float16
+    followed by Cast -> <w>_bias_float). The float weight initializer is removed; cleanup removes
+    the old bias. Every node made is marked with the pass; the layer's facts (block size,
+    codewords) go on its Gather only."""
 
     def __init__(self, plan: Plan) -> None:
         super().__init__()
@@ -58,7 +60,7 @@ class CodebookDecodePass(ir.passes.InPlacePass):
             def node(op, inputs, out, **attrs):
                 n = ir.node(op, inputs, attributes=attrs, name=f"{w}_{out}")
                 n.outputs[0].name = f"{w}_{out}"
-                mark(n, name, **facts)
+                mark(n, name, **(facts if op == "Gather" else {}))  # the layer's facts once, on its Gather
                 nodes.append(n)
                 return n.outputs[0]
 
@@ -74,6 +76,13 @@ class CodebookDecodePass(ir.passes.InPlacePass):
                                "decoded")
             decoded.dtype = ir.DataType.FLOAT
             decoded.shape = ir.Shape(layer.shape)
+            bias = None
+            if cb.bias is not None:
+                bias = add_initializer(graph, f"{layer.name}.bias_corrected",
+                                       ir.Tensor(np.ascontiguousarray(cb.bias), name=f"{layer.name}.bias_corrected"))
+                if cb.bias.dtype != np.float32:  # float16 on disk; Conv/Gemm want the weight's type
+                    bias = node("Cast", [bias], "bias_float", to=ir.DataType.FLOAT)
+                    bias.dtype, bias.shape = ir.DataType.FLOAT, ir.Shape(cb.bias.shape)
             anchor = consumers[0] if consumers else None
             for n in nodes:
                 if anchor is not None:
@@ -82,10 +91,7 @@ class CodebookDecodePass(ir.passes.InPlacePass):
                     graph.append(n)
             old.replace_all_uses_with(decoded)
             del graph.initializers[w]
-            if cb.bias is not None:
-                bias = add_initializer(graph, f"{layer.name}.bias_corrected",
-                                       ir.Tensor(np.ascontiguousarray(cb.bias, np.float32),
-                                                 name=f"{layer.name}.bias_corrected"))
+            if bias is not None:
                 for n in consumers:
                     if len(n.inputs) < 3:
                         n.resize_inputs(3)

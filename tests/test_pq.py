@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 from cora_onnx.cli import main
@@ -10,6 +11,7 @@ from cora_onnx.data import ImageSet, Preprocess
 from cora_onnx.errors import SettingsError
 from cora_onnx.export import fold_batchnorm
 from cora_onnx.plan import Plan
+from cora_onnx.report import format_table
 from cora_onnx.search import LayerSelection, PqSettings, search_pq
 from cora_onnx.search.pq import assign_with_feedback, fit_codebook, full_error, parse_block_size, weighted_error
 
@@ -67,6 +69,26 @@ def test_em_is_exact_when_a_layer_has_few_distinct_subvectors():
     assert torch.equal(fit.weight(), w)
 
 
+def test_blocks_without_calibration_energy_keep_their_weights():
+    """Dead input channels (H_b = 0) and nearly dead ones (1e-9 of the energy) must not leave the
+    codes arbitrary: damping makes those blocks plain k-means, so an exactly representable layer is
+    reproduced exactly although its activation-weighted error is 0 either way."""
+    g = torch.Generator().manual_seed(3)
+    O, m, d = 32, 12, 9
+    book = torch.randn(40, d, generator=g).half().float()
+    codes = torch.randint(0, 40, (O, m), generator=g)
+    w = book[codes]
+    x = torch.randn(3000, m, d, generator=g)
+    x[:, :4] = 0.0  # four dead input channels
+    x[:, 4:6] *= 3e-5  # two nearly dead ones
+    H = torch.einsum("nbi,nbj->bij", x, x)[None] / x.shape[0]
+    fit = fit_codebook(w, H, 64, 10, channel_scale=False)
+    assert fit.error < 1e-9
+    assert float((fit.weight() - w).norm() / w.norm()) < 1e-5
+    with pytest.raises(ValueError, match="damping"):
+        fit_codebook(w, H, 64, 1, damping=-1.0)
+
+
 def test_search_codes_fit_one_byte_and_plan_roundtrip(tiny, tmp_path):
     folded = fold_batchnorm(tiny)
     st = PqSettings(codewords=256, em_iters=5, finetune_steps=3, calib_size=32, selection=LayerSelection(keep=()))
@@ -98,6 +120,20 @@ def test_large_blocks_and_explicit_sizes(tiny):
     assert plan.layer("pw").codebook.block_size == 2 and plan.layer("fc").codebook.block_size == 16
 
 
+def test_finetuning_can_leave_biases_and_the_classifier_alone(tiny):
+    folded = fold_batchnorm(tiny)
+    imgs = _images()
+    base = dict(em_iters=2, calib_size=32, finetune_lr=1e-2, selection=LayerSelection(keep=()))
+    ref = search_pq(folded, PqSettings(finetune_steps=0, **base), imgs)
+    full = search_pq(folded, PqSettings(finetune_steps=4, **base), imgs)
+    part = search_pq(folded, PqSettings(finetune_steps=4, finetune_biases=False, finetune_last=False, **base), imgs)
+    for name in ("conv1", "dw", "pw", "fc"):
+        r, f, p = (pl.layer(name).codebook for pl in (ref, full, part))
+        assert not np.array_equal(r.bias, f.bias) and not np.array_equal(r.codewords, f.codewords)
+        np.testing.assert_array_equal(r.bias, p.bias)
+        assert np.array_equal(r.codewords, p.codewords) == (name == "fc")
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"codewords": 257}, "codewords must be an integer from 1 to 256"),
     ({"codewords": 0}, "codewords"),
@@ -107,6 +143,7 @@ def test_large_blocks_and_explicit_sizes(tiny):
     ({"block_size": "1x1"}, "KIND=SIZE"),
     ({"em_iters": 0}, "em_iters"),
     ({"finetune_lr": -1.0}, "finetune_lr"),
+    ({"damping": -0.1}, "damping must be a number >= 0"),
 ])
 def test_bad_settings_are_rejected(kw, match):
     with pytest.raises(SettingsError, match=match):
@@ -151,3 +188,49 @@ def test_cli_pq_end_to_end(digits, tmp_path):
     assert pq["layers_pq"] == len(pq["layers"]) >= 2 and pq["layers_uniform"] == 1
     assert all(layer["codewords"] <= 64 and layer["activation_weighted_error"] >= 0 for layer in pq["layers"])
     assert r["onnx_bytes"] == (tmp_path / "m.onnx").stat().st_size
+    table = format_table(r)
+    assert "-bit weights" not in table and "up to 64 codewords per layer" in table
+    assert f"{pq['layers_pq']} layers (codes {pq['stored_bytes']['codes'] / 1e3:.1f} kB" in table
+
+
+def test_shared_option_help_shows_each_methods_default():
+    res = CliRunner().invoke(main, ["quantize", "--help"])
+    assert res.exit_code == 0
+    text = " ".join(res.output.split())
+    assert "--calib-size INTEGER Calibration images used [cora: 1600; pq: 256] (cora, pq)" in text
+
+
+def test_input_statistics_are_the_covariance_when_the_bias_absorbs_the_mean():
+    from cora_onnx.search.pq import _Geom, _input_stats
+
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).eval()
+    imgs = _images(n=8)
+    patches = torch.cat([F.unfold(x, 3, padding=1) for x in imgs.batches(4)])  # (N, 27, L)
+    x = patches.permute(0, 2, 1).reshape(-1, 27).double()
+    geom = _Geom("c", "3x3", 9, 1, 3)
+    second, mu = _input_stats(conv, conv, geom, imgs, 4)
+    cov, mu_c = _input_stats(conv, conv, geom, imgs, 4, centered=True)
+    torch.testing.assert_close(mu, x.mean(0).float()[None])
+    torch.testing.assert_close(mu_c, mu)
+
+    def blocks(m):
+        return torch.stack([m[b * 9:(b + 1) * 9, b * 9:(b + 1) * 9] for b in range(3)])[None].float()
+
+    torch.testing.assert_close(second, blocks(x.T @ x / len(x)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cov, blocks(torch.cov(x.T, correction=0)), rtol=1e-4, atol=1e-5)
+    assert float((second - cov).abs().max()) > 0.1  # the inputs have a mean: the two differ
+
+
+def test_covariance_objective_wins_once_the_mean_shift_is_absorbed():
+    """Inputs with a large mean (post-ReLU): fitting the second moment spends the codebook on the
+    mean response; the output error that remains after the bias correction is the covariance one."""
+    g = torch.Generator().manual_seed(4)
+    O, m, d = 64, 8, 8
+    w = torch.randn(O, m, d, generator=g)
+    x = 4.0 + torch.randn(6000, m, d, generator=g) * torch.linspace(0.2, 1.0, d)
+    second = torch.einsum("nbi,nbj->bij", x, x)[None] / len(x)
+    xc = x - x.mean(0)
+    cov = torch.einsum("nbi,nbj->bij", xc, xc)[None] / len(x)
+    by_cov = fit_codebook(w, cov, 16, 15, channel_scale=False)
+    by_second = fit_codebook(w, second, 16, 15, channel_scale=False)
+    assert weighted_error(w, cov, by_cov.weight()) < 0.8 * weighted_error(w, cov, by_second.weight())

@@ -2,12 +2,15 @@
 
     python tools/measure_pq.py --model efficientnet_lite0 [--blocks small large] [--finetune-steps 100] [--out pq.json]
     python tools/measure_pq.py --model resnet18 [--blocks small large]
+    python tools/measure_pq.py --model efficientnet_lite0 --blocks large --holdout [--no-finetune-last]
 
 EfficientNet-Lite0: per block preset, search (progressive EM + distillation) -> ONNX with the
 codebook-decoding subgraph -> ONNX Runtime top-1 on dev-val, file size and ratio to the float ONNX
 file, size breakdown (codes, codebooks, biases, the rest), time to compress, batch-1 latency
 (interleaved with float), parity with the PyTorch reference, and whether ORT constant-folds the
-decoding subgraph at load (Gather nodes left in the optimized graph).
+decoding subgraph at load (Gather nodes left in the optimized graph). --holdout: calibration and
+fine-tuning see five of the ten classes, top-1 (float and PQ) is scored on the other five, so a
+class prior learnt from the calibration images cannot raise it.
 
 ResNet-18 (../shared) is already product-quantized at small blocks (256 codewords per layer,
 before BatchNorm): the un-folded model (BatchNorm kept) is searched with finetuning off and must
@@ -28,7 +31,7 @@ import numpy as np
 import onnx
 import torch
 
-from cora_onnx.data import Preprocess, load_class_map, load_images
+from cora_onnx.data import ImageSet, Preprocess, load_class_map, load_images
 from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes, quantizable_layers
 from cora_onnx.models import build_model, default_normalization
 from cora_onnx.pipeline import apply_plan
@@ -55,6 +58,12 @@ def file_breakdown(blob: bytes) -> dict:
             out["float_weights"] += n
     out["rest"] = out["total"] - sum(v for k, v in out.items() if k != "total")
     return out
+
+
+def images_where(images: ImageSet, mask: torch.Tensor) -> ImageSet:
+    idx = torch.nonzero(mask).flatten()
+    return ImageSet(images.images[idx], images.labels[idx], tuple(images.paths[i] for i in idx.tolist()),
+                    images.preprocess)
 
 
 def ort_folds_decode(blob: bytes) -> dict:
@@ -119,6 +128,12 @@ def main() -> None:
     ap.add_argument("--keep", default="first", help="layers kept at 8-bit uniform: first,last,depthwise or none")
     ap.add_argument("--latency-runs", type=int, default=20)
     ap.add_argument("--torch-threads", type=int, default=2)
+    ap.add_argument("--finetune-biases", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--finetune-last", action=argparse.BooleanOptionalAction, default=True,
+                    help="fine-tune the classifier (the last PQ layer)")
+    ap.add_argument("--holdout", action="store_true",
+                    help="calibrate and fine-tune on the calib images of the first five classes (sorted folder "
+                         "names) only and score float and PQ on the dev-val images of the other five")
     ap.add_argument("--skip-reconstruction", action="store_true", help="ResNet-18: skip the un-folded check")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -134,9 +149,15 @@ def main() -> None:
         weights = efficientnet_lite0_weights_path()
     model = build_model(args.model, weights).eval()
     pre = Preprocess(224, 1.0, *default_normalization(args.model))
-    val = load_images(shared / "data/imagenette/dev-val", pre, labelled=True,
-                      class_map=load_class_map(shared / "data/imagenette/class_map.json"), num_classes=1000)
-    calib = load_images(shared / "data/imagenette/calib", pre)
+    class_map = load_class_map(shared / "data/imagenette/class_map.json")
+    val = load_images(shared / "data/imagenette/dev-val", pre, labelled=True, class_map=class_map, num_classes=1000)
+    calib = load_images(shared / "data/imagenette/calib", pre, labelled=True, class_map=class_map, num_classes=1000)
+    if args.holdout:
+        seen = [class_map[w] for w in sorted(class_map)[:5]]
+        calib = images_where(calib, torch.isin(calib.labels, torch.tensor(seen)))
+        val = images_where(val, ~torch.isin(val.labels, torch.tensor(seen)))
+        print(f"held-out classes: calibration on classes {seen} ({len(calib)} images), dev-val of the other five "
+              f"({len(val)} images)", flush=True)
     folded = fold_batchnorm(model)
     float_bytes = onnx_bytes(export_onnx(folded, 224))
     result: dict = {"model": args.model, "args": vars(args), "float": {"onnx_bytes": len(float_bytes)}, "rows": []}
@@ -160,8 +181,9 @@ def main() -> None:
         result["reconstruction"] = {"layers": rec["layers"], "max_relative_error": float(errs.max()),
                                     "mean_relative_error": float(errs.mean()), "top1_torch": top1(q_torch, val.labels),
                                     "float_top1_torch": top1(f_torch, val.labels), "seconds": secs}
+        result["reconstruction"]["layers_within_1e-5"] = int((errs <= 1e-5).sum())
         print(f"ResNet-18 un-folded, small blocks, no fine-tuning: relative weight error max {errs.max():.2e} "
-              f"mean {errs.mean():.2e} over {len(errs)} layers; top-1 (PyTorch) {top1(q_torch, val.labels):.2f}% "
+              f"mean {errs.mean():.2e} over {len(errs)} layers, {int((errs <= 1e-5).sum())} within 1e-5; top-1 (PyTorch) {top1(q_torch, val.labels):.2f}% "
               f"vs float {top1(f_torch, val.labels):.2f}% ({secs:.0f} s)", flush=True)
         for r in rec["layers"]:
             print(f"  {r['name']:<24} d={r['block_size']:<3} distinct {r['distinct_subvectors']:>6}  k={r['codewords']:<4}"
@@ -170,7 +192,7 @@ def main() -> None:
     for blocks in args.blocks:
         st = PqSettings(blocks=blocks, codewords=args.codewords, em_iters=args.em_iters,
                         finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, calib_size=args.calib_size,
-                        selection=selection)
+                        finetune_biases=args.finetune_biases, finetune_last=args.finetune_last, selection=selection)
         t0 = time.perf_counter()
         plan = search_pq(folded, st, calib)
         secs = time.perf_counter() - t0

@@ -5,7 +5,10 @@ sub-vectors of `block_size` values (the layout of `plan.Codebook`); one codebook
 codewords per layer (uint8 codes). The codebook is fitted by an EM whose objective is the error
 on the layer's outputs for in-domain inputs, sum_j (w_j - w^_j)^T H_b (w_j - w^_j), H_b the second
 moment of the inputs that sub-vector j multiplies (the diagonal d x d blocks of the unfolded-input
-covariance; the paper's objective ||x W - x W^||^2 without the cross terms between blocks).
+second moment; the paper's objective ||x W - x W^||^2 without the cross terms between blocks).
+With bias correction (the default) H is the covariance instead: the bias absorbs the shift of the
+output mean, so only the error on the inputs' variation is left, and the codebook is not spent on
+the mean response that dominates the second moment of post-ReLU inputs.
 
 - E-step: every sub-vector to its best codeword under its own H_b, as batched matrix products.
 - M-step: codeword c = (sum_j H_bj)^-1 sum_j H_bj w_j over the sub-vectors assigned to c (the
@@ -54,6 +57,7 @@ log = logging.getLogger(__name__)
 BLOCK_PRESETS = ("small", "large")
 _FIXED_KINDS = ("1x1", "kxk", "depthwise", "linear")
 _CHUNK = 1 << 22  # elements per chunk of the n x k distance matrix / of unfolded inputs
+DAMPING = 1e-2  # fit_codebook's ridge, relative to the layer's mean input energy per coordinate
 
 
 def block_kind(m: nn.Module) -> str:
@@ -112,13 +116,17 @@ class PqSettings:
     per-kind overrides ("3x3=18,1x1=8"; an explicit size that does not divide a layer is an
     error, a preset size that does not falls back to the small one). codewords: per layer, 1-256
     (uint8 codes). em_iters: EM iterations per layer. finetune_steps / finetune_lr / batch_size:
-    distillation fine-tuning (Adam) of codewords, channel scales and biases; 0 steps skips it.
-    calib_size: calibration images used (fine-tuning, output means); stats_size: the first of them
-    used for each layer's input statistics (one forward per layer: the search's main cost). channel_scale: a float16
+    distillation fine-tuning (Adam) of codewords, channel scales and biases; 0 steps skips it;
+    finetune_biases=False keeps the (corrected) biases fixed, finetune_last=False keeps the last
+    product-quantized layer (the classifier) fixed: both can carry the class prior of the
+    calibration images into the model.
+    calib_size: calibration images used (fine-tuning); stats_size: a subset of them used for each
+    layer's input statistics and the float output means of the bias correction (one forward per layer: the search's main cost). channel_scale: a float16
     scale per output channel; bias_correction: match each layer's output mean to the float
     network's. error_feedback: after the EM, assign the codes block by block over the filter,
     each block's error compensated in the blocks not yet assigned (GPTQ-style, with the full
-    input covariance, which the EM's block-diagonal objective ignores). seed: initialization and batch order. selection: layers kept on a uniform grid at
+    input covariance, which the EM's block-diagonal objective ignores). damping: the EM's ridge
+    (see `fit_codebook`), relative to the layer's mean input energy. seed: initialization and batch order. selection: layers kept on a uniform grid at
     keep_bits (first / last / depthwise) or left in float (skip); every other Conv/Linear is
     product-quantized."""
 
@@ -135,6 +143,9 @@ class PqSettings:
     channel_scale: bool = True
     bias_correction: bool = True
     error_feedback: bool = True
+    finetune_biases: bool = True
+    finetune_last: bool = True
+    damping: float = DAMPING
     seed: int = 0
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first",)))
 
@@ -157,6 +168,9 @@ class PqSettings:
         _int("calib_size", 1)
         _int("stats_size", 1)
         _int("seed", 0)
+        if isinstance(self.damping, bool) or not (isinstance(self.damping, (int, float)) and np.isfinite(self.damping)
+                                                  and self.damping >= 0):
+            raise SettingsError(f"damping must be a number >= 0, got {self.damping!r}")
         if not (isinstance(self.finetune_lr, (int, float)) and np.isfinite(self.finetune_lr) and self.finetune_lr > 0):
             raise SettingsError(f"finetune_lr must be a positive number, got {self.finetune_lr!r}")
         if not isinstance(self.selection, LayerSelection):
@@ -233,24 +247,36 @@ def _round_scaled(C: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def fit_codebook(w: torch.Tensor, H: torch.Tensor, k: int, iters: int = 20, *, channel_scale: bool = True,
-                 generator: torch.Generator | None = None) -> PqFit:
+                 damping: float = DAMPING, generator: torch.Generator | None = None) -> PqFit:
     """EM for one layer. w: (C_out, m, d) sub-vectors; H: (G, m, d, d) input second moments per
     group and block (identity blocks give plain k-means); k: codewords (fewer are used when the
-    layer has fewer distinct sub-vectors, which are then reproduced exactly)."""
+    layer has fewer distinct sub-vectors, which are then reproduced exactly).
+
+    damping: the EM minimizes sum_j (w_j - w^_j)^T (H_bj + lam I) (w_j - w^_j) with lam = damping
+    times the layer's mean input energy per coordinate (mean diagonal of H). Without it, input
+    directions the calibration never excites (dead channels: H_b = 0) leave the assignment
+    arbitrary and the codeword update ill-conditioned, so those weights come out anywhere (ResNet-18's
+    layer1.0.conv1: relative weight error 2.6 at activation-weighted error 0). With it, such blocks
+    fall back to plain k-means and each codeword update is pulled toward its plain centroid;
+    `error` is still measured with the undamped H."""
     w = w.detach().float()
     H = H.detach().float()
     O, m, d = w.shape
     G = H.shape[0]
     if H.shape != (G, m, d, d) or O % G:
         raise ValueError(f"H {tuple(H.shape)} does not fit sub-vectors {tuple(w.shape)}")
+    if not (isinstance(damping, (int, float)) and np.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping must be a number >= 0, got {damping!r}")
     n = O * m
     gen = generator or torch.Generator().manual_seed(0)
+    wf = w.reshape(n, d)
+    wHw = float((wf * _apply_h(H, w).reshape(n, d)).sum().clamp_min(1e-30))  # undamped, for `error`
+    energy = float(torch.diagonal(H, dim1=2, dim2=3).mean().clamp_min(1e-30))
+    H_obj = H
+    H = H + max(damping, 1e-6) * energy * torch.eye(d)  # 1e-6: the solve's floor when damping is 0
     Hf = H.reshape(G * m, d, d)
-    lam = 1e-6 * float(torch.diagonal(Hf, dim1=1, dim2=2).mean().clamp_min(1e-30))
     hidx = _block_index(O, G, m).reshape(n)
     Hw = _apply_h(H, w).reshape(n, d)
-    wf = w.reshape(n, d)
-    wHw = float((wf * Hw).sum().clamp_min(1e-30))
     owner = torch.arange(n) // m  # output channel of each sub-vector
 
     if channel_scale:
@@ -288,7 +314,6 @@ def fit_codebook(w: torch.Tensor, H: torch.Tensor, k: int, iters: int = 20, *, c
         A = (counts @ Hf.reshape(G * m, d * d)).reshape(k, d, d).double()
         r = torch.zeros(k, d).index_add_(0, codes, Hw * s[owner, None]).double()
         used = torch.bincount(codes, minlength=k) > 0
-        A = A + lam * torch.eye(d, dtype=torch.float64)
         C_new = C.clone()
         C_new[used] = torch.linalg.solve(A[used], r[used].unsqueeze(-1)).squeeze(-1).float()
         if not bool(used.all()):  # empty codewords restart at the worst-reconstructed sub-vectors
@@ -317,7 +342,7 @@ def fit_codebook(w: torch.Tensor, H: torch.Tensor, k: int, iters: int = 20, *, c
     codes = assign(C, Q)
     fit = PqFit(C, codes.reshape(O, m), s if channel_scale else None, 0.0, it)
     e = wf - fit.weight().reshape(n, d)
-    err = float((e * _apply_h(H, e.reshape(O, m, d)).reshape(n, d)).sum()) / wHw
+    err = float((e * _apply_h(H_obj, e.reshape(O, m, d)).reshape(n, d)).sum()) / wHw
     return dataclasses.replace(fit, error=err)
 
 
@@ -331,9 +356,7 @@ def assign_with_feedback(w: torch.Tensor, H: torch.Tensor, fit: PqFit, damp: flo
     G, FF, _ = H.shape
     C, s = fit.codewords, fit.scale if fit.scale is not None else torch.ones(O)
     W = w.reshape(G, O // G, FF).double().clone()
-    Hd = H.double() + damp * torch.diagonal(H.double(), dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None] \
-        * torch.eye(FF, dtype=torch.float64)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)  # (G, FF, FF)
+    U = _inverse_cholesky(H.double(), damp)  # (G, FF, FF)
     codes = torch.empty(G, O // G, m, dtype=torch.long)
     sg = s.reshape(G, O // G).double()
     Cd = C.double()
@@ -351,6 +374,27 @@ def assign_with_feedback(w: torch.Tensor, H: torch.Tensor, fit: PqFit, damp: flo
             W[:, :, (b + 1) * d:] -= E @ torch.linalg.solve(Ubb, U[:, sl, (b + 1) * d:])
     new = dataclasses.replace(fit, codes=codes.reshape(O, m))
     return dataclasses.replace(new, error=full_error(w, H, new.weight()))
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean diag * I)^-1, per group; the damping grows tenfold
+    (at most three times) while rounding leaves the inverse not numerically positive definite."""
+    FF = H.shape[-1]
+    H = (H + H.transpose(1, 2)) / 2
+    scale = torch.diagonal(H, dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None]
+    for attempt in range(4):
+        L, info = torch.linalg.cholesky_ex(H + damp * scale * torch.eye(FF, dtype=H.dtype))
+        if not bool(info.any()):
+            inv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex((inv + inv.transpose(1, 2)) / 2, upper=True)
+            if not bool(info.any()):
+                return U
+        if attempt < 3:
+            log.info("error feedback: input covariance not numerically positive definite at damping %g; using %g",
+                     damp, 10 * damp)
+            damp *= 10
+    raise ModelError("error feedback: the input covariance is not positive definite even with damping "
+                     f"{damp:g} (non-finite inputs?)")
 
 
 def full_error(w: torch.Tensor, H: torch.Tensor, w_hat: torch.Tensor) -> float:
@@ -387,14 +431,16 @@ def _unfold(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         elif all(k % 2 for k in mod.kernel_size):
             pad = tuple(dl * (k - 1) // 2 for k, dl in zip(mod.kernel_size, mod.dilation))
         else:
-            raise ModelError(f"padding='same' with an even kernel is not supported by pq")
+            raise ModelError("padding='same' with an even kernel is not supported by pq")
     return F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)
 
 
-def _input_stats(model: nn.Module, mod: nn.Module, geom: _Geom, images, batch_size: int, full: bool = False):
+def _input_stats(model: nn.Module, mod: nn.Module, geom: _Geom, images, batch_size: int, full: bool = False,
+                 centered: bool = False):
     """H (G, m, d, d) and mean patch (G, m*d) of `mod`'s input over the images; the forward
     stops right after the layer's input is seen. full: H is the whole (G, m*d, m*d) second
-    moment per group instead of its diagonal blocks."""
+    moment per group instead of its diagonal blocks. centered: H is the covariance E[(x-mu)(x-mu)^T]
+    instead of the second moment E[x x^T] (the error left once the bias absorbs the mean shift)."""
     G, m, d = geom.groups, geom.m, geom.d
     if full:
         m, d = 1, m * d  # one block of the whole filter: the same code gives the full matrix
@@ -427,7 +473,11 @@ def _input_stats(model: nn.Module, mod: nn.Module, geom: _Geom, images, batch_si
     if count[0] == 0:
         raise ModelError(f"layer {geom.name} was never called by the model's forward")
     n = float(count[0])
-    return (H / n).float().reshape(G, m, d, d), (mu / n).float().reshape(G, m * d)
+    H, mu = H / n, mu / n
+    if centered:
+        mb = mu.reshape(G * m, d)
+        H = H - mb[:, :, None] * mb[:, None, :]
+    return H.float().reshape(G, m, d, d), mu.float().reshape(G, m * d)
 
 
 def _output_means(model: nn.Module, mods: dict[str, nn.Module], images, batch_size: int) -> dict[str, torch.Tensor]:
@@ -479,6 +529,13 @@ def _codebook_weight(cw: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor 
     return w.reshape(shape)
 
 
+def _stored_bias(b: torch.Tensor) -> np.ndarray:
+    """float16 (half the bytes; its rounding, 2^-11 of each value, is far below the PQ error) unless
+    a value is out of float16's range, then float32."""
+    b16 = b.half()
+    return (b16 if bool(torch.isfinite(b16).all()) else b.float()).numpy()
+
+
 def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
     """Product-quantize every selected Conv2d/Linear of a BN-folded model (see module doc)."""
     if calib is None or len(calib) == 0:
@@ -499,7 +556,10 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
 
     student = copy.deepcopy(model).eval()
     slayers = quantizable_layers(student)
-    targets = _output_means(model, layers, images, bs) if settings.bias_correction else {}
+    # the float output means on the very images the student's input means come from: on other
+    # images the sampling difference of the two means goes into the bias (EfficientNet-Lite0:
+    # 8.5% relative error in the first depthwise layer's output mean with 64 vs 16 images)
+    targets = _output_means(model, layers, stats_images, bs) if settings.bias_correction else {}
     state: dict[str, dict] = {}
     plans: dict[str, LayerPlan] = {}
     for name in progress(order, len(order), "pq: layers"):
@@ -517,14 +577,17 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
             continue
         g = geoms[name]
         feedback = settings.error_feedback and g.m > 1
-        H, mu = _input_stats(student, mod, g, stats_images, bs, full=feedback)
+        # with bias correction the mean shift of the output is absorbed by the bias: fit the covariance.
+        # Post-ReLU inputs have means far above their spread, and the second moment would spend the
+        # codebook on the mean response
+        H, mu = _input_stats(student, mod, g, stats_images, bs, full=feedback, centered=settings.bias_correction)
         wv = w.reshape(w.shape[0], g.m, g.d)
         Hfull = None
         if feedback:  # diagonal blocks for the EM, the full matrix for the sequential assignment
             Hfull = H.reshape(g.groups, g.m * g.d, g.m * g.d)
             H = torch.diagonal(H.reshape(g.groups, g.m, g.d, g.m, g.d), dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
         fit = fit_codebook(wv, H, settings.codewords, settings.em_iters, channel_scale=settings.channel_scale,
-                           generator=gen)
+                           damping=settings.damping, generator=gen)
         extra = {}
         if Hfull is not None:
             extra["full_error_without_feedback"] = full_error(wv, Hfull, fit.weight())
@@ -566,7 +629,7 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
             cb = Codebook(block_size=geoms[name].d, codewords=st["codewords"].detach().numpy().astype(np.float16),
                           codes=st["codes"].numpy().astype(np.uint8),
                           scale=None if st["scale"] is None else st["scale"].detach().numpy().astype(np.float16),
-                          bias=st["bias"].detach().numpy().astype(np.float32))
+                          bias=_stored_bias(st["bias"].detach()))
             w = layers[name].weight.detach().numpy()
             w_hat = cb.decode(lp.shape)
             info = {**lp.info, "relative_weight_mse": float(((w_hat - w) ** 2).mean() / max((w ** 2).mean(), 1e-30))}
@@ -583,7 +646,10 @@ def _finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modu
     from torch.func import functional_call
 
     params, shapes = {}, {}
+    frozen = set() if settings.finetune_last else {list(state)[-1]}
     for name, st in state.items():
+        if name in frozen:
+            continue
         cw = st["codewords"].clone().requires_grad_(True)
         k = cw.shape[0]
         counts = torch.bincount(st["codes"].reshape(-1), minlength=k).float().clamp_min(1.0)
@@ -591,12 +657,16 @@ def _finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modu
         st["codewords"] = cw
         if st["scale"] is not None:
             st["scale"] = st["scale"].clone().requires_grad_(True)
-        st["bias"] = st["bias"].clone().requires_grad_(True)
+        if settings.finetune_biases:
+            st["bias"] = st["bias"].clone().requires_grad_(True)
         shapes[name] = tuple(slayers[name].weight.shape)
-        params[name] = [p for p in (cw, st["scale"], st["bias"]) if p is not None]
+        params[name] = [p for p in (cw, st["scale"], st["bias"]) if p is not None and p.requires_grad]
+    if not params:
+        return {}
     opt = torch.optim.Adam([p for ps in params.values() for p in ps], lr=settings.finetune_lr)
     with torch.no_grad():
-        teacher_logits = torch.cat([teacher(x) for x in images.batches(settings.batch_size)])
+        teacher_logits = torch.cat([teacher(x.contiguous(memory_format=torch.channels_last))
+                                    for x in images.batches(settings.batch_size)])
     n = len(images)
     student.eval()
     losses = []
@@ -608,9 +678,11 @@ def _finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modu
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos:pos + settings.batch_size]
         pos += settings.batch_size
-        x = images.preprocess.normalize(images.images[idx])
+        # channels-last input: PyTorch's CPU convolutions (depthwise above all) run ~1.5x faster fwd+bwd
+        x = images.preprocess.normalize(images.images[idx]).contiguous(memory_format=torch.channels_last)
         overrides = {}
-        for name, st in state.items():
+        for name in params:  # frozen layers keep the weights and biases already in the student
+            st = state[name]
             overrides[f"{name}.weight"] = _codebook_weight(st["codewords"], st["codes"], st["scale"], shapes[name])
             overrides[f"{name}.bias"] = st["bias"]
         logits = functional_call(student, overrides, (x,))
@@ -619,7 +691,7 @@ def _finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modu
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    for st in state.values():
+    for st in (state[name] for name in params):
         for key in ("codewords", "scale", "bias"):
             if st[key] is not None:
                 st[key] = st[key].detach()
@@ -629,9 +701,13 @@ def _finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modu
             st["codewords"] = st["codewords"].half().float()
     head = float(np.mean(losses[: max(1, len(losses) // 10)]))
     tail = float(np.mean(losses[-max(1, len(losses) // 10):]))
-    log.info("fine-tuning: %d steps, distillation loss %.4f -> %.4f (%.1f s)", len(losses), head, tail,
-             time.perf_counter() - t0)
-    return {"steps": len(losses), "loss_first": head, "loss_last": tail, "seconds": time.perf_counter() - t0}
+    # the soft cross-entropy's floor is the teacher's entropy: loss - entropy is the KL to the teacher
+    p = F.softmax(teacher_logits, 1)
+    entropy = float(-(p * F.log_softmax(teacher_logits, 1)).sum(1).mean())
+    log.info("fine-tuning: %d steps, distillation loss %.4f -> %.4f (teacher entropy %.4f: KL %.4f -> %.4f) (%.1f s)",
+             len(losses), head, tail, entropy, head - entropy, tail - entropy, time.perf_counter() - t0)
+    return {"steps": len(losses), "loss_first": head, "loss_last": tail, "teacher_entropy": entropy,
+            "seconds": time.perf_counter() - t0}
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -671,13 +747,20 @@ PQ_OPTIONS = (
     CliOption("--em-iters", "em_iters", int, "PQ EM iterations per layer [20]."),
     CliOption("--finetune-steps", "finetune_steps", int, "PQ distillation fine-tuning steps, 0 = none [100]."),
     CliOption("--finetune-lr", "finetune_lr", float, "PQ fine-tuning learning rate (Adam) [1e-4]."),
-    CliOption("--calib-size", "calib_size", int, "Calibration images used [256 for pq]."),
+    CliOption("--calib-size", "calib_size", int, "Calibration images used [256]."),
     CliOption("--stats-size", "stats_size", int,
               "PQ: calibration images for each layer's input statistics (one forward each) [64]."),
     CliOption("--error-feedback/--no-error-feedback", "error_feedback", bool,
               "PQ: assign codes block by block, compensating each block's error in the next ones [on]."),
     CliOption("--channel-scale/--no-channel-scale", "channel_scale", bool,
               "PQ: float16 scale per output channel (BN-folded weights) [on]."),
+    CliOption("--finetune-biases/--no-finetune-biases", "finetune_biases", bool,
+              "PQ: fine-tune the (corrected) biases too [on]."),
+    CliOption("--finetune-last/--no-finetune-last", "finetune_last", bool,
+              "PQ: fine-tune the last layer (the classifier) too [on]."),
+    CliOption("--damping", "damping", float,
+              "PQ: EM ridge toward plain k-means, relative to the layer's mean input energy; keeps weights the "
+              "calibration never excites [0.01]."),
     CliOption("--bias-correction/--no-bias-correction", "bias_correction", bool,
               "PQ: correct biases so output means match the float model [on]."),
 )

@@ -1,6 +1,5 @@
 import numpy as np
 import onnx
-import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
@@ -49,10 +48,15 @@ def test_structure(planned):
         assert books.data_type == onnx.TensorProto.FLOAT16 and list(books.dims) == list(lp.codebook.codewords.shape)
         assert inits[f"{w}_codescale"].data_type == onnx.TensorProto.FLOAT16
         made = [n for n in proto.graph.node if n.name.startswith(f"{w}_")]
-        assert [n.op_type for n in made] == ["Cast", "Cast", "Gather", "Reshape", "Cast", "Mul"]
-        assert all({p.key: p.value for p in n.metadata_props}["cora_onnx.pass"] == "CodebookDecodePass" for n in made)
+        assert [n.op_type for n in made] == ["Cast", "Cast", "Gather", "Reshape", "Cast", "Mul", "Cast"]
+        meta = [{p.key: p.value for p in n.metadata_props} for n in made]
+        assert all(m["cora_onnx.pass"] == "CodebookDecodePass" for m in meta)
+        assert [m.get("cora_onnx.block_size") for m in meta] == [None, None, str(lp.codebook.block_size)] + [None] * 4
         consumer = next(n for n in proto.graph.node if f"{w}_decoded" in n.input)
-        assert consumer.input[2] == f"{lp.name}.bias_corrected"
+        assert inits[f"{lp.name}.bias_corrected"].data_type == onnx.TensorProto.FLOAT16  # Cast to float in the graph
+        assert consumer.input[2] == f"{w}_bias_float" and made[-1].input == [f"{lp.name}.bias_corrected"]
+    # the exporter's debug metadata (stack traces, FX node text) is not shipped
+    assert not [p.key for n in proto.graph.node for p in n.metadata_props if p.key.startswith(("pkg.torch", "namespace"))]
     order = {o: i for i, n in enumerate(proto.graph.node) for o in n.output}
     for i, n in enumerate(proto.graph.node):
         assert all(order.get(inp, -1) < i for inp in n.input)
@@ -97,7 +101,7 @@ def test_conv_without_bias_gets_the_corrected_bias(tmp_path):
     assert plan.layer("0").codebook.bias is not None
     blob = onnx_bytes(apply_plan(export_onnx(model, 8), plan))
     conv = next(n for n in onnx.load_from_string(blob).graph.node if n.op_type == "Conv")
-    assert conv.input[2] == "0.bias_corrected"
+    assert conv.input[2] == "0.weight_bias_float"  # Cast of the float16 initializer 0.bias_corrected
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         ref = apply_plan_torch(model, plan)(x).numpy()

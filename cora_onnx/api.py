@@ -24,8 +24,8 @@ from .pipeline import apply_plan
 from .plan import Plan
 from .report import environment, write_report
 from .search import METHODS
-from .verify import (cpu_threads, fidelity, measure_latency, parity, predict_onnx, predict_torch, session, size_breakdown,
-                     top1)
+from .verify import (cpu_threads, fidelity, measure_latency, parity, predict_onnx, predict_torch, session,
+                     size_breakdown, top1)
 
 __all__ = ["QuantizeResult", "quantize", "make_settings", "export_plan", "effective_bits"]
 
@@ -97,7 +97,9 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
         if calib is None:
             raise SettingsError("integer activations (act_bits=8) need calibration images (calib=DIR)")
         scheme = choose_scheme()
-        bits, method_options = _fit_weight_bits(bits, method_options, scheme.weight_bits)
+        fields = frozenset(f.name for f in dataclasses.fields(METHODS[method].settings)) \
+            if method in METHODS else frozenset()
+        bits, method_options = _fit_weight_bits(bits, method_options, scheme.weight_bits, fields)
     if out_format not in ("onnx", "ort"):
         raise SettingsError(f"output format must be onnx or ort, got {out_format!r}")
     if method in METHODS and "seed" in {f.name for f in dataclasses.fields(METHODS[method].settings)}:
@@ -191,15 +193,15 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
     return QuantizeResult(report_dict, plan, Path(out), model, qmodel)
 
 
-def _fit_weight_bits(bits: int, options: dict, weight_bits: int) -> tuple[int, dict]:
+def _fit_weight_bits(bits: int, options: dict, weight_bits: int, fields: frozenset = frozenset()) -> tuple[int, dict]:
     """Cap the weight grids (target and kept layers, and CoRa's adapters unless float) at the width
-    the CPU's integer kernels take."""
+    the CPU's integer kernels take. fields: the method's settings fields."""
     options = dict(options)
     if bits > weight_bits:
         log.info("integer kernels on this CPU take %d-bit weights: using %d instead of %d bits", weight_bits,
                  weight_bits, bits)
         bits = weight_bits
-    if options.get("adapter_bits", 8) > weight_bits:  # CoRa's adapter branches run as integer convs too
+    if "adapter_bits" in fields and options.get("adapter_bits", 8) > weight_bits:  # CoRa's branches: integer convs too
         options["adapter_bits"] = weight_bits
     sel = options.get("selection")
     if sel is not None and sel.keep_bits > weight_bits:

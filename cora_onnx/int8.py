@@ -8,7 +8,6 @@ import collections
 import logging
 from typing import Mapping
 
-import onnx
 import onnx_ir as ir
 
 from passes import ActivationQDQPass, QuantScheme, activation_layout

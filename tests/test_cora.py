@@ -16,7 +16,7 @@ from cora_onnx.models import build_model
 from cora_onnx.pipeline import apply_plan
 from cora_onnx.plan import LayerPlan, LowRankAdapter, Plan
 from cora_onnx.quantizers import QuantSpec, quantize_weight
-from cora_onnx.search import LayerSelection, uniform_from
+from cora_onnx.search import uniform_from
 from cora_onnx.search.cora import CoraSettings, butterworth, search_cora
 
 

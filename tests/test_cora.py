@@ -144,3 +144,17 @@ def test_cli_cora_and_option_checks(digits, tmp_path):
     assert "quantized_no_adapters" in r["latency_ms"]
     shown = runner.invoke(main, ["inspect", str(tmp_path / "c.onnx")])
     assert "rank=" in shown.output and "adapter_bytes=" in shown.output
+
+
+def test_fixed_classifier_keeps_its_bias_and_grid(setup):
+    """--no-fit-classifier: no per-class statistics correction or bias tuning on Linear layers."""
+    model, calib = setup
+    fc = [n for n, m in quantizable_layers(model).items() if isinstance(m, torch.nn.Linear)]
+    kw = dict(bits=3, budget=0.05, iters=10, finetune_iters=5)
+    fitted = {lp.name: lp for lp in search_cora(model, CoraSettings(**kw), calib).layers}
+    fixed = {lp.name: lp for lp in search_cora(model, CoraSettings(fit_classifier=False, **kw), calib).layers}
+    plain = quantize_weight(quantizable_layers(model)[fc[0]].weight.detach(), CoraSettings(**kw).spec(8))
+    assert fc and fitted[fc[0]].bias is not None  # the default corrects the classifier
+    assert fixed[fc[0]].bias is None
+    assert np.allclose(fixed[fc[0]].uniform.scale, plain.scale.numpy())
+    assert any(fixed[n].bias is not None for n in fixed if n not in fc)  # convs are still corrected

@@ -88,6 +88,7 @@ class CoraSettings:
     svd: str | None = None
     stats: str | None = None
     stats_size: int = 128
+    fit_classifier: bool = True
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first", "last", "depthwise")))
     seed: int = 0
 
@@ -151,6 +152,9 @@ CORA_OPTIONS = (
     CliOption("--rounding", "rounding", ROUNDINGS, "Weight rounding: nearest, or GPTQ error feedback [default gptq]."),
     CliOption("--svd", "svd", SVDS, "Residual decomposition: plain weight SVD, or in the metric of the layer "
               "inputs [default activation]."),
+    CliOption("--fit-classifier/--no-fit-classifier", "fit_classifier", bool,
+              "Let the statistics correction and the bias fine-tuning touch Linear (classifier) layers: their "
+              "per-class corrections are fitted on the calibration images' classes [fit]."),
     CliOption("--stats", "stats", STATS, "Correct each layer's output statistics toward the float network: "
               "none, mean only, or mean and std [default float]."),
 )
@@ -277,7 +281,7 @@ def _float_statistics(model: nn.Module, layers: dict[str, nn.Module], need_cov: 
 
 @torch.no_grad()
 def _correct_statistics(student: nn.Module, wrapped: dict[str, _Layer], target: dict, batch: torch.Tensor,
-                        mode: str) -> None:
+                        mode: str, skip: frozenset = frozenset()) -> None:
     """One forward pass in layer order; each layer's output is corrected (and the correction folded
     into its gain and bias) before the next layer sees it."""
 
@@ -294,7 +298,7 @@ def _correct_statistics(student: nn.Module, wrapped: dict[str, _Layer], target: 
             return a.view(view) * (out - mu_q.view(view)) + mu_f.view(view)
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in wrapped.items()]
+    handles = [m.register_forward_hook(hook(n)) for n, m in wrapped.items() if n not in skip]
     try:
         student(batch)
     finally:
@@ -405,8 +409,10 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
         idx = torch.randint(len(calib), (settings.batch_size,), generator=gen)
         return calib.preprocess.normalize(calib.images[idx]), teacher_logits[idx]
 
+    # Linear layers (the classifier): per-class corrections, left alone unless fit_classifier
+    fixed = frozenset() if settings.fit_classifier else frozenset(n for n in wrapped if isinstance(layers[n], nn.Linear))
     if settings.stats != "none":
-        _correct_statistics(student, wrapped, float_stats, torch.cat(stats_batches), settings.stats)
+        _correct_statistics(student, wrapped, float_stats, torch.cat(stats_batches), settings.stats, fixed)
 
     # rank search: only the cutoffs are trained
     cs = [wrapped[n].c for n in adapted]
@@ -453,7 +459,7 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
             for w in wrapped.values():
                 w.gain.fill_(1.0)
         _reset_biases(wrapped, layers)
-        _correct_statistics(student, wrapped, float_stats, torch.cat(stats_batches), settings.stats)
+        _correct_statistics(student, wrapped, float_stats, torch.cat(stats_batches), settings.stats, fixed)
 
     # fine-tune adapter factors and biases by distillation
     if settings.finetune_iters > 0 and live:
@@ -461,7 +467,9 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
         for n in live:
             for p in (wrapped[n].a, wrapped[n].b):
                 params.append({"params": [p], "lr": 1e-3 * float(p.detach().pow(2).mean().sqrt()) + 1e-12})
-        for w in wrapped.values():
+        for name, w in wrapped.items():
+            if name in fixed:
+                continue
             w.bias.requires_grad_(True)
             params.append({"params": [w.bias], "lr": 1e-3 * float(w.bias.detach().pow(2).mean().sqrt()) + 1e-6})
         opt = torch.optim.Adam(params)

@@ -41,6 +41,7 @@ CONFIGS = {"rtn": ("rtn", {}), "reference": ("cora", {"preset": "reference"}), "
            # 8-bit integer activations (issue 5): the report's latency "no branches" is the same
            # activation-quantized model without its adapter branches
            "default-fixed-classifier": ("cora", {"preset": "default", "fit_classifier": False}),
+           "default-no-stats": ("cora", {"preset": "default", "stats": "none"}),
            "default-a8": ("cora", {"preset": "default", "act_bits": 8, "act_calib": "minmax"})}
 
 

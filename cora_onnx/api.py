@@ -86,6 +86,8 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
     Returns a QuantizeResult whose .report is the dict also written to `report` (JSON).
     """
     scheme = None
+    fields = frozenset(f.name for f in dataclasses.fields(METHODS[method].settings)) if method in METHODS \
+        else frozenset()
     if act_bits is not None:
         from .calibrate import CalibSettings
         from .int8 import ACT_BITS, choose_scheme
@@ -97,12 +99,10 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
         if calib is None:
             raise SettingsError("integer activations (act_bits=8) need calibration images (calib=DIR)")
         scheme = choose_scheme()
-        fields = frozenset(f.name for f in dataclasses.fields(METHODS[method].settings)) \
-            if method in METHODS else frozenset()
         bits, method_options = _fit_weight_bits(bits, method_options, scheme.weight_bits, fields)
     if out_format not in ("onnx", "ort"):
         raise SettingsError(f"output format must be onnx or ort, got {out_format!r}")
-    if method in METHODS and "seed" in {f.name for f in dataclasses.fields(METHODS[method].settings)}:
+    if "seed" in fields:
         method_options.setdefault("seed", seed)  # seeded searches follow --seed
     settings = make_settings(method, bits, method_options)
     m = METHODS[method]

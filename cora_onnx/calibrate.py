@@ -25,7 +25,8 @@ import onnx
 from .errors import DataError, SettingsError
 from .progress import progress
 
-__all__ = ["CALIB_METHODS", "DEFAULT_CALIB", "CalibSettings", "RangeHistogram", "collect_histograms", "compute_ranges", "calibrate"]
+__all__ = ["CALIB_METHODS", "DEFAULT_CALIB", "CalibSettings", "RangeHistogram", "collect_histograms", "compute_ranges",
+           "calibrate"]
 
 log = logging.getLogger(__name__)
 

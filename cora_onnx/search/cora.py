@@ -61,13 +61,14 @@ STATS = ("none", "mean", "float")
 @dataclass(frozen=True)
 class CoraSettings:
     """bits: weight bits (2-8); budget: adapter parameters as a fraction of the model's Conv/Linear
-    weight parameters; iters: total optimization steps (rank search + fine-tuning), at most 250 by
-    for the reference preset, 100 for the default one; finetune_iters: steps of those spent fine-tuning adapters after the ranks are
-    fixed; calib_size: calibration images used; batch_size: images per step; order: Butterworth
+    weight parameters; iters: total optimization steps (rank search + fine-tuning): 250 for the
+    reference preset, 100 for the default one; finetune_iters: steps of those spent fine-tuning
+    adapters after the ranks are fixed; calib_size: calibration images used; batch_size: images per step; order: Butterworth
     order n; lr: Adam step on the cutoffs; gamma: weight of the budget penalty; adapter_bits:
     8 (per-channel symmetric) or 0 for float adapters; preset: "default" or "reference" (fills
     every grid/rounding/svd/stats/finetune setting left as None); stats_size: images for the
-    statistics pass (input second moments, float statistics)."""
+    statistics pass (input second moments, float statistics); fit_classifier: False keeps Linear
+    layers out of the statistics correction and the bias fine-tuning."""
 
     bits: int = 4
     preset: str = "default"

@@ -73,7 +73,7 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
              float_out: str | Path | None = None, model_name: str | None = None, batch_size: int = 32,
              parity_images: int = 1000, latency_runs: int = 30, latency_batch: int | None = None,
              threads: int | None = None, seed: int = 0, act_bits: int | None = None, act_calib: str = "minmax",
-             out_format: str = "onnx", **method_options) -> QuantizeResult:
+             out_format: str = "onnx", adapter_layout: str = "auto", **method_options) -> QuantizeResult:
     """Quantize `model` with `method`, export to ONNX at `out`, verify in ONNX Runtime.
 
     calib: folder of calibration images (flat or per class; needed by data-driven methods, and
@@ -82,7 +82,11 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
     act_bits: 8 for integer activations (static, calibrated on calib with act_calib = "minmax",
     "percentile" or "mse"; weights then use the CPU's integer-kernel width, see
     cora_onnx.int8.choose_scheme); None keeps float activations. out_format: "onnx" or "ort"
-    (ONNX Runtime's ORT format, written by onnxruntime's own converter).
+    (ONNX Runtime's ORT format, written by onnxruntime's own converter). adapter_layout (CoRa):
+    "branch" exports each adapter as Conv(A) -> Conv(B) -> Add beside its Conv; "fold" (integer
+    activations only) stores the same factors but folds them into the Conv's integer weight when
+    ONNX Runtime loads the model, so the branches cost no inference time; "auto": fold with
+    act_bits, branch without.
     Returns a QuantizeResult whose .report is the dict also written to `report` (JSON).
     """
     scheme = None
@@ -100,6 +104,12 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
             raise SettingsError("integer activations (act_bits=8) need calibration images (calib=DIR)")
         scheme = choose_scheme()
         bits, method_options = _fit_weight_bits(bits, method_options, scheme.weight_bits, fields)
+    if adapter_layout not in ADAPTER_LAYOUTS:
+        raise SettingsError(f"adapter layout must be one of {', '.join(ADAPTER_LAYOUTS)}, got {adapter_layout!r}")
+    if adapter_layout == "fold" and act_bits is None:
+        raise SettingsError("adapter layout fold needs integer activations (act_bits=8): it folds the adapters "
+                            "into integer weights")
+    fold_bits = scheme.weight_bits if scheme is not None and adapter_layout in ("auto", "fold") else None
     if out_format not in ("onnx", "ort"):
         raise SettingsError(f"output format must be onnx or ort, got {out_format!r}")
     if "seed" in fields:
@@ -140,19 +150,27 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
     float_bytes = onnx_bytes(model_ir)
     extra = {}
-    if any(lp.adapter is not None for lp in plan.layers):  # the same model without its branches, timed alongside
+    adapted = any(lp.adapter is not None for lp in plan.layers)
+    if adapted:  # the same model without its branches, timed alongside
         bare = Plan(plan.method, plan.settings, tuple(dataclasses.replace(lp, adapter=None) for lp in plan.layers))
         bare_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), bare)
         extra["quantized_no_adapters"] = onnx_bytes(bare_ir) if scheme is None else \
             _integer_activations(bare_ir, program, apply_plan_torch(folded, bare), calib_set, scheme,
                                  calib_settings, threads)[0]
-    qmodel = apply_plan_torch(folded, plan)
+    if adapted and fold_bits is not None:  # and with the adapters as branch convolutions (latency only)
+        branch_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), plan)
+        extra["quantized_branches"] = _integer_activations(
+            branch_ir, program, apply_plan_torch(folded, plan), calib_set.subset(BRANCH_TIMING_CALIB, seed), scheme,
+            calib_settings, threads)[0]
+    qmodel = apply_plan_torch(folded, plan, fold_bits)
     act_report = None
     if scheme is None:
         quant_bytes = onnx_bytes(apply_plan(model_ir, plan))
     else:
-        quant_bytes, qmodel, act_report = _integer_activations(apply_plan(model_ir, plan), program, qmodel, calib_set,
-                                                               scheme, calib_settings, threads)
+        quant_bytes, qmodel, act_report = _integer_activations(apply_plan(model_ir, plan, fold_bits), program, qmodel,
+                                                               calib_set, scheme, calib_settings, threads)
+        if adapted:
+            act_report["adapter_layout"] = "fold" if fold_bits is not None else "branch"
 
     rep = _verify(model, qmodel, float_bytes, quant_bytes, val_set, calib_set, batch_size, parity_images,
                   latency_runs, latency_batch, threads, seed, pre, fold=scheme is None, extra=extra)
@@ -191,6 +209,10 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
     if report is not None:
         write_report(report_dict, report)
     return QuantizeResult(report_dict, plan, Path(out), model, qmodel)
+
+
+ADAPTER_LAYOUTS = ("auto", "branch", "fold")
+BRANCH_TIMING_CALIB = 128  # calibration images for the branch-layout model that is only timed
 
 
 def _fit_weight_bits(bits: int, options: dict, weight_bits: int, fields: frozenset = frozenset()) -> tuple[int, dict]:

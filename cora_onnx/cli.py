@@ -169,6 +169,10 @@ def main() -> None:
               "[rtn: first,last; cora: first,last,depthwise].")
 @click.option("--keep-bits", type=int, default=None, help="Bits of the layers named by --keep [8].")
 @_int8_options
+@click.option("--adapter-layout", type=click.Choice(["auto", "branch", "fold"]), default="auto", show_default=True,
+              help="CoRa adapters as branch convolutions beside each Conv, or (with --act-bits 8) folded into the Conv's "
+                   "integer weight when ONNX Runtime loads the file (the file keeps the low-bit grid and the factors; no branch latency). auto: fold "
+                   "with --act-bits, branch without.")
 @_preprocess_options
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size for evaluation.")
 @click.option("--latency-runs", type=int, default=30, show_default=True, help="Timed runs per model (after 5 warm-up runs).")
@@ -178,8 +182,8 @@ def main() -> None:
 @_common_logging
 @_guard
 def quantize(arch, weights, calib, val, class_map, bits, method, out, report, plan_out, float_out, keep, keep_bits,
-             act_bits, act_calib, out_format, input_size, crop_ratio, mean, std, batch_size, latency_runs, latency_batch, threads, seed, verbose, quiet,
-             **method_cli):
+             act_bits, act_calib, out_format, adapter_layout, input_size, crop_ratio, mean, std, batch_size, latency_runs,
+             latency_batch, threads, seed, verbose, quiet, **method_cli):
     """Search, export and verify: PyTorch model in, quantized ONNX model and report out."""
     _setup_logging(verbose, quiet)
     from .api import quantize as run
@@ -213,7 +217,7 @@ def quantize(arch, weights, calib, val, class_map, bits, method, out, report, pl
                  mean=mean or dmean, std=std or dstd, input_size=input_size or 224, crop_ratio=crop_ratio,
                  report=report, plan_out=plan_out, float_out=float_out, model_name=arch, batch_size=batch_size,
                  latency_runs=latency_runs, latency_batch=latency_batch, threads=threads, seed=seed,
-                 act_bits=int(act_bits) if act_bits else None, act_calib=act_calib, out_format=out_format, **options)
+                 act_bits=int(act_bits) if act_bits else None, act_calib=act_calib, out_format=out_format, adapter_layout=adapter_layout, **options)
     from .report import format_table
 
     click.echo(format_table(result.report))

@@ -8,9 +8,12 @@ import logging
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 import torch
 from torch import nn
+
+from passes import folded_grid
 
 from .errors import ModelError, PlanError
 from .io import atomic_write
@@ -48,9 +51,10 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
-def apply_plan_torch(model: nn.Module, plan: Plan) -> nn.Module:
+def apply_plan_torch(model: nn.Module, plan: Plan, fold_bits: int | None = None) -> nn.Module:
     """A copy of model whose planned weights are replaced by their dequantized values (and,
-    when a layer has an adapter, wrapped with the low-rank branch)."""
+    when a layer has an adapter, wrapped with the low-rank branch; with fold_bits, the adapter
+    is folded into the weight on a fold_bits grid instead, as passes.AdapterFoldPass exports it)."""
     model = copy.deepcopy(model).eval()
     layers = quantizable_layers(model)
     for lp in plan.layers:
@@ -64,7 +68,11 @@ def apply_plan_torch(model: nn.Module, plan: Plan) -> nn.Module:
                 module.weight.copy_(torch.from_numpy(lp.uniform.dequantize()))
             if lp.bias is not None:
                 module.bias = nn.Parameter(torch.from_numpy(lp.bias.values.copy()))
-        if lp.adapter is not None:
+        if lp.adapter is not None and fold_bits is not None:
+            q, scale = folded_grid(lp, fold_bits)
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(q.astype(np.float32) * scale.reshape(-1, 1, 1, 1)))
+        elif lp.adapter is not None:
             parent, _, leaf = lp.name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, AdaptedConv(module, lp.adapter))
         if lp.codebook is not None:

@@ -74,6 +74,10 @@ def format_table(r: dict) -> str:
     ]
     if lat.get("quantized_folded") is not None:
         rows.append(("  weights folded at load", "", _ms(lat["quantized_folded"])))
+    for key, label in (("quantized_no_adapters", "  same model without adapters"),
+                       ("quantized_branches", "  adapters as branch convolutions")):
+        if lat.get(key) is not None:
+            rows.append((label, "", _ms(lat[key])))
     w = max(len(a) for a, _, _ in rows)
     lines = [f"cora-onnx: {r['model']}, method {r['method']}, {_weights(r)} -> {r['onnx_path']}"]
     lines += [f"  {a:<{w}}  {b:>12}  {c}" for a, b, c in rows]
@@ -96,7 +100,8 @@ def format_table(r: dict) -> str:
         k, sch = act["onnxruntime_kernels"], act["scheme"]
         lines.append(f"  activations: 8-bit {sch['act_dtype']}, ranges by {act['calibration']} on {act['calib_images']} "
                      f"images; weights {sch['weight_bits']}-bit ({sch['reason']})")
-        lines.append(f"  ONNX Runtime kernels: {k['integer']} integer, {k['float_compute']} float Conv/Gemm/MatMul")
+        lines.append(f"  ONNX Runtime kernels: {k['integer']} integer, {k['float_compute']} float Conv/Gemm/MatMul"
+                     + (f"; CoRa adapters: {act['adapter_layout']}" if act.get("adapter_layout") else ""))
     if r.get("ort_format"):
         o = r["ort_format"]
         lines.append(f"  ORT format ({o['optimization_level']} optimizations): {o['bytes'] / 1e6:.2f} MB, "

@@ -1,5 +1,6 @@
 """ONNX graph rewriting passes on onnx_ir. Pure ONNX: nothing here imports torch."""
 
+from .adapter_fold import AdapterFoldPass, folded_grid
 from .activation_qdq import ActivationQDQPass, QuantScheme, activation_layout, activation_qparams
 from .bias_update import BiasUpdatePass
 from .codebook_decode import CodebookDecodePass
@@ -7,5 +8,5 @@ from .low_rank_branch import LowRankBranchPass
 from .strip_metadata import StripExportMetadataPass
 from .weight_qdq import WeightQDQPass
 
-__all__ = ["ActivationQDQPass", "BiasUpdatePass", "CodebookDecodePass", "LowRankBranchPass", "QuantScheme",
-           "StripExportMetadataPass", "WeightQDQPass", "activation_layout", "activation_qparams"]
+__all__ = ["ActivationQDQPass", "AdapterFoldPass", "BiasUpdatePass", "CodebookDecodePass", "LowRankBranchPass", "QuantScheme",
+           "StripExportMetadataPass", "WeightQDQPass", "activation_layout", "activation_qparams", "folded_grid"]

@@ -14,10 +14,11 @@ The layout (which tensors get QuantizeLinear -> DequantizeLinear) is computed fr
   (exact), and the activation node is removed (what ORT's own QDQ tooling does too);
 - MaxPool, Pad (constant 0), Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity outputs
   share their input's scale and zero point, so ORT drops their Q/DQ and runs them on 8-bit data;
-- weights: an integer grid that does not fit the scheme (INT4 container, or 8-bit values where
-  7-bit weights are needed) is re-stored in an INT8 container when its values fit, else the
-  node stays float (logged); float weights are quantized per channel here (numpy MSE grid);
-  biases become INT32 with scale = input scale x weight scale.
+- weights: an integer grid in another container (INT4) is Cast to INT8 in the graph (the file
+  keeps the packed grid; ONNX Runtime folds the Cast at load); a grid whose values do not fit
+  the scheme (8-bit values where 7-bit weights are needed) leaves the node float (logged);
+  AdapterFoldPass's folded weights are integer weights too; float weights are quantized per
+  channel here (numpy MSE grid); biases become INT32 with scale = input scale x weight scale.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from cora_onnx.errors import PlanError
 from cora_onnx.npgrid import quantize_symmetric
 
 from ._util import add_initializer, default_opset, mark
+from .adapter_fold import FOLDED_BITS_KEY
 
 __all__ = ["ActivationQDQPass", "QuantScheme", "ActivationLayout", "activation_layout", "activation_qparams",
            "COMPUTE_OPS", "SHARE_OPS"]
@@ -116,16 +118,41 @@ def _weight_source(node: ir.Node) -> str | None:
         return None
     p = w.producer()
     if p is not None and p.op_type == "DequantizeLinear" and p.inputs[0] is not None \
-            and p.inputs[0].const_value is not None:
+            and (p.inputs[0].const_value is not None or _folded_bits(p) is not None):
         return "dq"
     if w.const_value is not None and w.dtype == ir.DataType.FLOAT and (node.op_type != "MatMul" or len(w.shape) == 2):
         return "float"
     return None
 
 
+def _folded_bits(dq: ir.Node) -> int | None:
+    """The grid width of a weight DequantizeLinear(QuantizeLinear(constant expression)) written
+    by AdapterFoldPass (folded by ONNX Runtime at load), else None."""
+    q = dq.inputs[0].producer() if dq.inputs[0] is not None else None
+    if q is None or q.op_type != "QuantizeLinear" or FOLDED_BITS_KEY not in q.metadata_props:
+        return None
+    return int(q.metadata_props[FOLDED_BITS_KEY])
+
+
+def _from_constants(value: ir.Value) -> bool:
+    """True when value is an initializer, a Constant, or computed from those alone (e.g. the
+    weight expression of AdapterFoldPass, which ONNX Runtime folds at load)."""
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if v is None or id(v) in seen or v.const_value is not None:
+            continue
+        seen.add(id(v))
+        p = v.producer()
+        if p is None:  # a graph input
+            return False
+        stack.extend(p.inputs)
+    return True
+
+
 def _is_activation(value: ir.Value) -> bool:
     return value is not None and value.const_value is None and _const(value) is None and value.dtype in (
-        ir.DataType.FLOAT, None)
+        ir.DataType.FLOAT, None) and not _from_constants(value)
 
 
 def _compute_nodes(graph: ir.Graph) -> list[ir.Node]:
@@ -361,6 +388,13 @@ class ActivationQDQPass(ir.passes.InPlacePass):
                 del graph.initializers[w.name]
             return scale
         dq = w.producer()
+        folded = _folded_bits(dq)
+        if folded is not None:  # symmetric, zero channels at scale 1, values within +-(2^(bits-1) - 1)
+            if folded > self.scheme.weight_bits:
+                log.warning("%s: folded %d-bit weight grid does not fit the %d-bit weights this CPU needs; "
+                            "left as a float kernel", node.name, folded, self.scheme.weight_bits)
+                return None
+            return np.asarray(_const(dq.inputs[1]), dtype=np.float32)
         qv = dq.inputs[0]
         qarr = np.asarray(qv.const_value.numpy()).astype(np.int16)
         zarr = np.asarray(_const(dq.inputs[2])).astype(np.int16) if len(dq.inputs) > 2 and dq.inputs[2] is not None \
@@ -378,21 +412,21 @@ class ActivationQDQPass(ir.passes.InPlacePass):
             log.warning("%s: blocked weight quantization has no integer conv kernel; left float", node.name)
             return None
         if qv.dtype != ir.DataType.INT8 or (dq.inputs[2] is not None and dq.inputs[2].dtype != ir.DataType.INT8):
-            # re-store the grid in an INT8 container (ORT's integer conv kernels need 8-bit weights)
-            users = [(u.node, u.idx) for u in qv.uses()]
-            new_q = add_initializer(graph, f"{qv.name}_int8", ir.Tensor(qarr.astype(np.int8), name=f"{qv.name}_int8"))
+            # ORT's integer conv kernels need an INT8 grid: a Cast from the stored container (INT4
+            # stays packed in the file; ORT constant-folds the Cast when the session loads)
+            users = [(u.node, u.idx) for u in qv.uses() if u.node.op_type == "DequantizeLinear"]
+            cast = ir.node("Cast", [qv], attributes={"to": ir.DataType.INT8}, name=f"{qv.name}_Cast_int8")
+            cast.outputs[0].name, cast.outputs[0].dtype, cast.outputs[0].shape = f"{qv.name}_int8", ir.DataType.INT8, qv.shape
             new_z = add_initializer(graph, f"{qv.name}_int8_zero_point",
                                     ir.Tensor(zarr.astype(np.int8).reshape(scale.shape), name=f"{qv.name}_int8_zero_point"))
+            graph.insert_before(dq, cast)
             for user, i in users:
-                if user.op_type == "DequantizeLinear":
-                    user.replace_input_with(i, new_q)
-                    if len(user.inputs) > 2:
-                        user.replace_input_with(2, new_z)
-                    else:
-                        user.resize_inputs(3)
-                        user.replace_input_with(2, new_z)
+                user.replace_input_with(i, cast.outputs[0])
+                if len(user.inputs) < 3:
+                    user.resize_inputs(3)
+                user.replace_input_with(2, new_z)
             mark(dq, dq.metadata_props.get("cora_onnx.pass", type(self).__name__),
-                 **{"container": "int8", "restored_by": type(self).__name__})
+                 **{"container": "int8 (Cast at load)", "restored_by": type(self).__name__})
         fixed = _zero_channel_scales(np.moveaxis(qarr, axis, 0), scale.reshape(-1)) if scale.size > 1 else scale
         if not np.array_equal(fixed.reshape(scale.shape), scale):
             new_s = add_initializer(graph, f"{qv.name}_scale_int8", ir.Tensor(fixed.reshape(scale.shape).astype(np.float32),

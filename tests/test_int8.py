@@ -1,5 +1,6 @@
 import json
 
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -61,19 +62,43 @@ def test_act_bits_needs_calib_and_valid_width(digits, tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_cora_adapters_with_integer_activations(digits, tmp_path):
-    """W3 CoRa with 8-bit activations: the adapter branches are capped at the CPU's weight width and
-    run as integer convolutions like the rest; parity is then against float activations."""
+@pytest.mark.parametrize("layout", ["auto", "branch"])
+def test_cora_adapters_with_integer_activations(digits, tmp_path, layout):
+    """W3 CoRa with 8-bit activations. auto (= fold): the adapters are folded into the integer
+    weights at load, so the running graph has exactly the kernels of the model without them, the
+    file keeps INT4 grids, and parity is against the PyTorch simulation. branch: the adapters are
+    capped at the CPU's weight width and run as integer convolutions; parity against float
+    activations."""
     from cora_onnx.int8 import choose_scheme
 
     model = build_model(digits.arch, digits.weights)
     res = quantize(model, calib=digits.calib_dir, val=digits.val_dir, bits=3, method="cora", out=tmp_path / "m.onnx",
                    mean=digits.mean, std=digits.std, input_size=digits.input_size, latency_runs=2, act_bits=8,
-                   iters=20, finetune_iters=5, budget=0.1)
+                   iters=20, finetune_iters=5, budget=0.1, adapter_layout=layout)
     r, width = res.report, choose_scheme().weight_bits
     adapters = [lp.adapter for lp in res.plan.layers if lp.adapter is not None]
     assert adapters and all(a.bits == width for a in adapters)
     k = r["activations"]["onnxruntime_kernels"]
-    assert k["float_compute"] == 0 and k["integer"] >= len(res.plan.layers) + 2 * len(adapters)
-    assert "float activations" in r["activations"]["parity_reference"]
-    assert r["parity"]["top1_agreement"] >= 90.0 and "quantized_no_adapters" in r["latency_ms"]
+    assert k["float_compute"] == 0 and "quantized_no_adapters" in r["latency_ms"]
+    proto = onnx.load(tmp_path / "m.onnx")
+    int4 = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    if layout == "auto":
+        assert r["activations"]["adapter_layout"] == "fold"
+        assert k["integer"] == len(res.plan.layers) + k["ops"].get("QLinearAdd", 0)  # no branch kernels
+        assert "simulation" in r["activations"]["parity_reference"] and r["parity"]["top1_agreement"] >= 95.0
+        assert "quantized_branches" in r["latency_ms"] and len(int4) >= len(res.plan.layers) - 2
+        from cora_onnx.report import format_table
+
+        assert "adapters as branch convolutions" in format_table(r) and "CoRa adapters: fold" in format_table(r)
+    else:
+        assert r["activations"]["adapter_layout"] == "branch"
+        assert k["integer"] >= len(res.plan.layers) + 2 * len(adapters)
+        assert "float activations" in r["activations"]["parity_reference"] and r["parity"]["top1_agreement"] >= 90.0
+
+
+def test_fold_layout_needs_integer_activations(digits, tmp_path):
+    model = build_model(digits.arch, digits.weights)
+    with pytest.raises(SettingsError, match="adapter layout fold"):
+        quantize(model, calib=digits.calib_dir, bits=3, method="cora", out=tmp_path / "m.onnx",
+                 input_size=digits.input_size, adapter_layout="fold")
+    assert not (tmp_path / "m.onnx").exists()

@@ -42,16 +42,16 @@ def ort_quantize_static(float_bytes: bytes, calib, batch_size: int = 16) -> byte
             x = next(self.it, None)
             return None if x is None else {"input": x}
 
-    n = (len(calib) + batch_size - 1) // batch_size
-    # bounded memory; ORT 1.32 fails ("No data is collected") when this divides the batch count
-    keep = next(k for k in range(4, 64) if n % k)
+    # No CalibMaxIntermediateOutputs: in ORT 1.32 MinMaxCalibrater.collect_data discards the
+    # collected batches each time that many are buffered (clear_collected_data without merging
+    # their ranges), so only the last few batches would be calibrated. Without it the calibrator
+    # keeps two scalars per tensor and batch: small.
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "static.onnx"
         src.write_bytes(float_bytes)
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"CalibMaxIntermediateOutputs": keep})
+                        calibrate_method=CalibrationMethod.MinMax)
         return dst.read_bytes()
 
 

@@ -45,11 +45,15 @@ def test_every_quantized_layer_is_an_integer_kernel(tiny):
     ops = [n.op_type for n in proto.graph.node]
     assert "Relu" not in ops  # the three ReLUs are absorbed into the QuantizeLinear clamp
     inits = {t.name: t for t in proto.graph.initializer}
-    dq_w = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-            and inits[n.input[0]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4)]
-    assert len(dq_w) == 4 and all(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in dq_w)
-    for n in dq_w:  # the 4-bit grid moved to an INT8 container and fits the 7-bit range
-        q = onnx.numpy_helper.to_array(inits[n.input[0]])
+    casts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Cast"}
+    dq_w = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in casts]
+    assert len(dq_w) == 4
+    for n in dq_w:  # the file keeps the packed 4-bit grid; a Cast to INT8 (folded by ORT at load) feeds the kernel
+        cast = casts[n.input[0]]
+        assert inits[cast.input[0]].data_type == onnx.TensorProto.INT4
+        assert next(a.i for a in cast.attribute if a.name == "to") == onnx.TensorProto.INT8
+        assert inits[n.input[2]].data_type == onnx.TensorProto.INT8
+        q = onnx.numpy_helper.to_array(inits[cast.input[0]])
         assert q.min() >= -8 and q.max() <= 7
     biases = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT32
               and t.name.endswith("_quantized")]

@@ -1,0 +1,78 @@
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from cora_onnx.errors import PlanError
+from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes
+from cora_onnx.pipeline import apply_plan
+from cora_onnx.plan import LowRankAdapter, Plan
+from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
+from cora_onnx.verify import optimized_graph
+from passes import folded_grid
+
+
+def _adapter(shape, rank, bits):
+    rng = np.random.default_rng(1)
+    a = (0.05 * rng.normal(size=(rank,) + tuple(shape[1:]))).astype(np.float32)
+    b = (0.05 * rng.normal(size=(shape[0], rank, 1, 1))).astype(np.float32)
+    if bits is None:
+        return LowRankAdapter(rank, a, b)
+    lim = (1 << (bits - 1)) - 1
+    sa = (np.abs(a).reshape(rank, -1).max(1) / lim).astype(np.float32)
+    sb = (np.abs(b).reshape(shape[0], -1).max(1) / lim).astype(np.float32)
+    a = (np.round(a / sa[:, None, None, None]) * sa[:, None, None, None]).astype(np.float32)
+    b = (np.round(b / sb[:, None, None, None]) * sb[:, None, None, None]).astype(np.float32)
+    return LowRankAdapter(rank, a, b, bits=bits, a_scale=sa, b_scale=sb)
+
+
+def _plan(folded, bits, adapter_bits, symmetric=True):
+    plan = search_rtn(folded, RtnSettings(bits=bits, symmetric=symmetric, selection=LayerSelection(keep=())))
+    layers = tuple(dataclasses.replace(lp, adapter=_adapter(lp.shape, 2, adapter_bits)) if lp.name == "conv1" else lp
+                   for lp in plan.layers)
+    return Plan(plan.method, plan.settings, layers)
+
+
+@pytest.mark.parametrize("adapter_bits,symmetric", [(7, True), (None, True), (7, False)])
+def test_folded_at_load_matches_torch(tiny, adapter_bits, symmetric):
+    """The file keeps the INT4 grid and the factors; ONNX Runtime folds the expression into one
+    INT8 weight at load, and the model computes what apply_plan_torch(fold_bits=7) computes."""
+    folded = fold_batchnorm(tiny)
+    plan = _plan(folded, 4, adapter_bits, symmetric)
+    blob = onnx_bytes(apply_plan(export_onnx(folded, 8), plan, fold_bits=7))
+    proto = onnx.load_from_string(blob)
+    inits = {t.name: t for t in proto.graph.initializer}
+    assert inits["conv1.weight_quantized"].data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+    q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear")
+    facts = {p.key: p.value for p in q.metadata_props}
+    assert facts["cora_onnx.rank"] == "2" and facts["cora_onnx.folded_bits"] == "7"
+    opt_ops = {n.op_type for n in optimized_graph(blob).graph.node}
+    assert not opt_ops & {"MatMul", "Cast", "QuantizeLinear"}  # constant-folded at load
+    x = torch.randn(2, 3, 8, 8)
+    sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    want = apply_plan_torch(folded, plan, fold_bits=7)(x).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_folded_grid_holds_weight_plus_adapter(tiny):
+    folded = fold_batchnorm(tiny)
+    lp = next(lp for lp in _plan(folded, 3, 7).layers if lp.adapter is not None)
+    q, scale = folded_grid(lp, 7)
+    assert q.dtype == np.int8 and np.abs(q).max() == 63 and scale.shape == (lp.shape[0],)
+    ad = lp.adapter
+    w = lp.uniform.dequantize() + (ad.b.reshape(-1, ad.rank) @ ad.a.reshape(ad.rank, -1)).reshape(lp.shape)
+    err = np.abs(q * scale[:, None, None, None] - w)
+    assert np.all(err <= scale[:, None, None, None] / 2 + 1e-7)
+
+
+def test_fold_needs_a_quantized_weight(tiny):
+    folded = fold_batchnorm(tiny)
+    plan = _plan(folded, 4, 7)
+    no_grid = Plan(plan.method, plan.settings, tuple(dataclasses.replace(lp, uniform=None) if lp.name == "conv1" else lp
+                                                     for lp in plan.layers))
+    with pytest.raises(PlanError, match="adapter folding needs"):
+        apply_plan(export_onnx(folded, 8), no_grid, fold_bits=7)

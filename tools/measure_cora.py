@@ -34,12 +34,14 @@ ABLATION = [  # cumulative: each row adds one change to the row above
                          "stats": "float", "rounding": "gptq"}),
     ("+ input-metric SVD", {"preset": "reference", "per_channel": True, "symmetric": True, "clip": "mse",
                             "stats": "float", "rounding": "gptq", "svd": "activation"}),
-    ("+ adapter fine-tuning (= default)", {"preset": "default"}),
+    ("+ adapter fine-tuning", {"preset": "default", "stats": "float"}),
+    ("- statistics correction (= default)", {"preset": "default"}),
 ]
 CONFIGS = {"rtn": ("rtn", {}), "reference": ("cora", {"preset": "reference"}), "default": ("cora", {"preset": "default"}),
            "no-adapters": ("cora", {"preset": "default", "budget": 0.0}),
            "default-fixed-classifier": ("cora", {"preset": "default", "fit_classifier": False}),
-           "default-no-stats": ("cora", {"preset": "default", "stats": "none"}),
+           "default-no-stats": ("cora", {"preset": "default", "stats": "none"}),  # = default since 2026-11-23
+           "default-float-stats": ("cora", {"preset": "default", "stats": "float"}),  # the default before
            "default-mean-stats": ("cora", {"preset": "default", "stats": "mean"}),
            # 8-bit integer activations (issue 5), adapters folded into the integer weights at load; the
            # report also times the same model without adapters and with them as branch convolutions

@@ -44,8 +44,9 @@ def ort_quantize_static(float_bytes: bytes, calib, batch_size: int = 16) -> byte
 
     # No CalibMaxIntermediateOutputs: in ORT 1.32 MinMaxCalibrater.collect_data discards the
     # collected batches each time that many are buffered (clear_collected_data without merging
-    # their ranges), so only the last few batches would be calibrated. Without it the calibrator
-    # keeps two scalars per tensor and batch: small.
+    # their ranges; microsoft/onnxruntime#18893, fix proposed in PR #20226, still so in 1.32), so
+    # only the last few batches would be calibrated. Without it the calibrator keeps two scalars
+    # per tensor and batch: small.
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "static.onnx"
         src.write_bytes(float_bytes)

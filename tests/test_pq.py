@@ -285,5 +285,11 @@ def test_float_target_is_the_least_squares_weight():
     ls = torch.linalg.lstsq(xq.double(), (xf @ w.T).double()).solution.T.float()
     torch.testing.assert_close(t, ls, rtol=1e-3, atol=1e-4)
     assert float((xq @ t.T - xf @ w.T).norm()) < 0.5 * float((xq @ w.T - xf @ w.T).norm())
+    # a group whose inputs are nearly dead on the calibration images (a depthwise channel) keeps its
+    # float weight: the ridge is relative to the layer's energy, not the group's
+    qq, qf = xq.T @ xq / 3000, xq.T @ xf / 3000
+    t2 = float_target(torch.cat([w, w]), torch.stack([qq, 1e-8 * qq]), torch.stack([qf, 1e-8 * qf]))
+    torch.testing.assert_close(t2[10:], w, rtol=1e-4, atol=1e-5)
+    assert float((t2[:10] - w).norm()) > 0.1 * float(w.norm())
     with pytest.raises(SettingsError, match="target must be one of weight, float"):
         PqSettings(target="output")

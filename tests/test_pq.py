@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from cora_onnx.cli import main
 from cora_onnx.data import ImageSet, Preprocess
 from cora_onnx.errors import SettingsError
-from cora_onnx.export import fold_batchnorm
+from cora_onnx.export import apply_plan_torch, fold_batchnorm
 from cora_onnx.plan import Plan
 from cora_onnx.report import format_table
 from cora_onnx.search import LayerSelection, PqSettings, search_pq
@@ -234,3 +234,62 @@ def test_covariance_objective_wins_once_the_mean_shift_is_absorbed():
     by_cov = fit_codebook(w, cov, 16, 15, channel_scale=False)
     by_second = fit_codebook(w, second, 16, 15, channel_scale=False)
     assert weighted_error(w, cov, by_cov.weight()) < 0.8 * weighted_error(w, cov, by_second.weight())
+
+
+class _TwoLayers(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(16, 24, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x))).flatten(1)
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_float_target_corrects_the_error_of_the_layers_before(bias_correction):
+    """conv1 on a coarse 2-bit grid, conv2 product-quantized: fitted to the float network's output
+    of conv2 (target="float") its output is closer to the float network's than when fitted to its
+    own float weight on the quantized inputs (target="weight")."""
+    torch.manual_seed(0)
+    model = _TwoLayers().eval()
+    imgs = _images(n=64)
+    base = dict(codewords=32, em_iters=10, finetune_steps=0, calib_size=64, stats_size=64,
+                bias_correction=bias_correction, selection=LayerSelection(keep=("first",), keep_bits=2))
+    errors = {}
+    for target in ("weight", "float"):
+        plan = search_pq(model, PqSettings(target=target, **base), imgs)
+        assert plan.layer("conv1").uniform is not None and plan.layer("conv2").codebook is not None
+        q = apply_plan_torch(model, plan)
+        with torch.no_grad():
+            x = torch.cat(list(imgs.batches(64)))
+            ref, out = model(x), q(x)
+        errors[target] = float((out - ref).pow(2).sum() / ref.pow(2).sum())
+        if target == "float" and bias_correction:  # the joint statistics give the error it measures (centered)
+            ref, out = (t.reshape(len(x), 24, -1) for t in (ref, out))  # centered per output channel
+            ref, out = ref - ref.mean((0, 2), keepdim=True), out - out.mean((0, 2), keepdim=True)
+            measured = float((out - ref).pow(2).sum() / ref.pow(2).sum())
+            assert plan.layer("conv2").info["float_output_error"] == pytest.approx(measured, rel=1e-3)
+    assert errors["float"] < 0.93 * errors["weight"], errors  # 0.86 when written
+
+
+def test_float_target_is_the_least_squares_weight():
+    from cora_onnx.search.pq import float_target
+
+    g = torch.Generator().manual_seed(5)
+    xf = torch.randn(3000, 12, generator=g)
+    mix = torch.eye(12) + 0.2 * torch.randn(12, 12, generator=g)  # the quantized network's inputs: distorted
+    xq = xf @ mix + 0.05 * torch.randn(3000, 12, generator=g)
+    w = torch.randn(10, 12, generator=g)
+    t = float_target(w, (xq.T @ xq / 3000)[None], (xq.T @ xf / 3000)[None], damping=0.0)
+    ls = torch.linalg.lstsq(xq.double(), (xf @ w.T).double()).solution.T.float()
+    torch.testing.assert_close(t, ls, rtol=1e-3, atol=1e-4)
+    assert float((xq @ t.T - xf @ w.T).norm()) < 0.5 * float((xq @ w.T - xf @ w.T).norm())
+    # a group whose inputs are nearly dead on the calibration images (a depthwise channel) keeps its
+    # float weight: the ridge is relative to the layer's energy, not the group's
+    qq, qf = xq.T @ xq / 3000, xq.T @ xf / 3000
+    t2 = float_target(torch.cat([w, w]), torch.stack([qq, 1e-8 * qq]), torch.stack([qf, 1e-8 * qf]))
+    torch.testing.assert_close(t2[10:], w, rtol=1e-4, atol=1e-5)
+    assert float((t2[:10] - w).norm()) > 0.1 * float(w.norm())
+    with pytest.raises(SettingsError, match="target must be one of weight, float"):
+        PqSettings(target="output")

@@ -3,6 +3,7 @@
     python tools/measure_pq.py --model efficientnet_lite0 [--blocks small large] [--finetune-steps 100] [--out pq.json]
     python tools/measure_pq.py --model resnet18 [--blocks small large]
     python tools/measure_pq.py --model efficientnet_lite0 --blocks large --holdout [--no-finetune-last]
+    python tools/measure_pq.py --model efficientnet_lite0 --blocks large --target float [--finetune-steps 0]
 
 EfficientNet-Lite0: per block preset, search (progressive EM + distillation) -> ONNX with the
 codebook-decoding subgraph -> ONNX Runtime top-1 on dev-val, file size and ratio to the float ONNX
@@ -128,6 +129,9 @@ def main() -> None:
     ap.add_argument("--keep", default="first", help="layers kept at 8-bit uniform: first,last,depthwise or none")
     ap.add_argument("--latency-runs", type=int, default=20)
     ap.add_argument("--torch-threads", type=int, default=2)
+    ap.add_argument("--target", default="weight", choices=["weight", "float"],
+                    help="fit each layer to its own float weight or to the float network's output of the layer")
+    ap.add_argument("--stats-size", type=int, default=64)
     ap.add_argument("--finetune-biases", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--finetune-last", action=argparse.BooleanOptionalAction, default=True,
                     help="fine-tune the classifier (the last PQ layer)")
@@ -192,13 +196,16 @@ def main() -> None:
     for blocks in args.blocks:
         st = PqSettings(blocks=blocks, codewords=args.codewords, em_iters=args.em_iters,
                         finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, calib_size=args.calib_size,
-                        finetune_biases=args.finetune_biases, finetune_last=args.finetune_last, selection=selection)
+                        finetune_biases=args.finetune_biases, finetune_last=args.finetune_last, selection=selection,
+                        target=args.target, stats_size=args.stats_size)
         t0 = time.perf_counter()
         plan = search_pq(folded, st, calib)
         secs = time.perf_counter() - t0
         row = {"blocks": blocks, "compress_s": secs, **evaluate(blocks, folded, plan, float_bytes, fsess, val,
                                                                args.latency_runs)}
         row["finetune"] = dict(plan.meta.get("pq_finetune", {}))
+        row["layers"] = [{"name": lp.name, **{k: v for k, v in lp.info.items() if "error" in k or k == "relative_weight_mse"}}
+                         for lp in plan.layers]
         result["rows"].append(row)
         b = row["breakdown"]
         print(f"{blocks}: ORT top-1 {row['top1_ort']:.2f}% (torch {row['top1_torch']:.2f}%, agree "

@@ -50,11 +50,13 @@ from .layers import LayerSelection, is_depthwise, layer_kind, select_layers, uni
 from .options import CliOption
 
 __all__ = ["PqSettings", "PqFit", "search_pq", "fit_codebook", "weighted_error", "block_kind", "parse_block_size",
-           "pq_report", "PQ_OPTIONS", "BLOCK_PRESETS", "assign_with_feedback", "full_error"]
+           "pq_report", "PQ_OPTIONS", "BLOCK_PRESETS", "assign_with_feedback", "full_error",
+           "float_target", "TARGETS"]
 
 log = logging.getLogger(__name__)
 
 BLOCK_PRESETS = ("small", "large")
+TARGETS = ("weight", "float")
 _FIXED_KINDS = ("1x1", "kxk", "depthwise", "linear")
 _CHUNK = 1 << 22  # elements per chunk of the n x k distance matrix / of unfolded inputs
 DAMPING = 1e-2  # fit_codebook's ridge, relative to the layer's mean input energy per coordinate
@@ -126,7 +128,11 @@ class PqSettings:
     network's. error_feedback: after the EM, assign the codes block by block over the filter,
     each block's error compensated in the blocks not yet assigned (GPTQ-style, with the full
     input covariance, which the EM's block-diagonal objective ignores). damping: the EM's ridge
-    (see `fit_codebook`), relative to the layer's mean input energy. seed: initialization and batch order. selection: layers kept on a uniform grid at
+    (see `fit_codebook`), relative to the layer's mean input energy. target: what each layer's
+    quantized weight W^ is fitted to on the partially quantized network's inputs X_q: "weight",
+    the layer's own float weight (min ||X_q W - X_q W^||^2; errors of earlier layers pass through
+    uncorrected), or "float", the float network's output of the layer (min ||X_f W - X_q W^||^2:
+    PQ of the target W* = H_qq^-1 H_qf W under the metric H_qq, see `float_target`). seed: initialization and batch order. selection: layers kept on a uniform grid at
     keep_bits (first / last / depthwise) or left in float (skip); every other Conv/Linear is
     product-quantized."""
 
@@ -146,6 +152,7 @@ class PqSettings:
     finetune_biases: bool = True
     finetune_last: bool = True
     damping: float = DAMPING
+    target: str = "weight"
     seed: int = 0
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first",)))
 
@@ -171,6 +178,8 @@ class PqSettings:
         if isinstance(self.damping, bool) or not (isinstance(self.damping, (int, float)) and np.isfinite(self.damping)
                                                   and self.damping >= 0):
             raise SettingsError(f"damping must be a number >= 0, got {self.damping!r}")
+        if self.target not in TARGETS:
+            raise SettingsError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if not (isinstance(self.finetune_lr, (int, float)) and np.isfinite(self.finetune_lr) and self.finetune_lr > 0):
             raise SettingsError(f"finetune_lr must be a positive number, got {self.finetune_lr!r}")
         if not isinstance(self.selection, LayerSelection):
@@ -406,6 +415,40 @@ def full_error(w: torch.Tensor, H: torch.Tensor, w_hat: torch.Tensor) -> float:
                  / torch.einsum("goi,gij,goj->", Wo, H.double(), Wo).clamp_min(1e-30))
 
 
+def float_target(w: torch.Tensor, H_qq: torch.Tensor, H_qf: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    """The weight whose output on the quantized network's inputs best matches the float network's
+    output of the layer: argmin_v ||X_f w - X_q v||^2 + lam ||v - w||^2 per output row, i.e.
+    W* = (H_qq + lam I)^-1 (H_qf W^T + lam W^T) per group, lam = damping times the mean diagonal of
+    H_qq over all groups (as in `fit_codebook`: input directions the calibration never excites keep the float
+    weight instead of going to zero). Then ||X_f w - X_q v||^2 = (v - w*)^T H_qq (v - w*) + const,
+    so PQ of W* under H_qq minimizes the error against the float network. w: (C_out, F); H_qq =
+    E[x_q x_q^T], H_qf = E[x_q x_f^T]: (G, F, F), G groups dividing C_out. Returns (C_out, F)."""
+    O, FF = w.shape
+    G = H_qq.shape[0]
+    if H_qq.shape != (G, FF, FF) or H_qf.shape != H_qq.shape or O % G:
+        raise ValueError(f"H_qq {tuple(H_qq.shape)} / H_qf {tuple(H_qf.shape)} do not fit a weight {tuple(w.shape)}")
+    Hq, Hx = H_qq.double(), H_qf.double()
+    # the layer's mean energy, not each group's: a depthwise channel whose input is dead on the calibration
+    # images must keep its float weight, not get an arbitrary one (EfficientNet-Lite0 _blocks.8 with a
+    # per-group ridge: relative weight MSE 27 at the same output error)
+    lam = max(damping, 1e-6) * float(torch.diagonal(Hq, dim1=1, dim2=2).mean().clamp_min(1e-30))
+    Wt = w.reshape(G, O // G, FF).transpose(1, 2).double()  # (G, F, O/G)
+    A = (Hq + Hq.transpose(1, 2)) / 2 + lam * torch.eye(FF, dtype=torch.float64)
+    target = torch.linalg.solve(A, Hx @ Wt + lam * Wt)
+    return target.transpose(1, 2).reshape(O, FF).to(w.dtype)
+
+
+def float_output_error(w: torch.Tensor, w_hat: torch.Tensor, S: dict) -> float:
+    """||X_f w - X_q w^||^2 / ||X_f w||^2 from the joint statistics of `_joint_stats` (w, w^: (C_out, F))."""
+    G, FF, _ = S["qq"].shape
+    Wf = w.reshape(G, -1, FF).double()
+    Wq = w_hat.reshape(G, -1, FF).double()
+    ff = torch.einsum("goi,gij,goj->", Wf, S["ff"].double(), Wf)
+    num = ff - 2 * torch.einsum("goi,gij,goj->", Wq, S["qf"].double(), Wf) + torch.einsum(
+        "goi,gij,goj->", Wq, S["qq"].double(), Wq)
+    return float(num / ff.clamp_min(1e-30))
+
+
 # ---- statistics on the (partially quantized) network ---------------------------------------------
 class _Stop(Exception):
     pass
@@ -480,6 +523,63 @@ def _input_stats(model: nn.Module, mod: nn.Module, geom: _Geom, images, batch_si
     return H.float().reshape(G, m, d, d), mu.float().reshape(G, m * d)
 
 
+def _layer_input(model: nn.Module, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`mod`'s input for the batch x; the forward stops right after the layer's input is seen."""
+    seen = []
+
+    def hook(_mod, inputs):
+        seen.append(inputs[0].detach().float())
+        raise _Stop
+
+    handle = mod.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise ModelError("a layer was never called by the model's forward")
+    return seen[0]
+
+
+def _joint_stats(teacher: nn.Module, tmod: nn.Module, student: nn.Module, smod: nn.Module, geom: _Geom, images,
+                 batch_size: int, centered: bool = False) -> dict:
+    """Full per-group statistics of the layer's input patches on the partially quantized network
+    (x_q, `student`) and on the float network (x_f, `teacher`) for the same images: "qq" E[x_q x_q^T],
+    "qf" E[x_q x_f^T], "ff" E[x_f x_f^T] (G, F, F), "mu_q" / "mu_f" (G, F); centered: covariances."""
+    G = geom.groups
+    FF = geom.m * geom.d
+    acc = {k: torch.zeros(G, FF, FF, dtype=torch.float64) for k in ("qq", "qf", "ff")}
+    sums = {k: torch.zeros(G, FF, dtype=torch.float64) for k in ("q", "f")}
+    count = 0
+    for x in images.batches(batch_size):
+        xq, xf = _layer_input(student, smod, x), _layer_input(teacher, tmod, x)
+        per_image = xq[:1].numel() * max(1, int(np.prod(smod.kernel_size)) if isinstance(smod, nn.Conv2d) else 1)
+        step = max(1, _CHUNK // per_image)
+        for a in range(0, xq.shape[0], step):
+            cq, cf = _unfold(smod, xq[a:a + step]), _unfold(smod, xf[a:a + step])
+            N, _, L = cq.shape
+            cq, cf = (c.reshape(N, G, FF, L).permute(1, 2, 0, 3).reshape(G, FF, -1) for c in (cq, cf))
+            acc["qq"].add_(torch.bmm(cq, cq.transpose(1, 2)).double())
+            acc["qf"].add_(torch.bmm(cq, cf.transpose(1, 2)).double())
+            acc["ff"].add_(torch.bmm(cf, cf.transpose(1, 2)).double())
+            sums["q"].add_(cq.sum(2).double())
+            sums["f"].add_(cf.sum(2).double())
+            count += N * L
+    n = float(count)
+    out = {k: v / n for k, v in acc.items()}
+    mu_q, mu_f = sums["q"] / n, sums["f"] / n
+    if centered:
+        out["qq"] = out["qq"] - mu_q[:, :, None] * mu_q[:, None, :]
+        out["qf"] = out["qf"] - mu_q[:, :, None] * mu_f[:, None, :]
+        out["ff"] = out["ff"] - mu_f[:, :, None] * mu_f[:, None, :]
+    out = {k: v.float() for k, v in out.items()}
+    out["mu_q"], out["mu_f"] = mu_q.float(), mu_f.float()
+    return out
+
+
 def _output_means(model: nn.Module, mods: dict[str, nn.Module], images, batch_size: int) -> dict[str, torch.Tensor]:
     """Per-output-channel mean of every layer's output on the (float) model, one pass."""
     sums: dict[str, torch.Tensor] = {}
@@ -505,6 +605,12 @@ def _output_means(model: nn.Module, mods: dict[str, nn.Module], images, batch_si
 
 
 # ---- search --------------------------------------------------------------------------------------
+def _diagonal_blocks(H: torch.Tensor, geom: _Geom) -> torch.Tensor:
+    """(G, ..., m*d, m*d) full per-group matrix -> its (G, m, d, d) diagonal blocks."""
+    G, m, d = geom.groups, geom.m, geom.d
+    return torch.diagonal(H.reshape(G, m, d, m, d), dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
+
+
 def _geometry(name: str, mod: nn.Module, settings: PqSettings) -> _Geom:
     d, explicit = settings.block_for(mod)
     w = mod.weight
@@ -580,21 +686,38 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
         # with bias correction the mean shift of the output is absorbed by the bias: fit the covariance.
         # Post-ReLU inputs have means far above their spread, and the second moment would spend the
         # codebook on the mean response
-        H, mu = _input_stats(student, mod, g, stats_images, bs, full=feedback, centered=settings.bias_correction)
-        wv = w.reshape(w.shape[0], g.m, g.d)
+        joint = None
+        if settings.target == "float":  # fit the float network's output: PQ of W* under H_qq
+            joint = _joint_stats(model, layers[name], student, mod, g, stats_images, bs,
+                                 centered=settings.bias_correction)
+            H, mu = joint["qq"].reshape(g.groups, 1, g.m * g.d, g.m * g.d), joint["mu_q"]
+            wv = float_target(w.reshape(w.shape[0], -1), joint["qq"], joint["qf"], settings.damping)
+            wv = wv.reshape(w.shape[0], g.m, g.d)
+            if not feedback:
+                H = _diagonal_blocks(H, g)
+        else:
+            H, mu = _input_stats(student, mod, g, stats_images, bs, full=feedback, centered=settings.bias_correction)
+            wv = w.reshape(w.shape[0], g.m, g.d)
         Hfull = None
         if feedback:  # diagonal blocks for the EM, the full matrix for the sequential assignment
             Hfull = H.reshape(g.groups, g.m * g.d, g.m * g.d)
-            H = torch.diagonal(H.reshape(g.groups, g.m, g.d, g.m, g.d), dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
+            H = _diagonal_blocks(H, g)
         fit = fit_codebook(wv, H, settings.codewords, settings.em_iters, channel_scale=settings.channel_scale,
                            damping=settings.damping, generator=gen)
         extra = {}
+        if joint is not None:  # the error if this layer stayed float, and if it were the exact target W*
+            wflat = w.reshape(w.shape[0], -1)
+            extra["float_output_error_of_float_weight"] = float_output_error(wflat, wflat, joint)
+            extra["float_output_error_of_target"] = float_output_error(wflat, wv.reshape(w.shape[0], -1), joint)
         if Hfull is not None:
             extra["full_error_without_feedback"] = full_error(wv, Hfull, fit.weight())
             fit = assign_with_feedback(wv, Hfull, fit)
             log.debug("%s: full-covariance error %.4f without feedback, %.4f with", name,
                       extra["full_error_without_feedback"], fit.error)
         w_hat = fit.weight()
+        if joint is not None:
+            extra["float_output_error"] = float_output_error(w.reshape(w.shape[0], -1), w_hat.reshape(w.shape[0], -1),
+                                                             joint)
         with torch.no_grad():
             mod.weight.copy_(w_hat.reshape(w.shape))
             bias = mod.bias.detach().clone() if mod.bias is not None else torch.zeros(w.shape[0])
@@ -614,7 +737,11 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
             "seconds": time.perf_counter() - t0})
         log.info("%s: %s d=%d k=%d, activation-weighted error %.4f%s, relative weight MSE %.4f (%.1f s)", name,
                  g.kind, g.d, fit.codewords.shape[0], fit.error,
-                 f" (full covariance; {extra['full_error_without_feedback']:.4f} without feedback)" if extra else "",
+                 (f" (full covariance; {extra['full_error_without_feedback']:.4f} without feedback)"
+                  if "full_error_without_feedback" in extra else "")
+                 + (f", error vs the float network's output {extra['float_output_error']:.4f} (float weight: "
+                    f"{extra['float_output_error_of_float_weight']:.4f}, target W*: "
+                    f"{extra['float_output_error_of_target']:.4f})" if joint is not None else ""),
                  werr, time.perf_counter() - t0)
 
     ft_info: dict = {}
@@ -761,6 +888,9 @@ PQ_OPTIONS = (
     CliOption("--damping", "damping", float,
               "PQ: EM ridge toward plain k-means, relative to the layer's mean input energy; keeps weights the "
               "calibration never excites [0.01]."),
+    CliOption("--target", "target", TARGETS,
+              "PQ: fit each layer to its own float weight (weight) or to the float network's output of the layer "
+              "(float: corrects the error of the layers before it) [weight]."),
     CliOption("--bias-correction/--no-bias-correction", "bias_correction", bool,
               "PQ: correct biases so output means match the float model [on]."),
 )

@@ -5,7 +5,7 @@ Rows: float | onnxruntime.quantization.quantize_static (QDQ, u8 activations, per
 weights, reduce_range, MinMax, same calibration images) | cora-onnx W8A8: weights at the CPU's
 integer-kernel width (7 bits on AVX2 without VNNI), either rounded to nearest on a per-channel grid
 (`--weights rtn`, `--weight-clips`) or by CoRa's default preset without adapters (`--weights cora`:
-GPTQ rounding, statistics correction, bias fine-tuning); activation ranges by minmax / percentile /
+GPTQ rounding, bias fine-tuning); activation ranges by minmax / percentile /
 mse (`--calib-methods`), all from ONE calibration pass per weight grid.
 Top-1 in ONNX Runtime, and how closely each row follows the float model on the same images (top-1
 agreement and mean KL divergence, cora_onnx.verify.fidelity: far less noisy than top-1 on 1,000
@@ -105,9 +105,9 @@ def run_model(name: str, shared: Path, args) -> list[dict]:
             if weights == "rtn":
                 plan = search_rtn(folded, RtnSettings(bits=scheme.weight_bits, clip=clip, selection=keep))
                 what = f"RTN per-channel {clip}"
-            else:  # CoRa's default preset without adapters: GPTQ rounding, statistics correction, bias tuning
+            else:  # CoRa's default preset without adapters: GPTQ rounding, bias tuning
                 plan = search_cora(folded, CoraSettings(bits=scheme.weight_bits, budget=0.0, selection=keep), calib)
-                what = "CoRa preset, no adapters (GPTQ, statistics correction, bias fine-tuning)"
+                what = "CoRa preset, no adapters (GPTQ, bias fine-tuning)"
             wq = apply_plan(export_program(folded, 224).model, plan)
             layout = activation_layout(wq)
             settings = CalibSettings()

@@ -134,36 +134,30 @@ def _folded_bits(dq: ir.Node) -> int | None:
     return int(q.metadata_props[FOLDED_BITS_KEY])
 
 
-def _from_constants(value: ir.Value) -> bool:
-    """True when value is an initializer, a Constant, or computed from those alone (e.g. the
-    weight expression of AdapterFoldPass, which ONNX Runtime folds at load)."""
-    stack, seen = [value], set()
-    while stack:
-        v = stack.pop()
-        if v is None or id(v) in seen or v.const_value is not None:
-            continue
-        seen.add(id(v))
-        p = v.producer()
-        if p is None:  # a graph input
-            return False
-        stack.extend(p.inputs)
-    return True
+def _constant_outputs(graph: ir.Graph) -> set[int]:
+    """ids of the node outputs computed from initializers and Constants alone (e.g. the weight
+    expression of AdapterFoldPass, which ONNX Runtime folds at load): one pass in graph order."""
+    const: set[int] = set()
+    for node in graph:
+        if all(v is None or v.const_value is not None or id(v) in const for v in node.inputs):
+            const.update(id(v) for v in node.outputs)
+    return const
 
 
-def _is_activation(value: ir.Value) -> bool:
-    return value is not None and value.const_value is None and _const(value) is None and value.dtype in (
-        ir.DataType.FLOAT, None) and not _from_constants(value)
+def _is_activation(value: ir.Value, constants: set[int]) -> bool:
+    return value is not None and value.const_value is None and id(value) not in constants and value.dtype in (
+        ir.DataType.FLOAT, None)
 
 
-def _compute_nodes(graph: ir.Graph) -> list[ir.Node]:
+def _compute_nodes(graph: ir.Graph, constants: set[int]) -> list[ir.Node]:
     out = []
     for node in graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in COMPUTE_OPS:
             continue
         if node.op_type == "Add":
-            if len(node.inputs) == 2 and all(_is_activation(v) for v in node.inputs):
+            if len(node.inputs) == 2 and all(_is_activation(v, constants) for v in node.inputs):
                 out.append(node)
-        elif _weight_source(node) is not None and _is_activation(node.inputs[0]):
+        elif _weight_source(node) is not None and _is_activation(node.inputs[0], constants):
             out.append(node)
     return out
 
@@ -206,7 +200,8 @@ def activation_layout(model: ir.Model) -> ActivationLayout:
             values[v.name] = v
             need.append(v.name)
 
-    for node in _compute_nodes(graph):
+    constants = _constant_outputs(graph)
+    for node in _compute_nodes(graph, constants):
         layout.compute.append(node.name)
         for v in (node.inputs if node.op_type == "Add" else node.inputs[:1]):
             want(v)
@@ -233,7 +228,7 @@ def activation_layout(model: ir.Model) -> ActivationLayout:
             if mode != "constant" or cval is None or float(np.asarray(cval).reshape(-1)[0]) != 0.0:
                 continue
         src = p.inputs[0]
-        if src is None or not _is_activation(src):
+        if src is None or not _is_activation(src, constants):
             continue
         layout.shared[v.name] = src.name
         want(src)

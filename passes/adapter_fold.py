@@ -54,10 +54,18 @@ class AdapterFoldPass(ir.passes.InPlacePass):
         self.layers = [layer for layer in plan.layers if layer.adapter is not None]
         self.bits = bits
 
-    def _weight_dq(self, graph: ir.Graph, layer: LayerPlan) -> tuple[ir.Node, ir.Node]:
-        convs = [n for n in graph if n.op_type == "Conv" and len(n.inputs) > 1 and n.inputs[1] is not None
-                 and n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "DequantizeLinear"
-                 and n.inputs[1].producer().metadata_props.get("cora_onnx.layer") == layer.name]
+    @staticmethod
+    def _convs_by_layer(graph: ir.Graph) -> dict[str, list[ir.Node]]:
+        """Layer name -> the Convs whose weight is a DequantizeLinear that WeightQDQPass marked."""
+        out: dict[str, list[ir.Node]] = {}
+        for n in graph:
+            w = n.inputs[1] if n.op_type == "Conv" and len(n.inputs) > 1 else None
+            p = w.producer() if w is not None else None
+            if p is not None and p.op_type == "DequantizeLinear" and "cora_onnx.layer" in p.metadata_props:
+                out.setdefault(p.metadata_props["cora_onnx.layer"], []).append(n)
+        return out
+
+    def _weight_dq(self, convs: list[ir.Node], layer: LayerPlan) -> tuple[ir.Node, ir.Node]:
         if len(convs) != 1 or layer.uniform is None:
             raise PlanError(f"layer {layer.name}: adapter folding needs one Conv with a quantized weight "
                             f"(DequantizeLinear from WeightQDQPass), found {len(convs)}")
@@ -81,8 +89,9 @@ class AdapterFoldPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        convs = self._convs_by_layer(graph)
         for layer in self.layers:
-            conv, dq = self._weight_dq(graph, layer)
+            conv, dq = self._weight_dq(convs.get(layer.name, []), layer)
             ad = layer.adapter
             name = f"{layer.name}.adapter_fold"
             nodes: list[ir.Node] = []

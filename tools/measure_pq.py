@@ -11,7 +11,9 @@ file, size breakdown (codes, codebooks, biases, the rest), time to compress, bat
 (interleaved with float), parity with the PyTorch reference, and whether ORT constant-folds the
 decoding subgraph at load (Gather nodes left in the optimized graph). --holdout: calibration and
 fine-tuning see five of the ten classes, top-1 (float and PQ) is scored on the other five, so a
-class prior learnt from the calibration images cannot raise it.
+class prior learnt from the calibration images cannot raise it (the split of tools/holdout.py, the
+same as tools/measure_cora.py --holdout). Every row also gives the fidelity to the float network on
+the scored images (top-1 agreement and KL), which no class prior can raise.
 
 ResNet-18 (../shared) is already product-quantized at small blocks (256 codewords per layer,
 before BatchNorm): the un-folded model (BatchNorm kept) is searched with finetuning off and must
@@ -25,6 +27,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,13 +35,14 @@ import numpy as np
 import onnx
 import torch
 
-from cora_onnx.data import ImageSet, Preprocess, load_class_map, load_images
+from cora_onnx.data import Preprocess, load_class_map, load_images
 from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes, quantizable_layers
 from cora_onnx.models import build_model, default_normalization
 from cora_onnx.pipeline import apply_plan
 from cora_onnx.search import LayerSelection, PqSettings, search_pq
 from cora_onnx.search.options import parse_keep
-from cora_onnx.verify import measure_latency, parity, predict_onnx, predict_torch, session, top1
+from cora_onnx.verify import fidelity, measure_latency, parity, predict_onnx, predict_torch, session, top1
+from holdout import holdout_dirs
 
 
 def file_breakdown(blob: bytes) -> dict:
@@ -61,12 +65,6 @@ def file_breakdown(blob: bytes) -> dict:
     return out
 
 
-def images_where(images: ImageSet, mask: torch.Tensor) -> ImageSet:
-    idx = torch.nonzero(mask).flatten()
-    return ImageSet(images.images[idx], images.labels[idx], tuple(images.paths[i] for i in idx.tolist()),
-                    images.preprocess)
-
-
 def ort_folds_decode(blob: bytes) -> dict:
     """Does ORT's optimizer (ORT_ENABLE_ALL) constant-fold the decoding subgraph at load?"""
     from cora_onnx.verify import optimized_graph
@@ -80,7 +78,8 @@ def ort_folds_decode(blob: bytes) -> dict:
             "session_load_s": load_s}
 
 
-def evaluate(name: str, folded, plan, float_bytes, fsess, val, latency_runs: int, export_model=None) -> dict:
+def evaluate(name: str, folded, plan, float_bytes, fsess, val, latency_runs: int, export_model=None,
+             float_logits=None) -> dict:
     base = export_model if export_model is not None else folded
     qbytes = onnx_bytes(apply_plan(export_onnx(base, 224), plan))
     qsess = session(qbytes)
@@ -90,6 +89,8 @@ def evaluate(name: str, folded, plan, float_bytes, fsess, val, latency_runs: int
     row = {"name": name, "top1_ort": top1(q_ort, val.labels), "top1_torch": top1(q_torch, val.labels),
            "onnx_bytes": len(qbytes), "ratio": len(float_bytes) / len(qbytes), **parity(q_ort, q_torch),
            "breakdown": file_breakdown(qbytes), "ort_decode": ort_folds_decode(qbytes)}
+    if float_logits is not None:
+        row["fidelity_to_float"] = fidelity(q_ort, float_logits)
     if lat:
         row["latency_float_ms"] = lat["float"]["batch_1"]["median_ms"]
         row["latency_pq_ms"] = lat["pq"]["batch_1"]["median_ms"]
@@ -126,7 +127,9 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=100)
     ap.add_argument("--finetune-lr", type=float, default=1e-4)
     ap.add_argument("--calib-size", type=int, default=256)
-    ap.add_argument("--keep", default="first", help="layers kept at 8-bit uniform: first,last,depthwise or none")
+    ap.add_argument("--keep", default="first", help="layers kept on a uniform grid: first,last,depthwise or none")
+    ap.add_argument("--keep-bits", type=int, default=8, help="bits of the kept layers")
+    ap.add_argument("--block-size", default="", help="per-kind block sizes overriding the preset, e.g. linear=16,1x1=8")
     ap.add_argument("--latency-runs", type=int, default=20)
     ap.add_argument("--torch-threads", type=int, default=2)
     ap.add_argument("--target", default="weight", choices=["weight", "float"],
@@ -136,8 +139,8 @@ def main() -> None:
     ap.add_argument("--finetune-last", action=argparse.BooleanOptionalAction, default=True,
                     help="fine-tune the classifier (the last PQ layer)")
     ap.add_argument("--holdout", action="store_true",
-                    help="calibrate and fine-tune on the calib images of the first five classes (sorted folder "
-                         "names) only and score float and PQ on the dev-val images of the other five")
+                    help="calibrate and fine-tune on the calib images of five classes only and score float and PQ "
+                         "on the dev-val images of the other five (tools/holdout.py)")
     ap.add_argument("--skip-reconstruction", action="store_true", help="ResNet-18: skip the un-folded check")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -154,23 +157,26 @@ def main() -> None:
     model = build_model(args.model, weights).eval()
     pre = Preprocess(224, 1.0, *default_normalization(args.model))
     class_map = load_class_map(shared / "data/imagenette/class_map.json")
-    val = load_images(shared / "data/imagenette/dev-val", pre, labelled=True, class_map=class_map, num_classes=1000)
-    calib = load_images(shared / "data/imagenette/calib", pre, labelled=True, class_map=class_map, num_classes=1000)
-    if args.holdout:
-        seen = [class_map[w] for w in sorted(class_map)[:5]]
-        calib = images_where(calib, torch.isin(calib.labels, torch.tensor(seen)))
-        val = images_where(val, ~torch.isin(val.labels, torch.tensor(seen)))
-        print(f"held-out classes: calibration on classes {seen} ({len(calib)} images), dev-val of the other five "
-              f"({len(val)} images)", flush=True)
+    data = shared / "data/imagenette"
+    with tempfile.TemporaryDirectory() as tmp:
+        calib_dir, val_dir, split = holdout_dirs(data, Path(tmp)) if args.holdout else \
+            (data / "calib", data / "dev-val", None)
+        val = load_images(val_dir, pre, labelled=True, class_map=class_map, num_classes=1000)
+        calib = load_images(calib_dir, pre, labelled=True, class_map=class_map, num_classes=1000)
+    if split:
+        print(f"held-out classes: calibration on {split['calib_classes']} ({len(calib)} images), dev-val of "
+              f"{split['val_classes']} ({len(val)} images)", flush=True)
     folded = fold_batchnorm(model)
     float_bytes = onnx_bytes(export_onnx(folded, 224))
-    result: dict = {"model": args.model, "args": vars(args), "float": {"onnx_bytes": len(float_bytes)}, "rows": []}
+    result: dict = {"model": args.model, "args": vars(args), "float": {"onnx_bytes": len(float_bytes)}, "rows": [],
+                    **({"holdout": split} if split else {})}
     if args.blocks:
         fsess = session(float_bytes)
-        result["float"]["top1_ort"] = top1(predict_onnx(fsess, val), val.labels)
+        float_logits = predict_onnx(fsess, val)
+        result["float"]["top1_ort"] = top1(float_logits, val.labels)
         print(f"{args.model} float: ORT top-1 {result['float']['top1_ort']:.2f}%  {len(float_bytes) / 1e6:.2f} MB",
               flush=True)
-    selection = LayerSelection(keep=parse_keep(args.keep))
+    selection = LayerSelection(keep=parse_keep(args.keep), keep_bits=args.keep_bits)
 
     if args.model == "resnet18" and not args.skip_reconstruction:
         st = PqSettings(blocks="small", codewords=args.codewords, em_iters=args.em_iters, finetune_steps=0,
@@ -194,21 +200,24 @@ def main() -> None:
                   f" rel.err {r['relative_error']:.2e}", flush=True)
 
     for blocks in args.blocks:
-        st = PqSettings(blocks=blocks, codewords=args.codewords, em_iters=args.em_iters,
+        st = PqSettings(blocks=blocks, block_size=args.block_size, codewords=args.codewords, em_iters=args.em_iters,
                         finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, calib_size=args.calib_size,
                         finetune_biases=args.finetune_biases, finetune_last=args.finetune_last, selection=selection,
                         target=args.target, stats_size=args.stats_size)
         t0 = time.perf_counter()
         plan = search_pq(folded, st, calib)
         secs = time.perf_counter() - t0
-        row = {"blocks": blocks, "compress_s": secs, **evaluate(blocks, folded, plan, float_bytes, fsess, val,
-                                                               args.latency_runs)}
+        row = {"blocks": blocks, "block_size": args.block_size, "compress_s": secs,
+               **evaluate(blocks, folded, plan, float_bytes, fsess, val, args.latency_runs, float_logits=float_logits)}
         row["finetune"] = dict(plan.meta.get("pq_finetune", {}))
         row["layers"] = [{"name": lp.name, **{k: v for k, v in lp.info.items() if "error" in k or k == "relative_weight_mse"}}
                          for lp in plan.layers]
         result["rows"].append(row)
         b = row["breakdown"]
-        print(f"{blocks}: ORT top-1 {row['top1_ort']:.2f}% (torch {row['top1_torch']:.2f}%, agree "
+        fid = row["fidelity_to_float"]
+        print(f"{blocks}{' ' + args.block_size if args.block_size else ''}: ORT top-1 {row['top1_ort']:.2f}% "
+              f"(float {result['float']['top1_ort']:.2f}%; agreement with float {fid['top1_agreement']:.1f}%, KL "
+              f"{fid['kl_divergence']:.3f}; torch {row['top1_torch']:.2f}%, agree "
               f"{row['top1_agreement']:.1f}%, max|dlogit| {row['max_abs_error']:.1e})  {row['onnx_bytes'] / 1e6:.3f} MB "
               f"({row['ratio']:.1f}x)  compress {secs:.0f} s  latency {row.get('latency_float_ms', 0):.1f} -> "
               f"{row.get('latency_pq_ms', 0):.1f} ms  | codes {b['codes'] / 1e3:.0f} kB, codebooks "

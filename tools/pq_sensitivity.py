@@ -1,0 +1,90 @@
+"""Which EfficientNet-Lite0 layers product quantization hurts: PQ one group of layers at a time
+(every other layer stays float), no fine-tuning, and score the result against the float network on
+held-out classes (the split of tools/holdout.py: statistics from the calib images of five classes,
+scores on the dev-val images of the other five, PyTorch).
+
+    python tools/pq_sensitivity.py --blocks small --groups dw expand project head fc all --out pq_groups.jsonl
+    python tools/pq_sensitivity.py --blocks large --groups expand project head fc
+
+Groups: dw (depthwise convs), expand / project (the MBConv 1x1 convs), head (_conv_head), fc (the
+classifier), stem, all (every group but the stem). One JSON line per group: top-1 of PQ and float,
+top-1 agreement with float and KL(float || PQ) on the same images, search seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cora_onnx.archs.efficientnet_lite import efficientnet_lite0_weights_path
+from cora_onnx.data import Preprocess, load_class_map, load_images
+from cora_onnx.export import apply_plan_torch, fold_batchnorm, quantizable_layers
+from cora_onnx.models import build_model, default_normalization
+from cora_onnx.search import LayerSelection, PqSettings, search_pq
+from cora_onnx.search.layers import is_depthwise
+from cora_onnx.verify import fidelity, predict_torch, top1
+from holdout import holdout_dirs
+
+GROUPS = ("dw", "expand", "project", "head", "fc", "stem")
+
+
+def group_of(name: str, mod: torch.nn.Module) -> str:
+    if is_depthwise(mod):
+        return "dw"
+    if isinstance(mod, torch.nn.Linear):
+        return "fc"
+    for g in ("expand", "project", "head", "stem"):
+        if g in name:
+            return g
+    raise ValueError(f"no group for layer {name}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
+    ap.add_argument("--blocks", default="small", choices=["small", "large"])
+    ap.add_argument("--target", default="float", choices=["weight", "float"])
+    ap.add_argument("--stats-size", type=int, default=64)
+    ap.add_argument("--groups", nargs="+", default=["dw", "expand", "project", "head", "fc", "all"],
+                    choices=[*GROUPS, "all"])
+    ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.torch_threads)
+    data = Path(args.shared) / "data/imagenette"
+    pre = Preprocess(224, 1.0, *default_normalization("efficientnet_lite0"))
+    class_map = load_class_map(data / "class_map.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        calib_dir, val_dir, split = holdout_dirs(data, Path(tmp))
+        calib = load_images(calib_dir, pre, labelled=True, class_map=class_map, num_classes=1000)
+        val = load_images(val_dir, pre, labelled=True, class_map=class_map, num_classes=1000)
+    model = fold_batchnorm(build_model("efficientnet_lite0", efficientnet_lite0_weights_path()).eval())
+    layers = quantizable_layers(model)
+    float_logits = predict_torch(model, val)
+    for group in args.groups:
+        want = set(GROUPS) - {"stem"} if group == "all" else {group}
+        skip = tuple(n for n, m in layers.items() if group_of(n, m) not in want)
+        settings = PqSettings(blocks=args.blocks, target=args.target, stats_size=args.stats_size, finetune_steps=0,
+                              selection=LayerSelection(keep=(), skip=skip))
+        t0 = time.perf_counter()
+        plan = search_pq(model, settings, calib)
+        logits = predict_torch(apply_plan_torch(model, plan), val)
+        fid = fidelity(logits, float_logits)
+        row = {"group": group, "blocks": args.blocks, "target": args.target, "stats_size": args.stats_size,
+               "layers": len(layers) - len(skip), "top1": top1(logits, val.labels),
+               "float_top1": top1(float_logits, val.labels), "agreement": fid["top1_agreement"],
+               "kl": fid["kl_divergence"], "search_s": time.perf_counter() - t0, "holdout": split}
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

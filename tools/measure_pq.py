@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--block-size", default="", help="per-kind block sizes overriding the preset, e.g. linear=16,1x1=8")
     ap.add_argument("--latency-runs", type=int, default=20)
     ap.add_argument("--torch-threads", type=int, default=2)
-    ap.add_argument("--target", default="weight", choices=["weight", "float"],
+    ap.add_argument("--target", default="float", choices=["weight", "float"],
                     help="fit each layer to its own float weight or to the float network's output of the layer")
     ap.add_argument("--stats-size", type=int, default=64)
     ap.add_argument("--finetune-biases", action=argparse.BooleanOptionalAction, default=True)
@@ -180,7 +180,7 @@ def main() -> None:
 
     if args.model == "resnet18" and not args.skip_reconstruction:
         st = PqSettings(blocks="small", codewords=args.codewords, em_iters=args.em_iters, finetune_steps=0,
-                        calib_size=args.calib_size, bias_correction=False, channel_scale=False, error_feedback=False,
+                        calib_size=args.calib_size, target="weight", bias_correction=False, channel_scale=False, error_feedback=False,
                         selection=LayerSelection(keep=()))
         t0 = time.perf_counter()
         rec = resnet_reconstruction(model, st, calib)

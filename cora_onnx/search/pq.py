@@ -152,7 +152,7 @@ class PqSettings:
     finetune_biases: bool = True
     finetune_last: bool = True
     damping: float = DAMPING
-    target: str = "weight"
+    target: str = "float"
     seed: int = 0
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first",)))
 
@@ -890,7 +890,7 @@ PQ_OPTIONS = (
               "calibration never excites [0.01]."),
     CliOption("--target", "target", TARGETS,
               "PQ: fit each layer to its own float weight (weight) or to the float network's output of the layer "
-              "(float: corrects the error of the layers before it) [weight]."),
+              "(float: corrects the error of the layers before it; one more forward per layer) [float]."),
     CliOption("--bias-correction/--no-bias-correction", "bias_correction", bool,
               "PQ: correct biases so output means match the float model [on]."),
 )

@@ -139,7 +139,7 @@ def test_finetuning_can_leave_biases_and_the_classifier_alone(tiny):
     ({"codewords": 0}, "codewords"),
     ({"blocks": "medium"}, "blocks must be one of small, large"),
     ({"block_size": "1x1=0"}, "block_size for 1x1 must be a positive integer"),
-    ({"block_size": "conv=4"}, "block_size kind"),
+    ({"block_size": "=4"}, "block_size entry without a kind or layer name"),
     ({"block_size": "1x1"}, "KIND=SIZE"),
     ({"em_iters": 0}, "em_iters"),
     ({"finetune_lr": -1.0}, "finetune_lr"),
@@ -152,9 +152,25 @@ def test_bad_settings_are_rejected(kw, match):
 
 def test_block_size_not_dividing_a_layer_is_rejected_before_any_work(tiny):
     folded = fold_batchnorm(tiny)
-    with pytest.raises(SettingsError, match=r"block size 3 for 1x1 layers does not divide layer pw \(8 weights"):
+    with pytest.raises(SettingsError, match=r"block size 3 does not divide layer pw \(1x1, 8 weights"):
         search_pq(folded, PqSettings(block_size="1x1=3"), _images())
+    with pytest.raises(SettingsError, match=r"block size 3 does not divide layer pw \(1x1, 8 weights"):
+        search_pq(folded, PqSettings(block_size="p?=3"), _images())
+    with pytest.raises(SettingsError, match=r"'conv' is neither a kernel kind .* nor the name of a product-quantized"):
+        search_pq(folded, PqSettings(block_size="conv=4"), _images())
     assert parse_block_size({"3x3": 18, "linear": 8}) == (("3x3", 18), ("linear", 8))
+    assert parse_block_size("fc=2,1X1=8,a.*=4") == (("1x1", 8), ("fc", 2), ("a.*", 4))
+
+
+def test_layer_name_block_size_overrides_the_kind(tiny):
+    """A layer-name entry wins over its kernel kind ("1x1=4" would give pw 4); the other layers
+    keep their kind's size."""
+    folded = fold_batchnorm(tiny)
+    settings = PqSettings(block_size="1x1=4,linear=4,p?=8", finetune_steps=0, em_iters=2, calib_size=16,
+                          stats_size=8, selection=LayerSelection(keep=()))
+    plan = search_pq(folded, settings, _images())
+    got = {lp.name: lp.codebook.block_size for lp in plan.layers if lp.codebook is not None}
+    assert got == {"conv1": 9, "dw": 9, "pw": 8, "fc": 4}
 
 
 def _cli(digits, out, *extra):
@@ -166,7 +182,8 @@ def _cli(digits, out, *extra):
 
 @pytest.mark.parametrize("extra,match", [
     (("--codewords", 300), "error: codewords must be an integer from 1 to 256 (codes are stored in one byte"),
-    (("--block-size", "3x3=7"), "error: block size 7 for 3x3 layers does not divide layer"),
+    (("--block-size", "3x3=7"), "error: block size 7 does not divide layer features.3 (3x3, 144 weights"),
+    (("--block-size", "conv=4"), "error: block_size entry 'conv' is neither a kernel kind"),
     (("--blocks", "large", "--bits", 4, "--clip", "mse"), "error: --clip does not apply to --method pq"),
 ])
 def test_cli_rejects_bad_pq_options(digits, tmp_path, extra, match):

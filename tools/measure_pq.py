@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--keep", default="first", help="layers kept on a uniform grid: first,last,depthwise or none")
     ap.add_argument("--keep-bits", type=int, default=8, help="bits of the kept layers")
-    ap.add_argument("--block-size", default="", help="per-kind block sizes overriding the preset, e.g. linear=16,1x1=8")
+    ap.add_argument("--block-size", default="", help="per-kind or per-layer (fnmatch pattern) block sizes overriding the preset, e.g. linear=16,_conv_head=8")
     ap.add_argument("--latency-runs", type=int, default=20)
     ap.add_argument("--torch-threads", type=int, default=2)
     ap.add_argument("--target", default="float", choices=["weight", "float"],

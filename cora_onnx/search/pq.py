@@ -30,6 +30,7 @@ then trains the biases too.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import dataclasses
 import logging
 import time
@@ -80,8 +81,10 @@ def _valid_kind(kind: str) -> bool:
 
 
 def parse_block_size(text: Any) -> tuple[tuple[str, int], ...]:
-    """"1x1=8,3x3=18,linear=8" (or a mapping) -> sorted ((kind, d), ...). Kinds: 1x1, kxk (every
-    kernel larger than 1x1), <kh>x<kw> (e.g. 3x3, 5x5), depthwise, linear."""
+    """"1x1=8,3x3=18,linear=8,_conv_head=8" (or a mapping) -> ((key, d), ...): the kernel kinds
+    (1x1, kxk = every kernel larger than 1x1, <kh>x<kw> e.g. 3x3, depthwise, linear) sorted, then
+    the layer-name patterns (any other key, fnmatch-style, e.g. `_blocks.1?._project_conv`) in
+    the order given."""
     if isinstance(text, Mapping):
         items = list(text.items())
     elif isinstance(text, (tuple, list)):
@@ -91,23 +94,28 @@ def parse_block_size(text: Any) -> tuple[tuple[str, int], ...]:
         for part in str(text).split(","):
             if not part.strip():
                 continue
-            kind, eq, value = part.partition("=")
+            key, eq, value = part.partition("=")
             if not eq:
-                raise SettingsError(f"block_size entries must be KIND=SIZE (e.g. 1x1=4,3x3=9,linear=4), got {part.strip()!r}")
-            items.append((kind.strip(), value.strip()))
-    out = {}
-    for kind, value in items:
-        kind = str(kind).strip().lower()
-        if not _valid_kind(kind):
-            raise SettingsError(f"block_size kind must be 1x1, kxk, <kh>x<kw>, depthwise or linear, got {kind!r}")
+                raise SettingsError(f"block_size entries must be KIND=SIZE or LAYER=SIZE (e.g. 1x1=4,3x3=9,"
+                                    f"_conv_head=8), got {part.strip()!r}")
+            items.append((key.strip(), value.strip()))
+    kinds: dict[str, int] = {}
+    names: dict[str, int] = {}
+    for key, value in items:
+        key = str(key).strip()
+        if not key:
+            raise SettingsError(f"block_size entry without a kind or layer name: ={value}")
         try:
             d = int(value)
         except (TypeError, ValueError):
-            raise SettingsError(f"block_size for {kind} must be a positive integer, got {value!r}") from None
+            raise SettingsError(f"block_size for {key} must be a positive integer, got {value!r}") from None
         if isinstance(value, bool) or d < 1 or str(d) != str(value).strip():
-            raise SettingsError(f"block_size for {kind} must be a positive integer, got {value!r}")
-        out[kind] = d
-    return tuple(sorted(out.items()))
+            raise SettingsError(f"block_size for {key} must be a positive integer, got {value!r}")
+        if _valid_kind(key.lower()):
+            kinds[key.lower()] = d
+        else:
+            names[key] = d
+    return tuple(sorted(kinds.items())) + tuple(names.items())
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,8 @@ class PqSettings:
     """bits: not used by PQ (its rate is log2(codewords) / block_size bits per weight; accepted
     because every method receives --bits). blocks: "small" (d = kh*kw for k x k kernels, 4 for
     1x1 and linear) or "large" (2*kh*kw, 8); depthwise kernels are always one block. block_size:
-    per-kind overrides ("3x3=18,1x1=8"; an explicit size that does not divide a layer is an
+    per-kind and per-layer overrides ("3x3=18,1x1=8,_conv_head=8"; see `parse_block_size`; a layer
+    pattern wins over the kinds; an explicit size that does not divide a layer is an
     error, a preset size that does not falls back to the small one). codewords: per layer, 1-256
     (uint8 codes). em_iters: EM iterations per layer. finetune_steps / finetune_lr / batch_size:
     distillation fine-tuning (Adam) of codewords, channel scales and biases; 0 steps skips it;
@@ -185,10 +194,19 @@ class PqSettings:
         if not isinstance(self.selection, LayerSelection):
             raise SettingsError("selection must be a LayerSelection")
 
-    def block_for(self, m: nn.Module) -> tuple[int, bool]:
-        """(block size, explicitly given) for a Conv2d/Linear module."""
+    def layer_patterns(self) -> tuple[str, ...]:
+        """The block_size keys that name layers (fnmatch patterns), not kernel kinds."""
+        return tuple(k for k, _ in self.block_size if not _valid_kind(k))
+
+    def block_for(self, m: nn.Module, name: str | None = None) -> tuple[int, bool]:
+        """(block size, explicitly given) for a Conv2d/Linear module: the first layer-name pattern
+        of block_size that matches `name`, else its kernel kind's entry, else the preset."""
         kind = block_kind(m)
         given = dict(self.block_size)
+        if name is not None:
+            for pattern in self.layer_patterns():
+                if fnmatch.fnmatchcase(name, pattern):
+                    return given[pattern], True
         if kind in given:
             return given[kind], True
         if kind not in ("linear", "depthwise", "1x1") and "kxk" in given:
@@ -612,15 +630,15 @@ def _diagonal_blocks(H: torch.Tensor, geom: _Geom) -> torch.Tensor:
 
 
 def _geometry(name: str, mod: nn.Module, settings: PqSettings) -> _Geom:
-    d, explicit = settings.block_for(mod)
+    d, explicit = settings.block_for(mod, name)
     w = mod.weight
     per_filter = int(w[0].numel())
     groups = 1 if isinstance(mod, nn.Linear) else int(mod.groups)
     kind = block_kind(mod)
     if per_filter % d:
         if explicit:
-            raise SettingsError(f"block size {d} for {kind} layers does not divide layer {name} "
-                                f"({per_filter} weights per output channel, shape {tuple(w.shape)})")
+            raise SettingsError(f"block size {d} does not divide layer {name} ({kind}, {per_filter} weights per "
+                                f"output channel, shape {tuple(w.shape)})")
         small = PqSettings(blocks="small").block_for(mod)[0]
         log.info("%s: %s block size %d does not divide %d weights per filter; using %d", name, settings.blocks, d,
                  per_filter, small)
@@ -654,6 +672,11 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
     kept = {n: b for n, b in select_layers(layers, 0, settings.selection).items() if b}
     order = [n for n in layers if n not in settings.selection.skip]
     geoms = {n: _geometry(n, layers[n], settings) for n in order if n not in kept}
+    for pattern in settings.layer_patterns():
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in geoms):
+            shown = ", ".join(list(geoms)[:6]) + (", ..." if len(geoms) > 6 else "")
+            raise SettingsError(f"block_size entry {pattern!r} is neither a kernel kind (1x1, kxk, <kh>x<kw>, "
+                                f"depthwise, linear) nor the name of a product-quantized layer ({shown})")
     images = calib.subset(settings.calib_size, settings.seed)
     stats_images = images.subset(settings.stats_size, settings.seed)
     bs = settings.batch_size
@@ -868,8 +891,9 @@ PQ_OPTIONS = (
     CliOption("--blocks", "blocks", BLOCK_PRESETS,
               "PQ block sizes: small (kh*kw for k x k kernels, 4 for 1x1/linear) or large (2*kh*kw, 8) [small]."),
     CliOption("--block-size", "block_size", str,
-              "PQ block size per kernel kind, e.g. 1x1=8,3x3=18,linear=8 (kinds: 1x1, kxk, 3x3, 5x5..., depthwise, "
-              "linear); overrides --blocks."),
+              "PQ block size per kernel kind or layer, e.g. 1x1=8,3x3=18,linear=8,_conv_head=8 (kinds: 1x1, kxk, "
+              "3x3, 5x5..., depthwise, linear; any other key is a layer-name pattern, fnmatch-style, and wins over "
+              "the kinds); overrides --blocks."),
     CliOption("--codewords", "codewords", int, "PQ codewords per layer, 1-256 (uint8 codes) [256]."),
     CliOption("--em-iters", "em_iters", int, "PQ EM iterations per layer [20]."),
     CliOption("--finetune-steps", "finetune_steps", int, "PQ distillation fine-tuning steps, 0 = none [100]."),

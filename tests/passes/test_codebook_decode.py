@@ -1,5 +1,6 @@
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
@@ -60,6 +61,11 @@ def test_structure(planned):
     order = {o: i for i, n in enumerate(proto.graph.node) for o in n.output}
     for i, n in enumerate(proto.graph.node):
         assert all(order.get(inp, -1) < i for inp in n.input)
+    # no value_info copies of the initializers' type and shape; readers still get them
+    assert not {v.name for v in proto.graph.value_info} & set(inits) and proto.graph.value_info
+    onnx.checker.check_model(proto, full_check=True)
+    back = ir.from_proto(proto).graph.initializers
+    assert all(list(back[n].shape) == list(t.dims) for n, t in inits.items())
 
 
 def test_decoded_weights_are_exactly_the_torch_weights(planned):

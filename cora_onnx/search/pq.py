@@ -30,8 +30,8 @@ then trains the biases too.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import dataclasses
+import fnmatch
 import logging
 import time
 from dataclasses import dataclass, field
@@ -122,7 +122,7 @@ def parse_block_size(text: Any) -> tuple[tuple[str, int], ...]:
 class PqSettings:
     """bits: not used by PQ (its rate is log2(codewords) / block_size bits per weight; accepted
     because every method receives --bits). blocks: "small" (d = kh*kw for k x k kernels, 4 for
-    1x1 and linear) or "large" (2*kh*kw, 8); depthwise kernels are always one block. block_size:
+    1x1 and linear) or "large" (2*kh*kw, 8); depthwise kernels are one block in both. block_size:
     per-kind and per-layer overrides ("3x3=18,1x1=8,_conv_head=8"; see `parse_block_size`; a layer
     pattern wins over the kinds; an explicit size that does not divide a layer is an
     error, a preset size that does not falls back to the small one). codewords: per layer, 1-256

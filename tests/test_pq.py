@@ -195,7 +195,8 @@ def test_cli_rejects_bad_pq_options(digits, tmp_path, extra, match):
 
 def test_cli_pq_end_to_end(digits, tmp_path):
     res = _cli(digits, tmp_path / "m.onnx", "--keep", "first", "--codewords", 64, "--em-iters", 5,
-               "--finetune-steps", 10, "--calib-size", 128, "--report", tmp_path / "r.json")
+               "--finetune-steps", 10, "--calib-size", 128, "--block-size", "features.3=16",
+               "--report", tmp_path / "r.json")
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["method"] == "pq" and r["settings"]["codewords"] == 64 and r["settings"]["seed"] == 0
@@ -204,6 +205,8 @@ def test_cli_pq_end_to_end(digits, tmp_path):
     pq = r["pq"]
     assert pq["layers_pq"] == len(pq["layers"]) >= 2 and pq["layers_uniform"] == 1
     assert all(layer["codewords"] <= 64 and layer["activation_weighted_error"] >= 0 for layer in pq["layers"])
+    sizes = {layer["name"]: layer["block_size"] for layer in pq["layers"]}
+    assert sizes == {"features.3": 16, "features.6": 9, "features.9": 4, "fc": 4}  # the other 3x3 keeps 9
     assert r["onnx_bytes"] == (tmp_path / "m.onnx").stat().st_size
     table = format_table(r)
     assert "-bit weights" not in table and "up to 64 codewords per layer" in table

@@ -110,6 +110,8 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
         raise SettingsError("adapter layout fold needs integer activations (act_bits=8): it folds the adapters "
                             "into integer weights")
     fold_bits = scheme.weight_bits if scheme is not None and adapter_layout in ("auto", "fold") else None
+    if latency_runs < 0:
+        raise SettingsError(f"latency runs must be >= 0 (0 skips the timing), got {latency_runs}")
     if out_format not in ("onnx", "ort"):
         raise SettingsError(f"output format must be onnx or ort, got {out_format!r}")
     if "seed" in fields:
@@ -290,12 +292,14 @@ def _verify(model, qmodel, float_bytes: bytes, quant_bytes: bytes, val_set: Imag
                      predict_torch(qmodel, pset, batch_size, "PyTorch, quantized"))
     shape = (3, pre.input_size, pre.input_size)
     batches = (1,) if not latency_batch or latency_batch == 1 else (1, latency_batch)
-    log.info("measuring latency (%d interleaved runs per model and batch size)", latency_runs)
+    if latency_runs > 0:
+        log.info("measuring latency (%d interleaved runs per model and batch size)", latency_runs)
     models = {"float": float_bytes, "quantized": qsess}
     if fold:  # load-time weight folding disables the integer fusions: only for weight-only models
         models["quantized_folded"] = session(quant_bytes, threads=threads, fold_weight_dq=True)
     models.update(extra or {})
-    lat = measure_latency(models, shape, batch_sizes=batches, runs=latency_runs, threads=threads, seed=seed)
+    lat = measure_latency(models, shape, batch_sizes=batches, runs=latency_runs, threads=threads, seed=seed) \
+        if latency_runs > 0 else {}  # 0: timing skipped
     return {
         "top1": t1, "parity": par,
         **({"fidelity_to_float": fid} if fid is not None else {}),

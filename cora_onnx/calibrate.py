@@ -181,7 +181,7 @@ def collect_histograms(model_bytes: bytes, tensors: Sequence[str], batches: Iter
     fixed = sess.get_inputs()[0].shape[0]
     step = fixed if isinstance(fixed, int) and fixed > 0 else None  # a model exported with a fixed batch
     hists = {t: RangeHistogram(bins) for t in tensors}
-    for x in progress(batches, total, "calibrating activations"):
+    for x in progress(batches, total, "calibrating activations", "batches"):
         x = np.ascontiguousarray(x, dtype=np.float32)
         for i in range(0, x.shape[0], step or x.shape[0]):
             chunk = x[i:i + step] if step else x

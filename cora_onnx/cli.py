@@ -112,7 +112,8 @@ def _option_help(o, names: tuple[str, ...]) -> str:
     for name in names:
         f = {f.name: f for f in dataclasses.fields(_methods()[name].settings)}.get(o.field)
         if f is not None and f.default is not dataclasses.MISSING:
-            defaults.append(f"{name}: {f.default}")
+            # None in a settings class means "the preset decides"
+            defaults.append(f"{name}: {'preset' if f.default is None else f.default}")
     text = re.sub(r"\s*\[[^\]]*\]\.?$", "", o.help)
     return f"{text} [{'; '.join(defaults)}] ({', '.join(names)})"
 
@@ -175,7 +176,7 @@ def main() -> None:
                    "with --act-bits, branch without.")
 @_preprocess_options
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size for evaluation.")
-@click.option("--latency-runs", type=int, default=30, show_default=True, help="Timed runs per model (after 5 warm-up runs).")
+@click.option("--latency-runs", type=int, default=30, show_default=True, help="Timed runs per model (after 5 warm-up runs); 0 skips the timing.")
 @click.option("--latency-batch", type=int, default=None, help="Also time this batch size (batch 1 is always timed).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [all cores].")
 @click.option("--seed", type=int, default=0, show_default=True)

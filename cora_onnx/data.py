@@ -178,7 +178,7 @@ def load_images(folder: str | os.PathLike, preprocess: Preprocess = Preprocess()
         return ImageSet(cached.images, cached.labels, cached.paths, preprocess)
 
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
-    log.info("decoding %d images from %s", len(files), root)
+    log.info("decoding %d image%s from %s", len(files), "" if len(files) == 1 else "s", root)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         arrays = list(pool.map(lambda f: _decode(f[0], preprocess.input_size, preprocess.crop_ratio), files))
     kept = [(a, f) for a, f in zip(arrays, files) if a is not None]

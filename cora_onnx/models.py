@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -44,13 +46,26 @@ def default_normalization(arch: str) -> tuple[tuple[float, ...], tuple[float, ..
     return IMAGENET_MEAN, IMAGENET_STD
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (or, before 1.6, a pickle: protocol byte 0x80)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A plain state_dict file, or a checkpoint holding one under "state_dict" (or "model")."""
     p = check_input_file(path, "weights file")
+    if not _looks_like_torch_file(p):
+        raise InputError(f"weights file {p} is not a PyTorch checkpoint (neither a torch.save archive nor a pickle)")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise InputError(f"weights file {p} is not a readable PyTorch file: {str(exc).splitlines()[0][:200]}") from None
+    except pickle.UnpicklingError:
+        raise InputError(f"weights file {p} holds Python objects other than tensors (a pickled model?): "
+                         "save model.state_dict() instead") from None
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise InputError(f"weights file {p} is not a readable PyTorch checkpoint ({type(exc).__name__})") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if key in obj and isinstance(obj[key], dict):

@@ -64,7 +64,7 @@ def session(model: bytes | str | os.PathLike, *, optimize: bool = True, threads:
 def predict_onnx(sess, images: ImageSet, batch_size: int = 32, desc: str = "onnxruntime") -> np.ndarray:
     name = sess.get_inputs()[0].name
     n = (len(images) + batch_size - 1) // batch_size
-    outs = [sess.run(None, {name: x.numpy()})[0] for x in progress(images.batches(batch_size), n, desc)]
+    outs = [sess.run(None, {name: x.numpy()})[0] for x in progress(images.batches(batch_size), n, desc, "batches")]
     return np.concatenate(outs)
 
 
@@ -74,7 +74,7 @@ def predict_torch(model, images: ImageSet, batch_size: int = 32, desc: str = "py
     n = (len(images) + batch_size - 1) // batch_size
     model.eval()
     with torch.inference_mode():
-        outs = [model(x).float().numpy() for x in progress(images.batches(batch_size), n, desc)]
+        outs = [model(x).float().numpy() for x in progress(images.batches(batch_size), n, desc, "batches")]
     return np.concatenate(outs)
 
 

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -70,6 +72,7 @@ def bad(tmp_path, digits):
     broken.mkdir(parents=True)
     (broken / "x.png").write_bytes(b"not a png")
     (tmp_path / "junk.pt").write_bytes(b"junk")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pt")
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pt")
     nan = {k: v.clone() for k, v in torch.load(digits.weights).items()}
     nan["fc.weight"][0, 0] = float("nan")
@@ -80,7 +83,9 @@ def bad(tmp_path, digits):
 
 CASES = {
     "missing weights": (dict(weights="nope.pt"), "does not exist"),
-    "unreadable weights": (dict(weights="junk.pt"), "not a readable PyTorch file"),
+    "unreadable weights": (dict(weights="junk.pt"), "is not a PyTorch checkpoint"),
+    "pickled model as weights": (dict(weights="whole.pt"), "save model.state_dict() instead"),
+    "negative latency runs": (dict(latency_runs=-1), "latency runs must be >= 0"),
     "weights do not fit": (dict(weights="other.pt"), "do not fit"),
     "nan weights": (dict(weights="nan.pt"), "NaN"),
     "unknown arch": (dict(model="resnet999"), "unknown architecture"),
@@ -100,7 +105,8 @@ def test_bad_input_exit_2_and_no_output(case, bad, digits):
     opts = dict(model=digits.arch, weights=digits.weights, calib=digits.calib_dir, val=digits.val_dir,
                 bits=4, out="m.onnx", keep="first,last")
     opts.update(over)
-    args = ["quantize", "--input-size", 8, "--report", bad / "r.json", "--latency-runs", 1, "-q"]
+    opts.setdefault("latency_runs", 1)
+    args = ["quantize", "--input-size", 8, "--report", bad / "r.json", "-q"]
     for k, v in opts.items():
         v = bad / v if k in ("weights", "calib", "val", "out") and not str(v).startswith("/") else v
         args += [f"--{k.replace('_', '-')}", v]
@@ -116,3 +122,34 @@ def test_bad_onnx_inputs(bad, digits):
                 ["bench", bad / "missing.onnx"]):
         res = run(*cmd)
         assert res.exit_code == 2 and "error:" in res.output, res.output
+
+
+def test_outputs_get_the_usual_file_mode_and_latency_runs_0_skips_timing(digits, tmp_path):
+    """Output files follow the umask (not mkstemp's 0600); --latency-runs 0 skips the timing."""
+    old = os.umask(0o022)
+    try:
+        res = run("quantize", "--model", digits.arch, "--weights", digits.weights, "--calib", digits.calib_dir,
+                  "--input-size", 8, "--bits", 8, "--out", tmp_path / "m.onnx", "--report", tmp_path / "r.json",
+                  "--plan-out", tmp_path / "p", "--latency-runs", 0, "-q")
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, res.output
+    for name in ("m.onnx", "r.json", "p.json", "p.npz"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["latency"] == {} and set(r["latency_ms"].values()) == {None}
+
+
+def test_interrupted_run_leaves_no_files(digits, tmp_path, monkeypatch):
+    """Ctrl-C during the verification: click says Aborted!, exit 1, and no output file is left."""
+    import cora_onnx.api as api
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "measure_latency", interrupt)
+    res = run("quantize", "--model", digits.arch, "--weights", digits.weights, "--calib", digits.calib_dir,
+              "--input-size", 8, "--bits", 8, "--out", tmp_path / "m.onnx", "--report", tmp_path / "r.json",
+              "--latency-runs", 1, "-q")
+    assert res.exit_code == 1 and "Aborted!" in res.output, res.output
+    assert list(tmp_path.iterdir()) == []

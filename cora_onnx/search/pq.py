@@ -614,7 +614,7 @@ def _output_means(model: nn.Module, mods: dict[str, nn.Module], images, batch_si
     handles = [mod.register_forward_hook(make(n)) for n, mod in mods.items()]
     try:
         with torch.no_grad():
-            for x in progress(images.batches(batch_size), -(-len(images) // batch_size), "pq: float statistics"):
+            for x in progress(images.batches(batch_size), -(-len(images) // batch_size), "pq: float statistics", "batches"):
                 model(x)
     finally:
         for h in handles:
@@ -691,7 +691,7 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
     targets = _output_means(model, layers, stats_images, bs) if settings.bias_correction else {}
     state: dict[str, dict] = {}
     plans: dict[str, LayerPlan] = {}
-    for name in progress(order, len(order), "pq: layers"):
+    for name in progress(order, len(order), "pq: layers", "layers"):
         mod = slayers[name]
         t0 = time.perf_counter()
         w = mod.weight.detach().float().clone()
@@ -823,7 +823,7 @@ def _finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modu
     t0 = time.perf_counter()
     perm = torch.randperm(n, generator=gen)
     pos = 0
-    for _ in progress(range(settings.finetune_steps), settings.finetune_steps, "pq: fine-tuning codewords"):
+    for _ in progress(range(settings.finetune_steps), settings.finetune_steps, "pq: fine-tuning codewords", "steps"):
         if pos + settings.batch_size > n:
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos:pos + settings.batch_size]

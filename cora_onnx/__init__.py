@@ -17,7 +17,7 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     if name == "sweep":
-        from .sweep import sweep
+        from .sweeps import sweep
 
         return sweep
     if name == "Plan":

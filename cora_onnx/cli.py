@@ -412,7 +412,7 @@ def sweep(config, out, executor, address, verbose, quiet):
     """Run many quantize points on one model (a TOML config: model, data, [grid] and/or [[points]]):
     one ONNX file and report per point, results.jsonl, a table, sweep.png and sweep.html."""
     _setup_logging(verbose, quiet)
-    from .sweep import sweep as run
+    from .sweeps import sweep as run
 
     res = run(config, out, executor=executor, address=address)
     click.echo(res.table)

@@ -579,12 +579,10 @@ def _prepare_out(out: Path, cfg: SweepConfig) -> None:
         atomic_write(marker, lambda f: f.write(json.dumps(setup, indent=2).encode() + b"\n"))
 
 
-def _reference(cfg: SweepConfig, out: Path):
+def _reference(cfg: SweepConfig, out: Path, model):
     """The float reference, computed once per sweep folder (kept as float.onnx + reference.npz)."""
     from .api import float_reference
-    from .models import build_model
 
-    model = build_model(cfg.arch, cfg.weights)  # also the last check of the weights before any job
     ref_file, float_file = out / REFERENCE_NAME, out / FLOAT_NAME
     if ref_file.is_file() and float_file.is_file():
         with np.load(ref_file) as z:
@@ -677,7 +675,7 @@ def sweep(config: str | os.PathLike | Mapping[str, Any], out: str | os.PathLike 
     (default: the config's `out`, else sweep-<config name>). Points whose report exists are
     skipped. Ends with one interleaved latency run over the float model and every finished point,
     the table (table.txt), summary.json, sweep.png (with matplotlib) and sweep.html."""
-    from .sweep_report import write_outputs
+    from .sweeps_report import write_outputs
 
     if executor not in EXECUTORS:
         raise SettingsError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
@@ -691,12 +689,18 @@ def sweep(config: str | os.PathLike | Mapping[str, Any], out: str | os.PathLike 
             raise SettingsError("the Ray executor needs ray: pip install 'cora-onnx[ray]'") from None
     stem = Path(config).stem if not isinstance(config, Mapping) else "config"
     out = Path(out) if out is not None else (cfg.out or Path(f"sweep-{stem}"))
+    from .models import build_model
+
+    try:  # the last check of the weights, before any output
+        model = build_model(cfg.arch, cfg.weights)
+    except CoraError as exc:
+        raise type(exc)(f"{cfg.source}: weights: {exc}") from None
     _prepare_out(out, cfg)
     done_before = [p for p in cfg.points if (out / p.name / REPORT_NAME).is_file()]
     todo = [p for p in cfg.points if p not in done_before]
     log.info("sweep: %d points, %d done before (skipped), %d to run (executor %s) -> %s", len(cfg.points),
              len(done_before), len(todo), executor, out)
-    ref = _reference(cfg, out)
+    ref = _reference(cfg, out, model)
 
     def record(p: Point, result: dict) -> dict:
         return _record(out, p, result, ref["weight_params"])

@@ -189,6 +189,7 @@ def write_png(rows: Sequence[dict], path: str | Path, title: str) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from matplotlib.colors import Normalize
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return False
     lo, hi, _ = _latency_scale(rows)
@@ -209,6 +210,8 @@ def write_png(rows: Sequence[dict], path: str | Path, title: str) -> bool:
             ax.annotate(r["point"], (r["onnx_bytes"] / 1e3, r[key]), textcoords="offset points", xytext=(6, 5),
                         fontsize=8)
         ax.set_xscale("log")
+        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("ONNX file size (kB, log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -232,7 +235,7 @@ def write_outputs(out: Path, cfg, rows: Sequence[dict], ref: dict) -> tuple[str,
     """Time the float model and every finished point in one interleaved run, then write
     latency.json, summary.json, table.txt, sweep.png and sweep.html. Returns (table, summary rows, files)."""
     from .report import write_report
-    from .sweep import FLOAT_NAME, MODEL_NAME, RESULTS_NAME
+    from .sweeps import FLOAT_NAME, MODEL_NAME, RESULTS_NAME
     from .verify import cpu_threads, measure_latency
 
     ok = [r for r in rows if r["status"] == "ok"]

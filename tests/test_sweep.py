@@ -196,5 +196,6 @@ def test_bad_config_exit_2_before_any_job(case, digits, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_mod, "run_job", lambda job: pytest.fail("a job started"))
     res = CliRunner().invoke(main, ["sweep", str(cfg), "--out", str(tmp_path / "out")])
     assert res.exit_code == 2, res.output
-    assert msg in res.output and res.output.startswith("error: s.toml: ") and res.output.count("\n") == 1, res.output
+    assert msg in res.output and res.output.startswith("error: ") and "s.toml" in res.output, res.output
+    assert res.output.count("\n") == 1, res.output
     assert not (tmp_path / "out").exists()

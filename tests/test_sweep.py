@@ -6,6 +6,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -199,3 +200,21 @@ def test_bad_config_exit_2_before_any_job(case, digits, tmp_path, monkeypatch):
     assert msg in res.output and res.output.startswith("error: ") and "s.toml" in res.output, res.output
     assert res.output.count("\n") == 1, res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_shared_reference_matches_quantize_own(first, digits, tmp_path):
+    """quantize(float_logits=...) scores exactly as quantize computing the float logits itself."""
+    from cora_onnx.models import build_model
+
+    _, out, _ = first
+    row = rows_by_point(out)["rtn-w4"]
+    own = api.quantize(build_model(digits.arch, digits.weights), calib=digits.calib_dir, val=digits.val_dir, bits=4,
+                       out=tmp_path / "m.onnx", mean=digits.mean, std=digits.std, input_size=8, latency_runs=1,
+                       threads=1).report
+    assert own["onnx_bytes"] == row["onnx_bytes"] and own["top1"]["quantized_onnxruntime"] == row["top1"]
+    assert own["fidelity_to_float"]["top1_agreement"] == row["agreement"]
+    assert own["fidelity_to_float"]["kl_divergence"] == pytest.approx(row["kl"], rel=1e-6)
+    with pytest.raises(SettingsError, match="float_logits must have shape"):
+        api.quantize(build_model(digits.arch, digits.weights), val=digits.val_dir, out=tmp_path / "x.onnx",
+                     mean=digits.mean, std=digits.std, input_size=8, float_logits=np.zeros((3, 10), np.float32))
+    assert not (tmp_path / "x.onnx").exists()

@@ -92,6 +92,9 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 def _log_ticks(lo: float, hi: float) -> list[float]:
     ticks = [m * 10 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in (1, 2, 5)]
     inside = [t for t in ticks if lo <= t <= hi]
+    if len(inside) < 3:  # less than a decade: every mantissa
+        inside = [m * 10 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+                  for m in range(1, 10) if lo <= m * 10 ** e <= hi]
     return inside if len(inside) >= 2 else [lo, hi]
 
 
@@ -165,7 +168,7 @@ def write_html(rows: Sequence[dict], path: str | Path, title: str, note: str = "
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} td:first-child,th:first-child{{text-align:left}}</style>
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} td:first-child,th:first-child,td:last-child,th:last-child{{text-align:left}}</style>
 </head><body>
 <h2>{html.escape(title)}</h2>
 <p>Each point: file size against fidelity to the float model; colour: latency at batch 1 (one interleaved run at

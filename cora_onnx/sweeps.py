@@ -535,7 +535,7 @@ def _row(p: Point, result: dict, weight_params: int) -> dict:
             "bits_per_weight": size * 8 / weight_params if ok else None,
             "agreement": fid.get("top1_agreement"), "kl": fid.get("kl_divergence"),
             "top1": rep.get("top1", {}).get("quantized_onnxruntime"),
-            "latency_ms_b1": rep.get("latency_ms", {}).get("quantized"),
+            "latency_ms_b1": (rep.get("latency_ms") or {}).get("quantized"),
             "search_seconds": rep.get("search_seconds"), "seconds": result["seconds"], "error": result["error"]}
 
 

@@ -176,7 +176,7 @@ BAD = {
     "bad option value": ("[[points]]\nmethod = 'cora'\nbits = 4\nbudget = 2.0\n", "points[0]: budget must be"),
     "missing data folder": ("calib = 'nowhere'\n[[points]]\nmethod = 'rtn'\nbits = 4\n", "calib: calib"),
     "unreadable class map": ("class_map = 'junk.json'\n[[points]]\nmethod = 'rtn'\nbits = 4\n", "class_map: class map"),
-    "unreadable weights": ("weights = 'junk.pt'\n[[points]]\nmethod = 'rtn'\nbits = 4\n", "not a readable PyTorch file"),
+    "unreadable weights": ("weights = 'junk.pt'\n[[points]]\nmethod = 'rtn'\nbits = 4\n", "s.toml: weights: "),
     "unknown key": ("bogus = 1\n[[points]]\nmethod = 'rtn'\nbits = 4\n", "bogus: unknown setting"),
     "not toml": ("[[points]\nmethod = 'rtn'\n", "is not valid TOML"),
 }

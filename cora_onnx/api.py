@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import onnx_ir as ir
 import torch
 from torch import nn
@@ -27,7 +28,8 @@ from .search import METHODS
 from .verify import (cpu_threads, fidelity, measure_latency, parity, predict_onnx, predict_torch, session,
                      size_breakdown, top1)
 
-__all__ = ["QuantizeResult", "quantize", "make_settings", "export_plan", "effective_bits"]
+__all__ = ["QuantizeResult", "quantize", "make_settings", "export_plan", "effective_bits", "FloatReference",
+           "float_reference"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,8 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
              float_out: str | Path | None = None, model_name: str | None = None, batch_size: int = 32,
              parity_images: int = 1000, latency_runs: int = 30, latency_batch: int | None = None,
              threads: int | None = None, seed: int = 0, act_bits: int | None = None, act_calib: str = "minmax",
-             out_format: str = "onnx", adapter_layout: str = "auto", **method_options) -> QuantizeResult:
+             out_format: str = "onnx", adapter_layout: str = "auto", float_logits: np.ndarray | None = None,
+             **method_options) -> QuantizeResult:
     """Quantize `model` with `method`, export to ONNX at `out`, verify in ONNX Runtime.
 
     calib: folder of calibration images (flat or per class; needed by data-driven methods, and
@@ -86,7 +89,8 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
     "branch" exports each adapter as Conv(A) -> Conv(B) -> Add beside its Conv; "fold" (integer
     activations only) stores the same factors but folds them into the Conv's integer weight when
     ONNX Runtime loads the model, so the branches cost no inference time; "auto": fold with
-    act_bits, branch without.
+    act_bits, branch without. float_logits: the float model's logits on val's images, computed once
+    elsewhere (see `float_reference`; a sweep shares them between its points) instead of here.
     Returns a QuantizeResult whose .report is the dict also written to `report` (JSON).
     """
     scheme = None
@@ -137,6 +141,9 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
     val_set = load_images(val, pre, labelled=True, class_map=cmap, num_classes=n_classes, what="validation folder") \
         if val is not None else None
     calib_set = load_images(calib, pre, what="calibration folder") if calib is not None else None
+    if float_logits is not None and (val_set is None or np.shape(float_logits) != (len(val_set), n_classes)):
+        raise SettingsError(f"float_logits must have shape (validation images, classes) = "
+                            f"({len(val_set) if val_set is not None else 0}, {n_classes}), got {np.shape(float_logits)}")
 
     folded = fold_batchnorm(model)
     t0 = time.perf_counter()
@@ -175,7 +182,8 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
             act_report["adapter_layout"] = "fold" if fold_bits is not None else "branch"
 
     rep = _verify(model, qmodel, float_bytes, quant_bytes, val_set, calib_set, batch_size, parity_images,
-                  latency_runs, latency_batch, threads, seed, pre, fold=scheme is None, extra=extra)
+                  latency_runs, latency_batch, threads, seed, pre, fold=scheme is None, extra=extra,
+                  float_logits=float_logits)
     qlayers = quantizable_layers(folded)
     weight_params = sum(mod.weight.numel() for mod in qlayers.values())
     report_dict = {
@@ -274,14 +282,15 @@ def _integer_activations(model_ir, program, qmodel, calib_set: ImageSet, scheme,
 def _verify(model, qmodel, float_bytes: bytes, quant_bytes: bytes, val_set: ImageSet | None,
             calib_set: ImageSet | None, batch_size: int, parity_images: int, latency_runs: int,
             latency_batch: int | None, threads: int, seed: int, pre: Preprocess, fold: bool = True,
-            extra: dict | None = None) -> dict:
+            extra: dict | None = None, float_logits: np.ndarray | None = None) -> dict:
     qsess = session(quant_bytes, threads=threads)
     t1 = {"float": None, "quantized_torch": None, "quantized_onnxruntime": None}
     fid = None
     if val_set is not None:
         ort_logits = predict_onnx(qsess, val_set, batch_size, "ONNX Runtime, quantized")
         q_logits = predict_torch(qmodel, val_set, batch_size, "PyTorch, quantized")
-        f_logits = predict_torch(model, val_set, batch_size, "PyTorch, float")
+        f_logits = predict_torch(model, val_set, batch_size, "PyTorch, float") if float_logits is None else \
+            np.asarray(float_logits, dtype=np.float32)
         t1 = {"float": top1(f_logits, val_set.labels), "quantized_torch": top1(q_logits, val_set.labels),
               "quantized_onnxruntime": top1(ort_logits, val_set.labels)}
         par = parity(ort_logits, q_logits)
@@ -344,3 +353,38 @@ def export_plan(model: nn.Module, plan: Plan, out: str | Path, input_size: int |
     data = onnx_bytes(apply_plan(model_ir, plan))
     atomic_write(out, lambda f: f.write(data))
     return len(data)
+
+
+@dataclass(frozen=True, eq=False)
+class FloatReference:
+    """What every compressed variant of one model is compared with: the float model's logits on the
+    validation images (in load order), their labels and top-1, the float (BN-folded) ONNX file,
+    and the Conv/Linear weight parameter count (the denominator of bits per weight)."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    top1: float
+    onnx: bytes
+    weight_params: int
+
+
+def float_reference(model: nn.Module, val: str | Path, class_map: str | Path | None = None,
+                    mean: Sequence[float] | str = IMAGENET_MEAN, std: Sequence[float] | str = IMAGENET_STD,
+                    input_size: int = 224, *, crop_ratio: float = 1.0, batch_size: int = 32) -> FloatReference:
+    """The float side of `quantize`'s verification, computed once: pass .logits to
+    quantize(float_logits=...) with the same val folder and preprocessing."""
+    pre = Preprocess(input_size=int(input_size), crop_ratio=crop_ratio, mean=parse_floats(mean, what="mean"),
+                     std=parse_floats(std, what="std"))
+    model = model.eval()
+    check_finite(model)
+    n_classes = _num_classes(model, pre.input_size)
+    cmap = load_class_map(class_map) if class_map is not None else None
+    val_set = load_images(val, pre, labelled=True, class_map=cmap, num_classes=n_classes, what="validation folder")
+    logits = predict_torch(model, val_set, batch_size, "PyTorch, float")
+    folded = fold_batchnorm(model)
+    model_ir = export_onnx(folded, pre.input_size)
+    meta = {"input_size": pre.input_size, "crop_ratio": pre.crop_ratio, "mean": list(pre.mean), "std": list(pre.std)}
+    model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(meta)
+    weight_params = sum(mod.weight.numel() for mod in quantizable_layers(folded).values())
+    labels = val_set.labels.numpy()
+    return FloatReference(logits, labels, top1(logits, labels), onnx_bytes(model_ir), int(weight_params))

@@ -118,17 +118,6 @@ def _option_help(o, names: tuple[str, ...]) -> str:
     return f"{text} [{'; '.join(defaults)}] ({', '.join(names)})"
 
 
-def _default_selection(settings_cls):
-    import dataclasses
-
-    from .search import LayerSelection
-
-    f = {f.name: f for f in dataclasses.fields(settings_cls)}.get("selection")
-    if f is not None and f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return LayerSelection()
-
-
 def _method_settings(method: str, given: dict) -> dict:
     """Settings fields from the method options the user set; options of other methods are refused."""
     from .errors import SettingsError
@@ -191,6 +180,7 @@ def quantize(arch, weights, calib, val, class_map, bits, method, out, report, pl
     from .errors import SettingsError
     from .models import build_model, default_normalization
     from .search import LayerSelection
+    from .search.layers import default_selection
     from .search.options import parse_keep
 
     if arch is None and weights is None and calib is None and val is None:
@@ -207,7 +197,7 @@ def quantize(arch, weights, calib, val, class_map, bits, method, out, report, pl
         raise SettingsError("--model is required (a torchvision architecture name, efficientnet_lite0 or digits_cnn)")
     if weights is None:
         raise SettingsError("--weights FILE is required with --model")
-    defaults = _default_selection(_methods()[method].settings)
+    defaults = default_selection(_methods()[method].settings)
     selection = LayerSelection(keep=defaults.keep if keep is None else parse_keep(keep),
                                keep_bits=defaults.keep_bits if keep_bits is None else keep_bits)
     out = out or Path(f"{arch}-{method}-w{bits}{'a8' if act_bits else ''}.{out_format}")
@@ -408,6 +398,26 @@ def _bench_top1(sessions: dict, blobs: dict, data: Path, class_map: Path | None)
                              what="data folder")
         out[k] = top1(predict_onnx(s, images), images.labels)
     return out
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder [the config's out, else sweep-<config name>]; a rerun into it resumes.")
+@click.option("--executor", type=click.Choice(["inprocess", "ray"]), default="inprocess", show_default=True,
+              help="Run the points one after another here, or one Ray task per point (pip install 'cora-onnx[ray]').")
+@click.option("--address", default=None, help="Address of an existing Ray cluster [start a local Ray].")
+@_common_logging
+@_guard
+def sweep(config, out, executor, address, verbose, quiet):
+    """Run many quantize points on one model (a TOML config: model, data, [grid] and/or [[points]]):
+    one ONNX file and report per point, results.jsonl, a table, sweep.png and sweep.html."""
+    _setup_logging(verbose, quiet)
+    from .sweeps import sweep as run
+
+    res = run(config, out, executor=executor, address=address)
+    click.echo(res.table)
+    click.echo("wrote " + ", ".join(str(p) for p in res.files.values()))
 
 
 @main.command()

@@ -11,7 +11,7 @@ from ..errors import SettingsError
 from ..plan import UniformWeights
 from ..quantizers import QuantizedTensor, QuantSpec
 
-__all__ = ["KEEP_CHOICES", "LayerSelection", "select_layers", "layer_kind", "is_depthwise", "uniform_from"]
+__all__ = ["KEEP_CHOICES", "LayerSelection", "default_selection", "select_layers", "layer_kind", "is_depthwise", "uniform_from"]
 
 KEEP_CHOICES = ("first", "last", "depthwise")
 
@@ -34,6 +34,16 @@ class LayerSelection:
             raise SettingsError(f"keep must be a subset of {', '.join(KEEP_CHOICES)}, got {bad[0]!r}")
         if not 2 <= int(self.keep_bits) <= 8:
             raise SettingsError(f"keep_bits must be from 2 to 8, got {self.keep_bits}")
+
+
+def default_selection(settings_cls: type) -> LayerSelection:
+    """The layer selection a method's settings dataclass uses when none is given."""
+    import dataclasses
+
+    f = {f.name: f for f in dataclasses.fields(settings_cls)}.get("selection")
+    if f is not None and f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return LayerSelection()
 
 
 def is_depthwise(m: nn.Module) -> bool:

@@ -26,7 +26,7 @@ class CodebookDecodePass(ir.passes.InPlacePass):
     bias in the plan replaces the layer's bias input (<layer>.bias_corrected, float32, or float16
     followed by Cast -> <w>_bias_float). The float weight initializer is removed; cleanup removes
     the old bias. Every node made is marked with the pass; the layer's facts (block size,
-    codewords) go on its Gather only."""
+    codewords, code type) go on its Gather only."""
 
     def __init__(self, plan: Plan) -> None:
         super().__init__()
@@ -49,7 +49,8 @@ class CodebookDecodePass(ir.passes.InPlacePass):
             if bad:
                 raise PlanError(f"layer {layer.name}: weight feeds {bad[0]}, expected Conv or Gemm")
             w = layer.weight
-            facts = dict(layer=layer.name, block_size=cb.block_size, codewords=cb.codewords.shape[0])
+            facts = dict(layer=layer.name, block_size=cb.block_size, codewords=cb.codewords.shape[0],
+                         codes=cb.codes.dtype.name)
             codes = add_initializer(graph, f"{w}_codes", ir.Tensor(np.ascontiguousarray(cb.codes), name=f"{w}_codes"))
             books = add_initializer(graph, f"{w}_codewords", ir.Tensor(np.ascontiguousarray(cb.codewords, np.float16),
                                                                        name=f"{w}_codewords"))

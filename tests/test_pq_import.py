@@ -175,7 +175,9 @@ def test_cli_import_end_to_end(files, ckpt):
     assert made == ["Cast", "Cast", "Gather", "Reshape", "Mul", "Cast"]  # float32 scale: no Cast; float16 bias: Cast
     info = inspect_model(out.read_bytes())
     layers = {a["layer"]: a for a in info["added_by_passes"] if a["op"] == "Gather"}
-    assert layers["fc"]["codewords"] == "300" and layers["layer2.0.downsample.0"]["block_size"] == "4"
+    assert layers["fc"]["codewords"] == "300" and layers["fc"]["codes"] == "uint16"
+    assert layers["layer2.0.downsample.0"]["block_size"] == "4" and len(layers) == 20
+    assert info["size"]["integer_weights"] == r["codebooks"]["codes_bytes"]  # uint8 and uint16 codes
     res = run("inspect", out)
     assert res.exit_code == 0 and "block_size=9" in res.output and "layer=layer4.1.conv2" in res.output
 

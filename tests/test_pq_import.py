@@ -123,6 +123,20 @@ def test_decode_matches_format(r18, ckpt):
                for m in decoded.modules() if isinstance(m, nn.BatchNorm2d))
 
 
+@pytest.mark.parametrize("arch", ["resnet34", "resnet50"])
+def test_decode_other_resnets(arch):
+    """ResNet-34 (more blocks) and ResNet-50 (bottlenecks: 1x1 convs at d=4, conv3/bn3) decode too."""
+    model = torchvision.models.get_model(arch, num_classes=10).eval()
+    ck = encode(model)
+    decoded, plan = decode_pq_checkpoint(ck, model)
+    mods = dict(decoded.named_modules())
+    assert len(plan.layers) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()) - 1
+    for lp in plan.layers:
+        assert torch.equal(mods[lp.name].weight, paper_decode(ck[lp.name], lp.shape).float())
+        if lp.kind == "conv":
+            assert lp.info["batchnorm"] == lp.name.replace("conv", "bn").replace("downsample.0", "downsample.1")
+
+
 def _broken(ckpt, what):
     ck = {k: dict(v) for k, v in ckpt.items()}
     if what == "missing":

@@ -72,11 +72,21 @@ def read_pq_checkpoint(path: str | Path) -> dict[str, dict[str, Any]]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise InputError(f"checkpoint {p} is not a readable PyTorch file: {str(exc).splitlines()[0][:200]}") from None
+        raise InputError(f"checkpoint {p} is not a readable PyTorch file ({_load_reason(exc)})") from None
     if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, dict) for k, v in obj.items()):
         raise ModelError(f"checkpoint {p} is not a product-quantized checkpoint (expected a mapping of module "
                          f"names to dicts with centroids/assignments, weight or weight/bias)")
     return obj
+
+
+def _load_reason(exc: Exception) -> str:
+    """The cause torch.load gives, without its advice on weights_only (a checkpoint of this format
+    holds only tensors and plain values, so it never needs weights_only=False)."""
+    text = str(exc)
+    _, sep, tail = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (tail if sep else text).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(exc).__name__
+    return ("unpickling refused: " if sep else "") + reason[:200]
 
 
 def _module_entries(model: nn.Module) -> dict[str, nn.Module]:

@@ -203,11 +203,14 @@ def _one_error(res, out, text):
     assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
 
 
-@pytest.mark.parametrize("what", ["random", "wrong_arch", "missing", "layout", "state_dict"])
+@pytest.mark.parametrize("what", ["random", "truncated", "wrong_arch", "missing", "layout", "state_dict"])
 def test_cli_refuses_bad_checkpoint(files, ckpt, tmp_path, what):
     path, arch, text = tmp_path / "bad.pth", "resnet18", "checkpoint"
     if what == "random":
         path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+        text = "not a readable PyTorch file"
+    elif what == "truncated":
+        path.write_bytes((files / "r18.pth").read_bytes()[:5000])
         text = "not a readable PyTorch file"
     elif what == "wrong_arch":
         path, arch, text = files / "r18.pth", "resnet34", "does not fit resnet34: "

@@ -1,6 +1,6 @@
 """Figures for importing the published product-quantized ResNet-18 (issue 15, part 1).
 
-    OMP_NUM_THREADS=1 python tools/measure_import_pq.py [--threads 1] [--out import_pq.json]
+    OMP_NUM_THREADS=1 python tools/measure_import_pq.py [--threads 1] [--sets dev-val imagenet-sample] [--out import_pq.json]
 
 Runs `cora_onnx.import_pq` on ../shared/models/resnet18_small_blocks.pth twice:
 - dev-val (imagenette, 1,000 images, 224x224 as they are, ten-class map);
@@ -38,7 +38,7 @@ SETS = {
     "dev-val": dict(val=SHARED / "data" / "imagenette" / "dev-val",
                     class_map=SHARED / "data" / "imagenette" / "class_map.json", crop_ratio=1.0),
     "imagenet-sample": dict(val=SHARED / "data" / "imagenet-sample" / "even",
-                            class_map=SHARED / "data" / "imagenet-sample" / "even" / "class_map.json", crop_ratio=0.875),
+                            class_map=SHARED / "data" / "imagenet-sample" / "class_map.json", crop_ratio=0.875),
 }
 
 
@@ -70,6 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--latency-runs", type=int, default=30)
+    ap.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
@@ -80,7 +81,8 @@ def main() -> None:
         sys.exit(f"needs {CKPT} (../shared)")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, kw in SETS.items():
+        for name in args.sets:
+            kw = SETS[name]
             path = Path(tmp) / f"r18-{name}.onnx"
             res = import_pq(CKPT, "resnet18", path, threads=args.threads, latency_runs=args.latency_runs, **kw)
             r = res.report

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ImageSet, Preprocess, load_class_map, load_images, parse_floats
+from .data import Preprocess, load_class_map, load_images, parse_floats
 from .errors import InputError, ModelError, ParityError, SettingsError
 from .export import export_program, fold_batchnorm, onnx_bytes
 from .io import atomic_write, check_input_file, check_output_path

@@ -267,11 +267,13 @@ def test_api_parity_failure_is_an_error(files, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pq_import, "apply_plan", corrupt)
     out = tmp_path / "small.onnx"
-    with pytest.raises(ParityError, match="does not reproduce"):  # (the same run unpatched passes: see below)
+    with pytest.raises(ParityError, match="does not reproduce"):
         cora_onnx.import_pq(path, Small(), out, **kw)
     assert not out.exists() and not list(tmp_path.glob(".small.onnx*"))
-    monkeypatch.undo()
-    assert cora_onnx.import_pq(path, Small(), out, **kw).report["parity"]["top1_agreement"] == 100.0
+    monkeypatch.undo()  # unpatched, with parity on unlabelled calibration images instead
+    r = cora_onnx.import_pq(path, Small(), out, calib=files / "val", input_size=16, latency_runs=1, threads=1).report
+    assert r["parity"]["top1_agreement"] == 100.0 and r["parity"]["images"] == 6 and r["top1"] is None
+    assert out.is_file()
 
 
 @pytest.mark.real

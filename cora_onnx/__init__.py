@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "export_plan", "QuantizeResult", "sweep", "Plan", "__version__"]
+__all__ = ["quantize", "export_plan", "QuantizeResult", "sweep", "import_pq", "ImportResult", "Plan", "__version__"]
 
 
 def __getattr__(name: str):
@@ -20,6 +20,10 @@ def __getattr__(name: str):
         from .sweeps import sweep
 
         return sweep
+    if name in ("import_pq", "ImportResult"):
+        from . import pq_import
+
+        return getattr(pq_import, name)
     if name == "Plan":
         from .plan import Plan
 

@@ -214,6 +214,38 @@ def quantize(arch, weights, calib, val, class_map, bits, method, out, report, pl
     click.echo(format_table(result.report))
 
 
+@main.command(name="import-pq")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--model", "arch", default="resnet18", show_default=True,
+              help="Architecture of the checkpoint: resnet18, resnet34 or resnet50 (torchvision).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output ONNX file [<checkpoint name>.onnx].")
+@click.option("--val", type=click.Path(path_type=Path), default=None, help="Labelled images, one folder per class: top-1 and parity.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Images for parity when --val is not given.")
+@click.option("--class-map", type=click.Path(path_type=Path), default=None, help="JSON folder name -> class index, when --val's folders are a subset of the classes.")
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here.")
+@_preprocess_options
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size for evaluation.")
+@click.option("--latency-runs", type=int, default=30, show_default=True, help="Timed runs per model (after 5 warm-up runs).")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [all cores].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_common_logging
+@_guard
+def import_pq(checkpoint, arch, out, val, calib, class_map, report, input_size, crop_ratio, mean, std, batch_size,
+              latency_runs, threads, seed, verbose, quiet):
+    """Product-quantized checkpoint ("And the bit goes down" format) in, exact ONNX out: codes and
+    codewords decoded in the graph, checked in ONNX Runtime against the decoded PyTorch model."""
+    _setup_logging(verbose, quiet)
+    from .models import IMAGENET_MEAN, IMAGENET_STD
+    from .pq_import import import_pq as run
+    from .report import format_import_table
+
+    out = out or Path(f"{Path(checkpoint).stem}.onnx")
+    result = run(checkpoint, arch, out, val=val, calib=calib, class_map=class_map, input_size=input_size or 224,
+                 crop_ratio=crop_ratio, mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD, report=report,
+                 batch_size=batch_size, latency_runs=latency_runs, threads=threads, seed=seed)
+    click.echo(format_import_table(result.report))
+
+
 @main.command()
 @click.argument("onnx_in", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model file.")

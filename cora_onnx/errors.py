@@ -10,6 +10,7 @@ __all__ = [
     "DataError",
     "PlanError",
     "OnnxModelError",
+    "ParityError",
 ]
 
 
@@ -39,3 +40,7 @@ class PlanError(CoraError):
 
 class OnnxModelError(CoraError):
     """An ONNX file that is corrupt, unsupported, or lacks what a pass needs."""
+
+
+class ParityError(CoraError):
+    """The ONNX file does not reproduce the PyTorch model it was made from (nothing is written)."""

@@ -125,14 +125,16 @@ class LowRankAdapter:
 @dataclass(frozen=True, eq=False)
 class Codebook:
     """Product quantization: the weight, viewed as (C_in*kh*kw/d) x C_out sub-vectors of size
-    block_size, is codewords[codes]. codewords: (k, block_size) float16; codes: uint8.
+    block_size, is codewords[codes]. codewords: (k, block_size) float16; codes: uint8 for up to 256
+    codewords, uint16 for more (up to 65,536).
 
     Layout (the one definition, see `decode`): each output channel's filter, flattened in
     (C_in/groups, kh, kw) order, is cut into consecutive sub-vectors of block_size values; codes
     has shape (C_out, C_in/groups*kh*kw/block_size) and codes[o, j] picks the codeword of the
-    j-th sub-vector of filter o. scale: optional float16 (C_out,) multiplying each decoded filter
-    (the per-channel factor BatchNorm folding puts into a weight, so codewords are shared across
-    channels of different magnitude). bias: optional float32 or float16 (C_out,) that replaces the layer's
+    j-th sub-vector of filter o. scale: optional float16 or float32 (C_out,) multiplying each decoded
+    filter (the per-channel factor BatchNorm folding puts into a weight, so codewords are shared
+    across channels of different magnitude; float32 when it must be exact, e.g. gamma/sqrt(var+eps)
+    of an imported checkpoint). bias: optional float32 or float16 (C_out,) that replaces the layer's
     bias (bias correction after quantization; not counted in stored_bits: the float bias is
     stored either way)."""
 
@@ -146,18 +148,23 @@ class Codebook:
         _check(self.codewords.ndim == 2 and self.codewords.shape[1] == self.block_size,
                f"codewords must have shape (k, {self.block_size}), got {self.codewords.shape}")
         _check(self.codewords.dtype == np.float16, f"codewords must be float16, got {self.codewords.dtype}")
-        _check(self.codes.dtype == np.uint8 and self.codewords.shape[0] <= 256,
-               "codes must be uint8 with at most 256 codewords")
+        k = self.codewords.shape[0]
+        want = np.uint8 if k <= 256 else np.uint16
+        _check(k <= 65536, f"at most 65536 codewords, got {k}")
+        _check(self.codes.dtype == want, f"codes must be {np.dtype(want).name} with {k} codewords "
+                                         f"(uint8 up to 256, uint16 above), got {self.codes.dtype}")
         _check(self.codes.ndim == 2, f"codes must have shape (C_out, sub-vectors per filter), got {self.codes.shape}")
         _check(self.codes.size == 0 or int(self.codes.max()) < self.codewords.shape[0],
                f"codes refer to codeword {int(self.codes.max()) if self.codes.size else 0} of {self.codewords.shape[0]}")
-        _check(self.scale is None or (self.scale.dtype == np.float16 and self.scale.shape == (self.codes.shape[0],)),
-               f"codebook scale must be float16 of shape ({self.codes.shape[0]},)")
+        _check(self.scale is None or (self.scale.dtype in (np.float16, np.float32)
+                                      and self.scale.shape == (self.codes.shape[0],)),
+               f"codebook scale must be float16 or float32 of shape ({self.codes.shape[0]},)")
         _check(self.bias is None or (self.bias.dtype in (np.float32, np.float16) and self.bias.shape == (self.codes.shape[0],)),
                f"codebook bias must be float32 or float16 of shape ({self.codes.shape[0]},)")
 
     def stored_bits(self) -> int:
-        return 8 * self.codes.size + 16 * self.codewords.size + (0 if self.scale is None else 16 * self.scale.size)
+        return (8 * self.codes.itemsize * self.codes.size + 16 * self.codewords.size
+                + (0 if self.scale is None else 8 * self.scale.itemsize * self.scale.size))
 
     def decode(self, shape: tuple[int, ...]) -> np.ndarray:
         """The float32 weight of `shape` (C_out, ...): codewords[codes], times scale per output channel."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .io import atomic_write
 
-__all__ = ["environment", "format_table", "write_report", "cpu_flags"]
+__all__ = ["environment", "format_table", "format_import_table", "write_report", "cpu_flags"]
 
 
 def cpu_flags() -> dict:
@@ -109,4 +109,23 @@ def format_table(r: dict) -> str:
                          f"{d} {v}: {','.join(ops)}" for d, by in o["operators"].items() for v, ops in by.items()))
     for note in r.get("notes", []):
         lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def format_import_table(r: dict) -> str:
+    """Human summary of an import-pq report."""
+    t1, lat, par, cb = r["top1"], r["latency_ms"], r["parity"], r["codebooks"]
+    lines = [f"cora-onnx: {r['model']} from {r['checkpoint']} -> {r['onnx_path']}",
+             f"  {cb['layers']} codebook layers (codes {', '.join(cb['code_dtypes'])}: {cb['codes_bytes'] / 1e3:.1f} kB, "
+             f"codewords float16: {cb['codewords_bytes'] / 1e3:.1f} kB)",
+             f"  ONNX file {_mb(r['onnx_bytes'])} = {r['onnx_to_checkpoint']:.3f}x the checkpoint "
+             f"({_mb(r['checkpoint_bytes'])}); float ONNX {_mb(r['float_onnx_bytes'])} "
+             f"({r['compression_ratio']:.2f}x larger)"]
+    if t1 is not None:
+        lines.append(f"  top-1: decoded PyTorch {_pct(t1['decoded_torch'])}, ONNX Runtime {_pct(t1['onnxruntime'])} "
+                     f"on {r['images']['val']} images")
+    lines.append(f"  parity ONNX Runtime vs decoded PyTorch: max |logit diff| {par['max_abs_error']:.3g} "
+                 f"(limit {par['tolerance']:.3g}), top-1 agreement {par['top1_agreement']:.2f}% on {par['images']} images")
+    lines.append(f"  latency, batch 1 ({r['environment']['threads']} threads): float {_ms(lat['float'])}, "
+                 f"imported {_ms(lat['imported'])} (codebooks decoded when ONNX Runtime loads the file)")
     return "\n".join(lines)

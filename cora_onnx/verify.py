@@ -145,8 +145,9 @@ def size_breakdown(model: bytes | str | Path) -> dict:
     proto = onnx.load_from_string(data)
     out = {"total": len(data), "integer_weights": 0, "float_weights": 0, "quant_params": 0, "other": 0}
     ints = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
-            onnx.TensorProto.INT2, onnx.TensorProto.UINT2} if hasattr(onnx.TensorProto, "INT2") else {
-        onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+            onnx.TensorProto.UINT16}  # UINT16: product-quantization codes with more than 256 codewords
+    if hasattr(onnx.TensorProto, "INT2"):
+        ints |= {onnx.TensorProto.INT2, onnx.TensorProto.UINT2}
     for t in proto.graph.initializer:
         n = len(t.raw_data) if t.raw_data else t.ByteSize()
         if t.name.endswith(("_scale", "_zero_point")):

@@ -15,17 +15,18 @@ __all__ = ["CodebookDecodePass"]
 
 class CodebookDecodePass(ir.passes.InPlacePass):
     """For every layer of the plan with a codebook, store the codes as a UINT8 initializer
-    <w>_codes (C_out, sub-vectors per filter) and the codewords as FLOAT16 <w>_codewords (k, d);
-    the weight is computed in the graph (the layout of `Codebook.decode`):
+    <w>_codes (C_out, sub-vectors per filter; UINT16 with more than 256 codewords) and the
+    codewords as FLOAT16 <w>_codewords (k, d); the weight is computed in the graph (the layout of
+    `Codebook.decode`):
 
         Cast(<w>_codes -> INT32), Cast(<w>_codewords -> FLOAT) -> Gather(axis 0) -> Reshape(<w>_shape)
-        [-> Mul(Cast(<w>_codescale -> FLOAT))]  =  <w>_decoded
+        [-> Mul(<w>_codescale, through Cast -> FLOAT when stored as float16)]  =  <w>_decoded
 
-    (Gather needs int32/int64 indices, so the byte codes are widened in the graph.) A corrected
+    (Gather needs int32/int64 indices, so the codes are widened in the graph.) A corrected
     bias in the plan replaces the layer's bias input (<layer>.bias_corrected, float32, or float16
     followed by Cast -> <w>_bias_float). The float weight initializer is removed; cleanup removes
     the old bias. Every node made is marked with the pass; the layer's facts (block size,
-    codewords) go on its Gather only."""
+    codewords, code type) go on its Gather only."""
 
     def __init__(self, plan: Plan) -> None:
         super().__init__()
@@ -48,9 +49,9 @@ class CodebookDecodePass(ir.passes.InPlacePass):
             if bad:
                 raise PlanError(f"layer {layer.name}: weight feeds {bad[0]}, expected Conv or Gemm")
             w = layer.weight
-            facts = dict(layer=layer.name, block_size=cb.block_size, codewords=cb.codewords.shape[0])
-            codes = add_initializer(graph, f"{w}_codes", ir.Tensor(np.ascontiguousarray(cb.codes, dtype=np.uint8),
-                                                                   name=f"{w}_codes"))
+            facts = dict(layer=layer.name, block_size=cb.block_size, codewords=cb.codewords.shape[0],
+                         codes=cb.codes.dtype.name)
+            codes = add_initializer(graph, f"{w}_codes", ir.Tensor(np.ascontiguousarray(cb.codes), name=f"{w}_codes"))
             books = add_initializer(graph, f"{w}_codewords", ir.Tensor(np.ascontiguousarray(cb.codewords, np.float16),
                                                                        name=f"{w}_codewords"))
             shape = add_initializer(graph, f"{w}_shape", ir.Tensor(np.array(layer.shape, dtype=np.int64),
@@ -71,9 +72,10 @@ class CodebookDecodePass(ir.passes.InPlacePass):
             if cb.scale is not None:
                 sshape = (-1,) + (1,) * (len(layer.shape) - 1)
                 scale = add_initializer(graph, f"{w}_codescale", ir.Tensor(
-                    np.ascontiguousarray(cb.scale, np.float16).reshape(sshape), name=f"{w}_codescale"))
-                decoded = node("Mul", [decoded, node("Cast", [scale], "codescale_float", to=ir.DataType.FLOAT)],
-                               "decoded")
+                    np.ascontiguousarray(cb.scale).reshape(sshape), name=f"{w}_codescale"))
+                if cb.scale.dtype != np.float32:
+                    scale = node("Cast", [scale], "codescale_float", to=ir.DataType.FLOAT)
+                decoded = node("Mul", [decoded, scale], "decoded")
             decoded.dtype = ir.DataType.FLOAT
             decoded.shape = ir.Shape(layer.shape)
             bias = None

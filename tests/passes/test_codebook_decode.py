@@ -124,5 +124,5 @@ def test_no_codebook_is_a_no_op_and_a_wrong_plan_is_refused(planned):
         apply_plan(export_onnx(folded, 8), bad)
     with pytest.raises(PlanError, match="cannot decode to shape"):
         cb.decode((3, 3))
-    with pytest.raises(PlanError, match="codes must be uint8"):
+    with pytest.raises(PlanError, match="codes must be uint16 with 300 codewords"):
         Codebook(block_size=4, codewords=np.zeros((300, 4), np.float16), codes=np.zeros((2, 2), np.uint8))

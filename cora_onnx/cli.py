@@ -255,12 +255,25 @@ def rewrite(onnx_in, out, bits, calib, keep, keep_bits, clip, act_bits, act_cali
                        act_calib=act_calib, mean=mean, std=std, input_size=input_size, crop_ratio=crop_ratio,
                        keep=kept, keep_bits=keep_bits, clip=clip, out_format=out_format, threads=threads, report=report)
     r = res.report
-    line = (f"wrote {out} ({len(res.data) / 1e6:.2f} MB from {r['input_bytes'] / 1e6:.2f} MB; {len(r['layers'])} weights "
-            f"at {r['bits']} bits, {r['batchnorm_folded']} BatchNorm folded")
+    src_ext = f" with its external data" if r.get("input_external_data") else ""
+    out_ext = f" + {r['external_data']['file']}" if r.get("external_data") else ""
+    line = (f"wrote {out}{out_ext} ({r['output_bytes'] / 1e6:.2f} MB from {r['input_bytes'] / 1e6:.2f} MB{src_ext}; "
+            f"{len(r['layers'])} weights at {r['bits']} bits, {r['batchnorm_folded']} BatchNorm folded")
     if "activations" in r:
         k = r["activations"]["onnxruntime_kernels"]
         line += f"; 8-bit activations: {k['integer']} integer kernels, {k['float_compute']} float Conv/Gemm/MatMul"
     click.echo(line + ")")
+    if r.get("opset_upgrade"):
+        u = r["opset_upgrade"]
+        click.echo(f"note: opset {u['from']} upgraded to {u['to']} (onnx.version_converter); the upgraded float model "
+                   f"matches the original in ONNX Runtime on {u['check_images']} random images "
+                   f"(max |diff| {u['max_abs_diff']:.2g})")
+    t = r["input_tensor"]
+    if t["layout"] == "NHWC" or t["fixed_batch"] is not None:
+        notes = (["NHWC input"] if t["layout"] == "NHWC" else []) + \
+            ([f"batch fixed at {t['fixed_batch']} in the model (kept; calibration ran {t['fixed_batch']} image(s) at a "
+              "time)"] if t["fixed_batch"] is not None else [])
+        click.echo(f"note: input {t['name']!r}: " + "; ".join(notes))
 
 
 @main.command()

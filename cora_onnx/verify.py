@@ -90,9 +90,16 @@ def _fmt_shape(shape) -> str:
     return "unknown" if shape is None else "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
 
 
-def image_input(sess, what: str = "model") -> InputSpec:
-    """The InputSpec of an ONNX Runtime session (OnnxModelError when it does not take one image batch)."""
+def image_input(sess, what: str = "model", strict: bool = True) -> InputSpec:
+    """The InputSpec of an ONNX Runtime session (OnnxModelError when it does not take one image
+    batch). strict=False takes any first input that is not a 4-D tensor as it is (batch first)."""
     inputs = sess.get_inputs()
+    if not strict:
+        try:
+            return image_input(sess, what)
+        except OnnxModelError:
+            b = inputs[0].shape[0] if inputs[0].shape else None
+            return InputSpec(inputs[0].name, "NCHW", b if isinstance(b, int) and b > 0 else None, None)
     if len(inputs) != 1:
         raise OnnxModelError(f"{what} has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); expected one "
                              f"image batch {IMAGE_LAYOUTS}")
@@ -136,7 +143,7 @@ def predict_onnx(sess, images: ImageSet, batch_size: int = 32, desc: str = "onnx
     """First output of the model on every image. A model whose batch size is fixed in the file
     runs at that batch (the last chunk padded with copies of its last image, outputs dropped);
     an NHWC model gets its images transposed."""
-    spec = image_input(sess)
+    spec = image_input(sess, strict=False)
     if spec.batch is not None:
         batch_size = spec.batch
     n = (len(images) + batch_size - 1) // batch_size

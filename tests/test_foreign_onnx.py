@@ -322,3 +322,24 @@ def test_inputs_and_outputs_a_model_cannot_take(tmp_path, digits, norm, files):
         assert_clean(res, ok=False)
         assert msg in res.output, (cmd[:2], res.output)
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_fixed_batch_of_four(net, digits, norm, val, torch_pred, tmp_path):
+    """A batch fixed at 4: eval pads the last chunk (450 images), rewrite calibrates 4 at a time,
+    bench times batch 4 only."""
+    import copy
+
+    p = tmp_path / "b4.onnx"
+    torch.onnx.export(copy.deepcopy(net), (torch.zeros(4, 3, 8, 8),), p, dynamo=False, input_names=["x"])
+    res = run("eval", p, "--data", digits.val_dir, *norm, "--threads", 1, "-q")
+    assert_clean(res, ok=True)
+    assert "batch fixed at 4 in the model: run 4 images at a time" in res.output
+    assert (ort_pred(p, val) == torch_pred).mean() >= 0.995 and len(ort_pred(p, val)) == len(val) == 450
+    res = run("rewrite", p, "--out", tmp_path / "q.onnx", "--act-bits", 8, "--calib", digits.calib_dir, *norm,
+              "--threads", 1, "-q")
+    assert_clean(res, ok=True)
+    assert (ort_pred(tmp_path / "q.onnx", val) == torch_pred).mean() >= 0.99
+    assert_clean(run("bench", p, "--batch", 4, "--runs", 2, "--threads", 1), ok=True)
+    res = run("bench", p, "--runs", 2, "--threads", 1)
+    assert_clean(res, ok=False)
+    assert "fixed at 4" in res.output

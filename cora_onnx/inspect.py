@@ -45,7 +45,7 @@ def inspect_file(mf: ModelFile) -> dict:
     if mf.format == "ort":
         from .ort_format import ort_summary
 
-        info = ort_summary(mf.data)
+        info = ort_summary(mf.data, str(mf.path))
     else:
         if mf.data is None:
             raise OnnxModelError(f"{mf.path} with its external data is 2 GB or more; inspect reads models below that")

@@ -71,7 +71,7 @@ def to_ort(model_bytes: bytes, level: str = "extended") -> tuple[bytes, dict]:
     return data, report
 
 
-def ort_summary(data: bytes) -> dict:
+def ort_summary(data: bytes, name: str = "the ORT-format file") -> dict:
     """What an ORT-format file tells without running it (read with onnxruntime.tools' flatbuffer
     schema): opsets, operators of the main graph, initializers by dtype (bytes of their raw data;
     string tensors counted by element only), metadata. ORT files carry no per-node metadata, so
@@ -111,7 +111,7 @@ def ort_summary(data: bytes) -> dict:
             meta[(e.Key() or b"").decode()] = (e.Value() or b"").decode()
         ort_version = (sess.OrtVersion() or b"").decode()
     except Exception as exc:  # a truncated or foreign flatbuffer raises anything from struct to IndexError
-        raise OnnxModelError(f"cannot read the ORT-format file: {str(exc).splitlines()[0][:200]}") from None
+        raise OnnxModelError(f"cannot read {name} (ORT format): {str(exc).splitlines()[0][:200]}") from None
     init_bytes = sum(v["bytes"] for v in inits.values())
     notes = ["ORT format: the graph as ONNX Runtime optimized it at conversion (fused nodes count as their "
              "ONNX Runtime operators); no per-node provenance from cora-onnx passes (ORT files keep no node metadata)"]

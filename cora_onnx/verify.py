@@ -136,7 +136,8 @@ def session(model: bytes | str | os.PathLike | ModelFile, *, optimize: bool = Tr
     try:
         return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise OnnxModelError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+        what = f"{model.path}" if isinstance(model, ModelFile) else "the model"
+        raise OnnxModelError(f"ONNX Runtime cannot load {what}: {str(exc).splitlines()[0][:300]}") from None
 
 
 def predict_onnx(sess, images: ImageSet, batch_size: int = 32, desc: str = "onnxruntime") -> np.ndarray:

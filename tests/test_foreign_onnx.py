@@ -343,3 +343,14 @@ def test_fixed_batch_of_four(net, digits, norm, val, torch_pred, tmp_path):
     res = run("bench", p, "--runs", 2, "--threads", 1)
     assert_clean(res, ok=False)
     assert "fixed at 4" in res.output
+
+
+def test_truncated_files_are_one_line(files, digits, tmp_path):
+    for name, src in (("cut.ort", files["rewritten_ort"]), ("cut.onnx", files["legacy_dynamic"])):
+        p = tmp_path / name
+        p.write_bytes(src.read_bytes()[:3000])
+        for cmd in (["inspect", p], ["eval", p, "--data", digits.val_dir], ["bench", p],
+                    ["rewrite", p, "--out", tmp_path / "q.onnx"]):
+            res = run(*cmd)
+            assert_clean(res, ok=False)
+            assert str(p) in res.output, res.output

@@ -173,23 +173,26 @@ def _with_outputs(model_bytes: bytes, tensors: Sequence[str]) -> bytes:
 def collect_histograms(model_bytes: bytes, tensors: Sequence[str], batches: Iterable[np.ndarray], total: int,
                        bins: int = 2048, threads: int | None = None) -> dict[str, RangeHistogram]:
     """Run the model on each batch (N x C x H x W float32) and stream every tensor into its
-    histogram. Weight DequantizeLinear nodes are folded at load (float kernels, fast)."""
-    from .verify import session
+    histogram (an NHWC model gets its batches transposed; a fixed-batch model runs at its batch).
+    Weight DequantizeLinear nodes are folded at load (float kernels, fast)."""
+    from .verify import image_input, run_batch, session
 
     sess = session(_with_outputs(model_bytes, tensors), threads=threads, fold_weight_dq=True)
-    in_name = sess.get_inputs()[0].name
-    fixed = sess.get_inputs()[0].shape[0]
-    step = fixed if isinstance(fixed, int) and fixed > 0 else None  # a model exported with a fixed batch
+    spec = image_input(sess, strict=False)
+    step = spec.batch  # a model exported with a fixed batch runs at that batch
     hists = {t: RangeHistogram(bins) for t in tensors}
+    skipped = 0
     for x in progress(batches, total, "calibrating activations", "batches"):
-        x = np.ascontiguousarray(x, dtype=np.float32)
         for i in range(0, x.shape[0], step or x.shape[0]):
             chunk = x[i:i + step] if step else x
             if step and chunk.shape[0] != step:
-                break  # the last partial batch cannot run on a fixed-batch model
-            outs = sess.run(list(tensors), {in_name: chunk})
+                skipped += chunk.shape[0]  # a partial batch cannot run on a fixed-batch model
+                continue
+            outs = run_batch(sess, spec, chunk, list(tensors))
             for t, v in zip(tensors, outs):
                 hists[t].update(v)
+    if skipped:
+        log.info("the model's batch is fixed at %d: %d calibration images left over were not used", step, skipped)
     return hists
 
 

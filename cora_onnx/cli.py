@@ -278,12 +278,25 @@ def rewrite(onnx_in, out, bits, calib, keep, keep_bits, clip, act_bits, act_cali
                        act_calib=act_calib, mean=mean, std=std, input_size=input_size, crop_ratio=crop_ratio,
                        keep=kept, keep_bits=keep_bits, clip=clip, out_format=out_format, threads=threads, report=report)
     r = res.report
-    line = (f"wrote {out} ({len(res.data) / 1e6:.2f} MB from {r['input_bytes'] / 1e6:.2f} MB; {len(r['layers'])} weights "
-            f"at {r['bits']} bits, {r['batchnorm_folded']} BatchNorm folded")
+    src_ext = f" with its external data" if r.get("input_external_data") else ""
+    out_ext = f" + {r['external_data']['file']}" if r.get("external_data") else ""
+    line = (f"wrote {out}{out_ext} ({r['output_bytes'] / 1e6:.2f} MB from {r['input_bytes'] / 1e6:.2f} MB{src_ext}; "
+            f"{len(r['layers'])} weights at {r['bits']} bits, {r['batchnorm_folded']} BatchNorm folded")
     if "activations" in r:
         k = r["activations"]["onnxruntime_kernels"]
         line += f"; 8-bit activations: {k['integer']} integer kernels, {k['float_compute']} float Conv/Gemm/MatMul"
     click.echo(line + ")")
+    if r.get("opset_upgrade"):
+        u = r["opset_upgrade"]
+        click.echo(f"note: opset {u['from']} upgraded to {u['to']} (onnx.version_converter); the upgraded float model "
+                   f"matches the original in ONNX Runtime on {u['check_images']} random images "
+                   f"(max |diff| {u['max_abs_diff']:.2g})")
+    t = r["input_tensor"]
+    if t["layout"] == "NHWC" or t["fixed_batch"] is not None:
+        notes = (["NHWC input"] if t["layout"] == "NHWC" else []) + \
+            ([f"batch fixed at {t['fixed_batch']} in the model (kept; calibration ran {t['fixed_batch']} image(s) at a "
+              "time)"] if t["fixed_batch"] is not None else [])
+        click.echo(f"note: input {t['name']!r}: " + "; ".join(notes))
 
 
 @main.command()
@@ -319,40 +332,90 @@ def export(arch, weights, plan_path, out, input_size, verbose, quiet):
 def eval_cmd(onnx_model, data, class_map, input_size, crop_ratio, mean, std, batch_size, threads, report, verbose, quiet):
     """Top-1 of an ONNX classifier on a labelled image folder, in ONNX Runtime."""
     _setup_logging(verbose, quiet)
-    from .data import Preprocess, load_class_map, load_images, parse_floats
+    from .data import load_class_map
     from .io import check_output_path
-    from .models import IMAGENET_MEAN, IMAGENET_STD
+    from .modelfile import read_model
     from .report import write_report
-    from .verify import load_onnx_bytes, predict_onnx, session, top1
+    from .verify import image_input, predict_onnx, session, top1
 
     if report is not None:
         check_output_path(report, "report")
-    blob = load_onnx_bytes(onnx_model)
-    meta = _preprocess_meta(blob)
-    sess = session(blob, threads=threads)
-    shape = sess.get_inputs()[0].shape
-    size = input_size or meta.get("input_size") or (shape[-1] if isinstance(shape[-1], int) else 224)
-    pre = Preprocess(input_size=size, crop_ratio=crop_ratio,
-                     mean=parse_floats(mean or meta.get("mean") or IMAGENET_MEAN, what="mean"),
-                     std=parse_floats(std or meta.get("std") or IMAGENET_STD, what="std"))
-    n_classes = sess.get_outputs()[0].shape[-1]
-    images = load_images(data, pre, labelled=True, class_map=load_class_map(class_map) if class_map else None,
-                         num_classes=n_classes if isinstance(n_classes, int) else None, what="data folder")
-    acc = top1(predict_onnx(sess, images, batch_size), images.labels)
-    result = {"model": str(onnx_model), "top1": acc, "images": len(images)}
+    mf = read_model(onnx_model)
+    sess = session(mf, threads=threads)
+    spec = image_input(sess, str(onnx_model))
+    pre = _model_preprocess(sess, spec, str(onnx_model), input_size=input_size, crop_ratio=crop_ratio, mean=mean,
+                            std=std)
+    cmap = load_class_map(class_map) if class_map else None
+    images = _classifier_images(sess, str(onnx_model), data, pre, cmap)
+    acc = top1(_classifier_logits(predict_onnx(sess, images, batch_size), images.labels, str(onnx_model), data),
+               images.labels)
+    result = {"model": str(onnx_model), "format": mf.format, "top1": acc, "images": len(images),
+              "input": {"name": spec.name, "layout": spec.layout, "fixed_batch": spec.batch}}
     if report is not None:
         write_report(result, report)
-    click.echo(f"{onnx_model}: top-1 {acc:.2f}% on {len(images)} images")
+    note = spec.describe()
+    click.echo(f"{onnx_model}: top-1 {acc:.2f}% on {len(images)} images" + (f" ({note})" if note else ""))
 
 
-def _preprocess_meta(blob: bytes) -> dict:
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load_from_string(blob).metadata_props}
+def _preprocess_meta(sess) -> dict:
+    """The preprocessing cora-onnx stored in the model's metadata (ONNX or ORT format), or {}."""
+    props = sess.get_modelmeta().custom_metadata_map
     try:
-        return json.loads(props.get("cora_onnx.preprocess", "{}"))
+        meta = json.loads(props.get("cora_onnx.preprocess", "{}"))
     except ValueError:
         return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _model_preprocess(sess, spec, what: str, *, input_size=None, crop_ratio=None, mean=None, std=None):
+    """Preprocess for a session: options first, then the model's metadata, then its input shape
+    (ImageNet mean/std and 224 px when nothing says otherwise). An --input-size the model's
+    fixed input cannot take is a SettingsError."""
+    from .data import Preprocess, parse_floats
+    from .errors import SettingsError
+    from .models import IMAGENET_MEAN, IMAGENET_STD
+
+    meta = _preprocess_meta(sess)
+    size = input_size or meta.get("input_size") or spec.size or 224
+    if spec.size is not None and size != spec.size:
+        raise SettingsError(f"{what} takes {spec.size}x{spec.size} images (fixed in the model), got input size {size}")
+    return Preprocess(input_size=int(size), crop_ratio=crop_ratio if crop_ratio is not None else
+                      float(meta.get("crop_ratio", 1.0)),
+                      mean=parse_floats(mean or meta.get("mean") or IMAGENET_MEAN, what="mean"),
+                      std=parse_floats(std or meta.get("std") or IMAGENET_STD, what="std"))
+
+
+def _classifier_images(sess, what: str, data: Path, pre, cmap: dict | None):
+    """The labelled images of `data` for a classifier session: DataError naming the model when its
+    output is not N x classes logits covering the classes of the folder."""
+    from .data import load_images
+    from .errors import DataError
+
+    out = sess.get_outputs()[0]
+    shape = out.shape
+    if shape is not None and len(shape) != 2:
+        raise DataError(f"{what}: output {out.name!r} has shape {list(shape)}, not N x classes logits: the model is "
+                        f"not a classifier, so it has no top-1 on {data}")
+    n = shape[-1] if shape and isinstance(shape[-1], int) else None
+    if n is not None and cmap is not None:
+        folders = [d.name for d in Path(data).iterdir() if d.is_dir() and d.name in cmap] if Path(data).is_dir() else []
+        top = max((cmap[f] for f in folders), default=-1)
+        if top >= n:
+            raise DataError(f"{what}: output {out.name!r} gives {n} values per image, so it is not a classifier over "
+                            f"the classes of {data} (class map indices up to {top})")
+    return load_images(data, pre, labelled=True, class_map=cmap, num_classes=n, what="data folder")
+
+
+def _classifier_logits(logits, labels, what: str, data):
+    from .errors import DataError
+
+    if logits.ndim != 2:
+        raise DataError(f"{what}: output has shape {list(logits.shape)}, not N x classes logits: the model is not a "
+                        "classifier")
+    if int(labels.max()) >= logits.shape[1]:
+        raise DataError(f"{what}: output gives {logits.shape[1]} values per image, so it is not a classifier over the "
+                        f"classes of {data} (labels up to {int(labels.max())})")
+    return logits
 
 
 @main.command()
@@ -374,7 +437,8 @@ def bench(onnx_models, batches, runs, warmup, threads, fold_weight_dq, report, d
     _setup_logging(verbose, quiet)
     from .io import check_output_path
     from .report import environment, write_report
-    from .verify import cpu_threads, load_onnx_bytes, measure_latency, session
+    from .modelfile import read_model
+    from .verify import cpu_threads, image_input, measure_latency, session
 
     if report is not None:
         check_output_path(report, "report")
@@ -383,17 +447,24 @@ def bench(onnx_models, batches, runs, warmup, threads, fold_weight_dq, report, d
 
         raise SettingsError("--runs must be >= 1, --warmup >= 0 and --batch >= 1")
     threads = threads or cpu_threads()
-    sessions, shapes, blobs = {}, set(), {}
+    sessions, shapes, specs, notes = {}, set(), {}, []
     for p in onnx_models:
-        blobs[str(p)] = load_onnx_bytes(p)
-        s = session(blobs[str(p)], threads=threads, fold_weight_dq=fold_weight_dq)
+        s = session(read_model(p), threads=threads, fold_weight_dq=fold_weight_dq)
         sessions[str(p)] = s
+        specs[str(p)] = spec = image_input(s, str(p))
         shapes.add(tuple(d if isinstance(d, int) else -1 for d in s.get_inputs()[0].shape[1:]))
+        if spec.batch is not None and any(b != spec.batch for b in batches):
+            from .errors import SettingsError
+
+            raise SettingsError(f"{p}: the batch size is fixed at {spec.batch} in the model; it cannot be timed at "
+                                f"--batch {', '.join(str(b) for b in batches if b != spec.batch)}")
+        if spec.describe():
+            notes.append(f"{p}: {spec.describe()}")
     if len(shapes) != 1 or -1 in next(iter(shapes)):
         from .errors import OnnxModelError
 
         raise OnnxModelError(f"models need one fixed input shape (besides batch) to be compared, got {sorted(shapes)}")
-    accuracy = _bench_top1(sessions, blobs, data, class_map) if data is not None else {}
+    accuracy = _bench_top1(sessions, specs, data, class_map) if data is not None else {}
     res = measure_latency(sessions, next(iter(shapes)), batch_sizes=batches, warmup=warmup, runs=runs, threads=threads)
     width = max(len(k) for k in sessions)
     first = next(iter(sessions))
@@ -407,28 +478,22 @@ def bench(onnx_models, batches, runs, warmup, threads, fold_weight_dq, report, d
         row = f"{k:<{width}}  " + "  ".join(f"{c:>42}" for c in cells)
         click.echo(row + (f"  {accuracy[k]:.2f}%" if accuracy else ""))
     click.echo(f"{threads} threads, {runs} runs after {warmup} warm-up, interleaved; ratio = median / first model's")
+    for note in notes:
+        click.echo(f"note: {note}")
     if report is not None:
         write_report({"latency": res, **({"top1": accuracy} if accuracy else {}), "environment": environment(threads)},
                      report)
 
 
-def _bench_top1(sessions: dict, blobs: dict, data: Path, class_map: Path | None) -> dict:
-    from .data import Preprocess, load_class_map, load_images, parse_floats
-    from .models import IMAGENET_MEAN, IMAGENET_STD
+def _bench_top1(sessions: dict, specs: dict, data: Path, class_map: Path | None) -> dict:
+    from .data import load_class_map
     from .verify import predict_onnx, top1
 
     cmap = load_class_map(class_map) if class_map else None
     out = {}
     for k, s in sessions.items():
-        meta = _preprocess_meta(blobs[k])
-        pre = Preprocess(input_size=meta.get("input_size") or s.get_inputs()[0].shape[-1],
-                         crop_ratio=meta.get("crop_ratio", 1.0),
-                         mean=parse_floats(meta.get("mean") or IMAGENET_MEAN, what="mean"),
-                         std=parse_floats(meta.get("std") or IMAGENET_STD, what="std"))
-        n = s.get_outputs()[0].shape[-1]
-        images = load_images(data, pre, labelled=True, class_map=cmap, num_classes=n if isinstance(n, int) else None,
-                             what="data folder")
-        out[k] = top1(predict_onnx(s, images), images.labels)
+        images = _classifier_images(s, k, data, _model_preprocess(s, specs[k], k), cmap)
+        out[k] = top1(_classifier_logits(predict_onnx(s, images), images.labels, k, data), images.labels)
     return out
 
 
@@ -457,11 +522,12 @@ def sweep(config, out, executor, address, verbose, quiet):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_guard
 def inspect(onnx_model, as_json):
-    """Operators, initializer dtypes and sizes, and what each cora-onnx pass added."""
-    from .inspect import inspect_model, format_inspection
-    from .verify import load_onnx_bytes
+    """Operators, initializer dtypes and sizes, and what each cora-onnx pass added (ONNX with its
+    external data files, or an ORT-format file)."""
+    from .inspect import format_inspection, inspect_file
+    from .modelfile import read_model
 
-    info = inspect_model(load_onnx_bytes(onnx_model))
+    info = inspect_file(read_model(onnx_model))
     click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info, str(onnx_model)))
 
 

@@ -6,9 +6,12 @@ from collections import Counter
 
 import onnx
 
+from .errors import OnnxModelError
+
+from .modelfile import ModelFile
 from .verify import size_breakdown
 
-__all__ = ["inspect_model", "format_inspection"]
+__all__ = ["inspect_model", "inspect_file", "format_inspection"]
 
 PREFIX = "cora_onnx."
 
@@ -36,8 +39,30 @@ def inspect_model(blob: bytes) -> dict:
     }
 
 
+def inspect_file(mf: ModelFile) -> dict:
+    """inspect_model for a model file: an ONNX file with its external data files (listed, and
+    counted in the size), or an ORT-format file (what the flatbuffer tells)."""
+    if mf.format == "ort":
+        from .ort_format import ort_summary
+
+        info = ort_summary(mf.data, str(mf.path))
+    else:
+        if mf.data is None:
+            raise OnnxModelError(f"{mf.path} with its external data is 2 GB or more; inspect reads models below that")
+        info = {"format": "onnx", **inspect_model(mf.data)}
+        if mf.external:
+            info["notes"] = [f"weights in {len(mf.external)} external data file(s) beside the model: "
+                             + ", ".join(f"{k} ({v / 1e6:.2f} MB)" for k, v in mf.external.items())]
+    info["file_bytes"] = mf.disk_bytes
+    info["external_data"] = dict(mf.external)
+    return info
+
+
 def format_inspection(info: dict, title: str) -> str:
-    lines = [f"{title}: opset {info['opset']}, {info['size']['total'] / 1e6:.2f} MB"]
+    total = info.get("file_bytes", info["size"]["total"])
+    fmt = "ORT format, " if info.get("format") == "ort" else ""
+    ext = f" ({len(info['external_data'])} external data file(s) included)" if info.get("external_data") else ""
+    lines = [f"{title}: {fmt}opset {info['opset']}, {total / 1e6:.2f} MB on disk{ext}"]
     lines.append("  operators: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
     lines.append("  initializers: " + ", ".join(f"{k} x{v['count']} ({v['bytes'] / 1e6:.3f} MB)"
                                                 for k, v in info["initializers"].items()))
@@ -49,4 +74,6 @@ def format_inspection(info: dict, title: str) -> str:
         for a in info["added_by_passes"]:
             facts = ", ".join(f"{k}={v}" for k, v in a.items() if k not in ("node", "op", "pass"))
             lines.append(f"    {a['op']:<18} {a.get('pass', '?'):<16} {facts}")
+    for note in info.get("notes", []):
+        lines.append(f"  note: {note}")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import OnnxModelError, SettingsError
 
-__all__ = ["ORT_LEVELS", "to_ort", "ort_operators"]
+__all__ = ["ORT_LEVELS", "to_ort", "ort_operators", "ort_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -69,3 +69,55 @@ def to_ort(model_bytes: bytes, level: str = "extended") -> tuple[bytes, dict]:
               "operators": ops, "operator_count": sum(len(v) for d in ops.values() for v in d.values())}
     log.info("ORT format: %d bytes, %d operator types", len(data), report["operator_count"])
     return data, report
+
+
+def ort_summary(data: bytes, name: str = "the ORT-format file") -> dict:
+    """What an ORT-format file tells without running it (read with onnxruntime.tools' flatbuffer
+    schema): opsets, operators of the main graph, initializers by dtype (bytes of their raw data;
+    string tensors counted by element only), metadata. ORT files carry no per-node metadata, so
+    the provenance cora-onnx passes write on nodes is not there."""
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py import fbs
+
+    try:
+        if not fbs.InferenceSession.InferenceSession.InferenceSessionBufferHasIdentifier(data, 0):
+            raise ValueError("no ORTM file identifier")
+        sess = fbs.InferenceSession.InferenceSession.GetRootAsInferenceSession(data, 0)
+        model = sess.Model()
+        graph = model.Graph()
+        names = {v: k for k, v in vars(fbs.TensorDataType.TensorDataType).items() if not k.startswith("_")}
+        opsets = {}
+        for j in range(model.OpsetImportLength()):
+            o = model.OpsetImport(j)
+            opsets[(o.Domain() or b"").decode() or "ai.onnx"] = int(o.Version())
+        ops: dict[str, int] = {}
+        for j in range(graph.NodesLength()):
+            n = graph.Nodes(j)
+            dom = (n.Domain() or b"").decode()
+            key = n.OpType().decode() if dom in ("", "ai.onnx") else f"{dom}.{n.OpType().decode()}"
+            ops[key] = ops.get(key, 0) + 1
+        used = {"ai.onnx"} | {k.rsplit(".", 1)[0] for k in ops if "." in k}
+        opsets = {d: v for d, v in opsets.items() if d in used}
+        inits: dict[str, dict] = {}
+        external = 0
+        for j in range(graph.InitializersLength()):
+            t = graph.Initializers(j)
+            d = inits.setdefault(names.get(t.DataType(), str(t.DataType())), {"count": 0, "bytes": 0})
+            d["count"] += 1
+            d["bytes"] += int(t.RawDataLength())
+            external += t.ExternalDataOffset() >= 0 and t.RawDataLength() == 0
+        meta = {}
+        for j in range(model.MetadataPropsLength()):
+            e = model.MetadataProps(j)
+            meta[(e.Key() or b"").decode()] = (e.Value() or b"").decode()
+        ort_version = (sess.OrtVersion() or b"").decode()
+    except Exception as exc:  # a truncated or foreign flatbuffer raises anything from struct to IndexError
+        raise OnnxModelError(f"cannot read {name} (ORT format): {str(exc).splitlines()[0][:200]}") from None
+    init_bytes = sum(v["bytes"] for v in inits.values())
+    notes = ["ORT format: the graph as ONNX Runtime optimized it at conversion (fused nodes count as their "
+             "ONNX Runtime operators); no per-node provenance from cora-onnx passes (ORT files keep no node metadata)"]
+    if external:
+        notes.append(f"{external} initializers keep their data outside the flatbuffer; their bytes are not counted")
+    return {"format": "ort", "ort_version": ort_version, "opset": opsets, "ops": dict(sorted(ops.items())),
+            "initializers": inits, "added_by_passes": [], "metadata": meta,
+            "size": {"total": len(data), "initializers": init_bytes, "graph": len(data) - init_bytes},
+            "notes": notes}

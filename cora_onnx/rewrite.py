@@ -24,24 +24,92 @@ __all__ = ["RewriteResult", "rewrite_onnx", "MIN_OPSET", "MAX_OPSET", "weight_pl
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
+INT4_OPSET = 21  # INT4/UINT4 QuantizeLinear/DequantizeLinear
 MAX_OPSET = 23  # newest default-domain opset this tool is tested with (ONNX Runtime 1.32)
 _CALIB_OPS = ("Conv", "Gemm", "MatMul")
+# a rewritten model with this many bytes of initializers or more is written with external data
+# (protobuf cannot serialize 2 GiB)
+SELF_CONTAINED_LIMIT = 2**31 - 2**26
 
 
 @dataclass(frozen=True, eq=False)
 class RewriteResult:
     report: dict
-    data: bytes
+    data: bytes | None  # None when the model was written with external data
 
 
-def _load(path: str | os.PathLike) -> ir.Model:
-    from .verify import load_onnx_bytes
-
-    blob = load_onnx_bytes(path)
+def _deserialize(proto: onnx.ModelProto, path) -> ir.Model:
     try:
-        return ir.serde.deserialize_model(onnx.load_from_string(blob))
+        return ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx_ir raises several types on unsupported content
         raise OnnxModelError(f"{path}: cannot read the graph ({str(exc).splitlines()[0][:200]})") from None
+
+
+def _proto_opset(proto: onnx.ModelProto) -> int:
+    return max((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def _graph_input(proto: onnx.ModelProto, path) -> tuple[str, list | None, str]:
+    """(name, shape with None for symbolic dims, element type) of the model's one input
+    (initializers listed as inputs do not count)."""
+    inits = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise OnnxModelError(f"{path}: expected one graph input (an image batch), got {len(inputs)}"
+                             + (f" ({', '.join(i.name for i in inputs)})" if inputs else ""))
+    t = inputs[0].type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim] if t.HasField("shape") else None
+    etype = "FLOAT" if t.elem_type == onnx.TensorProto.FLOAT else onnx.TensorProto.DataType.Name(t.elem_type)
+    return inputs[0].name, shape, etype
+
+
+UPGRADE_CHECK_INPUTS = 4  # random images the upgraded float model must reproduce in ONNX Runtime
+
+
+def upgrade_opset(proto: onnx.ModelProto, target: int, path, spec=None,
+                  threads: int | None = None) -> tuple[onnx.ModelProto, dict]:
+    """Convert the default-domain opset to `target` with onnx.version_converter, then check in
+    ONNX Runtime that the converted float model gives the original's outputs on random inputs
+    (images when `spec`, an InputSpec, is given; else the input's declared shape).
+    OnnxModelError (one line) when the converter cannot convert or the outputs differ."""
+    from onnx import version_converter
+
+    from .verify import run_batch, session
+
+    source = _proto_opset(proto)
+    try:
+        new = version_converter.convert_version(proto, target)
+        onnx.checker.check_model(new)
+    except Exception as exc:
+        msg = " ".join(str(exc).split())[:200]
+        raise OnnxModelError(f"{path}: opset {source} cannot be converted to opset {target} (the opset the passes "
+                             f"need) by onnx.version_converter: {msg}") from None
+    name, shape, _ = _graph_input(proto, path)
+    if spec is not None:
+        n = spec.batch or 2
+        batch_shape = (n, 3, spec.size or 224, spec.size or 224)
+    else:  # not an image input (weight-only rewrite): its declared shape, symbolic dims 1
+        from .verify import InputSpec
+
+        if shape is None:
+            raise OnnxModelError(f"{path}: input {name!r} has no shape; the opset upgrade cannot be checked")
+        spec = InputSpec(name, "NCHW", None, None)
+        batch_shape = tuple(d or 1 for d in shape)
+    rng = np.random.default_rng(0)
+    old_s, new_s = session(proto.SerializeToString(), threads=threads), session(new.SerializeToString(), threads=threads)
+    worst, scale = 0.0, 0.0
+    for i in range(0, UPGRADE_CHECK_INPUTS, batch_shape[0] if batch_shape else 1):
+        x = rng.standard_normal(batch_shape, dtype=np.float32)
+        a, b = run_batch(old_s, spec, x), run_batch(new_s, spec, x)
+        for u, v in zip(a, b):
+            worst = max(worst, float(np.abs(np.asarray(u, np.float64) - v).max()) if np.size(u) else 0.0)
+            scale = max(scale, float(np.abs(u).max()) if np.size(u) else 0.0)
+    if not worst <= 1e-4 * max(scale, 1.0):
+        raise OnnxModelError(f"{path}: converting opset {source} to {target} changed the model's outputs in ONNX "
+                             f"Runtime (max |diff| {worst:.3g} on random images); not rewriting it")
+    log.info("upgraded opset %d to %d (onnx.version_converter); ONNX Runtime outputs agree on %d random images "
+             "(max |diff| %.3g)", source, target, UPGRADE_CHECK_INPUTS, worst)
+    return new, {"from": source, "to": target, "check_images": UPGRADE_CHECK_INPUTS, "max_abs_diff": worst}
 
 
 def _opset(model: ir.Model) -> int:
@@ -138,31 +206,59 @@ def rewrite_onnx(src: str | os.PathLike, out: str | os.PathLike, bits: int, *, a
         check_output_path(report, "report")
     if Path(out).resolve() == Path(src).resolve():
         raise InputError(f"output {out} would overwrite the input model")
-    model = _load(src)
-    opset = _opset(model)
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise OnnxModelError(f"{src}: opset {opset} is not supported (rewrite handles opset {MIN_OPSET}-{MAX_OPSET})")
-    if not any(n.op_type in _CALIB_OPS for n in model.graph):
+    from .modelfile import read_model
+
+    mf = read_model(src)
+    if mf.format == "ort":
+        raise OnnxModelError(f"{src} is an ORT-format file (already optimized for ONNX Runtime); rewrite needs the "
+                             "ONNX model it was made from")
+    proto = mf.proto()
+    opset = _proto_opset(proto)
+    if opset > MAX_OPSET:
+        raise OnnxModelError(f"{src}: opset {opset} is newer than this tool handles (opset {MIN_OPSET}-{MAX_OPSET})")
+    if not any(n.op_type in _CALIB_OPS for n in proto.graph.node):
         raise OnnxModelError(f"{src} has no Conv, Gemm or MatMul node: nothing to quantize")
-    if len(model.graph.inputs) != 1:
-        raise OnnxModelError(f"{src}: expected one graph input (an image batch), got {len(model.graph.inputs)}")
-    float_size = Path(src).stat().st_size
-    folded = _fold_batchnorm(model)
+    from .verify import InputSpec
+
+    name, shape, etype = _graph_input(proto, src)
+    try:
+        spec, not_image = InputSpec.from_shape(name, shape, str(src), etype), None
+    except OnnxModelError as exc:  # weight-only rewriting needs no images
+        spec, not_image = None, exc
+    if not_image is not None and act_bits is not None:
+        raise not_image
+    size = input_size or (spec.size if spec else None) or 224
+    if spec is not None and spec.size is not None and size != spec.size:
+        raise SettingsError(f"{src} takes {spec.size}x{spec.size} images (fixed in the model), got input size {size}")
     scheme = None
     if act_bits is not None:
         from .int8 import choose_scheme
 
         scheme = choose_scheme()
         bits, keep_bits = min(bits, scheme.weight_bits), min(keep_bits, scheme.weight_bits)
-    if bits <= 4 and act_bits is None and opset < 21:
-        raise OnnxModelError(f"{src}: {bits}-bit weights are stored as INT4, which needs opset >= 21 (the model has "
-                             f"{opset}); use --bits 5 or more, or convert the model to opset 21 first")
+    # INT4 storage (weights at 4 bits or fewer, float activations) needs opset 21
+    need = INT4_OPSET if bits <= 4 and act_bits is None else MIN_OPSET
+    upgraded = None
+    if opset < need:
+        proto, upgraded = upgrade_opset(proto, need, src, spec, threads)
+    model = _deserialize(proto, src)
+    del proto
+    float_size = mf.disk_bytes
+    folded = _fold_batchnorm(model)
     plan = weight_plan(model, bits, keep_bits, keep, clip)
     if not plan.layers:
         raise OnnxModelError(f"{src} has no Conv or Gemm with a float weight initializer to quantize")
     model = apply_plan(model, plan)
-    rep: dict = {"input": str(src), "output": str(out), "opset": opset, "bits": bits, "batchnorm_folded": folded,
+    rep: dict = {"input": str(src), "output": str(out), "opset": _opset(model), "bits": bits, "batchnorm_folded": folded,
+                 "input_tensor": {"name": name, "layout": spec.layout if spec else None,
+                                  "fixed_batch": spec.batch if spec else None},
                  "layers": [{"name": lp.name, "bits": lp.uniform.bits, **lp.info} for lp in plan.layers]}
+    if upgraded:
+        rep["opset_upgrade"] = upgraded
+    external = _initializer_bytes(model) >= SELF_CONTAINED_LIMIT
+    if external and (act_bits is not None or out_format == "ort"):
+        raise OnnxModelError(f"{src}: the rewritten model holds 2 GB of weights or more; it can only be written as ONNX "
+                             "with external data, weight-only (without --act-bits and --format ort)")
     if act_bits is not None:
         from .calibrate import CalibSettings
         from .data import Preprocess, load_images, parse_floats
@@ -170,8 +266,6 @@ def rewrite_onnx(src: str | os.PathLike, out: str | os.PathLike, bits: int, *, a
         from .models import IMAGENET_MEAN, IMAGENET_STD
 
         settings = CalibSettings(method=act_calib)
-        shape = model.graph.inputs[0].shape
-        size = input_size or (shape[-1] if shape is not None and isinstance(shape[-1], int) else 224)
         pre = Preprocess(input_size=int(size), crop_ratio=crop_ratio,
                          mean=parse_floats(mean if mean is not None else IMAGENET_MEAN, what="mean"),
                          std=parse_floats(std if std is not None else IMAGENET_STD, what="std"))
@@ -183,17 +277,49 @@ def rewrite_onnx(src: str | os.PathLike, out: str | os.PathLike, bits: int, *, a
                               "scheme": scheme.to_json(), "integer_nodes": len(pass_report["integer_nodes"]),
                               "float_nodes": pass_report["float_nodes"],
                               "onnxruntime_kernels": integer_kernels(data)}
+    elif external:
+        data = None
     else:
         data = ir.to_proto(model).SerializeToString()
-    rep["onnx_bytes"] = len(data)
     rep["input_bytes"] = float_size
-    if out_format == "ort":
-        from .ort_format import to_ort
+    if mf.external:
+        rep["input_external_data"] = dict(mf.external)
+    if data is None:
+        rep["external_data"] = _save_external(model, Path(out))
+        rep["onnx_bytes"] = rep["output_bytes"] = Path(out).stat().st_size + rep["external_data"]["bytes"]
+    else:
+        rep["onnx_bytes"] = len(data)
+        if out_format == "ort":
+            from .ort_format import to_ort
 
-        data, rep["ort_format"] = to_ort(data)
-    atomic_write(out, lambda f: f.write(data))
+            data, rep["ort_format"] = to_ort(data)
+        rep["output_bytes"] = len(data)
+        atomic_write(out, lambda f: f.write(data))
     if report is not None:
         from .report import write_report
 
         write_report(rep, report)
     return RewriteResult(rep, data)
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _save_external(model: ir.Model, out: Path) -> dict:
+    """Write `out` with its weights in `<out name>.data` beside it (both written under temporary
+    names, then renamed: no partial output)."""
+    import shutil
+    import tempfile
+
+    name = f"{out.name}.data"
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        ir.save(model, tmp / out.name, external_data=name)
+        os.replace(tmp / name, out.parent / name)
+        os.replace(tmp / out.name, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = (out.parent / name).stat().st_size
+    log.info("the model holds 2 GB of weights or more: weights written to %s beside it", name)
+    return {"file": name, "bytes": size}

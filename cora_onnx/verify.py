@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -14,11 +15,12 @@ import onnx
 
 from .data import ImageSet
 from .errors import OnnxModelError
-from .io import check_input_file
+from .modelfile import ModelFile, read_model
 from .progress import progress
 
 __all__ = ["session", "predict_onnx", "predict_torch", "top1", "parity", "measure_latency", "size_breakdown",
-           "load_onnx_bytes", "cpu_threads", "optimized_graph"]
+           "load_onnx_bytes", "cpu_threads", "optimized_graph", "InputSpec", "image_input", "run_batch",
+           "IMAGE_LAYOUTS"]
 
 
 def cpu_threads() -> int:
@@ -26,20 +28,96 @@ def cpu_threads() -> int:
 
 
 def load_onnx_bytes(path: str | os.PathLike) -> bytes:
-    """Read and validate an ONNX file (parse + checker): OnnxModelError when it is not one."""
-    p = check_input_file(path, "ONNX model")
-    data = p.read_bytes()
+    """Read and validate an ONNX file (parse + checker, external data loaded from the model's
+    folder) as one self-contained serialized model: OnnxModelError when it is not one."""
+    mf = read_model(path)
+    if mf.format != "onnx":
+        raise OnnxModelError(f"{mf.path} is an ORT-format file; this needs an ONNX model (.onnx)")
+    if mf.data is None:
+        raise OnnxModelError(f"{mf.path} with its external data is 2 GB or more: it cannot be held as one "
+                             "serialized model")
+    return mf.data
+
+
+IMAGE_LAYOUTS = "N x 3 x H x W (NCHW) or N x H x W x 3 (NHWC)"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The image input of a model: name, layout (NCHW or NHWC), the batch size fixed in the file
+    (None when symbolic) and the square image size (None when symbolic)."""
+
+    name: str
+    layout: str
+    batch: int | None
+    size: int | None
+
+    @classmethod
+    def from_shape(cls, name: str, shape, what: str = "model", elem_type: str | None = None) -> "InputSpec":
+        dims = None if shape is None else [d if isinstance(d, int) and d > 0 else None for d in shape]
+        if elem_type is not None and elem_type not in ("tensor(float)", "FLOAT"):
+            raise OnnxModelError(f"{what}: input {name!r} is {elem_type}; expected float32 images {IMAGE_LAYOUTS}")
+        if dims is None or len(dims) != 4:
+            raise OnnxModelError(f"{what}: input {name!r} has shape {_fmt_shape(shape)}; expected an image batch "
+                                 f"{IMAGE_LAYOUTS}")
+        if dims[1] == 3 or (dims[1] is None and dims[3] != 3):
+            layout, hw = "NCHW", dims[2:]
+        elif dims[3] == 3:
+            layout, hw = "NHWC", dims[1:3]
+        else:
+            raise OnnxModelError(f"{what}: input {name!r} has shape {_fmt_shape(shape)}, not 3 colour channels; "
+                                 f"expected an image batch {IMAGE_LAYOUTS}")
+        if hw[0] is not None and hw[1] is not None and hw[0] != hw[1]:
+            raise OnnxModelError(f"{what}: input {name!r} takes {hw[0]}x{hw[1]} images; cora-onnx feeds square "
+                                 f"images ({IMAGE_LAYOUTS} with H = W)")
+        return cls(name, layout, dims[0], hw[0] if hw[0] is not None else hw[1])
+
+    def feed(self, x: np.ndarray) -> dict:
+        """{input name: x} for a normalized N x 3 x H x W float32 batch, in the model's layout."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return {self.name: np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if self.layout == "NHWC" else x}
+
+    def describe(self) -> str:
+        """What the runner does with this input, for the command output."""
+        parts = [] if self.layout == "NCHW" else ["NHWC input"]
+        if self.batch is not None:
+            parts.append(f"batch fixed at {self.batch} in the model: run {self.batch} image"
+                         f"{'s' if self.batch > 1 else ''} at a time")
+        return "; ".join(parts)
+
+
+def _fmt_shape(shape) -> str:
+    return "unknown" if shape is None else "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
+
+
+def image_input(sess, what: str = "model", strict: bool = True) -> InputSpec:
+    """The InputSpec of an ONNX Runtime session (OnnxModelError when it does not take one image
+    batch). strict=False takes any first input that is not a 4-D tensor as it is (batch first)."""
+    inputs = sess.get_inputs()
+    if not strict:
+        try:
+            return image_input(sess, what)
+        except OnnxModelError:
+            b = inputs[0].shape[0] if inputs[0].shape else None
+            return InputSpec(inputs[0].name, "NCHW", b if isinstance(b, int) and b > 0 else None, None)
+    if len(inputs) != 1:
+        raise OnnxModelError(f"{what} has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); expected one "
+                             f"image batch {IMAGE_LAYOUTS}")
+    i = inputs[0]
+    return InputSpec.from_shape(i.name, i.shape, what, i.type)
+
+
+def run_batch(sess, spec: InputSpec, x: np.ndarray, outputs=None) -> list:
+    """sess.run on one batch; a batch the model cannot take is an OnnxModelError (one line)."""
     try:
-        proto = onnx.load_from_string(data)
-        onnx.checker.check_model(proto)
+        return sess.run(outputs, spec.feed(x))
     except Exception as exc:
-        raise OnnxModelError(f"{p} is not a valid ONNX model: {str(exc).splitlines()[0][:200]}") from None
-    if len(proto.graph.input) < 1 or len(proto.graph.output) < 1:
-        raise OnnxModelError(f"{p} has no graph input or output")
-    return data
+        msg = " ".join(str(exc).split())
+        raise OnnxModelError(f"ONNX Runtime cannot run the model on a batch of shape {list(x.shape)} "
+                             f"({spec.layout}): {msg[:240]}") from None
 
 
-def session(model: bytes | str | os.PathLike, *, optimize: bool = True, threads: int | None = None,
+def session(model: bytes | str | os.PathLike | ModelFile, *, optimize: bool = True, threads: int | None = None,
             fold_weight_dq: bool = False):
     """A CPU InferenceSession. optimize=False turns graph optimizations off (bit-exact checks);
     fold_weight_dq sets session.disable_quant_qdq=1 so constant weight DequantizeLinear nodes are
@@ -54,17 +132,29 @@ def session(model: bytes | str | os.PathLike, *, optimize: bool = True, threads:
     so.log_severity_level = 3
     if fold_weight_dq:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
-    src = model if isinstance(model, bytes) else str(model)
+    src = model.source if isinstance(model, ModelFile) else model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise OnnxModelError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+        what = f"{model.path}" if isinstance(model, ModelFile) else "the model"
+        raise OnnxModelError(f"ONNX Runtime cannot load {what}: {str(exc).splitlines()[0][:300]}") from None
 
 
 def predict_onnx(sess, images: ImageSet, batch_size: int = 32, desc: str = "onnxruntime") -> np.ndarray:
-    name = sess.get_inputs()[0].name
+    """First output of the model on every image. A model whose batch size is fixed in the file
+    runs at that batch (the last chunk padded with copies of its last image, outputs dropped);
+    an NHWC model gets its images transposed."""
+    spec = image_input(sess, strict=False)
+    if spec.batch is not None:
+        batch_size = spec.batch
     n = (len(images) + batch_size - 1) // batch_size
-    outs = [sess.run(None, {name: x.numpy()})[0] for x in progress(images.batches(batch_size), n, desc, "batches")]
+    outs = []
+    for x in progress(images.batches(batch_size), n, desc, "batches"):
+        x = x.numpy()
+        k = x.shape[0]
+        if spec.batch is not None and k < spec.batch:
+            x = np.concatenate([x, np.repeat(x[-1:], spec.batch - k, axis=0)])
+        outs.append(run_batch(sess, spec, x)[0][:k])
     return np.concatenate(outs)
 
 
@@ -120,7 +210,19 @@ def measure_latency(models: Mapping[str, object], input_shape: Sequence[int], *,
     result: dict = {k: {} for k in sessions}
     for bs in batch_sizes:
         x = rng.standard_normal((bs, *input_shape), dtype=np.float32)
-        feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+        feeds = {}
+        for k, s in sessions.items():
+            i = s.get_inputs()[0]
+            fixed = i.shape[0] if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0 else None
+            if fixed is not None and fixed != bs:
+                raise OnnxModelError(f"{k}: the model's batch size is fixed at {fixed} in the file; it cannot run "
+                                     f"batch {bs}")
+            feeds[k] = {i.name: x}
+            try:
+                s.run(None, feeds[k])
+            except Exception as exc:
+                raise OnnxModelError(f"{k}: ONNX Runtime cannot run the model on an input of shape {list(x.shape)}: "
+                                     f"{' '.join(str(exc).split())[:240]}") from None
         times: dict[str, list[float]] = {k: [] for k in sessions}
         for _ in range(warmup):
             for k, s in sessions.items():

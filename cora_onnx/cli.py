@@ -154,9 +154,9 @@ def main() -> None:
 @click.option("--model", "arch", default=None, help="torchvision architecture (resnet18, ...), efficientnet_lite0 or digits_cnn. "
               "Without --model/--weights/--calib/--val: the embedded default (a digits ConvNet trained on first use).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="state_dict file (or checkpoint with 'state_dict').")
-@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration images: flat folder or one folder per class.")
-@click.option("--val", type=click.Path(path_type=Path), default=None, help="Labelled images, one folder per class, for top-1.")
-@click.option("--class-map", type=click.Path(path_type=Path), default=None, help="JSON folder name -> class index, when --val's folders are a subset of the classes.")
+@click.option("--calib", type=click.Path(path_type=Path), multiple=True, help="Calibration images: flat folder or one folder per class (repeatable: the folders are mixed).")
+@click.option("--val", type=click.Path(path_type=Path), multiple=True, help="Labelled images, one folder per class, for top-1 (repeatable: the folders are mixed).")
+@click.option("--class-map", type=click.Path(path_type=Path), default=None, help="JSON folder name -> class index, when --val's folders are a subset of the classes (not needed for ImageNet WordNet-id folders with a 1000-class model).")
 @click.option("--bits", type=int, default=4, show_default=True, help="Weight bits, 2-8.")
 @click.option("--method", type=click.Choice(list(_methods())), default="rtn", show_default=True,
               help="Search method: " + "; ".join(f"{k}: {m.help}" for k, m in _methods().items()) + ".")
@@ -186,6 +186,7 @@ def quantize(arch, weights, calib, val, class_map, bits, method, out, report, pl
              latency_batch, threads, seed, verbose, quiet, **method_cli):
     """Search, export and verify: PyTorch model in, quantized ONNX model and report out."""
     _setup_logging(verbose, quiet)
+    calib, val = list(calib) or None, list(val) or None
     from .api import quantize as run
     from .errors import SettingsError
     from .models import build_model, default_normalization
@@ -227,7 +228,8 @@ def quantize(arch, weights, calib, val, class_map, bits, method, out, report, pl
 @click.argument("onnx_in", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model file.")
 @click.option("--bits", type=int, default=8, show_default=True, help="Weight bits, 2-8 (Conv and Gemm weights).")
-@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration images (needed with --act-bits).")
+@click.option("--calib", type=click.Path(path_type=Path), multiple=True,
+              help="Calibration images (needed with --act-bits; repeatable: the folders are mixed).")
 @click.option("--keep", default="first,last", show_default=True, help="Layers kept at --keep-bits: first,last or none.")
 @click.option("--keep-bits", type=int, default=8, show_default=True, help="Bits of the layers named by --keep.")
 @click.option("--clip", type=click.Choice(["mse", "minmax"]), default="mse", show_default=True, help="Weight range search.")
@@ -251,11 +253,12 @@ def rewrite(onnx_in, out, bits, calib, keep, keep_bits, clip, act_bits, act_cali
         raise SettingsError(f"rewrite --keep takes first, last or none, got {keep!r}")
     if not 2 <= keep_bits <= 8:
         raise SettingsError(f"--keep-bits must be from 2 to 8, got {keep_bits}")
-    res = rewrite_onnx(onnx_in, out, bits, act_bits=int(act_bits) if act_bits else None, calib=calib,
+    res = rewrite_onnx(onnx_in, out, bits, act_bits=int(act_bits) if act_bits else None, calib=list(calib) or None,
                        act_calib=act_calib, mean=mean, std=std, input_size=input_size, crop_ratio=crop_ratio,
                        keep=kept, keep_bits=keep_bits, clip=clip, out_format=out_format, threads=threads, report=report)
     r = res.report
-    line = (f"wrote {out} ({len(res.data) / 1e6:.2f} MB from {r['input_bytes'] / 1e6:.2f} MB; {len(r['layers'])} weights "
+    line = (f"wrote {out} ({len(res.data) / 1e6:.2f} MB from {r['input_bytes'] / 1e6:.2f} MB, "
+            f"{r['file_bits_per_weight']:.2f} file bits per weight; {len(r['layers'])} weights "
             f"at {r['bits']} bits, {r['batchnorm_folded']} BatchNorm folded")
     if "activations" in r:
         k = r["activations"]["onnxruntime_kernels"]
@@ -285,7 +288,8 @@ def export(arch, weights, plan_path, out, input_size, verbose, quiet):
 
 @main.command(name="eval")
 @click.argument("onnx_model", type=click.Path(path_type=Path))
-@click.option("--data", type=click.Path(path_type=Path), required=True, help="Labelled folder, one folder per class.")
+@click.option("--data", type=click.Path(path_type=Path), required=True, multiple=True,
+              help="Labelled folder, one folder per class (repeatable: the folders are mixed).")
 @click.option("--class-map", type=click.Path(path_type=Path), default=None, help="JSON folder name -> class index.")
 @_preprocess_options
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -313,7 +317,7 @@ def eval_cmd(onnx_model, data, class_map, input_size, crop_ratio, mean, std, bat
                      mean=parse_floats(mean or meta.get("mean") or IMAGENET_MEAN, what="mean"),
                      std=parse_floats(std or meta.get("std") or IMAGENET_STD, what="std"))
     n_classes = sess.get_outputs()[0].shape[-1]
-    images = load_images(data, pre, labelled=True, class_map=load_class_map(class_map) if class_map else None,
+    images = load_images(list(data), pre, labelled=True, class_map=load_class_map(class_map) if class_map else None,
                          num_classes=n_classes if isinstance(n_classes, int) else None, what="data folder")
     acc = top1(predict_onnx(sess, images, batch_size), images.labels)
     result = {"model": str(onnx_model), "top1": acc, "images": len(images)}
@@ -340,8 +344,9 @@ def _preprocess_meta(blob: bytes) -> dict:
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [all cores].")
 @click.option("--fold-weight-dq", is_flag=True, help="Session config session.disable_quant_qdq=1: fold weight DequantizeLinear at load.")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the timings as JSON here.")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Labelled folder (one folder per class): adds a top-1 column (preprocessing from each model's metadata).")
+@click.option("--data", type=click.Path(path_type=Path), multiple=True,
+              help="Labelled folder (one folder per class; repeatable): adds a top-1 column (preprocessing from each "
+                   "model's metadata).")
 @click.option("--class-map", type=click.Path(path_type=Path), default=None, help="JSON folder name -> class index for --data.")
 @_common_logging
 @_guard
@@ -370,7 +375,7 @@ def bench(onnx_models, batches, runs, warmup, threads, fold_weight_dq, report, d
         from .errors import OnnxModelError
 
         raise OnnxModelError(f"models need one fixed input shape (besides batch) to be compared, got {sorted(shapes)}")
-    accuracy = _bench_top1(sessions, blobs, data, class_map) if data is not None else {}
+    accuracy = _bench_top1(sessions, blobs, list(data), class_map) if data else {}
     res = measure_latency(sessions, next(iter(shapes)), batch_sizes=batches, warmup=warmup, runs=runs, threads=threads)
     width = max(len(k) for k in sessions)
     first = next(iter(sessions))
@@ -389,7 +394,7 @@ def bench(onnx_models, batches, runs, warmup, threads, fold_weight_dq, report, d
                      report)
 
 
-def _bench_top1(sessions: dict, blobs: dict, data: Path, class_map: Path | None) -> dict:
+def _bench_top1(sessions: dict, blobs: dict, data: list[Path], class_map: Path | None) -> dict:
     from .data import Preprocess, load_class_map, load_images, parse_floats
     from .models import IMAGENET_MEAN, IMAGENET_STD
     from .verify import predict_onnx, top1

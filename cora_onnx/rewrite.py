@@ -117,12 +117,15 @@ def weight_plan(model: ir.Model, bits: int, keep_bits: int = 8, keep: Sequence[s
 
 
 def rewrite_onnx(src: str | os.PathLike, out: str | os.PathLike, bits: int, *, act_bits: int | None = None,
-                 calib: str | os.PathLike | None = None, act_calib: str = "minmax", mean=None, std=None,
+                 calib: str | os.PathLike | Sequence[str | os.PathLike] | None = None, act_calib: str = "minmax", mean=None, std=None,
                  input_size: int | None = None, crop_ratio: float = 1.0, keep: Sequence[str] = ("first", "last"),
                  keep_bits: int = 8, clip: str = "mse", out_format: str = "onnx", threads: int | None = None,
                  report: str | os.PathLike | None = None) -> RewriteResult:
     """Quantize a float ONNX classifier file: weights to `bits` (plus 8-bit activations with
-    act_bits=8, calibrated on the images in `calib`). Writes `out` (ONNX or ORT format)."""
+    act_bits=8, calibrated on the images in `calib`: a folder or a list of folders, mixed). Writes
+    `out` (ONNX or ORT format)."""
+    from passes import packs
+
     from .pipeline import apply_plan, cleanup_passes
 
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
@@ -154,12 +157,13 @@ def rewrite_onnx(src: str | os.PathLike, out: str | os.PathLike, bits: int, *, a
 
         scheme = choose_scheme()
         bits, keep_bits = min(bits, scheme.weight_bits), min(keep_bits, scheme.weight_bits)
-    if bits <= 4 and act_bits is None and opset < 21:
-        raise OnnxModelError(f"{src}: {bits}-bit weights are stored as INT4, which needs opset >= 21 (the model has "
-                             f"{opset}); use --bits 5 or more, or convert the model to opset 21 first")
     plan = weight_plan(model, bits, keep_bits, keep, clip)
     if not plan.layers:
         raise OnnxModelError(f"{src} has no Conv or Gemm with a float weight initializer to quantize")
+    if opset < 21 and any(lp.uniform.bits <= 4 and not packs(lp.uniform.bits, lp.uniform.q.size) for lp in plan.layers):
+        raise OnnxModelError(f"{src}: {bits}-bit weights are stored as INT4 (small 2-3-bit grids too), which needs "
+                             f"opset >= 21 (the model has {opset}); use --bits 5 or more, or convert the model to "
+                             f"opset 21 first")
     model = apply_plan(model, plan)
     rep: dict = {"input": str(src), "output": str(out), "opset": opset, "bits": bits, "batchnorm_folded": folded,
                  "layers": [{"name": lp.name, "bits": lp.uniform.bits, **lp.info} for lp in plan.layers]}
@@ -191,6 +195,8 @@ def rewrite_onnx(src: str | os.PathLike, out: str | os.PathLike, bits: int, *, a
         from .ort_format import to_ort
 
         data, rep["ort_format"] = to_ort(data)
+    rep["weight_params"] = sum(int(np.prod(lp.shape)) for lp in plan.layers)
+    rep["file_bits_per_weight"] = len(data) * 8 / rep["weight_params"]
     atomic_write(out, lambda f: f.write(data))
     if report is not None:
         from .report import write_report

@@ -202,6 +202,11 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
         from .ort_format import to_ort
 
         file_bytes, report_dict["ort_format"] = to_ort(quant_bytes)
+        if len(file_bytes) > 1.05 * len(quant_bytes):
+            report_dict["notes"].append(
+                f"the ORT format file ({len(file_bytes) / 1e6:.2f} MB) is larger than the ONNX file "
+                f"({len(quant_bytes) / 1e6:.2f} MB): ONNX Runtime's optimizer decodes packed low-bit grids (and "
+                f"Casts of INT4 grids) at conversion and stores the 8-bit result")
     report_dict["file_bits_per_weight"] = len(file_bytes) * 8 / max(weight_params, 1)
     report_dict["float_file_bits_per_weight"] = len(float_bytes) * 8 / max(weight_params, 1)
     atomic_write(out, lambda f: f.write(file_bytes))

@@ -60,8 +60,8 @@ def unpack_grid(packed: np.ndarray, bits: int, size: int, signed: bool) -> np.nd
 
 def packs(bits: int, size: int) -> bool:
     """Whether a `bits`-bit grid of `size` values is stored packed in bytes: at 2-3 bits, when that
-    saves at least MIN_SAVING bytes over an INT4 container (the decoding nodes and their names
-    take a few hundred bytes; a small grid stays INT4, which costs less)."""
+    saves at least MIN_SAVING bytes over an INT4 container (the decoding nodes, their names and the
+    8-bit zero points take about 1 kB per layer; a small grid stays INT4, which costs less)."""
     if bits not in PACKED_BITS:
         return False
     k, g = PACKED_BITS[bits]

@@ -5,6 +5,11 @@ weight, parity, top-1 on dev-val, integer kernels, and whether ONNX Runtime's op
 still has decoding nodes (it should not: they are constant-folded at load).
 
     python tools/measure_packing.py [--shared ../shared] [--out-dir /tmp/cora-packing] [--runs w4 w3 w2 w3a8]
+                                    [--val-per-class N] [--calib-per-class N]
+
+--val-per-class / --calib-per-class N: use the first N images (sorted) of each class folder, as
+symlinks under --out-dir (0 = the whole folder), to keep the run short on a shared machine; file
+sizes do not depend on it.
 
 Single-threaded (OMP_NUM_THREADS=1, --threads 1) to share the machine; --latency-runs 0 is not
 allowed by the CLI, so one timed run each (latency figures from this script mean nothing).
@@ -26,18 +31,36 @@ import onnx
 DECODE_OPS = {"Gather", "Mod", "Div", "MatMul", "Cast", "Slice"}
 
 
+def _subset(src: Path, dst: Path, per_class: int) -> Path:
+    """src itself, or dst with symlinks to the first per_class images of each class folder."""
+    if per_class <= 0:
+        return src
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        (dst / cls.name).mkdir(parents=True, exist_ok=True)
+        for img in sorted(p for p in cls.iterdir() if p.is_file())[:per_class]:
+            link = dst / cls.name / img.name
+            if not link.exists():
+                link.symlink_to(img.resolve())
+    return dst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
     ap.add_argument("--out-dir", default="/tmp/cora-packing")
-    ap.add_argument("--runs", nargs="+", default=["w4", "w3", "w2", "w3a8"], choices=["w4", "w3", "w2", "w3a8"])
+    ap.add_argument("--runs", nargs="+", default=["w4", "w3", "w2", "w3a8"],
+                    choices=["w4", "w3", "w2", "w4a8", "w3a8", "w2a8"])
+    ap.add_argument("--val-per-class", type=int, default=0)
+    ap.add_argument("--calib-per-class", type=int, default=0)
     args = ap.parse_args()
     shared, out = Path(args.shared), Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    val = _subset(shared / "data/imagenette/dev-val", out / "val-subset", args.val_per_class)
+    calib = _subset(shared / "data/imagenette/calib", out / "calib-subset", args.calib_per_class)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     base = [sys.executable, "-m", "cora_onnx.cli", "quantize", "--model", "resnet18",
-            "--weights", str(shared / "models/resnet18-imagenet.pt"), "--calib", str(shared / "data/imagenette/calib"),
-            "--val", str(shared / "data/imagenette/dev-val"), "--method", "rtn", "--latency-runs", "1",
+            "--weights", str(shared / "models/resnet18-imagenet.pt"), "--calib", str(calib),
+            "--val", str(val), "--method", "rtn", "--latency-runs", "1",
             "--threads", "1", "-q"]
     rows = {}
     for name in args.runs:

@@ -154,9 +154,13 @@ def main() -> None:
 @click.option("--model", "arch", default=None, help="torchvision architecture (resnet18, ...), efficientnet_lite0 or digits_cnn. "
               "Without --model/--weights/--calib/--val: the embedded default (a digits ConvNet trained on first use).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="state_dict file (or checkpoint with 'state_dict').")
-@click.option("--calib", type=click.Path(path_type=Path), multiple=True, help="Calibration images: flat folder or one folder per class (repeatable: the folders are mixed).")
-@click.option("--val", type=click.Path(path_type=Path), multiple=True, help="Labelled images, one folder per class, for top-1 (repeatable: the folders are mixed).")
-@click.option("--class-map", type=click.Path(path_type=Path), default=None, help="JSON folder name -> class index, when --val's folders are a subset of the classes (not needed for ImageNet WordNet-id folders with a 1000-class model).")
+@click.option("--calib", type=click.Path(path_type=Path), multiple=True,
+              help="Calibration images: flat folder or one folder per class (repeatable: the folders are mixed).")
+@click.option("--val", type=click.Path(path_type=Path), multiple=True,
+              help="Labelled images, one folder per class, for top-1 (repeatable: the folders are mixed).")
+@click.option("--class-map", type=click.Path(path_type=Path), default=None,
+              help="JSON folder name -> class index, when --val's folders are a subset of the classes (not needed "
+                   "for ImageNet WordNet-id folders with a 1000-class model: a built-in map applies).")
 @click.option("--bits", type=int, default=4, show_default=True, help="Weight bits, 2-8.")
 @click.option("--method", type=click.Choice(list(_methods())), default="rtn", show_default=True,
               help="Search method: " + "; ".join(f"{k}: {m.help}" for k, m in _methods().items()) + ".")

@@ -192,7 +192,8 @@ def _class_index(names: list[str], where: str, what: str, class_map: dict[str, i
     return index
 
 
-def load_images(folder: str | os.PathLike | Sequence[str | os.PathLike], preprocess: Preprocess = Preprocess(), *, labelled: bool = False,
+def load_images(folder: str | os.PathLike | Sequence[str | os.PathLike], preprocess: Preprocess = Preprocess(), *,
+                labelled: bool = False,
                 class_map: dict[str, int] | None = None, num_classes: int | None = None,
                 workers: int | None = None, what: str = "image folder") -> ImageSet:
     """Decode every image under folder (one path, or several whose images are mixed).
@@ -235,7 +236,8 @@ def load_images(folder: str | os.PathLike | Sequence[str | os.PathLike], preproc
     if not kept:
         raise DataError(f"{what} {where}: none of its {len(files)} images could be decoded")
     if len(kept) < len(files):
-        log.warning("%s %s: skipped %d of %d images that failed to decode", what, where, len(files) - len(kept), len(files))
+        log.warning("%s %s: skipped %d of %d images that failed to decode", what, where, len(files) - len(kept),
+                    len(files))
     images = torch.from_numpy(np.stack([a for a, _ in kept]))
     labels = torch.tensor([lab for _, (_, lab) in kept], dtype=torch.int64) if labelled else None
     result = ImageSet(images, labels, tuple(str(p) for _, (p, _) in kept), preprocess)

@@ -117,7 +117,8 @@ def weight_plan(model: ir.Model, bits: int, keep_bits: int = 8, keep: Sequence[s
 
 
 def rewrite_onnx(src: str | os.PathLike, out: str | os.PathLike, bits: int, *, act_bits: int | None = None,
-                 calib: str | os.PathLike | Sequence[str | os.PathLike] | None = None, act_calib: str = "minmax", mean=None, std=None,
+                 calib: str | os.PathLike | Sequence[str | os.PathLike] | None = None, act_calib: str = "minmax",
+                 mean=None, std=None,
                  input_size: int | None = None, crop_ratio: float = 1.0, keep: Sequence[str] = ("first", "last"),
                  keep_bits: int = 8, clip: str = "mse", out_format: str = "onnx", threads: int | None = None,
                  report: str | os.PathLike | None = None) -> RewriteResult:

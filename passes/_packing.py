@@ -111,7 +111,8 @@ def grid_value(graph: ir.Graph, name: str, values: np.ndarray, bits: int, signed
     if n % k:  # the last group is padded
         x = add("Reshape", [x, _const(graph, "cora_onnx.unpack.flat", np.array([-1], np.int64))])
         x = add("Slice", [x, _const(graph, "cora_onnx.unpack.zero", np.array([0], np.int64)),
-                          add_initializer(graph, f"{name}_length", ir.Tensor(np.array([n], np.int64), name=f"{name}_length"))])
+                          add_initializer(graph, f"{name}_length",
+                                          ir.Tensor(np.array([n], np.int64), name=f"{name}_length"))])
     x = add("Reshape", [x, add_initializer(graph, f"{name}_shape", ir.Tensor(np.array(values.shape, np.int64),
                                                                                 name=f"{name}_shape"))])
     lut = _const(graph, f"{base}.{'int8' if signed else 'uint8'}", _lookup(bits, signed))

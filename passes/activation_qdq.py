@@ -16,8 +16,9 @@ The layout (which tensors get QuantizeLinear -> DequantizeLinear) is computed fr
   share their input's scale and zero point, so ORT drops their Q/DQ and runs them on 8-bit data;
 - weights: an integer grid in another container (INT4) is Cast to INT8 in the graph (the file
   keeps the packed grid; ONNX Runtime folds the Cast at load); a 2-3-bit grid packed in bytes
-  (passes._packing) is already decoded to INT8 by a constant subgraph ONNX Runtime folds at load; a grid whose values do not fit
-  the scheme (8-bit values where 7-bit weights are needed) leaves the node float (logged);
+  (passes._packing) is already decoded to INT8 by a constant subgraph ONNX Runtime folds at
+  load; a grid whose values do not fit the scheme (8-bit values where 7-bit weights are needed)
+  leaves the node float (logged);
   AdapterFoldPass's folded weights are integer weights too; float weights are quantized per
   channel here (numpy MSE grid); biases become INT32 with scale = input scale x weight scale.
 """

@@ -18,9 +18,9 @@ class WeightQDQPass(ir.passes.InPlacePass):
     zero point, and feed the consumers through a DequantizeLinear (axis 0 when per channel). The
     grid is stored tightly: 2 and 3 bits packed into UINT8 bytes with a constant decoding subgraph
     that ONNX Runtime folds at load (passes._packing; the zero point is then INT8/UINT8; grids too
-    small to gain from it stay INT4), 4 bits as packed INT4/UINT4 (opset 21), 5-8 bits as INT8/UINT8. Names: <weight>_quantized (the grid;
-    <weight>_quantized_packed for the bytes), _scale, _zero_point, _DequantizeLinear; the float
-    initializer is removed."""
+    small to gain from it stay INT4), 4 bits as packed INT4/UINT4 (opset 21), 5-8 bits as
+    INT8/UINT8. Names: <weight>_quantized (the grid; <weight>_quantized_packed for the bytes),
+    _scale, _zero_point, _DequantizeLinear; the float initializer is removed."""
 
     def __init__(self, plan: Plan) -> None:
         super().__init__()
@@ -46,8 +46,8 @@ class WeightQDQPass(ir.passes.InPlacePass):
             scale_arr = u.scale.astype(np.float32) if u.per_channel else u.scale.astype(np.float32).reshape(())
             zp_arr = u.zero_point if u.per_channel else u.zero_point.reshape(())
             scale = add_initializer(graph, f"{w}_scale", ir.Tensor(scale_arr, name=f"{w}_scale"))
-            zp = add_initializer(graph, f"{w}_zero_point", int_tensor(zp_arr, zero_point_bits(u.bits, u.q.size), u.symmetric,
-                                                                          f"{w}_zero_point"))
+            zp_bits = zero_point_bits(u.bits, u.q.size)  # 8 next to a byte-packed grid
+            zp = add_initializer(graph, f"{w}_zero_point", int_tensor(zp_arr, zp_bits, u.symmetric, f"{w}_zero_point"))
             attrs = {"axis": 0} if u.per_channel else {}
             dq = ir.node("DequantizeLinear", [q, scale, zp], attributes=attrs, name=f"{w}_DequantizeLinear")
             dq.outputs[0].name = f"{w}_dequantized"

@@ -67,7 +67,8 @@ def _num_classes(model: nn.Module, input_size: int) -> int:
     return int(out.shape[1])
 
 
-def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path | None = None,
+def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None = None,
+             val: str | Path | Sequence[str | Path] | None = None,
              class_map: str | Path | None = None, bits: int = 4, method: str = "rtn",
              out: str | Path = "model.onnx", mean: Sequence[float] | str = IMAGENET_MEAN,
              std: Sequence[float] | str = IMAGENET_STD, input_size: int = 224, *, crop_ratio: float = 1.0,
@@ -79,9 +80,11 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
              **method_options) -> QuantizeResult:
     """Quantize `model` with `method`, export to ONNX at `out`, verify in ONNX Runtime.
 
-    calib: folder of calibration images (flat or per class; needed by data-driven methods, and
-    used for parity when val is None); val: labelled folder (one folder per class) for top-1;
-    class_map: JSON of folder name -> class index when val's folders are a subset of the classes.
+    calib: folder of calibration images, or a list of folders whose images are mixed (flat or
+    per class; needed by data-driven methods, and used for parity when val is None); val: labelled
+    folder (one folder per class), or a list of them, for top-1; class_map: JSON of folder name ->
+    class index when val's folders are a subset of the classes (not needed when they are ImageNet
+    WordNet ids and the model has 1000 classes: the built-in map applies, see cora_onnx.data).
     act_bits: 8 for integer activations (static, calibrated on calib with act_calib = "minmax",
     "percentile" or "mse"; weights then use the CPU's integer-kernel width, see
     cora_onnx.int8.choose_scheme); None keeps float activations. out_format: "onnx" or "ort"
@@ -204,14 +207,19 @@ def quantize(model: nn.Module, calib: str | Path | None = None, val: str | Path 
         **(m.report(plan) if m.report is not None else {}),
         **({"activations": act_report} if act_report is not None else {}),
     }
+    file_bytes = quant_bytes
     if out_format == "ort":
         from .ort_format import to_ort
 
-        ort_bytes, ort_report = to_ort(quant_bytes)
-        report_dict["ort_format"] = ort_report
-        atomic_write(out, lambda f: f.write(ort_bytes))
-    else:
-        atomic_write(out, lambda f: f.write(quant_bytes))
+        file_bytes, report_dict["ort_format"] = to_ort(quant_bytes)
+        if len(file_bytes) > 1.05 * len(quant_bytes):
+            report_dict["notes"].append(
+                f"the ORT format file ({len(file_bytes) / 1e6:.2f} MB) is larger than the ONNX file "
+                f"({len(quant_bytes) / 1e6:.2f} MB): ONNX Runtime's optimizer decodes packed low-bit grids (and "
+                f"Casts of INT4 grids) at conversion and stores the 8-bit result")
+    report_dict["file_bits_per_weight"] = len(file_bytes) * 8 / max(weight_params, 1)
+    report_dict["float_file_bits_per_weight"] = len(float_bytes) * 8 / max(weight_params, 1)
+    atomic_write(out, lambda f: f.write(file_bytes))
     if float_out is not None:
         atomic_write(float_out, lambda f: f.write(float_bytes))
     if plan_out is not None:

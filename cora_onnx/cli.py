@@ -144,9 +144,13 @@ def main() -> None:
 @click.option("--model", "arch", default=None, help="torchvision architecture (resnet18, ...), efficientnet_lite0 or digits_cnn. "
               "Without --model/--weights/--calib/--val: the embedded default (a digits ConvNet trained on first use).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="state_dict file (or checkpoint with 'state_dict').")
-@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration images: flat folder or one folder per class.")
-@click.option("--val", type=click.Path(path_type=Path), default=None, help="Labelled images, one folder per class, for top-1.")
-@click.option("--class-map", type=click.Path(path_type=Path), default=None, help="JSON folder name -> class index, when --val's folders are a subset of the classes.")
+@click.option("--calib", type=click.Path(path_type=Path), multiple=True,
+              help="Calibration images: flat folder or one folder per class (repeatable: the folders are mixed).")
+@click.option("--val", type=click.Path(path_type=Path), multiple=True,
+              help="Labelled images, one folder per class, for top-1 (repeatable: the folders are mixed).")
+@click.option("--class-map", type=click.Path(path_type=Path), default=None,
+              help="JSON folder name -> class index, when --val's folders are a subset of the classes (not needed "
+                   "for ImageNet WordNet-id folders with a 1000-class model: a built-in map applies).")
 @click.option("--bits", type=int, default=4, show_default=True, help="Weight bits, 2-8.")
 @click.option("--method", type=click.Choice(list(_methods())), default="rtn", show_default=True,
               help="Search method: " + "; ".join(f"{k}: {m.help}" for k, m in _methods().items()) + ".")
@@ -176,6 +180,7 @@ def quantize(arch, weights, calib, val, class_map, bits, method, out, report, pl
              latency_batch, threads, seed, verbose, quiet, **method_cli):
     """Search, export and verify: PyTorch model in, quantized ONNX model and report out."""
     _setup_logging(verbose, quiet)
+    calib, val = list(calib) or None, list(val) or None
     from .api import quantize as run
     from .errors import SettingsError
     from .models import build_model, default_normalization
@@ -250,7 +255,8 @@ def import_pq(checkpoint, arch, out, val, calib, class_map, report, input_size, 
 @click.argument("onnx_in", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model file.")
 @click.option("--bits", type=int, default=8, show_default=True, help="Weight bits, 2-8 (Conv and Gemm weights).")
-@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration images (needed with --act-bits).")
+@click.option("--calib", type=click.Path(path_type=Path), multiple=True,
+              help="Calibration images (needed with --act-bits; repeatable: the folders are mixed).")
 @click.option("--keep", default="first,last", show_default=True, help="Layers kept at --keep-bits: first,last or none.")
 @click.option("--keep-bits", type=int, default=8, show_default=True, help="Bits of the layers named by --keep.")
 @click.option("--clip", type=click.Choice(["mse", "minmax"]), default="mse", show_default=True, help="Weight range search.")
@@ -274,13 +280,14 @@ def rewrite(onnx_in, out, bits, calib, keep, keep_bits, clip, act_bits, act_cali
         raise SettingsError(f"rewrite --keep takes first, last or none, got {keep!r}")
     if not 2 <= keep_bits <= 8:
         raise SettingsError(f"--keep-bits must be from 2 to 8, got {keep_bits}")
-    res = rewrite_onnx(onnx_in, out, bits, act_bits=int(act_bits) if act_bits else None, calib=calib,
+    res = rewrite_onnx(onnx_in, out, bits, act_bits=int(act_bits) if act_bits else None, calib=list(calib) or None,
                        act_calib=act_calib, mean=mean, std=std, input_size=input_size, crop_ratio=crop_ratio,
                        keep=kept, keep_bits=keep_bits, clip=clip, out_format=out_format, threads=threads, report=report)
     r = res.report
     src_ext = f" with its external data" if r.get("input_external_data") else ""
     out_ext = f" + {r['external_data']['file']}" if r.get("external_data") else ""
-    line = (f"wrote {out}{out_ext} ({r['output_bytes'] / 1e6:.2f} MB from {r['input_bytes'] / 1e6:.2f} MB{src_ext}; "
+    line = (f"wrote {out}{out_ext} ({r['output_bytes'] / 1e6:.2f} MB from {r['input_bytes'] / 1e6:.2f} MB{src_ext}, "
+            f"{r['file_bits_per_weight']:.2f} file bits per weight; "
             f"{len(r['layers'])} weights at {r['bits']} bits, {r['batchnorm_folded']} BatchNorm folded")
     if "activations" in r:
         k = r["activations"]["onnxruntime_kernels"]
@@ -321,7 +328,8 @@ def export(arch, weights, plan_path, out, input_size, verbose, quiet):
 
 @main.command(name="eval")
 @click.argument("onnx_model", type=click.Path(path_type=Path))
-@click.option("--data", type=click.Path(path_type=Path), required=True, help="Labelled folder, one folder per class.")
+@click.option("--data", type=click.Path(path_type=Path), required=True, multiple=True,
+              help="Labelled folder, one folder per class (repeatable: the folders are mixed).")
 @click.option("--class-map", type=click.Path(path_type=Path), default=None, help="JSON folder name -> class index.")
 @_preprocess_options
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -346,7 +354,7 @@ def eval_cmd(onnx_model, data, class_map, input_size, crop_ratio, mean, std, bat
     pre = _model_preprocess(sess, spec, str(onnx_model), input_size=input_size, crop_ratio=crop_ratio, mean=mean,
                             std=std)
     cmap = load_class_map(class_map) if class_map else None
-    images = _classifier_images(sess, str(onnx_model), data, pre, cmap)
+    images = _classifier_images(sess, str(onnx_model), list(data), pre, cmap)
     acc = top1(_classifier_logits(predict_onnx(sess, images, batch_size), images.labels, str(onnx_model), data),
                images.labels)
     result = {"model": str(onnx_model), "format": mf.format, "top1": acc, "images": len(images),
@@ -397,13 +405,16 @@ def _classifier_images(sess, what: str, data: Path, pre, cmap: dict | None):
         raise DataError(f"{what}: output {out.name!r} has shape {list(shape)}, not N x classes logits: the model is "
                         f"not a classifier, so it has no top-1 on {data}")
     n = shape[-1] if shape and isinstance(shape[-1], int) else None
+    roots = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+    data = ", ".join(map(str, roots))
     if n is not None and cmap is not None:
-        folders = [d.name for d in Path(data).iterdir() if d.is_dir() and d.name in cmap] if Path(data).is_dir() else []
+        folders = [d.name for r in roots if r.is_dir() for d in r.iterdir() if d.is_dir() and d.name in cmap]
         top = max((cmap[f] for f in folders), default=-1)
         if top >= n:
             raise DataError(f"{what}: output {out.name!r} gives {n} values per image, so it is not a classifier over "
                             f"the classes of {data} (class map indices up to {top})")
-    return load_images(data, pre, labelled=True, class_map=cmap, num_classes=n, what="data folder")
+    return load_images(roots if len(roots) > 1 else roots[0], pre, labelled=True, class_map=cmap, num_classes=n,
+                       what="data folder")
 
 
 def _classifier_logits(logits, labels, what: str, data):
@@ -426,8 +437,9 @@ def _classifier_logits(logits, labels, what: str, data):
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [all cores].")
 @click.option("--fold-weight-dq", is_flag=True, help="Session config session.disable_quant_qdq=1: fold weight DequantizeLinear at load.")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the timings as JSON here.")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Labelled folder (one folder per class): adds a top-1 column (preprocessing from each model's metadata).")
+@click.option("--data", type=click.Path(path_type=Path), multiple=True,
+              help="Labelled folder (one folder per class; repeatable): adds a top-1 column (preprocessing from each "
+                   "model's metadata).")
 @click.option("--class-map", type=click.Path(path_type=Path), default=None, help="JSON folder name -> class index for --data.")
 @_common_logging
 @_guard
@@ -464,7 +476,7 @@ def bench(onnx_models, batches, runs, warmup, threads, fold_weight_dq, report, d
         from .errors import OnnxModelError
 
         raise OnnxModelError(f"models need one fixed input shape (besides batch) to be compared, got {sorted(shapes)}")
-    accuracy = _bench_top1(sessions, specs, data, class_map) if data is not None else {}
+    accuracy = _bench_top1(sessions, specs, list(data), class_map) if data else {}
     res = measure_latency(sessions, next(iter(shapes)), batch_sizes=batches, warmup=warmup, runs=runs, threads=threads)
     width = max(len(k) for k in sessions)
     first = next(iter(sessions))
@@ -485,7 +497,7 @@ def bench(onnx_models, batches, runs, warmup, threads, fold_weight_dq, report, d
                      report)
 
 
-def _bench_top1(sessions: dict, specs: dict, data: Path, class_map: Path | None) -> dict:
+def _bench_top1(sessions: dict, specs: dict, data: list[Path], class_map: Path | None) -> dict:
     from .data import load_class_map
     from .verify import predict_onnx, top1
 

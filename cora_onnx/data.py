@@ -1,17 +1,25 @@
-"""Image folders: ImageNet layout (one folder per class) or a flat folder of unlabelled images.
+"""Image folders: ImageNet layout (one folder per class) or a flat folder of unlabelled images;
+several folders are mixed into one set.
 
 Images are decoded once (threads; PIL releases the GIL), resized and center-cropped to uint8
 tensors kept in memory and cached per process; normalization is applied per batch.
+
+Labels of class folders: a class map (folder name -> index) when given; else, for a 1000-class
+model whose folders are all ImageNet WordNet ids (n01440764, ...), the built-in ImageNet map
+(imagenet_class_index.json, shipped with the package), so any subset of ImageNet classes scores
+without a map; else the sorted folder index.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
+from importlib import resources
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -21,9 +29,12 @@ import torch
 from .errors import DataError, SettingsError
 from .io import check_input_dir, check_input_file
 
-__all__ = ["IMAGE_SUFFIXES", "Preprocess", "ImageSet", "load_images", "load_class_map", "parse_floats"]
+__all__ = ["IMAGE_SUFFIXES", "Preprocess", "ImageSet", "load_images", "load_class_map", "imagenet_class_map",
+           "parse_floats"]
 
 log = logging.getLogger(__name__)
+
+IMAGENET_CLASSES = 1000
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
@@ -106,6 +117,15 @@ def load_class_map(path: str | os.PathLike) -> dict[str, int]:
     return {str(k): int(v) for k, v in data.items()}
 
 
+@functools.lru_cache(maxsize=1)
+def imagenet_class_map() -> dict[str, int]:
+    """The 1000 ImageNet-1k WordNet ids -> class index (the torchvision / ILSVRC order), shipped
+    with the package."""
+    text = resources.files("cora_onnx").joinpath("imagenet_class_index.json").read_text()
+    data = json.loads(text)
+    return {str(k): int(v) for k, v in data.items()}
+
+
 def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
@@ -134,58 +154,90 @@ def _decode(path: Path, size: int, crop_ratio: float) -> np.ndarray | None:
 _CACHE: dict[tuple, ImageSet] = {}
 
 
-def load_images(folder: str | os.PathLike, preprocess: Preprocess = Preprocess(), *, labelled: bool = False,
+def _folders(folder: str | os.PathLike | Sequence[str | os.PathLike], what: str) -> list[Path]:
+    """Each given folder checked (InputError naming the first missing one); duplicates dropped."""
+    given = [folder] if isinstance(folder, (str, os.PathLike)) else list(folder)
+    if not given:
+        raise DataError(f"no {what} given")
+    roots: list[Path] = []
+    for f in given:
+        root = check_input_dir(f, what)
+        if any(root.resolve() == r.resolve() for r in roots):
+            log.warning("%s %s is given twice; its images are used once", what, root)
+            continue
+        roots.append(root)
+    return roots
+
+
+def _class_index(names: list[str], where: str, what: str, class_map: dict[str, int] | None,
+                 num_classes: int | None) -> dict[str, int]:
+    """Class folder name -> model class index (module doc)."""
+    if class_map is not None:
+        unknown = [n for n in names if n not in class_map]
+        if unknown:
+            raise DataError(f"{what} {where}: folder {unknown[0]} is not in the class map "
+                            f"({len(unknown)} of {len(names)} folders missing)")
+        index = {n: class_map[n] for n in names}
+    elif num_classes == IMAGENET_CLASSES and all(n in imagenet_class_map() for n in names):
+        log.info("%s %s: %d class folders named by ImageNet WordNet ids; labels from the built-in ImageNet class map",
+                 what, where, len(names))
+        index = {n: imagenet_class_map()[n] for n in names}
+    else:
+        if num_classes is not None and len(names) != num_classes:
+            raise DataError(f"{what} {where} has {len(names)} class folders but the model has "
+                            f"{num_classes} classes; pass --class-map JSON (folder name -> class index)")
+        index = {n: i for i, n in enumerate(names)}
+    if num_classes is not None and any(not 0 <= v < num_classes for v in index.values()):
+        raise DataError(f"class map gives indices outside 0-{num_classes - 1} for {what} {where}")
+    return index
+
+
+def load_images(folder: str | os.PathLike | Sequence[str | os.PathLike], preprocess: Preprocess = Preprocess(), *,
+                labelled: bool = False,
                 class_map: dict[str, int] | None = None, num_classes: int | None = None,
                 workers: int | None = None, what: str = "image folder") -> ImageSet:
-    """Decode every image under folder. labelled=True needs one sub-folder per class: label =
-    class_map[folder name] when a class map is given, else the sorted folder index (which then
-    requires as many folders as num_classes, when num_classes is given)."""
-    root = check_input_dir(folder, what)
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Decode every image under folder (one path, or several whose images are mixed).
+    labelled=True needs one sub-folder per class in each folder (a class name may recur across
+    folders: same class): label = class_map[folder name] when a class map is given; else, for a
+    1000-class model whose folder names are all ImageNet WordNet ids, the built-in ImageNet index;
+    else the sorted index of the distinct folder names (which then requires as many names as
+    num_classes, when num_classes is given)."""
+    roots = _folders(folder, what)
+    where = ", ".join(map(str, roots))
+    subdirs = {r: sorted(p for p in r.iterdir() if p.is_dir() and not p.name.startswith(".")) for r in roots}
+    names = sorted({d.name for ds in subdirs.values() for d in ds})
     files: list[tuple[Path, int]] = []
-    if subdirs:
-        if labelled:
-            if class_map is not None:
-                unknown = [d.name for d in subdirs if d.name not in class_map]
-                if unknown:
-                    raise DataError(f"{what} {root}: folder {unknown[0]} is not in the class map "
-                                    f"({len(unknown)} of {len(subdirs)} folders missing)")
-                index = {d.name: class_map[d.name] for d in subdirs}
-            else:
-                if num_classes is not None and len(subdirs) != num_classes:
-                    raise DataError(f"{what} {root} has {len(subdirs)} class folders but the model has "
-                                    f"{num_classes} classes; pass --class-map JSON (folder name -> class index)")
-                index = {d.name: i for i, d in enumerate(subdirs)}
-            if num_classes is not None and any(not 0 <= v < num_classes for v in index.values()):
-                raise DataError(f"class map gives indices outside 0-{num_classes - 1} for {what} {root}")
-        else:
-            index = {d.name: -1 for d in subdirs}
-        for d in subdirs:
-            files.extend((p, index[d.name]) for p in _list_images(d))
-        files.extend((p, -1) for p in _list_images(root) if not labelled)
-    else:
-        if labelled:
-            raise DataError(f"{what} {root} has no class folders; a labelled folder needs one folder per class")
-        files = [(p, -1) for p in _list_images(root)]
+    index: dict[str, int] | None = None
+    if labelled:
+        empty = [r for r in roots if not subdirs[r]]
+        if empty:
+            raise DataError(f"{what} {empty[0]} has no class folders; a labelled folder needs one folder per class")
+        index = _class_index(names, where, what, class_map, num_classes)
+    for root in roots:
+        for d in subdirs[root]:
+            files.extend((p, index[d.name] if index is not None else -1) for p in _list_images(d))
+        if not labelled:
+            files.extend((p, -1) for p in _list_images(root))
     if not files:
-        raise DataError(f"{what} {root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DataError(f"{what} {where} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
 
-    key = (str(root.resolve()), preprocess.input_size, preprocess.crop_ratio, labelled,
-           tuple(sorted(index.items())) if subdirs else None,
+    key = (tuple(str(r.resolve()) for r in roots), preprocess.input_size, preprocess.crop_ratio, labelled,
+           tuple(sorted(index.items())) if index is not None else None,
            tuple((str(p), p.stat().st_mtime_ns) for p, _ in files))
     cached = _CACHE.get(key)
     if cached is not None:
         return ImageSet(cached.images, cached.labels, cached.paths, preprocess)
 
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
-    log.info("decoding %d image%s from %s", len(files), "" if len(files) == 1 else "s", root)
+    log.info("decoding %d image%s from %s", len(files), "" if len(files) == 1 else "s", where)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         arrays = list(pool.map(lambda f: _decode(f[0], preprocess.input_size, preprocess.crop_ratio), files))
     kept = [(a, f) for a, f in zip(arrays, files) if a is not None]
     if not kept:
-        raise DataError(f"{what} {root}: none of its {len(files)} images could be decoded")
+        raise DataError(f"{what} {where}: none of its {len(files)} images could be decoded")
     if len(kept) < len(files):
-        log.warning("%s %s: skipped %d of %d images that failed to decode", what, root, len(files) - len(kept), len(files))
+        log.warning("%s %s: skipped %d of %d images that failed to decode", what, where, len(files) - len(kept),
+                    len(files))
     images = torch.from_numpy(np.stack([a for a, _ in kept]))
     labels = torch.tensor([lab for _, (_, lab) in kept], dtype=torch.int64) if labelled else None
     result = ImageSet(images, labels, tuple(str(p) for _, (p, _) in kept), preprocess)

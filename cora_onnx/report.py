@@ -51,6 +51,10 @@ def _ms(v) -> str:
     return "-" if v is None else f"{v:.2f} ms"
 
 
+def _bpw(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def _weights(r: dict) -> str:
     """What the weights became: "4-bit weights", or for product quantization its blocks and rate."""
     pq = r.get("pq")
@@ -70,6 +74,7 @@ def format_table(r: dict) -> str:
         ("top-1, PyTorch", _pct(t1["float"]), _pct(t1["quantized_torch"])),
         ("top-1, ONNX Runtime", "", _pct(t1["quantized_onnxruntime"])),
         ("ONNX file", _mb(r["float_onnx_bytes"]), f"{_mb(r['onnx_bytes'])} ({ratio:.2f}x smaller)" if ratio else "-"),
+        ("file bits per weight", _bpw(r.get("float_file_bits_per_weight")), _bpw(r.get("file_bits_per_weight"))),
         (f"latency, batch 1 ({r['environment']['threads']} threads)", _ms(lat["float"]), _ms(lat["quantized"])),
     ]
     if lat.get("quantized_folded") is not None:

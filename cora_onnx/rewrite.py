@@ -185,12 +185,15 @@ def weight_plan(model: ir.Model, bits: int, keep_bits: int = 8, keep: Sequence[s
 
 
 def rewrite_onnx(src: str | os.PathLike, out: str | os.PathLike, bits: int, *, act_bits: int | None = None,
-                 calib: str | os.PathLike | None = None, act_calib: str = "minmax", mean=None, std=None,
+                 calib: str | os.PathLike | Sequence[str | os.PathLike] | None = None, act_calib: str = "minmax",
+                 mean=None, std=None,
                  input_size: int | None = None, crop_ratio: float = 1.0, keep: Sequence[str] = ("first", "last"),
                  keep_bits: int = 8, clip: str = "mse", out_format: str = "onnx", threads: int | None = None,
                  report: str | os.PathLike | None = None) -> RewriteResult:
     """Quantize a float ONNX classifier file: weights to `bits` (plus 8-bit activations with
-    act_bits=8, calibrated on the images in `calib`). Writes `out` (ONNX or ORT format)."""
+    act_bits=8, calibrated on the images in `calib`: a folder or a list of folders, mixed). Writes
+    `out` (ONNX or ORT format)."""
+
     from .pipeline import apply_plan, cleanup_passes
 
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
@@ -236,7 +239,7 @@ def rewrite_onnx(src: str | os.PathLike, out: str | os.PathLike, bits: int, *, a
 
         scheme = choose_scheme()
         bits, keep_bits = min(bits, scheme.weight_bits), min(keep_bits, scheme.weight_bits)
-    # INT4 storage (weights at 4 bits or fewer, float activations) needs opset 21
+    # INT4 storage (weights at 4 bits or fewer, float activations; small 2-3-bit grids too) needs opset 21
     need = INT4_OPSET if bits <= 4 and act_bits is None else MIN_OPSET
     upgraded = None
     if opset < need:
@@ -295,6 +298,8 @@ def rewrite_onnx(src: str | os.PathLike, out: str | os.PathLike, bits: int, *, a
             data, rep["ort_format"] = to_ort(data)
         rep["output_bytes"] = len(data)
         atomic_write(out, lambda f: f.write(data))
+    rep["weight_params"] = sum(int(np.prod(lp.shape)) for lp in plan.layers)
+    rep["file_bits_per_weight"] = rep["output_bytes"] * 8 / rep["weight_params"]
     if report is not None:
         from .report import write_report
 

@@ -4,9 +4,11 @@ from .adapter_fold import AdapterFoldPass, folded_grid
 from .activation_qdq import ActivationQDQPass, QuantScheme, activation_layout, activation_qparams
 from .bias_update import BiasUpdatePass
 from .codebook_decode import CodebookDecodePass
+from ._packing import pack_grid, packs, unpack_grid
 from .low_rank_branch import LowRankBranchPass
 from .strip_metadata import StripExportMetadataPass
 from .weight_qdq import WeightQDQPass
 
 __all__ = ["ActivationQDQPass", "AdapterFoldPass", "BiasUpdatePass", "CodebookDecodePass", "LowRankBranchPass", "QuantScheme",
-           "StripExportMetadataPass", "WeightQDQPass", "activation_layout", "activation_qparams", "folded_grid"]
+           "StripExportMetadataPass", "WeightQDQPass", "activation_layout", "activation_qparams", "folded_grid",
+           "pack_grid", "packs", "unpack_grid"]

@@ -15,8 +15,10 @@ The layout (which tensors get QuantizeLinear -> DequantizeLinear) is computed fr
 - MaxPool, Pad (constant 0), Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity outputs
   share their input's scale and zero point, so ORT drops their Q/DQ and runs them on 8-bit data;
 - weights: an integer grid in another container (INT4) is Cast to INT8 in the graph (the file
-  keeps the packed grid; ONNX Runtime folds the Cast at load); a grid whose values do not fit
-  the scheme (8-bit values where 7-bit weights are needed) leaves the node float (logged);
+  keeps the packed grid; ONNX Runtime folds the Cast at load); a 2-3-bit grid packed in bytes
+  (passes._packing) is already decoded to INT8 by a constant subgraph ONNX Runtime folds at
+  load; a grid whose values do not fit the scheme (8-bit values where 7-bit weights are needed)
+  leaves the node float (logged);
   AdapterFoldPass's folded weights are integer weights too; float weights are quantized per
   channel here (numpy MSE grid); biases become INT32 with scale = input scale x weight scale.
 """
@@ -33,6 +35,7 @@ import onnx_ir as ir
 from cora_onnx.errors import PlanError
 from cora_onnx.npgrid import quantize_symmetric
 
+from ._packing import grid_of, is_grid
 from ._util import add_initializer, default_opset, mark
 from .adapter_fold import FOLDED_BITS_KEY
 
@@ -118,7 +121,7 @@ def _weight_source(node: ir.Node) -> str | None:
         return None
     p = w.producer()
     if p is not None and p.op_type == "DequantizeLinear" and p.inputs[0] is not None \
-            and (p.inputs[0].const_value is not None or _folded_bits(p) is not None):
+            and (is_grid(p.inputs[0]) or _folded_bits(p) is not None):
         return "dq"
     if w.const_value is not None and w.dtype == ir.DataType.FLOAT and (node.op_type != "MatMul" or len(w.shape) == 2):
         return "float"
@@ -391,7 +394,7 @@ class ActivationQDQPass(ir.passes.InPlacePass):
                 return None
             return np.asarray(_const(dq.inputs[1]), dtype=np.float32)
         qv = dq.inputs[0]
-        qarr = np.asarray(qv.const_value.numpy()).astype(np.int16)
+        qarr = np.asarray(grid_of(qv)).astype(np.int16)
         zarr = np.asarray(_const(dq.inputs[2])).astype(np.int16) if len(dq.inputs) > 2 and dq.inputs[2] is not None \
             else np.zeros((), np.int16)
         scale = np.asarray(_const(dq.inputs[1]), dtype=np.float32)

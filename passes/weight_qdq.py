@@ -1,4 +1,4 @@
-"""WeightQDQPass: replace each planned Conv/Gemm weight by DequantizeLinear(integer initializer)."""
+"""WeightQDQPass: replace each planned Conv/Gemm weight by DequantizeLinear(integer grid)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,28 @@ import onnx_ir as ir
 
 from cora_onnx.plan import Plan
 
+from ._packing import grid_value, packs, zero_point_bits
 from ._util import add_initializer, default_opset, int_tensor, mark, planned_weight, require_weights
 
 __all__ = ["WeightQDQPass"]
 
 
 class WeightQDQPass(ir.passes.InPlacePass):
-    """For every layer of the plan with a uniform grid, store the integer weight (packed INT4/UINT4
-    at 4 bits and fewer, INT8/UINT8 above) with its scale and zero point, and feed the consumers
-    through a DequantizeLinear (axis 0 when per channel). Names: <weight>_quantized, _scale,
-    _zero_point, _DequantizeLinear; the float initializer is removed."""
+    """For every layer of the plan with a uniform grid, store the integer weight with its scale and
+    zero point, and feed the consumers through a DequantizeLinear (axis 0 when per channel). The
+    grid is stored tightly: 2 and 3 bits packed into UINT8 bytes with a constant decoding subgraph
+    that ONNX Runtime folds at load (passes._packing; the zero point is then INT8/UINT8; grids too
+    small to gain from it stay INT4), 4 bits as packed INT4/UINT4 (opset 21), 5-8 bits as
+    INT8/UINT8. Names: <weight>_quantized (the grid; <weight>_quantized_packed for the bytes),
+    _scale, _zero_point, _DequantizeLinear; the float initializer is removed."""
 
     def __init__(self, plan: Plan) -> None:
         super().__init__()
         self.layers = [layer for layer in plan.layers if layer.uniform is not None and layer.codebook is None]
 
     def requires(self, model: ir.Model) -> None:
-        need = 21 if any(layer.uniform.bits <= 4 for layer in self.layers) else 13
+        need = 21 if any(layer.uniform.bits <= 4 and not packs(layer.uniform.bits, layer.uniform.q.size)
+                         for layer in self.layers) else 13
         have = default_opset(model)
         if have < need:
             raise ir.passes.PreconditionError(
@@ -37,11 +42,12 @@ class WeightQDQPass(ir.passes.InPlacePass):
             u = layer.uniform
             old, consumers = planned_weight(graph, layer)
             w = layer.weight
-            q = add_initializer(graph, f"{w}_quantized", int_tensor(u.q, u.bits, u.symmetric, f"{w}_quantized"))
+            q, decode = grid_value(graph, f"{w}_quantized", u.q, u.bits, u.symmetric, type(self).__name__)
             scale_arr = u.scale.astype(np.float32) if u.per_channel else u.scale.astype(np.float32).reshape(())
             zp_arr = u.zero_point if u.per_channel else u.zero_point.reshape(())
             scale = add_initializer(graph, f"{w}_scale", ir.Tensor(scale_arr, name=f"{w}_scale"))
-            zp = add_initializer(graph, f"{w}_zero_point", int_tensor(zp_arr, u.bits, u.symmetric, f"{w}_zero_point"))
+            zp_bits = zero_point_bits(u.bits, u.q.size)  # 8 next to a byte-packed grid
+            zp = add_initializer(graph, f"{w}_zero_point", int_tensor(zp_arr, zp_bits, u.symmetric, f"{w}_zero_point"))
             attrs = {"axis": 0} if u.per_channel else {}
             dq = ir.node("DequantizeLinear", [q, scale, zp], attributes=attrs, name=f"{w}_DequantizeLinear")
             dq.outputs[0].name = f"{w}_dequantized"
@@ -50,9 +56,9 @@ class WeightQDQPass(ir.passes.InPlacePass):
             mark(dq, type(self).__name__, layer=layer.name, bits=u.bits,
                  granularity="per_channel" if u.per_channel else "per_tensor")
             if consumers:
-                graph.insert_before(consumers[0], dq)
+                graph.insert_before(consumers[0], [*decode, dq])
             else:
-                graph.append(dq)
+                graph.extend([*decode, dq])
             old.replace_all_uses_with(dq.outputs[0])
             del graph.initializers[w]
             modified = True

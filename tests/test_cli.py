@@ -153,3 +153,42 @@ def test_interrupted_run_leaves_no_files(digits, tmp_path, monkeypatch):
               "--latency-runs", 1, "-q")
     assert res.exit_code == 1 and "Aborted!" in res.output, res.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_several_calib_and_val_folders(digits_run, tmp_path):
+    """--calib and --val repeat: the folders are mixed; the report counts every image and gives
+    the file's bits per weight."""
+    import shutil
+
+    from cora_onnx.data import IMAGE_SUFFIXES
+
+    out, _, d = digits_run
+    extra_calib = tmp_path / "more_calib"
+    extra_calib.mkdir()
+    val_imgs = sorted(p for p in d.val_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    for p in val_imgs[:7]:
+        shutil.copy(p, extra_calib / f"{p.parent.name}_{p.name}")
+    extra_val = tmp_path / "more_val"
+    first_class = sorted(p for p in d.val_dir.iterdir() if p.is_dir())[0]
+    shutil.copytree(first_class, extra_val / first_class.name)  # the same class name: the same label
+    n_calib = sum(1 for p in d.calib_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    n_extra_val = sum(1 for p in (extra_val / first_class.name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    res = run("quantize", "--model", d.arch, "--weights", d.weights, "--calib", d.calib_dir, "--calib", extra_calib,
+              "--val", d.val_dir, "--val", extra_val, "--input-size", 8, "--mean", ",".join(map(str, d.mean)),
+              "--std", ",".join(map(str, d.std)), "--bits", 3, "--out", tmp_path / "m3.onnx",
+              "--report", tmp_path / "r3.json", "--latency-runs", 1, "-q")
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "r3.json").read_text())
+    assert r["images"]["calib"] == n_calib + 7 and r["images"]["val"] == len(val_imgs) + n_extra_val
+    assert r["file_bits_per_weight"] == pytest.approx(r["onnx_bytes"] * 8 / r["weight_params"])
+    assert "file bits per weight" in res.output and f"{r['file_bits_per_weight']:.2f}" in res.output
+    assert r["parity"]["top1_agreement"] >= 99.5
+
+
+def test_missing_calib_folder_among_several(bad, digits):
+    res = run("quantize", "--model", digits.arch, "--weights", digits.weights, "--calib", digits.calib_dir,
+              "--calib", bad / "nowhere", "--val", digits.val_dir, "--input-size", 8, "--out", bad / "m.onnx",
+              "--report", bad / "r.json", "--latency-runs", 1, "-q")
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().count("\n") == 0 and "does not exist" in res.output and str(bad / "nowhere") in res.output
+    assert not (bad / "m.onnx").exists() and not (bad / "r.json").exists() and not list(bad.glob(".*.tmp"))

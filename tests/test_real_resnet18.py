@@ -42,3 +42,17 @@ def test_resnet18_parity_and_size(real, bits):
         # 200 images: one image is 0.5 points, so compare predictions rather than accuracy
         assert parity(ort_logits, float_logits)["top1_agreement"] >= 95
         assert abs(top1(ort_logits, val.labels) - top1(float_logits, val.labels)) <= 2.0
+
+
+def test_resnet18_packed_sub_4_bit_files(real):
+    """Issue 14: 2- and 3-bit grids packed into bytes make the files really smaller (W3 <= 0.8x,
+    W2 <= 0.6x the W4 file; first conv and classifier at 8 bits), and ONNX Runtime decodes them
+    at load (no decoding node left in its optimized graph)."""
+    from cora_onnx.verify import optimized_graph
+
+    _, folded, _, _ = real
+    blobs = {b: onnx_bytes(apply_plan(export_onnx(folded, 224), search_rtn(folded, RtnSettings(bits=b))))
+             for b in (2, 3, 4)}
+    assert len(blobs[3]) <= 0.8 * len(blobs[4]) and len(blobs[2]) <= 0.6 * len(blobs[4])
+    ops = {n.op_type for n in optimized_graph(blobs[3]).graph.node}
+    assert not ops & {"Gather", "Mod", "Div", "MatMul", "Cast"} and "Conv" in ops

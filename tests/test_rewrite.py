@@ -123,3 +123,24 @@ def test_bad_input_rejected(tmp_path, case, message):
 def test_act_bits_without_calib_rejected(float_onnx, tmp_path):
     r = CliRunner().invoke(main, ["rewrite", str(float_onnx), "--out", str(tmp_path / "o.onnx"), "--act-bits", "8"])
     assert r.exit_code == 2 and "--calib" in r.output
+
+
+def test_rewrite_several_calib_folders(float_onnx, calib_dir, tmp_path):
+    """--calib repeats (the folders are mixed); the report gives the file's bits per weight."""
+    more = tmp_path / "more"
+    more.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(more / f"{i}.png")
+    out, rep = tmp_path / "w8a8.onnx", tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["rewrite", str(float_onnx), "--out", str(out), "--act-bits", "8", "--calib",
+                                  str(calib_dir), "--calib", str(more), "--input-size", "8", "--report", str(rep), "-q"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert report["activations"]["calib_images"] == 24 + 5
+    assert report["file_bits_per_weight"] == pytest.approx(out.stat().st_size * 8 / report["weight_params"])
+    assert f"{report['file_bits_per_weight']:.2f} file bits per weight" in r.output
+    r = CliRunner().invoke(main, ["rewrite", str(float_onnx), "--out", str(tmp_path / "x.onnx"), "--act-bits", "8",
+                                  "--calib", str(calib_dir), "--calib", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "nowhere does not exist" in r.output
+    assert not (tmp_path / "x.onnx").exists()

@@ -148,7 +148,7 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
         raise SettingsError(f"float_logits must have shape (validation images, classes) = "
                             f"({len(val_set) if val_set is not None else 0}, {n_classes}), got {np.shape(float_logits)}")
 
-    folded = fold_batchnorm(model)
+    folded = fold_batchnorm(model, pre.input_size)
     t0 = time.perf_counter()
     plan = m.run(folded, settings, calib_set)
     search_seconds = time.perf_counter() - t0
@@ -355,7 +355,7 @@ def export_plan(model: nn.Module, plan: Plan, out: str | Path, input_size: int |
     """Export `model` with a saved plan applied (no search, no verification); returns bytes written."""
     check_output_path(out, "output model")
     size = int(input_size or plan.meta.get("input_size", 224))
-    folded = fold_batchnorm(model.eval())
+    folded = fold_batchnorm(model.eval(), size)
     model_ir = export_onnx(folded, size)
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
     data = onnx_bytes(apply_plan(model_ir, plan))

@@ -19,7 +19,7 @@ from .errors import ModelError, PlanError
 from .io import atomic_write
 from .plan import Plan
 
-__all__ = ["fold_batchnorm", "quantizable_layers", "apply_plan_torch", "AdaptedConv", "export_onnx", "export_program",
+__all__ = ["fold_batchnorm", "remaining_batchnorm", "quantizable_layers", "apply_plan_torch", "AdaptedConv", "export_onnx", "export_program",
            "save_onnx", "onnx_bytes", "DEFAULT_OPSET"]
 
 log = logging.getLogger(__name__)
@@ -27,20 +27,106 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 21  # INT4/UINT4 QuantizeLinear/DequantizeLinear
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of model (eval mode) with every Conv+BatchNorm pair folded into the Conv.
+def fold_batchnorm(model: nn.Module, input_size: int = 224) -> nn.Module:
+    """A copy of model (eval mode) with every Conv+BatchNorm (and Linear+BatchNorm1d) pair folded:
+    the Conv keeps its module name and gets the folded weight and bias, the BatchNorm becomes
+    nn.Identity.
 
-    Uses torch.fx; a model fx cannot trace is returned unfolded (a copy), with a warning.
+    Pairs come from the torch.export program of the model on a 2x3xSxS input (S = input_size):
+    a conv/linear node whose only user is an inference batch_norm node, each module called once.
+    torch.export runs the Python forward, so shape-dependent control flow (e.g. TensorFlow 'same'
+    padding computed from the input size) is no obstacle, unlike torch.fx symbolic tracing, which
+    is the fallback when torch.export fails. A model neither can trace is returned unfolded (a
+    copy), with a warning; export_program then keeps its BatchNorm nodes (see there).
     """
+    model = copy.deepcopy(model).eval()
+    try:
+        pairs = _batchnorm_pairs(model, input_size)
+    except Exception as exc:  # torch.export raises many types on unexportable code
+        log.info("torch.export cannot trace the model (%s); folding BatchNorm with torch.fx",
+                 str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__)
+        return _fold_batchnorm_fx(model)
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        fuse = torch.nn.utils.fusion.fuse_linear_bn_eval if isinstance(conv, nn.Linear) else \
+            torch.nn.utils.fusion.fuse_conv_bn_eval
+        _set_submodule(model, conv_name, fuse(conv, bn))
+        _set_submodule(model, bn_name, nn.Identity())
+    log.debug("BatchNorm folded into %d Conv/Linear layers", len(pairs))
+    left = remaining_batchnorm(model)
+    if left:
+        log.info("%d BatchNorm layers are not after a Conv and stay in the graph (e.g. %s)", len(left), left[0])
+    return model
+
+
+def remaining_batchnorm(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm modules of model (none after a successful fold_batchnorm, except
+    those that follow no Conv/Linear)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+_CONV_OPS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default")
+_BN_OPS = ("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default")
+
+
+def _batchnorm_pairs(model: nn.Module, input_size: int) -> list[tuple[str, str]]:
+    """(conv module, batchnorm module) name pairs found in the torch.export program of model."""
+    x = torch.zeros(2, 3, input_size, input_size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(model, (x,), strict=False)
+    sig = ep.graph_signature
+    owner = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}  # placeholder -> parameter/buffer name
+
+    def module_of(arg, suffix: str) -> str | None:
+        name = owner.get(getattr(arg, "name", None), "")
+        return name[: -len(suffix)] if name.endswith(suffix) else None
+
+    calls: dict[str, int] = {}  # module name -> number of graph nodes using its parameters
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in owner:
+            mod = owner[node.name].rpartition(".")[0]
+            calls[mod] = max(calls.get(mod, 0), len(node.users))
+    pairs = []
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or str(node.target) not in _CONV_OPS or len(node.users) != 1:
+            continue
+        bn_node = next(iter(node.users))
+        if str(bn_node.target) not in _BN_OPS or bn_node.args[0] is not node:
+            continue
+        if str(bn_node.target) == "aten.batch_norm.default" and bn_node.args[5]:  # training
+            continue
+        conv_name, bn_name = module_of(node.args[1], ".weight"), module_of(bn_node.args[3], ".running_mean")
+        if conv_name is None or bn_name is None or calls.get(conv_name) != 1 or calls.get(bn_name) != 1:
+            continue
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if isinstance(conv, nn.Linear):
+            val = node.meta.get("val")
+            if not isinstance(bn, nn.BatchNorm1d) or val is None or val.dim() != 2:
+                continue
+        elif not isinstance(conv, nn.modules.conv._ConvNd) or conv.transposed:
+            continue
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
+            continue
+        pairs.append((conv_name, bn_name))
+    return pairs
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _fold_batchnorm_fx(model: nn.Module) -> nn.Module:
     import torch.fx.experimental.optimization as fx_opt
 
-    model = copy.deepcopy(model).eval()
     try:
         folded = fx_opt.fuse(model)
     except Exception as exc:  # fx raises many types on untraceable code
-        log.warning("BatchNorm not folded: torch.fx cannot trace the model (%s)", str(exc).splitlines()[0][:160])
+        log.warning("BatchNorm not folded: neither torch.export nor torch.fx can trace the model (%s); "
+                    "it stays as BatchNormalization nodes in the ONNX graph", str(exc).splitlines()[0][:160])
         return model
-    left = [n for n, m in folded.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    left = remaining_batchnorm(folded)
     if left:
         log.info("%d BatchNorm layers are not after a Conv and stay in the graph (e.g. %s)", len(left), left[0])
     return folded.eval()
@@ -114,11 +200,23 @@ def export_program(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET
     is the torch.export program whose node names are the ONNX value names (used to simulate
     activation quantization in PyTorch at the same tensors)."""
     x = torch.zeros(2, 3, input_size, input_size)
+    # The exporter's optimizer fuses Conv+BatchNorm into the Conv's weight. A plan is made from the
+    # weights of the PyTorch model, so a BatchNorm left there (fold_batchnorm could not trace the
+    # model) must stay a BatchNormalization node: export unoptimized, then fold constants only.
+    keep_bn = bool(remaining_batchnorm(model))
+    if keep_bn:
+        log.warning("the model still has BatchNorm layers: exported as BatchNormalization nodes "
+                    "(the exporter's graph optimizer, which would fuse them into the planned weights, is off)")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(model.eval(), (x,), dynamo=True, opset_version=opset, verbose=False,
-                                        dynamic_shapes=({0: torch.export.Dim("batch")},), optimize=True)
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},), optimize=not keep_bn)
+            if keep_bn:
+                import onnxscript.optimizer
+
+                onnxscript.optimizer.fold_constants(program.model)
+                onnxscript.optimizer.remove_unused_nodes(program.model)
         except Exception as exc:
             raise ModelError(f"torch.onnx export failed: {str(exc).splitlines()[0][:300]}") from None
     model_ir = program.model

@@ -152,7 +152,8 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
     t0 = time.perf_counter()
     plan = m.run(folded, settings, calib_set)
     search_seconds = time.perf_counter() - t0
-    plan = Plan(plan.method, plan.settings, plan.layers,
+    weights = {name: mod.weight.detach().cpu().numpy() for name, mod in quantizable_layers(folded).items()}
+    plan = Plan(plan.method, plan.settings, plan.with_fingerprints(weights).layers,
                 meta={**plan.meta, "model": model_name or type(model).__name__, "input_size": pre.input_size,
                       "crop_ratio": pre.crop_ratio, "mean": list(pre.mean), "std": list(pre.std)})
     log.info("search done in %.1f s: %d layers planned", search_seconds, len(plan.layers))

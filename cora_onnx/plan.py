@@ -7,12 +7,16 @@ separately. Each layer names its weight by the torch module path; the ONNX initi
 
 Components of a layer are optional: ``uniform`` (integer grid), ``adapter`` (low-rank
 correction), ``codebook`` (product quantization). New component types register in
-``_COMPONENTS``; serialization is generic over their dataclass fields.
+``_COMPONENTS``; serialization is generic over their dataclass fields. ``fingerprint`` records
+the float weight the layer was planned from (shape, dtype, SHA-256, a few values), so a pass
+that replaces the ONNX initializer of that name can prove it is still that weight (the exporter
+may rewrite weights, e.g. fuse a BatchNorm into them). Plans saved without it still load.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,7 +28,7 @@ import numpy as np
 from .errors import PlanError
 from .io import atomic_write
 
-__all__ = ["UniformWeights", "LowRankAdapter", "Codebook", "Bias", "LayerPlan", "Plan", "PLAN_FORMAT"]
+__all__ = ["WeightFingerprint", "UniformWeights", "LowRankAdapter", "Codebook", "Bias", "LayerPlan", "Plan", "PLAN_FORMAT"]
 
 PLAN_FORMAT = 1
 
@@ -32,6 +36,48 @@ PLAN_FORMAT = 1
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise PlanError(msg)
+
+
+@dataclass(frozen=True)
+class WeightFingerprint:
+    """What identifies a float weight: shape, dtype, SHA-256 of its C-order bytes, and the values
+    at a few fixed positions (only for the message when it differs)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    sha256: str
+    samples: tuple[float, ...] = ()
+
+    SAMPLES = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "samples", tuple(float(v) for v in self.samples))
+        _check(len(self.sha256) == 64, "weight fingerprint sha256 must be 64 hex digits")
+
+    @staticmethod
+    def _positions(size: int) -> np.ndarray:
+        return np.unique(np.linspace(0, max(size - 1, 0), WeightFingerprint.SAMPLES).astype(np.int64))
+
+    @classmethod
+    def of(cls, weight: np.ndarray) -> "WeightFingerprint":
+        w = np.ascontiguousarray(weight)
+        flat = w.reshape(-1)
+        samples = tuple(float(flat[i]) for i in cls._positions(flat.size)) if flat.size else ()
+        return cls(tuple(w.shape), w.dtype.name, hashlib.sha256(w.tobytes()).hexdigest(), samples)
+
+    def mismatch(self, weight: np.ndarray) -> str | None:
+        """None when weight is the fingerprinted one, else what differs (one phrase)."""
+        w = np.asarray(weight)
+        if tuple(w.shape) != self.shape:
+            return f"shape {tuple(w.shape)} instead of {self.shape}"
+        if w.dtype.name != self.dtype:
+            return f"dtype {w.dtype.name} instead of {self.dtype}"
+        other = WeightFingerprint.of(w)
+        if other.sha256 == self.sha256:
+            return None
+        pairs = ", ".join(f"{a:.6g} (planned {b:.6g})" for a, b in zip(other.samples, self.samples))
+        return f"different values: {pairs}" if pairs else "different values"
 
 
 @dataclass(frozen=True, eq=False)
@@ -192,13 +238,14 @@ class Bias:
 
 
 _COMPONENTS: dict[str, type] = {"uniform": UniformWeights, "adapter": LowRankAdapter, "codebook": Codebook,
-                                "bias": Bias}
+                                "bias": Bias, "fingerprint": WeightFingerprint}
 
 
 @dataclass(frozen=True, eq=False)
 class LayerPlan:
     """Everything decided for one Conv/Linear layer. kind: "conv" or "linear"; shape: weight shape;
-    info: small JSON-able facts (e.g. error measurements) for reports."""
+    info: small JSON-able facts (e.g. error measurements) for reports; fingerprint: the float weight
+    the layer was planned from (None in plans made before fingerprints, or by hand)."""
 
     name: str
     kind: str
@@ -208,6 +255,7 @@ class LayerPlan:
     codebook: Codebook | None = None
     bias: Bias | None = None
     info: Mapping[str, Any] = field(default_factory=dict)
+    fingerprint: WeightFingerprint | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "layer name must not be empty")
@@ -220,6 +268,9 @@ class LayerPlan:
             _check(self.kind == "conv" and self.adapter.b.shape[0] == self.shape[0]
                    and self.adapter.a.shape[1:] == self.shape[1:],
                    f"layer {self.name}: adapter shapes {self.adapter.a.shape}/{self.adapter.b.shape} do not fit {self.shape}")
+        if self.fingerprint is not None:
+            _check(self.fingerprint.shape == self.shape,
+                   f"layer {self.name}: fingerprint shape {self.fingerprint.shape} differs from {self.shape}")
         if self.uniform is not None:
             _check(self.uniform.q.shape == self.shape,
                    f"layer {self.name}: q shape {self.uniform.q.shape} differs from weight shape {self.shape}")
@@ -254,6 +305,13 @@ class Plan:
     def meta_preprocess(self) -> dict:
         """The preprocessing facts stored in meta (written into exported models' metadata)."""
         return {k: self.meta[k] for k in ("input_size", "crop_ratio", "mean", "std") if k in self.meta}
+
+    def with_fingerprints(self, weights: Mapping[str, np.ndarray]) -> "Plan":
+        """This plan with each layer's fingerprint taken from weights (layer name -> the float
+        weight it was planned from); layers absent from weights keep theirs."""
+        layers = tuple(dataclasses.replace(lp, fingerprint=WeightFingerprint.of(weights[lp.name]))
+                       if lp.name in weights else lp for lp in self.layers)
+        return Plan(self.method, self.settings, layers, self.meta)
 
     def layer(self, name: str) -> LayerPlan:
         for layer in self.layers:

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from .errors import InputError, OnnxModelError, SettingsError
 from .io import atomic_write, check_output_path
-from .plan import LayerPlan, Plan, UniformWeights
+from .plan import LayerPlan, Plan, UniformWeights, WeightFingerprint
 
 __all__ = ["RewriteResult", "rewrite_onnx", "MIN_OPSET", "MAX_OPSET", "weight_plan"]
 
@@ -179,7 +179,8 @@ def weight_plan(model: ir.Model, bits: int, keep_bits: int = 8, keep: Sequence[s
         uniform = UniformWeights(bits=b, symmetric=True, per_channel=True, q=q, scale=scale,
                                  zero_point=np.zeros(scale.shape, np.int8))
         plans.append(LayerPlan(name=w.name[: -len(".weight")], kind="conv" if node.op_type == "Conv" else "linear",
-                               shape=tuple(arr.shape), uniform=uniform, info={"relative_weight_mse": err}))
+                               shape=tuple(arr.shape), uniform=uniform, info={"relative_weight_mse": err},
+                               fingerprint=WeightFingerprint.of(arr)))
     return Plan(method="rtn", settings={"method": "rtn", "bits": bits, "keep": list(keep), "keep_bits": keep_bits,
                                         "clip": clip, "source": "onnx"}, layers=tuple(plans))
 

@@ -8,7 +8,7 @@ import onnx_ir as ir
 from cora_onnx.errors import PlanError
 
 __all__ = ["PROVENANCE_KEY", "mark", "default_opset", "add_initializer", "int_tensor", "require_weights",
-           "planned_weight"]
+           "planned_weight", "check_fingerprint"]
 
 PROVENANCE_KEY = "cora_onnx.pass"
 
@@ -54,9 +54,28 @@ def require_weights(model: ir.Model, layers) -> None:
                         + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
 
 
+def check_fingerprint(value: ir.Value, layer) -> None:
+    """PlanError unless the initializer `value` still holds the float weight `layer` was planned
+    from (its fingerprint). A name is not a proof: the exporter's optimizer may have rewritten the
+    weight (e.g. fused a BatchNorm into it). Layers without a fingerprint (older plans) pass."""
+    fp = getattr(layer, "fingerprint", None)
+    if fp is None:
+        return
+    tensor = value.const_value
+    if tensor is None:
+        raise PlanError(f"layer {layer.name}: {value.name} has no constant value to check against the plan")
+    why = fp.mismatch(tensor.numpy())
+    if why is not None:
+        raise PlanError(f"layer {layer.name}: the ONNX initializer {value.name} is not the float weight the plan was "
+                        f"made from ({why}); the exporter may have rewritten it (e.g. fused a BatchNorm into it): "
+                        f"refusing to replace it")
+
+
 def planned_weight(graph: ir.Graph, layer) -> tuple[ir.Value, list[ir.Node]]:
-    """The weight initializer of a planned layer (shape checked) and the nodes that use it."""
+    """The weight initializer of a planned layer (shape and fingerprint checked) and the nodes that
+    use it."""
     value = graph.initializers[layer.weight]
     if tuple(value.shape) != layer.shape:
         raise PlanError(f"layer {layer.name}: plan shape {layer.shape} differs from ONNX {tuple(value.shape)}")
+    check_fingerprint(value, layer)
     return value, [use.node for use in value.uses()]

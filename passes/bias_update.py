@@ -8,7 +8,7 @@ import onnx_ir as ir
 from cora_onnx.errors import PlanError
 from cora_onnx.plan import Plan
 
-from ._util import add_initializer
+from ._util import add_initializer, check_fingerprint
 
 __all__ = ["BiasUpdatePass"]
 
@@ -16,7 +16,8 @@ __all__ = ["BiasUpdatePass"]
 class BiasUpdatePass(ir.passes.InPlacePass):
     """For every layer with a planned bias: overwrite the initializer `<layer>.bias`, or, when the
     layer had no bias, add it as the third input of the Conv/Gemm that uses `<layer>.weight`.
-    Run it before WeightQDQPass (it finds layers by the float weight name)."""
+    Run it before WeightQDQPass (it finds layers by the float weight name, and checks the weight's
+    fingerprint: a bias planned for a weight the exporter rewrote would be wrong)."""
 
     def __init__(self, plan: Plan) -> None:
         super().__init__()
@@ -27,6 +28,9 @@ class BiasUpdatePass(ir.passes.InPlacePass):
         for layer in self.layers:
             values = layer.bias.values.astype(np.float32)
             name = f"{layer.name}.bias"
+            w = graph.initializers.get(layer.weight)
+            if w is not None:  # the bias was planned for this weight: a fused BatchNorm changes both
+                check_fingerprint(w, layer)
             if name in graph.initializers:
                 old = graph.initializers[name]
                 if len(old.uses()) != 1:
@@ -34,7 +38,6 @@ class BiasUpdatePass(ir.passes.InPlacePass):
                 old.const_value = ir.Tensor(values, name=name)
                 old.shape = ir.Shape(values.shape)
                 continue
-            w = graph.initializers.get(layer.weight)
             users = [u.node for u in w.uses() if u.node.op_type in ("Conv", "Gemm") and u.idx == 1] if w is not None else []
             if len(users) != 1:
                 raise PlanError(f"layer {layer.name}: no single Conv/Gemm uses {layer.weight} to take the new bias")

@@ -8,7 +8,7 @@ import onnx_ir as ir
 from cora_onnx.errors import PlanError
 from cora_onnx.plan import LowRankAdapter, Plan
 
-from ._util import add_initializer, int_tensor, mark
+from ._util import add_initializer, check_fingerprint, int_tensor, mark
 
 __all__ = ["LowRankBranchPass"]
 
@@ -52,6 +52,7 @@ class LowRankBranchPass(ir.passes.InPlacePass):
         modified = False
         for layer in self.layers:
             w = graph.initializers[layer.weight]
+            check_fingerprint(w, layer)
             convs = [use.node for use in w.uses() if use.node.op_type == "Conv" and use.idx == 1]
             if len(convs) != 1:
                 raise PlanError(f"layer {layer.name}: expected one Conv using {layer.weight}, found {len(convs)}")

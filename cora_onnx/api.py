@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from .data import ImageSet, Preprocess, load_class_map, load_images, parse_floats
-from .errors import ModelError, SettingsError
+from .errors import ModelError, ParityError, SettingsError
 from .export import (AdaptedConv, apply_plan_torch, export_onnx, export_program, fold_batchnorm, onnx_bytes,
                      quantizable_layers)
 from .io import atomic_write, check_output_path
 from .models import IMAGENET_MEAN, IMAGENET_STD, check_finite
+from .parity import PARITY_LIMITS, first_divergent_layer, parity_failure, reference_kind
 from .pipeline import apply_plan
 from .plan import Plan
 from .report import environment, write_report
@@ -29,7 +30,7 @@ from .verify import (cpu_threads, fidelity, measure_latency, parity, predict_onn
                      size_breakdown, top1)
 
 __all__ = ["QuantizeResult", "quantize", "make_settings", "export_plan", "effective_bits", "FloatReference",
-           "float_reference"]
+           "float_reference", "failed_path"]
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +186,12 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
         if adapted:
             act_report["adapter_layout"] = "fold" if fold_bits is not None else "branch"
 
-    rep = _verify(model, qmodel, float_bytes, quant_bytes, val_set, calib_set, batch_size, parity_images,
-                  latency_runs, latency_batch, threads, seed, pre, fold=scheme is None, extra=extra,
-                  float_logits=float_logits)
+    rep, probe = _verify(model, qmodel, float_bytes, quant_bytes, val_set, calib_set, batch_size, parity_images,
+                         latency_runs, latency_batch, threads, seed, pre, fold=scheme is None, extra=extra,
+                         float_logits=float_logits)
+    kind = reference_kind(scheme is not None, qmodel)
+    failure = parity_failure(rep["parity"], kind)
+    rep["parity"].update(reference=kind, limits=dataclasses.asdict(PARITY_LIMITS[kind]))
     qlayers = quantizable_layers(folded)
     weight_params = sum(mod.weight.numel() for mod in qlayers.values())
     report_dict = {
@@ -207,7 +211,13 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
         "notes": _notes(plan) if scheme is None else [],
         **(m.report(plan) if m.report is not None else {}),
         **({"activations": act_report} if act_report is not None else {}),
+        "verified": failure is None,
     }
+    if failure is not None:
+        report_dict["file_bits_per_weight"] = len(quant_bytes) * 8 / max(weight_params, 1)
+        report_dict["float_file_bits_per_weight"] = len(float_bytes) * 8 / max(weight_params, 1)
+        _parity_failed(failure, rep["parity"], kind, quant_bytes, qmodel, list(qlayers), probe, threads, out,
+                       report_dict, report, plan, plan_out, float_bytes, float_out)
     file_bytes = quant_bytes
     if out_format == "ort":
         from .ort_format import to_ort
@@ -228,6 +238,48 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
     if report is not None:
         write_report(report_dict, report)
     return QuantizeResult(report_dict, plan, Path(out), model, qmodel)
+
+
+PROBE_IMAGES = 8  # images on which a failed parity check compares the layers' outputs
+
+
+def _parity_failed(failure: str, par: dict, kind: str, quant_bytes: bytes, qmodel: nn.Module, layers: list[str],
+                   probe: torch.Tensor, threads: int, out, report_dict: dict, report, plan: Plan, plan_out, float_bytes,
+                   float_out) -> None:
+    """Keep the model as NAME.failed.onnx (never under `out`), write the report with verified false
+    (and the plan and float model when asked for), and raise ParityError naming the first layer
+    whose output diverges."""
+    try:
+        where = first_divergent_layer(quant_bytes, qmodel, layers, probe, kind, threads)
+    except Exception as exc:  # the diagnosis must not hide the failure itself
+        log.warning("could not compare the layers' outputs: %s", str(exc).splitlines()[0][:200] if str(exc) else exc)
+        where = None
+    if where is None:
+        located = "no layer output could be compared"
+    elif where[2]:
+        located = f"first diverging layer: {where[0]} (relative error {where[1]:.3g} on {len(probe)} images)"
+    else:
+        located = f"no single layer diverges; largest layer error at {where[0]} ({where[1]:.3g})"
+    failed = failed_path(out)
+    atomic_write(failed, lambda f: f.write(quant_bytes))
+    msg = (f"ONNX Runtime disagrees with the PyTorch model on {par['images']} images: {failure}; {located}; "
+           f"the model was not written to {out}, it is kept as {failed} for inspection")
+    report_dict.update(onnx_path=str(failed), parity_error=msg,
+                       parity_layer=None if where is None else {"layer": where[0], "relative_error": where[1],
+                                                                "diverged": where[2]})
+    if float_out is not None:
+        atomic_write(float_out, lambda f: f.write(float_bytes))
+    if plan_out is not None:
+        plan.save(plan_out)
+    if report is not None:
+        write_report(report_dict, report)
+    raise ParityError(msg)
+
+
+def failed_path(out: str | Path) -> Path:
+    """Where a model that failed its parity check is kept: NAME.failed.onnx beside NAME.<ext>."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.failed.onnx")
 
 
 ADAPTER_LAYOUTS = ("auto", "branch", "fold")
@@ -291,23 +343,28 @@ def _integer_activations(model_ir, program, qmodel, calib_set: ImageSet, scheme,
 def _verify(model, qmodel, float_bytes: bytes, quant_bytes: bytes, val_set: ImageSet | None,
             calib_set: ImageSet | None, batch_size: int, parity_images: int, latency_runs: int,
             latency_batch: int | None, threads: int, seed: int, pre: Preprocess, fold: bool = True,
-            extra: dict | None = None, float_logits: np.ndarray | None = None) -> dict:
+            extra: dict | None = None, float_logits: np.ndarray | None = None) -> tuple[dict, torch.Tensor]:
+    """The verification figures, and the (normalized) parity images to compare layer outputs on."""
     qsess = session(quant_bytes, threads=threads)
     t1 = {"float": None, "quantized_torch": None, "quantized_onnxruntime": None}
     fid = None
     if val_set is not None:
+        pset = val_set
         ort_logits = predict_onnx(qsess, val_set, batch_size, "ONNX Runtime, quantized")
         q_logits = predict_torch(qmodel, val_set, batch_size, "PyTorch, quantized")
         f_logits = predict_torch(model, val_set, batch_size, "PyTorch, float") if float_logits is None else \
             np.asarray(float_logits, dtype=np.float32)
         t1 = {"float": top1(f_logits, val_set.labels), "quantized_torch": top1(q_logits, val_set.labels),
               "quantized_onnxruntime": top1(ort_logits, val_set.labels)}
-        par = parity(ort_logits, q_logits)
         fid = fidelity(ort_logits, f_logits)
     else:
         pset = calib_set.subset(parity_images, seed)
-        par = parity(predict_onnx(qsess, pset, batch_size, "ONNX Runtime, quantized"),
-                     predict_torch(qmodel, pset, batch_size, "PyTorch, quantized"))
+        ort_logits = predict_onnx(qsess, pset, batch_size, "ONNX Runtime, quantized")
+        q_logits = predict_torch(qmodel, pset, batch_size, "PyTorch, quantized")
+    par = parity(ort_logits, q_logits)
+    # the images a failed check compares layer by layer: those the two runs disagree on first
+    order = np.argsort((ort_logits.argmax(1) == q_logits.argmax(1)).astype(np.int8), kind="stable")[:PROBE_IMAGES]
+    probe = pset.preprocess.normalize(pset.images[torch.from_numpy(np.sort(order))])
     shape = (3, pre.input_size, pre.input_size)
     batches = (1,) if not latency_batch or latency_batch == 1 else (1, latency_batch)
     if latency_runs > 0:
@@ -325,7 +382,7 @@ def _verify(model, qmodel, float_bytes: bytes, quant_bytes: bytes, val_set: Imag
                        for k in ("float", "quantized", "quantized_folded", *(extra or {}))},
         "latency": lat,
         "size_breakdown": {"float": size_breakdown(float_bytes), "quantized": size_breakdown(quant_bytes)},
-    }
+    }, probe
 
 
 def effective_bits(plan: Plan, layers: dict[str, nn.Module]) -> float:

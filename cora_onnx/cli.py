@@ -1,4 +1,5 @@
-"""The `cora-onnx` command line (click). Library errors become one-line messages, exit code 2."""
+"""The `cora-onnx` command line (click). Library errors become one-line messages, exit code 2
+(3 when the written model fails its parity check against PyTorch)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def _guard(fn):
-    """Turn library errors into `error: ...` on stderr and exit code 2."""
+    """Turn library errors into `error: ...` on stderr and their exit code (2 for bad input, 3 when
+    ONNX Runtime disagrees with PyTorch)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,7 +36,7 @@ def _guard(fn):
             return fn(*args, **kwargs)
         except CoraError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            sys.exit(exc.exit_code)
 
     return wrapper
 

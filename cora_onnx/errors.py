@@ -1,4 +1,5 @@
-"""Exception types raised by the library; the CLI turns each into a one-line message and exit code 2."""
+"""Exception types raised by the library; the CLI turns each into a one-line message and its
+`exit_code` (2: bad input; 3: a failed verification)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ __all__ = [
 
 
 class CoraError(Exception):
-    """Base class of every error the user can fix by changing the input."""
+    """Base class of every error the library reports to the user (exit code 2 from the CLI: bad
+    input, fixable by changing it, unless a subclass says otherwise)."""
+
+    exit_code = 2
 
 
 class InputError(CoraError):
@@ -43,4 +47,8 @@ class OnnxModelError(CoraError):
 
 
 class ParityError(CoraError):
-    """The ONNX file does not reproduce the PyTorch model it was made from (nothing is written)."""
+    """ONNX Runtime disagrees with the PyTorch model the ONNX file was made from: the file is not
+    a faithful export (a defect of the tool or of the exporter, not of the input). Exit code 3.
+    quantize keeps the file as NAME.failed.onnx; import-pq writes nothing."""
+
+    exit_code = 3

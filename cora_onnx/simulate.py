@@ -46,6 +46,7 @@ class ActivationQuantSim(nn.Module):
         self.alias = alias
         self.qparams = dict(qparams)
         self.act_range = act_range
+        self.capture: dict | None = None  # set to a dict to collect Conv/Linear outputs by layer name
 
     def train(self, mode: bool = True) -> "ActivationQuantSim":
         return self  # always an inference graph
@@ -56,6 +57,9 @@ class ActivationQuantSim(nn.Module):
         class _Run(torch.fx.Interpreter):
             def run_node(self, n):
                 out = super().run_node(n)
+                if sim.capture is not None and n.op == "call_function" and len(n.args) > 1 \
+                        and getattr(n.args[1], "op", None) == "get_attr" and str(n.args[1].target).endswith(".weight"):
+                    sim.capture[str(n.args[1].target)[: -len(".weight")]] = out.detach().clone()  # before rounding
                 qp = sim.qparams.get(sim.alias.get(n.name, n.name))
                 if qp is not None and isinstance(out, torch.Tensor):
                     out = fake_quant_activation(out, qp[0], qp[1], *sim.act_range)

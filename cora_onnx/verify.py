@@ -175,8 +175,10 @@ def top1(logits: np.ndarray, labels) -> float:
 
 
 def parity(a: np.ndarray, b: np.ndarray) -> dict:
-    """Max abs logit difference and top-1 agreement (percent) between two runs on the same images."""
-    return {"max_abs_error": float(np.abs(a - b).max()),
+    """Max abs logit difference, the same relative to the largest |logit| of the reference b, and
+    top-1 agreement (percent) between two runs on the same images."""
+    err = float(np.abs(a - b).max())
+    return {"max_abs_error": err, "relative_max_error": err / max(float(np.abs(b).max()), 1e-12),
             "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean() * 100.0),
             "images": int(a.shape[0])}
 

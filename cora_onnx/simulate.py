@@ -6,6 +6,7 @@ against ("within a few quantization steps")."""
 
 from __future__ import annotations
 
+import copy
 from typing import Mapping
 
 import torch
@@ -31,7 +32,10 @@ class ActivationQuantSim(nn.Module):
     def __init__(self, program, weights: nn.Module, qparams: Mapping[str, tuple[float, int]],
                  act_range: tuple[int, int], input_name: str = "input") -> None:
         super().__init__()
-        gm = program.exported_program.module()
+        # a copy: the program's parameters share storage with the ONNX model's initializers (torch.onnx
+        # wraps them without copying), and loading the quantized weights in place would overwrite the
+        # float weights of the exported graph (caught by the plan's weight fingerprints)
+        gm = copy.deepcopy(program.exported_program.module())
         missing, _ = gm.load_state_dict(weights.state_dict(), strict=False)
         params = {n for n, _ in gm.named_parameters()}
         if params & set(missing):

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -43,3 +45,26 @@ def test_malformed_files(tmp_path):
     np.savez(tmp_path / "bad.npz")
     with pytest.raises(PlanError, match="unreadable"):
         Plan.load(tmp_path / "bad")
+
+
+def test_fingerprint_roundtrip_and_old_plans(tmp_path):
+    from cora_onnx.plan import WeightFingerprint
+
+    w = np.random.default_rng(1).standard_normal((4, 2, 3, 3)).astype(np.float32)
+    plan = Plan("rtn", {}, (_layer("a"), _layer("b"))).with_fingerprints({"a": w})
+    assert plan.layer("a").fingerprint == WeightFingerprint.of(w) and plan.layer("b").fingerprint is None
+    plan.save(tmp_path / "p")
+    back = Plan.load(tmp_path / "p")
+    assert back.layer("a").fingerprint == plan.layer("a").fingerprint and back.layer("b").fingerprint is None
+    fp = back.layer("a").fingerprint
+    assert fp.mismatch(w) is None and fp.mismatch(w.copy()) is None
+    assert "different values" in fp.mismatch(w * 1.01) and "shape" in fp.mismatch(w[:2])
+    assert "dtype" in fp.mismatch(w.astype(np.float64))
+    # a plan saved before fingerprints (no "fingerprint" entries) still loads
+    doc = json.loads((tmp_path / "p.json").read_text())
+    for rec in doc["layers"]:
+        rec.pop("fingerprint", None)
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    assert all(lp.fingerprint is None for lp in Plan.load(tmp_path / "p").layers)
+    with pytest.raises(PlanError, match="fingerprint shape"):
+        LayerPlan("x", "conv", (4, 2, 3, 3), fingerprint=WeightFingerprint.of(w[:2]))

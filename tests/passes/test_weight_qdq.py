@@ -98,3 +98,38 @@ def test_int4_needs_opset_21(tiny):
     with pytest.raises(ir.passes.PreconditionError, match="opset >= 21"):
         WeightQDQPass(_plan(folded, 4))(model)
     assert WeightQDQPass(_plan(folded, 8))(export_onnx(folded, 8, opset=18)).modified
+
+
+@pytest.mark.parametrize("component", ["uniform", "codebook", "adapter", "bias"])
+def test_weight_keyed_passes_refuse_a_rewritten_weight(tiny, component):
+    """The issue-13 defect: the initializer under the planned weight's name is not the weight the
+    plan was made from (here scaled by 1.1, as a BatchNorm fused by the exporter would). Each pass
+    keyed by weight name refuses; with the right weight it runs."""
+    import dataclasses
+
+    from cora_onnx.plan import Bias, Codebook, LowRankAdapter
+    from passes import BiasUpdatePass, CodebookDecodePass, LowRankBranchPass
+
+    folded = fold_batchnorm(tiny)
+    w = folded.conv1.weight.detach().numpy()
+    layer = _plan(folded, 8).layer("conv1")
+    extra = {
+        "uniform": {},
+        "codebook": dict(uniform=None, codebook=Codebook(9, np.zeros((2, 9), np.float16), np.zeros((8, 3), np.uint8))),
+        "adapter": dict(adapter=LowRankAdapter(1, np.zeros((1, 3, 3, 3), np.float32), np.zeros((8, 1, 1, 1), np.float32))),
+        "bias": dict(bias=Bias(np.zeros(8, np.float32))),
+    }[component]
+    layer = dataclasses.replace(layer, **extra)
+    plan = Plan("rtn", {}, (layer,)).with_fingerprints({"conv1": w})
+    make = {"uniform": WeightQDQPass, "codebook": CodebookDecodePass, "adapter": LowRankBranchPass,
+            "bias": BiasUpdatePass}[component]
+    model = export_onnx(folded, 8)
+    init = model.graph.initializers["conv1.weight"]
+    init.const_value = ir.Tensor(init.const_value.numpy() * np.float32(1.1), name="conv1.weight")
+    with pytest.raises(Exception) as err:
+        make(plan)(model)
+    cause = err.value
+    while not isinstance(cause, PlanError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, PlanError) and "not the float weight the plan was made from" in str(cause)
+    assert make(plan)(export_onnx(folded, 8)).modified

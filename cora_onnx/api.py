@@ -18,7 +18,7 @@ from torch import nn
 from .data import ImageSet, Preprocess, load_class_map, load_images, parse_floats
 from .errors import ModelError, ParityError, SettingsError
 from .export import (AdaptedConv, apply_plan_torch, export_onnx, export_program, fold_batchnorm, onnx_bytes,
-                     quantizable_layers)
+                     quantizable_layers, remaining_batchnorm)
 from .io import atomic_write, check_output_path
 from .models import IMAGENET_MEAN, IMAGENET_STD, check_finite
 from .parity import PARITY_LIMITS, first_divergent_layer, parity_failure, reference_kind
@@ -95,7 +95,10 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
     ONNX Runtime loads the model, so the branches cost no inference time; "auto": fold with
     act_bits, branch without. float_logits: the float model's logits on val's images, computed once
     elsewhere (see `float_reference`; a sweep shares them between its points) instead of here.
-    Returns a QuantizeResult whose .report is the dict also written to `report` (JSON).
+    Returns a QuantizeResult whose .report is the dict also written to `report` (JSON), with
+    "verified": true. Raises ParityError when ONNX Runtime disagrees with the PyTorch quantized
+    model beyond cora_onnx.parity.PARITY_LIMITS: the model is then kept as NAME.failed.onnx (never
+    under `out`) and the report is still written, with "verified": false.
     """
     scheme = None
     fields = frozenset(f.name for f in dataclasses.fields(METHODS[method].settings)) if method in METHODS \
@@ -208,7 +211,7 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
         "images": {"calib": len(calib_set) if calib_set is not None else 0,
                    "val": len(val_set) if val_set is not None else 0},
         "environment": environment(threads),
-        "notes": _notes(plan) if scheme is None else [],
+        "notes": (_notes(plan) if scheme is None else []) + _batchnorm_notes(folded),
         **(m.report(plan) if m.report is not None else {}),
         **({"activations": act_report} if act_report is not None else {}),
         "verified": failure is None,
@@ -398,6 +401,14 @@ def effective_bits(plan: Plan, layers: dict[str, nn.Module]) -> float:
         if name in planned and bits is None and planned[name].adapter is not None:
             total += planned[name].adapter.stored_bits()
     return total / max(params, 1)
+
+
+def _batchnorm_notes(folded: nn.Module) -> list[str]:
+    left = remaining_batchnorm(folded)
+    if not left:
+        return []
+    return [f"{len(left)} BatchNorm layers could not be folded into a Conv (e.g. {left[0]}): they run as "
+            "BatchNormalization nodes, and the weights before them were quantized without their scale"]
 
 
 def _notes(plan: Plan) -> list[str]:

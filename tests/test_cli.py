@@ -192,3 +192,16 @@ def test_missing_calib_folder_among_several(bad, digits):
     assert res.exit_code == 2, res.output
     assert res.output.strip().count("\n") == 0 and "does not exist" in res.output and str(bad / "nowhere") in res.output
     assert not (bad / "m.onnx").exists() and not (bad / "r.json").exists() and not list(bad.glob(".*.tmp"))
+
+
+def test_export_with_a_plan_made_for_other_weights_is_refused(digits_run, tmp_path):
+    """A plan carries fingerprints of the weights it was made from: the same architecture with
+    other weights (or another architecture whose layer names match) is one line, exit 2, no file."""
+    out, _, d = digits_run
+    other = {k: v + 0.01 if v.is_floating_point() else v for k, v in torch.load(d.weights).items()}
+    torch.save(other, tmp_path / "other.pt")
+    res = run("export", "--model", d.arch, "--weights", tmp_path / "other.pt", "--plan", out / "plan.json",
+              "--out", tmp_path / "e.onnx")
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().count("\n") == 0 and "error:" in res.output and "plan" in res.output.lower()
+    assert not (tmp_path / "e.onnx").exists() and not list(tmp_path.glob(".*.tmp"))

@@ -39,8 +39,11 @@ class ParityLimits:
 PARITY_LIMITS = {
     # weight-only models: PyTorch runs exactly the dequantized weights; only float rounding differs
     "exact": ParityLimits(agreement=99.0, relative_error=1e-3, layer_error=1e-3),
-    # integer activations vs the PyTorch simulation of the same activation grid
-    "simulated": ParityLimits(agreement=99.0, relative_error=0.25, layer_error=0.1),
+    # integer activations vs the PyTorch simulation of the same activation grid. The simulation
+    # rounds in float where ONNX Runtime's integer kernels requantize, so images whose two best
+    # logits nearly tie flip: a correct ResNet-18 W8A8 (1000 classes, 500 images) measured 97.8%
+    # agreement with a relative logit error of 0.024. A wrong layer gives relative errors near 1.
+    "simulated": ParityLimits(agreement=95.0, relative_error=0.25, layer_error=0.1),
     # integer activations with adapter branches vs PyTorch with float activations
     "float_activations": ParityLimits(agreement=90.0, relative_error=0.5, layer_error=0.25),
 }

@@ -157,3 +157,18 @@ def test_parity_failure_exits_3_and_keeps_the_file_aside(digits, tmp_path, monke
     assert not out.exists() and (tmp_path / "m.failed.onnx").is_file()
     r = json.loads(rep.read_text())
     assert r["verified"] is False and r["parity_layer"]["layer"] == "features.3" and r["parity_error"] in lines[0]
+
+
+@pytest.mark.parametrize("kind, par, ok", [
+    # a correct ResNet-18 W8A8 against its simulation (measured on the 500-class sample): near-tie flips only
+    ("simulated", {"top1_agreement": 97.8, "max_abs_error": 0.79, "relative_max_error": 0.024}, True),
+    # one weight scaled x4 (the corrupted-graph test): far off in both figures
+    ("simulated", {"top1_agreement": 60.9, "max_abs_error": 68.5, "relative_max_error": 0.9}, False),
+    ("simulated", {"top1_agreement": 99.0, "max_abs_error": 9.0, "relative_max_error": 0.4}, False),
+    ("exact", {"top1_agreement": 97.8, "max_abs_error": 1e-5, "relative_max_error": 1e-6}, False),
+    ("exact", {"top1_agreement": 100.0, "max_abs_error": 2e-5, "relative_max_error": 1e-6}, True),
+])
+def test_parity_limits_per_reference(kind, par, ok):
+    from cora_onnx.parity import parity_failure
+
+    assert (parity_failure(par, kind) is None) == ok

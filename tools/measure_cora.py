@@ -136,6 +136,8 @@ def run_sample(args) -> None:
     float_sample = predict_torch(folded, sample)
     float_dev = top1(predict_torch(folded, devval), devval.labels) if devval is not None else None
     calib = load_images(paths["calib"], pre) if args.light else None
+    if args.light:
+        _reuse_float_statistics()
     for bits in args.bits:
         for lever in args.levers:
             kw = _lever_kw(args, lever)
@@ -172,6 +174,34 @@ def run_sample(args) -> None:
             rec.update(float_top1=top1(float_sample, sample.labels), devval_top1=dev, float_devval_top1=float_dev,
                        devval_images=len(devval) if devval is not None else 0)
             _emit(args, rec, ("lever", "bits", "light", "fidelity_to_float", "top1", "devval_top1", "search_seconds"))
+
+
+def _reuse_float_statistics() -> None:
+    """(--light) Every row of a run searches the same float model on the same statistics images, so
+    the float statistics pass (per-layer input second moments for GPTQ and the SVD) and each layer's
+    grid and residual factors (GPTQ, SVD) are computed once and reused: minutes per row on one
+    thread. Both are deterministic functions of their inputs, so the rows are unchanged."""
+    from cora_onnx.search import cora
+
+    original, memo = cora._float_statistics, {}
+    quantize_layer, qmemo = cora._quantize_layer, {}
+
+    def cached_layer(w, spec, rounding, svd, cov, decompose):
+        key = (tuple(w.shape), float(w.double().sum()), float(w.double().abs().sum()), spec, rounding, svd,
+               None if cov is None else float(cov.double().sum()), decompose)
+        if key not in qmemo:
+            qmemo[key] = quantize_layer(w, spec, rounding, svd, cov, decompose)
+        return qmemo[key]
+
+    cora._quantize_layer = cached_layer
+
+    def cached(model, layers, need_cov, batches):
+        key = (tuple(sorted(need_cov)), len(batches), tuple(float(b.double().sum()) for b in batches))
+        if key not in memo:
+            memo[key] = original(model, layers, need_cov, batches)
+        return memo[key]
+
+    cora._float_statistics = cached
 
 
 def sample_table(recs: list[dict]) -> None:

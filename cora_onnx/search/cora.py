@@ -415,6 +415,28 @@ def _quantize_adapter(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
     return qt.dequantize().to(torch.float32), qt.scale.to(torch.float32)
 
 
+def _quantize_layer(w: torch.Tensor, spec: QuantSpec, rounding: str, svd: str, cov: torch.Tensor | None,
+                    decompose: bool):
+    """The layer's grid (GPTQ rounding when rounding == "gptq" and its input second moment is
+    known) and, when decompose, the residual's factors (U S, V) with R = U S V, decomposed in the
+    metric of the inputs when svd == "activation"."""
+    qt = quantize_weight(w, spec)
+    if rounding == "gptq" and cov is not None:
+        qt = gptq_round(w, qt, cov)
+    if not decompose:
+        return qt, None
+    r = (w - qt.dequantize().to(torch.float32)).reshape(w.shape[0], -1)
+    if svd == "activation":
+        h = cov.double()
+        h = h + torch.eye(h.shape[0], dtype=h.dtype) * (0.01 * torch.diag(h).mean() + 1e-12)
+        chol = torch.linalg.cholesky(h)  # H = C C^T
+        u, s, vt = torch.linalg.svd(r.double() @ chol, full_matrices=False)
+        v = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)  # V^T C^-1
+    else:
+        u, s, v = torch.linalg.svd(r.double(), full_matrices=False)
+    return qt, ((u * s).float(), v.float())
+
+
 def _project_ranks(c: dict[str, float], full: dict[str, int], per_rank: dict[str, int], allowed: float) -> dict[str, int]:
     """ceil(c R) per layer, scaled down uniformly (bisection on a factor) until it fits the budget."""
     def ranks(f):
@@ -471,26 +493,13 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
     full, per_rank, weight_frac = {}, {}, {}
     for name, b in bits.items():
         mod = layers[name]
-        w = mod.weight.detach()
-        qt = quantize_weight(w, settings.spec(b))
-        if settings.rounding == "gptq" and name in cov:
-            qt = gptq_round(w, qt, cov[name])
+        qt, factors = _quantize_layer(mod.weight.detach(), settings.spec(b), settings.rounding, settings.svd,
+                                      cov.get(name), name in adapted)
         grids[name] = qt
         wq = qt.dequantize().to(torch.float32)
-        factors = None
-        if name in adapted:
-            r = (w - wq).reshape(w.shape[0], -1)
-            if settings.svd == "activation":
-                h = cov[name].double()
-                h = h + torch.eye(h.shape[0], dtype=h.dtype) * (0.01 * torch.diag(h).mean() + 1e-12)
-                chol = torch.linalg.cholesky(h)  # H = C C^T
-                u, s, vt = torch.linalg.svd(r.double() @ chol, full_matrices=False)
-                v = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)  # V^T C^-1
-            else:
-                u, s, v = torch.linalg.svd(r.double(), full_matrices=False)
-            factors = ((u * s).float(), v.float())
-            full[name] = s.numel()
-            per_rank[name] = r.shape[1] + r.shape[0]
+        if factors is not None:
+            full[name] = factors[1].shape[0]
+            per_rank[name] = factors[1].shape[1] + factors[0].shape[0]
             weight_frac[name] = full[name] * per_rank[name] / total_params
         wrapped[name] = _Layer(mod, wq, factors, settings.order, 1.0)
     log.info("quantization (%s rounding) and residual decomposition (%s): %.1f s", settings.rounding, settings.svd,

@@ -222,3 +222,20 @@ def test_no_bias_finetuning_keeps_every_bias(setup):
     assert any(lp.bias is not None for lp in tuned.layers)
     assert all(lp.bias is None for lp in frozen.layers)
     assert any(lp.adapter is not None for lp in frozen.layers)
+
+
+def test_cli_lever_options(digits, tmp_path):
+    base = ["quantize", "--model", digits.arch, "--weights", digits.weights, "--calib", digits.calib_dir,
+            "--val", digits.val_dir, "--input-size", 8, "--mean", ",".join(map(str, digits.mean)),
+            "--std", ",".join(map(str, digits.std)), "--bits", 3, "--method", "cora", "-q", "--latency-runs", 1]
+    runner = CliRunner()
+    bad = runner.invoke(main, [str(a) for a in base + ["--augment", "rotate", "--out", tmp_path / "x.onnx"]])
+    assert bad.exit_code == 2 and "--augment" in bad.output and not (tmp_path / "x.onnx").exists()
+    ok = runner.invoke(main, [str(a) for a in base + ["--iters", 12, "--finetune-iters", 4, "--augment", "crop",
+                                                      "--distill", "mse", "--features", "layers", "--feature-weight",
+                                                      0.5, "--no-finetune-bias", "--out", tmp_path / "c.onnx",
+                                                      "--report", tmp_path / "r.json"]])
+    assert ok.exit_code == 0, ok.output
+    s = json.loads((tmp_path / "r.json").read_text())["settings"]
+    assert (s["augment"], s["distill"], s["features"], s["feature_weight"], s["finetune_bias"]) == \
+        ("crop", "mse", "layers", 0.5, False)

@@ -164,7 +164,7 @@ def test_fixed_classifier_keeps_its_bias_and_grid(setup):
 
 @pytest.mark.parametrize("kw,word", [({"augment": "rotate"}, "augment"), ({"distill": "l1"}, "distill"),
                                      ({"features": "all"}, "features"), ({"feature_weight": 0}, "feature_weight"),
-                                     ({"finetune_bias": "no"}, "finetune_bias")])
+                                     ({"finetune_biases": "no"}, "finetune_biases")])
 def test_bad_lever_settings(kw, word):
     with pytest.raises(SettingsError, match=word):
         CoraSettings(**kw)
@@ -218,7 +218,7 @@ def test_no_bias_finetuning_keeps_every_bias(setup):
     model, calib = setup
     kw = dict(bits=3, budget=0.05, iters=10, finetune_iters=5)
     tuned = search_cora(model, CoraSettings(**kw), calib)
-    frozen = search_cora(model, CoraSettings(finetune_bias=False, **kw), calib)
+    frozen = search_cora(model, CoraSettings(finetune_biases=False, **kw), calib)
     assert any(lp.bias is not None for lp in tuned.layers)
     assert all(lp.bias is None for lp in frozen.layers)
     assert any(lp.adapter is not None for lp in frozen.layers)
@@ -233,9 +233,9 @@ def test_cli_lever_options(digits, tmp_path):
     assert bad.exit_code == 2 and "--augment" in bad.output and not (tmp_path / "x.onnx").exists()
     ok = runner.invoke(main, [str(a) for a in base + ["--iters", 12, "--finetune-iters", 4, "--augment", "crop",
                                                       "--distill", "mse", "--features", "layers", "--feature-weight",
-                                                      0.5, "--no-finetune-bias", "--out", tmp_path / "c.onnx",
+                                                      0.5, "--no-finetune-biases", "--out", tmp_path / "c.onnx",
                                                       "--report", tmp_path / "r.json"]])
     assert ok.exit_code == 0, ok.output
     s = json.loads((tmp_path / "r.json").read_text())["settings"]
-    assert (s["augment"], s["distill"], s["features"], s["feature_weight"], s["finetune_bias"]) == \
+    assert (s["augment"], s["distill"], s["features"], s["feature_weight"], s["finetune_biases"]) == \
         ("crop", "mse", "layers", 0.5, False)

@@ -48,14 +48,12 @@ log = logging.getLogger(__name__)
 PRESETS: dict[str, dict] = {
     # the paper / reference implementation
     "reference": dict(per_channel=False, symmetric=False, clip="std", k=3.0, rounding="nearest", svd="weight",
-                      stats="none", iters=250, finetune_iters=0, augment="none", distill="kl", features="none",
-                      finetune_bias=True),
+                      stats="none", iters=250, finetune_iters=0, augment="none", distill="kl", features="none"),
     # the best combination measured here (see tools/measure_cora.py and the README: the statistics
     # correction helped in the light ablation but lost 0.4-2.2 points in the full runs, in-class and
     # on held-out classes)
     "default": dict(per_channel=True, symmetric=True, clip="mse", k=3.0, rounding="gptq", svd="activation",
-                    stats="none", iters=100, finetune_iters=40, augment="none", distill="kl", features="none",
-                    finetune_bias=True),
+                    stats="none", iters=100, finetune_iters=40, augment="none", distill="kl", features="none"),
 }
 ROUNDINGS = ("nearest", "gptq")
 SVDS = ("weight", "activation")
@@ -86,7 +84,7 @@ class CoraSettings:
     the classes the images show) or mse (squared error of all the logits, each centred per image:
     every class counts the same). features: none, or layers (adds the mean over the planned layers
     of the relative squared error of each layer's output against the float network's output of the
-    same layer on the same images, times feature_weight). finetune_bias: let the fine-tuning train
+    same layer on the same images, times feature_weight). finetune_biases: let the fine-tuning train
     the biases (False: adapter factors only)."""
 
     bits: int = 4
@@ -113,7 +111,7 @@ class CoraSettings:
     distill: str | None = None
     features: str | None = None
     feature_weight: float = 1.0
-    finetune_bias: bool | None = None
+    finetune_biases: bool = True
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first", "last", "depthwise")))
     seed: int = 0
 
@@ -145,8 +143,8 @@ class CoraSettings:
             raise SettingsError(f"clip must be one of {', '.join(CLIP_METHODS)}, got {self.clip!r}")
         if not (isinstance(self.feature_weight, (int, float)) and 0 < self.feature_weight <= 1000):
             raise SettingsError(f"feature_weight must be > 0 and <= 1000, got {self.feature_weight!r}")
-        if not isinstance(self.finetune_bias, bool):
-            raise SettingsError(f"finetune_bias must be True or False, got {self.finetune_bias!r}")
+        if not isinstance(self.finetune_biases, bool):
+            raise SettingsError(f"finetune_biases must be True or False, got {self.finetune_biases!r}")
         for name, allowed in (("rounding", ROUNDINGS), ("svd", SVDS), ("stats", STATS), ("augment", AUGMENTS),
                               ("distill", DISTILLS), ("features", FEATURES)):
             if getattr(self, name) not in allowed:
@@ -192,8 +190,8 @@ CORA_OPTIONS = (
     CliOption("--features", "features", FEATURES, "Also match every planned layer's output to the float network's "
               "(relative squared error) [default none]."),
     CliOption("--feature-weight", "feature_weight", float, "Weight of the --features loss [1.0]."),
-    CliOption("--finetune-bias/--no-finetune-bias", "finetune_bias", bool,
-              "Let the adapter fine-tuning train the layers' biases too [default preset: yes]."),
+    CliOption("--finetune-biases/--no-finetune-biases", "finetune_biases", bool,
+              "Let the adapter fine-tuning train the layers' biases too [yes]."),
     CliOption("--stats", "stats", STATS, "Correct each layer's output statistics toward the float network: "
               "none, mean only, or mean and std [preset default: none]."),
 )
@@ -594,7 +592,7 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
             for p in (wrapped[n].a, wrapped[n].b):
                 params.append({"params": [p], "lr": 1e-3 * float(p.detach().pow(2).mean().sqrt()) + 1e-12})
         for name, w in wrapped.items():
-            if name in fixed or not settings.finetune_bias:
+            if name in fixed or not settings.finetune_biases:
                 continue
             w.bias.requires_grad_(True)
             params.append({"params": [w.bias], "lr": 1e-3 * float(w.bias.detach().pow(2).mean().sqrt()) + 1e-6})

@@ -158,3 +158,84 @@ def test_fixed_classifier_keeps_its_bias_and_grid(setup):
     assert fixed[fc[0]].bias is None
     assert np.allclose(fixed[fc[0]].uniform.scale, plain.scale.numpy())
     assert any(fixed[n].bias is not None for n in fixed if n not in fc)  # convs are still corrected
+
+
+# issue 14 levers: augmentation, logit MSE, layer-output matching, no bias fine-tuning
+
+@pytest.mark.parametrize("kw,word", [({"augment": "rotate"}, "augment"), ({"distill": "l1"}, "distill"),
+                                     ({"features": "all"}, "features"), ({"feature_weight": 0}, "feature_weight"),
+                                     ({"finetune_biases": "no"}, "finetune_biases")])
+def test_bad_lever_settings(kw, word):
+    with pytest.raises(SettingsError, match=word):
+        CoraSettings(**kw)
+
+
+def test_augment_batch():
+    from cora_onnx.search.cora import augment_batch
+
+    x = torch.randn(8, 3, 12, 12)
+    assert augment_batch(x, "none", torch.Generator().manual_seed(0)) is x
+    flip = augment_batch(x, "flip", torch.Generator().manual_seed(0))
+    flipped = [bool(torch.equal(f, i.flip(2))) for f, i in zip(flip, x)]
+    assert all(torch.equal(f, i) or fl for f, i, fl in zip(flip, x, flipped)) and 0 < sum(flipped) < 8
+    crop = augment_batch(x, "crop", torch.Generator().manual_seed(0))
+    assert crop.shape == x.shape and not torch.equal(crop, x) and not torch.equal(crop, flip)
+    assert torch.equal(crop, augment_batch(x, "crop", torch.Generator().manual_seed(0)))  # seeded
+    # mix: a constant image per batch entry blends into a value between its own and its neighbour's
+    c = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 12, 12).contiguous()
+    mixed = augment_batch(c, "mix", torch.Generator().manual_seed(1))
+    own, other = torch.arange(8.0), torch.arange(8.0).roll(1)
+    v = mixed[:, 0, 0, 0]
+    assert torch.allclose(mixed, v.view(8, 1, 1, 1).expand_as(mixed))
+    assert torch.all(v >= torch.minimum(own, other) - 1e-5) and torch.all(v <= torch.maximum(own, other) + 1e-5)
+    assert not torch.allclose(v, own)
+
+
+def test_feature_loss_adds_to_the_first_step(setup):
+    """Without augmentation the first batch and student are the same, so the layer-output term adds
+    weight x (its value) to the first loss: doubling the weight doubles the added part."""
+    model, calib = setup
+    kw = dict(bits=2, budget=0.05, iters=2, finetune_iters=0)
+    h = [search_cora(model, CoraSettings(**kw, **extra), calib).meta["cora"]["loss_history"][0]
+         for extra in ({}, {"features": "layers"}, {"features": "layers", "feature_weight": 2.0})]
+    assert h[1] - h[0] > 1e-3
+    assert abs((h[2] - h[0]) - 2 * (h[1] - h[0])) < 1e-3 * (h[1] - h[0]) + 1e-4
+
+
+def test_mse_distillation_and_augmentation_learn(setup):
+    model, calib = setup
+    kw = dict(bits=2, budget=0.08, iters=60, finetune_iters=30)
+    base = search_cora(model, CoraSettings(**kw), calib)
+    for extra in ({"distill": "mse"}, {"augment": "mix", "features": "layers"}):
+        plan = search_cora(model, CoraSettings(**kw, **extra), calib)
+        hist = plan.meta["cora"]["loss_history"]
+        assert np.mean(hist[-10:]) < 0.9 * np.mean(hist[:10]), extra
+        assert hist[0] != base.meta["cora"]["loss_history"][0]  # another loss, or other images
+        assert plan.meta["cora"]["adapter_params"] <= 0.08 * plan.meta["cora"]["weight_params"]
+
+
+def test_no_bias_finetuning_keeps_every_bias(setup):
+    model, calib = setup
+    kw = dict(bits=3, budget=0.05, iters=10, finetune_iters=5)
+    tuned = search_cora(model, CoraSettings(**kw), calib)
+    frozen = search_cora(model, CoraSettings(finetune_biases=False, **kw), calib)
+    assert any(lp.bias is not None for lp in tuned.layers)
+    assert all(lp.bias is None for lp in frozen.layers)
+    assert any(lp.adapter is not None for lp in frozen.layers)
+
+
+def test_cli_lever_options(digits, tmp_path):
+    base = ["quantize", "--model", digits.arch, "--weights", digits.weights, "--calib", digits.calib_dir,
+            "--val", digits.val_dir, "--input-size", 8, "--mean", ",".join(map(str, digits.mean)),
+            "--std", ",".join(map(str, digits.std)), "--bits", 3, "--method", "cora", "-q", "--latency-runs", 1]
+    runner = CliRunner()
+    bad = runner.invoke(main, [str(a) for a in base + ["--augment", "rotate", "--out", tmp_path / "x.onnx"]])
+    assert bad.exit_code == 2 and "--augment" in bad.output and not (tmp_path / "x.onnx").exists()
+    ok = runner.invoke(main, [str(a) for a in base + ["--iters", 12, "--finetune-iters", 4, "--augment", "crop",
+                                                      "--distill", "mse", "--features", "layers", "--feature-weight",
+                                                      0.5, "--no-finetune-biases", "--out", tmp_path / "c.onnx",
+                                                      "--report", tmp_path / "r.json"]])
+    assert ok.exit_code == 0, ok.output
+    s = json.loads((tmp_path / "r.json").read_text())["settings"]
+    assert (s["augment"], s["distill"], s["features"], s["feature_weight"], s["finetune_biases"]) == \
+        ("crop", "mse", "layers", 0.5, False)

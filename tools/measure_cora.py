@@ -12,6 +12,18 @@ prints the markdown tables from that file.
 
 --holdout (tools/holdout.py): calibrate on the calib images of five classes and score on the dev-val
 images of the other five, float on the same images, to see gains that are class-prior effects.
+
+--protocol sample (issue 14): calibrate on imagenette/calib (ten classes), score on
+imagenet-sample/even (500 images of 500 other classes, 1000-way, its class_map.json) with
+--crop-ratio 0.875 for every folder, as the CLI applies it; primary figures agreement with the float
+model and mean KL(float || compressed), then top-1 of both; --devval adds dev-val top-1 (1,000
+images, same preprocessing). Rows are levers (--levers), each a CoraSettings override or several
+joined by '+':
+
+    python tools/measure_cora.py --protocol sample --light --bits 4 --levers default mse crop mse+crop \
+        --calib-size 400 --iters 60 --torch-threads 1 --out sample.jsonl      # minutes per row
+    python tools/measure_cora.py --protocol sample --bits 4 3 --levers default --devval \
+        --torch-threads 1 --out sample.jsonl                                  # full: ONNX Runtime
 """
 
 from __future__ import annotations
@@ -46,6 +58,167 @@ CONFIGS = {"rtn": ("rtn", {}), "reference": ("cora", {"preset": "reference"}), "
            # 8-bit integer activations (issue 5), adapters folded into the integer weights at load; the
            # report also times the same model without adapters and with them as branch convolutions
            "default-a8": ("cora", {"preset": "default", "act_bits": 8, "act_calib": "minmax"})}
+
+# issue 14 levers (--protocol sample): name -> CoraSettings overrides; '+' joins several
+LEVERS = {"default": {}, "reference": {"preset": "reference"},
+          "no-adapters": {"budget": 0.0},
+          "fixed-classifier": {"fit_classifier": False},   # no statistics/bias change on the classifier
+          "no-bias": {"finetune_biases": False},              # fine-tune adapter factors only
+          "mse": {"distill": "mse"},                        # all logits count the same
+          "features": {"features": "layers"},               # every planned layer's output matched
+          "flip": {"augment": "flip"}, "crop": {"augment": "crop"}, "mix": {"augment": "mix"},
+          "stats-float": {"stats": "float"}, "stats-mean": {"stats": "mean"},  # statistics alignment
+          "iters250": {"iters": 250, "finetune_iters": 100}}
+
+
+def lever_options(name: str) -> dict:
+    kw: dict = {}
+    for atom in name.split("+"):
+        if atom not in LEVERS:
+            raise SystemExit(f"unknown lever {atom!r}; choose from {', '.join(LEVERS)} (join with +)")
+        kw.update(LEVERS[atom])
+    return kw
+
+
+def _sample_paths(shared: Path) -> dict:
+    return {"calib": shared / "data/imagenette/calib", "sample": shared / "data/imagenet-sample/even",
+            "sample_map": shared / "data/imagenet-sample/class_map.json",
+            "devval": shared / "data/imagenette/dev-val", "devval_map": shared / "data/imagenette/class_map.json"}
+
+
+def _weights(args) -> Path:
+    if args.model == "resnet18":
+        return Path(args.shared) / "models/resnet18-imagenet.pt"
+    from cora_onnx.archs.efficientnet_lite import efficientnet_lite0_weights_path
+
+    return Path(efficientnet_lite0_weights_path())
+
+
+def _lever_kw(args, lever: str) -> dict:
+    kw = lever_options(lever)
+    if args.iters is not None:
+        kw["iters"] = args.iters
+        if args.finetune_iters is not None:
+            kw["finetune_iters"] = args.finetune_iters
+    if args.budget is not None:
+        kw.setdefault("budget", args.budget)
+    return kw
+
+
+def _emit(args, rec: dict, keys) -> None:
+    print(json.dumps({k: rec.get(k) for k in keys}), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def run_sample(args) -> None:
+    """--protocol sample: full rows through cora_onnx.quantize (ONNX Runtime scores the sample), or
+    with --light the search and PyTorch scoring only."""
+    import resource
+
+    from cora_onnx import quantize
+    from cora_onnx.data import Preprocess, load_class_map, load_images
+    from cora_onnx.export import apply_plan_torch, fold_batchnorm
+    from cora_onnx.models import build_model, default_normalization
+    from cora_onnx.search.cora import CoraSettings, search_cora
+    from cora_onnx.verify import fidelity, predict_onnx, predict_torch, session, top1
+
+    paths = _sample_paths(Path(args.shared))
+    mean, std = default_normalization(args.model)
+    pre = Preprocess(224, args.crop_ratio, mean, std)
+    sample = load_images(paths["sample"], pre, labelled=True, class_map=load_class_map(paths["sample_map"]),
+                         num_classes=1000)
+    devval = load_images(paths["devval"], pre, labelled=True, class_map=load_class_map(paths["devval_map"]),
+                         num_classes=1000).subset(args.val_size, 0) if args.devval else None
+    model = build_model(args.model, _weights(args))
+    folded = fold_batchnorm(model)
+    float_sample = predict_torch(folded, sample)
+    float_dev = top1(predict_torch(folded, devval), devval.labels) if devval is not None else None
+    calib = load_images(paths["calib"], pre) if args.light else None
+    if args.light:
+        _reuse_float_statistics()
+    for bits in args.bits:
+        for lever in args.levers:
+            kw = _lever_kw(args, lever)
+            rec = {"protocol": "sample", "model": args.model, "lever": lever, "bits": bits, "options": kw,
+                   "light": bool(args.light), "crop_ratio": args.crop_ratio, "sample_images": len(sample),
+                   "torch_threads": args.torch_threads}
+            if args.light:
+                kw["calib_size"] = args.calib_size
+                t0 = time.perf_counter()
+                plan = search_cora(folded, CoraSettings(bits=bits, **kw), calib)
+                rec["search_seconds"] = time.perf_counter() - t0
+                qmodel = apply_plan_torch(folded, plan)
+                logits = predict_torch(qmodel, sample)
+                dev = top1(predict_torch(qmodel, devval), devval.labels) if devval is not None else None
+                rec.update(calib_images=min(args.calib_size, len(calib)), scored_by="pytorch",
+                           cora={k: v for k, v in plan.meta["cora"].items() if k not in ("loss_history", "ranks")},
+                           peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    res = quantize(build_model(args.model, _weights(args)), calib=paths["calib"], val=paths["sample"],
+                                   class_map=paths["sample_map"], bits=bits, method="cora", out=Path(tmp) / "m.onnx",
+                                   mean=mean, std=std, crop_ratio=args.crop_ratio, model_name=args.model,
+                                   latency_runs=args.latency_runs, **kw)
+                    dev = top1(predict_onnx(session(res.path, threads=args.torch_threads), devval), devval.labels) \
+                        if devval is not None else None
+                r = res.report  # ONNX Runtime on the sample vs the float PyTorch model
+                rec.update(scored_by="onnxruntime", search_seconds=r["search_seconds"], parity=r["parity"],
+                           onnx_bytes=r["onnx_bytes"], effective_bits=r["effective_bits"],
+                           cora={k: v for k, v in r.get("cora", {}).items() if k not in ("loss_history", "ranks")},
+                           fidelity_to_float=r["fidelity_to_float"], top1=r["top1"]["quantized_onnxruntime"],
+                           environment=r["environment"])
+            if args.light:
+                rec.update(fidelity_to_float=fidelity(logits, float_sample), top1=top1(logits, sample.labels))
+            rec.update(float_top1=top1(float_sample, sample.labels), devval_top1=dev, float_devval_top1=float_dev,
+                       devval_images=len(devval) if devval is not None else 0)
+            _emit(args, rec, ("lever", "bits", "light", "fidelity_to_float", "top1", "devval_top1", "search_seconds"))
+
+
+def _reuse_float_statistics() -> None:
+    """(--light) Every row of a run searches the same float model on the same statistics images, so
+    the float statistics pass (per-layer input second moments for GPTQ and the SVD) and each layer's
+    grid and residual factors (GPTQ, SVD) are computed once and reused: minutes per row on one
+    thread. Both are deterministic functions of their inputs, so the rows are unchanged."""
+    from cora_onnx.search import cora
+
+    original, memo = cora._float_statistics, {}
+    quantize_layer, qmemo = cora._quantize_layer, {}
+
+    def cached_layer(w, spec, rounding, svd, cov, decompose):
+        key = (tuple(w.shape), float(w.double().sum()), float(w.double().abs().sum()), spec, rounding, svd,
+               None if cov is None else float(cov.double().sum()), decompose)
+        if key not in qmemo:
+            qmemo[key] = quantize_layer(w, spec, rounding, svd, cov, decompose)
+        return qmemo[key]
+
+    cora._quantize_layer = cached_layer
+
+    def cached(model, layers, need_cov, batches):
+        key = (tuple(sorted(need_cov)), len(batches), tuple(float(b.double().sum()) for b in batches))
+        if key not in memo:
+            memo[key] = original(model, layers, need_cov, batches)
+        return memo[key]
+
+    cora._float_statistics = cached
+
+
+def sample_table(recs: list[dict]) -> None:
+    rows = []
+    for r in recs:
+        f, c = r["fidelity_to_float"], r.get("cora") or {}
+        dev = f"{r['devval_top1']:.1f}% / {r['float_devval_top1']:.1f}%" if r.get("devval_top1") is not None else "-"
+        rows.append([r["model"], r["lever"], f"W{r['bits']}", "light" if r["light"] else "full (ORT)",
+                     f"{f['top1_agreement']:.1f}%", f"{f['kl_divergence']:.3f}",
+                     f"{r['top1']:.1f}% / {r['float_top1']:.1f}%", dev, str(c.get("iterations", "-")),
+                     f"{100 * c['adapter_fraction']:.2f}%" if c else "-", f"{r['search_seconds']:.0f}"])
+    print("| model | lever | bits | run | agreement with float | KL | top-1 / float (sample) | dev-val top-1 / float "
+          "| steps | adapters (% weights) | search s |")
+    print("|" + " --- |" * 11)
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print()
 
 
 def run(args) -> None:
@@ -170,6 +343,10 @@ def _markdown(header: list[str], rows: list[list[str]]) -> None:
 
 def table(path: str) -> None:
     recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    sample = [r for r in recs if r.get("protocol") == "sample"]
+    if sample:
+        sample_table(sample)
+    recs = [r for r in recs if r.get("protocol") != "sample"]
     light = [r for r in recs if r.get("light")]
     recs = [r for r in recs if not r.get("light")]
     held = lambda r: " (held-out classes)" if r.get("holdout") else ""  # noqa: E731
@@ -216,6 +393,13 @@ def main() -> None:
                     help=f"(--light) indices of the ablation rows to run, 0-{len(ABLATION) - 1} [all]")
     ap.add_argument("--holdout", action="store_true", help="calibrate on five classes, score on the other five "
                     "(tools/holdout.py)")
+    ap.add_argument("--protocol", default="imagenette", choices=["imagenette", "sample"],
+                    help="imagenette: calib and dev-val of the ten classes (--holdout: five and five); sample: "
+                    "calib on the ten classes, score on imagenet-sample/even (issue 14)")
+    ap.add_argument("--levers", nargs="+", default=["default"],
+                    help=f"(--protocol sample) rows: {', '.join(LEVERS)}, or several joined by +")
+    ap.add_argument("--crop-ratio", type=float, default=0.875, help="(--protocol sample) for every folder [0.875]")
+    ap.add_argument("--devval", action="store_true", help="(--protocol sample) also dev-val top-1 (--val-size images)")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--table", default=None, help="print the markdown table from this JSON-lines file and exit")
     args = ap.parse_args()
@@ -229,7 +413,10 @@ def main() -> None:
         torch.set_num_threads(args.torch_threads)
     for name in ("cora_onnx.verify", "onnxscript", "torch"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    run_light(args) if args.light else run(args)
+    if args.protocol == "sample":
+        run_sample(args)
+    else:
+        run_light(args) if args.light else run(args)
 
 
 if __name__ == "__main__":

@@ -41,23 +41,26 @@ from ..quantizers import CLIP_METHODS, QuantSpec, gptq_round, quantize_weight
 from .layers import LayerSelection, layer_kind, select_layers, uniform_from
 from .options import CliOption
 
-__all__ = ["CoraSettings", "search_cora", "cora_report", "CORA_OPTIONS", "PRESETS", "butterworth"]
+__all__ = ["CoraSettings", "search_cora", "cora_report", "CORA_OPTIONS", "PRESETS", "butterworth", "augment_batch"]
 
 log = logging.getLogger(__name__)
 
 PRESETS: dict[str, dict] = {
     # the paper / reference implementation
     "reference": dict(per_channel=False, symmetric=False, clip="std", k=3.0, rounding="nearest", svd="weight",
-                      stats="none", iters=250, finetune_iters=0),
+                      stats="none", iters=250, finetune_iters=0, augment="none", distill="kl", features="none"),
     # the best combination measured here (see tools/measure_cora.py and the README: the statistics
     # correction helped in the light ablation but lost 0.4-2.2 points in the full runs, in-class and
     # on held-out classes)
     "default": dict(per_channel=True, symmetric=True, clip="mse", k=3.0, rounding="gptq", svd="activation",
-                    stats="none", iters=100, finetune_iters=40),
+                    stats="none", iters=100, finetune_iters=40, augment="none", distill="kl", features="none"),
 }
 ROUNDINGS = ("nearest", "gptq")
 SVDS = ("weight", "activation")
 STATS = ("none", "mean", "float")
+AUGMENTS = ("none", "flip", "crop", "mix")
+DISTILLS = ("kl", "mse")
+FEATURES = ("none", "layers")
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,19 @@ class CoraSettings:
     8 (per-channel symmetric) or 0 for float adapters; preset: "default" or "reference" (fills
     every grid/rounding/svd/stats/finetune setting left as None); stats_size: images for the
     statistics pass (input second moments, float statistics); fit_classifier: False keeps Linear
-    layers out of the statistics correction and the bias fine-tuning."""
+    layers out of the statistics correction and the bias fine-tuning.
+
+    Levers against the calibration classes' prior (issue 14; the preset fills those left as None):
+    augment: the distillation images: none (the calibration images as they are), flip (random
+    horizontal flips), crop (random resized crops, 25-100% of the area, and flips), mix (crops and
+    flips, then each image blended with another one of the batch, weight uniform in 0-1); the
+    float model's outputs are then computed on the same augmented batch at every step.
+    distill: the loss on the logits: kl (cross-entropy against the float softmax, weighted toward
+    the classes the images show) or mse (squared error of all the logits, each centred per image:
+    every class counts the same). features: none, or layers (adds the mean over the planned layers
+    of the relative squared error of each layer's output against the float network's output of the
+    same layer on the same images, times feature_weight). finetune_biases: let the fine-tuning train
+    the biases (False: adapter factors only)."""
 
     bits: int = 4
     preset: str = "default"
@@ -92,6 +107,11 @@ class CoraSettings:
     stats: str | None = None
     stats_size: int = 128
     fit_classifier: bool = True
+    augment: str | None = None
+    distill: str | None = None
+    features: str | None = None
+    feature_weight: float = 1.0
+    finetune_biases: bool = True
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first", "last", "depthwise")))
     seed: int = 0
 
@@ -121,7 +141,12 @@ class CoraSettings:
             raise SettingsError(f"adapter_bits must be 0 (float adapters) or 2-8, got {self.adapter_bits!r}")
         if self.clip not in CLIP_METHODS:
             raise SettingsError(f"clip must be one of {', '.join(CLIP_METHODS)}, got {self.clip!r}")
-        for name, allowed in (("rounding", ROUNDINGS), ("svd", SVDS), ("stats", STATS)):
+        if not (isinstance(self.feature_weight, (int, float)) and 0 < self.feature_weight <= 1000):
+            raise SettingsError(f"feature_weight must be > 0 and <= 1000, got {self.feature_weight!r}")
+        if not isinstance(self.finetune_biases, bool):
+            raise SettingsError(f"finetune_biases must be True or False, got {self.finetune_biases!r}")
+        for name, allowed in (("rounding", ROUNDINGS), ("svd", SVDS), ("stats", STATS), ("augment", AUGMENTS),
+                              ("distill", DISTILLS), ("features", FEATURES)):
             if getattr(self, name) not in allowed:
                 raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         QuantSpec(bits=self.bits, clip=self.clip, k=self.k)  # validates k
@@ -158,6 +183,15 @@ CORA_OPTIONS = (
     CliOption("--fit-classifier/--no-fit-classifier", "fit_classifier", bool,
               "Let the statistics correction and the bias fine-tuning touch Linear (classifier) layers: their "
               "per-class corrections are fitted on the calibration images' classes [fit]."),
+    CliOption("--augment", "augment", AUGMENTS, "Distillation images: as they are, random flips, random resized "
+              "crops and flips, or crops and flips blended in pairs [default none]."),
+    CliOption("--distill", "distill", DISTILLS, "Logit loss: KL toward the float softmax, or squared error of all "
+              "the (centred) logits [default kl]."),
+    CliOption("--features", "features", FEATURES, "Also match every planned layer's output to the float network's "
+              "(relative squared error) [default none]."),
+    CliOption("--feature-weight", "feature_weight", float, "Weight of the --features loss [1.0]."),
+    CliOption("--finetune-biases/--no-finetune-biases", "finetune_biases", bool,
+              "Let the adapter fine-tuning train the layers' biases too [yes]."),
     CliOption("--stats", "stats", STATS, "Correct each layer's output statistics toward the float network: "
               "none, mean only, or mean and std [preset default: none]."),
 )
@@ -314,10 +348,91 @@ def _kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torc
     return -(F.softmax(teacher_logits, 1) * F.log_softmax(student_logits, 1)).sum(1).mean()
 
 
+def _logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the logits, each row centred (softmax ignores a shared shift)."""
+    s = student_logits - student_logits.mean(1, keepdim=True)
+    t = teacher_logits - teacher_logits.mean(1, keepdim=True)
+    return (s - t).pow(2).mean()
+
+
+def _feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of each output's squared error relative to the float output's power."""
+    terms = [(student[n] - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12) for n, t in teacher.items()]
+    return torch.stack(terms).mean()
+
+
+class _Capture:
+    """Forward hooks that keep the latest output of each named module."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _hook(self, name: str):
+        def fn(mod, inputs, out):
+            self.out[name] = out
+        return fn
+
+    def take(self) -> dict[str, torch.Tensor]:
+        out, self.out = self.out, {}
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Augment a normalized N x 3 x H x W batch (see CoraSettings.augment); deterministic under gen."""
+    if mode == "none":
+        return x
+    n, _, h, w = x.shape
+    if mode in ("crop", "mix"):
+        out = []
+        for img in x:
+            u = torch.rand(4, generator=gen).tolist()
+            area = h * w * (0.25 + 0.75 * u[0])
+            ratio = math.exp(math.log(3 / 4) + u[1] * math.log(16 / 9))
+            ch = max(1, min(h, round(math.sqrt(area / ratio))))
+            cw = max(1, min(w, round(math.sqrt(area * ratio))))
+            top, left = int(u[2] * (h - ch + 1)), int(u[3] * (w - cw + 1))
+            out.append(F.interpolate(img[None, :, top:top + ch, left:left + cw], size=(h, w), mode="bilinear",
+                                     align_corners=False))
+        x = torch.cat(out)
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if mode == "mix" and n > 1:
+        lam = torch.rand(n, 1, 1, 1, generator=gen)
+        x = lam * x + (1 - lam) * x.roll(1, 0)
+    return x
+
+
 def _quantize_adapter(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric grid: (dequantized values, scales)."""
     qt = quantize_weight(t, QuantSpec(bits=bits, per_channel=True, symmetric=True, clip="minmax"))
     return qt.dequantize().to(torch.float32), qt.scale.to(torch.float32)
+
+
+def _quantize_layer(w: torch.Tensor, spec: QuantSpec, rounding: str, svd: str, cov: torch.Tensor | None,
+                    decompose: bool):
+    """The layer's grid (GPTQ rounding when rounding == "gptq" and its input second moment is
+    known) and, when decompose, the residual's factors (U S, V) with R = U S V, decomposed in the
+    metric of the inputs when svd == "activation"."""
+    qt = quantize_weight(w, spec)
+    if rounding == "gptq" and cov is not None:
+        qt = gptq_round(w, qt, cov)
+    if not decompose:
+        return qt, None
+    r = (w - qt.dequantize().to(torch.float32)).reshape(w.shape[0], -1)
+    if svd == "activation":
+        h = cov.double()
+        h = h + torch.eye(h.shape[0], dtype=h.dtype) * (0.01 * torch.diag(h).mean() + 1e-12)
+        chol = torch.linalg.cholesky(h)  # H = C C^T
+        u, s, vt = torch.linalg.svd(r.double() @ chol, full_matrices=False)
+        v = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)  # V^T C^-1
+    else:
+        u, s, v = torch.linalg.svd(r.double(), full_matrices=False)
+    return qt, ((u * s).float(), v.float())
 
 
 def _project_ranks(c: dict[str, float], full: dict[str, int], per_rank: dict[str, int], allowed: float) -> dict[str, int]:
@@ -362,9 +477,11 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
     t0 = time.perf_counter()
     float_stats, cov = _float_statistics(teacher, layers, need_cov, stats_batches)
     t1 = time.perf_counter()
+    per_step = settings.augment != "none" or settings.features != "none"  # float outputs at every step
     with torch.no_grad():
-        teacher_logits = torch.cat([teacher(x) for x in calib.batches(64)])
-    log.info("statistics pass %.1f s, teacher logits on %d images %.1f s", t1 - t0, len(calib), time.perf_counter() - t1)
+        teacher_logits = None if per_step else torch.cat([teacher(x) for x in calib.batches(64)])
+    log.info("statistics pass %.1f s, teacher logits on %d images %.1f s", t1 - t0, 0 if per_step else len(calib),
+             time.perf_counter() - t1)
     t0 = time.perf_counter()
 
     # quantize, decompose the residual
@@ -374,26 +491,13 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
     full, per_rank, weight_frac = {}, {}, {}
     for name, b in bits.items():
         mod = layers[name]
-        w = mod.weight.detach()
-        qt = quantize_weight(w, settings.spec(b))
-        if settings.rounding == "gptq" and name in cov:
-            qt = gptq_round(w, qt, cov[name])
+        qt, factors = _quantize_layer(mod.weight.detach(), settings.spec(b), settings.rounding, settings.svd,
+                                      cov.get(name), name in adapted)
         grids[name] = qt
         wq = qt.dequantize().to(torch.float32)
-        factors = None
-        if name in adapted:
-            r = (w - wq).reshape(w.shape[0], -1)
-            if settings.svd == "activation":
-                h = cov[name].double()
-                h = h + torch.eye(h.shape[0], dtype=h.dtype) * (0.01 * torch.diag(h).mean() + 1e-12)
-                chol = torch.linalg.cholesky(h)  # H = C C^T
-                u, s, vt = torch.linalg.svd(r.double() @ chol, full_matrices=False)
-                v = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)  # V^T C^-1
-            else:
-                u, s, v = torch.linalg.svd(r.double(), full_matrices=False)
-            factors = ((u * s).float(), v.float())
-            full[name] = s.numel()
-            per_rank[name] = r.shape[1] + r.shape[0]
+        if factors is not None:
+            full[name] = factors[1].shape[0]
+            per_rank[name] = factors[1].shape[1] + factors[0].shape[0]
             weight_frac[name] = full[name] * per_rank[name] / total_params
         wrapped[name] = _Layer(mod, wq, factors, settings.order, 1.0)
     log.info("quantization (%s rounding) and residual decomposition (%s): %.1f s", settings.rounding, settings.svd,
@@ -408,9 +512,27 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
 
     gen = torch.Generator().manual_seed(settings.seed)
 
-    def batch():
+    feature_names = dict(wrapped) if settings.features == "layers" else {}
+    t_capture = _Capture({n: layers[n] for n in feature_names})
+    s_capture = _Capture(feature_names)
+
+    def objective() -> torch.Tensor:
+        """One batch: the distillation loss of the student against the float network."""
         idx = torch.randint(len(calib), (settings.batch_size,), generator=gen)
-        return calib.preprocess.normalize(calib.images[idx]), teacher_logits[idx]
+        x = calib.preprocess.normalize(calib.images[idx])
+        if per_step:
+            x = augment_batch(x, settings.augment, gen)
+            with torch.no_grad():
+                t = teacher(x)
+            t_feats = t_capture.take()
+        else:
+            t, t_feats = teacher_logits[idx], {}
+        out = student(x)
+        loss = _kd_loss(out, t) if settings.distill == "kl" else _logit_mse(out, t)
+        s_feats = s_capture.take()
+        if t_feats:
+            loss = loss + settings.feature_weight * _feature_loss(s_feats, t_feats)
+        return loss
 
     # Linear layers (the classifier): per-class corrections, left alone unless fit_classifier
     fixed = frozenset() if settings.fit_classifier else frozenset(n for n in wrapped if isinstance(layers[n], nn.Linear))
@@ -427,10 +549,9 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
         log.info("rank search: %d steps of %d images, budget %.3f of %d weight parameters",
                  settings.search_iters, settings.batch_size, settings.budget, total_params)
         for it in range(settings.search_iters):
-            x, t = batch()
             c_vec = torch.stack(cs)
             used = (c_vec * fracs).sum()
-            kd = _kd_loss(student(x), t)
+            kd = objective()
             loss = kd + settings.gamma * torch.exp(F.relu(used - settings.budget))
             opt.zero_grad()
             loss.backward()
@@ -471,21 +592,24 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
             for p in (wrapped[n].a, wrapped[n].b):
                 params.append({"params": [p], "lr": 1e-3 * float(p.detach().pow(2).mean().sqrt()) + 1e-12})
         for name, w in wrapped.items():
-            if name in fixed:
+            if name in fixed or not settings.finetune_biases:
                 continue
             w.bias.requires_grad_(True)
             params.append({"params": [w.bias], "lr": 1e-3 * float(w.bias.detach().pow(2).mean().sqrt()) + 1e-6})
         opt = torch.optim.Adam(params)
-        log.info("fine-tuning %d adapters and %d biases: %d steps", len(live), len(wrapped), settings.finetune_iters)
+        log.info("fine-tuning %d adapters and %d biases: %d steps", len(live), len(params) - 2 * len(live),
+                 settings.finetune_iters)
         for it in range(settings.finetune_iters):
-            x, t = batch()
-            kd = _kd_loss(student(x), t)
+            kd = objective()
             opt.zero_grad()
             kd.backward()
             opt.step()
             history.append((float(kd.detach()), float(sum(ranks[n] * per_rank[n] for n in live) / total_params)))
             if it % 25 == 0 or it == settings.finetune_iters - 1:
                 log.info("fine-tune %d/%d: distillation loss %.4f", it + 1, settings.finetune_iters, float(kd.detach()))
+
+    t_capture.remove()
+    s_capture.remove()
 
     # the plan
     plans = []

@@ -234,12 +234,7 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
     report_dict["file_bits_per_weight"] = len(file_bytes) * 8 / max(weight_params, 1)
     report_dict["float_file_bits_per_weight"] = len(float_bytes) * 8 / max(weight_params, 1)
     atomic_write(out, lambda f: f.write(file_bytes))
-    if float_out is not None:
-        atomic_write(float_out, lambda f: f.write(float_bytes))
-    if plan_out is not None:
-        plan.save(plan_out)
-    if report is not None:
-        write_report(report_dict, report)
+    _write_side_outputs(float_out, float_bytes, plan_out, plan, report, report_dict)
     return QuantizeResult(report_dict, plan, Path(out), model, qmodel)
 
 
@@ -270,13 +265,18 @@ def _parity_failed(failure: str, par: dict, kind: str, quant_bytes: bytes, qmode
     report_dict.update(onnx_path=str(failed), parity_error=msg,
                        parity_layer=None if where is None else {"layer": where[0], "relative_error": where[1],
                                                                 "diverged": where[2]})
+    _write_side_outputs(float_out, float_bytes, plan_out, plan, report, report_dict)
+    raise ParityError(msg)
+
+
+def _write_side_outputs(float_out, float_bytes: bytes, plan_out, plan: Plan, report, report_dict: dict) -> None:
+    """The float model, the plan and the report, each when asked for."""
     if float_out is not None:
         atomic_write(float_out, lambda f: f.write(float_bytes))
     if plan_out is not None:
         plan.save(plan_out)
     if report is not None:
         write_report(report_dict, report)
-    raise ParityError(msg)
 
 
 def failed_path(out: str | Path) -> Path:

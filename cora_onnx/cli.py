@@ -286,7 +286,7 @@ def rewrite(onnx_in, out, bits, calib, keep, keep_bits, clip, act_bits, act_cali
                        act_calib=act_calib, mean=mean, std=std, input_size=input_size, crop_ratio=crop_ratio,
                        keep=kept, keep_bits=keep_bits, clip=clip, out_format=out_format, threads=threads, report=report)
     r = res.report
-    src_ext = f" with its external data" if r.get("input_external_data") else ""
+    src_ext = " with its external data" if r.get("input_external_data") else ""
     out_ext = f" + {r['external_data']['file']}" if r.get("external_data") else ""
     line = (f"wrote {out}{out_ext} ({r['output_bytes'] / 1e6:.2f} MB from {r['input_bytes'] / 1e6:.2f} MB{src_ext}, "
             f"{r['file_bits_per_weight']:.2f} file bits per weight; "

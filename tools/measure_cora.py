@@ -95,7 +95,11 @@ def _weights(args) -> Path:
 
 
 def _lever_kw(args, lever: str) -> dict:
-    kw = lever_options(lever)
+    return _step_options(args, lever_options(lever))
+
+
+def _step_options(args, kw: dict) -> dict:
+    """--iters / --finetune-iters / --budget on top of a row's CoRa options (kw, changed in place)."""
     if args.iters is not None:
         kw["iters"] = args.iters
         if args.finetune_iters is not None:
@@ -247,12 +251,7 @@ def run(args) -> None:
     for bits in args.bits:
         for name, method, kw in rows:
             if method == "cora":
-                if args.iters is not None:
-                    kw["iters"] = args.iters
-                    if args.finetune_iters is not None:
-                        kw["finetune_iters"] = args.finetune_iters
-                if args.budget is not None:
-                    kw.setdefault("budget", args.budget)
+                _step_options(args, kw)
             model = build_model(args.model, weights)
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import passes._packing as packing
-from cora_onnx.export import apply_plan_torch, export_onnx, export_program, fold_batchnorm, onnx_bytes
+from cora_onnx.export import apply_plan_torch, export_onnx, export_program, onnx_bytes
 from cora_onnx.int8 import add_activation_qdq, integer_kernels
 from cora_onnx.pipeline import apply_plan, cleanup_passes
 from cora_onnx.plan import LowRankAdapter, Plan

@@ -15,19 +15,19 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from .data import ImageSet, Preprocess, load_class_map, load_images, parse_floats
+from .data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, Preprocess, load_class_map, load_images, parse_floats
 from .errors import ModelError, ParityError, SettingsError
 from .export import (AdaptedConv, apply_plan_torch, export_onnx, export_program, fold_batchnorm, onnx_bytes,
                      quantizable_layers, remaining_batchnorm)
 from .io import atomic_write, check_output_path
-from .models import IMAGENET_MEAN, IMAGENET_STD, check_finite
+from .models import check_finite
 from .parity import PARITY_LIMITS, first_divergent_layer, parity_failure, reference_kind
 from .pipeline import apply_plan
 from .plan import Plan
 from .report import environment, write_report
 from .search import METHODS
-from .verify import (cpu_threads, fidelity, measure_latency, parity, predict_onnx, predict_torch, session,
-                     size_breakdown, top1)
+from .verify import cpu_threads, fidelity, measure_latency, parity, predict_onnx, session, size_breakdown, top1
+from .verify_torch import predict_torch
 
 __all__ = ["QuantizeResult", "quantize", "make_settings", "export_plan", "effective_bits", "FloatReference",
            "float_reference", "failed_path"]
@@ -367,7 +367,7 @@ def _verify(model, qmodel, float_bytes: bytes, quant_bytes: bytes, val_set: Imag
     par = parity(ort_logits, q_logits)
     # the images a failed check compares layer by layer: those the two runs disagree on first
     order = np.argsort((ort_logits.argmax(1) == q_logits.argmax(1)).astype(np.int8), kind="stable")[:PROBE_IMAGES]
-    probe = pset.preprocess.normalize(pset.images[torch.from_numpy(np.sort(order))])
+    probe = torch.from_numpy(pset.preprocess.normalize(pset.images[np.sort(order)]))
     shape = (3, pre.input_size, pre.input_size)
     batches = (1,) if not latency_batch or latency_batch == 1 else (1, latency_batch)
     if latency_runs > 0:
@@ -463,5 +463,5 @@ def float_reference(model: nn.Module, val: str | Path, class_map: str | Path | N
     meta = {"input_size": pre.input_size, "crop_ratio": pre.crop_ratio, "mean": list(pre.mean), "std": list(pre.std)}
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(meta)
     weight_params = sum(mod.weight.numel() for mod in quantizable_layers(folded).values())
-    labels = val_set.labels.numpy()
+    labels = val_set.labels
     return FloatReference(logits, labels, top1(logits, labels), onnx_bytes(model_ir), int(weight_params))

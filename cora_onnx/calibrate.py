@@ -200,7 +200,7 @@ def calibrate(model_bytes: bytes, tensors: Sequence[str], images, settings: Cali
               threads: int | None = None) -> dict[str, tuple[float, float]]:
     """Ranges of `tensors` over the images of an ImageSet (cora_onnx.data), streamed in batches."""
     n = (len(images) + settings.batch_size - 1) // settings.batch_size
-    batches = (b.numpy() for b in images.batches(settings.batch_size))
+    batches = images.batches(settings.batch_size)
     hists = collect_histograms(model_bytes, tensors, batches, n, settings.bins, threads)
     ranges = compute_ranges(hists, settings)
     log.info("calibrated %d activation tensors on %d images (%s)", len(ranges), len(images), settings.method)

@@ -242,7 +242,7 @@ def import_pq(checkpoint, arch, out, val, calib, class_map, report, input_size, 
     """Product-quantized checkpoint ("And the bit goes down" format) in, exact ONNX out: codes and
     codewords decoded in the graph, checked in ONNX Runtime against the decoded PyTorch model."""
     _setup_logging(verbose, quiet)
-    from .models import IMAGENET_MEAN, IMAGENET_STD
+    from .data import IMAGENET_MEAN, IMAGENET_STD
     from .pq_import import import_pq as run
     from .report import format_import_table
 
@@ -383,7 +383,7 @@ def _model_preprocess(sess, spec, what: str, *, input_size=None, crop_ratio=None
     fixed input cannot take is a SettingsError."""
     from .data import Preprocess, parse_floats
     from .errors import SettingsError
-    from .models import IMAGENET_MEAN, IMAGENET_STD
+    from .data import IMAGENET_MEAN, IMAGENET_STD
 
     meta = _preprocess_meta(sess)
     size = input_size or meta.get("input_size") or spec.size or 224

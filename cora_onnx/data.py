@@ -2,7 +2,9 @@
 several folders are mixed into one set.
 
 Images are decoded once (threads; PIL releases the GIL), resized and center-cropped to uint8
-tensors kept in memory and cached per process; normalization is applied per batch.
+numpy arrays kept in memory and cached per process; normalization is applied per batch. No torch
+here: the ONNX side (rewrite, eval, calibration) reads images without it; the torch side views
+the same arrays as tensors (cora_onnx.torch_images, zero-copy).
 
 Labels of class folders: a class map (folder name -> index) when given; else, for a 1000-class
 model whose folders are all ImageNet WordNet ids (n01440764, ...), the built-in ImageNet map
@@ -24,17 +26,18 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-import torch
 
 from .errors import DataError, SettingsError
 from .io import check_input_dir, check_input_file
 
-__all__ = ["IMAGE_SUFFIXES", "Preprocess", "ImageSet", "load_images", "load_class_map", "imagenet_class_map",
+__all__ = ["IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "ImageSet", "permutation", "load_images", "load_class_map", "imagenet_class_map",
            "parse_floats"]
 
 log = logging.getLogger(__name__)
 
 IMAGENET_CLASSES = 1000
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the usual torchvision normalization
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
@@ -62,8 +65,8 @@ class Preprocess:
 
     input_size: int = 224
     crop_ratio: float = 1.0
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
         if not 1 <= int(self.input_size) <= 4096:
@@ -73,19 +76,34 @@ class Preprocess:
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
             raise SettingsError(f"mean and std need 3 values each, std > 0; got {self.mean} / {self.std}")
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+    def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 N x 3 x H x W -> normalized float32."""
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        return (images.to(torch.float32) - mean) / std
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(1, 3, 1, 1) * np.float32(255.0)
+        std = np.asarray(self.std, dtype=np.float32).reshape(1, 3, 1, 1) * np.float32(255.0)
+        return (images.astype(np.float32) - mean) / std
+
+
+def permutation(n: int, seed: int) -> np.ndarray:
+    """The permutation torch.randperm(n, generator=torch.Generator().manual_seed(seed)) gives on
+    CPU (Fisher-Yates on the 32-bit outputs of MT19937 seeded with `seed`), computed with numpy:
+    subsets stay the images they were when ImageSet held tensors, so measured figures repeat."""
+    bits = np.random.MT19937(0)
+    bits._legacy_seeding(seed)
+    raw = bits.random_raw(max(n - 1, 0))
+    perm = np.arange(n, dtype=np.int64)
+    for i in range(n - 1):
+        z = i + int(raw[i]) % (n - i)
+        perm[i], perm[z] = perm[z], perm[i]
+    return perm
 
 
 @dataclass(frozen=True, eq=False)
 class ImageSet:
-    """Decoded images (uint8, N x 3 x S x S), labels (int64 model class indices, or None) and paths."""
+    """Decoded images (numpy uint8, N x 3 x S x S), labels (numpy int64 model class indices, or
+    None) and paths; batches() gives normalized float32 N x 3 x S x S arrays."""
 
-    images: torch.Tensor
-    labels: torch.Tensor | None
+    images: np.ndarray
+    labels: np.ndarray | None
     paths: tuple[str, ...]
     preprocess: Preprocess
 
@@ -96,11 +114,11 @@ class ImageSet:
         """A deterministic random subset of n images (all of them if n is None or >= len)."""
         if n is None or n >= len(self):
             return self
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        idx = np.sort(permutation(len(self), seed)[:n])
         return ImageSet(self.images[idx], None if self.labels is None else self.labels[idx],
                         tuple(self.paths[i] for i in idx.tolist()), self.preprocess)
 
-    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Normalized float32 batches in order."""
         for i in range(0, len(self), batch_size):
             yield self.preprocess.normalize(self.images[i:i + batch_size])
@@ -238,8 +256,8 @@ def load_images(folder: str | os.PathLike | Sequence[str | os.PathLike], preproc
     if len(kept) < len(files):
         log.warning("%s %s: skipped %d of %d images that failed to decode", what, where, len(files) - len(kept),
                     len(files))
-    images = torch.from_numpy(np.stack([a for a, _ in kept]))
-    labels = torch.tensor([lab for _, (_, lab) in kept], dtype=torch.int64) if labelled else None
+    images = np.stack([a for a, _ in kept])
+    labels = np.array([lab for _, (_, lab) in kept], dtype=np.int64) if labelled else None
     result = ImageSet(images, labels, tuple(str(p) for _, (p, _) in kept), preprocess)
     _CACHE[key] = result
     return result

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .data import IMAGENET_MEAN, IMAGENET_STD
 from .errors import InputError, ModelError
 from .io import check_input_file
 
@@ -20,8 +21,6 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "list_architectures", "build_model",
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _own_architectures() -> dict[str, Callable[..., nn.Module]]:

@@ -34,15 +34,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import Preprocess, load_class_map, load_images, parse_floats
+from .data import IMAGENET_MEAN, IMAGENET_STD, Preprocess, load_class_map, load_images, parse_floats
 from .errors import InputError, ModelError, ParityError, SettingsError
 from .export import export_program, fold_batchnorm, onnx_bytes
 from .io import atomic_write, check_input_file, check_output_path
-from .models import IMAGENET_MEAN, IMAGENET_STD
 from .pipeline import apply_plan
 from .plan import Codebook, LayerPlan, Plan
 from .report import environment, write_report
-from .verify import cpu_threads, measure_latency, parity, predict_onnx, predict_torch, session, size_breakdown, top1
+from .verify import cpu_threads, measure_latency, parity, predict_onnx, session, size_breakdown, top1
+from .verify_torch import predict_torch
 
 __all__ = ["ARCHITECTURES", "ImportResult", "import_pq", "read_pq_checkpoint", "decode_pq_checkpoint",
            "PARITY_TOLERANCE"]

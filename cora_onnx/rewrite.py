@@ -265,9 +265,8 @@ def rewrite_onnx(src: str | os.PathLike, out: str | os.PathLike, bits: int, *, a
                              "with external data, weight-only (without --act-bits and --format ort)")
     if act_bits is not None:
         from .calibrate import CalibSettings
-        from .data import Preprocess, load_images, parse_floats
+        from .data import IMAGENET_MEAN, IMAGENET_STD, Preprocess, load_images, parse_floats
         from .int8 import add_activation_qdq, integer_kernels
-        from .models import IMAGENET_MEAN, IMAGENET_STD
 
         settings = CalibSettings(method=act_calib)
         pre = Preprocess(input_size=int(size), crop_ratio=crop_ratio,

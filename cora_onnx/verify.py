@@ -1,5 +1,5 @@
 """ONNX Runtime verification (CPU): predictions, top-1, parity, latency and size. Never
-mutates a model."""
+mutates a model. No torch: the PyTorch half (predict_torch) is cora_onnx.verify_torch."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .errors import OnnxModelError
 from .modelfile import ModelFile, read_model
 from .progress import progress
 
-__all__ = ["session", "predict_onnx", "predict_torch", "top1", "parity", "measure_latency", "size_breakdown",
+__all__ = ["session", "predict_onnx", "top1", "parity", "measure_latency", "size_breakdown",
            "load_onnx_bytes", "cpu_threads", "optimized_graph", "InputSpec", "image_input", "run_batch",
            "IMAGE_LAYOUTS"]
 
@@ -150,21 +150,10 @@ def predict_onnx(sess, images: ImageSet, batch_size: int = 32, desc: str = "onnx
     n = (len(images) + batch_size - 1) // batch_size
     outs = []
     for x in progress(images.batches(batch_size), n, desc, "batches"):
-        x = x.numpy()
         k = x.shape[0]
         if spec.batch is not None and k < spec.batch:
             x = np.concatenate([x, np.repeat(x[-1:], spec.batch - k, axis=0)])
         outs.append(run_batch(sess, spec, x)[0][:k])
-    return np.concatenate(outs)
-
-
-def predict_torch(model, images: ImageSet, batch_size: int = 32, desc: str = "pytorch") -> np.ndarray:
-    import torch
-
-    n = (len(images) + batch_size - 1) // batch_size
-    model.eval()
-    with torch.inference_mode():
-        outs = [model(x).float().numpy() for x in progress(images.batches(batch_size), n, desc, "batches")]
     return np.concatenate(outs)
 
 

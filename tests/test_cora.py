@@ -62,7 +62,7 @@ def test_export_parity_and_report_bits(searched, tmp_path):
     model, calib, plan = searched
     assert any(lp.adapter is not None and lp.adapter.bits == 8 for lp in plan.layers)
     blob = onnx_bytes(apply_plan(export_onnx(model, 8), plan))
-    x = next(calib.batches(64))
+    x = torch.from_numpy(next(calib.batches(64)))
     with torch.no_grad():
         ref = apply_plan_torch(model, plan)(x).numpy()
     out = _ort(blob, x.numpy())

@@ -92,3 +92,32 @@ def test_eval_cli_scores_wordnet_folders_without_class_map(tmp_path):
                                     "--data", str(tmp_path / "d2"), "--input-size", "8"])
     assert res.exit_code == 0, res.output
     assert "top-1 50.00% on 4 images" in res.output
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 300])
+@pytest.mark.parametrize("seed", [0, 1, 12345])
+def test_subsets_pick_the_images_torch_randperm_picked(n, seed):
+    """ImageSet holds numpy arrays now; its subsets must stay the images they were (the figures
+    measured on subsets repeat)."""
+    from cora_onnx.data import permutation
+
+    expected = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    np.testing.assert_array_equal(permutation(n, seed), expected)
+
+
+def test_image_set_is_numpy_and_the_torch_view_shares_its_memory(tmp_path):
+    from cora_onnx.torch_images import as_torch
+
+    _images(tmp_path / "a" / "x", 2)
+    _images(tmp_path / "a" / "y", 1, seed=1)
+    s = load_images(tmp_path / "a", Preprocess(8), labelled=True)
+    assert isinstance(s.images, np.ndarray) and s.images.dtype == np.uint8 and s.images.shape == (3, 3, 8, 8)
+    assert isinstance(s.labels, np.ndarray) and s.labels.dtype == np.int64
+    b = next(s.batches(2))
+    assert isinstance(b, np.ndarray) and b.dtype == np.float32 and b.shape == (2, 3, 8, 8)
+    t = as_torch(s)
+    assert t.images.data_ptr() == s.images.ctypes.data and torch.equal(t.labels, torch.from_numpy(s.labels))
+    tb = next(t.batches(2))
+    assert tb.dtype == torch.float32 and np.array_equal(tb.numpy(), b)
+    assert np.array_equal(t.preprocess.normalize(t.images).numpy(), s.preprocess.normalize(s.images))
+    assert t.subset(2, 1).paths == s.subset(2, 1).paths and as_torch(t) is t

@@ -14,11 +14,12 @@ from cora_onnx.plan import Plan
 from cora_onnx.report import format_table
 from cora_onnx.search import LayerSelection, PqSettings, search_pq
 from cora_onnx.search.pq import assign_with_feedback, fit_codebook, full_error, parse_block_size, weighted_error
+from cora_onnx.torch_images import as_torch
 
 
 def _images(n=48, size=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), None,
+    return ImageSet(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g).numpy(), None,
                     tuple(map(str, range(n))), Preprocess(input_size=size))
 
 
@@ -224,7 +225,7 @@ def test_input_statistics_are_the_covariance_when_the_bias_absorbs_the_mean():
     from cora_onnx.search.pq import _Geom, _input_stats
 
     conv = torch.nn.Conv2d(3, 4, 3, padding=1).eval()
-    imgs = _images(n=8)
+    imgs = as_torch(_images(n=8))
     patches = torch.cat([F.unfold(x, 3, padding=1) for x in imgs.batches(4)])  # (N, 27, L)
     x = patches.permute(0, 2, 1).reshape(-1, 27).double()
     geom = _Geom("c", "3x3", 9, 1, 3)
@@ -282,7 +283,7 @@ def test_float_target_corrects_the_error_of_the_layers_before(bias_correction):
         assert plan.layer("conv1").uniform is not None and plan.layer("conv2").codebook is not None
         q = apply_plan_torch(model, plan)
         with torch.no_grad():
-            x = torch.cat(list(imgs.batches(64)))
+            x = torch.cat(list(as_torch(imgs).batches(64)))
             ref, out = model(x), q(x)
         errors[target] = float((out - ref).pow(2).sum() / ref.pow(2).sum())
         if target == "float" and bias_correction:  # the joint statistics give the error it measures (centered)

@@ -8,7 +8,8 @@ from cora_onnx.data import Preprocess, load_class_map, load_images
 from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes
 from cora_onnx.pipeline import apply_plan
 from cora_onnx.search import RtnSettings, search_rtn
-from cora_onnx.verify import parity, predict_onnx, predict_torch, session, top1
+from cora_onnx.verify import parity, predict_onnx, session, top1
+from cora_onnx.verify_torch import predict_torch
 
 from conftest import REAL_MODEL, SHARED, require_shared
 

@@ -36,7 +36,7 @@ def ort_quantize_static(float_bytes: bytes, calib, batch_size: int = 16) -> byte
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = (b.numpy() for b in calib.batches(batch_size))
+            self.it = calib.batches(batch_size)
 
         def get_next(self):
             x = next(self.it, None)
@@ -70,7 +70,8 @@ def run_model(name: str, shared: Path, args) -> list[dict]:
     from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
     from cora_onnx.search.cora import CoraSettings, search_cora
     from cora_onnx.simulate import ActivationQuantSim
-    from cora_onnx.verify import fidelity, measure_latency, parity, predict_onnx, predict_torch, session, top1
+    from cora_onnx.verify import fidelity, measure_latency, parity, predict_onnx, session, top1
+    from cora_onnx.verify_torch import predict_torch
     from passes import ActivationQDQPass, activation_layout, activation_qparams
 
     torch.set_num_threads(args.threads)
@@ -113,7 +114,7 @@ def run_model(name: str, shared: Path, args) -> list[dict]:
             settings = CalibSettings()
             n = (len(calib) + settings.batch_size - 1) // settings.batch_size
             # one calibration pass; every range method reads the same histograms
-            hists = collect_histograms(onnx_bytes(wq), layout.calibrate, (b.numpy() for b in calib.batches(settings.batch_size)),
+            hists = collect_histograms(onnx_bytes(wq), layout.calibrate, calib.batches(settings.batch_size),
                                        n, settings.bins, args.threads)
             prep_s = time.perf_counter() - t0
             qmodel = apply_plan_torch(folded, plan)

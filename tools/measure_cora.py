@@ -281,7 +281,8 @@ def run_light(args) -> None:
     from cora_onnx.export import apply_plan_torch, fold_batchnorm
     from cora_onnx.models import build_model, default_normalization
     from cora_onnx.search.cora import CoraSettings, search_cora
-    from cora_onnx.verify import fidelity, predict_torch, top1
+    from cora_onnx.verify import fidelity, top1
+    from cora_onnx.verify_torch import predict_torch
 
     shared = Path(args.shared)
     model = build_model(args.model, shared / "models/resnet18-imagenet.pt") if args.model == "resnet18" else None

@@ -21,7 +21,8 @@ from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx
 from cora_onnx.models import build_model, default_normalization
 from cora_onnx.pipeline import apply_plan
 from cora_onnx.search import RtnSettings, search_rtn
-from cora_onnx.verify import measure_latency, parity, predict_onnx, predict_torch, session, top1
+from cora_onnx.verify import measure_latency, parity, predict_onnx, session, top1
+from cora_onnx.verify_torch import predict_torch
 
 
 def main() -> None:

@@ -41,7 +41,8 @@ from cora_onnx.models import build_model, default_normalization
 from cora_onnx.pipeline import apply_plan
 from cora_onnx.search import LayerSelection, PqSettings, search_pq
 from cora_onnx.search.options import parse_keep
-from cora_onnx.verify import fidelity, measure_latency, parity, predict_onnx, predict_torch, session, top1
+from cora_onnx.verify import fidelity, measure_latency, parity, predict_onnx, session, top1
+from cora_onnx.verify_torch import predict_torch
 from holdout import holdout_dirs
 
 

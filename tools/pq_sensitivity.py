@@ -28,7 +28,8 @@ from cora_onnx.export import apply_plan_torch, fold_batchnorm, quantizable_layer
 from cora_onnx.models import build_model, default_normalization
 from cora_onnx.search import LayerSelection, PqSettings, search_pq
 from cora_onnx.search.layers import is_depthwise
-from cora_onnx.verify import fidelity, predict_torch, top1
+from cora_onnx.verify import fidelity, top1
+from cora_onnx.verify_torch import predict_torch
 from holdout import holdout_dirs
 
 GROUPS = ("dw", "expand", "project", "head", "fc", "stem")

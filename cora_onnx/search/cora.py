@@ -37,6 +37,7 @@ from torch import nn
 from ..errors import DataError, SettingsError
 from ..export import quantizable_layers
 from ..plan import Bias, LayerPlan, LowRankAdapter, Plan
+from ..torch_images import as_torch
 from ..quantizers import CLIP_METHODS, QuantSpec, gptq_round, quantize_weight
 from .layers import LayerSelection, layer_kind, select_layers, uniform_from
 from .options import CliOption
@@ -466,7 +467,7 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
     total_params = sum(m.weight.numel() for m in layers.values())
     adapted = [n for n, b in bits.items() if b == settings.bits and b < 8 and settings.budget > 0
                and isinstance(layers[n], nn.Conv2d) and layers[n].groups == 1]
-    calib = calib.subset(settings.calib_size, settings.seed)
+    calib = as_torch(calib).subset(settings.calib_size, settings.seed)
     stats_set = calib.subset(settings.stats_size, settings.seed + 1)
     stats_batches = list(stats_set.batches(32))
     ungrouped = {n for n in bits if not (isinstance(layers[n], nn.Conv2d) and layers[n].groups != 1)}

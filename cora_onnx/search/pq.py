@@ -47,6 +47,7 @@ from ..export import quantizable_layers
 from ..plan import Codebook, LayerPlan, Plan
 from ..progress import progress
 from ..quantizers import QuantSpec, quantize_weight
+from ..torch_images import as_torch
 from .layers import LayerSelection, is_depthwise, layer_kind, select_layers, uniform_from
 from .options import CliOption
 
@@ -677,7 +678,7 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
             shown = ", ".join(list(geoms)[:6]) + (", ..." if len(geoms) > 6 else "")
             raise SettingsError(f"block_size entry {pattern!r} is neither a kernel kind (1x1, kxk, <kh>x<kw>, "
                                 f"depthwise, linear) nor the name of a product-quantized layer ({shown})")
-    images = calib.subset(settings.calib_size, settings.seed)
+    images = as_torch(calib).subset(settings.calib_size, settings.seed)
     stats_images = images.subset(settings.stats_size, settings.seed)
     bs = settings.batch_size
     gen = torch.Generator().manual_seed(settings.seed)

@@ -22,7 +22,7 @@ AVX2 = QuantScheme("uint8", 7, "test")
 def _images(n=48, size=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     imgs = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
-    return ImageSet(imgs, None, tuple(map(str, range(n))), Preprocess(size))
+    return ImageSet(imgs.numpy(), None, tuple(map(str, range(n))), Preprocess(size))
 
 
 def _int8_tiny(tiny, bits=4, scheme=AVX2):
@@ -62,7 +62,7 @@ def test_every_quantized_layer_is_an_integer_kernel(tiny):
 
 def test_ort_matches_pytorch_simulation_within_quantization_steps(tiny):
     blob, sim, qparams, _ = _int8_tiny(tiny)
-    x = next(_images(16, seed=1).batches(16))
+    x = torch.from_numpy(next(_images(16, seed=1).batches(16)))
     with torch.no_grad():
         ref = sim(x).numpy()
         flt = tiny(x).numpy()

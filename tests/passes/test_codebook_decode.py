@@ -16,7 +16,7 @@ from passes import CodebookDecodePass
 
 def _images(n=32, size=8):
     g = torch.Generator().manual_seed(0)
-    return ImageSet(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), None,
+    return ImageSet(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g).numpy(), None,
                     tuple(map(str, range(n))), Preprocess(input_size=size))
 
 

@@ -142,7 +142,7 @@ def _images(n=32, size=8):
     from cora_onnx.data import ImageSet, Preprocess
 
     imgs = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    return ImageSet(imgs, None, tuple(map(str, range(n))), Preprocess(size))
+    return ImageSet(imgs.numpy(), None, tuple(map(str, range(n))), Preprocess(size))
 
 
 def _integer_model(mid, plan, fold_bits=None):
@@ -165,7 +165,7 @@ def test_integer_kernels_form_with_packed_grids(mid, monkeypatch):
     assert kp["ops"].get("QLinearConv") == k4["ops"].get("QLinearConv") == 3
     assert kp["integer"] == k4["integer"] and kp["float_compute"] == k4["float_compute"] == 0
     assert not set(kp["ops"]) & DECODE_OPS
-    x = next(_images(8).batches(8)).numpy()
+    x = next(_images(8).batches(8))
     np.testing.assert_array_equal(session(packed).run(None, {"input": x})[0], session(int4).run(None, {"input": x})[0])
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -16,11 +15,14 @@ from torch import nn
 from passes import folded_grid
 
 from .errors import ModelError, PlanError
-from .io import atomic_write
+from .modelfile import onnx_bytes, save_onnx
 from .plan import Plan
+from .quantizers import quantizable_layers
 
-__all__ = ["fold_batchnorm", "remaining_batchnorm", "quantizable_layers", "apply_plan_torch", "AdaptedConv", "export_onnx", "export_program",
-           "save_onnx", "onnx_bytes", "DEFAULT_OPSET"]
+# quantizable_layers (cora_onnx.quantizers) and onnx_bytes, save_onnx (cora_onnx.modelfile, no torch) are
+# imported here for the callers of the exporter
+__all__ = ["fold_batchnorm", "remaining_batchnorm", "quantizable_layers", "apply_plan_torch", "AdaptedConv", "export_onnx",
+           "export_program", "save_onnx", "onnx_bytes", "DEFAULT_OPSET"]
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +134,6 @@ def _fold_batchnorm_fx(model: nn.Module) -> nn.Module:
     return folded.eval()
 
 
-def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Conv2d and Linear modules by name, in definition order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-
 def apply_plan_torch(model: nn.Module, plan: Plan, fold_bits: int | None = None) -> nn.Module:
     """A copy of model whose planned weights are replaced by their dequantized values (and,
     when a layer has an adapter, wrapped with the low-rank branch; with fold_bits, the adapter
@@ -227,25 +224,3 @@ def export_program(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET
     graph.outputs[0].name = "logits"
     model_ir.producer_name = "cora-onnx"
     return program
-
-
-def onnx_bytes(model: ir.Model) -> bytes:
-    """The serialized model, without the value_info entries of initializers: onnx_ir writes one
-    for every initializer (with the exporter's graph-signature metadata), a copy of the type and
-    shape the initializer itself carries (15 kB of the EfficientNet-Lite0 small-block PQ file, see
-    the README). Readers, ONNX Runtime and the checker take both from the initializer."""
-    proto = ir.to_proto(model)
-    graph = proto.graph
-    inits = {t.name for t in graph.initializer}
-    keep = [v for v in graph.value_info if v.name not in inits]
-    if len(keep) != len(graph.value_info):
-        del graph.value_info[:]
-        graph.value_info.extend(keep)
-    return proto.SerializeToString()
-
-
-def save_onnx(model: ir.Model, path: str | Path) -> int:
-    """Write model atomically as a single file; returns its size in bytes."""
-    data = onnx_bytes(model)
-    atomic_write(path, lambda f: f.write(data))
-    return len(data)

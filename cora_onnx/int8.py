@@ -71,7 +71,7 @@ def add_activation_qdq(model: ir.Model, images, scheme: QuantScheme, calib: Cali
     activation QDQ in place. Returns (ranges, qparams by tensor, pass report)."""
     from passes import activation_qparams
 
-    from .export import onnx_bytes
+    from .modelfile import onnx_bytes
 
     layout = activation_layout(model)
     if not layout.compute:

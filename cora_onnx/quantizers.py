@@ -9,10 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .errors import SettingsError
 
-__all__ = ["CLIP_METHODS", "QuantSpec", "QuantizedTensor", "quantize_weight", "fake_quantize", "gptq_round"]
+__all__ = ["quantizable_layers", "CLIP_METHODS", "QuantSpec", "QuantizedTensor", "quantize_weight", "fake_quantize",
+           "gptq_round"]
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Conv2d and Linear modules by name, in definition order: the layers a search quantizes."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
 
 CLIP_METHODS = ("minmax", "std", "mse")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
+from importlib import metadata
 from pathlib import Path
 
 from .io import atomic_write
@@ -25,12 +27,24 @@ def cpu_flags() -> dict:
             "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "arm_dotprod": "asimddp" in flags}
 
 
+def _torch_version() -> str | None:
+    """torch.__version__ when torch is loaded (the torch side); else the installed distribution's
+    version from its metadata, so the ONNX-side commands never import torch for a report; None
+    when torch is not installed."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.__version__
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def environment(threads: int) -> dict:
     import onnx
     import onnxruntime
-    import torch
 
-    return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
+    return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "torch": _torch_version(),
             "python": platform.python_version(), "threads": threads, "cpu": cpu_flags()}
 
 

@@ -435,7 +435,7 @@ def _method_options(p: Point) -> dict:
     """The point's options as quantize's method options (settings fields, selection)."""
     from .search import LayerSelection
     from .search.layers import default_selection
-    from .search.options import parse_keep
+    from .options import parse_keep
 
     m = _methods()[p.method]
     fields = {f.name for f in dataclasses.fields(m.settings)} - {"bits", "selection"}

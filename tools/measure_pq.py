@@ -38,9 +38,9 @@ import torch
 from cora_onnx.data import Preprocess, load_class_map, load_images
 from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes, quantizable_layers
 from cora_onnx.models import build_model, default_normalization
+from cora_onnx.options import parse_keep
 from cora_onnx.pipeline import apply_plan
 from cora_onnx.search import LayerSelection, PqSettings, search_pq
-from cora_onnx.search.options import parse_keep
 from cora_onnx.verify import fidelity, measure_latency, parity, predict_onnx, session, top1
 from cora_onnx.verify_torch import predict_torch
 from holdout import holdout_dirs

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError, SettingsError
-from ..export import quantizable_layers
+from ..quantizers import quantizable_layers
 from ..plan import Bias, LayerPlan, LowRankAdapter, Plan
 from ..torch_images import as_torch
 from ..quantizers import CLIP_METHODS, QuantSpec, gptq_round, quantize_weight

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["CliOption", "parse_keep"]
+__all__ = ["CliOption"]
 
 
 @dataclass(frozen=True)
@@ -21,8 +21,3 @@ class CliOption:
     help: str
     convert: Callable[[Any], Any] | None = None
 
-
-def parse_keep(text: str) -> tuple[str, ...]:
-    """"first,last" -> ("first", "last"); "none" -> ()."""
-    text = str(text).strip().lower()
-    return () if text in ("", "none") else tuple(s.strip() for s in text.split(",") if s.strip())

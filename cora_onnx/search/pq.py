@@ -43,10 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError, ModelError, SettingsError
-from ..export import quantizable_layers
 from ..plan import Codebook, LayerPlan, Plan
 from ..progress import progress
-from ..quantizers import QuantSpec, quantize_weight
+from ..quantizers import QuantSpec, quantizable_layers, quantize_weight
 from ..torch_images import as_torch
 from .layers import LayerSelection, is_depthwise, layer_kind, select_layers, uniform_from
 from .options import CliOption

@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import SettingsError
-from ..export import quantizable_layers
 from ..plan import LayerPlan, Plan
-from ..quantizers import CLIP_METHODS, QuantSpec, quantize_weight
+from ..quantizers import CLIP_METHODS, QuantSpec, quantizable_layers, quantize_weight
 from .layers import LayerSelection, layer_kind, select_layers, uniform_from
 from .options import CliOption
 

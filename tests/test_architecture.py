@@ -1,0 +1,101 @@
+"""The layer rule of docs/architecture.md: the import contracts hold (import-linter, configured in
+pyproject.toml), and the ONNX-side commands run end to end where torch cannot be imported."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_import_contracts_hold():
+    pytest.importorskip("importlinter", reason="import-linter is in the dev extra: pip install -e .[dev]")
+    res = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
+                          "sys.exit(lint_imports_command())", "--no-cache"],
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert re.search(r"Contracts: (\d+) kept, 0 broken", res.stdout) and " KEPT" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def blocked(tmp_path_factory):
+    """Environment for a subprocess in which importing torch or torchvision fails (and is logged)."""
+    d = tmp_path_factory.mktemp("no_torch")
+    log = d / "attempts.log"
+    for name in ("torch", "torchvision"):
+        (d / name).mkdir()
+        (d / name / "__init__.py").write_text(
+            f"import os\nwith open(os.environ['CORA_TORCH_BLOCK_LOG'], 'a') as f:\n    f.write('{name}\\n')\n"
+            f"raise ImportError('{name} is blocked in this test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(d), str(ROOT)]), "CORA_TORCH_BLOCK_LOG": str(log),
+           "OMP_NUM_THREADS": "1"}
+    return env, log
+
+
+def _cli(env, *args):
+    return subprocess.run([sys.executable, "-m", "cora_onnx.cli", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_the_blocker_blocks(blocked):
+    env, log = blocked
+    res = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "torch is blocked in this test" in res.stderr
+    assert log.read_text() == "torch\n"
+    log.unlink()
+
+
+def test_onnx_commands_run_without_torch(blocked, digits, tmp_path):
+    """rewrite (weight-only and with integer activations), eval, bench and inspect on a float ONNX
+    file exported here (with torch, in this process), each run where torch cannot be imported."""
+    from cora_onnx.archs.digits import digits_cnn
+
+    env, log = blocked
+    net = digits_cnn()
+    net.load_state_dict(torch.load(digits.weights))
+    src = tmp_path / "float.onnx"
+    torch.onnx.export(net.eval(), (torch.zeros(1, 3, 8, 8),), src, dynamo=False, input_names=["input"],
+                      dynamic_axes={"input": {0: "N"}})
+    norm = ["--mean", ",".join(map(str, digits.mean)), "--std", ",".join(map(str, digits.std))]
+
+    w8, a8 = tmp_path / "w8.onnx", tmp_path / "a8.onnx"
+    res = _cli(env, "rewrite", src, "--out", w8, "--bits", 8, "--report", tmp_path / "w8.json", "--threads", 1, "-q")
+    assert res.returncode == 0, res.stderr
+    assert w8.is_file() and json.loads((tmp_path / "w8.json").read_text())["bits"] == 8
+    res = _cli(env, "rewrite", src, "--out", a8, "--bits", 8, "--act-bits", 8, "--calib", digits.calib_dir, *norm,
+               "--report", tmp_path / "a8.json", "--threads", 1, "-q")
+    assert res.returncode == 0, res.stderr
+    act = json.loads((tmp_path / "a8.json").read_text())["activations"]
+    assert act["onnxruntime_kernels"]["integer"] >= 1
+
+    accs = {}
+    for f in (src, w8, a8):
+        res = _cli(env, "eval", f, "--data", digits.val_dir, *norm, "--threads", 1, "-q")
+        assert res.returncode == 0, res.stderr
+        accs[f.stem] = float(re.search(r"top-1 ([\d.]+)%", res.stdout).group(1))
+    assert accs["float"] > 80 and abs(accs["w8"] - accs["float"]) <= 2 and abs(accs["a8"] - accs["float"]) <= 5, accs
+
+    res = _cli(env, "bench", src, w8, a8, "--runs", 3, "--warmup", 1, "--threads", 1, "--report", tmp_path / "b.json",
+               "-q")
+    assert res.returncode == 0, res.stderr
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert all(bench["latency"][str(f)]["batch_1"]["runs"] == 3 for f in (src, w8, a8)), bench
+    assert bench["environment"]["torch"] == metadata.version("torch")  # from its metadata, not imported
+
+    res = _cli(env, "inspect", a8, "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["ops"].get("QuantizeLinear", 0) >= 1 and info["ops"].get("DequantizeLinear", 0) >= 1
+
+    res = _cli(env, "quantize", "--bits", 4)  # the torch-side command says what it needs, one line
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: quantize needs PyTorch, which cannot be imported here (torch is blocked in this test)"]
+    assert log.read_text() == "torch\n"  # that one attempt, and none by the ONNX-side commands above

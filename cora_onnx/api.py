@@ -17,13 +17,14 @@ from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, Preprocess, load_class_map, load_images, parse_floats
 from .errors import ModelError, ParityError, SettingsError
-from .export import (AdaptedConv, apply_plan_torch, export_onnx, export_program, fold_batchnorm, onnx_bytes,
-                     quantizable_layers, remaining_batchnorm)
+from .export import AdaptedConv, apply_plan_torch, export_onnx, export_program, fold_batchnorm, remaining_batchnorm
 from .io import atomic_write, check_output_path
+from .modelfile import onnx_bytes
 from .models import check_finite
 from .parity import PARITY_LIMITS, first_divergent_layer, parity_failure, reference_kind
 from .pipeline import apply_plan
 from .plan import Plan
+from .quantizers import quantizable_layers
 from .report import environment, write_report
 from .search import METHODS
 from .verify import cpu_threads, fidelity, measure_latency, parity, predict_onnx, session, size_breakdown, top1

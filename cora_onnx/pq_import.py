@@ -36,8 +36,9 @@ from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, Preprocess, load_class_map, load_images, parse_floats
 from .errors import InputError, ModelError, ParityError, SettingsError
-from .export import export_program, fold_batchnorm, onnx_bytes
+from .export import export_program, fold_batchnorm
 from .io import atomic_write, check_input_file, check_output_path
+from .modelfile import onnx_bytes
 from .pipeline import apply_plan
 from .plan import Codebook, LayerPlan, Plan
 from .report import environment, write_report

@@ -91,6 +91,8 @@ class _LazyGroup(click.Group):
             try:
                 command = getattr(importlib.import_module(self.LAZY[name]), name)
             except ImportError as exc:  # no torch: the command says so when used, the others run
+                if exc.name is not None and exc.name.split(".")[0] not in ("torch", "torchvision"):
+                    raise
                 return _unavailable(name, exc)
             self.add_command(command, name)
         return super().get_command(ctx, name)

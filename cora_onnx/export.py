@@ -12,10 +12,9 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from passes import folded_grid
-
 from .errors import ModelError, PlanError
 from .modelfile import onnx_bytes, save_onnx
+from .npgrid import folded_grid
 from .plan import Plan
 from .quantizers import quantizable_layers
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import SettingsError
+from .plan import LayerPlan
 
-__all__ = ["quantize_symmetric"]
+__all__ = ["quantize_symmetric", "adapter_factors", "folded_grid"]
 
 
 def quantize_symmetric(w: np.ndarray, bits: int, clip: str = "mse", mse_grid: int = 40,
@@ -48,4 +49,23 @@ def quantize_symmetric(w: np.ndarray, bits: int, clip: str = "mse", mse_grid: in
         lo, hi = best_lo, best_hi
     scale = params(lo, hi)
     q = np.clip(np.round(w2 / scale[:, None]), qmin, qmax).astype(np.int8).reshape(w.shape)
+    return q, scale
+
+
+def adapter_factors(layer: LayerPlan) -> tuple[np.ndarray, np.ndarray]:
+    """The CoRa adapter of a plan layer as matrices (B: out x rank, A: rank x fan-in)."""
+    ad = layer.adapter
+    return ad.b.reshape(ad.b.shape[0], ad.rank), ad.a.reshape(ad.rank, -1)
+
+
+def folded_grid(layer: LayerPlan, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(integer grid int8, per-output-channel scale float32) of W_q + B A on a symmetric `bits`-bit
+    min/max grid: what ONNX Runtime computes at load from the graph passes.AdapterFoldPass writes (and
+    what export.apply_plan_torch's reference uses)."""
+    b, a = adapter_factors(layer)
+    w = layer.uniform.dequantize().astype(np.float32) + (b @ a).reshape(layer.shape)
+    qmax = (1 << (bits - 1)) - 1
+    peak = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
+    scale = np.where(peak > 0, peak / qmax, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale.reshape(-1, *([1] * (w.ndim - 1)))), -qmax, qmax).astype(np.int8)
     return q, scale

@@ -1,6 +1,6 @@
 """ONNX graph rewriting passes on onnx_ir. Pure ONNX: nothing here imports torch."""
 
-from .adapter_fold import AdapterFoldPass, folded_grid
+from .adapter_fold import AdapterFoldPass
 from .activation_qdq import ActivationQDQPass, QuantScheme, activation_layout, activation_qparams
 from .bias_update import BiasUpdatePass
 from .codebook_decode import CodebookDecodePass
@@ -10,5 +10,5 @@ from .strip_metadata import StripExportMetadataPass
 from .weight_qdq import WeightQDQPass
 
 __all__ = ["ActivationQDQPass", "AdapterFoldPass", "BiasUpdatePass", "CodebookDecodePass", "LowRankBranchPass", "QuantScheme",
-           "StripExportMetadataPass", "WeightQDQPass", "activation_layout", "activation_qparams", "folded_grid",
+           "StripExportMetadataPass", "WeightQDQPass", "activation_layout", "activation_qparams",
            "pack_grid", "packs", "unpack_grid"]

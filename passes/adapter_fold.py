@@ -7,30 +7,14 @@ import numpy as np
 import onnx_ir as ir
 
 from cora_onnx.errors import PlanError
-from cora_onnx.plan import LayerPlan, Plan
+from cora_onnx.npgrid import adapter_factors, folded_grid
+from cora_onnx.plan import Plan
 
 from ._util import add_initializer, int_tensor, mark
 
-__all__ = ["AdapterFoldPass", "folded_grid", "FOLDED_BITS_KEY"]
+__all__ = ["AdapterFoldPass", "FOLDED_BITS_KEY"]
 
 FOLDED_BITS_KEY = "cora_onnx.folded_bits"  # on the QuantizeLinear: the folded grid's width
-
-
-def _factors(layer: LayerPlan) -> tuple[np.ndarray, np.ndarray]:
-    ad = layer.adapter
-    return ad.b.reshape(ad.b.shape[0], ad.rank), ad.a.reshape(ad.rank, -1)
-
-
-def folded_grid(layer: LayerPlan, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(integer grid int8, per-output-channel scale float32) of W_q + B A on a symmetric `bits`-bit
-    min/max grid: what ONNX Runtime computes at load from the graph AdapterFoldPass writes."""
-    b, a = _factors(layer)
-    w = layer.uniform.dequantize().astype(np.float32) + (b @ a).reshape(layer.shape)
-    qmax = (1 << (bits - 1)) - 1
-    peak = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
-    scale = np.where(peak > 0, peak / qmax, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale.reshape(-1, *([1] * (w.ndim - 1)))), -qmax, qmax).astype(np.int8)
-    return q, scale
 
 
 class AdapterFoldPass(ir.passes.InPlacePass):
@@ -113,7 +97,7 @@ class AdapterFoldPass(ir.passes.InPlacePass):
                                                                         name=f"{name}_grid_scale"))
             mul = ir.node("Mul", [wq, s], name=f"{name}_grid_Mul")
             nodes.append(mul)
-            b2, a2 = _factors(layer)
+            b2, a2 = adapter_factors(layer)
             fb, nb = self._float(graph, f"{name}_b", b2, ad.b_scale, ad.bits)
             fa, na = self._float(graph, f"{name}_a", a2, ad.a_scale, ad.bits)
             mm = ir.node("MatMul", [fb, fa], name=f"{name}_MatMul")

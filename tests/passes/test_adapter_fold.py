@@ -8,11 +8,11 @@ import torch
 
 from cora_onnx.errors import PlanError
 from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes
+from cora_onnx.npgrid import folded_grid
 from cora_onnx.pipeline import apply_plan
 from cora_onnx.plan import LowRankAdapter, Plan
 from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
 from cora_onnx.verify import optimized_graph
-from passes import folded_grid
 
 
 def _adapter(shape, rank, bits):

@@ -95,7 +95,16 @@ def test_onnx_commands_run_without_torch(blocked, digits, tmp_path):
     info = json.loads(res.stdout)
     assert info["ops"].get("QuantizeLinear", 0) >= 1 and info["ops"].get("DequantizeLinear", 0) >= 1
 
+    assert not log.exists(), log.read_text()  # the ONNX-side commands never tried to import torch
+
+    for args in (["rewrite", "--help"], ["eval", "--help"], ["bench", "--help"], ["inspect", "--help"]):
+        res = _cli(env, *args)
+        assert res.returncode == 0 and "Usage:" in res.stdout, (args, res.stderr)
+    assert not log.exists(), log.read_text()
+    res = _cli(env, "--help")  # lists quantize, which tries torch
+    assert res.returncode == 0 and "quantize   (unavailable: needs PyTorch)" in res.stdout, res.stderr
+
     res = _cli(env, "quantize", "--bits", 4)  # the torch-side command says what it needs, one line
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         "error: quantize needs PyTorch, which cannot be imported here (torch is blocked in this test)"]
-    assert log.read_text() == "torch\n"  # that one attempt, and none by the ONNX-side commands above
+    assert log.read_text() == "torch\n" * 2  # the two attempts of the quantize command

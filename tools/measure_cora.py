@@ -126,7 +126,8 @@ def run_sample(args) -> None:
     from cora_onnx.export import apply_plan_torch, fold_batchnorm
     from cora_onnx.models import build_model, default_normalization
     from cora_onnx.search.cora import CoraSettings, search_cora
-    from cora_onnx.verify import fidelity, predict_onnx, predict_torch, session, top1
+    from cora_onnx.verify import fidelity, predict_onnx, session, top1
+    from cora_onnx.verify_torch import predict_torch
 
     paths = _sample_paths(Path(args.shared))
     mean, std = default_normalization(args.model)

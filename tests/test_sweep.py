@@ -163,7 +163,7 @@ def test_resnet18_protocol_config_parses():
     assert cfg.arch == "resnet18" and cfg.crop_ratio == 0.875 and cfg.class_map is not None
     assert cfg.val == (SHARED / "data" / "imagenet-sample" / "even").resolve()
     got = {(p.method, p.bits, p.act_bits) for p in cfg.points}
-    assert got == {("rtn", 8, None), ("rtn", 4, None), ("cora", 4, None), ("cora", 3, None), ("cora", 2, None),
+    assert got == {("rtn", 8, None), ("rtn", 4, None), ("cora", 4, None), ("cora", 3, None),
                    ("cora", 4, 8), ("pq", None, None)}
 
 

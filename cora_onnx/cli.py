@@ -166,15 +166,14 @@ def rewrite(onnx_in, out, bits, calib, keep, keep_bits, clip, act_bits, act_cali
     """Quantize a float ONNX model exported elsewhere (no PyTorch model): BatchNorm folding, weight
     QDQ and, with --act-bits 8, calibrated activation QDQ for integer kernels."""
     _setup_logging(verbose, quiet)
-    from .errors import SettingsError
+    from .errors import SettingsError, check_bits
     from .rewrite import rewrite_onnx
     from .options import parse_keep
 
     kept = parse_keep(keep)
     if any(k not in ("first", "last") for k in kept):
         raise SettingsError(f"rewrite --keep takes first, last or none, got {keep!r}")
-    if not 2 <= keep_bits <= 8:
-        raise SettingsError(f"--keep-bits must be from 2 to 8, got {keep_bits}")
+    check_bits(keep_bits, "--keep-bits")
     res = rewrite_onnx(onnx_in, out, bits, act_bits=int(act_bits) if act_bits else None, calib=list(calib) or None,
                        act_calib=act_calib, mean=mean, std=std, input_size=input_size, crop_ratio=crop_ratio,
                        keep=kept, keep_bits=keep_bits, clip=clip, out_format=out_format, threads=threads, report=report)

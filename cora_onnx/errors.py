@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 __all__ = [
     "CoraError",
     "InputError",
@@ -12,6 +14,8 @@ __all__ = [
     "PlanError",
     "OnnxModelError",
     "ParityError",
+    "WEIGHT_BITS",
+    "check_bits",
 ]
 
 
@@ -52,3 +56,13 @@ class ParityError(CoraError):
     quantize keeps the file as NAME.failed.onnx; import-pq writes nothing."""
 
     exit_code = 3
+
+
+WEIGHT_BITS = range(2, 9)  # the weight grid widths the tool stores (2-8 bits)
+
+
+def check_bits(value, name: str = "bits") -> int:
+    """value as an int when it is a whole number of weight bits (2-8), else SettingsError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) not in WEIGHT_BITS:
+        raise SettingsError(f"{name} must be an integer from 2 to 8, got {value!r}")
+    return int(value)

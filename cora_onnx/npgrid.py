@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import SettingsError
+from .errors import SettingsError, check_bits
 from .plan import LayerPlan
 
 __all__ = ["quantize_symmetric", "adapter_factors", "folded_grid"]
@@ -21,8 +21,7 @@ def quantize_symmetric(w: np.ndarray, bits: int, clip: str = "mse", mse_grid: in
 
     clip: "minmax" (range = max |w|) or "mse" (per-channel search over mse_grid clip ratios
     from 1.0 to 0.2 of the min/max range, minimizing the squared weight error)."""
-    if not 2 <= int(bits) <= 8:
-        raise SettingsError(f"bits must be from 2 to 8, got {bits}")
+    bits = check_bits(bits)
     if clip not in ("minmax", "mse"):
         raise SettingsError(f"clip must be minmax or mse for ONNX-side quantization, got {clip!r}")
     w = np.asarray(w, dtype=np.float32)

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import PlanError
+from .errors import PlanError, WEIGHT_BITS
 from .io import atomic_write
 
 __all__ = ["WeightFingerprint", "UniformWeights", "LowRankAdapter", "Codebook", "Bias", "LayerPlan", "Plan", "PLAN_FORMAT"]
@@ -96,7 +96,7 @@ class UniformWeights:
     zero_point: np.ndarray
 
     def __post_init__(self) -> None:
-        _check(2 <= int(self.bits) <= 8, f"uniform bits must be 2-8, got {self.bits}")
+        _check(int(self.bits) in WEIGHT_BITS, f"uniform bits must be 2-8, got {self.bits}")
         lo, hi = (-(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1) if self.symmetric else (0, (1 << self.bits) - 1)
         want = np.int8 if self.symmetric else np.uint8
         _check(self.q.dtype == want, f"uniform q must be {np.dtype(want).name}, got {self.q.dtype}")
@@ -140,7 +140,7 @@ class LowRankAdapter:
         _check(self.a.shape[0] == self.rank and self.b.shape[1] == self.rank,
                f"adapter shapes {self.a.shape}/{self.b.shape} do not match rank {self.rank}")
         _check(self.a.dtype == np.float32 and self.b.dtype == np.float32, "adapter factors must be float32")
-        _check(self.bits is None or 2 <= self.bits <= 8, f"adapter bits must be 2-8 or None, got {self.bits}")
+        _check(self.bits is None or self.bits in WEIGHT_BITS, f"adapter bits must be 2-8 or None, got {self.bits}")
         if self.bits is not None:
             _check(self.a_scale is not None and self.b_scale is not None
                    and self.a_scale.shape == (self.rank,) and self.b_scale.shape == (self.b.shape[0],),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import SettingsError
+from .errors import SettingsError, check_bits
 
 __all__ = ["quantizable_layers", "CLIP_METHODS", "QuantSpec", "QuantizedTensor", "quantize_weight", "fake_quantize",
            "gptq_round"]
@@ -43,8 +43,7 @@ class QuantSpec:
     mse_grid: int = 40
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise SettingsError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        check_bits(self.bits)
         if self.clip not in CLIP_METHODS:
             raise SettingsError(f"clip must be one of {', '.join(CLIP_METHODS)}, got {self.clip!r}")
         if not (self.k > 0):

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from .errors import InputError, OnnxModelError, SettingsError
+from .errors import InputError, OnnxModelError, SettingsError, check_bits
 from .io import atomic_write, check_output_path
 from .plan import LayerPlan, Plan, UniformWeights, WeightFingerprint
 
@@ -197,8 +197,7 @@ def rewrite_onnx(src: str | os.PathLike, out: str | os.PathLike, bits: int, *, a
 
     from .pipeline import apply_plan, cleanup_passes
 
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise SettingsError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    check_bits(bits)
     if out_format not in ("onnx", "ort"):
         raise SettingsError(f"output format must be onnx or ort, got {out_format!r}")
     if act_bits is not None and act_bits != 8:

@@ -51,7 +51,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from .errors import CoraError, InputError, SettingsError
+from .errors import CoraError, InputError, SettingsError, WEIGHT_BITS
 from .io import atomic_write, check_input_dir, check_input_file
 
 __all__ = ["Point", "SweepConfig", "SweepResult", "load_config", "sweep", "EXECUTORS", "RESULTS_NAME"]
@@ -321,7 +321,7 @@ def _bits(method: str, value, where: str) -> int | None:
         return None
     if value is None:
         raise SettingsError(f"{where}: required for method {method} (an integer from 2 to 8)")
-    return _int(value, where, "an integer from 2 to 8", lambda v: 2 <= v <= 8)
+    return _int(value, where, "an integer from 2 to 8", lambda v: v in WEIGHT_BITS)
 
 
 def _point_name(method: str, bits: int | None, act_bits: int | None, options: Mapping[str, Any]) -> str:
@@ -365,7 +365,7 @@ def _grid_points(grid, defaults: dict) -> list[Point]:
     methods = [_method_name(m, f"grid.method[{i}]") for i, m in enumerate(axis("method", True))]
     bits_axis = axis("bits", any(_takes_bits(m) for m in methods))
     for i, b in enumerate(bits_axis or []):
-        _int(b, f"grid.bits[{i}]", "an integer from 2 to 8", lambda v: 2 <= v <= 8)
+        _int(b, f"grid.bits[{i}]", "an integer from 2 to 8", lambda v: v in WEIGHT_BITS)
     acts = [_act_bits(a, f"grid.act_bits[{i}]") for i, a in enumerate(axis("act_bits", False) or [0])]
     budgets = axis("budget", False)
     points = []

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DataError, SettingsError
+from ..errors import DataError, SettingsError, check_bits
 from ..quantizers import quantizable_layers
 from ..plan import Bias, LayerPlan, LowRankAdapter, Plan
 from ..torch_images import as_torch
@@ -124,8 +124,7 @@ class CoraSettings:
                 object.__setattr__(self, key, value)
         if self.finetune_iters > self.iters and PRESETS[self.preset]["finetune_iters"] == self.finetune_iters:
             object.__setattr__(self, "finetune_iters", self.iters // 2)  # --iters below the preset's fine-tuning
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise SettingsError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        check_bits(self.bits)
         if not (isinstance(self.budget, (int, float)) and 0 <= self.budget <= 1):
             raise SettingsError(f"budget must be a fraction from 0 to 1 of the weight parameters, got {self.budget!r}")
         if not 0 <= int(self.iters) <= 100_000:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from ..errors import SettingsError
+from ..errors import SettingsError, check_bits
 from ..plan import UniformWeights
 from ..quantizers import QuantizedTensor, QuantSpec
 
@@ -32,8 +32,7 @@ class LayerSelection:
         bad = [k for k in self.keep if k not in KEEP_CHOICES]
         if bad:
             raise SettingsError(f"keep must be a subset of {', '.join(KEEP_CHOICES)}, got {bad[0]!r}")
-        if not 2 <= int(self.keep_bits) <= 8:
-            raise SettingsError(f"keep_bits must be from 2 to 8, got {self.keep_bits}")
+        check_bits(self.keep_bits, "keep_bits")
 
 
 def default_selection(settings_cls: type) -> LayerSelection:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..errors import SettingsError
+from ..errors import SettingsError, check_bits
 from ..plan import LayerPlan, Plan
 from ..quantizers import CLIP_METHODS, QuantSpec, quantizable_layers, quantize_weight
 from .layers import LayerSelection, layer_kind, select_layers, uniform_from
@@ -32,8 +32,7 @@ class RtnSettings:
     selection: LayerSelection = field(default_factory=LayerSelection)
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise SettingsError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        check_bits(self.bits)
         if self.clip not in CLIP_METHODS:
             raise SettingsError(f"clip must be one of {', '.join(CLIP_METHODS)}, got {self.clip!r}")
         QuantSpec(bits=self.bits, clip=self.clip, k=self.k)  # validates k

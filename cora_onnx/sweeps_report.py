@@ -213,8 +213,10 @@ def write_png(rows: Sequence[dict], path: str | Path, title: str) -> bool:
             ax.annotate(r["point"], (r["onnx_bytes"] / 1e3, r[key]), textcoords="offset points", xytext=(6, 5),
                         fontsize=8)
         ax.set_xscale("log")
-        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-            axis(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        # minor ticks labelled only at 2x and 5x a power of ten (all of them overlap)
+        ax.xaxis.set_minor_formatter(FuncFormatter(
+            lambda v, _: f"{v:g}" if round(v / 10 ** math.floor(math.log10(v)), 6) in (2.0, 5.0) else ""))
         ax.set_xlabel("ONNX file size (kB, log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -52,8 +52,17 @@ def test_eval_inspect_export_bench(digits_run):
     res = run("export", "--model", d.arch, "--weights", d.weights, "--plan", out / "plan.json", "--out", out / "e.onnx")
     assert res.exit_code == 0, res.output
     assert (out / "e.onnx").stat().st_size == (out / "m.onnx").stat().st_size
-    res = run("bench", out / "m.onnx", out / "e.onnx", "--runs", 3, "--batch", 1, "--batch", 4)
-    assert res.exit_code == 0 and "batch 4" in res.output
+    res = run("bench", out / "m.onnx", out / "e.onnx", "--runs", 3, "--batch", 1, "--batch", 4,
+              "--report", out / "bench.json")
+    assert res.exit_code == 0 and "batch 4" in res.output, res.output
+    lat = json.loads((out / "bench.json").read_text())["latency"]
+    models = [k for k in lat if k != "threads"]
+    assert len(models) == 2 and lat["threads"] >= 1
+    for k in models:
+        for b in ("batch_1", "batch_4"):
+            t = lat[k][b]
+            assert t["runs"] == 3 and 0 < t["p10_ms"] <= t["median_ms"] <= t["p90_ms"]
+    assert res.output.count("1.00x") >= 1  # ratios against the first model
 
 
 def test_embedded_default_needs_no_arguments(digits, tmp_path, monkeypatch):

@@ -58,7 +58,6 @@ def test_adapter_on_grouped_conv_rejected(tiny):
 
 def test_bias_update_adds_and_replaces(tiny):
     folded = fold_batchnorm(tiny)
-    folded.conv1.bias = None if folded.conv1.bias is None else folded.conv1.bias
     new_pw = np.arange(16, dtype=np.float32)
     new_fc = np.ones(5, dtype=np.float32)
     plan = Plan("cora", {}, (LayerPlan("pw", "conv", tuple(folded.pw.weight.shape), bias=Bias(new_pw)),

@@ -31,6 +31,14 @@ def test_structure(tiny, bits, dtype):
     model = export_onnx(folded, 8)
     result = WeightQDQPass(plan)(model)
     assert result.modified
+    own = onnx.load_from_string(onnx_bytes(result.model))  # the pass's own result, before any cleanup
+    own_ops = [n.op_type for n in own.graph.node]
+    assert own_ops.count("DequantizeLinear") == 4
+    for layer in plan.layers:
+        dq = next(x for x in own.graph.node if x.output[0] == f"{layer.weight}_dequantized")
+        consumer = next(x for x in own.graph.node if x.op_type in ("Conv", "Gemm") and dq.output[0] in x.input)
+        assert consumer.input[1] == dq.output[0]  # the layer now reads the dequantized weight
+    # and through the whole pipeline (cleanup, topological sort, checker)
     proto = onnx.load_from_string(onnx_bytes(apply_plan(export_onnx(folded, 8), plan)))
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("DequantizeLinear") == 4 and ops.count("Conv") == 3 and ops.count("Gemm") == 1

@@ -31,7 +31,7 @@ __all__ = ["CALIB_METHODS", "DEFAULT_CALIB", "CalibSettings", "RangeHistogram", 
 log = logging.getLogger(__name__)
 
 CALIB_METHODS = ("minmax", "percentile", "mse")
-# measured best on both real models (tools/bench_int8.py, README "Integer inference")
+# measured best on both real models (tools/bench_int8.py, docs/results/int8.md)
 DEFAULT_CALIB = "minmax"
 
 

@@ -112,7 +112,7 @@ def onnx_bytes(model: ir.Model) -> bytes:
     """The serialized model, without the value_info entries of initializers: onnx_ir writes one
     for every initializer (with the exporter's graph-signature metadata), a copy of the type and
     shape the initializer itself carries (15 kB of the EfficientNet-Lite0 small-block PQ file, see
-    the README). Readers, ONNX Runtime and the checker take both from the initializer."""
+    docs/results/pq.md). Readers, ONNX Runtime and the checker take both from the initializer."""
     proto = ir.to_proto(model)
     graph = proto.graph
     inits = {t.name for t in graph.initializer}

@@ -35,7 +35,7 @@ class ParityLimits:
 
 
 # Measured on the digits ConvNet, its dynamic-padding variant and EfficientNet-Lite0 (see the
-# README and tools/check_dynamic_lite0.py). A wrong weight gives relative errors near 1.
+# docs/verification.md and tools/check_dynamic_lite0.py). A wrong weight gives relative errors near 1.
 PARITY_LIMITS = {
     # weight-only models: PyTorch runs exactly the dequantized weights; only float rounding differs
     "exact": ParityLimits(agreement=99.0, relative_error=1e-3, layer_error=1e-3),

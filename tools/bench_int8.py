@@ -1,4 +1,4 @@
-"""Integer-inference figures for the README (issue 5): ResNet-18 and EfficientNet-Lite0 from
+"""Integer-inference figures for docs/results/int8.md (issue 5): ResNet-18 and EfficientNet-Lite0 from
 ../shared, calibrated on the 1,600 calibration images, scored on dev-val (1,000 images).
 
 Rows: float | onnxruntime.quantization.quantize_static (QDQ, u8 activations, per-channel s8

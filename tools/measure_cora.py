@@ -1,4 +1,4 @@
-"""CoRa figures for the README (issue 3): float | RTN | CoRa reference preset | CoRa default, and the
+"""CoRa figures for docs/results/cora.md (issue 3): float | RTN | CoRa reference preset | CoRa default, and the
 ablation from the reference preset to the default one step at a time. Every row runs the product
 path (`cora_onnx.quantize`: search -> export -> ONNX Runtime top-1, parity, size, latency) on the
 ../shared images (calib 1,600, dev-val 1,000) and is appended to a JSON-lines file; `--table`

@@ -1,4 +1,4 @@
-"""Foundation figures for the README (issue 2): ResNet-18 from ../shared (or EfficientNet-Lite0
+"""Foundation figures for docs/results/rtn.md (issue 2): ResNet-18 from ../shared (or EfficientNet-Lite0
 with --model efficientnet_lite0), RTN per-channel at 2-8 bits: top-1 (PyTorch float /
 fake-quantized, ONNX Runtime), parity, file sizes, latency.
 

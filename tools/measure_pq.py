@@ -1,4 +1,4 @@
-"""Product-quantization figures for the README (issue 4).
+"""Product-quantization figures for docs/results/pq.md (issue 4).
 
     python tools/measure_pq.py --model efficientnet_lite0 [--blocks small large] [--finetune-steps 100] [--out pq.json]
     python tools/measure_pq.py --model resnet18 [--blocks small large]

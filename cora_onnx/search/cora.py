@@ -50,7 +50,7 @@ PRESETS: dict[str, dict] = {
     # the paper / reference implementation
     "reference": dict(per_channel=False, symmetric=False, clip="std", k=3.0, rounding="nearest", svd="weight",
                       stats="none", iters=250, finetune_iters=0, augment="none", distill="kl", features="none"),
-    # the best combination measured here (see tools/measure_cora.py and the README: the statistics
+    # the best combination measured here (see tools/measure_cora.py and docs/results/cora.md: the statistics
     # correction helped in the light ablation but lost 0.4-2.2 points in the full runs, in-class and
     # on held-out classes)
     "default": dict(per_channel=True, symmetric=True, clip="mse", k=3.0, rounding="gptq", svd="activation",

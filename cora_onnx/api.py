@@ -21,7 +21,7 @@ from .export import AdaptedConv, apply_plan_torch, export_onnx, export_program, 
 from .io import atomic_write, check_output_path
 from .modelfile import onnx_bytes
 from .models import check_finite
-from .parity import PARITY_LIMITS, first_divergent_layer, parity_failure, reference_kind
+from .parity import PARITY_LIMITS, failed_path, first_divergent_layer, parity_failure, reference_kind
 from .pipeline import apply_plan
 from .plan import Plan
 from .quantizers import quantizable_layers
@@ -280,10 +280,6 @@ def _write_side_outputs(float_out, float_bytes: bytes, plan_out, plan: Plan, rep
         write_report(report_dict, report)
 
 
-def failed_path(out: str | Path) -> Path:
-    """Where a model that failed its parity check is kept: NAME.failed.onnx beside NAME.<ext>."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.failed.onnx")
 
 
 ADAPTER_LAYOUTS = ("auto", "branch", "fold")

@@ -9,6 +9,7 @@ exposed as extra graph outputs of a copy of the model; the torch modules are hoo
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from .export import AdaptedConv
 from .simulate import ActivationQuantSim
 
 __all__ = ["ParityLimits", "PARITY_LIMITS", "reference_kind", "parity_failure", "layer_errors",
-           "first_divergent_layer"]
+           "first_divergent_layer", "failed_path"]
 
 
 @dataclass(frozen=True)
@@ -145,3 +146,9 @@ def first_divergent_layer(quant_bytes: bytes, qmodel: nn.Module, layers: list[st
             return layer, err, True
     layer, err = max(errors, key=lambda e: e[1])
     return layer, err, False
+
+
+def failed_path(out: str | Path) -> Path:
+    """Where a model that failed its parity check is kept: NAME.failed.onnx beside NAME.<ext>."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.failed.onnx")

@@ -144,7 +144,8 @@ def format_import_table(r: dict) -> str:
         lines.append(f"  top-1: decoded PyTorch {_pct(t1['decoded_torch'])}, ONNX Runtime {_pct(t1['onnxruntime'])} "
                      f"on {r['images']['val']} images")
     lines.append(f"  parity ONNX Runtime vs decoded PyTorch: max |logit diff| {par['max_abs_error']:.3g} "
-                 f"(limit {par['tolerance']:.3g}), top-1 agreement {par['top1_agreement']:.2f}% on {par['images']} images")
+                 f"({par['relative_max_error']:.3g} of the largest logit, limit {par['limits']['relative_error']:g}), "
+                 f"top-1 agreement {par['top1_agreement']:.2f}% on {par['images']} images")
     lines.append(f"  latency, batch 1 ({r['environment']['threads']} threads): float {_ms(lat['float'])}, "
                  f"imported {_ms(lat['imported'])} (codebooks decoded when ONNX Runtime loads the file)")
     return "\n".join(lines)

@@ -171,7 +171,8 @@ def test_cli_import_end_to_end(files, ckpt):
     assert res.exit_code == 0, res.output
     assert "top-1 agreement 100.00%" in res.output
     r = json.loads(rep.read_text())
-    assert r["parity"]["top1_agreement"] == 100.0 and r["parity"]["max_abs_error"] <= r["parity"]["tolerance"]
+    assert r["parity"]["top1_agreement"] == 100.0 and r["verified"] is True
+    assert r["parity"]["relative_max_error"] <= r["parity"]["limits"]["relative_error"] == 1e-3
     assert r["top1"]["onnxruntime"] == r["top1"]["decoded_torch"]
     ck_bytes = (files / "r18.pth").stat().st_size
     assert r["onnx_bytes"] == out.stat().st_size <= 1.15 * ck_bytes
@@ -268,8 +269,10 @@ def test_api_parity_failure_is_an_error(files, tmp_path, monkeypatch):
     monkeypatch.setattr(pq_import, "apply_plan", corrupt)
     out = tmp_path / "small.onnx"
     with pytest.raises(ParityError, match="does not reproduce"):
-        cora_onnx.import_pq(path, Small(), out, **kw)
+        cora_onnx.import_pq(path, Small(), out, report=tmp_path / "r.json", **kw)
     assert not out.exists() and not list(tmp_path.glob(".small.onnx*"))
+    assert (tmp_path / "small.failed.onnx").is_file()  # kept aside for inspection, as quantize does
+    assert json.loads((tmp_path / "r.json").read_text())["verified"] is False
     monkeypatch.undo()  # unpatched, with parity on unlabelled calibration images instead
     r = cora_onnx.import_pq(path, Small(), out, calib=files / "val", input_size=16, latency_runs=1, threads=1).report
     assert r["parity"]["top1_agreement"] == 100.0 and r["parity"]["images"] == 6 and r["top1"] is None

@@ -104,28 +104,16 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
     scheme = None
     fields = frozenset(f.name for f in dataclasses.fields(METHODS[method].settings)) if method in METHODS \
         else frozenset()
+    check_run_options(act_bits=act_bits, act_calib=act_calib, adapter_layout=adapter_layout, out_format=out_format,
+                      latency_runs=latency_runs, has_calib=calib is not None)
     if act_bits is not None:
         from .calibrate import CalibSettings
-        from .int8 import ACT_BITS, choose_scheme
+        from .int8 import choose_scheme
 
-        if act_bits not in ACT_BITS:
-            raise SettingsError(f"act_bits must be one of {', '.join(map(str, ACT_BITS))} (or None for float activations), "
-                                f"got {act_bits!r}")
         calib_settings = CalibSettings(method=act_calib)
-        if calib is None:
-            raise SettingsError("integer activations (act_bits=8) need calibration images (calib=DIR)")
         scheme = choose_scheme()
         bits, method_options = _fit_weight_bits(bits, method_options, scheme.weight_bits, fields)
-    if adapter_layout not in ADAPTER_LAYOUTS:
-        raise SettingsError(f"adapter layout must be one of {', '.join(ADAPTER_LAYOUTS)}, got {adapter_layout!r}")
-    if adapter_layout == "fold" and act_bits is None:
-        raise SettingsError("adapter layout fold needs integer activations (act_bits=8): it folds the adapters "
-                            "into integer weights")
     fold_bits = scheme.weight_bits if scheme is not None and adapter_layout in ("auto", "fold") else None
-    if latency_runs < 0:
-        raise SettingsError(f"latency runs must be >= 0 (0 skips the timing), got {latency_runs}")
-    if out_format not in ("onnx", "ort"):
-        raise SettingsError(f"output format must be onnx or ort, got {out_format!r}")
     if "seed" in fields:
         method_options.setdefault("seed", seed)  # seeded searches follow --seed
     settings = make_settings(method, bits, method_options)
@@ -283,6 +271,32 @@ def _write_side_outputs(float_out, float_bytes: bytes, plan_out, plan: Plan, rep
 
 
 ADAPTER_LAYOUTS = ("auto", "branch", "fold")
+
+
+def check_run_options(*, act_bits=None, act_calib: str = "minmax", adapter_layout: str = "auto",
+                      out_format: str = "onnx", latency_runs: int = 30, has_calib: bool = True) -> None:
+    """SettingsError for quantize's options that are not the method's own (quantize calls it first;
+    sweeps call it before any job starts)."""
+    from .calibrate import CALIB_METHODS
+    from .int8 import ACT_BITS
+
+    if act_bits is not None:
+        if act_bits not in ACT_BITS:
+            raise SettingsError(f"act_bits must be one of {', '.join(map(str, ACT_BITS))} (or None for float "
+                                f"activations), got {act_bits!r}")
+        if not has_calib:
+            raise SettingsError("integer activations (act_bits=8) need calibration images (calib=DIR)")
+        if act_calib not in CALIB_METHODS:
+            raise SettingsError(f"act_calib must be one of {', '.join(CALIB_METHODS)}, got {act_calib!r}")
+    if adapter_layout not in ADAPTER_LAYOUTS:
+        raise SettingsError(f"adapter layout must be one of {', '.join(ADAPTER_LAYOUTS)}, got {adapter_layout!r}")
+    if adapter_layout == "fold" and act_bits is None:
+        raise SettingsError("adapter layout fold needs integer activations (act_bits=8): it folds the adapters "
+                            "into integer weights")
+    if isinstance(latency_runs, bool) or not isinstance(latency_runs, int) or latency_runs < 0:
+        raise SettingsError(f"latency runs must be >= 0 (0 skips the timing), got {latency_runs}")
+    if out_format not in ("onnx", "ort"):
+        raise SettingsError(f"output format must be onnx or ort, got {out_format!r}")
 BRANCH_TIMING_CALIB = 128  # calibration images for the branch-layout model that is only timed
 
 

@@ -404,21 +404,17 @@ def _listed_points(points, defaults: dict) -> list[Point]:
 
 def _check_point(p: Point, has_calib: bool) -> None:
     """Build the point's method settings (as quantize will) and check its quantize arguments."""
-    from .api import ADAPTER_LAYOUTS, make_settings
-    from .calibrate import CALIB_METHODS
+    from .api import check_run_options, make_settings
 
     m = _methods()[p.method]
     if m.needs_calib and not has_calib:
         raise SettingsError(f"{p.where}.method: {p.method} needs calibration images (set calib)")
-    if p.act_bits and not has_calib:
-        raise SettingsError(f"{p.where}.act_bits: integer activations need calibration images (set calib)")
     args = _quantize_args(p)
-    if args.get("act_calib", CALIB_METHODS[0]) not in CALIB_METHODS:
-        raise SettingsError(f"{p.where}.act_calib: must be one of {', '.join(CALIB_METHODS)}, got {args['act_calib']!r}")
-    layout = args.get("adapter_layout", "auto")
-    if layout not in ADAPTER_LAYOUTS or (layout == "fold" and not p.act_bits):
-        raise SettingsError(f"{p.where}.adapter_layout: must be one of {', '.join(ADAPTER_LAYOUTS)} (fold only with "
-                            f"act_bits = 8), got {layout!r}")
+    try:
+        check_run_options(act_bits=p.act_bits, has_calib=has_calib,
+                          **{k: args[k] for k in ("act_calib", "adapter_layout") if k in args})
+    except SettingsError as exc:
+        raise SettingsError(f"{p.where}: {exc}") from None
     try:
         make_settings(p.method, p.bits if p.bits is not None else 4, _method_options(p))
     except SettingsError as exc:

@@ -1,0 +1,55 @@
+"""ResNet-18 W8A8 on the many-class protocol, and a 4-bit CoRa file with 8-bit activations against it.
+
+Runs exactly the two CLI commands behind the W8A8 parity figure (docs/verification.md) and the
+W4A8-vs-W8A8 size and latency figures (docs/results/cora.md):
+
+    cora-onnx quantize --model resnet18 --weights ../shared/models/resnet18-imagenet.pt \
+        --calib ../shared/data/imagenette/calib --val ../shared/data/imagenet-sample/even \
+        --crop-ratio 0.875 --bits 8 --act-bits 8 --out DIR/w8a8.onnx --report DIR/w8a8.json --latency-runs 0
+    cora-onnx bench DIR/w8a8.onnx W4A8.onnx --batch 1 --runs 60
+
+W4A8 is the `cora-w4-a8-b0.05/model.onnx` of the ResNet-18 sweep
+(`cora-onnx sweep tools/sweeps/resnet18_protocol.toml --out SWEEP`).
+
+    python tools/w4a8_vs_w8a8.py --w4a8 SWEEP/cora-w4-a8-b0.05/model.onnx --dir DIR
+
+The quantize step prints ORT-vs-simulation parity and fidelity to float; a parity failure keeps
+the model as DIR/w8a8.failed.onnx (exit 3), and the bench then uses that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--w4a8", type=Path, required=True, help="the sweep's CoRa W4 + A8 ONNX file")
+    ap.add_argument("--dir", type=Path, required=True, help="folder for the W8A8 file and its report")
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    ap.add_argument("--runs", type=int, default=60)
+    args = ap.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    w8a8 = args.dir / "w8a8.onnx"
+    data = args.shared / "data"
+    rc = subprocess.call(["cora-onnx", "quantize", "--model", "resnet18",
+                          "--weights", str(args.shared / "models/resnet18-imagenet.pt"),
+                          "--calib", str(data / "imagenette/calib"), "--val", str(data / "imagenet-sample/even"),
+                          "--crop-ratio", "0.875", "--bits", "8", "--act-bits", "8", "--out", str(w8a8),
+                          "--report", str(args.dir / "w8a8.json"), "--latency-runs", "0"])
+    if rc not in (0, 3):
+        return rc
+    if rc == 3:
+        w8a8 = args.dir / "w8a8.failed.onnx"
+    print(f"files: W8A8 {w8a8.stat().st_size:,} B, W4A8 {args.w4a8.stat().st_size:,} B "
+          f"({args.w4a8.stat().st_size / w8a8.stat().st_size:.3f}x)", flush=True)
+    return subprocess.call(["cora-onnx", "bench", str(w8a8), str(args.w4a8), "--batch", "1", "--runs", str(args.runs)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,8 +8,9 @@ import onnx_ir as ir
 
 from cora_onnx.errors import PlanError
 from cora_onnx.npgrid import adapter_factors, folded_grid
-from cora_onnx.plan import Plan
+from cora_onnx.plan import LayerPlan, Plan
 
+from ._qdq import dequantize_linear, quantize_linear, scale_zero_point
 from ._util import add_initializer, int_tensor, mark
 
 __all__ = ["AdapterFoldPass", "FOLDED_BITS_KEY"]
@@ -105,20 +106,13 @@ class AdapterFoldPass(ir.passes.InPlacePass):
             rs = ir.node("Reshape", [mm.outputs[0], shape], name=f"{name}_Reshape")
             add = ir.node("Add", [mul.outputs[0], rs.outputs[0]], name=f"{name}_Add")
             _, scale = folded_grid(layer, self.bits)
-            s7 = add_initializer(graph, f"{name}_scale", ir.Tensor(scale, name=f"{name}_scale"))
-            z7 = add_initializer(graph, f"{name}_zero_point", ir.Tensor(np.zeros(scale.shape, np.int8),
-                                                                         name=f"{name}_zero_point"))
-            q = ir.node("QuantizeLinear", [add.outputs[0], s7, z7], attributes={"axis": 0}, name=f"{name}_QuantizeLinear")
-            q.outputs[0].dtype = ir.DataType.INT8
-            q.outputs[0].shape = ir.Shape(layer.shape)
-            new_dq = ir.node("DequantizeLinear", [q.outputs[0], s7, z7], attributes={"axis": 0},
-                             name=f"{name}_DequantizeLinear")
+            s7, z7 = scale_zero_point(graph, name, scale, np.zeros(scale.shape, np.int8))
+            q = quantize_linear(add.outputs[0], s7, z7, name, ir.DataType.INT8, layer.shape, axis=0)
+            new_dq = dequantize_linear(q.outputs[0], s7, z7, name, layer.shape, axis=0)
             out = new_dq.outputs[0]
-            out.name, out.dtype, out.shape = f"{name}_dequantized", ir.DataType.FLOAT, ir.Shape(layer.shape)
             for node in (*nodes, *nb, *na, mm, rs, add):
                 node.outputs[0].dtype = ir.DataType.FLOAT
                 node.outputs[0].name = f"{node.name}_output"
-            q.outputs[0].name = f"{name}_quantized"
             facts = dict(layer=layer.name, rank=ad.rank, adapter_bytes=(ad.bits or 32) * ad.params // 8,
                          bits=self.bits, folded="at load")
             mark(q, type(self).__name__, **facts)

@@ -1,6 +1,6 @@
 """ONNX graph rewriting passes on onnx_ir. Pure ONNX: nothing here imports torch."""
 
-from .adapter_fold import AdapterFoldPass
+from .adapter_merge import AdapterMergePass
 from .activation_layout import ActivationLayout, QuantScheme, activation_layout, activation_qparams
 from .activation_qdq import ActivationQDQPass
 from .bias_update import BiasUpdatePass
@@ -10,6 +10,6 @@ from .low_rank_branch import LowRankBranchPass
 from .strip_metadata import StripExportMetadataPass
 from .weight_qdq import WeightQDQPass
 
-__all__ = ["ActivationLayout", "ActivationQDQPass", "AdapterFoldPass", "BiasUpdatePass", "CodebookDecodePass", "LowRankBranchPass", "QuantScheme",
+__all__ = ["ActivationLayout", "ActivationQDQPass", "AdapterMergePass", "BiasUpdatePass", "CodebookDecodePass", "LowRankBranchPass", "QuantScheme",
            "StripExportMetadataPass", "WeightQDQPass", "activation_layout", "activation_qparams",
            "pack_grid", "packs", "unpack_grid"]

@@ -5,7 +5,7 @@ names. Pure graph analysis on onnx_ir: nothing here changes a model.
 
 - compute nodes: Conv, Gemm, MatMul whose weight is a DequantizeLinear of an integer
   initializer (or of a grid decoded by passes._packing, or of the weight expression of
-  AdapterFoldPass) or a float initializer, and Add of two activations;
+  AdapterMergePass) or a float initializer, and Add of two activations;
 - every activation input and the output of a compute node is quantized (except a Gemm/MatMul
   output that is a graph output: ORT fuses those with float output); a Relu, or a Clip with
   min 0, that is the only consumer of a compute output is absorbed: the QuantizeLinear of the
@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ._packing import is_grid
-from .adapter_fold import FOLDED_BITS_KEY
+from .adapter_merge import MERGED_BITS_KEY
 
 __all__ = ["QuantScheme", "ActivationLayout", "activation_layout", "activation_qparams", "COMPUTE_OPS", "SHARE_OPS",
            "WEIGHT_INPUT", "const_array", "weight_source", "merged_bits"]
@@ -115,16 +115,16 @@ def weight_source(node: ir.Node) -> str | None:
 
 def merged_bits(dq: ir.Node) -> int | None:
     """The grid width of a weight DequantizeLinear(QuantizeLinear(constant expression)) written
-    by AdapterFoldPass (folded by ONNX Runtime at load), else None."""
+    by AdapterMergePass (constant-folded by ONNX Runtime at load), else None."""
     q = dq.inputs[0].producer() if dq.inputs[0] is not None else None
-    if q is None or q.op_type != "QuantizeLinear" or FOLDED_BITS_KEY not in q.metadata_props:
+    if q is None or q.op_type != "QuantizeLinear" or MERGED_BITS_KEY not in q.metadata_props:
         return None
-    return int(q.metadata_props[FOLDED_BITS_KEY])
+    return int(q.metadata_props[MERGED_BITS_KEY])
 
 
 def _constant_outputs(graph: ir.Graph) -> set[int]:
     """ids of the node outputs computed from initializers and Constants alone (e.g. the weight
-    expression of AdapterFoldPass, which ONNX Runtime folds at load): one pass in graph order."""
+    expression of AdapterMergePass, which ONNX Runtime folds at load): one pass in graph order."""
     const: set[int] = set()
     for node in graph:
         if all(v is None or v.const_value is not None or id(v) in const for v in node.inputs):

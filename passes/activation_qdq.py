@@ -11,7 +11,7 @@ calibration); this pass writes that layout into the graph and prepares the weigh
   (passes._packing) is already decoded to INT8 by a constant subgraph ONNX Runtime folds at
   load; a grid whose values do not fit the scheme (8-bit values where 7-bit weights are needed)
   leaves the node float (logged);
-  AdapterFoldPass's folded weights are integer weights too; float weights are quantized per
+  AdapterMergePass's merged weights are integer weights too; float weights are quantized per
   channel here (numpy MSE grid); biases become INT32 with scale = input scale x weight scale.
 """
 
@@ -161,11 +161,11 @@ class ActivationQDQPass(ir.passes.InPlacePass):
                 del graph.initializers[w.name]
             return scale
         dq = w.producer()
-        folded = merged_bits(dq)
-        if folded is not None:  # symmetric, zero channels at scale 1, values within +-(2^(bits-1) - 1)
-            if folded > self.scheme.weight_bits:
-                log.warning("%s: folded %d-bit weight grid does not fit the %d-bit weights this CPU needs; "
-                            "left as a float kernel", node.name, folded, self.scheme.weight_bits)
+        merged = merged_bits(dq)
+        if merged is not None:  # symmetric, zero channels at scale 1, values within +-(2^(bits-1) - 1)
+            if merged > self.scheme.weight_bits:
+                log.warning("%s: merged %d-bit weight grid does not fit the %d-bit weights this CPU needs; "
+                            "left as a float kernel", node.name, merged, self.scheme.weight_bits)
                 return None
             return np.asarray(const_array(dq.inputs[1]), dtype=np.float32)
         qv = dq.inputs[0]

@@ -8,7 +8,7 @@ import torch
 
 from cora_onnx.data import ImageSet, Preprocess
 from cora_onnx.errors import PlanError
-from cora_onnx.export import apply_plan_torch, export_program, fold_batchnorm, onnx_bytes
+from cora_onnx.export import apply_plan_torch, export_program, fuse_batchnorm, onnx_bytes
 from cora_onnx.int8 import add_activation_qdq, choose_scheme, integer_kernels
 from cora_onnx.pipeline import apply_plan, cleanup_passes
 from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
@@ -26,13 +26,13 @@ def _images(n=48, size=8, seed=0):
 
 
 def _int8_tiny(tiny, bits=4, scheme=AVX2):
-    folded = fold_batchnorm(tiny)
-    plan = search_rtn(folded, RtnSettings(bits=bits, selection=LayerSelection(keep=())))
-    program = export_program(folded, 8)
+    fused = fuse_batchnorm(tiny)
+    plan = search_rtn(fused, RtnSettings(bits=bits, selection=LayerSelection(keep=())))
+    program = export_program(fused, 8)
     model = apply_plan(program.model, plan)
     ranges, qparams, report = add_activation_qdq(model, _images(), scheme)
     ir.passes.PassManager(cleanup_passes())(model)
-    sim = ActivationQuantSim(program, apply_plan_torch(folded, plan), qparams, scheme.act_range)
+    sim = ActivationQuantSim(program, apply_plan_torch(fused, plan), qparams, scheme.act_range)
     return onnx_bytes(model), sim, qparams, report
 
 
@@ -126,9 +126,9 @@ def test_adapter_branch_graph_runs_on_integer_kernels():
 
 
 def test_weights_that_do_not_fit_stay_float(tiny, caplog):
-    folded = fold_batchnorm(tiny)
-    plan = search_rtn(folded, RtnSettings(bits=8, selection=LayerSelection(keep=())))
-    model = apply_plan(export_program(folded, 8).model, plan)
+    fused = fuse_batchnorm(tiny)
+    plan = search_rtn(fused, RtnSettings(bits=8, selection=LayerSelection(keep=())))
+    model = apply_plan(export_program(fused, 8).model, plan)
     layout = activation_layout(model)
     ranges = {t: (-1.0, 1.0) for t in layout.calibrate}
     p = ActivationQDQPass(ranges, AVX2)  # 7-bit weights needed, the plan has 8-bit grids
@@ -137,14 +137,14 @@ def test_weights_that_do_not_fit_stay_float(tiny, caplog):
     assert len(p.report["float_nodes"]) == 4 and not p.report["integer_nodes"][1:]  # only the Add-free rest
     assert "does not fit" in caplog.text
     p8 = ActivationQDQPass(ranges, QuantScheme("uint8", 8))
-    model8 = apply_plan(export_program(folded, 8).model, plan)
+    model8 = apply_plan(export_program(fused, 8).model, plan)
     p8(model8)
     assert len(p8.report["integer_nodes"]) == 4 and not p8.report["float_nodes"]
 
 
 def test_missing_ranges_and_no_compute_nodes(tiny):
-    folded = fold_batchnorm(tiny)
-    model = export_program(folded, 8).model
+    fused = fuse_batchnorm(tiny)
+    model = export_program(fused, 8).model
     with pytest.raises(PlanError, match="no calibrated range"):
         ActivationQDQPass({}, AVX2)(model)
     g = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cora_onnx.errors import PlanError
-from cora_onnx.export import export_onnx, fold_batchnorm, onnx_bytes
+from cora_onnx.export import export_onnx, fuse_batchnorm, onnx_bytes
 from cora_onnx.pipeline import apply_plan
 from cora_onnx.plan import Bias, LayerPlan, LowRankAdapter, Plan
 from passes import BiasUpdatePass, LowRankBranchPass
@@ -25,10 +25,10 @@ def _adapter(shape, rank, bits):
 
 @pytest.mark.parametrize("bits", [None, 8])
 def test_branch_structure(tiny, bits):
-    folded = fold_batchnorm(tiny)
-    shape = tuple(folded.pw.weight.shape)
+    fused = fuse_batchnorm(tiny)
+    shape = tuple(fused.pw.weight.shape)
     plan = Plan("cora", {}, (LayerPlan("pw", "conv", shape, adapter=_adapter(shape, 3, bits)),))
-    proto = onnx.load_from_string(onnx_bytes(apply_plan(export_onnx(folded, 8), plan)))
+    proto = onnx.load_from_string(onnx_bytes(apply_plan(export_onnx(fused, 8), plan)))
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("Conv") == 5 and ops.count("Add") == 1
     assert ops.count("DequantizeLinear") == (2 if bits else 0)
@@ -44,25 +44,25 @@ def test_branch_structure(tiny, bits):
 
 
 def test_no_adapter_is_a_no_op(tiny):
-    model = export_onnx(fold_batchnorm(tiny), 8)
+    model = export_onnx(fuse_batchnorm(tiny), 8)
     assert not LowRankBranchPass(Plan("cora", {}, ()))(model).modified
 
 
 def test_adapter_on_grouped_conv_rejected(tiny):
-    folded = fold_batchnorm(tiny)
-    shape = tuple(folded.dw.weight.shape)
+    fused = fuse_batchnorm(tiny)
+    shape = tuple(fused.dw.weight.shape)
     plan = Plan("cora", {}, (LayerPlan("dw", "conv", shape, adapter=_adapter(shape, 1, None)),))
     with pytest.raises(PlanError, match="ungrouped"):
-        apply_plan(export_onnx(folded, 8), plan)
+        apply_plan(export_onnx(fused, 8), plan)
 
 
 def test_bias_update_adds_and_replaces(tiny):
-    folded = fold_batchnorm(tiny)
+    fused = fuse_batchnorm(tiny)
     new_pw = np.arange(16, dtype=np.float32)
     new_fc = np.ones(5, dtype=np.float32)
-    plan = Plan("cora", {}, (LayerPlan("pw", "conv", tuple(folded.pw.weight.shape), bias=Bias(new_pw)),
-                             LayerPlan("fc", "linear", tuple(folded.fc.weight.shape), bias=Bias(new_fc))))
-    model = export_onnx(folded, 8)
+    plan = Plan("cora", {}, (LayerPlan("pw", "conv", tuple(fused.pw.weight.shape), bias=Bias(new_pw)),
+                             LayerPlan("fc", "linear", tuple(fused.fc.weight.shape), bias=Bias(new_fc))))
+    model = export_onnx(fused, 8)
     assert BiasUpdatePass(plan)(model).modified
     inits = {t.name: t for t in onnx.load_from_string(onnx_bytes(model)).graph.initializer}
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits["pw.bias"]), new_pw)

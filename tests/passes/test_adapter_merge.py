@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cora_onnx.errors import PlanError
-from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes
-from cora_onnx.npgrid import folded_grid
+from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
+from cora_onnx.npgrid import merged_grid
 from cora_onnx.pipeline import apply_plan
 from cora_onnx.plan import LowRankAdapter, Plan
 from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
@@ -29,39 +29,39 @@ def _adapter(shape, rank, bits):
     return LowRankAdapter(rank, a, b, bits=bits, a_scale=sa, b_scale=sb)
 
 
-def _plan(folded, bits, adapter_bits, symmetric=True):
-    plan = search_rtn(folded, RtnSettings(bits=bits, symmetric=symmetric, selection=LayerSelection(keep=())))
+def _plan(fused, bits, adapter_bits, symmetric=True):
+    plan = search_rtn(fused, RtnSettings(bits=bits, symmetric=symmetric, selection=LayerSelection(keep=())))
     layers = tuple(dataclasses.replace(lp, adapter=_adapter(lp.shape, 2, adapter_bits)) if lp.name == "conv1" else lp
                    for lp in plan.layers)
     return Plan(plan.method, plan.settings, layers)
 
 
 @pytest.mark.parametrize("adapter_bits,symmetric", [(7, True), (None, True), (7, False)])
-def test_folded_at_load_matches_torch(tiny, adapter_bits, symmetric):
+def test_merged_at_load_matches_torch(tiny, adapter_bits, symmetric):
     """The file keeps the INT4 grid and the factors; ONNX Runtime folds the expression into one
-    INT8 weight at load, and the model computes what apply_plan_torch(fold_bits=7) computes."""
-    folded = fold_batchnorm(tiny)
-    plan = _plan(folded, 4, adapter_bits, symmetric)
-    blob = onnx_bytes(apply_plan(export_onnx(folded, 8), plan, fold_bits=7))
+    INT8 weight at load, and the model computes what apply_plan_torch(merge_bits=7) computes."""
+    fused = fuse_batchnorm(tiny)
+    plan = _plan(fused, 4, adapter_bits, symmetric)
+    blob = onnx_bytes(apply_plan(export_onnx(fused, 8), plan, merge_bits=7))
     proto = onnx.load_from_string(blob)
     inits = {t.name: t for t in proto.graph.initializer}
     assert inits["conv1.weight_quantized"].data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
     q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear")
     facts = {p.key: p.value for p in q.metadata_props}
-    assert facts["cora_onnx.rank"] == "2" and facts["cora_onnx.folded_bits"] == "7"
+    assert facts["cora_onnx.rank"] == "2" and facts["cora_onnx.merged_bits"] == "7"
     opt_ops = {n.op_type for n in optimized_graph(blob).graph.node}
     assert not opt_ops & {"MatMul", "Cast", "QuantizeLinear"}  # constant-folded at load
     x = torch.randn(2, 3, 8, 8)
     sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     got = sess.run(None, {"input": x.numpy()})[0]
-    want = apply_plan_torch(folded, plan, fold_bits=7)(x).detach().numpy()
+    want = apply_plan_torch(fused, plan, merge_bits=7)(x).detach().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_folded_grid_holds_weight_plus_adapter(tiny):
-    folded = fold_batchnorm(tiny)
-    lp = next(lp for lp in _plan(folded, 3, 7).layers if lp.adapter is not None)
-    q, scale = folded_grid(lp, 7)
+def test_merged_grid_holds_weight_plus_adapter(tiny):
+    fused = fuse_batchnorm(tiny)
+    lp = next(lp for lp in _plan(fused, 3, 7).layers if lp.adapter is not None)
+    q, scale = merged_grid(lp, 7)
     assert q.dtype == np.int8 and np.abs(q).max() == 63 and scale.shape == (lp.shape[0],)
     ad = lp.adapter
     w = lp.uniform.dequantize() + (ad.b.reshape(-1, ad.rank) @ ad.a.reshape(ad.rank, -1)).reshape(lp.shape)
@@ -69,10 +69,10 @@ def test_folded_grid_holds_weight_plus_adapter(tiny):
     assert np.all(err <= scale[:, None, None, None] / 2 + 1e-7)
 
 
-def test_fold_needs_a_quantized_weight(tiny):
-    folded = fold_batchnorm(tiny)
-    plan = _plan(folded, 4, 7)
+def test_merge_needs_a_quantized_weight(tiny):
+    fused = fuse_batchnorm(tiny)
+    plan = _plan(fused, 4, 7)
     no_grid = Plan(plan.method, plan.settings, tuple(dataclasses.replace(lp, uniform=None) if lp.name == "conv1" else lp
                                                      for lp in plan.layers))
-    with pytest.raises(PlanError, match="adapter folding needs"):
-        apply_plan(export_onnx(folded, 8), no_grid, fold_bits=7)
+    with pytest.raises(PlanError, match="adapter merging needs"):
+        apply_plan(export_onnx(fused, 8), no_grid, merge_bits=7)

@@ -10,6 +10,6 @@ from .low_rank_branch import LowRankBranchPass
 from .strip_metadata import StripExportMetadataPass
 from .weight_qdq import WeightQDQPass
 
-__all__ = ["ActivationLayout", "ActivationQDQPass", "AdapterMergePass", "BiasUpdatePass", "CodebookDecodePass", "LowRankBranchPass", "QuantScheme",
-           "StripExportMetadataPass", "WeightQDQPass", "activation_layout", "activation_qparams",
-           "pack_grid", "packs", "unpack_grid"]
+__all__ = ["ActivationLayout", "ActivationQDQPass", "AdapterMergePass", "BiasUpdatePass", "CodebookDecodePass",
+           "LowRankBranchPass", "QuantScheme", "StripExportMetadataPass", "WeightQDQPass", "activation_layout",
+           "activation_qparams", "pack_grid", "packs", "unpack_grid"]

@@ -2,6 +2,7 @@ import dataclasses
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
@@ -10,9 +11,11 @@ from cora_onnx.errors import PlanError
 from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
 from cora_onnx.npgrid import merged_grid
 from cora_onnx.pipeline import apply_plan
-from cora_onnx.plan import LowRankAdapter, Plan
+from cora_onnx.plan import LayerPlan, LowRankAdapter, Plan
 from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
 from cora_onnx.verify import optimized_graph
+from passes import AdapterMergePass, WeightQDQPass
+from passes.adapter_merge import MERGED_BITS_KEY
 
 
 def _adapter(shape, rank, bits):
@@ -76,3 +79,37 @@ def test_merge_needs_a_quantized_weight(tiny):
                                                      for lp in plan.layers))
     with pytest.raises(PlanError, match="adapter merging needs"):
         apply_plan(export_onnx(fused, 8), no_grid, merge_bits=7)
+
+
+@pytest.mark.parametrize("adapter_bits,symmetric", [(7, True), (None, False)])
+def test_the_pass_alone_on_a_graph_built_here(graph, adapter_bits, symmetric):
+    """AdapterMergePass alone, on a tiny onnx.helper graph whose conv1 weight WeightQDQPass made a
+    4-bit DequantizeLinear (its precondition): that DequantizeLinear is replaced by
+    DequantizeLinear(QuantizeLinear(grid expression)) on a 7-bit per-channel grid, and ONNX Runtime
+    (as written, and optimized: the expression folds at load) computes what the float graph
+    computes with merged_grid's weight."""
+    w = graph.weights["conv1.weight"]
+    lp = LayerPlan("conv1", "conv", w.shape, uniform=graph.uniform(w, 4, symmetric),
+                   adapter=_adapter(w.shape, 2, adapter_bits))
+    plan = Plan("cora", {}, (lp,))
+    model = graph.model()
+    WeightQDQPass(plan)(model)
+    assert AdapterMergePass(plan, 7)(model).modified
+    nodes = {n.name: n for n in model.graph}
+    assert "conv1.weight_DequantizeLinear" not in nodes  # the 4-bit DequantizeLinear is gone, its grid stays
+    assert model.graph.initializers["conv1.weight_quantized"].dtype in (ir.DataType.INT4, ir.DataType.UINT4)
+    q, dq = nodes["conv1.adapter_merge_QuantizeLinear"], nodes["conv1.adapter_merge_DequantizeLinear"]
+    assert dq.inputs[0] is q.outputs[0] and nodes["conv1"].inputs[1] is dq.outputs[0]
+    assert q.attributes.get_int("axis") == 0 and dq.attributes.get_int("axis") == 0
+    assert q.outputs[0].dtype == ir.DataType.INT8
+    assert q.metadata_props[MERGED_BITS_KEY] == "7" and q.metadata_props["cora_onnx.rank"] == "2"
+    grid, scale = merged_grid(lp, 7)
+    np.testing.assert_array_equal(model.graph.initializers["conv1.adapter_merge_scale"].const_value.numpy(), scale)
+    want = graph.run(graph.proto(conv1__weight=grid * scale[:, None, None, None]))
+    for optimize in (False, True):
+        np.testing.assert_allclose(graph.run(model, optimize=optimize), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_pass_refuses_bits_other_than_7_or_8():
+    with pytest.raises(ValueError, match="7 or 8 bits"):
+        AdapterMergePass(Plan("cora", {}, ()), 6)

@@ -126,3 +126,28 @@ def test_no_codebook_is_a_no_op_and_a_wrong_plan_is_refused(planned):
         cb.decode((3, 3))
     with pytest.raises(PlanError, match="codes must be uint16 with 300 codewords"):
         Codebook(block_size=4, codewords=np.zeros((300, 4), np.float16), codes=np.zeros((2, 2), np.uint8))
+
+
+@pytest.mark.parametrize("scale_dtype", [None, np.float16, np.float32])
+def test_the_pass_alone_on_a_graph_built_here(graph, scale_dtype):
+    """CodebookDecodePass alone on a tiny onnx.helper graph: the 1x1 conv's weight becomes
+    Gather(codewords, codes) -> Reshape [-> Mul(scale)], its bias the corrected one, and ONNX
+    Runtime computes what the float graph computes with Codebook.decode's weight and that bias."""
+    rng = np.random.default_rng(3)
+    shape = graph.SHAPES["pw.weight"]  # (6, 8, 1, 1): 2 sub-vectors of 4 per filter
+    cb = Codebook(4, rng.normal(size=(5, 4)).astype(np.float16), rng.integers(0, 5, size=(6, 2)).astype(np.uint8),
+                  scale=None if scale_dtype is None else rng.uniform(0.5, 2, 6).astype(scale_dtype),
+                  bias=rng.normal(size=6).astype(np.float32))
+    model = graph.model()
+    assert CodebookDecodePass(Plan("pq", {}, (LayerPlan("pw", "conv", shape, codebook=cb),)))(model).modified
+    inits = model.graph.initializers
+    assert "pw.weight" not in inits
+    assert inits["pw.weight_codes"].dtype == ir.DataType.UINT8 and inits["pw.weight_codewords"].dtype == ir.DataType.FLOAT16
+    nodes = {n.name: n for n in model.graph}
+    pw = nodes["pw"]
+    assert pw.inputs[1].name == "pw.weight_decoded" and pw.inputs[2].name == "pw.bias_corrected"
+    gather = next(n for n in model.graph if n.op_type == "Gather")
+    assert gather.metadata_props["cora_onnx.block_size"] == "4" and gather.metadata_props["cora_onnx.codewords"] == "5"
+    assert [n.op_type for n in model.graph].count("Mul") == (0 if scale_dtype is None else 1)
+    want = graph.run(graph.proto(pw__weight=cb.decode(shape), pw__bias=cb.bias))
+    np.testing.assert_allclose(graph.run(model), want, rtol=1e-5, atol=1e-5)

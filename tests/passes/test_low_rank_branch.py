@@ -75,3 +75,26 @@ def test_bias_added_to_conv_without_bias():
     proto = onnx.load_from_string(onnx_bytes(apply_plan(export_onnx(m, 8), plan)))
     conv = next(n for n in proto.graph.node if n.op_type == "Conv")
     assert conv.input[2] == "0.bias"
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_the_pass_alone_on_a_graph_built_here(graph, bits):
+    """LowRankBranchPass alone on a tiny onnx.helper graph: beside the 3x3 Conv (pads 1), Conv(A)
+    with the same kernel and pads, Conv(B) 1x1, and an Add that now feeds the Conv's consumer; ONNX
+    Runtime computes what the float graph computes with the weight W + B A (convolution is linear)."""
+    w = graph.weights["conv1.weight"]
+    ad = _adapter(w.shape, 2, bits)
+    plan = Plan("cora", {}, (LayerPlan("conv1", "conv", w.shape, adapter=ad),))
+    model = graph.model()
+    assert LowRankBranchPass(plan)(model).modified
+    nodes = {n.name: n for n in model.graph}
+    a, b, add = nodes["conv1.adapter_a"], nodes["conv1.adapter_b"], nodes["conv1.adapter_add"]
+    assert a.inputs[0] is nodes["conv1"].inputs[0] and b.inputs[0] is a.outputs[0]
+    assert list(a.attributes["kernel_shape"].value) == [3, 3] and list(a.attributes["pads"].value) == [1, 1, 1, 1]
+    assert list(b.attributes["kernel_shape"].value) == [1, 1]
+    assert add.inputs[0] is nodes["conv1"].outputs[0] and add.inputs[1] is b.outputs[0]
+    assert nodes["relu"].inputs[0] is add.outputs[0]  # the consumer reads the corrected output
+    assert [n.op_type for n in model.graph].count("DequantizeLinear") == (2 if bits else 0)
+    merged = w + (ad.b.reshape(w.shape[0], 2) @ ad.a.reshape(2, -1)).reshape(w.shape)
+    np.testing.assert_allclose(graph.run(model), graph.run(graph.proto(conv1__weight=merged)), rtol=1e-4, atol=1e-4)
+    assert np.abs(graph.run(model) - graph.run(graph.proto())).max() > 1e-2  # the branch changes the output

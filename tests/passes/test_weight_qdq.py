@@ -141,3 +141,45 @@ def test_weight_keyed_passes_refuse_a_rewritten_weight(tiny, component):
         cause = cause.__cause__
     assert isinstance(cause, PlanError) and "not the float weight the plan was made from" in str(cause)
     assert make(plan)(export_onnx(fused, 8)).modified
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric,per_channel", [(True, True), (False, True), (True, False), (False, False)])
+def test_the_pass_alone_on_a_graph_built_here(graph, bits, symmetric, per_channel):
+    """WeightQDQPass alone on a tiny onnx.helper graph: each planned weight becomes
+    DequantizeLinear(<w>_quantized in the container of its width) feeding the same input of the
+    same node, and ONNX Runtime computes what the float graph computes with the plan's weights."""
+    from cora_onnx.plan import LayerPlan
+
+    layers = tuple(LayerPlan(name, kind, graph.SHAPES[f"{name}.weight"],
+                             uniform=graph.uniform(graph.weights[f"{name}.weight"], bits, symmetric, per_channel))
+                   for name, kind in (("conv1", "conv"), ("pw", "conv"), ("fc", "linear")))
+    model = graph.model()
+    result = WeightQDQPass(Plan("rtn", {}, layers))(model)
+    assert result.modified and result.model is model
+    assert graph.ops(model).count("DequantizeLinear") == 3 and graph.ops(model).count("Conv") == 2
+    container = {(True, True): ir.DataType.INT4, (False, True): ir.DataType.UINT4,
+                 (True, False): ir.DataType.INT8, (False, False): ir.DataType.UINT8}[symmetric, bits <= 4]
+    users = {n.name: n for n in model.graph}
+    for lp in layers:
+        assert lp.weight not in model.graph.initializers  # the float weight is gone
+        q = model.graph.initializers[f"{lp.weight}_quantized"]
+        nbytes = (lp.uniform.q.size + 1) // 2 if bits <= 4 else lp.uniform.q.size  # 4-bit grids packed 2 per byte
+        assert q.dtype == container and q.const_value.nbytes == nbytes
+        dq = users[f"{lp.weight}_DequantizeLinear"]
+        assert [v.name for v in dq.inputs] == [f"{lp.weight}_quantized", f"{lp.weight}_scale", f"{lp.weight}_zero_point"]
+        assert (dq.attributes.get_int("axis") if "axis" in dq.attributes else None) == (0 if per_channel else None)
+        assert model.graph.initializers[f"{lp.weight}_zero_point"].dtype == container
+        assert users[lp.name].inputs[1] is dq.outputs[0]
+        assert dq.metadata_props["cora_onnx.pass"] == "WeightQDQPass"
+    want = graph.run(graph.proto(**{f"{lp.name}__weight": lp.uniform.dequantize() for lp in layers}))
+    np.testing.assert_allclose(graph.run(model), want, rtol=1e-5, atol=1e-5)
+    if bits == 2:  # and the plan really changed the function
+        assert np.abs(want - graph.run(graph.proto())).max() > 1e-2
+
+
+def test_the_pass_alone_leaves_an_unplanned_graph_alone(graph):
+    model = graph.model()
+    before = ir.serde.serialize_model(model).SerializeToString()
+    assert not WeightQDQPass(Plan("rtn", {}, ()))(model).modified
+    assert ir.serde.serialize_model(model).SerializeToString() == before

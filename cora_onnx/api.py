@@ -17,7 +17,7 @@ from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, Preprocess, load_class_map, load_images, parse_floats
 from .errors import ModelError, ParityError, SettingsError
-from .export import AdaptedConv, apply_plan_torch, export_onnx, export_program, fold_batchnorm, remaining_batchnorm
+from .export import AdaptedConv, apply_plan_torch, export_onnx, export_program, fuse_batchnorm, remaining_batchnorm
 from .io import atomic_write, check_output_path
 from .modelfile import onnx_bytes
 from .models import check_finite
@@ -91,9 +91,9 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
     "percentile" or "mse"; weights then use the CPU's integer-kernel width, see
     cora_onnx.int8.choose_scheme); None keeps float activations. out_format: "onnx" or "ort"
     (ONNX Runtime's ORT format, written by onnxruntime's own converter). adapter_layout (CoRa):
-    "branch" exports each adapter as Conv(A) -> Conv(B) -> Add beside its Conv; "fold" (integer
-    activations only) stores the same factors but folds them into the Conv's integer weight when
-    ONNX Runtime loads the model, so the branches cost no inference time; "auto": fold with
+    "branch" exports each adapter as Conv(A) -> Conv(B) -> Add beside its Conv; "merge" (integer
+    activations only) stores the same factors but merges them into the Conv's integer weight when
+    ONNX Runtime loads the model, so the branches cost no inference time; "auto": merge with
     act_bits, branch without. float_logits: the float model's logits on val's images, computed once
     elsewhere (see `float_reference`; a sweep shares them between its points) instead of here.
     Returns a QuantizeResult whose .report is the dict also written to `report` (JSON), with
@@ -113,7 +113,7 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
         calib_settings = CalibSettings(method=act_calib)
         scheme = choose_scheme()
         bits, method_options = _fit_weight_bits(bits, method_options, scheme.weight_bits, fields)
-    fold_bits = scheme.weight_bits if scheme is not None and adapter_layout in ("auto", "fold") else None
+    merge_bits = scheme.weight_bits if scheme is not None and adapter_layout in ("auto", "merge") else None
     if "seed" in fields:
         method_options.setdefault("seed", seed)  # seeded searches follow --seed
     settings = make_settings(method, bits, method_options)
@@ -141,17 +141,17 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
         raise SettingsError(f"float_logits must have shape (validation images, classes) = "
                             f"({len(val_set) if val_set is not None else 0}, {n_classes}), got {np.shape(float_logits)}")
 
-    folded = fold_batchnorm(model, pre.input_size)
+    fused = fuse_batchnorm(model, pre.input_size)
     t0 = time.perf_counter()
-    plan = m.run(folded, settings, calib_set)
+    plan = m.run(fused, settings, calib_set)
     search_seconds = time.perf_counter() - t0
-    weights = {name: mod.weight.detach().cpu().numpy() for name, mod in quantizable_layers(folded).items()}
+    weights = {name: mod.weight.detach().cpu().numpy() for name, mod in quantizable_layers(fused).items()}
     plan = Plan(plan.method, plan.settings, plan.with_fingerprints(weights).layers,
                 meta={**plan.meta, "model": model_name or type(model).__name__, "input_size": pre.input_size,
                       "crop_ratio": pre.crop_ratio, "mean": list(pre.mean), "std": list(pre.std)})
     log.info("search done in %.1f s: %d layers planned", search_seconds, len(plan.layers))
 
-    program = export_program(folded, pre.input_size)
+    program = export_program(fused, pre.input_size)
     model_ir = program.model
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
     float_bytes = onnx_bytes(model_ir)
@@ -161,22 +161,22 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
         bare = Plan(plan.method, plan.settings, tuple(dataclasses.replace(lp, adapter=None) for lp in plan.layers))
         bare_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), bare)
         extra["quantized_no_adapters"] = onnx_bytes(bare_ir) if scheme is None else \
-            _integer_activations(bare_ir, program, apply_plan_torch(folded, bare), calib_set, scheme,
+            _integer_activations(bare_ir, program, apply_plan_torch(fused, bare), calib_set, scheme,
                                  calib_settings, threads)[0]
-    if adapted and fold_bits is not None:  # and with the adapters as branch convolutions (latency only)
+    if adapted and merge_bits is not None:  # and with the adapters as branch convolutions (latency only)
         branch_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), plan)
         extra["quantized_branches"] = _integer_activations(
-            branch_ir, program, apply_plan_torch(folded, plan), calib_set.subset(BRANCH_TIMING_CALIB, seed), scheme,
+            branch_ir, program, apply_plan_torch(fused, plan), calib_set.subset(BRANCH_TIMING_CALIB, seed), scheme,
             calib_settings, threads)[0]
-    qmodel = apply_plan_torch(folded, plan, fold_bits)
+    qmodel = apply_plan_torch(fused, plan, merge_bits)
     act_report = None
     if scheme is None:
         quant_bytes = onnx_bytes(apply_plan(model_ir, plan))
     else:
-        quant_bytes, qmodel, act_report = _integer_activations(apply_plan(model_ir, plan, fold_bits), program, qmodel,
+        quant_bytes, qmodel, act_report = _integer_activations(apply_plan(model_ir, plan, merge_bits), program, qmodel,
                                                                calib_set, scheme, calib_settings, threads)
         if adapted:
-            act_report["adapter_layout"] = "fold" if fold_bits is not None else "branch"
+            act_report["adapter_layout"] = "merge" if merge_bits is not None else "branch"
 
     rep, probe = _verify(model, qmodel, float_bytes, quant_bytes, val_set, calib_set, batch_size, parity_images,
                          latency_runs, latency_batch, threads, seed, pre, fold=scheme is None, extra=extra,
@@ -184,7 +184,7 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
     kind = reference_kind(scheme is not None, qmodel)
     failure = parity_failure(rep["parity"], kind)
     rep["parity"].update(reference=kind, limits=dataclasses.asdict(PARITY_LIMITS[kind]))
-    qlayers = quantizable_layers(folded)
+    qlayers = quantizable_layers(fused)
     weight_params = sum(mod.weight.numel() for mod in qlayers.values())
     report_dict = {
         "model": plan.meta["model"], "method": method, "bits": bits, "onnx_path": str(out),
@@ -200,7 +200,7 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
         "images": {"calib": len(calib_set) if calib_set is not None else 0,
                    "val": len(val_set) if val_set is not None else 0},
         "environment": environment(threads),
-        "notes": (_notes(plan) if scheme is None else []) + _batchnorm_notes(folded),
+        "notes": (_notes(plan) if scheme is None else []) + _batchnorm_notes(fused),
         **(m.report(plan) if m.report is not None else {}),
         **({"activations": act_report} if act_report is not None else {}),
         "verified": failure is None,
@@ -270,7 +270,7 @@ def _write_side_outputs(float_out, float_bytes: bytes, plan_out, plan: Plan, rep
 
 
 
-ADAPTER_LAYOUTS = ("auto", "branch", "fold")
+ADAPTER_LAYOUTS = ("auto", "branch", "merge")
 
 
 def check_run_options(*, act_bits=None, act_calib: str = "minmax", adapter_layout: str = "auto",
@@ -290,8 +290,8 @@ def check_run_options(*, act_bits=None, act_calib: str = "minmax", adapter_layou
             raise SettingsError(f"act_calib must be one of {', '.join(CALIB_METHODS)}, got {act_calib!r}")
     if adapter_layout not in ADAPTER_LAYOUTS:
         raise SettingsError(f"adapter layout must be one of {', '.join(ADAPTER_LAYOUTS)}, got {adapter_layout!r}")
-    if adapter_layout == "fold" and act_bits is None:
-        raise SettingsError("adapter layout fold needs integer activations (act_bits=8): it folds the adapters "
+    if adapter_layout == "merge" and act_bits is None:
+        raise SettingsError("adapter layout merge needs integer activations (act_bits=8): it merges the adapters "
                             "into integer weights")
     if isinstance(latency_runs, bool) or not isinstance(latency_runs, int) or latency_runs < 0:
         raise SettingsError(f"latency runs must be >= 0 (0 skips the timing), got {latency_runs}")
@@ -414,11 +414,11 @@ def effective_bits(plan: Plan, layers: dict[str, nn.Module]) -> float:
     return total / max(params, 1)
 
 
-def _batchnorm_notes(folded: nn.Module) -> list[str]:
-    left = remaining_batchnorm(folded)
+def _batchnorm_notes(fused: nn.Module) -> list[str]:
+    left = remaining_batchnorm(fused)
     if not left:
         return []
-    return [f"{len(left)} BatchNorm layers could not be folded into a Conv (e.g. {left[0]}): they run as "
+    return [f"{len(left)} BatchNorm layers could not be fused into a Conv (e.g. {left[0]}): they run as "
             "BatchNormalization nodes, and the weights before them were quantized without their scale"]
 
 
@@ -435,8 +435,8 @@ def export_plan(model: nn.Module, plan: Plan, out: str | Path, input_size: int |
     """Export `model` with a saved plan applied (no search, no verification); returns bytes written."""
     check_output_path(out, "output model")
     size = int(input_size or plan.meta.get("input_size", 224))
-    folded = fold_batchnorm(model.eval(), size)
-    model_ir = export_onnx(folded, size)
+    fused = fuse_batchnorm(model.eval(), size)
+    model_ir = export_onnx(fused, size)
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
     data = onnx_bytes(apply_plan(model_ir, plan))
     atomic_write(out, lambda f: f.write(data))
@@ -446,7 +446,7 @@ def export_plan(model: nn.Module, plan: Plan, out: str | Path, input_size: int |
 @dataclass(frozen=True, eq=False)
 class FloatReference:
     """What every compressed variant of one model is compared with: the float model's logits on the
-    validation images (in load order), their labels and top-1, the float (BN-folded) ONNX file,
+    validation images (in load order), their labels and top-1, the float (BN-fused) ONNX file,
     and the Conv/Linear weight parameter count (the denominator of bits per weight)."""
 
     logits: np.ndarray
@@ -469,10 +469,10 @@ def float_reference(model: nn.Module, val: str | Path, class_map: str | Path | N
     cmap = load_class_map(class_map) if class_map is not None else None
     val_set = load_images(val, pre, labelled=True, class_map=cmap, num_classes=n_classes, what="validation folder")
     logits = predict_torch(model, val_set, batch_size, "PyTorch, float")
-    folded = fold_batchnorm(model)
-    model_ir = export_onnx(folded, pre.input_size)
+    fused = fuse_batchnorm(model)
+    model_ir = export_onnx(fused, pre.input_size)
     meta = {"input_size": pre.input_size, "crop_ratio": pre.crop_ratio, "mean": list(pre.mean), "std": list(pre.std)}
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(meta)
-    weight_params = sum(mod.weight.numel() for mod in quantizable_layers(folded).values())
+    weight_params = sum(mod.weight.numel() for mod in quantizable_layers(fused).values())
     labels = val_set.labels
     return FloatReference(logits, labels, top1(logits, labels), onnx_bytes(model_ir), int(weight_params))

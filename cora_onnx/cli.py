@@ -163,7 +163,7 @@ def import_pq(checkpoint, arch, out, val, calib, class_map, report, input_size, 
 @_guard
 def rewrite(onnx_in, out, bits, calib, keep, keep_bits, clip, act_bits, act_calib, out_format, input_size, crop_ratio,
             mean, std, threads, report, verbose, quiet):
-    """Quantize a float ONNX model exported elsewhere (no PyTorch model): BatchNorm folding, weight
+    """Quantize a float ONNX model exported elsewhere (no PyTorch model): BatchNorm fusion, weight
     QDQ and, with --act-bits 8, calibrated activation QDQ for integer kernels."""
     _setup_logging(verbose, quiet)
     from .errors import SettingsError, check_bits
@@ -182,7 +182,7 @@ def rewrite(onnx_in, out, bits, calib, keep, keep_bits, clip, act_bits, act_cali
     out_ext = f" + {r['external_data']['file']}" if r.get("external_data") else ""
     line = (f"wrote {out}{out_ext} ({r['output_bytes'] / 1e6:.2f} MB from {r['input_bytes'] / 1e6:.2f} MB{src_ext}, "
             f"{r['file_bits_per_weight']:.2f} file bits per weight; "
-            f"{len(r['layers'])} weights at {r['bits']} bits, {r['batchnorm_folded']} BatchNorm folded")
+            f"{len(r['layers'])} weights at {r['bits']} bits, {r['batchnorm_fused']} BatchNorm fused")
     if "activations" in r:
         k = r["activations"]["onnxruntime_kernels"]
         line += f"; 8-bit activations: {k['integer']} integer kernels, {k['float_compute']} float Conv/Gemm/MatMul"

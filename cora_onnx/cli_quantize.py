@@ -74,6 +74,17 @@ def _method_settings(method: str, given: dict) -> dict:
     return out
 
 
+DEPRECATED_ADAPTER_LAYOUTS = {"fold": "merge"}  # old name -> name; "fold" now means only constant folding
+
+
+def _adapter_layout(value: str) -> str:
+    """--adapter-layout: a deprecated name is accepted, said on stderr, and mapped to its new name."""
+    if value in DEPRECATED_ADAPTER_LAYOUTS:
+        new = DEPRECATED_ADAPTER_LAYOUTS[value]
+        click.echo(f"warning: --adapter-layout {value} is deprecated, use --adapter-layout {new}", err=True)
+        return new
+    return value
+
 @click.command()
 @click.option("--model", "arch", default=None, help="torchvision architecture (resnet18, ...), efficientnet_lite0 or digits_cnn. "
               "Without --model/--weights/--calib/--val: the embedded default (a digits ConvNet trained on first use).")
@@ -91,16 +102,17 @@ def _method_settings(method: str, given: dict) -> dict:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output ONNX file [<model>-<method>-w<bits>.onnx].")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here.")
 @click.option("--plan-out", type=click.Path(path_type=Path), default=None, help="Save the plan (PLAN.json + PLAN.npz) for `export --plan`.")
-@click.option("--float-out", type=click.Path(path_type=Path), default=None, help="Also write the float (BN-folded) ONNX model.")
+@click.option("--float-out", type=click.Path(path_type=Path), default=None, help="Also write the float (BN-fused) ONNX model.")
 @_method_options
 @click.option("--keep", default=None, help="Layers kept at --keep-bits: any of first,last,depthwise, or none "
               "[rtn: first,last; cora: first,last,depthwise].")
 @click.option("--keep-bits", type=int, default=None, help="Bits of the layers named by --keep [8].")
 @_int8_options
-@click.option("--adapter-layout", type=click.Choice(["auto", "branch", "fold"]), default="auto", show_default=True,
-              help="CoRa adapters as branch convolutions beside each Conv, or (with --act-bits 8) folded into the Conv's "
-                   "integer weight when ONNX Runtime loads the file (the file keeps the low-bit grid and the factors; no branch latency). auto: fold "
-                   "with --act-bits, branch without.")
+@click.option("--adapter-layout", type=click.Choice(["auto", "branch", "merge", "fold"]), default="auto", show_default=True,
+              callback=lambda ctx, param, value: _adapter_layout(value),
+              help="CoRa adapters as branch convolutions beside each Conv, or (with --act-bits 8) merged into the Conv's "
+                   "integer weight when ONNX Runtime loads the file (the file keeps the low-bit grid and the factors; no branch latency). auto: merge "
+                   "with --act-bits, branch without. fold: deprecated name of merge.")
 @_preprocess_options
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size for evaluation.")
 @click.option("--latency-runs", type=int, default=30, show_default=True, help="Timed runs per model (after 5 warm-up runs); 0 skips the timing.")

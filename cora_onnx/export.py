@@ -1,4 +1,4 @@
-"""Torch side of the export: BatchNorm folding, the plan applied to a torch model (the
+"""Torch side of the export: BatchNorm fusion, the plan applied to a torch model (the
 reference the ONNX file is checked against), and torch.onnx export to an onnx_ir model."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from torch import nn
 
 from .errors import ModelError, PlanError
 from .modelfile import onnx_bytes, save_onnx
-from .npgrid import folded_grid
+from .npgrid import merged_grid
 from .plan import Plan
 from .quantizers import quantizable_layers
 
 # quantizable_layers (cora_onnx.quantizers) and onnx_bytes, save_onnx (cora_onnx.modelfile, no torch) are
 # imported here for the callers of the exporter
-__all__ = ["fold_batchnorm", "remaining_batchnorm", "quantizable_layers", "apply_plan_torch", "AdaptedConv", "export_onnx",
+__all__ = ["fuse_batchnorm", "remaining_batchnorm", "quantizable_layers", "apply_plan_torch", "AdaptedConv", "export_onnx",
            "export_program", "save_onnx", "onnx_bytes", "DEFAULT_OPSET"]
 
 log = logging.getLogger(__name__)
@@ -28,40 +28,44 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 21  # INT4/UINT4 QuantizeLinear/DequantizeLinear
 
 
-def fold_batchnorm(model: nn.Module, input_size: int = 224) -> nn.Module:
-    """A copy of model (eval mode) with every Conv+BatchNorm (and Linear+BatchNorm1d) pair folded:
-    the Conv keeps its module name and gets the folded weight and bias, the BatchNorm becomes
-    nn.Identity.
+def fuse_batchnorm(model: nn.Module, input_size: int = 224) -> nn.Module:
+    """A copy of model (eval mode) with every Conv+BatchNorm (and Linear+BatchNorm1d) pair fused
+    (torch's fuse_conv_bn_eval): the Conv keeps its module name and gets the fused weight and bias,
+    the BatchNorm becomes nn.Identity.
 
     Pairs come from the torch.export program of the model on a 2x3xSxS input (S = input_size):
     a conv/linear node whose only user is an inference batch_norm node, each module called once.
     torch.export runs the Python forward, so shape-dependent control flow (e.g. TensorFlow 'same'
     padding computed from the input size) is no obstacle, unlike torch.fx symbolic tracing, which
-    is the fallback when torch.export fails. A model neither can trace is returned unfolded (a
+    is the fallback when torch.export fails. A model neither can trace is returned unfused (a
     copy), with a warning; export_program then keeps its BatchNorm nodes (see there).
     """
     model = copy.deepcopy(model).eval()
     try:
         pairs = _batchnorm_pairs(model, input_size)
     except Exception as exc:  # torch.export raises many types on unexportable code
-        log.info("torch.export cannot trace the model (%s); folding BatchNorm with torch.fx",
+        log.info("torch.export cannot trace the model (%s); fusing BatchNorm with torch.fx",
                  str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__)
-        return _fold_batchnorm_fx(model)
+        return _fuse_batchnorm_fx(model)
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         fuse = torch.nn.utils.fusion.fuse_linear_bn_eval if isinstance(conv, nn.Linear) else \
             torch.nn.utils.fusion.fuse_conv_bn_eval
         _set_submodule(model, conv_name, fuse(conv, bn))
         _set_submodule(model, bn_name, nn.Identity())
-    log.debug("BatchNorm folded into %d Conv/Linear layers", len(pairs))
+    log.debug("BatchNorm fused into %d Conv/Linear layers", len(pairs))
     left = remaining_batchnorm(model)
     if left:
         log.info("%d BatchNorm layers are not after a Conv and stay in the graph (e.g. %s)", len(left), left[0])
     return model
 
 
+# The old name, for tools/measure_cora.py and tools/measure_pq.py until they are renamed too (remove then).
+fold_batchnorm = fuse_batchnorm
+
+
 def remaining_batchnorm(model: nn.Module) -> list[str]:
-    """Names of the BatchNorm modules of model (none after a successful fold_batchnorm, except
+    """Names of the BatchNorm modules of model (none after a successful fuse_batchnorm, except
     those that follow no Conv/Linear)."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -118,25 +122,25 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def _fold_batchnorm_fx(model: nn.Module) -> nn.Module:
+def _fuse_batchnorm_fx(model: nn.Module) -> nn.Module:
     import torch.fx.experimental.optimization as fx_opt
 
     try:
-        folded = fx_opt.fuse(model)
+        fused = fx_opt.fuse(model)
     except Exception as exc:  # fx raises many types on untraceable code
-        log.warning("BatchNorm not folded: neither torch.export nor torch.fx can trace the model (%s); "
+        log.warning("BatchNorm not fused: neither torch.export nor torch.fx can trace the model (%s); "
                     "it stays as BatchNormalization nodes in the ONNX graph", str(exc).splitlines()[0][:160])
         return model
-    left = remaining_batchnorm(folded)
+    left = remaining_batchnorm(fused)
     if left:
         log.info("%d BatchNorm layers are not after a Conv and stay in the graph (e.g. %s)", len(left), left[0])
-    return folded.eval()
+    return fused.eval()
 
 
-def apply_plan_torch(model: nn.Module, plan: Plan, fold_bits: int | None = None) -> nn.Module:
+def apply_plan_torch(model: nn.Module, plan: Plan, merge_bits: int | None = None) -> nn.Module:
     """A copy of model whose planned weights are replaced by their dequantized values (and,
-    when a layer has an adapter, wrapped with the low-rank branch; with fold_bits, the adapter
-    is folded into the weight on a fold_bits grid instead, as passes.AdapterFoldPass exports it)."""
+    when a layer has an adapter, wrapped with the low-rank branch; with merge_bits, the adapter
+    is merged into the weight on a merge_bits grid instead, as passes.AdapterMergePass exports it)."""
     model = copy.deepcopy(model).eval()
     layers = quantizable_layers(model)
     for lp in plan.layers:
@@ -150,8 +154,8 @@ def apply_plan_torch(model: nn.Module, plan: Plan, fold_bits: int | None = None)
                 module.weight.copy_(torch.from_numpy(lp.uniform.dequantize()))
             if lp.bias is not None:
                 module.bias = nn.Parameter(torch.from_numpy(lp.bias.values.copy()))
-        if lp.adapter is not None and fold_bits is not None:
-            q, scale = folded_grid(lp, fold_bits)
+        if lp.adapter is not None and merge_bits is not None:
+            q, scale = merged_grid(lp, merge_bits)
             with torch.no_grad():
                 module.weight.copy_(torch.from_numpy(q.astype(np.float32) * scale.reshape(-1, 1, 1, 1)))
         elif lp.adapter is not None:
@@ -197,7 +201,7 @@ def export_program(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET
     activation quantization in PyTorch at the same tensors)."""
     x = torch.zeros(2, 3, input_size, input_size)
     # The exporter's optimizer fuses Conv+BatchNorm into the Conv's weight. A plan is made from the
-    # weights of the PyTorch model, so a BatchNorm left there (fold_batchnorm could not trace the
+    # weights of the PyTorch model, so a BatchNorm left there (fuse_batchnorm could not trace the
     # model) must stay a BatchNormalization node: export unoptimized, then fold constants only.
     keep_bn = bool(remaining_batchnorm(model))
     if keep_bn:

@@ -12,7 +12,7 @@ import numpy as np
 from .errors import SettingsError, check_bits
 from .plan import LayerPlan
 
-__all__ = ["quantize_symmetric", "adapter_factors", "folded_grid"]
+__all__ = ["quantize_symmetric", "adapter_factors", "merged_grid"]
 
 
 def quantize_symmetric(w: np.ndarray, bits: int, clip: str = "mse", mse_grid: int = 40,
@@ -57,9 +57,9 @@ def adapter_factors(layer: LayerPlan) -> tuple[np.ndarray, np.ndarray]:
     return ad.b.reshape(ad.b.shape[0], ad.rank), ad.a.reshape(ad.rank, -1)
 
 
-def folded_grid(layer: LayerPlan, bits: int) -> tuple[np.ndarray, np.ndarray]:
+def merged_grid(layer: LayerPlan, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """(integer grid int8, per-output-channel scale float32) of W_q + B A on a symmetric `bits`-bit
-    min/max grid: what ONNX Runtime computes at load from the graph passes.AdapterFoldPass writes (and
+    min/max grid: what ONNX Runtime computes at load from the graph passes.AdapterMergePass writes (and
     what export.apply_plan_torch's reference uses)."""
     b, a = adapter_factors(layer)
     w = layer.uniform.dequantize().astype(np.float32) + (b @ a).reshape(layer.shape)

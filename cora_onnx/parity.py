@@ -68,7 +68,7 @@ def parity_failure(par: dict, kind: str) -> str | None:
     return "; ".join(out) or None
 
 
-_DECODED = re.compile(r"^(?P<layer>.+)\.(?:weight(?:_[A-Za-z0-9_]+)?|adapter_fold_dequantized)$")
+_DECODED = re.compile(r"^(?P<layer>.+)\.(?:weight(?:_[A-Za-z0-9_]+)?|adapter_merge_dequantized)$")
 
 
 def _onnx_layer_outputs(proto: onnx.ModelProto, layers: set[str]) -> dict[str, str]:

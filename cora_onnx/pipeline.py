@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from passes import (AdapterFoldPass, BiasUpdatePass, CodebookDecodePass, LowRankBranchPass, StripExportMetadataPass,
+from passes import (AdapterMergePass, BiasUpdatePass, CodebookDecodePass, LowRankBranchPass, StripExportMetadataPass,
                     WeightQDQPass)
 
 from .errors import OnnxModelError
@@ -27,22 +27,22 @@ def cleanup_passes() -> list[ir.passes.PassBase]:
     ]
 
 
-def plan_pipeline(plan: Plan, fold_bits: int | None = None) -> ir.passes.PassManager:
-    """Passes that apply a Plan to the float ONNX graph exported from the BN-folded model. The
+def plan_pipeline(plan: Plan, merge_bits: int | None = None) -> ir.passes.PassManager:
+    """Passes that apply a Plan to the float ONNX graph exported from the BN-fused model. The
     passes that find layers by their float weight name run before WeightQDQPass replaces it. The
     exporter's per-node debug metadata (stack traces, FX text) is dropped from the compressed file.
-    fold_bits: None exports CoRa adapters as branch convolutions; 7 or 8 folds them into their
-    Conv's integer weight at load time (AdapterFoldPass, for integer kernels)."""
-    adapters = [LowRankBranchPass(plan), WeightQDQPass(plan)] if fold_bits is None else \
-        [WeightQDQPass(plan), AdapterFoldPass(plan, fold_bits)]
+    merge_bits: None exports CoRa adapters as branch convolutions; 7 or 8 merges them into their
+    Conv's integer weight at load time (AdapterMergePass, for integer kernels)."""
+    adapters = [LowRankBranchPass(plan), WeightQDQPass(plan)] if merge_bits is None else \
+        [WeightQDQPass(plan), AdapterMergePass(plan, merge_bits)]
     return ir.passes.PassManager([BiasUpdatePass(plan), *adapters, CodebookDecodePass(plan), StripExportMetadataPass(),
                                   *cleanup_passes()])
 
 
-def apply_plan(model: ir.Model, plan: Plan, fold_bits: int | None = None) -> ir.Model:
-    """Rewrite model in place according to plan and return it (fold_bits: see plan_pipeline)."""
+def apply_plan(model: ir.Model, plan: Plan, merge_bits: int | None = None) -> ir.Model:
+    """Rewrite model in place according to plan and return it (merge_bits: see plan_pipeline)."""
     try:
-        return plan_pipeline(plan, fold_bits)(model).model
+        return plan_pipeline(plan, merge_bits)(model).model
     except _INFRA_ERRORS as exc:  # the pass infra wraps failures; surface the cause
         cause: BaseException = exc
         while isinstance(cause, _INFRA_ERRORS) and cause.__cause__ is not None:

@@ -178,7 +178,7 @@ class Codebook:
     (C_in/groups, kh, kw) order, is cut into consecutive sub-vectors of block_size values; codes
     has shape (C_out, C_in/groups*kh*kw/block_size) and codes[o, j] picks the codeword of the
     j-th sub-vector of filter o. scale: optional float16 or float32 (C_out,) multiplying each decoded
-    filter (the per-channel factor BatchNorm folding puts into a weight, so codewords are shared
+    filter (the per-channel factor BatchNorm fusion puts into a weight, so codewords are shared
     across channels of different magnitude; float32 when it must be exact, e.g. gamma/sqrt(var+eps)
     of an imported checkpoint). bias: optional float32 or float16 (C_out,) that replaces the layer's
     bias (bias correction after quantization; not counted in stored_bits: the float bias is

@@ -15,7 +15,7 @@ The checkpoint maps each module name of a torchvision ResNet to a dict:
 The decoded PyTorch model (the reference) is the architecture with these weights and BatchNorm
 statistics 0/1. The ONNX file keeps the codes (transposed to the output-channel-major layout of
 `Codebook`, a permutation: no byte more) and codewords, decodes each weight with the Gather subgraph of
-`passes.CodebookDecodePass`, multiplies it by the folded BatchNorm scale gamma/sqrt(1 + eps) (a
+`passes.CodebookDecodePass`, multiplies it by the fused BatchNorm scale gamma/sqrt(1 + eps) (a
 float32 per-channel constant; ONNX Runtime folds the whole subgraph at load) and uses the
 BatchNorm shift (float16, as stored) as the bias.
 """
@@ -39,7 +39,7 @@ from torch import nn
 from .data import IMAGENET_MEAN, IMAGENET_STD, Preprocess, load_class_map, load_images, parse_floats
 from .errors import InputError, ModelError, ParityError, SettingsError
 from .parity import PARITY_LIMITS, failed_path, parity_failure
-from .export import export_program, fold_batchnorm
+from .export import export_program, fuse_batchnorm
 from .io import atomic_write, check_input_file, check_output_path
 from .modelfile import onnx_bytes
 from .pipeline import apply_plan
@@ -57,7 +57,7 @@ ARCHITECTURES = ("resnet18", "resnet34", "resnet50")
 PQ_KEYS = frozenset({"centroids", "assignments", "n_blocks", "k", "is_conv"})
 BN_KEYS = frozenset({"weight", "bias"})
 # max |logit difference| between ONNX Runtime and the decoded PyTorch model, relative to the largest
-# |logit| of the reference (float32 summation order differs: BatchNorm folded, other conv kernels)
+# |logit| of the reference (float32 summation order differs: BatchNorm fused, other conv kernels)
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,7 +182,7 @@ def decode_pq_checkpoint(entries: dict[str, dict[str, Any]], model: nn.Module, s
                          arch: str | None = None) -> tuple[nn.Module, Plan]:
     """(decoded model, plan): a copy of `model` (eval) holding the decoded weights, BatchNorm with
     running mean 0 and variance 1; and a Plan with one Codebook per product-quantized layer whose
-    decode (times its scale, plus its bias) is that layer's weight after BatchNorm folding.
+    decode (times its scale, plus its bias) is that layer's weight after BatchNorm fusion.
     ModelError when the checkpoint does not fit the architecture (named `arch` in messages)."""
     model = copy.deepcopy(model).eval()
     modules = _module_entries(model)
@@ -269,15 +269,15 @@ def _build(arch: str, entries: dict) -> nn.Module:
     return torchvision.models.get_model(arch, weights=None, **({"num_classes": classes} if classes else {}))
 
 
-def _check_folded(folded: nn.Module, plan: Plan) -> None:
-    """The BN-folded weights (which the exported initializers hold) are what the plan decodes to."""
-    mods = dict(folded.named_modules())
+def _check_fused(fused: nn.Module, plan: Plan) -> None:
+    """The BN-fused weights (which the exported initializers hold) are what the plan decodes to."""
+    mods = dict(fused.named_modules())
     for lp in plan.layers:
         w = mods[lp.name].weight.detach().numpy()
         want = lp.codebook.decode(lp.shape)
         if not np.allclose(w, want, rtol=1e-6, atol=0):
-            raise ModelError(f"layer {lp.name}: the BatchNorm-folded weight differs from its codebook decoding "
-                             f"(max {float(np.abs(w - want).max()):.3g}); BatchNorm was not folded as expected")
+            raise ModelError(f"layer {lp.name}: the BatchNorm-fused weight differs from its codebook decoding "
+                             f"(max {float(np.abs(w - want).max()):.3g}); BatchNorm was not fused as expected")
 
 
 def import_pq(checkpoint: str | Path, model: str | nn.Module = "resnet18", out: str | Path = "model.onnx", *,
@@ -322,9 +322,9 @@ def import_pq(checkpoint: str | Path, model: str | nn.Module = "resnet18", out: 
         load_images(calib, pre, what="calibration folder").subset(parity_images, seed)
 
     t0 = time.perf_counter()
-    folded = fold_batchnorm(decoded)
-    _check_folded(folded, plan)
-    model_ir = export_program(folded, pre.input_size).model
+    fused = fuse_batchnorm(decoded)
+    _check_fused(fused, plan)
+    model_ir = export_program(fused, pre.input_size).model
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
     model_ir.metadata_props["cora_onnx.source"] = f"product-quantized checkpoint {ckpt.name}"
     float_bytes = onnx_bytes(model_ir)

@@ -1,5 +1,5 @@
 """`rewrite`: graph conversion of a float ONNX model exported elsewhere, without a PyTorch model:
-BatchNorm folding (onnxscript rewrite rules), weight QDQ (a Plan built from the ONNX
+BatchNorm fusion (onnxscript rewrite rules), weight QDQ (a Plan built from the ONNX
 initializers with the numpy grid of cora_onnx.npgrid, applied by WeightQDQPass), optional
 activation QDQ calibrated in ONNX Runtime, cleanup and the full checker."""
 
@@ -116,7 +116,7 @@ def _opset(model: ir.Model) -> int:
     return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
 
 
-def _fold_batchnorm(model: ir.Model) -> int:
+def _fuse_batchnorm(model: ir.Model) -> int:
     """Constant-fold (so computed biases become initializers), then fuse BatchNormalization
     into the Conv/Gemm before it; returns how many were fused."""
     from onnxscript.optimizer import fold_constants
@@ -247,12 +247,12 @@ def rewrite_onnx(src: str | os.PathLike, out: str | os.PathLike, bits: int, *, a
     model = _deserialize(proto, src)
     del proto
     float_size = mf.disk_bytes
-    folded = _fold_batchnorm(model)
+    fused = _fuse_batchnorm(model)
     plan = weight_plan(model, bits, keep_bits, keep, clip)
     if not plan.layers:
         raise OnnxModelError(f"{src} has no Conv or Gemm with a float weight initializer to quantize")
     model = apply_plan(model, plan)
-    rep: dict = {"input": str(src), "output": str(out), "opset": _opset(model), "bits": bits, "batchnorm_folded": folded,
+    rep: dict = {"input": str(src), "output": str(out), "opset": _opset(model), "bits": bits, "batchnorm_fused": fused,
                  "input_tensor": {"name": name, "layout": spec.layout if spec else None,
                                   "fixed_batch": spec.batch if spec else None},
                  "layers": [{"name": lp.name, "bits": lp.uniform.bits, **lp.info} for lp in plan.layers]}

@@ -24,7 +24,7 @@ def fake_quant_activation(x: torch.Tensor, scale: float, zero_point: int, qmin: 
 
 
 class ActivationQuantSim(nn.Module):
-    """program: cora_onnx.export.export_program(folded model) (any weights); weights: the module
+    """program: cora_onnx.export.export_program(BN-fused model) (any weights); weights: the module
     whose state_dict holds the (fake-quantized) weights to use; qparams: ONNX tensor name ->
     (scale, zero point) from passes.activation_qparams; act_range: (qmin, qmax); input_name: the
     ONNX graph input (its tensor is the first user input of the program)."""

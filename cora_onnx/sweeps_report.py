@@ -267,7 +267,7 @@ def write_outputs(out: Path, cfg, rows: Sequence[dict], ref: dict) -> tuple[str,
         for i, s in enumerate(summary):
             s[f"pareto_{key}"] = i in front
     note = (f"latency: median of {runs} interleaved runs, batch 1, {threads} ONNX Runtime threads, each file as written "
-            f"(low-bit weight-only files dequantize at each inference); float: {cfg.arch} BN-folded")
+            f"(low-bit weight-only files dequantize at each inference); float: {cfg.arch} BN-fused")
     table = format_sweep_table(summary, note)
     files = {"results": out / RESULTS_NAME, "latency": out / "latency.json", "summary": out / "summary.json",
              "table": out / "table.txt", "html": out / "sweep.html"}

@@ -1,7 +1,8 @@
 """ONNX graph rewriting passes on onnx_ir. Pure ONNX: nothing here imports torch."""
 
-from .adapter_fold import AdapterFoldPass
-from .activation_qdq import ActivationQDQPass, QuantScheme, activation_layout, activation_qparams
+from .adapter_merge import AdapterMergePass
+from .activation_layout import ActivationLayout, QuantScheme, activation_layout, activation_qparams
+from .activation_qdq import ActivationQDQPass
 from .bias_update import BiasUpdatePass
 from .codebook_decode import CodebookDecodePass
 from ._packing import pack_grid, packs, unpack_grid
@@ -9,6 +10,6 @@ from .low_rank_branch import LowRankBranchPass
 from .strip_metadata import StripExportMetadataPass
 from .weight_qdq import WeightQDQPass
 
-__all__ = ["ActivationQDQPass", "AdapterFoldPass", "BiasUpdatePass", "CodebookDecodePass", "LowRankBranchPass", "QuantScheme",
-           "StripExportMetadataPass", "WeightQDQPass", "activation_layout", "activation_qparams",
-           "pack_grid", "packs", "unpack_grid"]
+__all__ = ["ActivationLayout", "ActivationQDQPass", "AdapterMergePass", "BiasUpdatePass", "CodebookDecodePass",
+           "LowRankBranchPass", "QuantScheme", "StripExportMetadataPass", "WeightQDQPass", "activation_layout",
+           "activation_qparams", "pack_grid", "packs", "unpack_grid"]

@@ -2,31 +2,22 @@
 every quantized Conv / Gemm / MatMul / Add into an integer kernel (QLinearConv, QGemm,
 QLinearMatMul, QLinearAdd).
 
-The layout (which tensors get QuantizeLinear -> DequantizeLinear) is computed from the graph by
-`activation_layout`, so calibration (cora_onnx.calibrate) and the pass agree on the tensor names:
+Which tensors get QuantizeLinear -> DequantizeLinear, which compute nodes become integer and
+which activations are absorbed is decided by `passes.activation_layout` (shared with
+calibration); this pass writes that layout into the graph and prepares the weights:
 
-- compute nodes: Conv, Gemm, MatMul whose weight is a DequantizeLinear of an integer
-  initializer or a float initializer, and Add of two activations;
-- every activation input and the output of a compute node is quantized (except a Gemm/MatMul
-  output that is a graph output: ORT fuses those with float output); a Relu, or a Clip with
-  min 0, that is the only consumer of a compute output is absorbed: the QuantizeLinear of the
-  compute output takes the activation's range (lower bound 0), whose clamp is the activation
-  (exact), and the activation node is removed (what ORT's own QDQ tooling does too);
-- MaxPool, Pad (constant 0), Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity outputs
-  share their input's scale and zero point, so ORT drops their Q/DQ and runs them on 8-bit data;
 - weights: an integer grid in another container (INT4) is Cast to INT8 in the graph (the file
   keeps the packed grid; ONNX Runtime folds the Cast at load); a 2-3-bit grid packed in bytes
   (passes._packing) is already decoded to INT8 by a constant subgraph ONNX Runtime folds at
   load; a grid whose values do not fit the scheme (8-bit values where 7-bit weights are needed)
   leaves the node float (logged);
-  AdapterFoldPass's folded weights are integer weights too; float weights are quantized per
+  AdapterMergePass's merged weights are integer weights too; float weights are quantized per
   channel here (numpy MSE grid); biases become INT32 with scale = input scale x weight scale.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
@@ -35,150 +26,15 @@ import onnx_ir as ir
 from cora_onnx.errors import PlanError
 from cora_onnx.npgrid import quantize_symmetric
 
-from ._packing import grid_of, is_grid
+from ._packing import grid_of
+from ._qdq import dequantize_linear, dequantized_weight, quantize_linear, scale_zero_point
 from ._util import add_initializer, default_opset, mark
-from .adapter_fold import FOLDED_BITS_KEY
+from .activation_layout import (WEIGHT_INPUT, QuantScheme, activation_layout, activation_qparams, const_array, merged_bits,
+                                weight_source)
 
-__all__ = ["ActivationQDQPass", "QuantScheme", "ActivationLayout", "activation_layout", "activation_qparams",
-           "COMPUTE_OPS", "SHARE_OPS"]
+__all__ = ["ActivationQDQPass"]
 
 log = logging.getLogger(__name__)
-
-COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "Add")
-SHARE_OPS = ("MaxPool", "Pad", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
-_WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1}
-
-
-@dataclass(frozen=True)
-class QuantScheme:
-    """act_dtype: "uint8" or "int8" activations (asymmetric); weight_bits: 8, or 7 for
-    reduce_range (u8 x s8 products saturate on AVX2 without VNNI); reason: why it was chosen."""
-
-    act_dtype: str = "uint8"
-    weight_bits: int = 8
-    reason: str = ""
-
-    def __post_init__(self) -> None:
-        if self.act_dtype not in ("uint8", "int8"):
-            raise ValueError(f"act_dtype must be uint8 or int8, got {self.act_dtype!r}")
-        if self.weight_bits not in (7, 8):
-            raise ValueError(f"weight_bits must be 7 or 8, got {self.weight_bits}")
-
-    @property
-    def act_range(self) -> tuple[int, int]:
-        return (0, 255) if self.act_dtype == "uint8" else (-128, 127)
-
-    @property
-    def weight_range(self) -> tuple[int, int]:
-        return -(1 << (self.weight_bits - 1)), (1 << (self.weight_bits - 1)) - 1
-
-    def to_json(self) -> dict:
-        return {"act_dtype": self.act_dtype, "weight_bits": self.weight_bits, "reduce_range": self.weight_bits == 7,
-                "reason": self.reason}
-
-
-@dataclass
-class ActivationLayout:
-    """calibrate: tensors whose range is measured (names in the graph before the pass);
-    shared: tensor -> tensor whose parameters it reuses; absorbed: compute output -> output of the
-    Relu/Clip absorbed into its quantization; compute: names of the nodes that become integer."""
-
-    calibrate: list[str] = field(default_factory=list)
-    shared: dict[str, str] = field(default_factory=dict)
-    absorbed: dict[str, str] = field(default_factory=dict)
-    compute: list[str] = field(default_factory=list)
-
-    def root(self, name: str) -> str:
-        while name in self.shared:
-            name = self.shared[name]
-        return name
-
-    @property
-    def quantized(self) -> list[str]:
-        """Every tensor that carries a Q/DQ pair (before absorption), calibrated or shared."""
-        return list(self.calibrate) + [t for t in self.shared if t not in self.calibrate]
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    p = value.producer()
-    if p is not None and p.op_type == "Constant" and "value" in p.attributes:
-        return p.attributes["value"].as_tensor().numpy()
-    return None
-
-
-def _weight_source(node: ir.Node) -> str | None:
-    """'dq' when the weight is DequantizeLinear(integer initializer), 'float' for a float
-    initializer, None otherwise (then the node is not a compute node)."""
-    idx = _WEIGHT_INPUT[node.op_type]
-    if len(node.inputs) <= idx or node.inputs[idx] is None:
-        return None
-    w = node.inputs[idx]
-    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
-        return None
-    p = w.producer()
-    if p is not None and p.op_type == "DequantizeLinear" and p.inputs[0] is not None \
-            and (is_grid(p.inputs[0]) or _folded_bits(p) is not None):
-        return "dq"
-    if w.const_value is not None and w.dtype == ir.DataType.FLOAT and (node.op_type != "MatMul" or len(w.shape) == 2):
-        return "float"
-    return None
-
-
-def _folded_bits(dq: ir.Node) -> int | None:
-    """The grid width of a weight DequantizeLinear(QuantizeLinear(constant expression)) written
-    by AdapterFoldPass (folded by ONNX Runtime at load), else None."""
-    q = dq.inputs[0].producer() if dq.inputs[0] is not None else None
-    if q is None or q.op_type != "QuantizeLinear" or FOLDED_BITS_KEY not in q.metadata_props:
-        return None
-    return int(q.metadata_props[FOLDED_BITS_KEY])
-
-
-def _constant_outputs(graph: ir.Graph) -> set[int]:
-    """ids of the node outputs computed from initializers and Constants alone (e.g. the weight
-    expression of AdapterFoldPass, which ONNX Runtime folds at load): one pass in graph order."""
-    const: set[int] = set()
-    for node in graph:
-        if all(v is None or v.const_value is not None or id(v) in const for v in node.inputs):
-            const.update(id(v) for v in node.outputs)
-    return const
-
-
-def _is_activation(value: ir.Value, constants: set[int]) -> bool:
-    return value is not None and value.const_value is None and id(value) not in constants and value.dtype in (
-        ir.DataType.FLOAT, None)
-
-
-def _compute_nodes(graph: ir.Graph, constants: set[int]) -> list[ir.Node]:
-    out = []
-    for node in graph:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in COMPUTE_OPS:
-            continue
-        if node.op_type == "Add":
-            if len(node.inputs) == 2 and all(_is_activation(v, constants) for v in node.inputs):
-                out.append(node)
-        elif _weight_source(node) is not None and _is_activation(node.inputs[0], constants):
-            out.append(node)
-    return out
-
-
-def _absorbable(value: ir.Value) -> ir.Node | None:
-    """The Relu / Clip(min 0) that is the only consumer of value, else None."""
-    uses = list(value.uses())
-    if len(uses) != 1 or value.is_graph_output():
-        return None
-    act = uses[0].node
-    if act.domain not in ("", "ai.onnx") or act.outputs[0].is_graph_output():
-        return None
-    if act.op_type == "Relu":
-        return act
-    if act.op_type == "Clip":
-        lo = _const(act.inputs[1]) if len(act.inputs) > 1 else None
-        return act if lo is not None and float(lo) == 0.0 else None
-    return None
 
 
 def _zero_channel_scales(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -189,73 +45,6 @@ def _zero_channel_scales(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
         zero = ~np.any(q.reshape(q.shape[0], -1) != 0, axis=1)
         scale[zero] = np.maximum(scale[zero], 1.0)
     return scale
-
-
-def activation_layout(model: ir.Model) -> ActivationLayout:
-    """Which tensors get activation Q/DQ (see the module doc). Pure graph analysis."""
-    graph = model.graph
-    layout = ActivationLayout()
-    need: list[str] = []
-    values: dict[str, ir.Value] = {}
-
-    def want(v: ir.Value) -> None:
-        if v.name not in values:
-            values[v.name] = v
-            need.append(v.name)
-
-    constants = _constant_outputs(graph)
-    for node in _compute_nodes(graph, constants):
-        layout.compute.append(node.name)
-        for v in (node.inputs if node.op_type == "Add" else node.inputs[:1]):
-            want(v)
-        out = node.outputs[0]
-        if out.is_graph_output() and node.op_type in ("Gemm", "MatMul"):
-            continue  # logits stay float: ORT fuses DQ -> Gemm/MatMul into a float-output integer kernel
-        act = _absorbable(out)
-        if act is not None:
-            layout.absorbed[out.name] = act.outputs[0].name
-            want(act.outputs[0])
-        else:
-            want(out)
-    # share parameters through data-movement ops (walk producers, transitively)
-    i = 0
-    while i < len(need):
-        v = values[need[i]]
-        i += 1
-        p = v.producer()
-        if p is None or p.domain not in ("", "ai.onnx") or p.op_type not in SHARE_OPS or v.is_graph_output():
-            continue
-        if p.op_type == "Pad":
-            mode = p.attributes.get_string("mode", "constant")
-            cval = _const(p.inputs[2]) if len(p.inputs) > 2 and p.inputs[2] is not None else np.zeros(())
-            if mode != "constant" or cval is None or float(np.asarray(cval).reshape(-1)[0]) != 0.0:
-                continue
-        src = p.inputs[0]
-        if src is None or not _is_activation(src, constants):
-            continue
-        layout.shared[v.name] = src.name
-        want(src)
-    layout.calibrate = [n for n in need if n not in layout.shared]
-    return layout
-
-
-def activation_qparams(ranges: Mapping[str, tuple[float, float]], scheme: QuantScheme,
-                       layout: ActivationLayout) -> dict[str, tuple[float, int]]:
-    """Tensor name -> (scale, zero point) for every quantized tensor of layout; the range is
-    widened to contain 0 (so zero padding and ReLU are exact)."""
-    qmin, qmax = scheme.act_range
-    out: dict[str, tuple[float, int]] = {}
-    for name in layout.calibrate:
-        if name not in ranges:
-            raise KeyError(name)
-        lo, hi = (float(x) for x in ranges[name])
-        lo, hi = min(lo, 0.0), max(hi, 0.0)
-        scale = float(np.float32(max(hi - lo, 1e-8) / (qmax - qmin)))
-        zp = int(np.clip(round(qmin - lo / scale), qmin, qmax))
-        out[name] = (scale, zp)
-    for name in layout.shared:
-        out[name] = out[layout.root(name)]
-    return out
 
 
 class ActivationQDQPass(ir.passes.InPlacePass):
@@ -314,17 +103,9 @@ class ActivationQDQPass(ir.passes.InPlacePass):
             if tname in act_of:  # quantize the compute output with the activation's range
                 absorbed_node = target.producer()
                 target = by_name[act_of[tname]]
-            s = add_initializer(graph, f"{tname}_scale", ir.Tensor(np.array(scale, dtype=np.float32), name=f"{tname}_scale"))
-            z = add_initializer(graph, f"{tname}_zero_point", ir.Tensor(np.array(zp, dtype=np_dtype),
-                                                                         name=f"{tname}_zero_point"))
-            q = ir.node("QuantizeLinear", [target, s, z], name=f"{tname}_QuantizeLinear")
-            q.outputs[0].name = f"{tname}_quantized"
-            q.outputs[0].dtype = dtype
-            q.outputs[0].shape = target.shape
-            dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{tname}_DequantizeLinear")
-            dq.outputs[0].name = f"{tname}_dequantized"
-            dq.outputs[0].dtype = ir.DataType.FLOAT
-            dq.outputs[0].shape = target.shape
+            s, z = scale_zero_point(graph, tname, scale, np.array(zp, dtype=np_dtype))
+            q = quantize_linear(target, s, z, tname, dtype, target.shape)
+            dq = dequantize_linear(q.outputs[0], s, z, tname, target.shape)
             facts = {"tensor": tname, "scale": f"{scale:.6g}", "zero_point": zp,
                      "shared_with": layout.root(tname) if tname in layout.shared else ""}
             if absorbed_node is not None:
@@ -359,10 +140,10 @@ class ActivationQDQPass(ir.passes.InPlacePass):
     def _prepare_weight(self, graph: ir.Graph, node: ir.Node) -> np.ndarray | None:
         """Make the weight a DequantizeLinear of an INT8 container within the scheme's range;
         return its per-output-channel scale (broadcastable to the bias), or None to stay float."""
-        idx = _WEIGHT_INPUT[node.op_type]
+        idx = WEIGHT_INPUT[node.op_type]
         w = node.inputs[idx]
         wmin, wmax = self.scheme.weight_range
-        if _weight_source(node) == "float":
+        if weight_source(node) == "float":
             arr = w.const_value.numpy()
             # output channels: Conv axis 0, Gemm axis 0 with transB else 1, MatMul axis 1
             per_axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and node.attributes.get_int("transB", 0)) else 1
@@ -372,13 +153,7 @@ class ActivationQDQPass(ir.passes.InPlacePass):
             q = np.ascontiguousarray(np.moveaxis(q, 0, per_axis))
             base = w.name
             qv = add_initializer(graph, f"{base}_quantized", ir.Tensor(q, name=f"{base}_quantized"))
-            sv = add_initializer(graph, f"{base}_scale", ir.Tensor(scale, name=f"{base}_scale"))
-            zv = add_initializer(graph, f"{base}_zero_point", ir.Tensor(np.zeros(scale.shape, np.int8),
-                                                                         name=f"{base}_zero_point"))
-            dq = ir.node("DequantizeLinear", [qv, sv, zv], attributes={"axis": per_axis}, name=f"{base}_DequantizeLinear")
-            dq.outputs[0].name = f"{base}_dequantized"
-            dq.outputs[0].dtype = ir.DataType.FLOAT
-            dq.outputs[0].shape = w.shape
+            dq = dequantized_weight(graph, base, qv, scale, np.zeros(scale.shape, np.int8), w.shape, axis=per_axis)
             mark(dq, type(self).__name__, layer=base, bits=self.scheme.weight_bits, granularity="per_channel")
             graph.insert_before(node, dq)
             w.replace_all_uses_with(dq.outputs[0])
@@ -386,18 +161,18 @@ class ActivationQDQPass(ir.passes.InPlacePass):
                 del graph.initializers[w.name]
             return scale
         dq = w.producer()
-        folded = _folded_bits(dq)
-        if folded is not None:  # symmetric, zero channels at scale 1, values within +-(2^(bits-1) - 1)
-            if folded > self.scheme.weight_bits:
-                log.warning("%s: folded %d-bit weight grid does not fit the %d-bit weights this CPU needs; "
-                            "left as a float kernel", node.name, folded, self.scheme.weight_bits)
+        merged = merged_bits(dq)
+        if merged is not None:  # symmetric, zero channels at scale 1, values within +-(2^(bits-1) - 1)
+            if merged > self.scheme.weight_bits:
+                log.warning("%s: merged %d-bit weight grid does not fit the %d-bit weights this CPU needs; "
+                            "left as a float kernel", node.name, merged, self.scheme.weight_bits)
                 return None
-            return np.asarray(_const(dq.inputs[1]), dtype=np.float32)
+            return np.asarray(const_array(dq.inputs[1]), dtype=np.float32)
         qv = dq.inputs[0]
         qarr = np.asarray(grid_of(qv)).astype(np.int16)
-        zarr = np.asarray(_const(dq.inputs[2])).astype(np.int16) if len(dq.inputs) > 2 and dq.inputs[2] is not None \
+        zarr = np.asarray(const_array(dq.inputs[2])).astype(np.int16) if len(dq.inputs) > 2 and dq.inputs[2] is not None \
             else np.zeros((), np.int16)
-        scale = np.asarray(_const(dq.inputs[1]), dtype=np.float32)
+        scale = np.asarray(const_array(dq.inputs[1]), dtype=np.float32)
         axis = dq.attributes.get_int("axis", 1)
         if np.any(zarr != 0):
             log.warning("%s: asymmetric weight grid; left as a float kernel", node.name)
@@ -440,7 +215,7 @@ class ActivationQDQPass(ir.passes.InPlacePass):
 
     def _quantize_bias(self, graph: ir.Graph, node: ir.Node, bias_scale: np.ndarray) -> None:
         b = node.inputs[2]
-        arr = _const(b)
+        arr = const_array(b)
         if arr is None or b.dtype != ir.DataType.FLOAT:
             return
         bias_scale = np.broadcast_to(np.asarray(bias_scale, np.float32), arr.shape).astype(np.float32)
@@ -454,12 +229,7 @@ class ActivationQDQPass(ir.passes.InPlacePass):
         while f"{base}_quantized" in graph.initializers:
             base, i = f"{b.name}_int32_{i}", i + 1
         qv = add_initializer(graph, f"{base}_quantized", ir.Tensor(q, name=f"{base}_quantized"))
-        sv = add_initializer(graph, f"{base}_scale", ir.Tensor(bias_scale, name=f"{base}_scale"))
-        zv = add_initializer(graph, f"{base}_zero_point", ir.Tensor(np.zeros(q.shape, np.int32), name=f"{base}_zero_point"))
-        dq = ir.node("DequantizeLinear", [qv, sv, zv], attributes={"axis": 0}, name=f"{base}_DequantizeLinear")
-        dq.outputs[0].name = f"{base}_dequantized"
-        dq.outputs[0].dtype = ir.DataType.FLOAT
-        dq.outputs[0].shape = b.shape
+        dq = dequantized_weight(graph, base, qv, bias_scale, np.zeros(q.shape, np.int32), b.shape, axis=0)
         mark(dq, type(self).__name__, layer=node.name, bits=32)
         graph.insert_before(node, dq)
         node.replace_input_with(2, dq.outputs[0])

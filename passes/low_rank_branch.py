@@ -8,6 +8,7 @@ import onnx_ir as ir
 from cora_onnx.errors import PlanError
 from cora_onnx.plan import LowRankAdapter, Plan
 
+from ._qdq import dequantized_weight
 from ._util import add_initializer, check_fingerprint, int_tensor, mark
 
 __all__ = ["LowRankBranchPass"]
@@ -36,13 +37,8 @@ class LowRankBranchPass(ir.passes.InPlacePass):
             return add_initializer(graph, f"{name}.weight", ir.Tensor(values.astype(np.float32), name=f"{name}.weight"))
         scale = ad.a_scale if which == "a" else ad.b_scale
         q = add_initializer(graph, f"{name}_quantized", int_tensor(ad.integers(which), ad.bits, True, f"{name}_quantized"))
-        s = add_initializer(graph, f"{name}_scale", ir.Tensor(scale.astype(np.float32), name=f"{name}_scale"))
-        zp = add_initializer(graph, f"{name}_zero_point",
-                             int_tensor(np.zeros(scale.shape, np.int8), ad.bits, True, f"{name}_zero_point"))
-        dq = ir.node("DequantizeLinear", [q, s, zp], attributes={"axis": 0}, name=f"{name}_DequantizeLinear")
-        dq.outputs[0].name = f"{name}.weight"
-        dq.outputs[0].dtype = ir.DataType.FLOAT
-        dq.outputs[0].shape = ir.Shape(values.shape)
+        zp = int_tensor(np.zeros(scale.shape, np.int8), ad.bits, True, f"{name}_zero_point")
+        dq = dequantized_weight(graph, name, q, scale, zp, values.shape, axis=0, out_name=f"{name}.weight")
         mark(dq, type(self).__name__, layer=name, bits=ad.bits, granularity="per_channel")
         self._new.append(dq)
         return dq.outputs[0]

@@ -8,7 +8,8 @@ import onnx_ir as ir
 from cora_onnx.plan import Plan
 
 from ._packing import grid_value, packs, zero_point_bits
-from ._util import add_initializer, default_opset, int_tensor, mark, planned_weight, require_weights
+from ._qdq import dequantized_weight
+from ._util import default_opset, int_tensor, mark, planned_weight, require_weights
 
 __all__ = ["WeightQDQPass"]
 
@@ -43,16 +44,11 @@ class WeightQDQPass(ir.passes.InPlacePass):
             old, consumers = planned_weight(graph, layer)
             w = layer.weight
             q, decode = grid_value(graph, f"{w}_quantized", u.q, u.bits, u.symmetric, type(self).__name__)
-            scale_arr = u.scale.astype(np.float32) if u.per_channel else u.scale.astype(np.float32).reshape(())
+            scale = u.scale.astype(np.float32) if u.per_channel else u.scale.astype(np.float32).reshape(())
             zp_arr = u.zero_point if u.per_channel else u.zero_point.reshape(())
-            scale = add_initializer(graph, f"{w}_scale", ir.Tensor(scale_arr, name=f"{w}_scale"))
             zp_bits = zero_point_bits(u.bits, u.q.size)  # 8 next to a byte-packed grid
-            zp = add_initializer(graph, f"{w}_zero_point", int_tensor(zp_arr, zp_bits, u.symmetric, f"{w}_zero_point"))
-            attrs = {"axis": 0} if u.per_channel else {}
-            dq = ir.node("DequantizeLinear", [q, scale, zp], attributes=attrs, name=f"{w}_DequantizeLinear")
-            dq.outputs[0].name = f"{w}_dequantized"
-            dq.outputs[0].dtype = ir.DataType.FLOAT
-            dq.outputs[0].shape = ir.Shape(layer.shape)
+            dq = dequantized_weight(graph, w, q, scale, int_tensor(zp_arr, zp_bits, u.symmetric, f"{w}_zero_point"),
+                                    layer.shape, axis=0 if u.per_channel else None)
             mark(dq, type(self).__name__, layer=layer.name, bits=u.bits,
                  granularity="per_channel" if u.per_channel else "per_tensor")
             if consumers:

@@ -25,6 +25,42 @@ def test_import_contracts_hold():
     assert re.search(r"Contracts: (\d+) kept, 0 broken", res.stdout) and " KEPT" in res.stdout
 
 
+
+def _contracts() -> list[dict]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+
+
+GROUND_FLOOR_CONTRACT = "The ground floor imports neither ONNX Runtime nor the ONNX side"
+
+
+def test_passes_contract_forbids_every_cora_onnx_module_but_the_ground_floor():
+    """The contract pinning passes/ to the ground floor lists the rest of cora_onnx by name
+    (import-linter has no allow-list): a module added to cora_onnx must be added there too, or this fails."""
+    import pkgutil
+
+    contracts = _contracts()
+    ground = set(next(c for c in contracts if c["name"] == GROUND_FLOOR_CONTRACT)["source_modules"])
+    passes_contract = next(c for c in contracts if c["source_modules"] == ["passes"])
+    modules = {f"cora_onnx.{m.name}" for m in pkgutil.iter_modules([str(ROOT / "cora_onnx")])}
+    assert ground < modules
+    assert set(passes_contract["forbidden_modules"]) == modules - ground
+
+
+def test_importing_passes_loads_only_the_ground_floor():
+    """At run time too: `import passes` (every pass) loads from cora_onnx only its package
+    __init__ (which imports nothing) and ground-floor modules, and neither torch nor ONNX Runtime."""
+    ground = set(next(c for c in _contracts() if c["name"] == GROUND_FLOOR_CONTRACT)["source_modules"])
+    code = ("import json, sys, passes; print(json.dumps(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('cora_onnx', 'torch', 'torchvision', 'onnxruntime'))))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    loaded = set(json.loads(res.stdout))
+    assert {"cora_onnx", "cora_onnx.plan", "cora_onnx.errors", "cora_onnx.npgrid"} <= loaded
+    assert loaded - {"cora_onnx"} <= ground, loaded - ground
+
 @pytest.fixture(scope="module")
 def blocked(tmp_path_factory):
     """Environment for a subprocess in which importing torch or torchvision fails (and is logged)."""

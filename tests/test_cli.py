@@ -214,3 +214,17 @@ def test_export_with_a_plan_made_for_other_weights_is_refused(digits_run, tmp_pa
     assert res.exit_code == 2, res.output
     assert res.output.strip().count("\n") == 0 and "error:" in res.output and "plan" in res.output.lower()
     assert not (tmp_path / "e.onnx").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("given,want", [("fold", "merge"), ("merge", "merge"), ("branch", "branch"), ("auto", "auto")])
+def test_adapter_layout_fold_is_a_deprecated_alias_of_merge(given, want, capsys):
+    """The adapter layout that merges CoRa adapters into the integer weight was called "fold"; the
+    old name still parses, maps to merge and says it is deprecated (parsing only: nothing runs)."""
+    from cora_onnx.cli_quantize import quantize
+
+    ctx = quantize.make_context("quantize", ["--adapter-layout", given])
+    assert ctx.params["adapter_layout"] == want
+    err = capsys.readouterr().err
+    assert ("--adapter-layout fold is deprecated, use --adapter-layout merge" in err) == (given == "fold")
+    res = CliRunner().invoke(main, ["quantize", "--help"])
+    assert res.exit_code == 0 and "auto|branch|merge|fold" in res.output and "deprecated name of merge" in res.output

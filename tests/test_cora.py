@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from cora_onnx.cli import main
 from cora_onnx.data import Preprocess, load_images
 from cora_onnx.errors import SettingsError
-from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes, quantizable_layers
+from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes, quantizable_layers
 from cora_onnx.models import build_model
 from cora_onnx.pipeline import apply_plan
 from cora_onnx.plan import LayerPlan, LowRankAdapter, Plan
@@ -22,7 +22,7 @@ from cora_onnx.search.cora import CoraSettings, butterworth, search_cora
 
 @pytest.fixture(scope="module")
 def setup(digits):
-    model = fold_batchnorm(build_model(digits.arch, digits.weights))
+    model = fuse_batchnorm(build_model(digits.arch, digits.weights))
     pre = Preprocess(digits.input_size, 1.0, digits.mean, digits.std)
     calib = load_images(digits.calib_dir, pre)
     return model, calib

@@ -1,5 +1,5 @@
-"""Export of models torch.fx cannot trace (BatchNorm folding via torch.export), BatchNorm kept as
-a graph node when it cannot be folded, and the parity gate (exit 3, NAME.failed.onnx)."""
+"""Export of models torch.fx cannot trace (BatchNorm fusion via torch.export), BatchNorm kept as
+a graph node when it cannot be fused, and the parity gate (exit 3, NAME.failed.onnx)."""
 
 import json
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from cora_onnx.api import quantize
 from cora_onnx.cli import main
-from cora_onnx.export import fold_batchnorm, remaining_batchnorm
+from cora_onnx.export import fuse_batchnorm, remaining_batchnorm
 from cora_onnx.models import build_model
 from cora_onnx.plan import WeightFingerprint
 
@@ -47,8 +47,8 @@ def _dynamic(digits):
     return DynamicPadDigits(build_model(digits.arch, digits.weights)).eval()
 
 
-def _folded_weights(model: nn.Module) -> dict[str, np.ndarray]:
-    """Conv weights with their BatchNorm folded in, computed here from the unfolded model."""
+def _fused_weights(model: nn.Module) -> dict[str, np.ndarray]:
+    """Conv weights with their BatchNorm fused in, computed here from the unfolded model."""
     out, mods = {}, list(model.features.named_children())
     for (name, conv), (_, bn) in zip(mods, mods[1:]):
         if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
@@ -57,19 +57,19 @@ def _folded_weights(model: nn.Module) -> dict[str, np.ndarray]:
     return out
 
 
-def test_fx_cannot_trace_but_batchnorm_is_folded(digits):
+def test_fx_cannot_trace_but_batchnorm_is_fused(digits):
     import torch.fx
 
     model = _dynamic(digits)
     with pytest.raises(Exception, match="control flow"):
         torch.fx.symbolic_trace(model)
-    folded = fold_batchnorm(model, digits.input_size)
-    assert remaining_batchnorm(folded) == [] and remaining_batchnorm(model)  # a copy; the original keeps its BN
+    fused = fuse_batchnorm(model, digits.input_size)
+    assert remaining_batchnorm(fused) == [] and remaining_batchnorm(model)  # a copy; the original keeps its BN
     x = torch.randn(16, 3, digits.input_size, digits.input_size)
     with torch.no_grad():
-        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
-    for name, w in _folded_weights(model).items():
-        np.testing.assert_allclose(folded.get_submodule(name).weight.detach().numpy(), w, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+    for name, w in _fused_weights(model).items():
+        np.testing.assert_allclose(fused.get_submodule(name).weight.detach().numpy(), w, rtol=1e-5, atol=1e-7)
 
 
 CASES = {
@@ -80,15 +80,15 @@ CASES = {
     "cora-branch": dict(method="cora", bits=3, iters=20, finetune_iters=5, budget=0.1),
     "cora-branch-act8": dict(method="cora", bits=3, act_bits=8, adapter_layout="branch", iters=20, finetune_iters=5,
                              budget=0.1),
-    "cora-fold-act8": dict(method="cora", bits=3, act_bits=8, adapter_layout="fold", iters=20, finetune_iters=5,
+    "cora-merge-act8": dict(method="cora", bits=3, act_bits=8, adapter_layout="merge", iters=20, finetune_iters=5,
                            budget=0.1),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_untraceable_model_through_quantize(digits, tmp_path, case):
-    """Every method on a model fx cannot trace: BatchNorm folded on the PyTorch side (no
-    BatchNormalization node; the plan was made from the folded weights), ONNX Runtime agrees."""
+    """Every method on a model fx cannot trace: BatchNorm fused on the PyTorch side (no
+    BatchNormalization node; the plan was made from the fused weights), ONNX Runtime agrees."""
     model = _dynamic(digits)
     res = quantize(model, calib=digits.calib_dir, val=digits.val_dir, out=tmp_path / "m.onnx", mean=digits.mean,
                    std=digits.std, input_size=digits.input_size, latency_runs=1, threads=1, **CASES[case])
@@ -96,14 +96,14 @@ def test_untraceable_model_through_quantize(digits, tmp_path, case):
     assert r["verified"] is True and r["parity"]["top1_agreement"] >= 99.5, r["parity"]
     ops = [n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node]
     assert "BatchNormalization" not in ops
-    folded = _folded_weights(model)
+    fused = _fused_weights(model)
     for lp in res.plan.layers:
         fp = lp.fingerprint
         assert fp is not None and fp.shape == lp.shape and fp.dtype == "float32"
-        if lp.name in folded:  # planned from the folded weight, not the raw conv weight
-            w = folded[lp.name]
+        if lp.name in fused:  # planned from the fused weight, not the raw conv weight
+            w = fused[lp.name]
             np.testing.assert_allclose(fp.samples, WeightFingerprint.of(w).samples, rtol=1e-5, atol=1e-7)
-            if lp.uniform is not None and lp.adapter is None:  # the grid approximates the folded weight
+            if lp.uniform is not None and lp.adapter is None:  # the grid approximates the fused weight
                 raw = model.get_submodule(lp.name).weight.detach().numpy()
                 deq = lp.uniform.dequantize()
                 assert np.linalg.norm(deq - w) < 0.3 * np.linalg.norm(w)
@@ -124,7 +124,7 @@ def test_unfoldable_batchnorm_stays_a_graph_node(digits, tmp_path, monkeypatch):
                    mean=digits.mean, std=digits.std, input_size=digits.input_size, latency_runs=1, threads=1)
     ops = [n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node]
     assert ops.count("BatchNormalization") == 4
-    assert any("BatchNorm layers could not be folded" in n for n in res.report["notes"])
+    assert any("BatchNorm layers could not be fused" in n for n in res.report["notes"])
     assert res.report["verified"] is True and res.report["parity"]["top1_agreement"] >= 99.5
 
 

@@ -64,7 +64,7 @@ def test_act_bits_needs_calib_and_valid_width(digits, tmp_path):
 
 @pytest.mark.parametrize("layout", ["auto", "branch"])
 def test_cora_adapters_with_integer_activations(digits, tmp_path, layout):
-    """W3 CoRa with 8-bit activations. auto (= fold): the adapters are folded into the integer
+    """W3 CoRa with 8-bit activations. auto (= merge): the adapters are merged into the integer
     weights at load, so the running graph has exactly the kernels of the model without them, the
     file keeps INT4 grids, and parity is against the PyTorch simulation. branch: the adapters are
     capped at the CPU's weight width and run as integer convolutions; parity against float
@@ -83,22 +83,22 @@ def test_cora_adapters_with_integer_activations(digits, tmp_path, layout):
     proto = onnx.load(tmp_path / "m.onnx")
     int4 = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     if layout == "auto":
-        assert r["activations"]["adapter_layout"] == "fold"
+        assert r["activations"]["adapter_layout"] == "merge"
         assert k["integer"] == len(res.plan.layers) + k["ops"].get("QLinearAdd", 0)  # no branch kernels
         assert "simulation" in r["activations"]["parity_reference"] and r["parity"]["top1_agreement"] >= 95.0
         assert "quantized_branches" in r["latency_ms"] and len(int4) >= len(res.plan.layers) - 2
         from cora_onnx.report import format_table
 
-        assert "adapters as branch convolutions" in format_table(r) and "CoRa adapters: fold" in format_table(r)
+        assert "adapters as branch convolutions" in format_table(r) and "CoRa adapters: merge" in format_table(r)
     else:
         assert r["activations"]["adapter_layout"] == "branch"
         assert k["integer"] >= len(res.plan.layers) + 2 * len(adapters)
         assert "float activations" in r["activations"]["parity_reference"] and r["parity"]["top1_agreement"] >= 90.0
 
 
-def test_fold_layout_needs_integer_activations(digits, tmp_path):
+def test_merge_layout_needs_integer_activations(digits, tmp_path):
     model = build_model(digits.arch, digits.weights)
-    with pytest.raises(SettingsError, match="adapter layout fold"):
+    with pytest.raises(SettingsError, match="adapter layout merge"):
         quantize(model, calib=digits.calib_dir, bits=3, method="cora", out=tmp_path / "m.onnx",
-                 input_size=digits.input_size, adapter_layout="fold")
+                 input_size=digits.input_size, adapter_layout="merge")
     assert not (tmp_path / "m.onnx").exists()

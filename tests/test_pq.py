@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from cora_onnx.cli import main
 from cora_onnx.data import ImageSet, Preprocess
 from cora_onnx.errors import SettingsError
-from cora_onnx.export import apply_plan_torch, fold_batchnorm
+from cora_onnx.export import apply_plan_torch, fuse_batchnorm
 from cora_onnx.plan import Plan
 from cora_onnx.report import format_table
 from cora_onnx.search import LayerSelection, PqSettings, search_pq
@@ -91,9 +91,9 @@ def test_blocks_without_calibration_energy_keep_their_weights():
 
 
 def test_search_codes_fit_one_byte_and_plan_roundtrip(tiny, tmp_path):
-    folded = fold_batchnorm(tiny)
+    fused = fuse_batchnorm(tiny)
     st = PqSettings(codewords=256, em_iters=5, finetune_steps=3, calib_size=32, selection=LayerSelection(keep=()))
-    plan = search_pq(folded, st, _images())
+    plan = search_pq(fused, st, _images())
     assert [lp.name for lp in plan.layers] == ["conv1", "dw", "pw", "fc"]
     for lp in plan.layers:
         cb = lp.codebook
@@ -109,25 +109,25 @@ def test_search_codes_fit_one_byte_and_plan_roundtrip(tiny, tmp_path):
 
 
 def test_large_blocks_and_explicit_sizes(tiny):
-    folded = fold_batchnorm(tiny)
+    fused = fuse_batchnorm(tiny)
     imgs = _images()
-    plan = search_pq(folded, PqSettings(blocks="large", em_iters=2, finetune_steps=0, selection=LayerSelection(keep=())),
+    plan = search_pq(fused, PqSettings(blocks="large", em_iters=2, finetune_steps=0, selection=LayerSelection(keep=())),
                      imgs)
     # conv1 has 27 weights per filter: the large preset (18) does not divide it, so it falls back to 9
     assert {lp.name: lp.codebook.block_size for lp in plan.layers} == {"conv1": 9, "dw": 9, "pw": 8, "fc": 8}
-    plan = search_pq(folded, PqSettings(block_size="1x1=2,linear=16", em_iters=2, finetune_steps=0,
+    plan = search_pq(fused, PqSettings(block_size="1x1=2,linear=16", em_iters=2, finetune_steps=0,
                                         selection=LayerSelection(keep=("first",))), imgs)
     assert plan.layer("conv1").uniform is not None and plan.layer("conv1").codebook is None
     assert plan.layer("pw").codebook.block_size == 2 and plan.layer("fc").codebook.block_size == 16
 
 
 def test_finetuning_can_leave_biases_and_the_classifier_alone(tiny):
-    folded = fold_batchnorm(tiny)
+    fused = fuse_batchnorm(tiny)
     imgs = _images()
     base = dict(em_iters=2, calib_size=32, finetune_lr=1e-2, selection=LayerSelection(keep=()))
-    ref = search_pq(folded, PqSettings(finetune_steps=0, **base), imgs)
-    full = search_pq(folded, PqSettings(finetune_steps=4, **base), imgs)
-    part = search_pq(folded, PqSettings(finetune_steps=4, finetune_biases=False, finetune_last=False, **base), imgs)
+    ref = search_pq(fused, PqSettings(finetune_steps=0, **base), imgs)
+    full = search_pq(fused, PqSettings(finetune_steps=4, **base), imgs)
+    part = search_pq(fused, PqSettings(finetune_steps=4, finetune_biases=False, finetune_last=False, **base), imgs)
     for name in ("conv1", "dw", "pw", "fc"):
         r, f, p = (pl.layer(name).codebook for pl in (ref, full, part))
         assert not np.array_equal(r.bias, f.bias) and not np.array_equal(r.codewords, f.codewords)
@@ -152,13 +152,13 @@ def test_bad_settings_are_rejected(kw, match):
 
 
 def test_block_size_not_dividing_a_layer_is_rejected_before_any_work(tiny):
-    folded = fold_batchnorm(tiny)
+    fused = fuse_batchnorm(tiny)
     with pytest.raises(SettingsError, match=r"block size 3 does not divide layer pw \(1x1, 8 weights"):
-        search_pq(folded, PqSettings(block_size="1x1=3"), _images())
+        search_pq(fused, PqSettings(block_size="1x1=3"), _images())
     with pytest.raises(SettingsError, match=r"block size 3 does not divide layer pw \(1x1, 8 weights"):
-        search_pq(folded, PqSettings(block_size="p?=3"), _images())
+        search_pq(fused, PqSettings(block_size="p?=3"), _images())
     with pytest.raises(SettingsError, match=r"'conv' is neither a kernel kind .* nor the name of a product-quantized"):
-        search_pq(folded, PqSettings(block_size="conv=4"), _images())
+        search_pq(fused, PqSettings(block_size="conv=4"), _images())
     assert parse_block_size({"3x3": 18, "linear": 8}) == (("3x3", 18), ("linear", 8))
     assert parse_block_size("fc=2,1X1=8,a.*=4") == (("1x1", 8), ("fc", 2), ("a.*", 4))
 
@@ -166,10 +166,10 @@ def test_block_size_not_dividing_a_layer_is_rejected_before_any_work(tiny):
 def test_layer_name_block_size_overrides_the_kind(tiny):
     """A layer-name entry wins over its kernel kind ("1x1=4" would give pw 4); the other layers
     keep their kind's size."""
-    folded = fold_batchnorm(tiny)
+    fused = fuse_batchnorm(tiny)
     settings = PqSettings(block_size="1x1=4,linear=4,p?=8", finetune_steps=0, em_iters=2, calib_size=16,
                           stats_size=8, selection=LayerSelection(keep=()))
-    plan = search_pq(folded, settings, _images())
+    plan = search_pq(fused, settings, _images())
     got = {lp.name: lp.codebook.block_size for lp in plan.layers if lp.codebook is not None}
     assert got == {"conv1": 9, "dw": 9, "pw": 8, "fc": 4}
 

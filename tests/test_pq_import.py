@@ -110,7 +110,7 @@ def test_decode_matches_format(r18, ckpt):
         assert torch.equal(mods[lp.name].weight, paper_decode(ckpt[lp.name], lp.shape).float())
         cb = lp.codebook
         assert cb.codes.dtype == (np.uint16 if lp.name == "fc" else np.uint8)
-        if lp.kind == "conv":  # BatchNorm folded into the decoding: scale float32, shift as stored
+        if lp.kind == "conv":  # BatchNorm fused into the decoding: scale float32, shift as stored
             bn = mods[lp.info["batchnorm"]]
             assert cb.scale.dtype == np.float32 and cb.bias.dtype == np.float16
             assert np.array_equal(cb.bias, ckpt[lp.info["batchnorm"]]["bias"].numpy())

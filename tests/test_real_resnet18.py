@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 from cora_onnx.data import Preprocess, load_class_map, load_images
-from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes
+from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
 from cora_onnx.pipeline import apply_plan
 from cora_onnx.search import RtnSettings, search_rtn
 from cora_onnx.verify import parity, predict_onnx, session, top1
@@ -23,17 +23,17 @@ def real():
     imgs = SHARED / "data" / "imagenette"
     val = load_images(imgs / "dev-val", Preprocess(), labelled=True,
                       class_map=load_class_map(imgs / "class_map.json"), num_classes=1000).subset(200)
-    folded = fold_batchnorm(model)
-    return model, folded, val, len(onnx_bytes(export_onnx(folded, 224)))
+    fused = fuse_batchnorm(model)
+    return model, fused, val, len(onnx_bytes(export_onnx(fused, 224)))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_resnet18_parity_and_size(real, bits):
-    model, folded, val, float_size = real
-    plan = search_rtn(folded, RtnSettings(bits=bits))
-    blob = onnx_bytes(apply_plan(export_onnx(folded, 224), plan))
+    model, fused, val, float_size = real
+    plan = search_rtn(fused, RtnSettings(bits=bits))
+    blob = onnx_bytes(apply_plan(export_onnx(fused, 224), plan))
     ort_logits = predict_onnx(session(blob), val)
-    torch_logits = predict_torch(apply_plan_torch(folded, plan), val)
+    torch_logits = predict_torch(apply_plan_torch(fused, plan), val)
     assert parity(ort_logits, torch_logits)["top1_agreement"] >= 99.5
     if bits <= 4:
         assert len(blob) <= float_size / 7
@@ -51,8 +51,8 @@ def test_resnet18_packed_sub_4_bit_files(real):
     at load (no decoding node left in its optimized graph)."""
     from cora_onnx.verify import optimized_graph
 
-    _, folded, _, _ = real
-    blobs = {b: onnx_bytes(apply_plan(export_onnx(folded, 224), search_rtn(folded, RtnSettings(bits=b))))
+    _, fused, _, _ = real
+    blobs = {b: onnx_bytes(apply_plan(export_onnx(fused, 224), search_rtn(fused, RtnSettings(bits=b))))
              for b in (2, 3, 4)}
     assert len(blobs[3]) <= 0.8 * len(blobs[4]) and len(blobs[2]) <= 0.6 * len(blobs[4])
     ops = {n.op_type for n in optimized_graph(blobs[3]).graph.node}

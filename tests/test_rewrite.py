@@ -53,7 +53,7 @@ def test_rewrite_weights_only(tiny, float_onnx, tmp_path):
     out = tmp_path / "w8.onnx"
     res = rewrite_onnx(float_onnx, out, 8)
     ops = [n.op_type for n in onnx.load(out).graph.node]
-    assert res.report["batchnorm_folded"] == 1 and "BatchNormalization" not in ops
+    assert res.report["batchnorm_fused"] == 1 and "BatchNormalization" not in ops
     assert ops.count("DequantizeLinear") == 4 and len(res.report["layers"]) == 4
     x = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """Cost of one CoRa rank-search step (forward + backward, ResNet-18 from ../shared, W4): the
-Butterworth-weighted correction folded into the conv weight (what cora-onnx does) against the
+Butterworth-weighted correction merged into the conv weight (what cora-onnx does) against the
 reference's formulation, two extra full-rank convolutions per layer (x -> A_T (R channels) -> B_T).
 Steps alternate between the two so machine load hits both alike; prints medians and the ratio.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cora_onnx.export import fold_batchnorm
+from cora_onnx.export import fuse_batchnorm
 from cora_onnx.models import build_model
 from cora_onnx.search.cora import CoraSettings, _Layer, _set_module, butterworth
 from cora_onnx.export import quantizable_layers
@@ -35,7 +35,7 @@ class _TwoConvs(_Layer):
 
 
 def build(model, cls):
-    model = fold_batchnorm(model)
+    model = fuse_batchnorm(model)
     s = CoraSettings(bits=4)
     for name, mod in list(quantizable_layers(model).items()):
         if not isinstance(mod, torch.nn.Conv2d) or name == "conv1":
@@ -57,7 +57,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     base = build_model("resnet18", Path(args.shared) / "models/resnet18-imagenet.pt")
-    models = {"folded into the weight": build(base, _Layer), "two extra convs (reference)": build(base, _TwoConvs)}
+    models = {"merged into the weight": build(base, _Layer), "two extra convs (reference)": build(base, _TwoConvs)}
     x = torch.randn(args.batch, 3, 224, 224)
     times = {k: [] for k in models}
     for step in range(args.steps + 1):
@@ -74,7 +74,7 @@ def main() -> None:
     for k, v in med.items():
         print(f"{k:<30} {v:7.2f} s/step (median of {args.steps}, batch {args.batch}, {torch.get_num_threads()} threads)")
     a, b = med.values()
-    print(f"ratio reference / folded: {b / a:.2f}x")
+    print(f"ratio reference / merged: {b / a:.2f}x")
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def run_model(name: str, shared: Path, args) -> list[dict]:
     from cora_onnx.data import Preprocess, load_class_map, load_images
     from cora_onnx.export import apply_plan_torch, export_program, onnx_bytes
     from cora_onnx.int8 import choose_scheme, integer_kernels
-    from cora_onnx.export import fold_batchnorm
+    from cora_onnx.export import fuse_batchnorm
     from cora_onnx.models import build_model, default_normalization
     from cora_onnx.pipeline import apply_plan, cleanup_passes
     from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
@@ -86,8 +86,8 @@ def run_model(name: str, shared: Path, args) -> list[dict]:
     val = load_images(shared / "data/imagenette/dev-val", pre, labelled=True,
                       class_map=load_class_map(shared / "data/imagenette/class_map.json"), num_classes=1000)
     calib = load_images(shared / "data/imagenette/calib", pre).subset(args.calib_images, 0)
-    folded = fold_batchnorm(model)
-    program = export_program(folded, 224)
+    fused = fuse_batchnorm(model)
+    program = export_program(fused, 224)
     float_bytes = onnx_bytes(program.model)
     rows: dict[str, dict] = {"float": {"method": "float", "bytes": len(float_bytes)}}
     blobs = {"float": float_bytes}
@@ -104,12 +104,12 @@ def run_model(name: str, shared: Path, args) -> list[dict]:
             t0 = time.perf_counter()
             keep = LayerSelection(keep_bits=scheme.weight_bits)
             if weights == "rtn":
-                plan = search_rtn(folded, RtnSettings(bits=scheme.weight_bits, clip=clip, selection=keep))
+                plan = search_rtn(fused, RtnSettings(bits=scheme.weight_bits, clip=clip, selection=keep))
                 what = f"RTN per-channel {clip}"
             else:  # CoRa's default preset without adapters: GPTQ rounding, bias tuning
-                plan = search_cora(folded, CoraSettings(bits=scheme.weight_bits, budget=0.0, selection=keep), calib)
+                plan = search_cora(fused, CoraSettings(bits=scheme.weight_bits, budget=0.0, selection=keep), calib)
                 what = "CoRa preset, no adapters (GPTQ, bias fine-tuning)"
-            wq = apply_plan(export_program(folded, 224).model, plan)
+            wq = apply_plan(export_program(fused, 224).model, plan)
             layout = activation_layout(wq)
             settings = CalibSettings()
             n = (len(calib) + settings.batch_size - 1) // settings.batch_size
@@ -117,7 +117,7 @@ def run_model(name: str, shared: Path, args) -> list[dict]:
             hists = collect_histograms(onnx_bytes(wq), layout.calibrate, calib.batches(settings.batch_size),
                                        n, settings.bins, args.threads)
             prep_s = time.perf_counter() - t0
-            qmodel = apply_plan_torch(folded, plan)
+            qmodel = apply_plan_torch(fused, plan)
             for method in args.calib_methods:
                 m = ir.serde.deserialize_model(ir.to_proto(wq))
                 ranges = compute_ranges(hists, CalibSettings(method=method))

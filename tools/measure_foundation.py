@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from cora_onnx.data import Preprocess, load_class_map, load_images
-from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes
+from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
 from cora_onnx.models import build_model, default_normalization
 from cora_onnx.pipeline import apply_plan
 from cora_onnx.search import RtnSettings, search_rtn
@@ -45,9 +45,9 @@ def main() -> None:
     pre = Preprocess(224, 1.0, *default_normalization(args.model))
     val = load_images(shared / "data/imagenette/dev-val", pre, labelled=True,
                       class_map=load_class_map(shared / "data/imagenette/class_map.json"), num_classes=1000)
-    folded = fold_batchnorm(model)
+    fused = fuse_batchnorm(model)
     f_logits = predict_torch(model, val)
-    float_bytes = onnx_bytes(export_onnx(folded, 224))
+    float_bytes = onnx_bytes(export_onnx(fused, 224))
     fsess = session(float_bytes)
     f_ort = predict_onnx(fsess, val)
     rows = [{"bits": "float", "top1_torch": top1(f_logits, val.labels), "top1_ort": top1(f_ort, val.labels),
@@ -56,12 +56,12 @@ def main() -> None:
           flush=True)
     for bits in args.bits:
         t0 = time.perf_counter()
-        plan = search_rtn(folded, RtnSettings(bits=bits))
+        plan = search_rtn(fused, RtnSettings(bits=bits))
         search_s = time.perf_counter() - t0
-        qbytes = onnx_bytes(apply_plan(export_onnx(folded, 224), plan))
+        qbytes = onnx_bytes(apply_plan(export_onnx(fused, 224), plan))
         qsess = session(qbytes)
         q_ort = predict_onnx(qsess, val)
-        q_torch = predict_torch(apply_plan_torch(folded, plan), val)
+        q_torch = predict_torch(apply_plan_torch(fused, plan), val)
         lat = measure_latency({"float": fsess, "quantized": qsess}, (3, 224, 224), runs=args.latency_runs)
         par = parity(q_ort, q_torch)
         row = {"bits": bits, "top1_torch": top1(q_torch, val.labels), "top1_ort": top1(q_ort, val.labels),

@@ -24,7 +24,7 @@ import torch
 
 from cora_onnx.archs.efficientnet_lite import efficientnet_lite0_weights_path
 from cora_onnx.data import Preprocess, load_class_map, load_images
-from cora_onnx.export import apply_plan_torch, fold_batchnorm, quantizable_layers
+from cora_onnx.export import apply_plan_torch, fuse_batchnorm, quantizable_layers
 from cora_onnx.models import build_model, default_normalization
 from cora_onnx.search import LayerSelection, PqSettings, search_pq
 from cora_onnx.search.layers import is_depthwise
@@ -65,7 +65,7 @@ def main() -> None:
         calib_dir, val_dir, split = holdout_dirs(data, Path(tmp))
         calib = load_images(calib_dir, pre, labelled=True, class_map=class_map, num_classes=1000)
         val = load_images(val_dir, pre, labelled=True, class_map=class_map, num_classes=1000)
-    model = fold_batchnorm(build_model("efficientnet_lite0", efficientnet_lite0_weights_path()).eval())
+    model = fuse_batchnorm(build_model("efficientnet_lite0", efficientnet_lite0_weights_path()).eval())
     layers = quantizable_layers(model)
     float_logits = predict_torch(model, val)
     for group in args.groups:

@@ -3,7 +3,7 @@
 The network takes the grey digit replicated into 3 channels (``N x 3 x 8 x 8``)
 and predicts one of 10 classes. It is built only from plain ``nn.Conv2d`` /
 ``nn.BatchNorm2d`` / ``nn.ReLU`` modules so that
-``torch.fx.experimental.optimization.fuse`` folds every BatchNorm, and it
+``torch.fx.experimental.optimization.fuse`` fuses every BatchNorm, and it
 contains one depthwise convolution so depthwise handling is exercised.
 """
 

@@ -8,7 +8,7 @@ directly.
 
 The network is built for ``torch.fx``: every convolution is a plain ``nn.Conv2d``
 called immediately before its ``nn.BatchNorm2d``, so
-``torch.fx.experimental.optimization.fuse`` folds all BatchNorms. TensorFlow
+``torch.fx.experimental.optimization.fuse`` fuses all BatchNorms. TensorFlow
 ``'same'`` padding is resolved statically at construction from ``image_size``:
 symmetric padding goes into the convolution, the asymmetric part (TF pads the
 right/bottom more) into a parameter-free ``nn.ZeroPad2d`` called just before it.

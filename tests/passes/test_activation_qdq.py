@@ -8,7 +8,7 @@ import torch
 
 from cora_onnx.data import ImageSet, Preprocess
 from cora_onnx.errors import PlanError
-from cora_onnx.export import apply_plan_torch, export_program, fold_batchnorm, onnx_bytes
+from cora_onnx.export import apply_plan_torch, export_program, fuse_batchnorm, onnx_bytes
 from cora_onnx.int8 import add_activation_qdq, choose_scheme, integer_kernels
 from cora_onnx.pipeline import apply_plan, cleanup_passes
 from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
@@ -26,13 +26,13 @@ def _images(n=48, size=8, seed=0):
 
 
 def _int8_tiny(tiny, bits=4, scheme=AVX2):
-    folded = fold_batchnorm(tiny)
-    plan = search_rtn(folded, RtnSettings(bits=bits, selection=LayerSelection(keep=())))
-    program = export_program(folded, 8)
+    fused = fuse_batchnorm(tiny)
+    plan = search_rtn(fused, RtnSettings(bits=bits, selection=LayerSelection(keep=())))
+    program = export_program(fused, 8)
     model = apply_plan(program.model, plan)
     ranges, qparams, report = add_activation_qdq(model, _images(), scheme)
     ir.passes.PassManager(cleanup_passes())(model)
-    sim = ActivationQuantSim(program, apply_plan_torch(folded, plan), qparams, scheme.act_range)
+    sim = ActivationQuantSim(program, apply_plan_torch(fused, plan), qparams, scheme.act_range)
     return onnx_bytes(model), sim, qparams, report
 
 
@@ -126,9 +126,9 @@ def test_adapter_branch_graph_runs_on_integer_kernels():
 
 
 def test_weights_that_do_not_fit_stay_float(tiny, caplog):
-    folded = fold_batchnorm(tiny)
-    plan = search_rtn(folded, RtnSettings(bits=8, selection=LayerSelection(keep=())))
-    model = apply_plan(export_program(folded, 8).model, plan)
+    fused = fuse_batchnorm(tiny)
+    plan = search_rtn(fused, RtnSettings(bits=8, selection=LayerSelection(keep=())))
+    model = apply_plan(export_program(fused, 8).model, plan)
     layout = activation_layout(model)
     ranges = {t: (-1.0, 1.0) for t in layout.calibrate}
     p = ActivationQDQPass(ranges, AVX2)  # 7-bit weights needed, the plan has 8-bit grids
@@ -137,14 +137,14 @@ def test_weights_that_do_not_fit_stay_float(tiny, caplog):
     assert len(p.report["float_nodes"]) == 4 and not p.report["integer_nodes"][1:]  # only the Add-free rest
     assert "does not fit" in caplog.text
     p8 = ActivationQDQPass(ranges, QuantScheme("uint8", 8))
-    model8 = apply_plan(export_program(folded, 8).model, plan)
+    model8 = apply_plan(export_program(fused, 8).model, plan)
     p8(model8)
     assert len(p8.report["integer_nodes"]) == 4 and not p8.report["float_nodes"]
 
 
 def test_missing_ranges_and_no_compute_nodes(tiny):
-    folded = fold_batchnorm(tiny)
-    model = export_program(folded, 8).model
+    fused = fuse_batchnorm(tiny)
+    model = export_program(fused, 8).model
     with pytest.raises(PlanError, match="no calibrated range"):
         ActivationQDQPass({}, AVX2)(model)
     g = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
@@ -184,3 +184,59 @@ def test_all_zero_weight_channel_keeps_its_bias():
     ref = session(proto.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_allclose(got[:, 1], 1.5, atol=4.0 / 255)
     assert np.abs(got - ref).max() < 0.1
+
+
+def _float_ranges(graph, names):
+    """(min, max) of each named tensor of the float graph on graph.x (ONNX Runtime, extra outputs)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    proto = graph.proto()
+    for n in names:
+        if n != "input":
+            proto.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": graph.x})), input=graph.x)
+    return {n: (float(outs[n].min()), float(outs[n].max())) for n in names}
+
+
+def test_layout_and_the_pass_alone_on_a_graph_built_here(graph):
+    """activation_layout and ActivationQDQPass alone on a tiny onnx.helper graph with float weights:
+    the layout names the tensors, the Relu is absorbed into conv1's output quantization, Flatten
+    shares its input's parameters, float weights become per-channel INT8 (7-bit values) and biases
+    INT32 at input x weight scale; ONNX Runtime fuses every compute node into an integer kernel, which
+    agrees with the graph as written, and both stay close to the float graph."""
+    model = graph.model()
+    layout = activation_layout(model)
+    assert layout.calibrate == ["input", "relu_out", "pw_out", "gap_out"]
+    assert layout.shared == {"flat_out": "gap_out"} and layout.absorbed == {"conv1_out": "relu_out"}
+    assert layout.compute == ["conv1", "pw", "fc"]
+    ranges = _float_ranges(graph, layout.calibrate)
+    p = ActivationQDQPass(ranges, AVX2)
+    assert p(model).modified
+    assert p.report["integer_nodes"] == ["conv1", "pw", "fc"] and p.report["float_nodes"] == []
+    nodes = {n.name: n for n in model.graph}
+    assert "relu" not in nodes and [n.op_type for n in model.graph].count("Relu") == 0
+    init = {k: v.const_value.numpy() for k, v in model.graph.initializers.items()}
+    for t in ("input", "relu_out", "pw_out", "gap_out", "flat_out"):
+        q, dq = nodes[f"{t}_QuantizeLinear"], nodes[f"{t}_DequantizeLinear"]
+        assert dq.inputs[0] is q.outputs[0] and q.outputs[0].dtype == ir.DataType.UINT8
+        assert q.metadata_props["cora_onnx.pass"] == "ActivationQDQPass"
+    absorbed = nodes["relu_out_QuantizeLinear"]  # quantizes conv1's output with the Relu's range (lower bound 0)
+    assert absorbed.inputs[0] is nodes["conv1"].outputs[0] and absorbed.metadata_props["cora_onnx.absorbed"] == "Relu"
+    assert init["relu_out_zero_point"] == 0 and nodes["pw"].inputs[0].name == "relu_out_dequantized"
+    assert init["flat_out_scale"] == init["gap_out_scale"] and init["flat_out_zero_point"] == init["gap_out_zero_point"]
+    for layer in ("conv1", "pw", "fc"):
+        wq = init[f"{layer}.weight_quantized"]
+        assert wq.dtype == np.int8 and -64 <= wq.min() and wq.max() <= 63  # 7-bit values in an INT8 container
+        bias_scale = init[f"{layer}.bias_int32_scale"]
+        x_scale = init[f"{nodes[layer].inputs[0].name.removesuffix('_dequantized')}_scale"]
+        np.testing.assert_allclose(bias_scale, x_scale * init[f"{layer}.weight_scale"], rtol=1e-6)
+        assert init[f"{layer}.bias_int32_quantized"].dtype == np.int32
+    blob = ir.serde.serialize_model(model).SerializeToString()
+    k = integer_kernels(blob)
+    assert k["ops"].get("QLinearConv", 0) == 2 and k["ops"].get("QGemm", 0) == 1 and k["float_compute"] == 0
+    written, fused, flt = graph.run(model), graph.run(model, optimize=True), graph.run(graph.proto())
+    scale = np.abs(flt).max()
+    assert np.abs(fused - written).max() <= 1e-3 * scale  # the integer kernels compute what the QDQ graph says
+    assert 1e-4 * scale < np.abs(written - flt).max() <= 0.05 * scale  # quantized, and close to float

@@ -7,7 +7,7 @@ import torch
 
 from cora_onnx.data import ImageSet, Preprocess
 from cora_onnx.errors import PlanError
-from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes, quantizable_layers
+from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes, quantizable_layers
 from cora_onnx.pipeline import apply_plan
 from cora_onnx.plan import Codebook, LayerPlan, Plan
 from cora_onnx.search import LayerSelection, PqSettings, search_pq
@@ -28,15 +28,15 @@ def _session(blob):
 
 @pytest.fixture
 def planned(tiny):
-    folded = fold_batchnorm(tiny)
-    plan = search_pq(folded, PqSettings(codewords=16, em_iters=4, finetune_steps=3, calib_size=32,
+    fused = fuse_batchnorm(tiny)
+    plan = search_pq(fused, PqSettings(codewords=16, em_iters=4, finetune_steps=3, calib_size=32,
                                         selection=LayerSelection(keep=("first",))), _images())
-    return folded, plan
+    return fused, plan
 
 
 def test_structure(planned):
-    folded, plan = planned
-    proto = onnx.load_from_string(onnx_bytes(apply_plan(export_onnx(folded, 8), plan)))
+    fused, plan = planned
+    proto = onnx.load_from_string(onnx_bytes(apply_plan(export_onnx(fused, 8), plan)))
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("Gather") == 3 and ops.count("DequantizeLinear") == 1  # conv1 kept at 8-bit uniform
     assert ops.count("Conv") == 3 and ops.count("Gemm") == 1
@@ -69,15 +69,15 @@ def test_structure(planned):
 
 
 def test_decoded_weights_are_exactly_the_torch_weights(planned):
-    folded, plan = planned
-    model = apply_plan(export_onnx(folded, 8), plan)
+    fused, plan = planned
+    model = apply_plan(export_onnx(fused, 8), plan)
     names = [f"{lp.weight}_decoded" for lp in plan.layers if lp.codebook is not None]
     for n in names:  # expose the decoded weights as outputs
         value = next(v for node in model.graph for v in node.outputs if v.name == n)
         model.graph.outputs.append(value)
     sess = _session(onnx_bytes(model))
     outs = sess.run(names, {"input": np.zeros((1, 3, 8, 8), np.float32)})
-    ref = quantizable_layers(apply_plan_torch(folded, plan))
+    ref = quantizable_layers(apply_plan_torch(fused, plan))
     for lp, got in zip([lp for lp in plan.layers if lp.codebook is not None], outs):
         np.testing.assert_array_equal(got, lp.codebook.decode(lp.shape))
         np.testing.assert_array_equal(got, ref[lp.name].weight.detach().numpy())
@@ -85,12 +85,12 @@ def test_decoded_weights_are_exactly_the_torch_weights(planned):
 
 
 def test_export_parity_and_the_plan_changes_the_function(planned):
-    folded, plan = planned
-    blob = onnx_bytes(apply_plan(export_onnx(folded, 8), plan))
+    fused, plan = planned
+    blob = onnx_bytes(apply_plan(export_onnx(fused, 8), plan))
     x = torch.randn(6, 3, 8, 8)
     with torch.no_grad():
-        ref = apply_plan_torch(folded, plan)(x).numpy()
-        flt = folded(x).numpy()
+        ref = apply_plan_torch(fused, plan)(x).numpy()
+        flt = fused(x).numpy()
     out = _session(blob).run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
     assert np.abs(ref - flt).max() > 1e-3  # 16 codewords really quantize
@@ -115,14 +115,39 @@ def test_conv_without_bias_gets_the_corrected_bias(tmp_path):
 
 
 def test_no_codebook_is_a_no_op_and_a_wrong_plan_is_refused(planned):
-    folded, plan = planned
-    model = export_onnx(folded, 8)
+    fused, plan = planned
+    model = export_onnx(fused, 8)
     assert not CodebookDecodePass(Plan("rtn", {}, ()))(model).modified
     cb = plan.layers[1].codebook
     bad = Plan("pq", {}, (LayerPlan(name="nope", kind="conv", shape=plan.layers[1].shape, codebook=cb),))
     with pytest.raises(PlanError, match="no initializer named nope.weight"):
-        apply_plan(export_onnx(folded, 8), bad)
+        apply_plan(export_onnx(fused, 8), bad)
     with pytest.raises(PlanError, match="cannot decode to shape"):
         cb.decode((3, 3))
     with pytest.raises(PlanError, match="codes must be uint16 with 300 codewords"):
         Codebook(block_size=4, codewords=np.zeros((300, 4), np.float16), codes=np.zeros((2, 2), np.uint8))
+
+
+@pytest.mark.parametrize("scale_dtype", [None, np.float16, np.float32])
+def test_the_pass_alone_on_a_graph_built_here(graph, scale_dtype):
+    """CodebookDecodePass alone on a tiny onnx.helper graph: the 1x1 conv's weight becomes
+    Gather(codewords, codes) -> Reshape [-> Mul(scale)], its bias the corrected one, and ONNX
+    Runtime computes what the float graph computes with Codebook.decode's weight and that bias."""
+    rng = np.random.default_rng(3)
+    shape = graph.SHAPES["pw.weight"]  # (6, 8, 1, 1): 2 sub-vectors of 4 per filter
+    cb = Codebook(4, rng.normal(size=(5, 4)).astype(np.float16), rng.integers(0, 5, size=(6, 2)).astype(np.uint8),
+                  scale=None if scale_dtype is None else rng.uniform(0.5, 2, 6).astype(scale_dtype),
+                  bias=rng.normal(size=6).astype(np.float32))
+    model = graph.model()
+    assert CodebookDecodePass(Plan("pq", {}, (LayerPlan("pw", "conv", shape, codebook=cb),)))(model).modified
+    inits = model.graph.initializers
+    assert "pw.weight" not in inits
+    assert inits["pw.weight_codes"].dtype == ir.DataType.UINT8 and inits["pw.weight_codewords"].dtype == ir.DataType.FLOAT16
+    nodes = {n.name: n for n in model.graph}
+    pw = nodes["pw"]
+    assert pw.inputs[1].name == "pw.weight_decoded" and pw.inputs[2].name == "pw.bias_corrected"
+    gather = next(n for n in model.graph if n.op_type == "Gather")
+    assert gather.metadata_props["cora_onnx.block_size"] == "4" and gather.metadata_props["cora_onnx.codewords"] == "5"
+    assert [n.op_type for n in model.graph].count("Mul") == (0 if scale_dtype is None else 1)
+    want = graph.run(graph.proto(pw__weight=cb.decode(shape), pw__bias=cb.bias))
+    np.testing.assert_allclose(graph.run(model), want, rtol=1e-5, atol=1e-5)

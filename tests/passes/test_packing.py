@@ -145,9 +145,9 @@ def _images(n=32, size=8):
     return ImageSet(imgs.numpy(), None, tuple(map(str, range(n))), Preprocess(size))
 
 
-def _integer_model(mid, plan, fold_bits=None):
+def _integer_model(mid, plan, merge_bits=None):
     program = export_program(mid, 8)
-    model = apply_plan(program.model, plan, fold_bits)
+    model = apply_plan(program.model, plan, merge_bits)
     add_activation_qdq(model, _images(), QuantScheme("uint8", 7, "test"))
     ir.passes.PassManager(cleanup_passes())(model)
     return onnx_bytes(model)
@@ -169,7 +169,7 @@ def test_integer_kernels_form_with_packed_grids(mid, monkeypatch):
     np.testing.assert_array_equal(session(packed).run(None, {"input": x})[0], session(int4).run(None, {"input": x})[0])
 
 
-def test_adapter_fold_reads_the_packed_grid(mid):
+def test_adapter_merge_reads_the_packed_grid(mid):
     plan = _plan(mid, 3)
     rng = np.random.default_rng(1)
     a = (0.05 * rng.normal(size=(2, 32, 3, 3))).astype(np.float32)
@@ -177,12 +177,12 @@ def test_adapter_fold_reads_the_packed_grid(mid):
     layers = tuple(dataclasses.replace(lp, adapter=LowRankAdapter(2, a, b)) if lp.name == "conv2" else lp
                    for lp in plan.layers)
     plan = Plan(plan.method, plan.settings, layers)
-    blob = onnx_bytes(apply_plan(export_onnx(mid, 8), plan, fold_bits=7))
+    blob = onnx_bytes(apply_plan(export_onnx(mid, 8), plan, merge_bits=7))
     proto = onnx.load_from_string(blob)
     assert "conv2.weight_quantized_packed" in {t.name for t in proto.graph.initializer}
     assert not {n.op_type for n in optimized_graph(blob).graph.node} & (DECODE_OPS | {"QuantizeLinear"})
     x = torch.randn(2, 3, 8, 8)
     got = ort.InferenceSession(blob, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
-        want = apply_plan_torch(mid, plan, fold_bits=7)(x).numpy()
+        want = apply_plan_torch(mid, plan, merge_bits=7)(x).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,4 @@
-"""AdapterFoldPass: CoRa adapters folded into their Conv's integer weight when ONNX Runtime loads
+"""AdapterMergePass: CoRa adapters merged into their Conv's integer weight when ONNX Runtime loads
 the model, for integer kernels (8-bit activations), instead of running as branch convolutions."""
 
 from __future__ import annotations
@@ -7,17 +7,18 @@ import numpy as np
 import onnx_ir as ir
 
 from cora_onnx.errors import PlanError
-from cora_onnx.npgrid import adapter_factors, folded_grid
-from cora_onnx.plan import Plan
+from cora_onnx.npgrid import adapter_factors, merged_grid
+from cora_onnx.plan import LayerPlan, Plan
 
+from ._qdq import dequantize_linear, quantize_linear, scale_zero_point
 from ._util import add_initializer, int_tensor, mark
 
-__all__ = ["AdapterFoldPass", "FOLDED_BITS_KEY"]
+__all__ = ["AdapterMergePass", "MERGED_BITS_KEY"]
 
-FOLDED_BITS_KEY = "cora_onnx.folded_bits"  # on the QuantizeLinear: the folded grid's width
+MERGED_BITS_KEY = "cora_onnx.merged_bits"  # on the QuantizeLinear: the merged grid's width
 
 
-class AdapterFoldPass(ir.passes.InPlacePass):
+class AdapterMergePass(ir.passes.InPlacePass):
     """For every plan layer with an adapter, replace its Conv's weight DequantizeLinear(grid) (made
     by WeightQDQPass: run after it) with
 
@@ -28,13 +29,13 @@ class AdapterFoldPass(ir.passes.InPlacePass):
     or 8). Every input is an initializer: ONNX Runtime's constant folding turns the expression into
     one INT8 weight when the session loads, and its QDQ fusion makes the Conv an integer kernel.
     The file keeps the low-bit grid and the small factors; the running model has no branch.
-    Names: `<layer>.adapter_fold_*`. The QuantizeLinear carries the rank and adapter bytes (for
-    `inspect`) and FOLDED_BITS_KEY (for ActivationQDQPass)."""
+    Names: `<layer>.adapter_merge_*`. The QuantizeLinear carries the rank and adapter bytes (for
+    `inspect`) and MERGED_BITS_KEY (for ActivationQDQPass)."""
 
     def __init__(self, plan: Plan, bits: int) -> None:
         super().__init__()
         if bits not in (7, 8):
-            raise ValueError(f"folded grids are 7 or 8 bits, got {bits}")
+            raise ValueError(f"merged grids are 7 or 8 bits, got {bits}")
         self.layers = [layer for layer in plan.layers if layer.adapter is not None]
         self.bits = bits
 
@@ -51,7 +52,7 @@ class AdapterFoldPass(ir.passes.InPlacePass):
 
     def _weight_dq(self, convs: list[ir.Node], layer: LayerPlan) -> tuple[ir.Node, ir.Node]:
         if len(convs) != 1 or layer.uniform is None:
-            raise PlanError(f"layer {layer.name}: adapter folding needs one Conv with a quantized weight "
+            raise PlanError(f"layer {layer.name}: adapter merging needs one Conv with a quantized weight "
                             f"(DequantizeLinear from WeightQDQPass), found {len(convs)}")
         conv = convs[0]
         if conv.attributes.get_int("group", 1) != 1:
@@ -77,7 +78,7 @@ class AdapterFoldPass(ir.passes.InPlacePass):
         for layer in self.layers:
             conv, dq = self._weight_dq(convs.get(layer.name, []), layer)
             ad = layer.adapter
-            name = f"{layer.name}.adapter_fold"
+            name = f"{layer.name}.adapter_merge"
             nodes: list[ir.Node] = []
             # W_q = (Cast(grid) - zero point) * scale, broadcast along the output channels
             u = layer.uniform
@@ -104,25 +105,18 @@ class AdapterFoldPass(ir.passes.InPlacePass):
             shape = add_initializer(graph, f"{name}_shape", ir.Tensor(np.array(layer.shape, np.int64), name=f"{name}_shape"))
             rs = ir.node("Reshape", [mm.outputs[0], shape], name=f"{name}_Reshape")
             add = ir.node("Add", [mul.outputs[0], rs.outputs[0]], name=f"{name}_Add")
-            _, scale = folded_grid(layer, self.bits)
-            s7 = add_initializer(graph, f"{name}_scale", ir.Tensor(scale, name=f"{name}_scale"))
-            z7 = add_initializer(graph, f"{name}_zero_point", ir.Tensor(np.zeros(scale.shape, np.int8),
-                                                                         name=f"{name}_zero_point"))
-            q = ir.node("QuantizeLinear", [add.outputs[0], s7, z7], attributes={"axis": 0}, name=f"{name}_QuantizeLinear")
-            q.outputs[0].dtype = ir.DataType.INT8
-            q.outputs[0].shape = ir.Shape(layer.shape)
-            new_dq = ir.node("DequantizeLinear", [q.outputs[0], s7, z7], attributes={"axis": 0},
-                             name=f"{name}_DequantizeLinear")
+            _, scale = merged_grid(layer, self.bits)
+            s7, z7 = scale_zero_point(graph, name, scale, np.zeros(scale.shape, np.int8))
+            q = quantize_linear(add.outputs[0], s7, z7, name, ir.DataType.INT8, layer.shape, axis=0)
+            new_dq = dequantize_linear(q.outputs[0], s7, z7, name, layer.shape, axis=0)
             out = new_dq.outputs[0]
-            out.name, out.dtype, out.shape = f"{name}_dequantized", ir.DataType.FLOAT, ir.Shape(layer.shape)
             for node in (*nodes, *nb, *na, mm, rs, add):
                 node.outputs[0].dtype = ir.DataType.FLOAT
                 node.outputs[0].name = f"{node.name}_output"
-            q.outputs[0].name = f"{name}_quantized"
             facts = dict(layer=layer.name, rank=ad.rank, adapter_bytes=(ad.bits or 32) * ad.params // 8,
-                         bits=self.bits, folded="at load")
+                         bits=self.bits, merged="at load")
             mark(q, type(self).__name__, **facts)
-            q.metadata_props[FOLDED_BITS_KEY] = str(self.bits)
+            q.metadata_props[MERGED_BITS_KEY] = str(self.bits)
             mark(new_dq, type(self).__name__, layer=layer.name, bits=self.bits, granularity="per_channel")
             graph.insert_before(conv, [*nodes, *nb, *na, mm, rs, add, q, new_dq])
             conv.replace_input_with(1, out)

@@ -1,0 +1,56 @@
+"""BiasUpdatePass alone on a tiny graph built in the test (tests/passes/conftest.py)."""
+
+import numpy as np
+import pytest
+
+from cora_onnx.errors import PlanError
+from cora_onnx.plan import Bias, LayerPlan, Plan
+from passes import BiasUpdatePass
+
+
+def _plan(graph, **biases):
+    kinds = {"conv1": "conv", "pw": "conv", "fc": "linear"}
+    return Plan("cora", {}, tuple(LayerPlan(name, kinds[name], graph.SHAPES[f"{name}.weight"], bias=Bias(values))
+                                  for name, values in biases.items()))
+
+
+def test_replaces_a_bias_and_adds_a_missing_one(graph):
+    """conv1's bias initializer takes the planned values (same value object, one user); pw, exported
+    without a bias, gets `pw.bias` as its third input; ONNX Runtime computes what the float graph
+    computes with those biases."""
+    rng = np.random.default_rng(5)
+    new = {"conv1": rng.normal(size=8).astype(np.float32), "pw": rng.normal(size=6).astype(np.float32)}
+    model = graph.model(pw_bias=False)
+    old = model.graph.initializers["conv1.bias"]
+    assert BiasUpdatePass(_plan(graph, **new))(model).modified
+    nodes = {n.name: n for n in model.graph}
+    assert nodes["conv1"].inputs[2] is old and np.array_equal(old.const_value.numpy(), new["conv1"])
+    assert len(nodes["pw"].inputs) == 3 and nodes["pw"].inputs[2] is model.graph.initializers["pw.bias"]
+    np.testing.assert_array_equal(model.graph.initializers["pw.bias"].const_value.numpy(), new["pw"])
+    want = graph.run(graph.proto(conv1__bias=new["conv1"], pw__bias=new["pw"]))
+    np.testing.assert_allclose(graph.run(model), want, rtol=1e-6, atol=1e-6)
+    assert np.abs(want - graph.run(graph.proto())).max() > 1e-2
+
+
+def test_no_planned_bias_is_a_no_op(graph):
+    assert not BiasUpdatePass(Plan("cora", {}, (LayerPlan("pw", "conv", graph.SHAPES["pw.weight"]),)))(graph.model()).modified
+
+
+@pytest.mark.parametrize("case", ["no layer", "shared bias"])
+def test_refuses_what_it_cannot_place(graph, case):
+    model = graph.model()
+    if case == "no layer":  # a layer the graph does not have
+        plan = Plan("cora", {}, (LayerPlan("other", "conv", (8, 3, 3, 3), bias=Bias(np.zeros(8, np.float32))),))
+        match = "no single Conv/Gemm uses other.weight"
+    else:  # two nodes read conv1.bias: overwriting it would change both
+        conv1 = next(n for n in model.graph if n.name == "conv1")
+        pw = next(n for n in model.graph if n.name == "pw")
+        pw.replace_input_with(2, conv1.inputs[2])
+        plan = _plan(graph, conv1=np.zeros(8, np.float32))
+        match = "shared by 2 nodes"
+    with pytest.raises(Exception) as err:
+        BiasUpdatePass(plan)(model)
+    cause = err.value
+    while not isinstance(cause, PlanError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, PlanError) and match in str(cause)

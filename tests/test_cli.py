@@ -151,12 +151,12 @@ def test_outputs_get_the_usual_file_mode_and_latency_runs_0_skips_timing(digits,
 
 def test_interrupted_run_leaves_no_files(digits, tmp_path, monkeypatch):
     """Ctrl-C during the verification: click says Aborted!, exit 1, and no output file is left."""
-    import cora_onnx.api as api
+    import cora_onnx.outcome as outcome
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "measure_latency", interrupt)
+    monkeypatch.setattr(outcome, "measure_latency", interrupt)
     res = run("quantize", "--model", digits.arch, "--weights", digits.weights, "--calib", digits.calib_dir,
               "--input-size", 8, "--bits", 8, "--out", tmp_path / "m.onnx", "--report", tmp_path / "r.json",
               "--latency-runs", 1, "-q")

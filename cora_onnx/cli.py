@@ -279,8 +279,8 @@ def eval_cmd(onnx_model, data, class_map, input_size, crop_ratio, mean, std, bat
 @_common_logging
 @_guard
 def bench(onnx_models, batches, runs, warmup, threads, fold_weight_dq, report, data, class_map, verbose, quiet):
-    """Latency of ONNX models in one interleaved run: median and p10-p90 per batch size, the
-    ratio to the first model, and top-1 with --data."""
+    """Size and latency of ONNX models in one interleaved run: median and p10-p90 per batch size,
+    the ratio to the first model, the CPU's features, and top-1 with --data."""
     _setup_logging(verbose, quiet)
     from .bench import bench as run, format_bench
 

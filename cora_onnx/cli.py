@@ -91,17 +91,40 @@ class _LazyGroup(click.Group):
             try:
                 command = getattr(importlib.import_module(self.LAZY[name]), name)
             except ImportError as exc:  # no torch: the command says so when used, the others run
-                if exc.name is not None and exc.name.split(".")[0] not in ("torch", "torchvision"):
+                if not _no_torch(exc):
                     raise
                 return _unavailable(name, exc)
             self.add_command(command, name)
         return super().get_command(ctx, name)
 
 
+TORCH_INSTALL = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+
+
+def _no_torch(exc: ImportError) -> bool:
+    """Whether an ImportError means torch (or torchvision) cannot be imported."""
+    return exc.name is None or exc.name.split(".")[0] in ("torch", "torchvision")
+
+
+def _torch_refusal(name: str, exc: ImportError) -> None:
+    click.echo(f"error: {name} needs PyTorch, which cannot be imported here ({exc}); install the CPU build with: "
+               f"{TORCH_INSTALL}", err=True)
+    sys.exit(2)
+
+
+def _torch_side(name: str, module: str):
+    """The torch-side module a command runs on; without torch, one line saying so, exit 2."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if not _no_torch(exc):
+            raise
+        _torch_refusal(name, exc)
+
+
 def _unavailable(name: str, exc: ImportError) -> click.Command:
     def run(args) -> None:
-        click.echo(f"error: {name} needs PyTorch, which cannot be imported here ({exc})", err=True)
-        sys.exit(2)
+        _torch_refusal(name, exc)
 
     return click.Command(name, callback=run, help=f"(unavailable: needs PyTorch) {exc}", add_help_option=False,
                          params=[click.Argument(["args"], nargs=-1, type=click.UNPROCESSED)],
@@ -135,8 +158,8 @@ def import_pq(checkpoint, arch, out, val, calib, class_map, report, input_size, 
     """Product-quantized checkpoint ("And the bit goes down" format) in, exact ONNX out: codes and
     codewords decoded in the graph, checked in ONNX Runtime against the decoded PyTorch model."""
     _setup_logging(verbose, quiet)
+    run = _torch_side("import-pq", "cora_onnx.pq_import").import_pq
     from .data import IMAGENET_MEAN, IMAGENET_STD
-    from .pq_import import import_pq as run
     from .report import format_import_table
 
     out = out or Path(f"{Path(checkpoint).stem}.onnx")
@@ -211,7 +234,7 @@ def rewrite(onnx_in, out, bits, calib, keep, keep_bits, clip, act_bits, act_cali
 def export(arch, weights, plan_path, out, input_size, verbose, quiet):
     """Export a model with a saved plan applied (no search)."""
     _setup_logging(verbose, quiet)
-    from .api import export_plan
+    export_plan = _torch_side("export", "cora_onnx.api").export_plan
     from .models import build_model
     from .plan import Plan
 
@@ -234,93 +257,11 @@ def export(arch, weights, plan_path, out, input_size, verbose, quiet):
 def eval_cmd(onnx_model, data, class_map, input_size, crop_ratio, mean, std, batch_size, threads, report, verbose, quiet):
     """Top-1 of an ONNX classifier on a labelled image folder, in ONNX Runtime."""
     _setup_logging(verbose, quiet)
-    from .data import load_class_map
-    from .io import check_output_path
-    from .modelfile import read_model
-    from .report import write_report
-    from .verify import image_input, predict_onnx, session, top1
+    from .evaluate import evaluate
 
-    if report is not None:
-        check_output_path(report, "report")
-    mf = read_model(onnx_model)
-    sess = session(mf, threads=threads)
-    spec = image_input(sess, str(onnx_model))
-    pre = _model_preprocess(sess, spec, str(onnx_model), input_size=input_size, crop_ratio=crop_ratio, mean=mean,
-                            std=std)
-    cmap = load_class_map(class_map) if class_map else None
-    images = _classifier_images(sess, str(onnx_model), list(data), pre, cmap)
-    acc = top1(_classifier_logits(predict_onnx(sess, images, batch_size), images.labels, str(onnx_model), data),
-               images.labels)
-    result = {"model": str(onnx_model), "format": mf.format, "top1": acc, "images": len(images),
-              "input": {"name": spec.name, "layout": spec.layout, "fixed_batch": spec.batch}}
-    if report is not None:
-        write_report(result, report)
-    note = spec.describe()
-    click.echo(f"{onnx_model}: top-1 {acc:.2f}% on {len(images)} images" + (f" ({note})" if note else ""))
-
-
-def _preprocess_meta(sess) -> dict:
-    """The preprocessing cora-onnx stored in the model's metadata (ONNX or ORT format), or {}."""
-    props = sess.get_modelmeta().custom_metadata_map
-    try:
-        meta = json.loads(props.get("cora_onnx.preprocess", "{}"))
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def _model_preprocess(sess, spec, what: str, *, input_size=None, crop_ratio=None, mean=None, std=None):
-    """Preprocess for a session: options first, then the model's metadata, then its input shape
-    (ImageNet mean/std and 224 px when nothing says otherwise). An --input-size the model's
-    fixed input cannot take is a SettingsError."""
-    from .data import Preprocess, parse_floats
-    from .errors import SettingsError
-    from .data import IMAGENET_MEAN, IMAGENET_STD
-
-    meta = _preprocess_meta(sess)
-    size = input_size or meta.get("input_size") or spec.size or 224
-    if spec.size is not None and size != spec.size:
-        raise SettingsError(f"{what} takes {spec.size}x{spec.size} images (fixed in the model), got input size {size}")
-    return Preprocess(input_size=int(size), crop_ratio=crop_ratio if crop_ratio is not None else
-                      float(meta.get("crop_ratio", 1.0)),
-                      mean=parse_floats(mean or meta.get("mean") or IMAGENET_MEAN, what="mean"),
-                      std=parse_floats(std or meta.get("std") or IMAGENET_STD, what="std"))
-
-
-def _classifier_images(sess, what: str, data: Path, pre, cmap: dict | None):
-    """The labelled images of `data` for a classifier session: DataError naming the model when its
-    output is not N x classes logits covering the classes of the folder."""
-    from .data import load_images
-    from .errors import DataError
-
-    out = sess.get_outputs()[0]
-    shape = out.shape
-    if shape is not None and len(shape) != 2:
-        raise DataError(f"{what}: output {out.name!r} has shape {list(shape)}, not N x classes logits: the model is "
-                        f"not a classifier, so it has no top-1 on {data}")
-    n = shape[-1] if shape and isinstance(shape[-1], int) else None
-    roots = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
-    data = ", ".join(map(str, roots))
-    if n is not None and cmap is not None:
-        folders = [d.name for r in roots if r.is_dir() for d in r.iterdir() if d.is_dir() and d.name in cmap]
-        top = max((cmap[f] for f in folders), default=-1)
-        if top >= n:
-            raise DataError(f"{what}: output {out.name!r} gives {n} values per image, so it is not a classifier over "
-                            f"the classes of {data} (class map indices up to {top})")
-    return load_images(roots if len(roots) > 1 else roots[0], pre, labelled=True, class_map=cmap, num_classes=n,
-                       what="data folder")
-
-
-def _classifier_logits(logits, labels, what: str, data):
-    from .errors import DataError
-
-    if logits.ndim != 2:
-        raise DataError(f"{what}: output has shape {list(logits.shape)}, not N x classes logits: the model is not a "
-                        "classifier")
-    if int(labels.max()) >= logits.shape[1]:
-        raise DataError(f"{what}: output gives {logits.shape[1]} values per image, so it is not a classifier over the "
-                        f"classes of {data} (labels up to {int(labels.max())})")
-    return logits
+    r = evaluate(onnx_model, list(data), class_map, input_size=input_size, crop_ratio=crop_ratio, mean=mean, std=std,
+                 batch_size=batch_size, threads=threads, report=report)
+    click.echo(f"{onnx_model}: top-1 {r['top1']:.2f}% on {r['images']} images" + (f" ({r['note']})" if r["note"] else ""))
 
 
 @main.command()
@@ -338,69 +279,12 @@ def _classifier_logits(logits, labels, what: str, data):
 @_common_logging
 @_guard
 def bench(onnx_models, batches, runs, warmup, threads, fold_weight_dq, report, data, class_map, verbose, quiet):
-    """Latency of ONNX models in one interleaved run: median and p10-p90 per batch size, the
-    ratio to the first model, and top-1 with --data."""
+    """Size and latency of ONNX models in one interleaved run: median and p10-p90 per batch size,
+    the ratio to the first model, the CPU's features, and top-1 with --data."""
     _setup_logging(verbose, quiet)
-    from .io import check_output_path
-    from .report import environment, write_report
-    from .modelfile import read_model
-    from .verify import cpu_threads, image_input, measure_latency, session
+    from .bench import bench as run, format_bench
 
-    if report is not None:
-        check_output_path(report, "report")
-    if runs < 1 or warmup < 0 or any(b < 1 for b in batches):
-        from .errors import SettingsError
-
-        raise SettingsError("--runs must be >= 1, --warmup >= 0 and --batch >= 1")
-    threads = threads or cpu_threads()
-    sessions, shapes, specs, notes = {}, set(), {}, []
-    for p in onnx_models:
-        s = session(read_model(p), threads=threads, fold_weight_dq=fold_weight_dq)
-        sessions[str(p)] = s
-        specs[str(p)] = spec = image_input(s, str(p))
-        shapes.add(tuple(d if isinstance(d, int) else -1 for d in s.get_inputs()[0].shape[1:]))
-        if spec.batch is not None and any(b != spec.batch for b in batches):
-            from .errors import SettingsError
-
-            raise SettingsError(f"{p}: the batch size is fixed at {spec.batch} in the model; it cannot be timed at "
-                                f"--batch {', '.join(str(b) for b in batches if b != spec.batch)}")
-        if spec.describe():
-            notes.append(f"{p}: {spec.describe()}")
-    if len(shapes) != 1 or -1 in next(iter(shapes)):
-        from .errors import OnnxModelError
-
-        raise OnnxModelError(f"models need one fixed input shape (besides batch) to be compared, got {sorted(shapes)}")
-    accuracy = _bench_top1(sessions, specs, list(data), class_map) if data else {}
-    res = measure_latency(sessions, next(iter(shapes)), batch_sizes=batches, warmup=warmup, runs=runs, threads=threads)
-    width = max(len(k) for k in sessions)
-    first = next(iter(sessions))
-    head = f"{'model':<{width}}  " + "  ".join(f"{'batch ' + str(b) + ' median (p10-p90) ms':>34}  {'ratio':>6}"
-                                              for b in batches)
-    click.echo(head + ("  top-1" if accuracy else ""))
-    for k in sessions:
-        cells = [f"{res[k][f'batch_{b}']['median_ms']:8.2f} ({res[k][f'batch_{b}']['p10_ms']:.2f}-{res[k][f'batch_{b}']['p90_ms']:.2f})"
-                 f"  {res[k][f'batch_{b}']['median_ms'] / res[first][f'batch_{b}']['median_ms']:5.2f}x"
-                 for b in batches]
-        row = f"{k:<{width}}  " + "  ".join(f"{c:>42}" for c in cells)
-        click.echo(row + (f"  {accuracy[k]:.2f}%" if accuracy else ""))
-    click.echo(f"{threads} threads, {runs} runs after {warmup} warm-up, interleaved; ratio = median / first model's")
-    for note in notes:
-        click.echo(f"note: {note}")
-    if report is not None:
-        write_report({"latency": res, **({"top1": accuracy} if accuracy else {}), "environment": environment(threads)},
-                     report)
-
-
-def _bench_top1(sessions: dict, specs: dict, data: list[Path], class_map: Path | None) -> dict:
-    from .data import load_class_map
-    from .verify import predict_onnx, top1
-
-    cmap = load_class_map(class_map) if class_map else None
-    out = {}
-    for k, s in sessions.items():
-        images = _classifier_images(s, k, data, _model_preprocess(s, specs[k], k), cmap)
-        out[k] = top1(_classifier_logits(predict_onnx(s, images), images.labels, k, data), images.labels)
-    return out
+    click.echo(format_bench(run(onnx_models, batches, runs, warmup, threads, fold_weight_dq, data, class_map, report)))
 
 
 @main.command()
@@ -416,6 +300,7 @@ def sweep(config, out, executor, address, verbose, quiet):
     """Run many quantize points on one model (a TOML config: model, data, [grid] and/or [[points]]):
     one ONNX file and report per point, results.jsonl, a table, sweep.png and sweep.html."""
     _setup_logging(verbose, quiet)
+    _torch_side("sweep", "cora_onnx.api")  # every point runs cora_onnx.quantize
     from .sweeps import sweep as run
 
     res = run(config, out, executor=executor, address=address)

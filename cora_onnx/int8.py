@@ -17,7 +17,7 @@ from .errors import SettingsError
 from .report import cpu_flags
 
 __all__ = ["choose_scheme", "integer_kernels", "INTEGER_OPS", "FLOAT_COMPUTE_OPS", "add_activation_qdq",
-           "ACT_BITS"]
+           "ACT_BITS", "activation_histograms"]
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +65,41 @@ def integer_kernels(model_bytes: bytes) -> dict:
             "ops": dict(sorted(ops.items()))}
 
 
-def add_activation_qdq(model: ir.Model, images, scheme: QuantScheme, calib: CalibSettings = CalibSettings(),
-                       threads: int | None = None, weight_clip: str = "mse") -> tuple[dict, dict, dict]:
-    """Calibrate the activations of `model` (weights already QDQ or float) on `images` and insert
-    activation QDQ in place. Returns (ranges, qparams by tensor, pass report)."""
-    from passes import activation_qparams
-
-    from .modelfile import onnx_bytes
-
+def _layout(model: ir.Model):
     layout = activation_layout(model)
     if not layout.compute:
         raise SettingsError("the model has no Conv/Gemm/MatMul/Add node that can run as an integer kernel")
-    ranges = calibrate(onnx_bytes(model), layout.calibrate, images, calib, threads)
+    return layout
+
+
+def activation_histograms(model: ir.Model, images, calib: CalibSettings = CalibSettings(),
+                          threads: int | None = None) -> dict:
+    """One calibration pass of `model` (weights already QDQ or float) over `images`: the
+    histogram of each activation tensor add_activation_qdq calibrates, from which every range
+    method (calib.method does not matter here) computes its ranges."""
+    from .calibrate import collect_histograms
+    from .modelfile import onnx_bytes
+
+    layout = _layout(model)
+    n = (len(images) + calib.batch_size - 1) // calib.batch_size
+    return collect_histograms(onnx_bytes(model), layout.calibrate, images.batches(calib.batch_size), n, calib.bins,
+                              threads)
+
+
+def add_activation_qdq(model: ir.Model, images, scheme: QuantScheme, calib: CalibSettings = CalibSettings(),
+                       threads: int | None = None, weight_clip: str = "mse",
+                       histograms: dict | None = None) -> tuple[dict, dict, dict]:
+    """Calibrate the activations of `model` (weights already QDQ or float) on `images` and insert
+    activation QDQ in place. Returns (ranges, qparams by tensor, pass report). histograms: from
+    activation_histograms(model, images) when several range methods share one calibration pass."""
+    from passes import activation_qparams
+
+    from .calibrate import compute_ranges
+    from .modelfile import onnx_bytes
+
+    layout = _layout(model)
+    ranges = calibrate(onnx_bytes(model), layout.calibrate, images, calib, threads) if histograms is None else \
+        compute_ranges(histograms, calib)
     qparams = activation_qparams(ranges, scheme, layout)
     p = ActivationQDQPass(ranges, scheme, weight_clip=weight_clip)
     p(model)

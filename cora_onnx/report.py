@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .io import atomic_write
 
-__all__ = ["environment", "format_table", "format_import_table", "write_report", "cpu_flags"]
+__all__ = ["environment", "format_table", "format_import_table", "write_report", "cpu_flags", "describe_cpu"]
 
 
 def cpu_flags() -> dict:
@@ -25,6 +25,17 @@ def cpu_flags() -> dict:
         pass
     return {"machine": platform.machine(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
             "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "arm_dotprod": "asimddp" in flags}
+
+
+def describe_cpu(flags: dict | None = None) -> str:
+    """One line for people: the machine and the features that decide integer-kernel speed, e.g.
+    "x86_64: AVX2 yes, AVX-512 no, VNNI no" or "aarch64: dot product yes"."""
+    f = cpu_flags() if flags is None else flags
+    yes = lambda key: "yes" if f.get(key) else "no"  # noqa: E731
+    machine = str(f.get("machine") or "unknown machine")
+    if machine.lower() in ("aarch64", "arm64") or machine.lower().startswith("arm"):
+        return f"{machine}: dot product {yes('arm_dotprod')}"
+    return f"{machine}: AVX2 {yes('avx2')}, AVX-512 {yes('avx512f')}, VNNI {yes('vnni')}"
 
 
 def _torch_version() -> str | None:

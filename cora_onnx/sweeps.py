@@ -404,7 +404,7 @@ def _listed_points(points, defaults: dict) -> list[Point]:
 
 def _check_point(p: Point, has_calib: bool) -> None:
     """Build the point's method settings (as quantize will) and check its quantize arguments."""
-    from .api import check_run_options, make_settings
+    from .stages import check_run_options, make_settings
 
     m = _methods()[p.method]
     if m.needs_calib and not has_calib:

@@ -139,8 +139,31 @@ def test_onnx_commands_run_without_torch(blocked, digits, tmp_path):
     assert not log.exists(), log.read_text()
     res = _cli(env, "--help")  # lists quantize, which tries torch
     assert res.returncode == 0 and "quantize   (unavailable: needs PyTorch)" in res.stdout, res.stderr
+    log.unlink(missing_ok=True)
 
-    res = _cli(env, "quantize", "--bits", 4)  # the torch-side command says what it needs, one line
+
+TORCH_COMMANDS = {
+    "quantize": ["--bits", 4],
+    "export": ["--model", "resnet18", "--weights", "w.pt", "--plan", "p.json", "--out", "e.onnx"],
+    "import-pq": ["ckpt.pth", "--out", "e.onnx"],
+    "sweep": ["config.toml", "--out", "sweep"],
+}
+
+
+@pytest.mark.parametrize("command", list(TORCH_COMMANDS))
+def test_torch_commands_say_they_need_torch(blocked, command, tmp_path):
+    """Where torch cannot be imported, each torch-side command is one line naming what it needs
+    and how to install it, exit 2, and leaves no file (its --help still works)."""
+    env, log = blocked
+    res = subprocess.run([sys.executable, "-m", "cora_onnx.cli", command, *map(str, TORCH_COMMANDS[command])],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-        "error: quantize needs PyTorch, which cannot be imported here (torch is blocked in this test)"]
-    assert log.read_text() == "torch\n" * 2  # the two attempts of the quantize command
+        f"error: {command} needs PyTorch, which cannot be imported here (torch is blocked in this test); install the "
+        "CPU build with: pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"], res.stderr
+    assert "Traceback" not in res.stderr and log.read_text().startswith("torch\n")
+    assert list(tmp_path.iterdir()) == []
+    log.unlink()
+    if command != "quantize":  # quantize's options come from the (torch) search methods
+        res = _cli(env, command, "--help")
+        assert res.returncode == 0 and "Usage:" in res.stdout, res.stderr
+        assert not log.exists(), log.read_text()

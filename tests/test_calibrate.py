@@ -85,3 +85,50 @@ def test_collect_histograms_on_onnx_graph():
     assert hists["r"].total == data.size
     with pytest.raises(SettingsError, match="not in the model"):
         collect_histograms(blob, ["nope"], iter(batches), 4)
+
+
+def _conv_model():
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(5)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("Conv", ["r", "w2", "b2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [onnx.numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
+         onnx.numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "b"),
+         onnx.numpy_helper.from_array(rng.normal(size=(2, 4, 1, 1)).astype(np.float32), "w2"),
+         onnx.numpy_helper.from_array(rng.normal(size=2).astype(np.float32), "b2")])
+    return ir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]))
+
+
+def test_shared_histograms_give_the_same_activation_qdq():
+    """add_activation_qdq with the histograms of int8.activation_histograms (one calibration pass
+    shared by several range methods, as tools/bench_int8.py does) gives the ranges and the graph
+    of its own calibration, for each range method."""
+    from passes import QuantScheme
+
+    from cora_onnx.data import ImageSet, Preprocess
+    from cora_onnx.int8 import activation_histograms, add_activation_qdq
+    from cora_onnx.modelfile import onnx_bytes
+
+    rng = np.random.default_rng(7)
+    images = ImageSet(rng.integers(0, 256, size=(20, 3, 6, 6), dtype=np.uint8), None, ("x",) * 20,
+                      Preprocess(input_size=6))
+    hists = activation_histograms(_conv_model(), images, CalibSettings(batch_size=8))
+    assert hists and all(h.total > 0 for h in hists.values())
+    results = {}
+    for method in ("minmax", "percentile", "mse"):
+        settings = CalibSettings(method=method, batch_size=8)
+        own, shared = _conv_model(), _conv_model()
+        r_own = add_activation_qdq(own, images, QuantScheme(), settings)
+        r_shared = add_activation_qdq(shared, images, QuantScheme(), settings, histograms=hists)
+        assert r_own[0] == r_shared[0] and r_own[2] == r_shared[2]
+        assert onnx_bytes(own) == onnx_bytes(shared)
+        results[method] = r_own[0]
+    # the given histograms are what the ranges come from: those of other images give other ranges
+    dark = ImageSet(images.images // 4, None, images.paths, images.preprocess)
+    other = add_activation_qdq(_conv_model(), images, QuantScheme(), CalibSettings(batch_size=8),
+                               histograms=activation_histograms(_conv_model(), dark, CalibSettings(batch_size=8)))
+    assert other[0] != results["minmax"]

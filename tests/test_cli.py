@@ -52,17 +52,51 @@ def test_eval_inspect_export_bench(digits_run):
     res = run("export", "--model", d.arch, "--weights", d.weights, "--plan", out / "plan.json", "--out", out / "e.onnx")
     assert res.exit_code == 0, res.output
     assert (out / "e.onnx").stat().st_size == (out / "m.onnx").stat().st_size
-    res = run("bench", out / "m.onnx", out / "e.onnx", "--runs", 3, "--batch", 1, "--batch", 4,
-              "--report", out / "bench.json")
-    assert res.exit_code == 0 and "batch 4" in res.output, res.output
-    lat = json.loads((out / "bench.json").read_text())["latency"]
-    models = [k for k in lat if k != "threads"]
-    assert len(models) == 2 and lat["threads"] >= 1
-    for k in models:
+
+
+def test_bench_table_and_report(digits_run):
+    """bench's table and JSON: per model its size on disk, positive latencies in order
+    (p10 <= median <= p90) at each batch size, the ratio to the first model, top-1 with --data (as
+    eval gives it), and the CPU features line."""
+    from cora_onnx.report import describe_cpu
+
+    out, _, d = digits_run
+    r = json.loads((out / "r.json").read_text())
+    m, f = out / "m.onnx", out / "f.onnx"
+    res = run("quantize", "--model", d.arch, "--weights", d.weights, "--calib", d.calib_dir, "--input-size", 8,
+              "--mean", ",".join(map(str, d.mean)), "--std", ",".join(map(str, d.std)), "--bits", 8,
+              "--out", out / "w8.onnx", "--float-out", f, "--latency-runs", 0, "-q")
+    assert res.exit_code == 0, res.output
+    res = run("bench", f, m, "--runs", 3, "--batch", 1, "--batch", 4, "--data", d.val_dir,
+              "--report", out / "bench.json", "-q")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "bench.json").read_text())
+    assert rep["bytes"] == {str(f): f.stat().st_size, str(m): m.stat().st_size}
+    assert rep["bytes"][str(m)] < rep["bytes"][str(f)]
+    for k in (str(f), str(m)):
         for b in ("batch_1", "batch_4"):
-            t = lat[k][b]
-            assert t["runs"] == 3 and 0 < t["p10_ms"] <= t["median_ms"] <= t["p90_ms"]
-    assert res.output.count("1.00x") >= 1  # ratios against the first model
+            t = rep["latency"][k][b]
+            assert t["runs"] == 3 and 0 < t["p10_ms"] <= t["median_ms"] <= t["p90_ms"], (k, b, t)
+    assert rep["top1"][str(m)] == pytest.approx(r["top1"]["quantized_onnxruntime"], abs=1e-9)
+    assert rep["top1"][str(f)] > 95
+    cpu = rep["environment"]["cpu"]
+    assert {"machine", "avx2", "vnni"} <= set(cpu)
+
+    lines = res.output.strip().splitlines()
+    assert "batch 1 median (p10-p90) ms" in lines[0] and "batch 4" in lines[0] and "top-1" in lines[0]
+    rows = {line.split()[0]: line for line in lines[1:3]}
+    assert set(rows) == {str(f), str(m)}
+    for k, line in rows.items():
+        cells = line.split()
+        assert f"{rep['bytes'][k] / 1e6:.2f}" == cells[1] and cells[2] == "MB", line
+        for b, at in (("batch_1", 3), ("batch_4", 6)):  # median (p10-p90) ratio, per batch size
+            assert float(cells[at]) == pytest.approx(rep["latency"][k][b]["median_ms"], abs=0.006) and \
+                float(cells[at]) > 0, line
+        assert cells[-1] == f"{rep['top1'][k]:.2f}%", line
+    assert rows[str(f)].count("1.00x") == 2  # the first model against itself, at each batch size
+    assert lines[3] == f"{rep['environment']['threads']} threads, 3 runs after 5 warm-up, interleaved; " \
+                       "ratio = median / first model's"
+    assert lines[4] == f"cpu: {describe_cpu(cpu)}" and ("AVX2" in lines[4] or "dot product" in lines[4])
 
 
 def test_embedded_default_needs_no_arguments(digits, tmp_path, monkeypatch):
@@ -151,12 +185,12 @@ def test_outputs_get_the_usual_file_mode_and_latency_runs_0_skips_timing(digits,
 
 def test_interrupted_run_leaves_no_files(digits, tmp_path, monkeypatch):
     """Ctrl-C during the verification: click says Aborted!, exit 1, and no output file is left."""
-    import cora_onnx.api as api
+    import cora_onnx.outcome as outcome
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "measure_latency", interrupt)
+    monkeypatch.setattr(outcome, "measure_latency", interrupt)
     res = run("quantize", "--model", digits.arch, "--weights", digits.weights, "--calib", digits.calib_dir,
               "--input-size", 8, "--bits", 8, "--out", tmp_path / "m.onnx", "--report", tmp_path / "r.json",
               "--latency-runs", 1, "-q")

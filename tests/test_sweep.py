@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import cora_onnx
-from cora_onnx import api
+from cora_onnx import api, outcome
 from cora_onnx import sweeps as sweep_mod
 from cora_onnx.cli import main
 from cora_onnx.errors import SettingsError
@@ -40,9 +40,9 @@ def first(digits, tmp_path_factory):
     """One in-process sweep; counts float forward passes of the PyTorch model (the reference)."""
     out = tmp_path_factory.mktemp("sweep") / "s"
     calls = []
-    real = api.predict_torch
+    real = outcome.predict_torch
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(api, "predict_torch", lambda m, s, b=32, desc="": calls.append(desc) or real(m, s, b, desc))
+        mp.setattr(outcome, "predict_torch", lambda m, s, b=32, desc="": calls.append(desc) or real(m, s, b, desc))
         res = cora_onnx.sweep(config(digits), out)
     return res, out, calls
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from cora_onnx.export import fuse_batchnorm
-from cora_onnx.models import build_model
 from cora_onnx.search.cora import CoraSettings, _Layer, _set_module, butterworth
 from cora_onnx.export import quantizable_layers
 from cora_onnx.quantizers import quantize_weight
+from cora_onnx.stages import load_model
+from imagenette import SHARED, weights_path
 
 
 class _TwoConvs(_Layer):
@@ -49,14 +49,14 @@ def build(model, cls):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
+    ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = build_model("resnet18", Path(args.shared) / "models/resnet18-imagenet.pt")
+    base = load_model("resnet18", weights_path("resnet18", args.shared))
     models = {"merged into the weight": build(base, _Layer), "two extra convs (reference)": build(base, _TwoConvs)}
     x = torch.randn(args.batch, 3, 224, 224)
     times = {k: [] for k in models}

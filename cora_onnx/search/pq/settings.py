@@ -11,6 +11,7 @@ import numpy as np
 from torch import nn
 
 from ...errors import SettingsError
+from ..cora import AUGMENTS, DISTILLS  # the same choices as CoRa's distillation
 from ..layers import LayerSelection, is_depthwise
 from ..options import CliOption
 
@@ -18,6 +19,7 @@ __all__ = ["PqSettings", "block_kind", "parse_block_size", "PQ_OPTIONS", "BLOCK_
 
 BLOCK_PRESETS = ("small", "large")
 TARGETS = ("weight", "float")
+
 _FIXED_KINDS = ("1x1", "kxk", "depthwise", "linear")
 CHUNK = 1 << 22  # elements per chunk of the n x k distance matrix / of unfolded inputs
 DAMPING = 1e-2  # fit_codebook's ridge, relative to the layer's mean input energy per coordinate
@@ -90,9 +92,17 @@ class PqSettings:
     distillation fine-tuning (Adam) of codewords, channel scales and biases; 0 steps skips it;
     finetune_biases=False keeps the (corrected) biases fixed, finetune_last=False keeps the last
     product-quantized layer (the classifier) fixed: both can carry the class prior of the
-    calibration images into the model.
+    calibration images into the model; finetune_scales=False keeps the channel scales fixed (all
+    three off: only the codewords move, as in the paper). distill: "kl" (soft cross-entropy to
+    the float softmax) or "mse" (centred logits: every class counts, not only the few the
+    calibration images show); augment: "none", "flip", "crop" or "mix" (CoRa's augmentations:
+    random flips, random resized crops and flips, crops blended in pairs; the teacher's logits
+    are recomputed on each augmented batch).
     calib_size: calibration images used (fine-tuning); stats_size: a subset of them used for each
-    layer's input statistics and the float output means of the bias correction (one forward per layer: the search's main cost). channel_scale: a float16
+    layer's input statistics and the float output means of the bias correction (one forward per
+    layer: the search's main cost); stats_patches: when > 0, a layer's statistics use more images
+    (up to all calib_size) until it sees stats_patches patches per input it has, streamed batch by
+    batch (memory K x K per layer, whatever the number of images). channel_scale: a float16
     scale per output channel; bias_correction: match each layer's output mean to the float
     network's. error_feedback: after the EM, assign the codes block by block over the filter,
     each block's error compensated in the blocks not yet assigned (GPTQ-style, with the full
@@ -102,8 +112,9 @@ class PqSettings:
     the layer's own float weight (min ||X_q W - X_q W^||^2; errors of earlier layers pass through
     uncorrected), or "float", the float network's output of the layer (min ||X_f W - X_q W^||^2:
     PQ of the target W* = H_qq^-1 H_qf W under the metric H_qq, see `float_target`). seed: initialization and batch order. selection: layers kept on a uniform grid at
-    keep_bits (first / last / depthwise) or left in float (skip); every other Conv/Linear is
-    product-quantized."""
+    keep_bits (first / last / depthwise) or left in float (skip); uniform_layers: layer-name
+    patterns (fnmatch) also kept on the uniform grid at selection.keep_bits; every other
+    Conv/Linear is product-quantized."""
 
     bits: int | None = None
     blocks: str = "small"
@@ -115,11 +126,16 @@ class PqSettings:
     batch_size: int = 32
     calib_size: int = 256
     stats_size: int = 64
+    stats_patches: int = 0
     channel_scale: bool = True
     bias_correction: bool = True
     error_feedback: bool = True
     finetune_biases: bool = True
     finetune_last: bool = True
+    finetune_scales: bool = True
+    distill: str = "kl"
+    augment: str = "none"
+    uniform_layers: Any = ()
     damping: float = DAMPING
     target: str = "float"
     seed: int = 0
@@ -143,10 +159,22 @@ class PqSettings:
         _int("batch_size", 1)
         _int("calib_size", 1)
         _int("stats_size", 1)
+        _int("stats_patches", 0)
         _int("seed", 0)
         if isinstance(self.damping, bool) or not (isinstance(self.damping, (int, float)) and np.isfinite(self.damping)
                                                   and self.damping >= 0):
             raise SettingsError(f"damping must be a number >= 0, got {self.damping!r}")
+        if self.distill not in DISTILLS:
+            raise SettingsError(f"distill must be one of {', '.join(DISTILLS)}, got {self.distill!r}")
+        if self.augment not in AUGMENTS:
+            raise SettingsError(f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+        pats = self.uniform_layers
+        if isinstance(pats, str):
+            pats = tuple(p.strip() for p in pats.split(",") if p.strip())
+        if not isinstance(pats, (tuple, list)) or not all(isinstance(p, str) and p for p in pats):
+            raise SettingsError(f"uniform_layers must be layer-name patterns (fnmatch, comma-separated), got "
+                                f"{self.uniform_layers!r}")
+        object.__setattr__(self, "uniform_layers", tuple(pats))
         if self.target not in TARGETS:
             raise SettingsError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if not (isinstance(self.finetune_lr, (int, float)) and np.isfinite(self.finetune_lr) and self.finetune_lr > 0):
@@ -194,6 +222,9 @@ PQ_OPTIONS = (
     CliOption("--calib-size", "calib_size", int, "Calibration images used [256]."),
     CliOption("--stats-size", "stats_size", int,
               "PQ: calibration images for each layer's input statistics (one forward each) [64]."),
+    CliOption("--stats-patches", "stats_patches", int,
+              "PQ: raise a layer's statistics images (up to --calib-size) until it sees this many patches per "
+              "input it has; 0 = --stats-size for every layer [0]."),
     CliOption("--error-feedback/--no-error-feedback", "error_feedback", bool,
               "PQ: assign codes block by block, compensating each block's error in the next ones [on]."),
     CliOption("--channel-scale/--no-channel-scale", "channel_scale", bool,
@@ -202,6 +233,16 @@ PQ_OPTIONS = (
               "PQ: fine-tune the (corrected) biases too [on]."),
     CliOption("--finetune-last/--no-finetune-last", "finetune_last", bool,
               "PQ: fine-tune the last layer (the classifier) too [on]."),
+    CliOption("--finetune-scales/--no-finetune-scales", "finetune_scales", bool,
+              "PQ: fine-tune the channel scales too [on]."),
+    CliOption("--distill", "distill", DISTILLS,
+              "PQ fine-tuning loss: kl (soft cross-entropy to the float softmax) or mse (centred logits, every class "
+              "counts the same) [kl]."),
+    CliOption("--augment", "augment", AUGMENTS,
+              "PQ fine-tuning images: none, flip, crop (random resized crops and flips) or mix [none]."),
+    CliOption("--uniform-layers", "uniform_layers", str,
+              "PQ: layer-name patterns (fnmatch, comma-separated, e.g. '_conv_head,*_depthwise_conv') kept on the "
+              "uniform grid at --keep-bits instead of product-quantized."),
     CliOption("--damping", "damping", float,
               "PQ: EM ridge toward plain k-means, relative to the layer's mean input energy; keeps weights the "
               "calibration never excites [0.01]."),

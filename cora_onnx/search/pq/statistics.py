@@ -15,7 +15,7 @@ from ...progress import progress
 from .codebook import CHUNK
 
 __all__ = ["Geom", "SecondMoment", "module_moment", "input_stats", "joint_stats", "layer_input",
-           "output_means", "unfold"]
+           "output_means", "patches_per_image", "unfold"]
 
 
 class _Stop(Exception):
@@ -169,6 +169,30 @@ def joint_stats(teacher: nn.Module, tmod: nn.Module, student: nn.Module, smod: n
     mu_q, mu_f = acc["qf"].means()
     out["mu_q"], out["mu_f"] = mu_q.float(), mu_f.float()
     return out
+
+
+def patches_per_image(model: nn.Module, mods: dict[str, nn.Module], x: torch.Tensor) -> dict[str, int]:
+    """Output positions per image of every layer (a Linear's: its rows per image), from one forward
+    of the batch x."""
+    seen: dict[str, int] = {}
+
+    def make(name):
+        def hook(_mod, _inp, out):
+            seen[name] = int(out[0].numel() // out.shape[1]) if out.dim() == 4 else int(out.numel() // out.shape[-1]
+                                                                                        // x.shape[0])
+        return hook
+
+    handles = [mod.register_forward_hook(make(n)) for n, mod in mods.items()]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in mods if n not in seen]
+    if missing:
+        raise ModelError(f"layer {missing[0]} was never called by the model's forward")
+    return seen
 
 
 def output_means(model: nn.Module, mods: dict[str, nn.Module], images, batch_size: int) -> dict[str, torch.Tensor]:

@@ -75,6 +75,23 @@ LEVERS = {
     "ft300": {"finetune_steps": 300},
     "keep-dw": {"selection": "first,depthwise:8"}, "keep-dw4": {"selection": "first,depthwise:4"},
     "large": {"blocks": "large"},
+    # EfficientNet-Lite0 layouts: blocks 0-5 (83 k weights, where the inherited error builds up; their
+    # 256-codeword codebooks cost more than 8-bit weights) on the uniform 8-bit grid, and
+    "early8": {"uniform_layers": "_blocks.[0-5].*"},
+    # 10x: blocks 6-11's 1x1 convs at d = 2 (4 bits per weight) ...
+    "lite10": {"uniform_layers": "_blocks.[0-5].*",
+               "block_size": "_blocks.[6-9]._expand_conv=2,_blocks.[6-9]._project_conv=2,"
+                             "_blocks.1[01]._expand_conv=2,_blocks.1[01]._project_conv=2"},
+    # ... and the project convs of blocks 12-14 at d = 2 too, paid for by the classifier at d = 8
+    "lite10b": {"uniform_layers": "_blocks.[0-5].*",
+                "block_size": "_blocks.[6-9]._expand_conv=2,_blocks.[6-9]._project_conv=2,"
+                              "_blocks.1[01]._expand_conv=2,_blocks.1[01]._project_conv=2,"
+                              "_blocks.1[234]._project_conv=2,_fc=8"},
+    # ... 15x: the classifier at d = 16 and the head conv at d = 8 pay for the uniform early blocks
+    "lite15": {"uniform_layers": "_blocks.[0-5].*", "block_size": "_fc=16,_conv_head=8"},
+    # ... or with every late layer at d = 8 instead of the classifier at d = 16
+    "lite15b": {"uniform_layers": "_blocks.[0-5].*",
+                "block_size": "_fc=8,_conv_head=8,_blocks.15._project_conv=8,_blocks.15._expand_conv=8"},
 }
 
 
@@ -169,7 +186,7 @@ def run_sample(args) -> None:
                 res = quantize(build_model(args.model, _weights(args)), calib=paths["calib"], val=paths["sample"],
                                class_map=paths["sample_map"], method="pq", out=Path(tmp) / "m.onnx", mean=mean,
                                std=std, crop_ratio=args.crop_ratio, model_name=args.model,
-                               latency_runs=args.latency_runs, **skw)
+                               latency_runs=args.latency_runs, threads=args.torch_threads, **skw)
             r = res.report  # ONNX Runtime on the sample vs the float PyTorch model
             rec.update(scored_by="onnxruntime", search_seconds=r["search_seconds"], parity=r["parity"],
                        onnx_bytes=r["onnx_bytes"], fidelity_to_float=r["fidelity_to_float"],

@@ -90,8 +90,11 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
     # images the sampling difference of the two means goes into the bias (EfficientNet-Lite0:
     # 8.5% relative error in the first depthwise layer's output mean with 64 vs 16 images). With
     # the float target they come from the same pass as the joint statistics (W E[x_f] + b)
-    targets = output_means(model, layers, images.subset(settings.stats_size, settings.seed), bs) \
-        if settings.bias_correction and settings.target == "weight" else {}
+    targets: dict[str, torch.Tensor] = {}
+    if settings.bias_correction and settings.target == "weight":  # one float pass per distinct image count
+        for size in sorted({sizes[n] for n in geoms}):
+            same = {n: layers[n] for n in geoms if sizes[n] == size}
+            targets.update(output_means(model, same, images.subset(size, settings.seed), bs))
     state: dict[str, dict] = {}
     plans: dict[str, LayerPlan] = {}
     for name in progress(order, len(order), "pq: layers", "layers"):

@@ -186,6 +186,8 @@ def _cli(digits, out, *extra):
     (("--block-size", "3x3=7"), "error: block size 7 does not divide layer features.3 (3x3, 144 weights"),
     (("--block-size", "conv=4"), "error: block_size entry 'conv' is neither a kernel kind"),
     (("--blocks", "large", "--bits", 4, "--clip", "mse"), "error: --clip does not apply to --method pq"),
+    (("--uniform-layers", "head*"), "error: uniform_layers entry 'head*' names no quantized layer"),
+    (("--stats-patches", -3), "error: stats_patches must be an integer >= 0"),
 ])
 def test_cli_rejects_bad_pq_options(digits, tmp_path, extra, match):
     res = _cli(digits, tmp_path / "m.onnx", *extra)

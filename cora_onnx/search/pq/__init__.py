@@ -25,6 +25,10 @@ the sub-vectors assigned to it. BatchNorm is folded in our models, so instead of
 BN statistics each layer's bias is corrected so that the mean of its outputs (on the partially
 quantized network) matches the float network's: b = E_float[y] - W^ E_q[patch]; the fine-tuning
 then trains the biases too.
+
+Modules: settings (PqSettings, block sizes, CLI options), codebook (the EM, the sequential
+assignment, the float target), statistics (streamed K x K input moments, `SecondMoment`), search
+(`search_pq`, `fit_layers`), finetune (distillation), report (`pq_report`).
 """
 
 from __future__ import annotations

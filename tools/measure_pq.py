@@ -207,7 +207,7 @@ def sample_table(path: str) -> None:
         f = r["fidelity_to_float"]
         print(f"| {r['model']} | {r['lever']} | {'light' if r['light'] else 'full (ORT)'} | "
               f"{f['top1_agreement']:.1f}% | {f['kl_divergence']:.3f} | {r['top1']:.1f}% / {r['float_top1']:.1f}% | "
-              f"{r['onnx_bytes'] / 1e6:.3f} MB | {r['ratio']:.1f}x | {r['search_seconds']:.0f} |")
+              f"{r['onnx_bytes'] / 1e6:.3f} MB | {r['ratio']:.2f}x | {r['search_seconds']:.0f} |")
 
 
 def file_breakdown(blob: bytes) -> dict:

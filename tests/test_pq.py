@@ -186,6 +186,8 @@ def _cli(digits, out, *extra):
     (("--block-size", "3x3=7"), "error: block size 7 does not divide layer features.3 (3x3, 144 weights"),
     (("--block-size", "conv=4"), "error: block_size entry 'conv' is neither a kernel kind"),
     (("--blocks", "large", "--bits", 4, "--clip", "mse"), "error: --clip does not apply to --method pq"),
+    (("--uniform-layers", "head*"), "error: uniform_layers entry 'head*' names no quantized layer"),
+    (("--stats-patches", -3), "error: stats_patches must be an integer >= 0"),
 ])
 def test_cli_rejects_bad_pq_options(digits, tmp_path, extra, match):
     res = _cli(digits, tmp_path / "m.onnx", *extra)
@@ -222,15 +224,15 @@ def test_shared_option_help_shows_each_methods_default():
 
 
 def test_input_statistics_are_the_covariance_when_the_bias_absorbs_the_mean():
-    from cora_onnx.search.pq import _Geom, _input_stats
+    from cora_onnx.search.pq import Geom, input_stats
 
     conv = torch.nn.Conv2d(3, 4, 3, padding=1).eval()
     imgs = as_torch(_images(n=8))
     patches = torch.cat([F.unfold(x, 3, padding=1) for x in imgs.batches(4)])  # (N, 27, L)
     x = patches.permute(0, 2, 1).reshape(-1, 27).double()
-    geom = _Geom("c", "3x3", 9, 1, 3)
-    second, mu = _input_stats(conv, conv, geom, imgs, 4)
-    cov, mu_c = _input_stats(conv, conv, geom, imgs, 4, centered=True)
+    geom = Geom("c", "3x3", 9, 1, 3)
+    second, mu = input_stats(conv, conv, geom, imgs, 4)
+    cov, mu_c = input_stats(conv, conv, geom, imgs, 4, centered=True)
     torch.testing.assert_close(mu, x.mean(0).float()[None])
     torch.testing.assert_close(mu_c, mu)
 

@@ -15,6 +15,20 @@ class prior learnt from the calibration images cannot raise it (the split of too
 same as tools/measure_cora.py --holdout). Every row also gives the fidelity to the float network on
 the scored images (top-1 agreement and KL), which no class prior can raise.
 
+--protocol sample (issue 15): calibrate on imagenette/calib (ten classes), score on
+imagenet-sample/even (500 images of 500 other classes, 1000-way, its class_map.json) with
+--crop-ratio 0.875 for every folder (the folders and helpers of tools/measure_cora.py --protocol
+sample); primary figures top-1 agreement with the float model and mean KL(float || PQ), then
+top-1 of both. Rows are levers (--levers), each a PqSettings override or several joined by '+';
+--light runs the search and scores the PyTorch model (ablation rows), without it every row goes
+through cora_onnx.quantize (export, ONNX Runtime on the sample, parity, file size):
+
+    python tools/measure_pq.py --protocol sample --light --model efficientnet_lite0 \
+        --levers default ft0 stats-all --torch-threads 1 --out pq-sample.jsonl
+    python tools/measure_pq.py --protocol sample --model efficientnet_lite0 --levers default \
+        --torch-threads 1 --out pq-sample.jsonl                               # ONNX Runtime
+    python tools/measure_pq.py --table pq-sample.jsonl
+
 ResNet-18 (../shared) is already product-quantized at small blocks (256 codewords per layer,
 before BatchNorm): the un-folded model (BatchNorm kept) is searched with finetuning off and must
 be reconstructed almost exactly (max/mean relative weight error, distinct sub-vectors per layer);
@@ -44,6 +58,156 @@ from cora_onnx.search import LayerSelection, PqSettings, search_pq
 from cora_onnx.verify import fidelity, measure_latency, parity, predict_onnx, session, top1
 from cora_onnx.verify_torch import predict_torch
 from holdout import holdout_dirs
+from measure_cora import _emit, _sample_paths, _weights
+
+# issue 15 levers (--protocol sample): name -> PqSettings overrides ("selection" is a parse_keep
+# string plus ":BITS"); '+' joins several, later ones win
+LEVERS = {
+    "default": {},
+    "ft0": {"finetune_steps": 0},                                     # no fine-tuning
+    "stats256": {"stats_size": 256}, "stats-all": {"stats_size": 1 << 30},  # statistics images
+    "no-feedback": {"error_feedback": False},
+    "weight": {"target": "weight"},
+    "cw": {"finetune_biases": False, "finetune_scales": False, "finetune_last": False},  # codewords only
+    "mse": {"distill": "mse"},                                  # MSE on centred logits
+    "flip": {"augment": "flip"}, "crop": {"augment": "crop"},
+    "patches16": {"stats_patches": 16}, "patches64": {"stats_patches": 64},
+    "ft300": {"finetune_steps": 300},
+    "keep-dw": {"selection": "first,depthwise:8"}, "keep-dw4": {"selection": "first,depthwise:4"},
+    "large": {"blocks": "large"},
+    # EfficientNet-Lite0 layouts: blocks 0-5 (83 k weights, where the inherited error builds up; their
+    # 256-codeword codebooks cost more than 8-bit weights) on the uniform 8-bit grid, and
+    "early8": {"uniform_layers": "_blocks.[0-5].*"},
+    # 10x: blocks 6-11's 1x1 convs at d = 2 (4 bits per weight) ...
+    "lite10": {"uniform_layers": "_blocks.[0-5].*",
+               "block_size": "_blocks.[6-9]._expand_conv=2,_blocks.[6-9]._project_conv=2,"
+                             "_blocks.1[01]._expand_conv=2,_blocks.1[01]._project_conv=2"},
+    # ... and the project convs of blocks 12-14 at d = 2 too, paid for by the classifier at d = 8
+    "lite10b": {"uniform_layers": "_blocks.[0-5].*",
+                "block_size": "_blocks.[6-9]._expand_conv=2,_blocks.[6-9]._project_conv=2,"
+                              "_blocks.1[01]._expand_conv=2,_blocks.1[01]._project_conv=2,"
+                              "_blocks.1[234]._project_conv=2,_fc=8"},
+    # ... 15x: the classifier at d = 16 and the head conv at d = 8 pay for the uniform early blocks
+    "lite15": {"uniform_layers": "_blocks.[0-5].*", "block_size": "_fc=16,_conv_head=8"},
+    # ... or with every late layer at d = 8 instead of the classifier at d = 16
+    "lite15b": {"uniform_layers": "_blocks.[0-5].*",
+                "block_size": "_fc=8,_conv_head=8,_blocks.15._project_conv=8,_blocks.15._expand_conv=8"},
+}
+
+
+def lever_options(name: str) -> dict:
+    kw: dict = {}
+    for atom in name.split("+"):
+        if atom.startswith("bs:"):  # bs:<block_size spec>, e.g. bs:_fc=16
+            kw["block_size"] = atom[3:]
+        elif atom.startswith("budget:"):  # budget:<ratio> (per-layer block sizes under a byte budget)
+            kw["budget"] = float(atom[7:])
+        elif atom in LEVERS:
+            kw.update(LEVERS[atom])
+        else:
+            raise SystemExit(f"unknown lever {atom!r}; choose from {', '.join(LEVERS)}, bs:SPEC, budget:X "
+                             "(join with +)")
+    return kw
+
+
+def _pq_settings_kw(kw: dict) -> dict:
+    """A lever's overrides as PqSettings keywords: the selection string -> LayerSelection."""
+    kw = dict(kw)
+    sel = kw.pop("selection", None)
+    if sel is not None:
+        keep, _, bits = sel.partition(":")
+        kw["selection"] = LayerSelection(keep=parse_keep(keep), keep_bits=int(bits or 8))
+    return kw
+
+
+_FINETUNE_FIELDS = {"finetune_steps", "finetune_lr", "finetune_biases", "finetune_last", "finetune_scales",
+                    "distill", "augment"}
+
+
+def _reuse_layer_fits() -> None:
+    """(--light) Rows that differ only in their fine-tuning share the per-layer phase
+    (pq.search.fit_layers, deterministic under the seed): it runs once per distinct setting of the
+    other fields; each row fine-tunes a copy."""
+    import copy
+
+    from cora_onnx.search.pq import search
+
+    original, memo = search.fit_layers, {}
+
+    def cached(model, layers, order, kept, geoms, images, settings):
+        key = (id(model), tuple(order), tuple(sorted(kept.items())), len(images),
+               tuple(sorted((k, repr(v)) for k, v in settings.to_json().items() if k not in _FINETUNE_FIELDS)))
+        if key not in memo:
+            memo[key] = original(model, layers, order, kept, geoms, images, settings)
+        return copy.deepcopy(memo[key])
+
+    search.fit_layers = cached
+
+
+def run_sample(args) -> None:
+    """--protocol sample: rows through cora_onnx.quantize (ONNX Runtime scores the sample), or with
+    --light the search and PyTorch scoring only."""
+    import resource
+
+    from cora_onnx import quantize
+    from cora_onnx.verify import fidelity, top1 as top1_
+
+    paths = _sample_paths(Path(args.shared))
+    mean, std = default_normalization(args.model)
+    pre = Preprocess(224, args.crop_ratio, mean, std)
+    sample = load_images(paths["sample"], pre, labelled=True, class_map=load_class_map(paths["sample_map"]),
+                         num_classes=1000)
+    model = build_model(args.model, _weights(args)).eval()
+    folded = fold_batchnorm(model)
+    float_sample = predict_torch(folded, sample)
+    float_bytes = len(onnx_bytes(export_onnx(folded, 224)))
+    calib = load_images(paths["calib"], pre) if args.light else None
+    if args.light:
+        _reuse_layer_fits()
+    for lever in args.levers:
+        kw = lever_options(lever)
+        if args.calib_size_sample is not None:
+            kw.setdefault("calib_size", args.calib_size_sample)
+        rec = {"protocol": "sample", "model": args.model, "lever": lever, "options": kw, "light": bool(args.light),
+               "crop_ratio": args.crop_ratio, "sample_images": len(sample), "torch_threads": args.torch_threads,
+               "float_onnx_bytes": float_bytes}
+        skw = _pq_settings_kw(kw)
+        if args.light:
+            t0 = time.perf_counter()
+            plan = search_pq(folded, PqSettings(**skw), calib)
+            rec["search_seconds"] = time.perf_counter() - t0
+            logits = predict_torch(apply_plan_torch(folded, plan), sample)
+            qbytes = len(onnx_bytes(apply_plan(export_onnx(folded, 224), plan)))
+            rec.update(scored_by="pytorch", onnx_bytes=qbytes, pq_seconds=plan.meta.get("pq_seconds"), fidelity_to_float=fidelity(logits, float_sample),
+                       top1=top1_(logits, sample.labels), finetune=plan.meta.get("pq_finetune", {}),
+                       peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                res = quantize(build_model(args.model, _weights(args)), calib=paths["calib"], val=paths["sample"],
+                               class_map=paths["sample_map"], method="pq", out=Path(tmp) / "m.onnx", mean=mean,
+                               std=std, crop_ratio=args.crop_ratio, model_name=args.model,
+                               latency_runs=args.latency_runs, threads=args.torch_threads, **skw)
+            r = res.report  # ONNX Runtime on the sample vs the float PyTorch model
+            rec.update(scored_by="onnxruntime", search_seconds=r["search_seconds"], parity=r["parity"],
+                       onnx_bytes=r["onnx_bytes"], fidelity_to_float=r["fidelity_to_float"],
+                       top1=r["top1"]["quantized_onnxruntime"], finetune=r.get("pq", {}).get("finetune", {}),
+                       environment=r["environment"])
+        rec.update(float_top1=top1_(float_sample, sample.labels), ratio=float_bytes / rec["onnx_bytes"])
+        _emit(args, rec, ("lever", "light", "fidelity_to_float", "top1", "onnx_bytes", "ratio", "search_seconds"))
+
+
+def sample_table(path: str) -> None:
+    recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    print("| model | lever | run | agreement with float | KL | top-1 / float (sample) | ONNX file | vs float | "
+          "search s |")
+    print("|" + " --- |" * 9)
+    for r in recs:
+        if r.get("protocol") != "sample":
+            continue
+        f = r["fidelity_to_float"]
+        print(f"| {r['model']} | {r['lever']} | {'light' if r['light'] else 'full (ORT)'} | "
+              f"{f['top1_agreement']:.1f}% | {f['kl_divergence']:.3f} | {r['top1']:.1f}% / {r['float_top1']:.1f}% | "
+              f"{r['onnx_bytes'] / 1e6:.3f} MB | {r['ratio']:.2f}x | {r['search_seconds']:.0f} |")
 
 
 def file_breakdown(blob: bytes) -> dict:
@@ -143,11 +307,27 @@ def main() -> None:
                     help="calibrate and fine-tune on the calib images of five classes only and score float and PQ "
                          "on the dev-val images of the other five (tools/holdout.py)")
     ap.add_argument("--skip-reconstruction", action="store_true", help="ResNet-18: skip the un-folded check")
+    ap.add_argument("--protocol", default="imagenette", choices=["imagenette", "sample"],
+                    help="imagenette: the preset rows above; sample: calibrate on the ten classes, score on "
+                    "imagenet-sample/even (issue 15), one row per --levers entry")
+    ap.add_argument("--levers", nargs="+", default=["default"],
+                    help=f"(--protocol sample) rows: {', '.join(LEVERS)}, bs:SPEC, budget:X, joined by +")
+    ap.add_argument("--light", action="store_true", help="(--protocol sample) PyTorch scoring, no ONNX Runtime")
+    ap.add_argument("--calib-size-sample", type=int, default=None,
+                    help="(--protocol sample) calibration images [PqSettings default]")
+    ap.add_argument("--crop-ratio", type=float, default=0.875, help="(--protocol sample) for every folder [0.875]")
+    ap.add_argument("--table", default=None, help="print the markdown table of a --protocol sample JSON-lines file")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    if args.table:
+        sample_table(args.table)
+        return
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     logging.getLogger("cora_onnx.search.pq").setLevel(logging.INFO)
     torch.set_num_threads(args.torch_threads)
+    if args.protocol == "sample":
+        run_sample(args)
+        return
     shared = Path(args.shared)
     if args.model == "resnet18":
         weights = shared / "models/resnet18-imagenet.pt"

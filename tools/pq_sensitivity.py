@@ -9,11 +9,17 @@ scores on the dev-val images of the other five, PyTorch).
 Groups: dw (depthwise convs), expand / project (the MBConv 1x1 convs), head (_conv_head), fc (the
 classifier), stem, all (every group but the stem). One JSON line per group: top-1 of PQ and float,
 top-1 agreement with float and KL(float || PQ) on the same images, search seconds.
+
+--protocol sample (issue 15): statistics from all of imagenette/calib, scores on
+imagenet-sample/even (500 classes, crop ratio 0.875), as tools/measure_pq.py --protocol sample:
+
+    python tools/pq_sensitivity.py --protocol sample --groups expand project head fc --torch-threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -31,6 +37,7 @@ from cora_onnx.verify import fidelity, top1
 from cora_onnx.verify_torch import predict_torch
 from holdout import holdout_dirs
 from imagenette import SHARED, preprocess, weights_path
+from measure_cora import _sample_paths
 
 GROUPS = ("dw", "expand", "project", "head", "fc", "stem")
 
@@ -55,16 +62,28 @@ def main() -> None:
     ap.add_argument("--groups", nargs="+", default=["dw", "expand", "project", "head", "fc", "all"],
                     choices=[*GROUPS, "all"])
     ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--protocol", default="holdout", choices=["holdout", "sample"],
+                    help="holdout: five calib classes, the other five's dev-val; sample: all calib, "
+                    "imagenet-sample/even at crop ratio 0.875")
+    ap.add_argument("--stats-patches", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.torch_threads)
     data = Path(args.shared) / "data/imagenette"
-    pre = preprocess("efficientnet_lite0")
-    class_map = load_class_map(data / "class_map.json")
-    with tempfile.TemporaryDirectory() as tmp:
-        calib_dir, val_dir, split = holdout_dirs(data, Path(tmp))
-        calib = load_images(calib_dir, pre, labelled=True, class_map=class_map, num_classes=1000)
-        val = load_images(val_dir, pre, labelled=True, class_map=class_map, num_classes=1000)
+    if args.protocol == "sample":
+        paths = _sample_paths(Path(args.shared))
+        pre = dataclasses.replace(preprocess("efficientnet_lite0"), crop_ratio=0.875)
+        calib = load_images(paths["calib"], pre)
+        val = load_images(paths["sample"], pre, labelled=True, class_map=load_class_map(paths["sample_map"]),
+                          num_classes=1000)
+        split = "sample"
+    else:
+        pre = preprocess("efficientnet_lite0")
+        class_map = load_class_map(data / "class_map.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            calib_dir, val_dir, split = holdout_dirs(data, Path(tmp))
+            calib = load_images(calib_dir, pre, labelled=True, class_map=class_map, num_classes=1000)
+            val = load_images(val_dir, pre, labelled=True, class_map=class_map, num_classes=1000)
     model = fuse_batchnorm(load_model("efficientnet_lite0", weights_path("efficientnet_lite0")))
     layers = quantizable_layers(model)
     float_logits = predict_torch(model, val)
@@ -72,6 +91,7 @@ def main() -> None:
         want = set(GROUPS) - {"stem"} if group == "all" else {group}
         skip = tuple(n for n, m in layers.items() if group_of(n, m) not in want)
         settings = PqSettings(blocks=args.blocks, target=args.target, stats_size=args.stats_size, finetune_steps=0,
+                              stats_patches=args.stats_patches,
                               selection=LayerSelection(keep=(), skip=skip))
         t0 = time.perf_counter()
         plan = search_pq(model, settings, calib)
@@ -80,7 +100,8 @@ def main() -> None:
         row = {"group": group, "blocks": args.blocks, "target": args.target, "stats_size": args.stats_size,
                "layers": len(layers) - len(skip), "top1": top1(logits, val.labels),
                "float_top1": top1(float_logits, val.labels), "agreement": fid["top1_agreement"],
-               "kl": fid["kl_divergence"], "search_s": time.perf_counter() - t0, "holdout": split}
+               "kl": fid["kl_divergence"], "search_s": time.perf_counter() - t0, "protocol": args.protocol,
+               "stats_patches": args.stats_patches, "holdout": split}
         print(json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "a") as f:

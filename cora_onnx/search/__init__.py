@@ -1,4 +1,4 @@
-"""Searches that turn a BN-folded torch model (and calibration images) into a Plan.
+"""Searches that turn a BN-fused torch model (and calibration images) into a Plan.
 
 Every method registers a `Method` in METHODS: a frozen settings dataclass (validated at
 construction), a `run(model, settings, calib)` returning a Plan, the command-line options that

@@ -45,7 +45,7 @@ class RtnSettings:
 
 
 def search_rtn(model: nn.Module, settings: RtnSettings, calib=None) -> Plan:
-    """Quantize every selected Conv2d/Linear weight of a BN-folded model."""
+    """Quantize every selected Conv2d/Linear weight of a BN-fused model."""
     layers = quantizable_layers(model)
     bits = select_layers(layers, settings.bits, settings.selection)
     plans = []

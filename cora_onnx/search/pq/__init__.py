@@ -1,4 +1,4 @@
-"""Product quantization: "And the Bit Goes Down" (Stock et al., ICLR 2020) on a BN-folded model.
+"""Product quantization: "And the Bit Goes Down" (Stock et al., ICLR 2020) on a BN-fused model.
 
 Per Conv/Linear layer every output filter, flattened in (C_in/groups, kh, kw) order, is cut into
 sub-vectors of `block_size` values (the layout of `plan.Codebook`); one codebook of up to 256
@@ -15,13 +15,13 @@ the mean response that dominates the second moment of post-ReLU inputs.
   sums are index_add / one matrix product over the distinct blocks; then a batched solve).
 - S-step (our addition, `channel_scale`): a float16 scale per output channel, fitted in closed form.
   The paper quantizes weights *before* BatchNorm, whose per-channel scale stays in float; a
-  BN-folded weight carries that scale inside, and codewords shared across channels of very
+  BN-fused weight carries that scale inside, and codewords shared across channels of very
   different magnitude would waste the codebook. The scale restores the paper's setting.
 
 Layers are quantized in order, each one's input statistics measured on the network whose earlier
 layers are already quantized. Then the codewords (and channel scales and biases) are fine-tuned
 by distillation from the float network, a codeword's gradient being the mean of the gradients of
-the sub-vectors assigned to it. BatchNorm is folded in our models, so instead of re-estimating
+the sub-vectors assigned to it. BatchNorm is fused into the convs in our models, so instead of re-estimating
 BN statistics each layer's bias is corrected so that the mean of its outputs (on the partially
 quantized network) matches the float network's: b = E_float[y] - W^ E_q[patch]; the fine-tuning
 then trains the biases too.

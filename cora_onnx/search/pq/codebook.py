@@ -63,7 +63,7 @@ _F16_TINY = 2.0 ** -14  # smallest normal float16
 
 def _round_scaled(C: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Codewords and channel scales as stored (float16): the layer's magnitude moves into the
-    codewords (max |scale| = 1), and scales of near-dead channels (BN-folded weights can be 1e-10)
+    codewords (max |scale| = 1), and scales of near-dead channels (BN-fused weights can be 1e-10)
     are raised to the smallest normal float16 instead of underflowing to zero: those channels'
     weights are negligible either way, a zero or flushed scale would not be."""
     top = s.abs().max().clamp_min(1e-30)

@@ -182,7 +182,7 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
 
 
 def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
-    """Product-quantize every selected Conv2d/Linear of a BN-folded model (see module doc)."""
+    """Product-quantize every selected Conv2d/Linear of a BN-fused model (see module doc)."""
     if calib is None or len(calib) == 0:
         raise DataError("pq needs calibration images")
     model = model.eval()

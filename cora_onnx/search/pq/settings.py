@@ -228,7 +228,7 @@ PQ_OPTIONS = (
     CliOption("--error-feedback/--no-error-feedback", "error_feedback", bool,
               "PQ: assign codes block by block, compensating each block's error in the next ones [on]."),
     CliOption("--channel-scale/--no-channel-scale", "channel_scale", bool,
-              "PQ: float16 scale per output channel (BN-folded weights) [on]."),
+              "PQ: float16 scale per output channel (BN-fused weights) [on]."),
     CliOption("--finetune-biases/--no-finetune-biases", "finetune_biases", bool,
               "PQ: fine-tune the (corrected) biases too [on]."),
     CliOption("--finetune-last/--no-finetune-last", "finetune_last", bool,

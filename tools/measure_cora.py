@@ -68,7 +68,13 @@ LEVERS = {"default": {}, "reference": {"preset": "reference"},
           "features": {"features": "layers"},               # every planned layer's output matched
           "flip": {"augment": "flip"}, "crop": {"augment": "crop"}, "mix": {"augment": "mix"},
           "stats-float": {"stats": "float"}, "stats-mean": {"stats": "mean"},  # statistics alignment
-          "iters250": {"iters": 250, "finetune_iters": 100}}
+          "iters250": {"iters": 250, "finetune_iters": 100},
+          # GPTQ on full-rank input statistics (stats.py): sequential groups, act-order, output-error clip
+          "seq4": {"gptq_passes": 4}, "seq8": {"gptq_passes": 8}, "act-order": {"act_order": True},
+          "clip-input": {"clip_metric": "input"}, "rows2": {"cov_rows": 2.0},
+          "ft0": {"finetune_iters": 0},                        # every step on the rank search
+          "ft20": {"finetune_iters": 20}, "iters60": {"iters": 60, "finetune_iters": 20},
+          "adapter4": {"adapter_bits": 4}, "budget3": {"budget": 0.03}}
 
 
 def lever_options(name: str) -> dict:
@@ -182,31 +188,25 @@ def run_sample(args) -> None:
 
 
 def _reuse_float_statistics() -> None:
-    """(--light) Every row of a run searches the same float model on the same statistics images, so
-    the float statistics pass (per-layer input second moments for GPTQ and the SVD) and each layer's
-    grid and residual factors (GPTQ, SVD) are computed once and reused: minutes per row on one
-    thread. Both are deterministic functions of their inputs, so the rows are unchanged."""
+    """(--light) Rows of a run that share the model, the statistics images and the grid settings
+    get the same input statistics, grids and residual factors (GPTQ, SVD): those are computed once
+    and reused, so a row costs minutes on one thread. They are deterministic functions of their
+    inputs, so the rows are unchanged; but the reused rows' search_seconds leave that phase out."""
     from cora_onnx.search import cora
 
-    original, memo = cora._float_statistics, {}
-    quantize_layer, qmemo = cora._quantize_layer, {}
+    original, memo = cora._quantize_layers, {}
+    fields = ("bits", "per_channel", "symmetric", "clip", "k", "rounding", "svd", "stats_size", "cov_rows",
+              "gptq_passes", "act_order", "clip_metric", "seed", "selection")
 
-    def cached_layer(w, spec, rounding, svd, cov, decompose):
-        key = (tuple(w.shape), float(w.double().sum()), float(w.double().abs().sum()), spec, rounding, svd,
-               None if cov is None else float(cov.double().sum()), decompose)
-        if key not in qmemo:
-            qmemo[key] = quantize_layer(w, spec, rounding, svd, cov, decompose)
-        return qmemo[key]
-
-    cora._quantize_layer = cached_layer
-
-    def cached(model, layers, need_cov, batches):
-        key = (tuple(sorted(need_cov)), len(batches), tuple(float(b.double().sum()) for b in batches))
+    def cached(teacher, layers, bits, adapted, settings, batches):
+        key = (tuple(sorted(bits.items())), tuple(adapted), tuple(getattr(settings, f) for f in fields),
+               tuple(float(m.weight.double().sum()) for m in layers.values()),
+               tuple(float(b.double().sum()) for b in batches))
         if key not in memo:
-            memo[key] = original(model, layers, need_cov, batches)
+            memo[key] = original(teacher, layers, bits, adapted, settings, batches)
         return memo[key]
 
-    cora._float_statistics = cached
+    cora._quantize_layers = cached
 
 
 def sample_table(recs: list[dict]) -> None:

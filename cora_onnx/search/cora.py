@@ -38,9 +38,10 @@ from ..errors import DataError, SettingsError, check_bits
 from ..quantizers import quantizable_layers
 from ..plan import Bias, LayerPlan, LowRankAdapter, Plan
 from ..torch_images import as_torch
-from ..quantizers import CLIP_METHODS, QuantSpec, gptq_round, quantize_weight
+from ..quantizers import CLIP_METHODS, QuantSpec, QuantizedTensor, gptq_round, input_weighted_clip, quantize_weight
 from .layers import LayerSelection, layer_kind, select_layers, uniform_from
 from .options import CliOption
+from .stats import input_second_moments, input_width
 
 __all__ = ["CoraSettings", "search_cora", "cora_report", "CORA_OPTIONS", "PRESETS", "butterworth", "augment_batch"]
 
@@ -49,12 +50,14 @@ log = logging.getLogger(__name__)
 PRESETS: dict[str, dict] = {
     # the paper / reference implementation
     "reference": dict(per_channel=False, symmetric=False, clip="std", k=3.0, rounding="nearest", svd="weight",
-                      stats="none", iters=250, finetune_iters=0, augment="none", distill="kl", features="none"),
+                      stats="none", iters=250, finetune_iters=0, augment="none", distill="kl", features="none",
+                      gptq_passes=1, act_order=False, clip_metric="weight"),
     # the best combination measured here (see tools/measure_cora.py and docs/results/cora.md: the statistics
     # correction helped in the light ablation but lost 0.4-2.2 points in the full runs, in-class and
     # on held-out classes)
     "default": dict(per_channel=True, symmetric=True, clip="mse", k=3.0, rounding="gptq", svd="activation",
-                    stats="none", iters=100, finetune_iters=40, augment="none", distill="kl", features="none"),
+                    stats="none", iters=100, finetune_iters=40, augment="none", distill="kl", features="none",
+                    gptq_passes=1, act_order=False, clip_metric="weight"),
 }
 ROUNDINGS = ("nearest", "gptq")
 SVDS = ("weight", "activation")
@@ -62,6 +65,7 @@ STATS = ("none", "mean", "float")
 AUGMENTS = ("none", "flip", "crop", "mix")
 DISTILLS = ("kl", "mse")
 FEATURES = ("none", "layers")
+CLIP_METRICS = ("weight", "input")
 
 
 @dataclass(frozen=True)
@@ -72,9 +76,20 @@ class CoraSettings:
     adapters after the ranks are fixed; calib_size: calibration images used; batch_size: images per step; order: Butterworth
     order n; lr: Adam step on the cutoffs; gamma: weight of the budget penalty; adapter_bits:
     8 (per-channel symmetric) or 0 for float adapters; preset: "default" or "reference" (fills
-    every grid/rounding/svd/stats/finetune setting left as None); stats_size: images for the
-    statistics pass (input second moments, float statistics); fit_classifier: False keeps Linear
+    every grid/rounding/svd/stats/finetune setting left as None); fit_classifier: False keeps Linear
     layers out of the statistics correction and the bias fine-tuning.
+
+    Input statistics for GPTQ and the input-metric SVD (cora_onnx.search.stats): stats_size:
+    calibration images they are taken from (every output position, streamed into one K x K float64
+    accumulator per layer); cov_rows: input rows kept per layer, as a multiple of its input width K
+    (output positions beyond that are subsampled; a layer with fewer positions keeps all of them:
+    ResNet-18's layer4 has K = 4,608 and 49 positions per image, so 4 x K rows need 377 images);
+    gptq_passes: 1 takes every layer's statistics from the float network; n > 1 splits the layers by
+    depth into n groups and takes each group's statistics from the network whose earlier groups are
+    already quantized (sequential GPTQ: later layers absorb the earlier layers' error); act_order:
+    GPTQ rounds the columns by descending input energy; clip_metric: weight (the grid's range from
+    `clip`, on the weight error) or input (per channel, the range among 13 candidates, 100% to 52% of
+    min/max, with the least output error sum (w - w_hat) H (w - w_hat)^T for nearest rounding).
 
     Levers against the calibration classes' prior (issue 14; the preset fills those left as None):
     augment: the distillation images: none (the calibration images as they are), flip (random
@@ -106,7 +121,11 @@ class CoraSettings:
     rounding: str | None = None
     svd: str | None = None
     stats: str | None = None
-    stats_size: int = 128
+    stats_size: int = 512
+    cov_rows: float = 4.0
+    gptq_passes: int | None = None
+    act_order: bool | None = None
+    clip_metric: str | None = None
     fit_classifier: bool = True
     augment: str | None = None
     distill: str | None = None
@@ -133,6 +152,15 @@ class CoraSettings:
             raise SettingsError(f"finetune_iters must be from 0 to iters ({self.iters}), got {self.finetune_iters!r}")
         if int(self.calib_size) < 1 or int(self.batch_size) < 1 or int(self.stats_size) < 1:
             raise SettingsError("calib_size, batch_size and stats_size must be >= 1")
+        if not (isinstance(self.cov_rows, (int, float)) and 0.1 <= self.cov_rows <= 1000):
+            raise SettingsError(f"cov_rows must be from 0.1 to 1000 (input rows per layer, times K), got {self.cov_rows!r}")
+        if not (isinstance(self.gptq_passes, int) and not isinstance(self.gptq_passes, bool)
+                and 1 <= self.gptq_passes <= 64):
+            raise SettingsError(f"gptq_passes must be an integer from 1 to 64, got {self.gptq_passes!r}")
+        if not isinstance(self.act_order, bool):
+            raise SettingsError(f"act_order must be True or False, got {self.act_order!r}")
+        if self.clip_metric == "input" and not self.per_channel:
+            raise SettingsError("clip_metric input needs a per-channel grid (per_channel=True)")
         if not 1 <= int(self.order) <= 32:
             raise SettingsError(f"order (Butterworth) must be from 1 to 32, got {self.order!r}")
         if not (self.lr > 0 and self.gamma >= 0):
@@ -146,7 +174,8 @@ class CoraSettings:
         if not isinstance(self.finetune_biases, bool):
             raise SettingsError(f"finetune_biases must be True or False, got {self.finetune_biases!r}")
         for name, allowed in (("rounding", ROUNDINGS), ("svd", SVDS), ("stats", STATS), ("augment", AUGMENTS),
-                              ("distill", DISTILLS), ("features", FEATURES)):
+                              ("distill", DISTILLS), ("features", FEATURES),
+                              ("clip_metric", CLIP_METRICS)):
             if getattr(self, name) not in allowed:
                 raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         QuantSpec(bits=self.bits, clip=self.clip, k=self.k)  # validates k
@@ -260,34 +289,10 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-_COV_ROWS = 4096  # input rows per layer (spread over the batches) for its K x K input second moment
-
-
-def _patches(mod: nn.Module, x: torch.Tensor, rows: int | None = None,
-             gen: torch.Generator | None = None) -> torch.Tensor:
-    """(rows, K) input rows whose product with the flattened weight gives the layer output; with
-    `rows`, a random subset of output positions (same positions for every image) is unfolded."""
-    if isinstance(mod, nn.Linear):
-        x = x.reshape(-1, x.shape[-1])
-        return x if rows is None or rows >= x.shape[0] else x[torch.randperm(x.shape[0], generator=gen)[:rows]]
-    cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
-    n, k, positions = cols.shape
-    if rows is not None and rows < n * positions:
-        keep = torch.randperm(positions, generator=gen)[:max(1, -(-rows // n))]
-        cols = cols[:, :, keep]
-    return cols.transpose(1, 2).reshape(-1, k)
-
-
 @torch.no_grad()
-def _float_statistics(model: nn.Module, layers: dict[str, nn.Module], need_cov: set[str],
-                      batches: list[torch.Tensor]) -> tuple[dict, dict]:
-    """Per-channel output mean/std of every layer and input second moments of layers in need_cov
-    (from about _COV_ROWS sampled input rows per layer: K x K products dominate the cost)."""
+def _float_statistics(model: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor]) -> dict:
+    """Per-channel output mean and std of every layer of the float network (for --stats)."""
     sums: dict[str, list] = {}
-    gen = torch.Generator().manual_seed(0)
-    cov: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    rows = -(-_COV_ROWS // max(len(batches), 1))
 
     def hook(name):
         def fn(mod, inputs, out):
@@ -296,10 +301,6 @@ def _float_statistics(model: nn.Module, layers: dict[str, nn.Module], need_cov: 
             s[0] = s[0] + o.sum(1).double()
             s[1] = s[1] + (o * o).sum(1).double()
             s[2] += o.shape[1]
-            if name in need_cov:
-                p = _patches(mod, inputs[0], rows, gen)
-                cov[name] = cov.get(name, 0) + (p.T @ p).double()
-                counts[name] = counts.get(name, 0) + p.shape[0]
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
@@ -313,7 +314,62 @@ def _float_statistics(model: nn.Module, layers: dict[str, nn.Module], need_cov: 
     for n, (s1, s2, cnt) in sums.items():
         mean = s1 / cnt
         stats[n] = (mean.float(), (s2 / cnt - mean ** 2).clamp_min(0).sqrt().float())
-    return stats, {n: (cov[n] / counts[n]).float() for n in cov}
+    return stats
+
+
+@torch.no_grad()
+def _execution_order(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) -> list[str]:
+    """Layer names in the order a forward pass runs them (one image)."""
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n) if n not in order else None)
+               for n, m in layers.items()]
+    try:
+        model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [n for n in layers if n not in order]
+
+
+def _quantize_layers(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict[str, int], adapted: list[str],
+                     settings: "CoraSettings", batches: list[torch.Tensor]) -> tuple[dict, dict]:
+    """Phase 1-2: input statistics and each layer's grid (GPTQ when settings.rounding == "gptq") and
+    residual factors (for the adapted layers). With gptq_passes > 1 the layers are taken by depth in
+    that many groups, each group's statistics from a copy of the network whose earlier groups are
+    already quantized. Returns ({name: QuantizedTensor}, {name: (U S, V) or None})."""
+    ungrouped = [n for n in bits if not (isinstance(layers[n], nn.Conv2d) and layers[n].groups != 1)]
+    need_cov = set(ungrouped) if settings.rounding == "gptq" or settings.clip_metric == "input" else set()
+    if settings.svd == "activation":
+        need_cov |= set(adapted)
+    order = [n for n in _execution_order(teacher, layers, batches[0]) if n in bits]
+    passes = max(1, min(settings.gptq_passes, len(need_cov)))
+    work = copy.deepcopy(teacher) if passes > 1 else teacher
+    work_layers = quantizable_layers(work)
+    grids, factors = {}, {}
+
+    def quantize(name: str, cov: torch.Tensor | None) -> None:
+        qt, f = _quantize_layer(layers[name].weight.detach(), settings.spec(bits[name]), settings, cov,
+                                name in adapted)
+        grids[name], factors[name] = qt, f
+        if work is not teacher:
+            work_layers[name].weight.data = qt.dequantize().to(torch.float32).reshape(layers[name].weight.shape)
+
+    for name in order:
+        if name not in need_cov:
+            quantize(name, None)
+    cov_order = [n for n in order if n in need_cov]
+    groups = [list(g) for g in np.array_split(np.array(cov_order, dtype=object), passes) if len(g)]
+    for gi, group in enumerate(groups):
+        t0 = time.perf_counter()
+        rows = {n: math.ceil(settings.cov_rows * input_width(layers[n])) for n in group}
+        acc = input_second_moments(work, {n: work_layers[n] for n in group}, batches, rows, seed=settings.seed + gi)
+        t1 = time.perf_counter()
+        for n in group:
+            quantize(n, acc.pop(n).value())
+        log.info("statistics group %d/%d (%d layers, %s rows): %.1f s, quantization %.1f s", gi + 1, len(groups),
+                 len(group), "-".join(str(rows[n]) for n in (group[0], group[-1])), t1 - t0,
+                 time.perf_counter() - t1)
+    return grids, factors
 
 
 @torch.no_grad()
@@ -413,18 +469,22 @@ def _quantize_adapter(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
     return qt.dequantize().to(torch.float32), qt.scale.to(torch.float32)
 
 
-def _quantize_layer(w: torch.Tensor, spec: QuantSpec, rounding: str, svd: str, cov: torch.Tensor | None,
-                    decompose: bool):
-    """The layer's grid (GPTQ rounding when rounding == "gptq" and its input second moment is
-    known) and, when decompose, the residual's factors (U S, V) with R = U S V, decomposed in the
-    metric of the inputs when svd == "activation"."""
-    qt = quantize_weight(w, spec)
-    if rounding == "gptq" and cov is not None:
-        qt = gptq_round(w, qt, cov)
+def _quantize_layer(w: torch.Tensor, spec: QuantSpec, settings: "CoraSettings", cov: torch.Tensor | None,
+                    decompose: bool) -> tuple[QuantizedTensor, tuple | None]:
+    """The layer's grid (range from the input-weighted error when clip_metric == "input", GPTQ
+    rounding when rounding == "gptq"; both need the input second moment cov) and, when decompose,
+    the residual's factors (U S, V) with R = U S V, decomposed in the metric of the inputs when
+    svd == "activation"."""
+    if settings.clip_metric == "input" and cov is not None:
+        qt = input_weighted_clip(w, spec, cov)
+    else:
+        qt = quantize_weight(w, spec)
+    if settings.rounding == "gptq" and cov is not None:
+        qt = gptq_round(w, qt, cov, act_order=settings.act_order)
     if not decompose:
         return qt, None
     r = (w - qt.dequantize().to(torch.float32)).reshape(w.shape[0], -1)
-    if svd == "activation":
+    if settings.svd == "activation":
         h = cov.double()
         h = h + torch.eye(h.shape[0], dtype=h.dtype) * (0.01 * torch.diag(h).mean() + 1e-12)
         chol = torch.linalg.cholesky(h)  # H = C C^T
@@ -469,39 +529,29 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
     calib = as_torch(calib).subset(settings.calib_size, settings.seed)
     stats_set = calib.subset(settings.stats_size, settings.seed + 1)
     stats_batches = list(stats_set.batches(32))
-    ungrouped = {n for n in bits if not (isinstance(layers[n], nn.Conv2d) and layers[n].groups != 1)}
-    need_cov = ungrouped if settings.rounding == "gptq" else set()  # grouped convs: nearest rounding
-    if settings.svd == "activation":
-        need_cov |= set(adapted)
-    log.info("CoRa: %d layers, %d with adapters; statistics pass on %d images", len(bits), len(adapted), len(stats_set))
+    log.info("CoRa: %d layers, %d with adapters; statistics on %d images", len(bits), len(adapted), len(stats_set))
     t0 = time.perf_counter()
-    float_stats, cov = _float_statistics(teacher, layers, need_cov, stats_batches)
+    float_stats = _float_statistics(teacher, layers, stats_batches) if settings.stats != "none" else {}
+    grids, factors = _quantize_layers(teacher, layers, bits, adapted, settings, stats_batches)
+    log.info("statistics, quantization (%s rounding) and residual decomposition (%s): %.1f s", settings.rounding,
+             settings.svd, time.perf_counter() - t0)
     t1 = time.perf_counter()
     per_step = settings.augment != "none" or settings.features != "none"  # float outputs at every step
     with torch.no_grad():
         teacher_logits = None if per_step else torch.cat([teacher(x) for x in calib.batches(64)])
-    log.info("statistics pass %.1f s, teacher logits on %d images %.1f s", t1 - t0, 0 if per_step else len(calib),
-             time.perf_counter() - t1)
-    t0 = time.perf_counter()
+    log.info("teacher logits on %d images %.1f s", 0 if per_step else len(calib), time.perf_counter() - t1)
 
-    # quantize, decompose the residual
     student = copy.deepcopy(teacher)
     wrapped: dict[str, _Layer] = {}
-    grids = {}
     full, per_rank, weight_frac = {}, {}, {}
-    for name, b in bits.items():
-        mod = layers[name]
-        qt, factors = _quantize_layer(mod.weight.detach(), settings.spec(b), settings.rounding, settings.svd,
-                                      cov.get(name), name in adapted)
-        grids[name] = qt
-        wq = qt.dequantize().to(torch.float32)
-        if factors is not None:
-            full[name] = factors[1].shape[0]
-            per_rank[name] = factors[1].shape[1] + factors[0].shape[0]
+    for name in bits:
+        wq = grids[name].dequantize().to(torch.float32)
+        f = factors[name]
+        if f is not None:
+            full[name] = f[1].shape[0]
+            per_rank[name] = f[1].shape[1] + f[0].shape[0]
             weight_frac[name] = full[name] * per_rank[name] / total_params
-        wrapped[name] = _Layer(mod, wq, factors, settings.order, 1.0)
-    log.info("quantization (%s rounding) and residual decomposition (%s): %.1f s", settings.rounding, settings.svd,
-             time.perf_counter() - t0)
+        wrapped[name] = _Layer(layers[name], wq, f, settings.order, 1.0)
     if adapted:
         start = min(1.0, settings.budget / max(sum(weight_frac.values()), 1e-12))
         for n in adapted:
@@ -537,7 +587,7 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
     # Linear layers (the classifier): per-class corrections, left alone unless fit_classifier
     fixed = frozenset() if settings.fit_classifier else frozenset(n for n in wrapped if isinstance(layers[n], nn.Linear))
     if settings.stats != "none":
-        _correct_statistics(student, wrapped, float_stats, torch.cat(stats_batches), settings.stats, fixed)
+        _correct_statistics(student, wrapped, float_stats, torch.cat(stats_batches[:4]), settings.stats, fixed)
 
     # rank search: only the cutoffs are trained
     cs = [wrapped[n].c for n in adapted]
@@ -583,7 +633,7 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
             for w in wrapped.values():
                 w.gain.fill_(1.0)
         _reset_biases(wrapped, layers)
-        _correct_statistics(student, wrapped, float_stats, torch.cat(stats_batches), settings.stats, fixed)
+        _correct_statistics(student, wrapped, float_stats, torch.cat(stats_batches[:4]), settings.stats, fixed)
 
     # fine-tune adapter factors and biases by distillation
     if settings.finetune_iters > 0 and live:

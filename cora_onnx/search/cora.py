@@ -41,6 +41,7 @@ from ..torch_images import as_torch
 from ..quantizers import CLIP_METHODS, QuantSpec, QuantizedTensor, gptq_round, input_weighted_clip, quantize_weight
 from .layers import LayerSelection, layer_kind, select_layers, uniform_from
 from .options import CliOption
+from .distill import AUGMENTS, DISTILLS, Capture, augment_batch, distill_loss, feature_loss
 from .stats import input_second_moments, input_width
 
 __all__ = ["CoraSettings", "search_cora", "cora_report", "CORA_OPTIONS", "PRESETS", "butterworth", "augment_batch"]
@@ -62,8 +63,6 @@ PRESETS: dict[str, dict] = {
 ROUNDINGS = ("nearest", "gptq")
 SVDS = ("weight", "activation")
 STATS = ("none", "mean", "float")
-AUGMENTS = ("none", "flip", "crop", "mix")
-DISTILLS = ("kl", "mse")
 FEATURES = ("none", "layers")
 CLIP_METRICS = ("weight", "input")
 
@@ -399,70 +398,6 @@ def _correct_statistics(student: nn.Module, wrapped: dict[str, _Layer], target: 
             h.remove()
 
 
-def _kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the student's log-softmax against the teacher's softmax."""
-    return -(F.softmax(teacher_logits, 1) * F.log_softmax(student_logits, 1)).sum(1).mean()
-
-
-def _logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of the logits, each row centred (softmax ignores a shared shift)."""
-    s = student_logits - student_logits.mean(1, keepdim=True)
-    t = teacher_logits - teacher_logits.mean(1, keepdim=True)
-    return (s - t).pow(2).mean()
-
-
-def _feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over layers of each output's squared error relative to the float output's power."""
-    terms = [(student[n] - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12) for n, t in teacher.items()]
-    return torch.stack(terms).mean()
-
-
-class _Capture:
-    """Forward hooks that keep the latest output of each named module."""
-
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.out: dict[str, torch.Tensor] = {}
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
-
-    def _hook(self, name: str):
-        def fn(mod, inputs, out):
-            self.out[name] = out
-        return fn
-
-    def take(self) -> dict[str, torch.Tensor]:
-        out, self.out = self.out, {}
-        return out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """Augment a normalized N x 3 x H x W batch (see CoraSettings.augment); deterministic under gen."""
-    if mode == "none":
-        return x
-    n, _, h, w = x.shape
-    if mode in ("crop", "mix"):
-        out = []
-        for img in x:
-            u = torch.rand(4, generator=gen).tolist()
-            area = h * w * (0.25 + 0.75 * u[0])
-            ratio = math.exp(math.log(3 / 4) + u[1] * math.log(16 / 9))
-            ch = max(1, min(h, round(math.sqrt(area / ratio))))
-            cw = max(1, min(w, round(math.sqrt(area * ratio))))
-            top, left = int(u[2] * (h - ch + 1)), int(u[3] * (w - cw + 1))
-            out.append(F.interpolate(img[None, :, top:top + ch, left:left + cw], size=(h, w), mode="bilinear",
-                                     align_corners=False))
-        x = torch.cat(out)
-    flip = torch.rand(n, generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    if mode == "mix" and n > 1:
-        lam = torch.rand(n, 1, 1, 1, generator=gen)
-        x = lam * x + (1 - lam) * x.roll(1, 0)
-    return x
-
-
 def _quantize_adapter(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric grid: (dequantized values, scales)."""
     qt = quantize_weight(t, QuantSpec(bits=bits, per_channel=True, symmetric=True, clip="minmax"))
@@ -512,8 +447,206 @@ def _project_ranks(c: dict[str, float], full: dict[str, int], per_rank: dict[str
     return ranks(lo)
 
 
+@dataclass
+class _Search:
+    """The state the phases of search_cora pass along."""
+
+    settings: CoraSettings
+    teacher: nn.Module
+    layers: dict[str, nn.Module]
+    bits: dict[str, int]
+    adapted: list[str]
+    calib: object
+    total_params: int
+    student: nn.Module | None = None
+    wrapped: dict[str, _Layer] = field(default_factory=dict)
+    full: dict[str, int] = field(default_factory=dict)
+    per_rank: dict[str, int] = field(default_factory=dict)
+    weight_frac: dict[str, float] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)
+    c_final: dict[str, float] = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    objective: object = None
+
+
+def _build_student(st: _Search, grids: dict, factors: dict) -> None:
+    """The student: every planned layer a _Layer (grid + Butterworth-weighted residual), cutoffs
+    started where the budget is met with equal fractions."""
+    st.student = copy.deepcopy(st.teacher)
+    for name in st.bits:
+        f = factors[name]
+        if f is not None:
+            st.full[name] = f[1].shape[0]
+            st.per_rank[name] = f[1].shape[1] + f[0].shape[0]
+            st.weight_frac[name] = st.full[name] * st.per_rank[name] / st.total_params
+        st.wrapped[name] = _Layer(st.layers[name], grids[name].dequantize().to(torch.float32), f, st.settings.order, 1.0)
+    if st.adapted:
+        start = min(1.0, st.settings.budget / max(sum(st.weight_frac.values()), 1e-12))
+        for n in st.adapted:
+            st.wrapped[n].c.data.fill_(max(start, 1.0 / st.full[n]))
+    for name, w in st.wrapped.items():
+        _set_module(st.student, name, w)
+    st.student.eval()
+
+
+def _make_objective(st: _Search, captures: list) -> None:
+    """st.objective(): one batch's distillation loss of the student against the float network
+    (teacher logits computed once unless augmentation or feature matching need them per step)."""
+    s, calib, teacher = st.settings, st.calib, st.teacher
+    per_step = s.augment != "none" or s.features != "none"
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        teacher_logits = None if per_step else torch.cat([teacher(x) for x in calib.batches(64)])
+    log.info("teacher logits on %d images %.1f s", 0 if per_step else len(calib), time.perf_counter() - t0)
+    gen = torch.Generator().manual_seed(s.seed)
+    feature_names = dict(st.wrapped) if s.features == "layers" else {}
+    t_capture = Capture({n: st.layers[n] for n in feature_names})
+    s_capture = Capture(feature_names)
+    captures += [t_capture, s_capture]
+
+    def objective() -> torch.Tensor:
+        idx = torch.randint(len(calib), (s.batch_size,), generator=gen)
+        x = calib.preprocess.normalize(calib.images[idx])
+        if per_step:
+            x = augment_batch(x, s.augment, gen)
+            with torch.no_grad():
+                t = teacher(x)
+            t_feats = t_capture.take()
+        else:
+            t, t_feats = teacher_logits[idx], {}
+        loss = distill_loss(st.student(x), t, s.distill)
+        s_feats = s_capture.take()
+        if t_feats:
+            loss = loss + s.feature_weight * feature_loss(s_feats, t_feats)
+        return loss
+
+    st.objective = objective
+
+
+def _search_ranks(st: _Search) -> None:
+    """Rank search: only the Butterworth cutoffs are trained, distillation + budget penalty."""
+    s, adapted = st.settings, st.adapted
+    if not adapted or s.search_iters <= 0:
+        return
+    cs = [st.wrapped[n].c for n in adapted]
+    fracs = torch.tensor([st.weight_frac[n] for n in adapted])
+    opt = torch.optim.Adam(cs, lr=s.lr)
+    lo = torch.tensor([1.0 / st.full[n] for n in adapted])
+    log.info("rank search: %d steps of %d images, budget %.3f of %d weight parameters",
+             s.search_iters, s.batch_size, s.budget, st.total_params)
+    for it in range(s.search_iters):
+        used = (torch.stack(cs) * fracs).sum()
+        kd = st.objective()
+        loss = kd + s.gamma * torch.exp(F.relu(used - s.budget))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_value_(cs, 1.0)
+        opt.step()
+        with torch.no_grad():
+            c_new = torch.minimum(torch.maximum(torch.stack(cs), lo), torch.ones_like(lo))
+            for p, v in zip(cs, c_new):
+                p.fill_(v)
+        st.history.append((float(kd.detach()), float(used.detach())))
+        if it % 25 == 0 or it == s.search_iters - 1:
+            ranks_now = [math.ceil(float(p.detach()) * st.full[n]) for p, n in zip(cs, adapted)]
+            log.info("search %d/%d: distillation loss %.4f, budget used %.4f/%.4f, ranks %d-%d (median %d)",
+                     it + 1, s.search_iters, float(kd.detach()), float(used.detach()), s.budget,
+                     min(ranks_now), max(ranks_now), int(np.median(ranks_now)))
+
+
+def _fix_ranks(st: _Search) -> list[str]:
+    """Project the cutoffs to integer ranks under the budget; returns the layers left with an adapter."""
+    st.c_final = {n: float(st.wrapped[n].c.detach()) for n in st.adapted}
+    allowed = st.settings.budget * st.total_params
+    st.ranks = _project_ranks(st.c_final, st.full, st.per_rank, allowed) if st.adapted else {}
+    for n in st.adapted:
+        if st.ranks[n] > 0:
+            st.wrapped[n].set_hard(st.ranks[n])
+        else:
+            st.wrapped[n].mode = "none"
+    return [n for n in st.adapted if st.ranks.get(n, 0) > 0]
+
+
+def _finetune(st: _Search, live: list[str], fixed: frozenset) -> None:
+    """Fine-tune the adapter factors (and the biases unless finetune_biases is False) by distillation."""
+    s = st.settings
+    if s.finetune_iters <= 0 or not live:
+        return
+    params = []
+    for n in live:
+        for p in (st.wrapped[n].a, st.wrapped[n].b):
+            params.append({"params": [p], "lr": 1e-3 * float(p.detach().pow(2).mean().sqrt()) + 1e-12})
+    for name, w in st.wrapped.items():
+        if name in fixed or not s.finetune_biases:
+            continue
+        w.bias.requires_grad_(True)
+        params.append({"params": [w.bias], "lr": 1e-3 * float(w.bias.detach().pow(2).mean().sqrt()) + 1e-6})
+    opt = torch.optim.Adam(params)
+    log.info("fine-tuning %d adapters and %d biases: %d steps", len(live), len(params) - 2 * len(live),
+             s.finetune_iters)
+    used = float(sum(st.ranks[n] * st.per_rank[n] for n in live) / st.total_params)
+    for it in range(s.finetune_iters):
+        kd = st.objective()
+        opt.zero_grad()
+        kd.backward()
+        opt.step()
+        st.history.append((float(kd.detach()), used))
+        if it % 25 == 0 or it == s.finetune_iters - 1:
+            log.info("fine-tune %d/%d: distillation loss %.4f", it + 1, s.finetune_iters, float(kd.detach()))
+
+
+def _build_plan(st: _Search, grids: dict, live: list[str], seconds: float) -> Plan:
+    """The Plan: each layer's grid (gains folded into the scales), adapter factors (quantized to
+    adapter_bits) and bias when changed; the search's figures in meta["cora"]."""
+    s = st.settings
+    plans = []
+    adapter_params = 0
+    for name in st.bits:
+        w = st.wrapped[name]
+        qt = grids[name]
+        gain = w.gain.detach()
+        if not torch.allclose(gain, torch.ones_like(gain)):
+            scale = (qt.scale.expand(gain.shape[0]) if not s.per_channel else qt.scale) * gain
+            zp = qt.zero_point.expand(gain.shape[0]) if not s.per_channel else qt.zero_point
+            qt = dataclasses.replace(qt, scale=scale.contiguous(), zero_point=zp.contiguous(),
+                                     spec=dataclasses.replace(qt.spec, per_channel=True))
+        adapter = None
+        if w.mode == "hard":
+            a = w.a.detach().reshape((w.a.shape[0],) + w.shape[1:])
+            bmat = (w.b.detach() * gain[:, None]).reshape(w.shape[0], -1, 1, 1)
+            a_scale = b_scale = None
+            if s.adapter_bits:
+                a, a_scale = _quantize_adapter(a, s.adapter_bits)
+                bmat, b_scale = _quantize_adapter(bmat, s.adapter_bits)
+            adapter = LowRankAdapter(rank=int(a.shape[0]), a=a.numpy().astype(np.float32),
+                                     b=bmat.numpy().astype(np.float32), bits=s.adapter_bits or None,
+                                     a_scale=None if a_scale is None else a_scale.numpy(),
+                                     b_scale=None if b_scale is None else b_scale.numpy())
+            adapter_params += adapter.params
+        info = {"rank": st.ranks.get(name, 0), "full_rank": st.full.get(name, 0)}
+        if name in st.c_final:
+            info["cutoff"] = st.c_final[name]
+        bias = w.bias.detach().numpy().astype(np.float32)
+        orig_bias = st.layers[name].bias
+        changed = orig_bias is None or not np.array_equal(bias, orig_bias.detach().numpy())
+        plans.append(LayerPlan(name=name, kind=layer_kind(st.layers[name]), shape=tuple(w.shape),
+                               uniform=uniform_from(qt), adapter=adapter, bias=Bias(bias) if changed else None,
+                               info=info))
+    meta = {"cora": {"iterations": len(st.history), "search_iterations": s.search_iters if st.adapted else 0,
+                     "finetune_iterations": s.finetune_iters if live else 0,
+                     "adapter_params": adapter_params, "weight_params": st.total_params,
+                     "adapter_fraction": adapter_params / st.total_params, "budget": s.budget,
+                     "ranks": {n: st.ranks[n] for n in st.adapted}, "search_seconds": seconds,
+                     "loss_history": [round(h[0], 5) for h in st.history]}}
+    log.info("CoRa done in %.1f s: adapters %d parameters (%.2f%% of %d), %d steps", seconds, adapter_params,
+             100 * adapter_params / st.total_params, st.total_params, len(st.history))
+    return Plan(method="cora", settings={"method": "cora", **s.to_json()}, layers=tuple(plans), meta=meta)
+
+
 def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
-    """Quantize every selected layer, search adapter ranks under the budget, fine-tune, and plan."""
+    """Quantize every selected layer, search adapter ranks under the budget, fine-tune, and plan:
+    statistics and quantization (_quantize_layers), the student (_build_student), rank search
+    (_search_ranks), rank projection (_fix_ranks), fine-tuning (_finetune), the plan (_build_plan)."""
     if calib is None or len(calib) == 0:
         raise DataError("CoRa needs calibration images")
     t_start = time.perf_counter()
@@ -523,188 +656,41 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
         p.requires_grad_(False)
     layers = quantizable_layers(teacher)
     bits = select_layers(layers, settings.bits, settings.selection)
-    total_params = sum(m.weight.numel() for m in layers.values())
     adapted = [n for n, b in bits.items() if b == settings.bits and b < 8 and settings.budget > 0
                and isinstance(layers[n], nn.Conv2d) and layers[n].groups == 1]
     calib = as_torch(calib).subset(settings.calib_size, settings.seed)
-    stats_set = calib.subset(settings.stats_size, settings.seed + 1)
-    stats_batches = list(stats_set.batches(32))
-    log.info("CoRa: %d layers, %d with adapters; statistics on %d images", len(bits), len(adapted), len(stats_set))
+    st = _Search(settings, teacher, layers, bits, adapted, calib, sum(m.weight.numel() for m in layers.values()))
+    stats_batches = list(calib.subset(settings.stats_size, settings.seed + 1).batches(32))
+    log.info("CoRa: %d layers, %d with adapters; statistics on %d images", len(bits), len(adapted),
+             sum(len(b) for b in stats_batches))
     t0 = time.perf_counter()
     float_stats = _float_statistics(teacher, layers, stats_batches) if settings.stats != "none" else {}
     grids, factors = _quantize_layers(teacher, layers, bits, adapted, settings, stats_batches)
     log.info("statistics, quantization (%s rounding) and residual decomposition (%s): %.1f s", settings.rounding,
              settings.svd, time.perf_counter() - t0)
-    t1 = time.perf_counter()
-    per_step = settings.augment != "none" or settings.features != "none"  # float outputs at every step
-    with torch.no_grad():
-        teacher_logits = None if per_step else torch.cat([teacher(x) for x in calib.batches(64)])
-    log.info("teacher logits on %d images %.1f s", 0 if per_step else len(calib), time.perf_counter() - t1)
-
-    student = copy.deepcopy(teacher)
-    wrapped: dict[str, _Layer] = {}
-    full, per_rank, weight_frac = {}, {}, {}
-    for name in bits:
-        wq = grids[name].dequantize().to(torch.float32)
-        f = factors[name]
-        if f is not None:
-            full[name] = f[1].shape[0]
-            per_rank[name] = f[1].shape[1] + f[0].shape[0]
-            weight_frac[name] = full[name] * per_rank[name] / total_params
-        wrapped[name] = _Layer(layers[name], wq, f, settings.order, 1.0)
-    if adapted:
-        start = min(1.0, settings.budget / max(sum(weight_frac.values()), 1e-12))
-        for n in adapted:
-            wrapped[n].c.data.fill_(max(start, 1.0 / full[n]))
-    for name, w in wrapped.items():
-        _set_module(student, name, w)
-    student.eval()
-
-    gen = torch.Generator().manual_seed(settings.seed)
-
-    feature_names = dict(wrapped) if settings.features == "layers" else {}
-    t_capture = _Capture({n: layers[n] for n in feature_names})
-    s_capture = _Capture(feature_names)
-
-    def objective() -> torch.Tensor:
-        """One batch: the distillation loss of the student against the float network."""
-        idx = torch.randint(len(calib), (settings.batch_size,), generator=gen)
-        x = calib.preprocess.normalize(calib.images[idx])
-        if per_step:
-            x = augment_batch(x, settings.augment, gen)
-            with torch.no_grad():
-                t = teacher(x)
-            t_feats = t_capture.take()
-        else:
-            t, t_feats = teacher_logits[idx], {}
-        out = student(x)
-        loss = _kd_loss(out, t) if settings.distill == "kl" else _logit_mse(out, t)
-        s_feats = s_capture.take()
-        if t_feats:
-            loss = loss + settings.feature_weight * _feature_loss(s_feats, t_feats)
-        return loss
-
+    _build_student(st, grids, factors)
+    captures: list = []
+    _make_objective(st, captures)
     # Linear layers (the classifier): per-class corrections, left alone unless fit_classifier
-    fixed = frozenset() if settings.fit_classifier else frozenset(n for n in wrapped if isinstance(layers[n], nn.Linear))
+    fixed = frozenset() if settings.fit_classifier else \
+        frozenset(n for n in st.wrapped if isinstance(layers[n], nn.Linear))
+    stats_batch = torch.cat(stats_batches[:4]) if settings.stats != "none" else None
     if settings.stats != "none":
-        _correct_statistics(student, wrapped, float_stats, torch.cat(stats_batches[:4]), settings.stats, fixed)
-
-    # rank search: only the cutoffs are trained
-    cs = [wrapped[n].c for n in adapted]
-    fracs = torch.tensor([weight_frac[n] for n in adapted])
-    history = []
-    if adapted and settings.search_iters > 0:
-        opt = torch.optim.Adam(cs, lr=settings.lr)
-        lo = torch.tensor([1.0 / full[n] for n in adapted])
-        log.info("rank search: %d steps of %d images, budget %.3f of %d weight parameters",
-                 settings.search_iters, settings.batch_size, settings.budget, total_params)
-        for it in range(settings.search_iters):
-            c_vec = torch.stack(cs)
-            used = (c_vec * fracs).sum()
-            kd = objective()
-            loss = kd + settings.gamma * torch.exp(F.relu(used - settings.budget))
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_value_(cs, 1.0)
-            opt.step()
-            with torch.no_grad():
-                c_new = torch.minimum(torch.maximum(torch.stack(cs), lo), torch.ones_like(lo))
-                for p, v in zip(cs, c_new):
-                    p.fill_(v)
-            history.append((float(kd.detach()), float(used.detach())))
-            if it % 25 == 0 or it == settings.search_iters - 1:
-                ranks_now = [math.ceil(float(p.detach()) * full[n]) for p, n in zip(cs, adapted)]
-                log.info("search %d/%d: distillation loss %.4f, budget used %.4f/%.4f, ranks %d-%d (median %d)",
-                         it + 1, settings.search_iters, float(kd.detach()), float(used.detach()), settings.budget,
-                         min(ranks_now), max(ranks_now), int(np.median(ranks_now)))
-
-    # fix the ranks under the budget
-    allowed = settings.budget * total_params
-    c_final = {n: float(wrapped[n].c.detach()) for n in adapted}
-    ranks = _project_ranks(c_final, full, per_rank, allowed) if adapted else {}
-    for n in adapted:
-        if ranks[n] > 0:
-            wrapped[n].set_hard(ranks[n])
-        else:
-            wrapped[n].mode = "none"
-    live = [n for n in adapted if ranks.get(n, 0) > 0]
-    if settings.stats != "none":
-        with torch.no_grad():  # re-estimate from the gain/bias state before the soft correction
-            for w in wrapped.values():
-                w.gain.fill_(1.0)
-        _reset_biases(wrapped, layers)
-        _correct_statistics(student, wrapped, float_stats, torch.cat(stats_batches[:4]), settings.stats, fixed)
-
-    # fine-tune adapter factors and biases by distillation
-    if settings.finetune_iters > 0 and live:
-        params = []
-        for n in live:
-            for p in (wrapped[n].a, wrapped[n].b):
-                params.append({"params": [p], "lr": 1e-3 * float(p.detach().pow(2).mean().sqrt()) + 1e-12})
-        for name, w in wrapped.items():
-            if name in fixed or not settings.finetune_biases:
-                continue
-            w.bias.requires_grad_(True)
-            params.append({"params": [w.bias], "lr": 1e-3 * float(w.bias.detach().pow(2).mean().sqrt()) + 1e-6})
-        opt = torch.optim.Adam(params)
-        log.info("fine-tuning %d adapters and %d biases: %d steps", len(live), len(params) - 2 * len(live),
-                 settings.finetune_iters)
-        for it in range(settings.finetune_iters):
-            kd = objective()
-            opt.zero_grad()
-            kd.backward()
-            opt.step()
-            history.append((float(kd.detach()), float(sum(ranks[n] * per_rank[n] for n in live) / total_params)))
-            if it % 25 == 0 or it == settings.finetune_iters - 1:
-                log.info("fine-tune %d/%d: distillation loss %.4f", it + 1, settings.finetune_iters, float(kd.detach()))
-
-    t_capture.remove()
-    s_capture.remove()
-
-    # the plan
-    plans = []
-    adapter_params = 0
-    for name, b in bits.items():
-        w = wrapped[name]
-        qt = grids[name]
-        gain = w.gain.detach()
-        if not torch.allclose(gain, torch.ones_like(gain)):
-            scale = (qt.scale.expand(gain.shape[0]) if not settings.per_channel else qt.scale) * gain
-            zp = qt.zero_point.expand(gain.shape[0]) if not settings.per_channel else qt.zero_point
-            qt = dataclasses.replace(qt, scale=scale.contiguous(), zero_point=zp.contiguous(),
-                                     spec=dataclasses.replace(qt.spec, per_channel=True))
-        adapter = None
-        if w.mode == "hard":
-            a = w.a.detach().reshape((w.a.shape[0],) + w.shape[1:])
-            bmat = (w.b.detach() * gain[:, None]).reshape(w.shape[0], -1, 1, 1)
-            a_scale = b_scale = None
-            if settings.adapter_bits:
-                a, a_scale = _quantize_adapter(a, settings.adapter_bits)
-                bmat, b_scale = _quantize_adapter(bmat, settings.adapter_bits)
-            adapter = LowRankAdapter(rank=int(a.shape[0]), a=a.numpy().astype(np.float32),
-                                     b=bmat.numpy().astype(np.float32), bits=settings.adapter_bits or None,
-                                     a_scale=None if a_scale is None else a_scale.numpy(),
-                                     b_scale=None if b_scale is None else b_scale.numpy())
-            adapter_params += adapter.params
-        info = {"rank": ranks.get(name, 0), "full_rank": full.get(name, 0)}
-        if name in c_final:
-            info["cutoff"] = c_final[name]
-        bias = w.bias.detach().numpy().astype(np.float32)
-        orig_bias = layers[name].bias
-        changed = orig_bias is None or not np.array_equal(bias, orig_bias.detach().numpy())
-        plans.append(LayerPlan(name=name, kind=layer_kind(layers[name]), shape=tuple(w.shape),
-                               uniform=uniform_from(qt), adapter=adapter, bias=Bias(bias) if changed else None,
-                               info=info))
-    seconds = time.perf_counter() - t_start
-    meta = {"cora": {"iterations": len(history), "search_iterations": settings.search_iters if adapted else 0,
-                     "finetune_iterations": settings.finetune_iters if live else 0,
-                     "adapter_params": adapter_params, "weight_params": total_params,
-                     "adapter_fraction": adapter_params / total_params, "budget": settings.budget,
-                     "ranks": {n: ranks[n] for n in adapted}, "search_seconds": seconds,
-                     "loss_history": [round(h[0], 5) for h in history]}}
-    log.info("CoRa done in %.1f s: adapters %d parameters (%.2f%% of %d), %d steps", seconds, adapter_params,
-             100 * adapter_params / total_params, total_params, len(history))
-    return Plan(method="cora", settings={"method": "cora", **settings.to_json()}, layers=tuple(plans), meta=meta)
+        _correct_statistics(st.student, st.wrapped, float_stats, stats_batch, settings.stats, fixed)
+    try:
+        _search_ranks(st)
+        live = _fix_ranks(st)
+        if settings.stats != "none":
+            with torch.no_grad():  # re-estimate from the gain/bias state before the soft correction
+                for w in st.wrapped.values():
+                    w.gain.fill_(1.0)
+            _reset_biases(st.wrapped, layers)
+            _correct_statistics(st.student, st.wrapped, float_stats, stats_batch, settings.stats, fixed)
+        _finetune(st, live, fixed)
+    finally:
+        for c in captures:
+            c.remove()
+    return _build_plan(st, grids, live, time.perf_counter() - t_start)
 
 
 def _reset_biases(wrapped: dict[str, _Layer], layers: dict[str, nn.Module]) -> None:

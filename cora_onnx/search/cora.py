@@ -220,6 +220,16 @@ CORA_OPTIONS = (
     CliOption("--feature-weight", "feature_weight", float, "Weight of the --features loss [1.0]."),
     CliOption("--finetune-biases/--no-finetune-biases", "finetune_biases", bool,
               "Let the adapter fine-tuning train the layers' biases too [yes]."),
+    CliOption("--stats-images", "stats_size", int, "Calibration images for the input statistics of GPTQ and the "
+              "input-metric SVD (every output position, one K x K accumulator per layer) [512]."),
+    CliOption("--cov-rows", "cov_rows", float, "Input rows per layer for those statistics, as a multiple of the "
+              "layer's input width K (more positions are subsampled) [4]."),
+    CliOption("--gptq-passes", "gptq_passes", int, "1: every layer's statistics from the float network; n: layers in "
+              "n groups by depth, each from the network with the earlier groups quantized [default preset 1]."),
+    CliOption("--act-order/--no-act-order", "act_order", bool, "GPTQ rounds the columns by descending input "
+              "energy [default preset no]."),
+    CliOption("--clip-metric", "clip_metric", CLIP_METRICS, "Grid range per channel: from --clip (weight error), or "
+              "the one with the least layer-output error on the input statistics [default preset weight]."),
     CliOption("--stats", "stats", STATS, "Correct each layer's output statistics toward the float network: "
               "none, mean only, or mean and std [preset default: none]."),
 )

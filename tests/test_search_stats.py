@@ -76,7 +76,7 @@ def test_input_weighted_clip_needs_per_channel():
         input_weighted_clip(torch.randn(2, 3), QuantSpec(per_channel=False), torch.eye(3))
 
 
-@pytest.mark.parametrize("kw,word", [({"cov_rows": 0}, "cov_rows"), ({"gptq_passes": 0}, "gptq_passes"),
+@pytest.mark.parametrize("kw,word", [({"cov_rows": 0}, "cov_rows"), ({"gptq_damp": 0}, "gptq_damp"), ({"gptq_passes": 0}, "gptq_passes"),
                                      ({"gptq_passes": 1.5}, "gptq_passes"), ({"act_order": "yes"}, "act_order"),
                                      ({"clip_metric": "output"}, "clip_metric"),
                                      ({"clip_metric": "input", "per_channel": False}, "per-channel")])

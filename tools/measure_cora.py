@@ -74,6 +74,7 @@ LEVERS = {"default": {}, "reference": {"preset": "reference"},
           "clip-input": {"clip_metric": "input"}, "rows2": {"cov_rows": 2.0},
           "ft0": {"finetune_iters": 0},                        # every step on the rank search
           "ft20": {"finetune_iters": 20}, "iters60": {"iters": 60, "finetune_iters": 20},
+          "damp0.1": {"gptq_damp": 0.1}, "damp1": {"gptq_damp": 1.0}, "damp0.03": {"gptq_damp": 0.03},
           "adapter4": {"adapter_bits": 4}, "budget3": {"budget": 0.03}}
 
 
@@ -196,7 +197,7 @@ def _reuse_float_statistics() -> None:
 
     original, memo = cora._quantize_layers, {}
     fields = ("bits", "per_channel", "symmetric", "clip", "k", "rounding", "svd", "stats_size", "cov_rows",
-              "gptq_passes", "act_order", "clip_metric", "seed", "selection")
+              "gptq_passes", "act_order", "gptq_damp", "clip_metric", "seed", "selection")
 
     def cached(teacher, layers, bits, adapted, settings, batches):
         key = (tuple(sorted(bits.items())), tuple(adapted), tuple(getattr(settings, f) for f in fields),
@@ -207,6 +208,19 @@ def _reuse_float_statistics() -> None:
         return memo[key]
 
     cora._quantize_layers = cached
+
+    moments, mmemo = cora.input_second_moments, {}
+
+    def cached_moments(model, modules, batches, rows=None, seed=0):
+        """Statistics of the same network (all its parameters) on the same batches: computed once."""
+        key = (tuple(modules), tuple(sorted((rows or {}).items())), seed,
+               float(sum(p.double().sum() for p in model.parameters())),
+               tuple(float(b.double().sum()) for b in batches))
+        if key not in mmemo:
+            mmemo[key] = moments(model, modules, batches, rows, seed)
+        return dict(mmemo[key])
+
+    cora.input_second_moments = cached_moments
 
 
 def sample_table(recs: list[dict]) -> None:

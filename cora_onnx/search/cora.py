@@ -85,7 +85,9 @@ class CoraSettings:
     ResNet-18's layer4 has K = 4,608 and 49 positions per image, so 4 x K rows need 377 images);
     gptq_passes: 1 takes every layer's statistics from the float network; n > 1 splits the layers by
     depth into n groups and takes each group's statistics from the network whose earlier groups are
-    already quantized (sequential GPTQ: later layers absorb the earlier layers' error); act_order:
+    already quantized (sequential GPTQ: later layers absorb the earlier layers' error); gptq_damp:
+    added to the Hessian diagonal, times its mean (larger: closer to nearest rounding, less fitted to
+    the calibration images' input statistics); act_order:
     GPTQ rounds the columns by descending input energy; clip_metric: weight (the grid's range from
     `clip`, on the weight error) or input (per channel, the range among 13 candidates, 100% to 52% of
     min/max, with the least output error sum (w - w_hat) H (w - w_hat)^T for nearest rounding).
@@ -124,6 +126,7 @@ class CoraSettings:
     cov_rows: float = 4.0
     gptq_passes: int | None = None
     act_order: bool | None = None
+    gptq_damp: float = 0.01
     clip_metric: str | None = None
     fit_classifier: bool = True
     augment: str | None = None
@@ -156,6 +159,8 @@ class CoraSettings:
         if not (isinstance(self.gptq_passes, int) and not isinstance(self.gptq_passes, bool)
                 and 1 <= self.gptq_passes <= 64):
             raise SettingsError(f"gptq_passes must be an integer from 1 to 64, got {self.gptq_passes!r}")
+        if not (isinstance(self.gptq_damp, (int, float)) and 0 < self.gptq_damp <= 100):
+            raise SettingsError(f"gptq_damp must be > 0 and <= 100 (times the mean Hessian diagonal), got {self.gptq_damp!r}")
         if not isinstance(self.act_order, bool):
             raise SettingsError(f"act_order must be True or False, got {self.act_order!r}")
         if self.clip_metric == "input" and not self.per_channel:
@@ -226,6 +231,7 @@ CORA_OPTIONS = (
               "layer's input width K (more positions are subsampled) [4]."),
     CliOption("--gptq-passes", "gptq_passes", int, "1: every layer's statistics from the float network; n: layers in "
               "n groups by depth, each from the network with the earlier groups quantized [default preset 1]."),
+    CliOption("--gptq-damp", "gptq_damp", float, "GPTQ damping, times the mean Hessian diagonal [0.01]."),
     CliOption("--act-order/--no-act-order", "act_order", bool, "GPTQ rounds the columns by descending input "
               "energy [default preset no]."),
     CliOption("--clip-metric", "clip_metric", CLIP_METRICS, "Grid range per channel: from --clip (weight error), or "
@@ -425,7 +431,7 @@ def _quantize_layer(w: torch.Tensor, spec: QuantSpec, settings: "CoraSettings", 
     else:
         qt = quantize_weight(w, spec)
     if settings.rounding == "gptq" and cov is not None:
-        qt = gptq_round(w, qt, cov, act_order=settings.act_order)
+        qt = gptq_round(w, qt, cov, damp=settings.gptq_damp, act_order=settings.act_order)
     if not decompose:
         return qt, None
     r = (w - qt.dequantize().to(torch.float32)).reshape(w.shape[0], -1)

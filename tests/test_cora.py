@@ -115,6 +115,12 @@ def test_bad_settings(kw, word):
         CoraSettings(**kw)
 
 
+def test_adapter_bits_follow_the_weight_bits():
+    assert (CoraSettings(bits=4).adapter_bits, CoraSettings(bits=3).adapter_bits, CoraSettings(bits=2).adapter_bits) \
+        == (8, 4, 4)
+    assert CoraSettings(bits=3, adapter_bits=8).adapter_bits == 8 and CoraSettings(bits=3, adapter_bits=0).adapter_bits == 0
+
+
 def test_presets_fill_unset_fields():
     ref = CoraSettings(preset="reference")
     assert (ref.per_channel, ref.symmetric, ref.clip, ref.svd, ref.stats, ref.finetune_iters) == \

@@ -74,7 +74,7 @@ LEVERS = {"default": {}, "reference": {"preset": "reference"},
           "clip-input": {"clip_metric": "input"}, "rows2": {"cov_rows": 2.0},
           "ft0": {"finetune_iters": 0},                        # every step on the rank search
           "ft20": {"finetune_iters": 20}, "iters60": {"iters": 60, "finetune_iters": 20},
-          "damp0.1": {"gptq_damp": 0.1}, "damp1": {"gptq_damp": 1.0}, "damp0.03": {"gptq_damp": 0.03},
+          "nearest": {"rounding": "nearest"}, "damp0.1": {"gptq_damp": 0.1}, "damp1": {"gptq_damp": 1.0}, "damp0.03": {"gptq_damp": 0.03}, "damp0.001": {"gptq_damp": 0.001},
           "adapter4": {"adapter_bits": 4}, "budget3": {"budget": 0.03}}
 
 

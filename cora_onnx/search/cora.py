@@ -74,7 +74,8 @@ class CoraSettings:
     reference preset, 100 for the default one; finetune_iters: steps of those spent fine-tuning
     adapters after the ranks are fixed; calib_size: calibration images used; batch_size: images per step; order: Butterworth
     order n; lr: Adam step on the cutoffs; gamma: weight of the budget penalty; adapter_bits:
-    8 (per-channel symmetric) or 0 for float adapters; preset: "default" or "reference" (fills
+    2-8 (per-channel symmetric) or 0 for float adapters; None: 8, or 4 with 2-3-bit weights (their
+    file then shrinks with the grid: 8-bit adapters at 5% of the weights cost 0.4 bit per weight); preset: "default" or "reference" (fills
     every grid/rounding/svd/stats/finetune setting left as None); fit_classifier: False keeps Linear
     layers out of the statistics correction and the bias fine-tuning.
 
@@ -114,7 +115,7 @@ class CoraSettings:
     order: int = 4
     lr: float = 0.01
     gamma: float = 10.0
-    adapter_bits: int = 8
+    adapter_bits: int | None = None
     per_channel: bool | None = None
     symmetric: bool | None = None
     clip: str | None = None
@@ -146,6 +147,8 @@ class CoraSettings:
         if self.finetune_iters > self.iters and PRESETS[self.preset]["finetune_iters"] == self.finetune_iters:
             object.__setattr__(self, "finetune_iters", self.iters // 2)  # --iters below the preset's fine-tuning
         check_bits(self.bits)
+        if self.adapter_bits is None:  # 2-3-bit weights: 4-bit adapters, so the file shrinks with the grid
+            object.__setattr__(self, "adapter_bits", 8 if self.bits >= 4 else 4)
         if not (isinstance(self.budget, (int, float)) and 0 <= self.budget <= 1):
             raise SettingsError(f"budget must be a fraction from 0 to 1 of the weight parameters, got {self.budget!r}")
         if not 0 <= int(self.iters) <= 100_000:
@@ -208,7 +211,7 @@ CORA_OPTIONS = (
     CliOption("--calib-size", "calib_size", int, "Calibration images used [1600]."),
     CliOption("--search-batch", "batch_size", int, "Images per optimization step [16]."),
     CliOption("--order", "order", int, "Butterworth filter order [4]."),
-    CliOption("--adapter-bits", "adapter_bits", str, "Adapter weight bits (per-channel symmetric), or float [8].",
+    CliOption("--adapter-bits", "adapter_bits", str, "Adapter weight bits (per-channel symmetric), or float [8; 4 with 2-3-bit weights].",
               convert=_parse_adapter_bits),
     CliOption("--rounding", "rounding", ROUNDINGS, "Weight rounding: nearest, or GPTQ error feedback [default gptq]."),
     CliOption("--svd", "svd", SVDS, "Residual decomposition: plain weight SVD, or in the metric of the layer "
@@ -686,7 +689,8 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
              settings.svd, time.perf_counter() - t0)
     _build_student(st, grids, factors)
     captures: list = []
-    _make_objective(st, captures)
+    if adapted and settings.iters > 0:  # some step will train: the distillation objective
+        _make_objective(st, captures)
     # Linear layers (the classifier): per-class corrections, left alone unless fit_classifier
     fixed = frozenset() if settings.fit_classifier else \
         frozenset(n for n in st.wrapped if isinstance(layers[n], nn.Linear))

@@ -70,7 +70,8 @@ LEVERS = {"default": {}, "reference": {"preset": "reference"},
           "stats-float": {"stats": "float"}, "stats-mean": {"stats": "mean"},  # statistics alignment
           "iters250": {"iters": 250, "finetune_iters": 100},
           # GPTQ on full-rank input statistics (stats.py): sequential groups, act-order, output-error clip
-          "seq4": {"gptq_passes": 4}, "seq8": {"gptq_passes": 8}, "act-order": {"act_order": True},
+          "seq4": {"gptq_passes": 4}, "seq8": {"gptq_passes": 8}, "act-order": {"act_order": True}, "no-act-order": {"act_order": False},
+          "clip-weight": {"clip_metric": "weight"},
           "clip-input": {"clip_metric": "input"}, "rows2": {"cov_rows": 2.0},
           "ft0": {"finetune_iters": 0},                        # every step on the rank search
           "ft20": {"finetune_iters": 20}, "iters60": {"iters": 60, "finetune_iters": 20},

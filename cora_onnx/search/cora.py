@@ -58,7 +58,7 @@ PRESETS: dict[str, dict] = {
     # on held-out classes)
     "default": dict(per_channel=True, symmetric=True, clip="mse", k=3.0, rounding="gptq", svd="activation",
                     stats="none", iters=100, finetune_iters=40, augment="none", distill="kl", features="none",
-                    gptq_passes=1, act_order=False, clip_metric="weight"),
+                    gptq_passes=1, act_order=True, clip_metric="input"),
 }
 ROUNDINGS = ("nearest", "gptq")
 SVDS = ("weight", "activation")

@@ -6,8 +6,10 @@ the forward pass (W_q + B diag(T(c)^2) A, one conv per layer) instead of running
 full-rank convolutions, and only the cutoffs c_l are trained. Beyond the paper (the `default`
 preset; `reference` reproduces the paper's choices):
 
-- grid: per-channel symmetric with an MSE-searched range instead of per-tensor mean +/- k std;
-- rounding: error-feedback (GPTQ) rounding on the layer's input statistics instead of nearest;
+- grid: per-channel symmetric, each channel's range the one with the least layer-output error on
+  the input statistics, instead of per-tensor mean +/- k std;
+- rounding: error-feedback (GPTQ, act-order) rounding on the layer's input statistics (full rank:
+  every output position of 512 images, streamed by search/stats.py) instead of nearest;
 - residual: decomposed in the metric of the layer's inputs (SVD of R C with C C^T the input
   second moment), so the top singular directions are those that matter for the layer *output*;
 - statistics: each quantized layer's output is corrected toward the float network's per-channel
@@ -55,7 +57,8 @@ PRESETS: dict[str, dict] = {
                       gptq_passes=1, act_order=False, clip_metric="weight"),
     # the best combination measured here (see tools/measure_cora.py and docs/results/cora.md: the statistics
     # correction helped in the light ablation but lost 0.4-2.2 points in the full runs, in-class and
-    # on held-out classes)
+    # on held-out classes; act-order and the output-error clip won on the many-class protocol, the
+    # sequential passes did not, issue 14)
     "default": dict(per_channel=True, symmetric=True, clip="mse", k=3.0, rounding="gptq", svd="activation",
                     stats="none", iters=100, finetune_iters=40, augment="none", distill="kl", features="none",
                     gptq_passes=1, act_order=True, clip_metric="input"),

@@ -76,7 +76,8 @@ LEVERS = {"default": {}, "reference": {"preset": "reference"},
           "ft0": {"finetune_iters": 0},                        # every step on the rank search
           "ft20": {"finetune_iters": 20}, "iters60": {"iters": 60, "finetune_iters": 20},
           "nearest": {"rounding": "nearest"}, "damp0.1": {"gptq_damp": 0.1}, "damp1": {"gptq_damp": 1.0}, "damp0.03": {"gptq_damp": 0.03}, "damp0.001": {"gptq_damp": 0.001},
-          "adapter4": {"adapter_bits": 4}, "budget3": {"budget": 0.03}}
+          "adapter4": {"adapter_bits": 4}, "adapter8": {"adapter_bits": 8},
+          "a8": {"act_bits": 8, "act_calib": "minmax"},  # full rows only: 8-bit activations, adapters folded "budget3": {"budget": 0.03}}
 
 
 def lever_options(name: str) -> dict:

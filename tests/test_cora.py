@@ -211,7 +211,7 @@ def test_feature_loss_adds_to_the_first_step(setup):
 def test_mse_distillation_and_augmentation_learn(setup):
     model, calib = setup
     kw = dict(bits=2, budget=0.08, iters=60, finetune_iters=30)
-    base = search_cora(model, CoraSettings(**kw), calib)
+    base = search_cora(model, CoraSettings(**kw, distill="kl"), calib)
     for extra in ({"distill": "mse"}, {"augment": "mix", "features": "layers"}):
         plan = search_cora(model, CoraSettings(**kw, **extra), calib)
         hist = plan.meta["cora"]["loss_history"]

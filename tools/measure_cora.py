@@ -64,7 +64,7 @@ LEVERS = {"default": {}, "reference": {"preset": "reference"},
           "no-adapters": {"budget": 0.0},
           "fixed-classifier": {"fit_classifier": False},   # no statistics/bias change on the classifier
           "no-bias": {"finetune_biases": False},              # fine-tune adapter factors only
-          "mse": {"distill": "mse"},                        # all logits count the same
+          "mse": {"distill": "mse"}, "kl": {"distill": "kl"},                     # all logits count the same
           "features": {"features": "layers"},               # every planned layer's output matched
           "flip": {"augment": "flip"}, "crop": {"augment": "crop"}, "mix": {"augment": "mix"},
           "stats-float": {"stats": "float"}, "stats-mean": {"stats": "mean"},  # statistics alignment

@@ -57,10 +57,10 @@ PRESETS: dict[str, dict] = {
                       gptq_passes=1, act_order=False, clip_metric="weight"),
     # the best combination measured here (see tools/measure_cora.py and docs/results/cora.md: the statistics
     # correction helped in the light ablation but lost 0.4-2.2 points in the full runs, in-class and
-    # on held-out classes; act-order and the output-error clip won on the many-class protocol, the
-    # sequential passes did not, issue 14)
+    # on held-out classes; act-order, the output-error clip and the logit MSE won on the many-class
+    # protocol, the sequential passes did not, issue 14)
     "default": dict(per_channel=True, symmetric=True, clip="mse", k=3.0, rounding="gptq", svd="activation",
-                    stats="none", iters=100, finetune_iters=40, augment="none", distill="kl", features="none",
+                    stats="none", iters=100, finetune_iters=40, augment="none", distill="mse", features="none",
                     gptq_passes=1, act_order=True, clip_metric="input"),
 }
 ROUNDINGS = ("nearest", "gptq")
@@ -225,7 +225,7 @@ CORA_OPTIONS = (
     CliOption("--augment", "augment", AUGMENTS, "Distillation images: as they are, random flips, random resized "
               "crops and flips, or crops and flips blended in pairs [default none]."),
     CliOption("--distill", "distill", DISTILLS, "Logit loss: KL toward the float softmax, or squared error of all "
-              "the (centred) logits [default kl]."),
+              "the (centred) logits [default preset mse, reference kl]."),
     CliOption("--features", "features", FEATURES, "Also match every planned layer's output to the float network's "
               "(relative squared error) [default none]."),
     CliOption("--feature-weight", "feature_weight", float, "Weight of the --features loss [1.0]."),

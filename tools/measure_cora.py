@@ -70,14 +70,17 @@ LEVERS = {"default": {}, "reference": {"preset": "reference"},
           "stats-float": {"stats": "float"}, "stats-mean": {"stats": "mean"},  # statistics alignment
           "iters250": {"iters": 250, "finetune_iters": 100},
           # GPTQ on full-rank input statistics (stats.py): sequential groups, act-order, output-error clip
-          "seq4": {"gptq_passes": 4}, "seq8": {"gptq_passes": 8}, "act-order": {"act_order": True}, "no-act-order": {"act_order": False},
+          "seq4": {"gptq_passes": 4}, "seq8": {"gptq_passes": 8}, "act-order": {"act_order": True},
+          "no-act-order": {"act_order": False},
           "clip-weight": {"clip_metric": "weight"},
           "clip-input": {"clip_metric": "input"}, "rows2": {"cov_rows": 2.0},
           "ft0": {"finetune_iters": 0},                        # every step on the rank search
           "ft20": {"finetune_iters": 20}, "iters60": {"iters": 60, "finetune_iters": 20},
-          "nearest": {"rounding": "nearest"}, "damp0.1": {"gptq_damp": 0.1}, "damp1": {"gptq_damp": 1.0}, "damp0.03": {"gptq_damp": 0.03}, "damp0.001": {"gptq_damp": 0.001},
+          "nearest": {"rounding": "nearest"}, "damp0.1": {"gptq_damp": 0.1}, "damp1": {"gptq_damp": 1.0},
+          "damp0.03": {"gptq_damp": 0.03}, "damp0.001": {"gptq_damp": 0.001},
           "adapter4": {"adapter_bits": 4}, "adapter8": {"adapter_bits": 8},
-          "a8": {"act_bits": 8, "act_calib": "minmax"},  # full rows only: 8-bit activations, adapters folded "budget3": {"budget": 0.03}}
+          "budget3": {"budget": 0.03},
+          "a8": {"act_bits": 8, "act_calib": "minmax"}}  # full rows only: 8-bit activations, adapters folded
 
 
 def lever_options(name: str) -> dict:

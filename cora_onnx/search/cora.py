@@ -239,9 +239,9 @@ CORA_OPTIONS = (
               "n groups by depth, each from the network with the earlier groups quantized [default preset 1]."),
     CliOption("--gptq-damp", "gptq_damp", float, "GPTQ damping, times the mean Hessian diagonal [0.01]."),
     CliOption("--act-order/--no-act-order", "act_order", bool, "GPTQ rounds the columns by descending input "
-              "energy [default preset no]."),
+              "energy [default preset yes, reference no]."),
     CliOption("--clip-metric", "clip_metric", CLIP_METRICS, "Grid range per channel: from --clip (weight error), or "
-              "the one with the least layer-output error on the input statistics [default preset weight]."),
+              "the one with the least layer-output error on the input statistics [default preset input, reference weight]."),
     CliOption("--stats", "stats", STATS, "Correct each layer's output statistics toward the float network: "
               "none, mean only, or mean and std [preset default: none]."),
 )

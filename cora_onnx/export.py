@@ -60,9 +60,6 @@ def fuse_batchnorm(model: nn.Module, input_size: int = 224) -> nn.Module:
     return model
 
 
-# The old name, for tools/measure_cora.py and tools/measure_pq.py until they are renamed too (remove then).
-fold_batchnorm = fuse_batchnorm
-
 
 def remaining_batchnorm(model: nn.Module) -> list[str]:
     """Names of the BatchNorm modules of model (none after a successful fuse_batchnorm, except

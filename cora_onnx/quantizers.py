@@ -14,7 +14,7 @@ from torch import nn
 from .errors import SettingsError, check_bits
 
 __all__ = ["quantizable_layers", "CLIP_METHODS", "QuantSpec", "QuantizedTensor", "quantize_weight", "fake_quantize",
-           "gptq_round"]
+           "gptq_round", "input_weighted_clip"]
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -132,15 +132,45 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return quantize_weight(w, spec).dequantize().to(w.dtype)
 
 
+def input_weighted_clip(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor,
+                        ratios: tuple[float, ...] = tuple(1.0 - 0.04 * i for i in range(13))) -> QuantizedTensor:
+    """Per-channel grid whose range (min/max times one of `ratios`) minimizes the error on the layer
+    *output* for nearest rounding: (w - w_hat) H (w - w_hat)^T per channel, with H the (K, K) second
+    moment of the input rows (closed form per candidate). Needs spec.per_channel."""
+    if not spec.per_channel:
+        raise SettingsError("the input-weighted clip is per channel; spec.per_channel must be True")
+    if not torch.isfinite(w).all():
+        raise SettingsError("weight has NaN or infinite values; cannot quantize")
+    w2 = w.detach().to(torch.float32).reshape(w.shape[0], -1)
+    h = hessian.to(torch.float32)
+    lo0, hi0 = w2.amin(dim=1), w2.amax(dim=1)
+    best_err = torch.full_like(lo0, float("inf"))
+    best_lo, best_hi = lo0.clone(), hi0.clone()
+    for ratio in ratios:
+        lo, hi = lo0 * ratio, hi0 * ratio
+        scale, zp = _params(lo, hi, spec)
+        e = _fake(w2, scale, zp, spec) - w2
+        err = ((e @ h) * e).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo, best_lo)
+        best_hi = torch.where(better, hi, best_hi)
+    scale, zp = _params(best_lo, best_hi, spec)
+    q = (w2 / scale[:, None] + zp[:, None]).round().clamp(spec.qmin, spec.qmax)
+    return QuantizedTensor(q=q.to(torch.int16).reshape(w.shape), scale=scale, zero_point=zp.to(torch.int16), spec=spec)
+
+
 def gptq_round(w: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tensor, damp: float = 0.01,
-               block: int = 128) -> QuantizedTensor:
+               block: int = 128, act_order: bool = False) -> QuantizedTensor:
     """Error-feedback rounding (GPTQ, Frantar et al. 2023) on the grid of `qt`.
 
     w: the weight (C_out, ...), flattened to (C_out, K) in the order of torch's unfold (channel,
     kernel row, kernel column); hessian: (K, K) second moment of the layer's input patches.
     Columns are rounded one at a time and the rounding error is pushed onto the columns not yet
     rounded, weighted by the inverse Hessian, so the layer *output* error shrinks. Same grid
-    (scale, zero point) as qt: only the integer values change.
+    (scale, zero point) as qt: only the integer values change. damp: added to the diagonal, as a
+    fraction of its mean; act_order: round the columns by descending Hessian diagonal (the inputs
+    with the most energy first, while the most columns are left to absorb their error).
     """
     spec = qt.spec
     w2 = w.detach().to(torch.float32).reshape(w.shape[0], -1).clone()
@@ -149,6 +179,9 @@ def gptq_round(w: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tensor, damp
     dead = torch.diag(h) <= 0
     h[dead, dead] = 1.0
     w2[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
+    if perm is not None:
+        w2, h = w2[:, perm], h[perm][:, perm]
     h += torch.eye(k, dtype=h.dtype) * (damp * torch.diag(h).mean())
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
     n = w2.shape[0]
@@ -169,4 +202,6 @@ def gptq_round(w: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tensor, damp
             wb[:, j + 1:] -= e @ hb[j:j + 1, j + 1:]
             err[:, j:j + 1] = e
         w2[:, i1:] -= err @ hinv[i0:i1, i1:]
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
     return QuantizedTensor(q=q.to(torch.int16).reshape(w.shape), scale=qt.scale, zero_point=qt.zero_point, spec=spec)

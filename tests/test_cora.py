@@ -60,7 +60,7 @@ def test_budget_respected(setup):
 
 def test_export_parity_and_report_bits(searched, tmp_path):
     model, calib, plan = searched
-    assert any(lp.adapter is not None and lp.adapter.bits == 8 for lp in plan.layers)
+    assert any(lp.adapter is not None and lp.adapter.bits == 4 for lp in plan.layers)  # 2-bit weights: 4-bit adapters
     blob = onnx_bytes(apply_plan(export_onnx(model, 8), plan))
     x = torch.from_numpy(next(calib.batches(64)))
     with torch.no_grad():
@@ -113,6 +113,12 @@ def test_butterworth_is_a_low_pass():
 def test_bad_settings(kw, word):
     with pytest.raises(SettingsError, match=word):
         CoraSettings(**kw)
+
+
+def test_adapter_bits_follow_the_weight_bits():
+    assert (CoraSettings(bits=4).adapter_bits, CoraSettings(bits=3).adapter_bits, CoraSettings(bits=2).adapter_bits) \
+        == (8, 4, 4)
+    assert CoraSettings(bits=3, adapter_bits=8).adapter_bits == 8 and CoraSettings(bits=3, adapter_bits=0).adapter_bits == 0
 
 
 def test_presets_fill_unset_fields():
@@ -205,7 +211,7 @@ def test_feature_loss_adds_to_the_first_step(setup):
 def test_mse_distillation_and_augmentation_learn(setup):
     model, calib = setup
     kw = dict(bits=2, budget=0.08, iters=60, finetune_iters=30)
-    base = search_cora(model, CoraSettings(**kw), calib)
+    base = search_cora(model, CoraSettings(**kw, distill="kl"), calib)
     for extra in ({"distill": "mse"}, {"augment": "mix", "features": "layers"}):
         plan = search_cora(model, CoraSettings(**kw, **extra), calib)
         hist = plan.meta["cora"]["loss_history"]
@@ -233,9 +239,15 @@ def test_cli_lever_options(digits, tmp_path):
     assert bad.exit_code == 2 and "--augment" in bad.output and not (tmp_path / "x.onnx").exists()
     ok = runner.invoke(main, [str(a) for a in base + ["--iters", 12, "--finetune-iters", 4, "--augment", "crop",
                                                       "--distill", "mse", "--features", "layers", "--feature-weight",
-                                                      0.5, "--no-finetune-biases", "--out", tmp_path / "c.onnx",
+                                                      0.5, "--no-finetune-biases", "--stats-images", 40, "--cov-rows", 2,
+                                                      "--gptq-passes", 2, "--act-order", "--clip-metric", "input",
+                                                      "--out", tmp_path / "c.onnx",
                                                       "--report", tmp_path / "r.json"]])
     assert ok.exit_code == 0, ok.output
     s = json.loads((tmp_path / "r.json").read_text())["settings"]
     assert (s["augment"], s["distill"], s["features"], s["feature_weight"], s["finetune_biases"]) == \
         ("crop", "mse", "layers", 0.5, False)
+    assert (s["stats_size"], s["cov_rows"], s["gptq_passes"], s["act_order"], s["clip_metric"]) == \
+        (40, 2.0, 2, True, "input")
+    bad = runner.invoke(main, [str(a) for a in base + ["--gptq-passes", 0, "--out", tmp_path / "y.onnx"]])
+    assert bad.exit_code == 2 and "gptq_passes" in bad.output and not (tmp_path / "y.onnx").exists()

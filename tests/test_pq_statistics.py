@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from cora_onnx.data import ImageSet, Preprocess
 from cora_onnx.errors import SettingsError
-from cora_onnx.export import fold_batchnorm
+from cora_onnx.export import fuse_batchnorm
 from cora_onnx.search import LayerSelection, PqSettings, search_pq
 from cora_onnx.torch_images import as_torch
 
@@ -82,9 +82,9 @@ def test_cross_moment_and_its_shape_checks():
 def test_joint_statistics_of_a_network_with_itself(tiny):
     from cora_onnx.search.pq.statistics import Geom, joint_stats
 
-    folded = fold_batchnorm(tiny)
+    fused = fuse_batchnorm(tiny)
     imgs = as_torch(_images())
-    S = joint_stats(folded, folded.pw, folded, folded.pw, Geom("pw", "1x1", 4, 1, 2), imgs, 5, centered=True)
+    S = joint_stats(fused, fused.pw, fused, fused.pw, Geom("pw", "1x1", 4, 1, 2), imgs, 5, centered=True)
     torch.testing.assert_close(S["qq"], S["qf"])
     torch.testing.assert_close(S["ff"], S["qf"])
     torch.testing.assert_close(S["mu_q"], S["mu_f"])
@@ -94,14 +94,14 @@ def test_statistics_images_grow_with_a_layers_inputs_per_patch(tiny):
     from cora_onnx.search.pq.search import stats_sizes
     from cora_onnx.quantizers import quantizable_layers
 
-    folded = fold_batchnorm(tiny)
-    layers = quantizable_layers(folded)
+    fused = fuse_batchnorm(tiny)
+    layers = quantizable_layers(fused)
     imgs = as_torch(_images(n=40))
-    assert stats_sizes(folded, layers, imgs, PqSettings(stats_size=4)) == {n: 4 for n in layers}
+    assert stats_sizes(fused, layers, imgs, PqSettings(stats_size=4)) == {n: 4 for n in layers}
     # 8x8 maps: 64 patches per image for the convs, one row per image for the classifier (16 inputs)
-    sizes = stats_sizes(folded, layers, imgs, PqSettings(stats_size=4, stats_patches=2))
+    sizes = stats_sizes(fused, layers, imgs, PqSettings(stats_size=4, stats_patches=2))
     assert sizes == {"conv1": 4, "dw": 4, "pw": 4, "fc": 32}
-    assert stats_sizes(folded, layers, imgs, PqSettings(stats_size=4, stats_patches=8))["fc"] == 40  # all there are
+    assert stats_sizes(fused, layers, imgs, PqSettings(stats_size=4, stats_patches=8))["fc"] == 40  # all there are
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -118,23 +118,23 @@ def test_new_settings_are_validated(kw, match):
 
 
 def test_uniform_layers_stay_on_the_grid_and_unknown_patterns_are_refused(tiny):
-    folded = fold_batchnorm(tiny)
+    fused = fuse_batchnorm(tiny)
     base = dict(em_iters=2, finetune_steps=0, selection=LayerSelection(keep=(), keep_bits=8))
-    plan = search_pq(folded, PqSettings(uniform_layers="d?,f*", **base), _images())
+    plan = search_pq(fused, PqSettings(uniform_layers="d?,f*", **base), _images())
     assert {lp.name for lp in plan.layers if lp.uniform is not None} == {"dw", "fc"}
     assert {lp.name for lp in plan.layers if lp.codebook is not None} == {"conv1", "pw"}
     assert plan.layer("fc").uniform.bits == 8
     with pytest.raises(SettingsError, match="'head' names no quantized layer"):
-        search_pq(folded, PqSettings(uniform_layers="head", **base), _images())
+        search_pq(fused, PqSettings(uniform_layers="head", **base), _images())
 
 
 def test_codewords_only_finetuning_with_mse_and_crops_is_deterministic(tiny):
-    folded = fold_batchnorm(tiny)
+    fused = fuse_batchnorm(tiny)
     imgs = _images()
     base = dict(em_iters=2, calib_size=24, finetune_lr=1e-2, selection=LayerSelection(keep=()))
-    ref = search_pq(folded, PqSettings(finetune_steps=0, **base), imgs)
+    ref = search_pq(fused, PqSettings(finetune_steps=0, **base), imgs)
     kw = dict(finetune_steps=3, finetune_biases=False, finetune_scales=False, distill="mse", augment="crop", **base)
-    a, b = search_pq(folded, PqSettings(**kw), imgs), search_pq(folded, PqSettings(**kw), imgs)
+    a, b = search_pq(fused, PqSettings(**kw), imgs), search_pq(fused, PqSettings(**kw), imgs)
     assert a.meta["pq_finetune"]["loss"] == "mse" and a.meta["pq_finetune"]["augment"] == "crop"
     for name in ("conv1", "dw", "pw"):
         r, p, q = (pl.layer(name).codebook for pl in (ref, a, b))

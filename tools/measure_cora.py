@@ -55,7 +55,7 @@ CONFIGS = {"rtn": ("rtn", {}), "reference": ("cora", {"preset": "reference"}), "
            "default-no-stats": ("cora", {"preset": "default", "stats": "none"}),  # = default since 2026-11-23
            "default-float-stats": ("cora", {"preset": "default", "stats": "float"}),  # the default before
            "default-mean-stats": ("cora", {"preset": "default", "stats": "mean"}),
-           # 8-bit integer activations (issue 5), adapters folded into the integer weights at load; the
+           # 8-bit integer activations (issue 5), adapters fused into the integer weights at load; the
            # report also times the same model without adapters and with them as branch convolutions
            "default-a8": ("cora", {"preset": "default", "act_bits": 8, "act_calib": "minmax"})}
 
@@ -64,11 +64,23 @@ LEVERS = {"default": {}, "reference": {"preset": "reference"},
           "no-adapters": {"budget": 0.0},
           "fixed-classifier": {"fit_classifier": False},   # no statistics/bias change on the classifier
           "no-bias": {"finetune_biases": False},              # fine-tune adapter factors only
-          "mse": {"distill": "mse"},                        # all logits count the same
+          "mse": {"distill": "mse"}, "kl": {"distill": "kl"},                     # all logits count the same
           "features": {"features": "layers"},               # every planned layer's output matched
           "flip": {"augment": "flip"}, "crop": {"augment": "crop"}, "mix": {"augment": "mix"},
           "stats-float": {"stats": "float"}, "stats-mean": {"stats": "mean"},  # statistics alignment
-          "iters250": {"iters": 250, "finetune_iters": 100}}
+          "iters250": {"iters": 250, "finetune_iters": 100},
+          # GPTQ on full-rank input statistics (stats.py): sequential groups, act-order, output-error clip
+          "seq4": {"gptq_passes": 4}, "seq8": {"gptq_passes": 8}, "act-order": {"act_order": True},
+          "no-act-order": {"act_order": False},
+          "clip-weight": {"clip_metric": "weight"},
+          "clip-input": {"clip_metric": "input"}, "rows2": {"cov_rows": 2.0},
+          "ft0": {"finetune_iters": 0},                        # every step on the rank search
+          "ft20": {"finetune_iters": 20}, "iters60": {"iters": 60, "finetune_iters": 20},
+          "nearest": {"rounding": "nearest"}, "damp0.1": {"gptq_damp": 0.1}, "damp1": {"gptq_damp": 1.0},
+          "damp0.03": {"gptq_damp": 0.03}, "damp0.001": {"gptq_damp": 0.001},
+          "adapter4": {"adapter_bits": 4}, "adapter8": {"adapter_bits": 8},
+          "budget3": {"budget": 0.03},
+          "a8": {"act_bits": 8, "act_calib": "minmax"}}  # full rows only: 8-bit activations, adapters fused
 
 
 def lever_options(name: str) -> dict:
@@ -123,7 +135,7 @@ def run_sample(args) -> None:
 
     from cora_onnx import quantize
     from cora_onnx.data import Preprocess, load_class_map, load_images
-    from cora_onnx.export import apply_plan_torch, fold_batchnorm
+    from cora_onnx.export import apply_plan_torch, fuse_batchnorm
     from cora_onnx.models import build_model, default_normalization
     from cora_onnx.search.cora import CoraSettings, search_cora
     from cora_onnx.verify import fidelity, predict_onnx, session, top1
@@ -137,9 +149,9 @@ def run_sample(args) -> None:
     devval = load_images(paths["devval"], pre, labelled=True, class_map=load_class_map(paths["devval_map"]),
                          num_classes=1000).subset(args.val_size, 0) if args.devval else None
     model = build_model(args.model, _weights(args))
-    folded = fold_batchnorm(model)
-    float_sample = predict_torch(folded, sample)
-    float_dev = top1(predict_torch(folded, devval), devval.labels) if devval is not None else None
+    fused = fuse_batchnorm(model)
+    float_sample = predict_torch(fused, sample)
+    float_dev = top1(predict_torch(fused, devval), devval.labels) if devval is not None else None
     calib = load_images(paths["calib"], pre) if args.light else None
     if args.light:
         _reuse_float_statistics()
@@ -152,9 +164,9 @@ def run_sample(args) -> None:
             if args.light:
                 kw["calib_size"] = args.calib_size
                 t0 = time.perf_counter()
-                plan = search_cora(folded, CoraSettings(bits=bits, **kw), calib)
+                plan = search_cora(fused, CoraSettings(bits=bits, **kw), calib)
                 rec["search_seconds"] = time.perf_counter() - t0
-                qmodel = apply_plan_torch(folded, plan)
+                qmodel = apply_plan_torch(fused, plan)
                 logits = predict_torch(qmodel, sample)
                 dev = top1(predict_torch(qmodel, devval), devval.labels) if devval is not None else None
                 rec.update(calib_images=min(args.calib_size, len(calib)), scored_by="pytorch",
@@ -166,7 +178,7 @@ def run_sample(args) -> None:
                                    class_map=paths["sample_map"], bits=bits, method="cora", out=Path(tmp) / "m.onnx",
                                    mean=mean, std=std, crop_ratio=args.crop_ratio, model_name=args.model,
                                    latency_runs=args.latency_runs, **kw)
-                    dev = top1(predict_onnx(session(res.path, threads=args.torch_threads), devval), devval.labels) \
+                    dev = top1(predict_onnx(session(res.onnx_path, threads=args.torch_threads), devval), devval.labels) \
                         if devval is not None else None
                 r = res.report  # ONNX Runtime on the sample vs the float PyTorch model
                 rec.update(scored_by="onnxruntime", search_seconds=r["search_seconds"], parity=r["parity"],
@@ -182,31 +194,38 @@ def run_sample(args) -> None:
 
 
 def _reuse_float_statistics() -> None:
-    """(--light) Every row of a run searches the same float model on the same statistics images, so
-    the float statistics pass (per-layer input second moments for GPTQ and the SVD) and each layer's
-    grid and residual factors (GPTQ, SVD) are computed once and reused: minutes per row on one
-    thread. Both are deterministic functions of their inputs, so the rows are unchanged."""
+    """(--light) Rows of a run that share the model, the statistics images and the grid settings
+    get the same input statistics, grids and residual factors (GPTQ, SVD): those are computed once
+    and reused, so a row costs minutes on one thread. They are deterministic functions of their
+    inputs, so the rows are unchanged; but the reused rows' search_seconds leave that phase out."""
     from cora_onnx.search import cora
 
-    original, memo = cora._float_statistics, {}
-    quantize_layer, qmemo = cora._quantize_layer, {}
+    original, memo = cora._quantize_layers, {}
+    fields = ("bits", "per_channel", "symmetric", "clip", "k", "rounding", "svd", "stats_size", "cov_rows",
+              "gptq_passes", "act_order", "gptq_damp", "clip_metric", "seed", "selection")
 
-    def cached_layer(w, spec, rounding, svd, cov, decompose):
-        key = (tuple(w.shape), float(w.double().sum()), float(w.double().abs().sum()), spec, rounding, svd,
-               None if cov is None else float(cov.double().sum()), decompose)
-        if key not in qmemo:
-            qmemo[key] = quantize_layer(w, spec, rounding, svd, cov, decompose)
-        return qmemo[key]
-
-    cora._quantize_layer = cached_layer
-
-    def cached(model, layers, need_cov, batches):
-        key = (tuple(sorted(need_cov)), len(batches), tuple(float(b.double().sum()) for b in batches))
+    def cached(teacher, layers, bits, adapted, settings, batches):
+        key = (tuple(sorted(bits.items())), tuple(adapted), tuple(getattr(settings, f) for f in fields),
+               tuple(float(m.weight.double().sum()) for m in layers.values()),
+               tuple(float(b.double().sum()) for b in batches))
         if key not in memo:
-            memo[key] = original(model, layers, need_cov, batches)
+            memo[key] = original(teacher, layers, bits, adapted, settings, batches)
         return memo[key]
 
-    cora._float_statistics = cached
+    cora._quantize_layers = cached
+
+    moments, mmemo = cora.input_second_moments, {}
+
+    def cached_moments(model, modules, batches, rows=None, seed=0):
+        """Statistics of the same network (all its parameters) on the same batches: computed once."""
+        key = (tuple(modules), tuple(sorted((rows or {}).items())), seed,
+               float(sum(p.double().sum() for p in model.parameters())),
+               tuple(float(b.double().sum()) for b in batches))
+        if key not in mmemo:
+            mmemo[key] = moments(model, modules, batches, rows, seed)
+        return dict(mmemo[key])
+
+    cora.input_second_moments = cached_moments
 
 
 def sample_table(recs: list[dict]) -> None:
@@ -279,7 +298,7 @@ def run_light(args) -> None:
     import resource
 
     from cora_onnx.data import Preprocess, load_class_map, load_images
-    from cora_onnx.export import apply_plan_torch, fold_batchnorm
+    from cora_onnx.export import apply_plan_torch, fuse_batchnorm
     from cora_onnx.models import build_model, default_normalization
     from cora_onnx.search.cora import CoraSettings, search_cora
     from cora_onnx.verify import fidelity, top1
@@ -299,8 +318,8 @@ def run_light(args) -> None:
         calib = load_images(calib_dir, pre)
         val = load_images(val_dir, pre, labelled=True, class_map=load_class_map(data / "class_map.json"),
                           num_classes=1000).subset(args.val_size, 0)
-    folded = fold_batchnorm(model)
-    float_logits = predict_torch(folded, val)
+    fused = fuse_batchnorm(model)
+    float_logits = predict_torch(fused, val)
     float_top1 = top1(float_logits, val.labels)
     rows = [ABLATION[i] for i in args.ablation_rows] if args.ablation_rows else ABLATION
     for bits in args.bits:
@@ -309,9 +328,9 @@ def run_light(args) -> None:
             if args.iters is not None:
                 kw["iters"] = args.iters
             t0 = time.perf_counter()
-            plan = search_cora(folded, CoraSettings(bits=bits, **kw), calib)
+            plan = search_cora(fused, CoraSettings(bits=bits, **kw), calib)
             secs = time.perf_counter() - t0
-            logits = predict_torch(apply_plan_torch(folded, plan), val)
+            logits = predict_torch(apply_plan_torch(fused, plan), val)
             acc = top1(logits, val.labels)
             c = {k: v for k, v in plan.meta["cora"].items() if k not in ("loss_history", "ranks")}
             rec = {"model": args.model, "config": f"ablation: {name}", "bits": bits, "options": kw, "light": True,

@@ -30,9 +30,9 @@ through cora_onnx.quantize (export, ONNX Runtime on the sample, parity, file siz
     python tools/measure_pq.py --table pq-sample.jsonl
 
 ResNet-18 (../shared) is already product-quantized at small blocks (256 codewords per layer,
-before BatchNorm): the un-folded model (BatchNorm kept) is searched with finetuning off and must
+before BatchNorm): the un-fused model (BatchNorm kept) is searched with finetuning off and must
 be reconstructed almost exactly (max/mean relative weight error, distinct sub-vectors per layer);
-then the usual BN-folded pipeline at small and large blocks.
+then the usual BN-fused pipeline at small and large blocks.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import onnx
 import torch
 
 from cora_onnx.data import Preprocess, load_class_map, load_images
-from cora_onnx.export import apply_plan_torch, export_onnx, fold_batchnorm, onnx_bytes, quantizable_layers
+from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes, quantizable_layers
 from cora_onnx.models import build_model, default_normalization
 from cora_onnx.options import parse_keep
 from cora_onnx.pipeline import apply_plan
@@ -158,9 +158,9 @@ def run_sample(args) -> None:
     sample = load_images(paths["sample"], pre, labelled=True, class_map=load_class_map(paths["sample_map"]),
                          num_classes=1000)
     model = build_model(args.model, _weights(args)).eval()
-    folded = fold_batchnorm(model)
-    float_sample = predict_torch(folded, sample)
-    float_bytes = len(onnx_bytes(export_onnx(folded, 224)))
+    fused = fuse_batchnorm(model)
+    float_sample = predict_torch(fused, sample)
+    float_bytes = len(onnx_bytes(export_onnx(fused, 224)))
     calib = load_images(paths["calib"], pre) if args.light else None
     if args.light:
         _reuse_layer_fits()
@@ -174,10 +174,10 @@ def run_sample(args) -> None:
         skw = _pq_settings_kw(kw)
         if args.light:
             t0 = time.perf_counter()
-            plan = search_pq(folded, PqSettings(**skw), calib)
+            plan = search_pq(fused, PqSettings(**skw), calib)
             rec["search_seconds"] = time.perf_counter() - t0
-            logits = predict_torch(apply_plan_torch(folded, plan), sample)
-            qbytes = len(onnx_bytes(apply_plan(export_onnx(folded, 224), plan)))
+            logits = predict_torch(apply_plan_torch(fused, plan), sample)
+            qbytes = len(onnx_bytes(apply_plan(export_onnx(fused, 224), plan)))
             rec.update(scored_by="pytorch", onnx_bytes=qbytes, pq_seconds=plan.meta.get("pq_seconds"), fidelity_to_float=fidelity(logits, float_sample),
                        top1=top1_(logits, sample.labels), finetune=plan.meta.get("pq_finetune", {}),
                        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
@@ -243,9 +243,9 @@ def ort_folds_decode(blob: bytes) -> dict:
             "session_load_s": load_s}
 
 
-def evaluate(name: str, folded, plan, float_bytes, fsess, val, latency_runs: int, export_model=None,
+def evaluate(name: str, fused, plan, float_bytes, fsess, val, latency_runs: int, export_model=None,
              float_logits=None) -> dict:
-    base = export_model if export_model is not None else folded
+    base = export_model if export_model is not None else fused
     qbytes = onnx_bytes(apply_plan(export_onnx(base, 224), plan))
     qsess = session(qbytes)
     q_ort = predict_onnx(qsess, val)
@@ -263,7 +263,7 @@ def evaluate(name: str, folded, plan, float_bytes, fsess, val, latency_runs: int
 
 
 def resnet_reconstruction(model, settings: PqSettings, calib) -> dict:
-    """Search the un-folded ResNet-18 (its conv weights are the published PQ ones) and compare."""
+    """Search the un-fused ResNet-18 (its conv weights are the published PQ ones) and compare."""
     plan = search_pq(model, settings, calib)
     layers = quantizable_layers(model)
     per = []
@@ -306,7 +306,7 @@ def main() -> None:
     ap.add_argument("--holdout", action="store_true",
                     help="calibrate and fine-tune on the calib images of five classes only and score float and PQ "
                          "on the dev-val images of the other five (tools/holdout.py)")
-    ap.add_argument("--skip-reconstruction", action="store_true", help="ResNet-18: skip the un-folded check")
+    ap.add_argument("--skip-reconstruction", action="store_true", help="ResNet-18: skip the un-fused check")
     ap.add_argument("--protocol", default="imagenette", choices=["imagenette", "sample"],
                     help="imagenette: the preset rows above; sample: calibrate on the ten classes, score on "
                     "imagenet-sample/even (issue 15), one row per --levers entry")
@@ -347,8 +347,8 @@ def main() -> None:
     if split:
         print(f"held-out classes: calibration on {split['calib_classes']} ({len(calib)} images), dev-val of "
               f"{split['val_classes']} ({len(val)} images)", flush=True)
-    folded = fold_batchnorm(model)
-    float_bytes = onnx_bytes(export_onnx(folded, 224))
+    fused = fuse_batchnorm(model)
+    float_bytes = onnx_bytes(export_onnx(fused, 224))
     result: dict = {"model": args.model, "args": vars(args), "float": {"onnx_bytes": len(float_bytes)}, "rows": [],
                     **({"holdout": split} if split else {})}
     if args.blocks:
@@ -373,7 +373,7 @@ def main() -> None:
                                     "mean_relative_error": float(errs.mean()), "top1_torch": top1(q_torch, val.labels),
                                     "float_top1_torch": top1(f_torch, val.labels), "seconds": secs}
         result["reconstruction"]["layers_within_1e-5"] = int((errs <= 1e-5).sum())
-        print(f"ResNet-18 un-folded, small blocks, no fine-tuning: relative weight error max {errs.max():.2e} "
+        print(f"ResNet-18 un-fused, small blocks, no fine-tuning: relative weight error max {errs.max():.2e} "
               f"mean {errs.mean():.2e} over {len(errs)} layers, {int((errs <= 1e-5).sum())} within 1e-5; top-1 (PyTorch) {top1(q_torch, val.labels):.2f}% "
               f"vs float {top1(f_torch, val.labels):.2f}% ({secs:.0f} s)", flush=True)
         for r in rec["layers"]:
@@ -386,10 +386,10 @@ def main() -> None:
                         finetune_biases=args.finetune_biases, finetune_last=args.finetune_last, selection=selection,
                         target=args.target, stats_size=args.stats_size)
         t0 = time.perf_counter()
-        plan = search_pq(folded, st, calib)
+        plan = search_pq(fused, st, calib)
         secs = time.perf_counter() - t0
         row = {"blocks": blocks, "block_size": args.block_size, "compress_s": secs,
-               **evaluate(blocks, folded, plan, float_bytes, fsess, val, args.latency_runs, float_logits=float_logits)}
+               **evaluate(blocks, fused, plan, float_bytes, fsess, val, args.latency_runs, float_logits=float_logits)}
         row["finetune"] = dict(plan.meta.get("pq_finetune", {}))
         row["layers"] = [{"name": lp.name, **{k: v for k, v in lp.info.items() if "error" in k or k == "relative_weight_mse"}}
                          for lp in plan.layers]

@@ -1,17 +1,19 @@
 """CoRa (Luo et al., BMVC 2024): low-bit weights plus low-rank convolutional adapters that reclaim
 the quantization residual, with ranks searched by a differentiable Butterworth cutoff per layer.
 
-The search is cheap: a layer's Butterworth-weighted correction is folded into its conv weight in
+The search is cheap: a layer's Butterworth-weighted correction is merged into its conv weight in
 the forward pass (W_q + B diag(T(c)^2) A, one conv per layer) instead of running two extra
 full-rank convolutions, and only the cutoffs c_l are trained. Beyond the paper (the `default`
 preset; `reference` reproduces the paper's choices):
 
-- grid: per-channel symmetric with an MSE-searched range instead of per-tensor mean +/- k std;
-- rounding: error-feedback (GPTQ) rounding on the layer's input statistics instead of nearest;
+- grid: per-channel symmetric, each channel's range the one with the least layer-output error on
+  the input statistics, instead of per-tensor mean +/- k std;
+- rounding: error-feedback (GPTQ, act-order) rounding on the layer's input statistics (full rank:
+  every output position of 512 images, streamed by search/stats.py) instead of nearest;
 - residual: decomposed in the metric of the layer's inputs (SVD of R C with C C^T the input
   second moment), so the top singular directions are those that matter for the layer *output*;
 - statistics: each quantized layer's output is corrected toward the float network's per-channel
-  mean and std (folded into the per-channel scales and the bias), instead of BatchNorm
+  mean and std (absorbed into the per-channel scales and the bias), instead of BatchNorm
   re-estimation on the calibration images;
 - fine-tuning: after the ranks are fixed, the adapter factors and biases are fine-tuned by
   distillation for the rest of the iteration budget.
@@ -38,9 +40,11 @@ from ..errors import DataError, SettingsError, check_bits
 from ..quantizers import quantizable_layers
 from ..plan import Bias, LayerPlan, LowRankAdapter, Plan
 from ..torch_images import as_torch
-from ..quantizers import CLIP_METHODS, QuantSpec, gptq_round, quantize_weight
+from ..quantizers import CLIP_METHODS, QuantSpec, QuantizedTensor, gptq_round, input_weighted_clip, quantize_weight
 from .layers import LayerSelection, layer_kind, select_layers, uniform_from
 from .options import CliOption
+from .distill import AUGMENTS, DISTILLS, Capture, augment_batch, distill_loss, feature_loss
+from .stats import input_second_moments, input_width
 
 __all__ = ["CoraSettings", "search_cora", "cora_report", "CORA_OPTIONS", "PRESETS", "butterworth", "augment_batch"]
 
@@ -49,19 +53,21 @@ log = logging.getLogger(__name__)
 PRESETS: dict[str, dict] = {
     # the paper / reference implementation
     "reference": dict(per_channel=False, symmetric=False, clip="std", k=3.0, rounding="nearest", svd="weight",
-                      stats="none", iters=250, finetune_iters=0, augment="none", distill="kl", features="none"),
+                      stats="none", iters=250, finetune_iters=0, augment="none", distill="kl", features="none",
+                      gptq_passes=1, act_order=False, clip_metric="weight"),
     # the best combination measured here (see tools/measure_cora.py and docs/results/cora.md: the statistics
     # correction helped in the light ablation but lost 0.4-2.2 points in the full runs, in-class and
-    # on held-out classes)
+    # on held-out classes; act-order, the output-error clip and the logit MSE won on the many-class
+    # protocol, the sequential passes did not, issue 14)
     "default": dict(per_channel=True, symmetric=True, clip="mse", k=3.0, rounding="gptq", svd="activation",
-                    stats="none", iters=100, finetune_iters=40, augment="none", distill="kl", features="none"),
+                    stats="none", iters=100, finetune_iters=40, augment="none", distill="mse", features="none",
+                    gptq_passes=1, act_order=True, clip_metric="input"),
 }
 ROUNDINGS = ("nearest", "gptq")
 SVDS = ("weight", "activation")
 STATS = ("none", "mean", "float")
-AUGMENTS = ("none", "flip", "crop", "mix")
-DISTILLS = ("kl", "mse")
 FEATURES = ("none", "layers")
+CLIP_METRICS = ("weight", "input")
 
 
 @dataclass(frozen=True)
@@ -71,10 +77,24 @@ class CoraSettings:
     reference preset, 100 for the default one; finetune_iters: steps of those spent fine-tuning
     adapters after the ranks are fixed; calib_size: calibration images used; batch_size: images per step; order: Butterworth
     order n; lr: Adam step on the cutoffs; gamma: weight of the budget penalty; adapter_bits:
-    8 (per-channel symmetric) or 0 for float adapters; preset: "default" or "reference" (fills
-    every grid/rounding/svd/stats/finetune setting left as None); stats_size: images for the
-    statistics pass (input second moments, float statistics); fit_classifier: False keeps Linear
+    2-8 (per-channel symmetric) or 0 for float adapters; None: 8, or 4 with 2-3-bit weights (their
+    file then shrinks with the grid: 8-bit adapters at 5% of the weights cost 0.4 bit per weight); preset: "default" or "reference" (fills
+    every grid/rounding/svd/stats/finetune setting left as None); fit_classifier: False keeps Linear
     layers out of the statistics correction and the bias fine-tuning.
+
+    Input statistics for GPTQ and the input-metric SVD (cora_onnx.search.stats): stats_size:
+    calibration images they are taken from (every output position, streamed into one K x K float64
+    accumulator per layer); cov_rows: input rows kept per layer, as a multiple of its input width K
+    (output positions beyond that are subsampled; a layer with fewer positions keeps all of them:
+    ResNet-18's layer4 has K = 4,608 and 49 positions per image, so 4 x K rows need 377 images);
+    gptq_passes: 1 takes every layer's statistics from the float network; n > 1 splits the layers by
+    depth into n groups and takes each group's statistics from the network whose earlier groups are
+    already quantized (sequential GPTQ: later layers absorb the earlier layers' error); gptq_damp:
+    added to the Hessian diagonal, times its mean (larger: closer to nearest rounding, less fitted to
+    the calibration images' input statistics); act_order:
+    GPTQ rounds the columns by descending input energy; clip_metric: weight (the grid's range from
+    `clip`, on the weight error) or input (per channel, the range among 13 candidates, 100% to 52% of
+    min/max, with the least output error sum (w - w_hat) H (w - w_hat)^T for nearest rounding).
 
     Levers against the calibration classes' prior (issue 14; the preset fills those left as None):
     augment: the distillation images: none (the calibration images as they are), flip (random
@@ -98,7 +118,7 @@ class CoraSettings:
     order: int = 4
     lr: float = 0.01
     gamma: float = 10.0
-    adapter_bits: int = 8
+    adapter_bits: int | None = None
     per_channel: bool | None = None
     symmetric: bool | None = None
     clip: str | None = None
@@ -106,7 +126,12 @@ class CoraSettings:
     rounding: str | None = None
     svd: str | None = None
     stats: str | None = None
-    stats_size: int = 128
+    stats_size: int = 512
+    cov_rows: float = 4.0
+    gptq_passes: int | None = None
+    act_order: bool | None = None
+    gptq_damp: float = 0.01
+    clip_metric: str | None = None
     fit_classifier: bool = True
     augment: str | None = None
     distill: str | None = None
@@ -125,6 +150,8 @@ class CoraSettings:
         if self.finetune_iters > self.iters and PRESETS[self.preset]["finetune_iters"] == self.finetune_iters:
             object.__setattr__(self, "finetune_iters", self.iters // 2)  # --iters below the preset's fine-tuning
         check_bits(self.bits)
+        if self.adapter_bits is None:  # 2-3-bit weights: 4-bit adapters, so the file shrinks with the grid
+            object.__setattr__(self, "adapter_bits", 8 if self.bits >= 4 else 4)
         if not (isinstance(self.budget, (int, float)) and 0 <= self.budget <= 1):
             raise SettingsError(f"budget must be a fraction from 0 to 1 of the weight parameters, got {self.budget!r}")
         if not 0 <= int(self.iters) <= 100_000:
@@ -133,6 +160,17 @@ class CoraSettings:
             raise SettingsError(f"finetune_iters must be from 0 to iters ({self.iters}), got {self.finetune_iters!r}")
         if int(self.calib_size) < 1 or int(self.batch_size) < 1 or int(self.stats_size) < 1:
             raise SettingsError("calib_size, batch_size and stats_size must be >= 1")
+        if not (isinstance(self.cov_rows, (int, float)) and 0.1 <= self.cov_rows <= 1000):
+            raise SettingsError(f"cov_rows must be from 0.1 to 1000 (input rows per layer, times K), got {self.cov_rows!r}")
+        if not (isinstance(self.gptq_passes, int) and not isinstance(self.gptq_passes, bool)
+                and 1 <= self.gptq_passes <= 64):
+            raise SettingsError(f"gptq_passes must be an integer from 1 to 64, got {self.gptq_passes!r}")
+        if not (isinstance(self.gptq_damp, (int, float)) and 0 < self.gptq_damp <= 100):
+            raise SettingsError(f"gptq_damp must be > 0 and <= 100 (times the mean Hessian diagonal), got {self.gptq_damp!r}")
+        if not isinstance(self.act_order, bool):
+            raise SettingsError(f"act_order must be True or False, got {self.act_order!r}")
+        if self.clip_metric == "input" and not self.per_channel:
+            raise SettingsError("clip_metric input needs a per-channel grid (per_channel=True)")
         if not 1 <= int(self.order) <= 32:
             raise SettingsError(f"order (Butterworth) must be from 1 to 32, got {self.order!r}")
         if not (self.lr > 0 and self.gamma >= 0):
@@ -146,7 +184,8 @@ class CoraSettings:
         if not isinstance(self.finetune_biases, bool):
             raise SettingsError(f"finetune_biases must be True or False, got {self.finetune_biases!r}")
         for name, allowed in (("rounding", ROUNDINGS), ("svd", SVDS), ("stats", STATS), ("augment", AUGMENTS),
-                              ("distill", DISTILLS), ("features", FEATURES)):
+                              ("distill", DISTILLS), ("features", FEATURES),
+                              ("clip_metric", CLIP_METRICS)):
             if getattr(self, name) not in allowed:
                 raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         QuantSpec(bits=self.bits, clip=self.clip, k=self.k)  # validates k
@@ -175,7 +214,7 @@ CORA_OPTIONS = (
     CliOption("--calib-size", "calib_size", int, "Calibration images used [1600]."),
     CliOption("--search-batch", "batch_size", int, "Images per optimization step [16]."),
     CliOption("--order", "order", int, "Butterworth filter order [4]."),
-    CliOption("--adapter-bits", "adapter_bits", str, "Adapter weight bits (per-channel symmetric), or float [8].",
+    CliOption("--adapter-bits", "adapter_bits", str, "Adapter weight bits (per-channel symmetric), or float [8; 4 with 2-3-bit weights].",
               convert=_parse_adapter_bits),
     CliOption("--rounding", "rounding", ROUNDINGS, "Weight rounding: nearest, or GPTQ error feedback [default gptq]."),
     CliOption("--svd", "svd", SVDS, "Residual decomposition: plain weight SVD, or in the metric of the layer "
@@ -186,12 +225,23 @@ CORA_OPTIONS = (
     CliOption("--augment", "augment", AUGMENTS, "Distillation images: as they are, random flips, random resized "
               "crops and flips, or crops and flips blended in pairs [default none]."),
     CliOption("--distill", "distill", DISTILLS, "Logit loss: KL toward the float softmax, or squared error of all "
-              "the (centred) logits [default kl]."),
+              "the (centred) logits [default preset mse, reference kl]."),
     CliOption("--features", "features", FEATURES, "Also match every planned layer's output to the float network's "
               "(relative squared error) [default none]."),
     CliOption("--feature-weight", "feature_weight", float, "Weight of the --features loss [1.0]."),
     CliOption("--finetune-biases/--no-finetune-biases", "finetune_biases", bool,
               "Let the adapter fine-tuning train the layers' biases too [yes]."),
+    CliOption("--stats-images", "stats_size", int, "Calibration images for the input statistics of GPTQ and the "
+              "input-metric SVD (every output position, one K x K accumulator per layer) [512]."),
+    CliOption("--cov-rows", "cov_rows", float, "Input rows per layer for those statistics, as a multiple of the "
+              "layer's input width K (more positions are subsampled) [4]."),
+    CliOption("--gptq-passes", "gptq_passes", int, "1: every layer's statistics from the float network; n: layers in "
+              "n groups by depth, each from the network with the earlier groups quantized [default preset 1]."),
+    CliOption("--gptq-damp", "gptq_damp", float, "GPTQ damping, times the mean Hessian diagonal [0.01]."),
+    CliOption("--act-order/--no-act-order", "act_order", bool, "GPTQ rounds the columns by descending input "
+              "energy [default preset yes, reference no]."),
+    CliOption("--clip-metric", "clip_metric", CLIP_METRICS, "Grid range per channel: from --clip (weight error), or "
+              "the one with the least layer-output error on the input statistics [default preset input, reference weight]."),
     CliOption("--stats", "stats", STATS, "Correct each layer's output statistics toward the float network: "
               "none, mean only, or mean and std [preset default: none]."),
 )
@@ -260,34 +310,10 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-_COV_ROWS = 4096  # input rows per layer (spread over the batches) for its K x K input second moment
-
-
-def _patches(mod: nn.Module, x: torch.Tensor, rows: int | None = None,
-             gen: torch.Generator | None = None) -> torch.Tensor:
-    """(rows, K) input rows whose product with the flattened weight gives the layer output; with
-    `rows`, a random subset of output positions (same positions for every image) is unfolded."""
-    if isinstance(mod, nn.Linear):
-        x = x.reshape(-1, x.shape[-1])
-        return x if rows is None or rows >= x.shape[0] else x[torch.randperm(x.shape[0], generator=gen)[:rows]]
-    cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
-    n, k, positions = cols.shape
-    if rows is not None and rows < n * positions:
-        keep = torch.randperm(positions, generator=gen)[:max(1, -(-rows // n))]
-        cols = cols[:, :, keep]
-    return cols.transpose(1, 2).reshape(-1, k)
-
-
 @torch.no_grad()
-def _float_statistics(model: nn.Module, layers: dict[str, nn.Module], need_cov: set[str],
-                      batches: list[torch.Tensor]) -> tuple[dict, dict]:
-    """Per-channel output mean/std of every layer and input second moments of layers in need_cov
-    (from about _COV_ROWS sampled input rows per layer: K x K products dominate the cost)."""
+def _float_statistics(model: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor]) -> dict:
+    """Per-channel output mean and std of every layer of the float network (for --stats)."""
     sums: dict[str, list] = {}
-    gen = torch.Generator().manual_seed(0)
-    cov: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    rows = -(-_COV_ROWS // max(len(batches), 1))
 
     def hook(name):
         def fn(mod, inputs, out):
@@ -296,10 +322,6 @@ def _float_statistics(model: nn.Module, layers: dict[str, nn.Module], need_cov: 
             s[0] = s[0] + o.sum(1).double()
             s[1] = s[1] + (o * o).sum(1).double()
             s[2] += o.shape[1]
-            if name in need_cov:
-                p = _patches(mod, inputs[0], rows, gen)
-                cov[name] = cov.get(name, 0) + (p.T @ p).double()
-                counts[name] = counts.get(name, 0) + p.shape[0]
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
@@ -313,13 +335,68 @@ def _float_statistics(model: nn.Module, layers: dict[str, nn.Module], need_cov: 
     for n, (s1, s2, cnt) in sums.items():
         mean = s1 / cnt
         stats[n] = (mean.float(), (s2 / cnt - mean ** 2).clamp_min(0).sqrt().float())
-    return stats, {n: (cov[n] / counts[n]).float() for n in cov}
+    return stats
+
+
+@torch.no_grad()
+def _execution_order(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) -> list[str]:
+    """Layer names in the order a forward pass runs them (one image)."""
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n) if n not in order else None)
+               for n, m in layers.items()]
+    try:
+        model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [n for n in layers if n not in order]
+
+
+def _quantize_layers(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict[str, int], adapted: list[str],
+                     settings: "CoraSettings", batches: list[torch.Tensor]) -> tuple[dict, dict]:
+    """Phase 1-2: input statistics and each layer's grid (GPTQ when settings.rounding == "gptq") and
+    residual factors (for the adapted layers). With gptq_passes > 1 the layers are taken by depth in
+    that many groups, each group's statistics from a copy of the network whose earlier groups are
+    already quantized. Returns ({name: QuantizedTensor}, {name: (U S, V) or None})."""
+    ungrouped = [n for n in bits if not (isinstance(layers[n], nn.Conv2d) and layers[n].groups != 1)]
+    need_cov = set(ungrouped) if settings.rounding == "gptq" or settings.clip_metric == "input" else set()
+    if settings.svd == "activation":
+        need_cov |= set(adapted)
+    order = [n for n in _execution_order(teacher, layers, batches[0]) if n in bits]
+    passes = max(1, min(settings.gptq_passes, len(need_cov)))
+    work = copy.deepcopy(teacher) if passes > 1 else teacher
+    work_layers = quantizable_layers(work)
+    grids, factors = {}, {}
+
+    def quantize(name: str, cov: torch.Tensor | None) -> None:
+        qt, f = _quantize_layer(layers[name].weight.detach(), settings.spec(bits[name]), settings, cov,
+                                name in adapted)
+        grids[name], factors[name] = qt, f
+        if work is not teacher:
+            work_layers[name].weight.data = qt.dequantize().to(torch.float32).reshape(layers[name].weight.shape)
+
+    for name in order:
+        if name not in need_cov:
+            quantize(name, None)
+    cov_order = [n for n in order if n in need_cov]
+    groups = [list(g) for g in np.array_split(np.array(cov_order, dtype=object), passes) if len(g)]
+    for gi, group in enumerate(groups):
+        t0 = time.perf_counter()
+        rows = {n: math.ceil(settings.cov_rows * input_width(layers[n])) for n in group}
+        acc = input_second_moments(work, {n: work_layers[n] for n in group}, batches, rows, seed=settings.seed + gi)
+        t1 = time.perf_counter()
+        for n in group:
+            quantize(n, acc.pop(n).value())
+        log.info("statistics group %d/%d (%d layers, %s rows): %.1f s, quantization %.1f s", gi + 1, len(groups),
+                 len(group), "-".join(str(rows[n]) for n in (group[0], group[-1])), t1 - t0,
+                 time.perf_counter() - t1)
+    return grids, factors
 
 
 @torch.no_grad()
 def _correct_statistics(student: nn.Module, wrapped: dict[str, _Layer], target: dict, batch: torch.Tensor,
                         mode: str, skip: frozenset = frozenset()) -> None:
-    """One forward pass in layer order; each layer's output is corrected (and the correction folded
+    """One forward pass in layer order; each layer's output is corrected (and the correction absorbed
     into its gain and bias) before the next layer sees it."""
 
     def hook(name):
@@ -343,88 +420,28 @@ def _correct_statistics(student: nn.Module, wrapped: dict[str, _Layer], target: 
             h.remove()
 
 
-def _kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the student's log-softmax against the teacher's softmax."""
-    return -(F.softmax(teacher_logits, 1) * F.log_softmax(student_logits, 1)).sum(1).mean()
-
-
-def _logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of the logits, each row centred (softmax ignores a shared shift)."""
-    s = student_logits - student_logits.mean(1, keepdim=True)
-    t = teacher_logits - teacher_logits.mean(1, keepdim=True)
-    return (s - t).pow(2).mean()
-
-
-def _feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over layers of each output's squared error relative to the float output's power."""
-    terms = [(student[n] - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12) for n, t in teacher.items()]
-    return torch.stack(terms).mean()
-
-
-class _Capture:
-    """Forward hooks that keep the latest output of each named module."""
-
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.out: dict[str, torch.Tensor] = {}
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
-
-    def _hook(self, name: str):
-        def fn(mod, inputs, out):
-            self.out[name] = out
-        return fn
-
-    def take(self) -> dict[str, torch.Tensor]:
-        out, self.out = self.out, {}
-        return out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """Augment a normalized N x 3 x H x W batch (see CoraSettings.augment); deterministic under gen."""
-    if mode == "none":
-        return x
-    n, _, h, w = x.shape
-    if mode in ("crop", "mix"):
-        out = []
-        for img in x:
-            u = torch.rand(4, generator=gen).tolist()
-            area = h * w * (0.25 + 0.75 * u[0])
-            ratio = math.exp(math.log(3 / 4) + u[1] * math.log(16 / 9))
-            ch = max(1, min(h, round(math.sqrt(area / ratio))))
-            cw = max(1, min(w, round(math.sqrt(area * ratio))))
-            top, left = int(u[2] * (h - ch + 1)), int(u[3] * (w - cw + 1))
-            out.append(F.interpolate(img[None, :, top:top + ch, left:left + cw], size=(h, w), mode="bilinear",
-                                     align_corners=False))
-        x = torch.cat(out)
-    flip = torch.rand(n, generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    if mode == "mix" and n > 1:
-        lam = torch.rand(n, 1, 1, 1, generator=gen)
-        x = lam * x + (1 - lam) * x.roll(1, 0)
-    return x
-
-
 def _quantize_adapter(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric grid: (dequantized values, scales)."""
     qt = quantize_weight(t, QuantSpec(bits=bits, per_channel=True, symmetric=True, clip="minmax"))
     return qt.dequantize().to(torch.float32), qt.scale.to(torch.float32)
 
 
-def _quantize_layer(w: torch.Tensor, spec: QuantSpec, rounding: str, svd: str, cov: torch.Tensor | None,
-                    decompose: bool):
-    """The layer's grid (GPTQ rounding when rounding == "gptq" and its input second moment is
-    known) and, when decompose, the residual's factors (U S, V) with R = U S V, decomposed in the
-    metric of the inputs when svd == "activation"."""
-    qt = quantize_weight(w, spec)
-    if rounding == "gptq" and cov is not None:
-        qt = gptq_round(w, qt, cov)
+def _quantize_layer(w: torch.Tensor, spec: QuantSpec, settings: "CoraSettings", cov: torch.Tensor | None,
+                    decompose: bool) -> tuple[QuantizedTensor, tuple | None]:
+    """The layer's grid (range from the input-weighted error when clip_metric == "input", GPTQ
+    rounding when rounding == "gptq"; both need the input second moment cov) and, when decompose,
+    the residual's factors (U S, V) with R = U S V, decomposed in the metric of the inputs when
+    svd == "activation"."""
+    if settings.clip_metric == "input" and cov is not None:
+        qt = input_weighted_clip(w, spec, cov)
+    else:
+        qt = quantize_weight(w, spec)
+    if settings.rounding == "gptq" and cov is not None:
+        qt = gptq_round(w, qt, cov, damp=settings.gptq_damp, act_order=settings.act_order)
     if not decompose:
         return qt, None
     r = (w - qt.dequantize().to(torch.float32)).reshape(w.shape[0], -1)
-    if svd == "activation":
+    if settings.svd == "activation":
         h = cov.double()
         h = h + torch.eye(h.shape[0], dtype=h.dtype) * (0.01 * torch.diag(h).mean() + 1e-12)
         chol = torch.linalg.cholesky(h)  # H = C C^T
@@ -452,8 +469,206 @@ def _project_ranks(c: dict[str, float], full: dict[str, int], per_rank: dict[str
     return ranks(lo)
 
 
+@dataclass
+class _Search:
+    """The state the phases of search_cora pass along."""
+
+    settings: CoraSettings
+    teacher: nn.Module
+    layers: dict[str, nn.Module]
+    bits: dict[str, int]
+    adapted: list[str]
+    calib: object
+    total_params: int
+    student: nn.Module | None = None
+    wrapped: dict[str, _Layer] = field(default_factory=dict)
+    full: dict[str, int] = field(default_factory=dict)
+    per_rank: dict[str, int] = field(default_factory=dict)
+    weight_frac: dict[str, float] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)
+    c_final: dict[str, float] = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    objective: object = None
+
+
+def _build_student(st: _Search, grids: dict, factors: dict) -> None:
+    """The student: every planned layer a _Layer (grid + Butterworth-weighted residual), cutoffs
+    started where the budget is met with equal fractions."""
+    st.student = copy.deepcopy(st.teacher)
+    for name in st.bits:
+        f = factors[name]
+        if f is not None:
+            st.full[name] = f[1].shape[0]
+            st.per_rank[name] = f[1].shape[1] + f[0].shape[0]
+            st.weight_frac[name] = st.full[name] * st.per_rank[name] / st.total_params
+        st.wrapped[name] = _Layer(st.layers[name], grids[name].dequantize().to(torch.float32), f, st.settings.order, 1.0)
+    if st.adapted:
+        start = min(1.0, st.settings.budget / max(sum(st.weight_frac.values()), 1e-12))
+        for n in st.adapted:
+            st.wrapped[n].c.data.fill_(max(start, 1.0 / st.full[n]))
+    for name, w in st.wrapped.items():
+        _set_module(st.student, name, w)
+    st.student.eval()
+
+
+def _make_objective(st: _Search, captures: list) -> None:
+    """st.objective(): one batch's distillation loss of the student against the float network
+    (teacher logits computed once unless augmentation or feature matching need them per step)."""
+    s, calib, teacher = st.settings, st.calib, st.teacher
+    per_step = s.augment != "none" or s.features != "none"
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        teacher_logits = None if per_step else torch.cat([teacher(x) for x in calib.batches(64)])
+    log.info("teacher logits on %d images %.1f s", 0 if per_step else len(calib), time.perf_counter() - t0)
+    gen = torch.Generator().manual_seed(s.seed)
+    feature_names = dict(st.wrapped) if s.features == "layers" else {}
+    t_capture = Capture({n: st.layers[n] for n in feature_names})
+    s_capture = Capture(feature_names)
+    captures += [t_capture, s_capture]
+
+    def objective() -> torch.Tensor:
+        idx = torch.randint(len(calib), (s.batch_size,), generator=gen)
+        x = calib.preprocess.normalize(calib.images[idx])
+        if per_step:
+            x = augment_batch(x, s.augment, gen)
+            with torch.no_grad():
+                t = teacher(x)
+            t_feats = t_capture.take()
+        else:
+            t, t_feats = teacher_logits[idx], {}
+        loss = distill_loss(st.student(x), t, s.distill)
+        s_feats = s_capture.take()
+        if t_feats:
+            loss = loss + s.feature_weight * feature_loss(s_feats, t_feats)
+        return loss
+
+    st.objective = objective
+
+
+def _search_ranks(st: _Search) -> None:
+    """Rank search: only the Butterworth cutoffs are trained, distillation + budget penalty."""
+    s, adapted = st.settings, st.adapted
+    if not adapted or s.search_iters <= 0:
+        return
+    cs = [st.wrapped[n].c for n in adapted]
+    fracs = torch.tensor([st.weight_frac[n] for n in adapted])
+    opt = torch.optim.Adam(cs, lr=s.lr)
+    lo = torch.tensor([1.0 / st.full[n] for n in adapted])
+    log.info("rank search: %d steps of %d images, budget %.3f of %d weight parameters",
+             s.search_iters, s.batch_size, s.budget, st.total_params)
+    for it in range(s.search_iters):
+        used = (torch.stack(cs) * fracs).sum()
+        kd = st.objective()
+        loss = kd + s.gamma * torch.exp(F.relu(used - s.budget))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_value_(cs, 1.0)
+        opt.step()
+        with torch.no_grad():
+            c_new = torch.minimum(torch.maximum(torch.stack(cs), lo), torch.ones_like(lo))
+            for p, v in zip(cs, c_new):
+                p.fill_(v)
+        st.history.append((float(kd.detach()), float(used.detach())))
+        if it % 25 == 0 or it == s.search_iters - 1:
+            ranks_now = [math.ceil(float(p.detach()) * st.full[n]) for p, n in zip(cs, adapted)]
+            log.info("search %d/%d: distillation loss %.4f, budget used %.4f/%.4f, ranks %d-%d (median %d)",
+                     it + 1, s.search_iters, float(kd.detach()), float(used.detach()), s.budget,
+                     min(ranks_now), max(ranks_now), int(np.median(ranks_now)))
+
+
+def _fix_ranks(st: _Search) -> list[str]:
+    """Project the cutoffs to integer ranks under the budget; returns the layers left with an adapter."""
+    st.c_final = {n: float(st.wrapped[n].c.detach()) for n in st.adapted}
+    allowed = st.settings.budget * st.total_params
+    st.ranks = _project_ranks(st.c_final, st.full, st.per_rank, allowed) if st.adapted else {}
+    for n in st.adapted:
+        if st.ranks[n] > 0:
+            st.wrapped[n].set_hard(st.ranks[n])
+        else:
+            st.wrapped[n].mode = "none"
+    return [n for n in st.adapted if st.ranks.get(n, 0) > 0]
+
+
+def _finetune(st: _Search, live: list[str], fixed: frozenset) -> None:
+    """Fine-tune the adapter factors (and the biases unless finetune_biases is False) by distillation."""
+    s = st.settings
+    if s.finetune_iters <= 0 or not live:
+        return
+    params = []
+    for n in live:
+        for p in (st.wrapped[n].a, st.wrapped[n].b):
+            params.append({"params": [p], "lr": 1e-3 * float(p.detach().pow(2).mean().sqrt()) + 1e-12})
+    for name, w in st.wrapped.items():
+        if name in fixed or not s.finetune_biases:
+            continue
+        w.bias.requires_grad_(True)
+        params.append({"params": [w.bias], "lr": 1e-3 * float(w.bias.detach().pow(2).mean().sqrt()) + 1e-6})
+    opt = torch.optim.Adam(params)
+    log.info("fine-tuning %d adapters and %d biases: %d steps", len(live), len(params) - 2 * len(live),
+             s.finetune_iters)
+    used = float(sum(st.ranks[n] * st.per_rank[n] for n in live) / st.total_params)
+    for it in range(s.finetune_iters):
+        kd = st.objective()
+        opt.zero_grad()
+        kd.backward()
+        opt.step()
+        st.history.append((float(kd.detach()), used))
+        if it % 25 == 0 or it == s.finetune_iters - 1:
+            log.info("fine-tune %d/%d: distillation loss %.4f", it + 1, s.finetune_iters, float(kd.detach()))
+
+
+def _build_plan(st: _Search, grids: dict, live: list[str], seconds: float) -> Plan:
+    """The Plan: each layer's grid (gains absorbed into the scales), adapter factors (quantized to
+    adapter_bits) and bias when changed; the search's figures in meta["cora"]."""
+    s = st.settings
+    plans = []
+    adapter_params = 0
+    for name in st.bits:
+        w = st.wrapped[name]
+        qt = grids[name]
+        gain = w.gain.detach()
+        if not torch.allclose(gain, torch.ones_like(gain)):
+            scale = (qt.scale.expand(gain.shape[0]) if not s.per_channel else qt.scale) * gain
+            zp = qt.zero_point.expand(gain.shape[0]) if not s.per_channel else qt.zero_point
+            qt = dataclasses.replace(qt, scale=scale.contiguous(), zero_point=zp.contiguous(),
+                                     spec=dataclasses.replace(qt.spec, per_channel=True))
+        adapter = None
+        if w.mode == "hard":
+            a = w.a.detach().reshape((w.a.shape[0],) + w.shape[1:])
+            bmat = (w.b.detach() * gain[:, None]).reshape(w.shape[0], -1, 1, 1)
+            a_scale = b_scale = None
+            if s.adapter_bits:
+                a, a_scale = _quantize_adapter(a, s.adapter_bits)
+                bmat, b_scale = _quantize_adapter(bmat, s.adapter_bits)
+            adapter = LowRankAdapter(rank=int(a.shape[0]), a=a.numpy().astype(np.float32),
+                                     b=bmat.numpy().astype(np.float32), bits=s.adapter_bits or None,
+                                     a_scale=None if a_scale is None else a_scale.numpy(),
+                                     b_scale=None if b_scale is None else b_scale.numpy())
+            adapter_params += adapter.params
+        info = {"rank": st.ranks.get(name, 0), "full_rank": st.full.get(name, 0)}
+        if name in st.c_final:
+            info["cutoff"] = st.c_final[name]
+        bias = w.bias.detach().numpy().astype(np.float32)
+        orig_bias = st.layers[name].bias
+        changed = orig_bias is None or not np.array_equal(bias, orig_bias.detach().numpy())
+        plans.append(LayerPlan(name=name, kind=layer_kind(st.layers[name]), shape=tuple(w.shape),
+                               uniform=uniform_from(qt), adapter=adapter, bias=Bias(bias) if changed else None,
+                               info=info))
+    meta = {"cora": {"iterations": len(st.history), "search_iterations": s.search_iters if st.adapted else 0,
+                     "finetune_iterations": s.finetune_iters if live else 0,
+                     "adapter_params": adapter_params, "weight_params": st.total_params,
+                     "adapter_fraction": adapter_params / st.total_params, "budget": s.budget,
+                     "ranks": {n: st.ranks[n] for n in st.adapted}, "search_seconds": seconds,
+                     "loss_history": [round(h[0], 5) for h in st.history]}}
+    log.info("CoRa done in %.1f s: adapters %d parameters (%.2f%% of %d), %d steps", seconds, adapter_params,
+             100 * adapter_params / st.total_params, st.total_params, len(st.history))
+    return Plan(method="cora", settings={"method": "cora", **s.to_json()}, layers=tuple(plans), meta=meta)
+
+
 def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
-    """Quantize every selected layer, search adapter ranks under the budget, fine-tune, and plan."""
+    """Quantize every selected layer, search adapter ranks under the budget, fine-tune, and plan:
+    statistics and quantization (_quantize_layers), the student (_build_student), rank search
+    (_search_ranks), rank projection (_fix_ranks), fine-tuning (_finetune), the plan (_build_plan)."""
     if calib is None or len(calib) == 0:
         raise DataError("CoRa needs calibration images")
     t_start = time.perf_counter()
@@ -463,198 +678,42 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
         p.requires_grad_(False)
     layers = quantizable_layers(teacher)
     bits = select_layers(layers, settings.bits, settings.selection)
-    total_params = sum(m.weight.numel() for m in layers.values())
     adapted = [n for n, b in bits.items() if b == settings.bits and b < 8 and settings.budget > 0
                and isinstance(layers[n], nn.Conv2d) and layers[n].groups == 1]
     calib = as_torch(calib).subset(settings.calib_size, settings.seed)
-    stats_set = calib.subset(settings.stats_size, settings.seed + 1)
-    stats_batches = list(stats_set.batches(32))
-    ungrouped = {n for n in bits if not (isinstance(layers[n], nn.Conv2d) and layers[n].groups != 1)}
-    need_cov = ungrouped if settings.rounding == "gptq" else set()  # grouped convs: nearest rounding
-    if settings.svd == "activation":
-        need_cov |= set(adapted)
-    log.info("CoRa: %d layers, %d with adapters; statistics pass on %d images", len(bits), len(adapted), len(stats_set))
+    st = _Search(settings, teacher, layers, bits, adapted, calib, sum(m.weight.numel() for m in layers.values()))
+    stats_batches = list(calib.subset(settings.stats_size, settings.seed + 1).batches(32))
+    log.info("CoRa: %d layers, %d with adapters; statistics on %d images", len(bits), len(adapted),
+             sum(len(b) for b in stats_batches))
     t0 = time.perf_counter()
-    float_stats, cov = _float_statistics(teacher, layers, need_cov, stats_batches)
-    t1 = time.perf_counter()
-    per_step = settings.augment != "none" or settings.features != "none"  # float outputs at every step
-    with torch.no_grad():
-        teacher_logits = None if per_step else torch.cat([teacher(x) for x in calib.batches(64)])
-    log.info("statistics pass %.1f s, teacher logits on %d images %.1f s", t1 - t0, 0 if per_step else len(calib),
-             time.perf_counter() - t1)
-    t0 = time.perf_counter()
-
-    # quantize, decompose the residual
-    student = copy.deepcopy(teacher)
-    wrapped: dict[str, _Layer] = {}
-    grids = {}
-    full, per_rank, weight_frac = {}, {}, {}
-    for name, b in bits.items():
-        mod = layers[name]
-        qt, factors = _quantize_layer(mod.weight.detach(), settings.spec(b), settings.rounding, settings.svd,
-                                      cov.get(name), name in adapted)
-        grids[name] = qt
-        wq = qt.dequantize().to(torch.float32)
-        if factors is not None:
-            full[name] = factors[1].shape[0]
-            per_rank[name] = factors[1].shape[1] + factors[0].shape[0]
-            weight_frac[name] = full[name] * per_rank[name] / total_params
-        wrapped[name] = _Layer(mod, wq, factors, settings.order, 1.0)
-    log.info("quantization (%s rounding) and residual decomposition (%s): %.1f s", settings.rounding, settings.svd,
-             time.perf_counter() - t0)
-    if adapted:
-        start = min(1.0, settings.budget / max(sum(weight_frac.values()), 1e-12))
-        for n in adapted:
-            wrapped[n].c.data.fill_(max(start, 1.0 / full[n]))
-    for name, w in wrapped.items():
-        _set_module(student, name, w)
-    student.eval()
-
-    gen = torch.Generator().manual_seed(settings.seed)
-
-    feature_names = dict(wrapped) if settings.features == "layers" else {}
-    t_capture = _Capture({n: layers[n] for n in feature_names})
-    s_capture = _Capture(feature_names)
-
-    def objective() -> torch.Tensor:
-        """One batch: the distillation loss of the student against the float network."""
-        idx = torch.randint(len(calib), (settings.batch_size,), generator=gen)
-        x = calib.preprocess.normalize(calib.images[idx])
-        if per_step:
-            x = augment_batch(x, settings.augment, gen)
-            with torch.no_grad():
-                t = teacher(x)
-            t_feats = t_capture.take()
-        else:
-            t, t_feats = teacher_logits[idx], {}
-        out = student(x)
-        loss = _kd_loss(out, t) if settings.distill == "kl" else _logit_mse(out, t)
-        s_feats = s_capture.take()
-        if t_feats:
-            loss = loss + settings.feature_weight * _feature_loss(s_feats, t_feats)
-        return loss
-
+    float_stats = _float_statistics(teacher, layers, stats_batches) if settings.stats != "none" else {}
+    grids, factors = _quantize_layers(teacher, layers, bits, adapted, settings, stats_batches)
+    log.info("statistics, quantization (%s rounding) and residual decomposition (%s): %.1f s", settings.rounding,
+             settings.svd, time.perf_counter() - t0)
+    _build_student(st, grids, factors)
+    captures: list = []
+    if adapted and settings.iters > 0:  # some step will train: the distillation objective
+        _make_objective(st, captures)
     # Linear layers (the classifier): per-class corrections, left alone unless fit_classifier
-    fixed = frozenset() if settings.fit_classifier else frozenset(n for n in wrapped if isinstance(layers[n], nn.Linear))
+    fixed = frozenset() if settings.fit_classifier else \
+        frozenset(n for n in st.wrapped if isinstance(layers[n], nn.Linear))
+    stats_batch = torch.cat(stats_batches[:4]) if settings.stats != "none" else None
     if settings.stats != "none":
-        _correct_statistics(student, wrapped, float_stats, torch.cat(stats_batches), settings.stats, fixed)
-
-    # rank search: only the cutoffs are trained
-    cs = [wrapped[n].c for n in adapted]
-    fracs = torch.tensor([weight_frac[n] for n in adapted])
-    history = []
-    if adapted and settings.search_iters > 0:
-        opt = torch.optim.Adam(cs, lr=settings.lr)
-        lo = torch.tensor([1.0 / full[n] for n in adapted])
-        log.info("rank search: %d steps of %d images, budget %.3f of %d weight parameters",
-                 settings.search_iters, settings.batch_size, settings.budget, total_params)
-        for it in range(settings.search_iters):
-            c_vec = torch.stack(cs)
-            used = (c_vec * fracs).sum()
-            kd = objective()
-            loss = kd + settings.gamma * torch.exp(F.relu(used - settings.budget))
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_value_(cs, 1.0)
-            opt.step()
-            with torch.no_grad():
-                c_new = torch.minimum(torch.maximum(torch.stack(cs), lo), torch.ones_like(lo))
-                for p, v in zip(cs, c_new):
-                    p.fill_(v)
-            history.append((float(kd.detach()), float(used.detach())))
-            if it % 25 == 0 or it == settings.search_iters - 1:
-                ranks_now = [math.ceil(float(p.detach()) * full[n]) for p, n in zip(cs, adapted)]
-                log.info("search %d/%d: distillation loss %.4f, budget used %.4f/%.4f, ranks %d-%d (median %d)",
-                         it + 1, settings.search_iters, float(kd.detach()), float(used.detach()), settings.budget,
-                         min(ranks_now), max(ranks_now), int(np.median(ranks_now)))
-
-    # fix the ranks under the budget
-    allowed = settings.budget * total_params
-    c_final = {n: float(wrapped[n].c.detach()) for n in adapted}
-    ranks = _project_ranks(c_final, full, per_rank, allowed) if adapted else {}
-    for n in adapted:
-        if ranks[n] > 0:
-            wrapped[n].set_hard(ranks[n])
-        else:
-            wrapped[n].mode = "none"
-    live = [n for n in adapted if ranks.get(n, 0) > 0]
-    if settings.stats != "none":
-        with torch.no_grad():  # re-estimate from the gain/bias state before the soft correction
-            for w in wrapped.values():
-                w.gain.fill_(1.0)
-        _reset_biases(wrapped, layers)
-        _correct_statistics(student, wrapped, float_stats, torch.cat(stats_batches), settings.stats, fixed)
-
-    # fine-tune adapter factors and biases by distillation
-    if settings.finetune_iters > 0 and live:
-        params = []
-        for n in live:
-            for p in (wrapped[n].a, wrapped[n].b):
-                params.append({"params": [p], "lr": 1e-3 * float(p.detach().pow(2).mean().sqrt()) + 1e-12})
-        for name, w in wrapped.items():
-            if name in fixed or not settings.finetune_biases:
-                continue
-            w.bias.requires_grad_(True)
-            params.append({"params": [w.bias], "lr": 1e-3 * float(w.bias.detach().pow(2).mean().sqrt()) + 1e-6})
-        opt = torch.optim.Adam(params)
-        log.info("fine-tuning %d adapters and %d biases: %d steps", len(live), len(params) - 2 * len(live),
-                 settings.finetune_iters)
-        for it in range(settings.finetune_iters):
-            kd = objective()
-            opt.zero_grad()
-            kd.backward()
-            opt.step()
-            history.append((float(kd.detach()), float(sum(ranks[n] * per_rank[n] for n in live) / total_params)))
-            if it % 25 == 0 or it == settings.finetune_iters - 1:
-                log.info("fine-tune %d/%d: distillation loss %.4f", it + 1, settings.finetune_iters, float(kd.detach()))
-
-    t_capture.remove()
-    s_capture.remove()
-
-    # the plan
-    plans = []
-    adapter_params = 0
-    for name, b in bits.items():
-        w = wrapped[name]
-        qt = grids[name]
-        gain = w.gain.detach()
-        if not torch.allclose(gain, torch.ones_like(gain)):
-            scale = (qt.scale.expand(gain.shape[0]) if not settings.per_channel else qt.scale) * gain
-            zp = qt.zero_point.expand(gain.shape[0]) if not settings.per_channel else qt.zero_point
-            qt = dataclasses.replace(qt, scale=scale.contiguous(), zero_point=zp.contiguous(),
-                                     spec=dataclasses.replace(qt.spec, per_channel=True))
-        adapter = None
-        if w.mode == "hard":
-            a = w.a.detach().reshape((w.a.shape[0],) + w.shape[1:])
-            bmat = (w.b.detach() * gain[:, None]).reshape(w.shape[0], -1, 1, 1)
-            a_scale = b_scale = None
-            if settings.adapter_bits:
-                a, a_scale = _quantize_adapter(a, settings.adapter_bits)
-                bmat, b_scale = _quantize_adapter(bmat, settings.adapter_bits)
-            adapter = LowRankAdapter(rank=int(a.shape[0]), a=a.numpy().astype(np.float32),
-                                     b=bmat.numpy().astype(np.float32), bits=settings.adapter_bits or None,
-                                     a_scale=None if a_scale is None else a_scale.numpy(),
-                                     b_scale=None if b_scale is None else b_scale.numpy())
-            adapter_params += adapter.params
-        info = {"rank": ranks.get(name, 0), "full_rank": full.get(name, 0)}
-        if name in c_final:
-            info["cutoff"] = c_final[name]
-        bias = w.bias.detach().numpy().astype(np.float32)
-        orig_bias = layers[name].bias
-        changed = orig_bias is None or not np.array_equal(bias, orig_bias.detach().numpy())
-        plans.append(LayerPlan(name=name, kind=layer_kind(layers[name]), shape=tuple(w.shape),
-                               uniform=uniform_from(qt), adapter=adapter, bias=Bias(bias) if changed else None,
-                               info=info))
-    seconds = time.perf_counter() - t_start
-    meta = {"cora": {"iterations": len(history), "search_iterations": settings.search_iters if adapted else 0,
-                     "finetune_iterations": settings.finetune_iters if live else 0,
-                     "adapter_params": adapter_params, "weight_params": total_params,
-                     "adapter_fraction": adapter_params / total_params, "budget": settings.budget,
-                     "ranks": {n: ranks[n] for n in adapted}, "search_seconds": seconds,
-                     "loss_history": [round(h[0], 5) for h in history]}}
-    log.info("CoRa done in %.1f s: adapters %d parameters (%.2f%% of %d), %d steps", seconds, adapter_params,
-             100 * adapter_params / total_params, total_params, len(history))
-    return Plan(method="cora", settings={"method": "cora", **settings.to_json()}, layers=tuple(plans), meta=meta)
+        _correct_statistics(st.student, st.wrapped, float_stats, stats_batch, settings.stats, fixed)
+    try:
+        _search_ranks(st)
+        live = _fix_ranks(st)
+        if settings.stats != "none":
+            with torch.no_grad():  # re-estimate from the gain/bias state before the soft correction
+                for w in st.wrapped.values():
+                    w.gain.fill_(1.0)
+            _reset_biases(st.wrapped, layers)
+            _correct_statistics(st.student, st.wrapped, float_stats, stats_batch, settings.stats, fixed)
+        _finetune(st, live, fixed)
+    finally:
+        for c in captures:
+            c.remove()
+    return _build_plan(st, grids, live, time.perf_counter() - t_start)
 
 
 def _reset_biases(wrapped: dict[str, _Layer], layers: dict[str, nn.Module]) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...progress import progress
-from ..cora import _kd_loss, _logit_mse, augment_batch  # shared with CoRa's distillation
+from ..distill import augment_batch, distill_loss  # shared with CoRa's distillation
 from .codebook import _round_scaled
 from .settings import PqSettings
 
@@ -81,7 +81,7 @@ def finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modul
             overrides[f"{name}.weight"] = codebook_weight(st["codewords"], st["codes"], st["scale"], shapes[name])
             overrides[f"{name}.bias"] = st["bias"]
         logits = functional_call(student, overrides, (x,))
-        loss = _kd_loss(logits, target) if settings.distill == "kl" else _logit_mse(logits, target)
+        loss = distill_loss(logits, target, settings.distill)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -11,7 +11,7 @@ import numpy as np
 from torch import nn
 
 from ...errors import SettingsError
-from ..cora import AUGMENTS, DISTILLS  # the same choices as CoRa's distillation
+from ..distill import AUGMENTS, DISTILLS  # the same choices as CoRa's distillation
 from ..layers import LayerSelection, is_depthwise
 from ..options import CliOption
 

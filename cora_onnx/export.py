@@ -60,7 +60,6 @@ def fuse_batchnorm(model: nn.Module, input_size: int = 224) -> nn.Module:
     return model
 
 
-
 def remaining_batchnorm(model: nn.Module) -> list[str]:
     """Names of the BatchNorm modules of model (none after a successful fuse_batchnorm, except
     those that follow no Conv/Linear)."""

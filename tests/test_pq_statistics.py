@@ -65,7 +65,7 @@ def test_cross_moment_and_its_shape_checks():
 
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(2, 5, 300, generator=g), torch.randn(2, 5, 300, generator=g) + 1.0
-    acc = SecondMoment(2, 5)
+    acc = SecondMoment(5, groups=2)
     acc.add(a[:, :, :100], b[:, :, :100])
     acc.add(a[:, :, 100:], b[:, :, 100:])
     ad, bd = a.double(), b.double()

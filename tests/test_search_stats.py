@@ -24,7 +24,7 @@ def test_streamed_second_moment_equals_the_direct_one():
     h = net[1](net[0](x))
     cols = F.unfold(h, 3, padding=1).transpose(1, 2).reshape(-1, 6 * 9).double()
     direct = cols.T @ cols / cols.shape[0]
-    assert acc["1"].rows == 10 * 16
+    assert acc["1"].count == 10 * 16
     torch.testing.assert_close(acc["1"].value(), direct, rtol=1e-5, atol=1e-6)
     flat = net[4](net[3](net[2](h))).double()
     torch.testing.assert_close(acc["2"].value(), flat.T @ flat / 10, rtol=1e-5, atol=1e-6)
@@ -39,7 +39,7 @@ def test_row_subsampling_and_early_stop():
     calls = []
     net[5].register_forward_hook(lambda *a: calls.append(1))
     acc = input_second_moments(net, {"0": net[0]}, [x[:4], x[4:]], rows={"0": 16})
-    assert acc["0"].rows == 8 * 2  # ceil(16 / 8) positions per image
+    assert acc["0"].count == 8 * 2  # ceil(16 / 8) positions per image
     assert not calls  # the forward stopped at the only layer asked for
     m = SecondMoment(3)
     assert torch.equal(m.value(), torch.zeros(3, 3, dtype=torch.float64))

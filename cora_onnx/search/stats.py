@@ -18,12 +18,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SecondMoment", "input_rows", "input_width", "input_second_moments"]
+from ..errors import ModelError
+
+__all__ = ["SecondMoment", "unfold", "input_rows", "input_width", "input_second_moments"]
 
 
 def input_width(mod: nn.Module) -> int:
     """K: the length of one input row of the layer (= weight.numel() / C_out)."""
     return mod.weight[0].numel()
+
+
+def unfold(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Layer input -> (N, C_in*kh*kw, L) patches (Linear: (N, C_in, 1)); string paddings
+    ("valid", or "same" with odd kernels) are turned into their numbers."""
+    if isinstance(mod, nn.Linear):
+        return x.reshape(-1, x.shape[-1], 1)
+    pad = mod.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            pad = (0, 0)
+        elif all(k % 2 for k in mod.kernel_size):
+            pad = tuple(dl * (k - 1) // 2 for k, dl in zip(mod.kernel_size, mod.dilation))
+        else:
+            raise ModelError("padding='same' with an even kernel is not supported by the statistics pass")
+    return F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)
 
 
 def input_rows(mod: nn.Module, x: torch.Tensor, keep: int | None = None,
@@ -37,7 +55,7 @@ def input_rows(mod: nn.Module, x: torch.Tensor, keep: int | None = None,
         return rows
     if mod.groups != 1:
         raise ValueError("input rows of a grouped conv are per group; not supported")
-    cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+    cols = unfold(mod, x)
     n, k, positions = cols.shape
     if keep is not None and keep < positions:
         cols = cols[:, :, torch.randperm(positions, generator=gen)[:keep]]
@@ -45,24 +63,53 @@ def input_rows(mod: nn.Module, x: torch.Tensor, keep: int | None = None,
 
 
 class SecondMoment:
-    """Running X^T X / rows over row blocks, accumulated in float64 (one K x K matrix)."""
+    """Streamed (cross) second moment of layer inputs, per group, in float64: for column batches
+    a, b of shape (G, K, n) (K values per row, n rows), accumulates sum a b^T (G, K, K), sum a and
+    sum b (G, K) and n. Memory is O(G K^2) whatever the number of images. b defaults to a (the
+    plain second moment). CoRa uses one group (`add_rows`, `value`), product quantization one per
+    conv group and the cross moments between the float and the quantized network."""
 
-    def __init__(self, k: int, chunk: int = 8192) -> None:
-        self.sum = torch.zeros(k, k, dtype=torch.float64)
-        self.rows = 0
-        self.chunk = chunk
+    def __init__(self, size: int, groups: int = 1, chunk: int = 8192) -> None:
+        self.groups, self.size, self.count, self.chunk = groups, size, 0, chunk
+        self.ab = torch.zeros(groups, size, size, dtype=torch.float64)
+        self.sum_a = torch.zeros(groups, size, dtype=torch.float64)
+        self.sum_b = torch.zeros(groups, size, dtype=torch.float64)
 
-    def add(self, rows: torch.Tensor) -> None:
-        """Fold a (n, K) block in; float32 products in chunks of rows, summed in float64."""
+    def add(self, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
+        """Fold (G, K, n) columns in (float32 products, float64 sums)."""
+        G, K, n = a.shape
+        if (G, K) != (self.groups, self.size) or (b is not None and b.shape != a.shape):
+            raise ValueError(f"columns {tuple(a.shape)} do not fit a ({self.groups}, {self.size}, n) accumulator")
+        bb = a if b is None else b
+        self.ab.add_(torch.bmm(a, bb.transpose(1, 2)).double())
+        self.sum_a.add_(a.sum(2).double())
+        self.sum_b.add_(bb.sum(2).double())
+        self.count += n
+
+    def add_rows(self, rows: torch.Tensor) -> None:
+        """Fold a (n, K) block of rows in (one group), `chunk` rows at a time."""
         rows = rows.detach().to(torch.float32)
         for i in range(0, rows.shape[0], self.chunk):
-            r = rows[i:i + self.chunk]
-            self.sum += (r.T @ r).double()
-        self.rows += rows.shape[0]
+            self.add(rows[i:i + self.chunk].T[None])
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """E[a], E[b] (G, K) float64."""
+        n = float(max(self.count, 1))
+        return self.sum_a / n, self.sum_b / n
+
+    def moment(self, centered: bool = False) -> torch.Tensor:
+        """E[a b^T] (G, K, K) float64, or the (cross-)covariance E[(a - E a)(b - E b)^T]."""
+        if self.count == 0:
+            raise ModelError("no inputs were accumulated")
+        out = self.ab / float(self.count)
+        if centered:
+            mu_a, mu_b = self.means()
+            out = out - mu_a[:, :, None] * mu_b[:, None, :]
+        return out
 
     def value(self) -> torch.Tensor:
-        """The second moment (float64); zeros before any row."""
-        return self.sum / max(self.rows, 1)
+        """The (K, K) second moment of a one-group accumulator; zeros before any row."""
+        return self.ab[0] / max(self.count, 1)
 
 
 class _Done(Exception):
@@ -87,7 +134,7 @@ def input_second_moments(model: nn.Module, modules: dict[str, nn.Module], batche
         def fn(mod, inputs, out):
             target = None if rows is None else rows.get(name)
             keep = None if target is None else max(1, math.ceil(target / max(images, 1)))
-            acc[name].add(input_rows(mod, inputs[0], keep, gen))
+            acc[name].add_rows(input_rows(mod, inputs[0], keep, gen))
             seen.add(name)
             if len(seen) == len(modules):
                 raise _Done

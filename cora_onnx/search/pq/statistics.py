@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ModelError
 from ...progress import progress
+from ..stats import SecondMoment, unfold
 from .codebook import CHUNK
 
 __all__ = ["Geom", "SecondMoment", "module_moment", "input_stats", "joint_stats", "layer_input",
@@ -33,59 +33,6 @@ class Geom:
     m: int
 
 
-def unfold(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Layer input -> (N, C_in*kh*kw, L) patches (Linear: (N, C_in, 1))."""
-    if isinstance(mod, nn.Linear):
-        return x.reshape(-1, x.shape[-1], 1)
-    pad = mod.padding
-    if isinstance(pad, str):
-        if pad == "valid":
-            pad = (0, 0)
-        elif all(k % 2 for k in mod.kernel_size):
-            pad = tuple(dl * (k - 1) // 2 for k, dl in zip(mod.kernel_size, mod.dilation))
-        else:
-            raise ModelError("padding='same' with an even kernel is not supported by pq")
-    return F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)
-
-
-class SecondMoment:
-    """Streamed (cross) second moment of unfolded layer inputs, per group: for column batches a, b
-    of shape (G, K, n) (K values per patch, n patches), accumulates sum a b^T (G, K, K), sum a and
-    sum b (G, K) and n, in float64. Memory is O(G K^2) whatever the number of images; `add` may be
-    called once per batch of any size. b defaults to a (the plain second moment)."""
-
-    def __init__(self, groups: int, size: int):
-        self.groups, self.size, self.count = groups, size, 0
-        self.ab = torch.zeros(groups, size, size, dtype=torch.float64)
-        self.sum_a = torch.zeros(groups, size, dtype=torch.float64)
-        self.sum_b = torch.zeros(groups, size, dtype=torch.float64)
-
-    def add(self, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
-        G, K, n = a.shape
-        if (G, K) != (self.groups, self.size) or (b is not None and b.shape != a.shape):
-            raise ValueError(f"columns {tuple(a.shape)} do not fit a ({self.groups}, {self.size}, n) accumulator")
-        bb = a if b is None else b
-        self.ab.add_(torch.bmm(a, bb.transpose(1, 2)).double())
-        self.sum_a.add_(a.sum(2).double())
-        self.sum_b.add_(bb.sum(2).double())
-        self.count += n
-
-    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """E[a], E[b] (G, K) float64."""
-        n = float(max(self.count, 1))
-        return self.sum_a / n, self.sum_b / n
-
-    def moment(self, centered: bool = False) -> torch.Tensor:
-        """E[a b^T] (G, K, K) float64, or the (cross-)covariance E[(a - E a)(b - E b)^T]."""
-        if self.count == 0:
-            raise ModelError("no inputs were accumulated")
-        out = self.ab / float(self.count)
-        if centered:
-            mu_a, mu_b = self.means()
-            out = out - mu_a[:, :, None] * mu_b[:, None, :]
-        return out
-
-
 def _columns(mod: nn.Module, x: torch.Tensor, groups: int):
     """`mod`'s input batch -> (G, K, n) patch columns, in chunks of at most CHUNK elements."""
     per_image = x[:1].numel() * (int(np.prod(mod.kernel_size)) if isinstance(mod, nn.Conv2d) else 1)
@@ -105,7 +52,7 @@ def module_moment(model: nn.Module, mod: nn.Module, groups: int, images, batch_s
         xin = layer_input(model, mod, x, name)
         for cols in _columns(mod, xin, groups):
             if acc is None:
-                acc = SecondMoment(groups, cols.shape[1])
+                acc = SecondMoment(cols.shape[1], groups)
             acc.add(cols)
     if acc is None:
         raise ModelError(f"{name}: no calibration images")
@@ -156,7 +103,7 @@ def joint_stats(teacher: nn.Module, tmod: nn.Module, student: nn.Module, smod: n
     batch at a time: "qq" E[x_q x_q^T], "qf" E[x_q x_f^T], "ff" E[x_f x_f^T] (G, F, F), "mu_q" /
     "mu_f" (G, F); centered: covariances."""
     G, FF = geom.groups, geom.m * geom.d
-    acc = {k: SecondMoment(G, FF) for k in ("qq", "qf", "ff")}
+    acc = {k: SecondMoment(FF, G) for k in ("qq", "qf", "ff")}
     for x in images.batches(batch_size):
         xq, xf = layer_input(student, smod, x, geom.name), layer_input(teacher, tmod, x, geom.name)
         for cq, cf in zip(_columns(smod, xq, G), _columns(smod, xf, G)):

@@ -1,17 +1,7 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REAL_MODEL = SHARED / "models" / "resnet18-imagenet.pt"
-
-
-def require_shared() -> None:
-    if not REAL_MODEL.is_file():
-        pytest.skip(f"real-model check needs ../shared ({SHARED} not present; see ../shared/README.md)")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from PIL import Image
 from cora_onnx.data import Preprocess, imagenet_class_map, load_images
 from cora_onnx.errors import DataError, InputError
 
-from conftest import SHARED
+from realdata import SHARED
 
 
 def _images(folder, n, seed=0):

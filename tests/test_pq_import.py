@@ -283,7 +283,7 @@ def test_api_parity_failure_is_an_error(files, tmp_path, monkeypatch):
 def test_real_published_checkpoint(tmp_path):
     """The ResNet-18 published with "And the bit goes down": exact in ONNX Runtime, file within
     1.15x of the checkpoint, decoded weights equal to the decoded release in ../shared."""
-    from conftest import SHARED, require_shared
+    from realdata import SHARED, require_shared
 
     require_shared()
     ckpt = SHARED / "models" / "resnet18_small_blocks.pth"

@@ -11,7 +11,7 @@ from cora_onnx.search import RtnSettings, search_rtn
 from cora_onnx.verify import parity, predict_onnx, session, top1
 from cora_onnx.verify_torch import predict_torch
 
-from conftest import REAL_MODEL, SHARED, require_shared
+from realdata import REAL_MODEL, SHARED, require_shared
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from cora_onnx.cli import main
 from cora_onnx.errors import SettingsError
 from cora_onnx.sweeps_report import pareto_front
 
-from conftest import SHARED, require_shared
+from realdata import SHARED, require_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMINGS = ("latency_ms_b1", "search_seconds", "seconds")

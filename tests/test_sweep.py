@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import cora_onnx
 from cora_onnx import api, outcome
 from cora_onnx import sweeps as sweep_mod
+from cora_onnx.sweeps import jobs as sweep_jobs  # where the executors look run_job up
 from cora_onnx.cli import main
 from cora_onnx.errors import SettingsError
 from cora_onnx.sweeps_report import pareto_front
@@ -119,7 +120,7 @@ def test_rerun_resumes(first, digits, monkeypatch):
     mtimes = {p: (out / p / "model.onnx").stat().st_mtime_ns for p in rows_by_point(out) if p != "pq-bad"}
     ran = []
     real = sweep_mod.run_job
-    monkeypatch.setattr(sweep_mod, "run_job", lambda job: ran.append(job.point.name) or real(job))
+    monkeypatch.setattr(sweep_jobs, "run_job", lambda job: ran.append(job.point.name) or real(job))
     monkeypatch.setattr(api, "float_reference", lambda *a, **k: pytest.fail("float reference recomputed"))
     again = cora_onnx.sweep(config(digits), out)
     assert ran == ["pq-bad"] and again.ran == ("pq-bad",)  # only the failed point is tried again
@@ -194,7 +195,7 @@ def test_bad_config_exit_2_before_any_job(case, digits, tmp_path, monkeypatch):
             head.pop(key, None)
     cfg = tmp_path / "s.toml"
     cfg.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in head.items()) + text)
-    monkeypatch.setattr(sweep_mod, "run_job", lambda job: pytest.fail("a job started"))
+    monkeypatch.setattr(sweep_jobs, "run_job", lambda job: pytest.fail("a job started"))
     res = CliRunner().invoke(main, ["sweep", str(cfg), "--out", str(tmp_path / "out")])
     assert res.exit_code == 2, res.output
     assert msg in res.output and res.output.startswith("error: ") and "s.toml" in res.output, res.output

@@ -198,9 +198,10 @@ def _reuse_float_statistics() -> None:
     get the same input statistics, grids and residual factors (GPTQ, SVD): those are computed once
     and reused, so a row costs minutes on one thread. They are deterministic functions of their
     inputs, so the rows are unchanged; but the reused rows' search_seconds leave that phase out."""
-    from cora_onnx.search import cora
+    from cora_onnx.search.cora import quantize, search
 
-    original, memo = cora._quantize_layers, {}
+    # patched where they are looked up: search_cora calls _quantize_layers, which calls input_second_moments
+    original, memo = search._quantize_layers, {}
     fields = ("bits", "per_channel", "symmetric", "clip", "k", "rounding", "svd", "stats_size", "cov_rows",
               "gptq_passes", "act_order", "gptq_damp", "clip_metric", "seed", "selection")
 
@@ -212,9 +213,9 @@ def _reuse_float_statistics() -> None:
             memo[key] = original(teacher, layers, bits, adapted, settings, batches)
         return memo[key]
 
-    cora._quantize_layers = cached
+    search._quantize_layers = cached
 
-    moments, mmemo = cora.input_second_moments, {}
+    moments, mmemo = quantize.input_second_moments, {}
 
     def cached_moments(model, modules, batches, rows=None, seed=0):
         """Statistics of the same network (all its parameters) on the same batches: computed once."""
@@ -225,7 +226,7 @@ def _reuse_float_statistics() -> None:
             mmemo[key] = moments(model, modules, batches, rows, seed)
         return dict(mmemo[key])
 
-    cora.input_second_moments = cached_moments
+    quantize.input_second_moments = cached_moments
 
 
 def sample_table(recs: list[dict]) -> None:

@@ -64,7 +64,9 @@ from measure_cora import _emit, _sample_paths, _weights
 # string plus ":BITS"); '+' joins several, later ones win
 LEVERS = {
     "default": {},
-    "ft0": {"finetune_steps": 0},                                     # no fine-tuning
+    "ft0": {"finetune_steps": 0},
+    "fc-weight": {"weight_target_layers": "_fc"},                     # the classifier fitted to its float weight
+    "head-weight": {"weight_target_layers": "_fc,_conv_head"},        # ... and the head conv                                     # no fine-tuning
     "stats256": {"stats_size": 256}, "stats-all": {"stats_size": 1 << 30},  # statistics images
     "no-feedback": {"error_feedback": False},
     "weight": {"target": "weight"},

@@ -73,8 +73,8 @@ def stats_sizes(model: nn.Module, layers: dict[str, nn.Module], images, settings
 
 
 def _gptq_rounded(name: str, mod: nn.Module, settings: PqSettings) -> bool:
-    """Whether a uniform layer is GPTQ-rounded: uniform_rounding "gptq", named by uniform_layers
-    (not the selection's first/last) and not grouped."""
+    """Whether a uniform layer is GPTQ-rounded: uniform_rounding "gptq", named by a uniform_layers
+    pattern (a layer kept only by the selection, e.g. the first, is rounded to nearest) and not grouped."""
     return (settings.uniform_rounding == "gptq" and getattr(mod, "groups", 1) == 1
             and any(fnmatch.fnmatchcase(name, p) for p, _ in settings.uniform_patterns()))
 

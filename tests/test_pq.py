@@ -187,6 +187,8 @@ def _cli(digits, out, *extra):
     (("--block-size", "conv=4"), "error: block_size entry 'conv' is neither a kernel kind"),
     (("--blocks", "large", "--bits", 4, "--clip", "mse"), "error: --clip does not apply to --method pq"),
     (("--uniform-layers", "head*"), "error: uniform_layers entry 'head*' names no quantized layer"),
+    (("--uniform-layers", "features.0:9"), "error: uniform_layers entry 'features.0:9': expected PATTERN or"),
+    (("--weight-target-layers", "head"), "error: weight_target_layers entry 'head' names no product-quantized"),
     (("--stats-patches", -3), "error: stats_patches must be an integer >= 0"),
 ])
 def test_cli_rejects_bad_pq_options(digits, tmp_path, extra, match):

@@ -64,7 +64,9 @@ from measure_cora import _emit, _sample_paths, _weights
 # string plus ":BITS"); '+' joins several, later ones win
 LEVERS = {
     "default": {},
-    "ft0": {"finetune_steps": 0},                                     # no fine-tuning
+    "ft0": {"finetune_steps": 0},
+    "fc-weight": {"weight_target_layers": "_fc"},                     # the classifier fitted to its float weight
+    "head-weight": {"weight_target_layers": "_fc,_conv_head"},        # ... and the head conv                                     # no fine-tuning
     "stats256": {"stats_size": 256}, "stats-all": {"stats_size": 1 << 30},  # statistics images
     "no-feedback": {"error_feedback": False},
     "weight": {"target": "weight"},
@@ -82,6 +84,11 @@ LEVERS = {
     "lite10": {"uniform_layers": "_blocks.[0-5].*",
                "block_size": "_blocks.[6-9]._expand_conv=2,_blocks.[6-9]._project_conv=2,"
                              "_blocks.1[01]._expand_conv=2,_blocks.1[01]._project_conv=2"},
+    # ... or those 1x1 convs on a uniform 4-bit per-channel grid (the same 4 bits per weight),
+    # GPTQ-rounded to the float target on the partially quantized network's inputs
+    "lite10u4": {"uniform_layers": "_blocks.[0-5].*,_blocks.[6-9]._expand_conv:4,_blocks.[6-9]._project_conv:4,"
+                                   "_blocks.1[01]._expand_conv:4,_blocks.1[01]._project_conv:4",
+                 "uniform_rounding": "gptq"},
     # ... and the project convs of blocks 12-14 at d = 2 too, paid for by the classifier at d = 8
     "lite10b": {"uniform_layers": "_blocks.[0-5].*",
                 "block_size": "_blocks.[6-9]._expand_conv=2,_blocks.[6-9]._project_conv=2,"

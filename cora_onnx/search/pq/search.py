@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ...errors import DataError, ModelError, SettingsError
-from ...plan import Codebook, LayerPlan, Plan
+from ...plan import Bias, Codebook, LayerPlan, Plan
 from ...progress import progress
-from ...quantizers import QuantSpec, quantizable_layers, quantize_weight
+from ...quantizers import QuantSpec, gptq_round, quantizable_layers, quantize_weight
 from ...torch_images import as_torch
 from ..layers import layer_kind, select_layers, uniform_from
 from .codebook import assign_with_feedback, fit_codebook, float_output_error, float_target, full_error
@@ -72,6 +72,57 @@ def stats_sizes(model: nn.Module, layers: dict[str, nn.Module], images, settings
             for n in layers}
 
 
+def _gptq_rounded(name: str, mod: nn.Module, settings: PqSettings) -> bool:
+    """Whether a uniform layer is GPTQ-rounded: uniform_rounding "gptq", named by a uniform_layers
+    pattern (a layer kept only by the selection, e.g. the first, is rounded to nearest) and not grouped."""
+    return (settings.uniform_rounding == "gptq" and getattr(mod, "groups", 1) == 1
+            and any(fnmatch.fnmatchcase(name, p) for p, _ in settings.uniform_patterns()))
+
+
+def _fit_uniform_gptq(teacher: nn.Module, tmod: nn.Module, student: nn.Module, mod: nn.Module, name: str, bits: int,
+                      images, targets: dict[str, torch.Tensor], settings: PqSettings) -> LayerPlan:
+    """A uniform layer (groups 1) rounded by GPTQ on the student's input statistics: to the float
+    network's output of the layer (target "float": W* = H_qq^-1 H_qf W, rounded under H_qq) or to
+    its own float weight; then the bias correction. Writes the rounded weight into `mod`."""
+    t0 = time.perf_counter()
+    w = mod.weight.detach().float().clone()
+    w2 = w.reshape(w.shape[0], -1)
+    K = w2.shape[1]
+    g = Geom(name, block_kind(mod), K, 1, 1)
+    centered = settings.bias_correction
+    if settings.target_for(name) == "float":
+        joint = joint_stats(teacher, tmod, student, mod, g, images, settings.batch_size, centered=centered)
+        H, mu = joint["qq"][0], joint["mu_q"][0]
+        wt = float_target(w2, joint["qq"], joint["qf"], settings.damping)
+        fb = tmod.bias
+        target_mean = w2 @ joint["mu_f"][0] + (fb.detach().float() if fb is not None else 0.0)
+    else:
+        H, mu = input_stats(student, mod, g, images, settings.batch_size, full=True, centered=centered)
+        H, mu = H.reshape(K, K), mu[0]
+        wt, target_mean = w2, targets.get(name)
+    spec = QuantSpec(bits=bits)
+    wt4 = wt.reshape(w.shape)
+    qt = gptq_round(wt4, quantize_weight(wt4, spec), H, damp=settings.damping)
+    w_hat = qt.dequantize().reshape(w2.shape).float()
+    bias = None
+    with torch.no_grad():
+        mod.weight.copy_(w_hat.reshape(w.shape))
+        if settings.bias_correction:
+            b = target_mean - w_hat @ mu
+            if mod.bias is None:
+                mod.bias = nn.Parameter(b.clone())
+            else:
+                mod.bias.copy_(b)
+            bias = Bias(values=b.numpy().astype(np.float32))
+    err = float((w_hat - w2).pow(2).mean() / w2.pow(2).mean().clamp_min(1e-30))
+    rel = float(((w_hat - wt) @ H * (w_hat - wt)).sum() / ((wt @ H) * wt).sum().clamp_min(1e-30))
+    log.info("%s: uniform %d bits (GPTQ, target %s), activation-weighted error %.4f, relative weight MSE %.4f "
+             "(%.1f s)", name, bits, settings.target_for(name), rel, err, time.perf_counter() - t0)
+    return LayerPlan(name=name, kind=layer_kind(mod), shape=tuple(w.shape), uniform=uniform_from(qt), bias=bias,
+                     info={"relative_weight_mse": err, "activation_weighted_error": rel, "rounding": "gptq",
+                           "seconds": time.perf_counter() - t0})
+
+
 def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str], kept: dict[str, int],
                geoms: dict[str, Geom], images, settings: PqSettings):
     """The per-layer phase of `search_pq`, layer after layer in `order` on a copy of the model
@@ -91,9 +142,11 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
     # 8.5% relative error in the first depthwise layer's output mean with 64 vs 16 images). With
     # the float target they come from the same pass as the joint statistics (W E[x_f] + b)
     targets: dict[str, torch.Tensor] = {}
-    if settings.bias_correction and settings.target == "weight":  # one float pass per distinct image count
-        for size in sorted({sizes[n] for n in geoms}):
-            same = {n: layers[n] for n in geoms if sizes[n] == size}
+    gptq = {n for n in kept if _gptq_rounded(n, slayers[n], settings)}
+    by_weight = [n for n in [*geoms, *gptq] if settings.target_for(n) == "weight"]
+    if settings.bias_correction and by_weight:  # one float pass per distinct image count
+        for size in sorted({sizes[n] for n in by_weight}):
+            same = {n: layers[n] for n in by_weight if sizes[n] == size}
             targets.update(output_means(model, same, images.subset(size, settings.seed), bs))
     state: dict[str, dict] = {}
     plans: dict[str, LayerPlan] = {}
@@ -101,6 +154,10 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
         mod = slayers[name]
         t0 = time.perf_counter()
         w = mod.weight.detach().float().clone()
+        if name in gptq:
+            plans[name] = _fit_uniform_gptq(model, layers[name], student, mod, name, kept[name],
+                                            images.subset(sizes[name], settings.seed), targets, settings)
+            continue
         if name in kept:
             qt = quantize_weight(w, QuantSpec(bits=kept[name]))
             with torch.no_grad():
@@ -117,7 +174,7 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
         # Post-ReLU inputs have means far above their spread, and the second moment would spend the
         # codebook on the mean response
         joint = None
-        if settings.target == "float":  # fit the float network's output: PQ of W* under H_qq
+        if settings.target_for(name) == "float":  # fit the float network's output: PQ of W* under H_qq
             joint = joint_stats(model, layers[name], student, mod, g, stats_images, bs,
                                  centered=settings.bias_correction)
             H, mu = joint["qq"].reshape(g.groups, 1, g.m * g.d, g.m * g.d), joint["mu_q"]
@@ -192,12 +249,16 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
     # which layers: keep -> uniform at keep_bits, skip -> float, the rest -> PQ (validated first)
     kept = {n: b for n, b in select_layers(layers, 0, settings.selection).items() if b}
     order = [n for n in layers if n not in settings.selection.skip]
-    for pattern in settings.uniform_layers:
+    for pattern, bits in settings.uniform_patterns():  # later entries win
         hits = [n for n in order if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             raise SettingsError(f"uniform_layers entry {pattern!r} names no quantized layer of the model")
-        kept.update({n: settings.selection.keep_bits for n in hits})
+        kept.update({n: bits or settings.selection.keep_bits for n in hits})
     geoms = {n: _geometry(n, layers[n], settings) for n in order if n not in kept}
+    for pattern in settings.weight_target_layers:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in geoms):
+            raise SettingsError(f"weight_target_layers entry {pattern!r} names no product-quantized layer of the "
+                                "model")
     for pattern in settings.layer_patterns():
         if not any(fnmatch.fnmatchcase(n, pattern) for n in geoms):
             shown = ", ".join(list(geoms)[:6]) + (", ..." if len(geoms) > 6 else "")

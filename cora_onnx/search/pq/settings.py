@@ -114,7 +114,13 @@ class PqSettings:
     PQ of the target W* = H_qq^-1 H_qf W under the metric H_qq, see `float_target`). seed: initialization and batch order. selection: layers kept on a uniform grid at
     keep_bits (first / last / depthwise) or left in float (skip); uniform_layers: layer-name
     patterns (fnmatch) also kept on the uniform grid at selection.keep_bits; every other
-    Conv/Linear is product-quantized."""
+    Conv/Linear is product-quantized; an entry 'PATTERN:BITS' sets those layers' bits instead.
+    uniform_rounding: how the uniform_layers are rounded onto their grid, "nearest" or "gptq"
+    (error-feedback rounding, `quantizers.gptq_round`, of the layer's target, see `target`, on
+    the partially quantized network's input statistics, with the bias correction; layers with
+    groups > 1 are rounded to nearest). weight_target_layers: layer-name patterns (fnmatch) fitted
+    to their own float weight whatever `target` says (the classifier, whose float target
+    W* = H_qq^-1 H_qf W, from ten calibration classes, overfits them)."""
 
     bits: int | None = None
     blocks: str = "small"
@@ -138,6 +144,8 @@ class PqSettings:
     uniform_layers: Any = ()
     damping: float = DAMPING
     target: str = "float"
+    weight_target_layers: Any = ()
+    uniform_rounding: str = "nearest"
     seed: int = 0
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first",)))
 
@@ -168,19 +176,37 @@ class PqSettings:
             raise SettingsError(f"distill must be one of {', '.join(DISTILLS)}, got {self.distill!r}")
         if self.augment not in AUGMENTS:
             raise SettingsError(f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
-        pats = self.uniform_layers
-        if isinstance(pats, str):
-            pats = tuple(p.strip() for p in pats.split(",") if p.strip())
-        if not isinstance(pats, (tuple, list)) or not all(isinstance(p, str) and p for p in pats):
-            raise SettingsError(f"uniform_layers must be layer-name patterns (fnmatch, comma-separated), got "
-                                f"{self.uniform_layers!r}")
-        object.__setattr__(self, "uniform_layers", tuple(pats))
+        for name in ("uniform_layers", "weight_target_layers"):
+            object.__setattr__(self, name, _patterns(name, getattr(self, name)))
+        self.uniform_patterns()  # validates the :BITS suffixes
+        if self.uniform_rounding not in UNIFORM_ROUNDINGS:
+            raise SettingsError(f"uniform_rounding must be one of {', '.join(UNIFORM_ROUNDINGS)}, got "
+                                f"{self.uniform_rounding!r}")
         if self.target not in TARGETS:
             raise SettingsError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if not (isinstance(self.finetune_lr, (int, float)) and np.isfinite(self.finetune_lr) and self.finetune_lr > 0):
             raise SettingsError(f"finetune_lr must be a positive number, got {self.finetune_lr!r}")
         if not isinstance(self.selection, LayerSelection):
             raise SettingsError("selection must be a LayerSelection")
+
+    def uniform_patterns(self) -> tuple[tuple[str, int | None], ...]:
+        """uniform_layers as (fnmatch pattern, bits or None for selection.keep_bits): an entry
+        'PATTERN:BITS' puts the layers it names on a BITS-bit grid (2-8)."""
+        out = []
+        for entry in self.uniform_layers:
+            pattern, sep, bits = entry.rpartition(":")
+            if not sep:
+                out.append((entry, None))
+                continue
+            if not pattern or not bits.isdigit() or not 2 <= int(bits) <= 8:
+                raise SettingsError(f"uniform_layers entry {entry!r}: expected PATTERN or PATTERN:BITS with BITS "
+                                    "from 2 to 8")
+            out.append((pattern, int(bits)))
+        return tuple(out)
+
+    def target_for(self, name: str) -> str:
+        """The target of layer `name`: "weight" when a weight_target_layers pattern matches it, else `target`."""
+        return "weight" if any(fnmatch.fnmatchcase(name, p) for p in self.weight_target_layers) else self.target
 
     def layer_patterns(self) -> tuple[str, ...]:
         """The block_size keys that name layers (fnmatch patterns), not kernel kinds."""
@@ -206,6 +232,19 @@ class PqSettings:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+UNIFORM_ROUNDINGS = ("nearest", "gptq")
+
+
+def _patterns(name: str, value) -> tuple[str, ...]:
+    """Layer-name patterns (fnmatch) from a comma-separated string or a sequence of strings."""
+    pats = value
+    if isinstance(pats, str):
+        pats = tuple(p.strip() for p in pats.split(",") if p.strip())
+    if not isinstance(pats, (tuple, list)) or not all(isinstance(p, str) and p for p in pats):
+        raise SettingsError(f"{name} must be layer-name patterns (fnmatch, comma-separated), got {value!r}")
+    return tuple(pats)
 
 
 PQ_OPTIONS = (
@@ -242,13 +281,19 @@ PQ_OPTIONS = (
               "PQ fine-tuning images: none, flip, crop (random resized crops and flips) or mix [none]."),
     CliOption("--uniform-layers", "uniform_layers", str,
               "PQ: layer-name patterns (fnmatch, comma-separated, e.g. '_conv_head,*_depthwise_conv') kept on the "
-              "uniform grid at --keep-bits instead of product-quantized."),
+              "uniform grid at --keep-bits instead of product-quantized; PATTERN:BITS sets their bits (2-8)."),
+    CliOption("--uniform-rounding", "uniform_rounding", UNIFORM_ROUNDINGS,
+              "PQ: rounding of the --uniform-layers: nearest, or gptq (error feedback on the partially quantized "
+              "network's inputs, fitted to --target, bias-corrected) [nearest]."),
     CliOption("--damping", "damping", float,
               "PQ: EM ridge toward plain k-means, relative to the layer's mean input energy; keeps weights the "
               "calibration never excites [0.01]."),
     CliOption("--target", "target", TARGETS,
               "PQ: fit each layer to its own float weight (weight) or to the float network's output of the layer "
               "(float: corrects the error of the layers before it; one more forward per layer) [float]."),
+    CliOption("--weight-target-layers", "weight_target_layers", str,
+              "PQ: layer-name patterns (fnmatch, comma-separated, e.g. '_fc') fitted to their own float weight "
+              "whatever --target says."),
     CliOption("--bias-correction/--no-bias-correction", "bias_correction", bool,
               "PQ: correct biases so output means match the float model [on]."),
 )

@@ -11,6 +11,7 @@ from cora_onnx.errors import SettingsError
 from cora_onnx.export import apply_plan_torch, fuse_batchnorm
 from cora_onnx.search import LayerSelection, PqSettings, search_pq
 from cora_onnx.torch_images import as_torch
+from test_pq import _TwoLayers  # conv 3x3 -> ReLU -> conv 1x1
 
 
 def _images(n=24, size=8, seed=0):
@@ -168,23 +169,13 @@ def test_uniform_layers_take_bits_per_pattern_later_entries_win(tiny):
     assert all(lp.codebook is None for lp in plan.layers)
 
 
-class _TwoConvs(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(16, 24, 1)
-
-    def forward(self, x):
-        return self.conv2(torch.relu(self.conv1(x))).flatten(1)
-
-
 @pytest.mark.parametrize("target", ["weight", "float"])
 def test_gptq_rounding_of_uniform_layers_lowers_the_output_error(target):
     """conv1 on a 2-bit grid (nearest), conv2 on a 3-bit grid: GPTQ rounding on the quantized
     network's inputs, with the bias correction, gives an output closer to the float network's than
     rounding to nearest; the plan carries the corrected bias and the grid."""
     torch.manual_seed(0)
-    model = _TwoConvs().eval()
+    model = _TwoLayers().eval()
     imgs = _images(n=48)
     base = dict(finetune_steps=0, calib_size=48, stats_size=48, target=target, uniform_layers="conv2:3",
                 selection=LayerSelection(keep=("first",), keep_bits=2))

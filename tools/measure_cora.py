@@ -80,6 +80,9 @@ LEVERS = {"default": {}, "reference": {"preset": "reference"},
           "damp0.03": {"gptq_damp": 0.03}, "damp0.001": {"gptq_damp": 0.001},
           "adapter4": {"adapter_bits": 4}, "adapter8": {"adapter_bits": 8},
           "budget3": {"budget": 0.03},
+          # per-layer widths under the bytes of uniform --bits (cora_onnx/search/cora/mixed.py)
+          "mixed": {"mixed_bits": (2, 3, 4, 8)}, "mixed234": {"mixed_bits": (2, 3, 4)},
+          "mixed348": {"mixed_bits": (3, 4, 8)},
           "a8": {"act_bits": 8, "act_calib": "minmax"}}  # full rows only: 8-bit activations, adapters fused
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from ...quantizers import QuantSpec, QuantizedTensor, gptq_round, input_weighted_clip, quantizable_layers, quantize_weight
 from ..stats import input_second_moments, input_width
 from .layer import _Layer
+from .mixed import choose_bits, layer_kl, output_error, storage_bits
 from .settings import CoraSettings
 
 log = logging.getLogger(__name__)
@@ -132,18 +133,26 @@ def _correct_statistics(student: nn.Module, wrapped: dict[str, _Layer], target: 
 
 def _quantize_layer(w: torch.Tensor, spec: QuantSpec, settings: "CoraSettings", cov: torch.Tensor | None,
                     decompose: bool) -> tuple[QuantizedTensor, tuple | None]:
-    """The layer's grid (range from the input-weighted error when clip_metric == "input", GPTQ
-    rounding when rounding == "gptq"; both need the input second moment cov) and, when decompose,
-    the residual's factors (U S, V) with R = U S V, decomposed in the metric of the inputs when
-    svd == "activation"."""
+    """The layer's grid (`_grid`) and, when decompose, the residual's factors (`_decompose`)."""
+    qt = _grid(w, spec, settings, cov)
+    return qt, (_decompose(w, qt, settings, cov) if decompose else None)
+
+
+def _grid(w: torch.Tensor, spec: QuantSpec, settings: "CoraSettings", cov: torch.Tensor | None) -> QuantizedTensor:
+    """The layer's grid: range from the input-weighted error when clip_metric == "input", GPTQ
+    rounding when rounding == "gptq" (both need the input second moment cov)."""
     if settings.clip_metric == "input" and cov is not None:
         qt = input_weighted_clip(w, spec, cov)
     else:
         qt = quantize_weight(w, spec)
     if settings.rounding == "gptq" and cov is not None:
         qt = gptq_round(w, qt, cov, damp=settings.gptq_damp, act_order=settings.act_order)
-    if not decompose:
-        return qt, None
+    return qt
+
+
+def _decompose(w: torch.Tensor, qt: QuantizedTensor, settings: "CoraSettings", cov: torch.Tensor | None) -> tuple:
+    """The residual's factors (U S, V) with R = U S V, decomposed in the metric of the inputs when
+    svd == "activation"."""
     r = (w - qt.dequantize().to(torch.float32)).reshape(w.shape[0], -1)
     if settings.svd == "activation":
         h = cov.double()
@@ -153,7 +162,64 @@ def _quantize_layer(w: torch.Tensor, spec: QuantSpec, settings: "CoraSettings", 
         v = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)  # V^T C^-1
     else:
         u, s, v = torch.linalg.svd(r.double(), full_matrices=False)
-    return qt, ((u * s).float(), v.float())
+    return (u * s).float(), v.float()
+
+
+def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict[str, int],
+                    settings: "CoraSettings", batches: list[torch.Tensor]) -> tuple[dict, dict, dict, dict]:
+    """Phase 1-2 with per-layer widths (settings.mixed_bits, cora_onnx.search.cora.mixed): every
+    candidate layer (those planned at settings.bits, not grouped) gets a grid at every allowed width;
+    the widths are chosen under the bytes of uniform settings.bits by measured sensitivity; then
+    the residuals of the convolutions below 8 bits are decomposed (when settings.budget > 0: their
+    adapters' rank search follows). Returns (grids, factors (None where no adapter), bits with the
+    chosen widths, the report's `mixed` section)."""
+    b0 = settings.bits
+    candidates = [n for n, b in bits.items() if b == b0 and not (isinstance(layers[n], nn.Conv2d)
+                                                                and layers[n].groups != 1)]
+    widths = sorted(set(settings.mixed_bits) | {b0})
+    t0 = time.perf_counter()
+    rows = {n: math.ceil(settings.cov_rows * input_width(layers[n])) for n in candidates}
+    acc = input_second_moments(teacher, {n: layers[n] for n in candidates}, batches, rows, seed=settings.seed)
+    covs = {n: acc.pop(n).value() for n in candidates}
+    t1 = time.perf_counter()
+    grids, factors, by_width, err = {}, {}, {}, {}
+    for n in bits:
+        if n not in covs:  # kept or grouped layers: as in the uniform search (no statistics)
+            grids[n], factors[n] = _quantize_layer(layers[n].weight.detach(), settings.spec(bits[n]), settings, None,
+                                                   False)
+    for n in candidates:
+        w = layers[n].weight.detach()
+        by_width[n] = {b: _grid(w, settings.spec(b), settings, covs[n]) for b in widths}
+        err[n] = {b: output_error(w, qt.dequantize().to(torch.float32), covs[n]) for b, qt in by_width[n].items()}
+    t2 = time.perf_counter()
+    images = torch.cat(batches)[:settings.sens_images]
+    measured = [b for b in settings.mixed_bits if b < 8]
+    kl = {b: layer_kl(teacher, layers, {n: by_width[n][b].dequantize().to(torch.float32) for n in candidates}, images)
+          for b in measured}
+    harm = {n: {b: kl[b][n] for b in measured} for n in candidates}
+    if 8 in settings.mixed_bits:  # next to nothing: carried from the widest measured width by the output error
+        top = max(measured)
+        for n in candidates:
+            harm[n][8] = kl[top][n] * err[n][8] / err[n][top] if err[n][top] > 0 else 0.0
+    counts = {n: layers[n].weight.numel() for n in candidates}
+    budget = sum(counts[n] * storage_bits(b0) for n in candidates)
+    chosen = choose_bits(harm, counts, budget)
+    t3 = time.perf_counter()
+    new_bits = dict(bits)
+    for n in candidates:
+        new_bits[n] = chosen[n]
+        grids[n] = by_width[n][chosen[n]]
+        adapt = chosen[n] < 8 and settings.budget > 0 and isinstance(layers[n], nn.Conv2d)
+        factors[n] = _decompose(layers[n].weight.detach(), grids[n], settings, covs[n]) if adapt else None
+    used = sum(counts[n] * storage_bits(chosen[n]) for n in candidates)
+    log.info("mixed bits: statistics %.1f s, grids at %s bits %.1f s, sensitivity on %d images %.1f s; widths %s "
+             "(%.3f of the budget)", t1 - t0, ",".join(map(str, widths)), t2 - t1, len(images), t3 - t2,
+             {b: sum(1 for n in candidates if chosen[n] == b) for b in settings.mixed_bits}, used / budget)
+    info = {"widths": list(settings.mixed_bits), "bits": {n: chosen[n] for n in candidates},
+            "kl_alone": {n: {b: round(harm[n][b], 6) for b in settings.mixed_bits} for n in candidates},
+            "budget_bytes": budget / 8, "used_bytes": used / 8, "sensitivity_images": len(images),
+            "seconds": t3 - t0}
+    return grids, factors, new_bits, info
 
 
 def _reset_biases(wrapped: dict[str, _Layer], layers: dict[str, nn.Module]) -> None:

@@ -21,7 +21,7 @@ from ...torch_images import as_torch
 from ..layers import select_layers
 from ..distill import Capture, augment_batch, distill_loss, feature_loss
 from .layer import _Layer, _set_module
-from .quantize import _correct_statistics, _float_statistics, _quantize_layers, _reset_biases
+from .quantize import _correct_statistics, _float_statistics, _quantize_layers, _quantize_mixed, _reset_biases
 from .report import _build_plan
 from .settings import CoraSettings
 
@@ -65,6 +65,7 @@ class _Search:
     c_final: dict[str, float] = field(default_factory=dict)
     history: list = field(default_factory=list)
     objective: object = None
+    mixed: dict | None = None
 
 
 def _build_student(st: _Search, grids: dict, factors: dict) -> None:
@@ -209,13 +210,19 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
     adapted = [n for n, b in bits.items() if b == settings.bits and b < 8 and settings.budget > 0
                and isinstance(layers[n], nn.Conv2d) and layers[n].groups == 1]
     calib = as_torch(calib).subset(settings.calib_size, settings.seed)
-    st = _Search(settings, teacher, layers, bits, adapted, calib, sum(m.weight.numel() for m in layers.values()))
     stats_batches = list(calib.subset(settings.stats_size, settings.seed + 1).batches(32))
     log.info("CoRa: %d layers, %d with adapters; statistics on %d images", len(bits), len(adapted),
              sum(len(b) for b in stats_batches))
     t0 = time.perf_counter()
     float_stats = _float_statistics(teacher, layers, stats_batches) if settings.stats != "none" else {}
-    grids, factors = _quantize_layers(teacher, layers, bits, adapted, settings, stats_batches)
+    mixed = None
+    if settings.mixed_bits:  # per-layer widths under the bytes of uniform settings.bits
+        grids, factors, bits, mixed = _quantize_mixed(teacher, layers, bits, settings, stats_batches)
+        adapted = [n for n in bits if factors[n] is not None]
+    else:
+        grids, factors = _quantize_layers(teacher, layers, bits, adapted, settings, stats_batches)
+    st = _Search(settings, teacher, layers, bits, adapted, calib, sum(m.weight.numel() for m in layers.values()),
+                 mixed=mixed)
     log.info("statistics, quantization (%s rounding) and residual decomposition (%s): %.1f s", settings.rounding,
              settings.svd, time.perf_counter() - t0)
     _build_student(st, grids, factors)

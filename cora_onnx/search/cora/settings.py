@@ -10,6 +10,7 @@ from ...quantizers import CLIP_METHODS, QuantSpec
 from ..layers import LayerSelection
 from ..options import CliOption
 from ..distill import AUGMENTS, DISTILLS
+from .mixed import check_mixed_bits, parse_mixed_bits
 
 PRESETS: dict[str, dict] = {
     # the paper / reference implementation
@@ -67,7 +68,14 @@ class CoraSettings:
     every class counts the same). features: none, or layers (adds the mean over the planned layers
     of the relative squared error of each layer's output against the float network's output of the
     same layer on the same images, times feature_weight). finetune_biases: let the fine-tuning train
-    the biases (False: adapter factors only)."""
+    the biases (False: adapter factors only).
+
+    Per-layer widths (cora_onnx.search.cora.mixed): mixed_bits: the widths each layer planned at
+    `bits` may take instead (e.g. (2, 3, 4, 8)); () keeps every layer at `bits`. The widths are
+    chosen to cost no more stored bytes than uniform `bits` (2-4-bit grids take their bits, 5-8-bit
+    ones 8), least summed KL(float || quantized) on sens_images calibration images, each layer's KL
+    measured alone at each width (below 8 bits). Adapters go to
+    every convolution below 8 bits, under the same `budget`."""
 
     bits: int = 4
     preset: str = "default"
@@ -99,6 +107,8 @@ class CoraSettings:
     features: str | None = None
     feature_weight: float = 1.0
     finetune_biases: bool = True
+    mixed_bits: tuple[int, ...] = ()
+    sens_images: int = 32
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first", "last", "depthwise")))
     seed: int = 0
 
@@ -111,6 +121,12 @@ class CoraSettings:
         if self.finetune_iters > self.iters and PRESETS[self.preset]["finetune_iters"] == self.finetune_iters:
             object.__setattr__(self, "finetune_iters", self.iters // 2)  # --iters below the preset's fine-tuning
         check_bits(self.bits)
+        object.__setattr__(self, "mixed_bits", parse_mixed_bits(self.mixed_bits))
+        check_mixed_bits(self.mixed_bits, self.bits)
+        if self.mixed_bits and self.gptq_passes != 1:
+            raise SettingsError("mixed bits take every layer's statistics from the float network: use gptq_passes 1")
+        if not (isinstance(self.sens_images, int) and 1 <= self.sens_images <= 10_000):
+            raise SettingsError(f"sens_images must be an integer from 1 to 10000, got {self.sens_images!r}")
         if self.adapter_bits is None:  # 2-3-bit weights: 4-bit adapters, so the file shrinks with the grid
             object.__setattr__(self, "adapter_bits", 8 if self.bits >= 4 else 4)
         if not (isinstance(self.budget, (int, float)) and 0 <= self.budget <= 1):
@@ -203,6 +219,10 @@ CORA_OPTIONS = (
               "energy [default preset yes, reference no]."),
     CliOption("--clip-metric", "clip_metric", CLIP_METRICS, "Grid range per channel: from --clip (weight error), or "
               "the one with the least layer-output error on the input statistics [default preset input, reference weight]."),
+    CliOption("--mixed-bits", "mixed_bits", str, "Per-layer weight widths, e.g. 2,3,4,8: each layer takes one, chosen "
+              "by measured sensitivity so the weights cost no more bytes than uniform --bits [off: uniform].",
+              convert=parse_mixed_bits),
+    CliOption("--sens-images", "sens_images", int, "Calibration images for the --mixed-bits sensitivity [32]."),
     CliOption("--stats", "stats", STATS, "Correct each layer's output statistics toward the float network: "
               "none, mean only, or mean and std [preset default: none]."),
 )

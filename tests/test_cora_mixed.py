@@ -1,0 +1,135 @@
+"""CoRa with per-layer widths under the bytes of uniform bits (cora_onnx/search/cora/mixed.py)."""
+
+import itertools
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cora_onnx.cli import main
+from cora_onnx.data import Preprocess, load_images
+from cora_onnx.errors import SettingsError
+from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
+from cora_onnx.models import build_model
+from cora_onnx.pipeline import apply_plan
+from cora_onnx.search.cora import CoraSettings, search_cora
+from cora_onnx.search.cora.mixed import choose_bits, parse_mixed_bits, storage_bits
+
+
+def _brute(harm, counts, budget):
+    names = list(harm)
+    best = None
+    for combo in itertools.product(*(sorted(harm[n]) for n in names)):
+        cost = sum(counts[n] * storage_bits(b) for n, b in zip(names, combo))
+        value = sum(harm[n][b] for n, b in zip(names, combo))
+        if cost <= budget and (best is None or value < best[0] - 1e-15):
+            best = (value, dict(zip(names, combo)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_choose_bits_is_the_best_choice_within_the_budget(seed):
+    rng = np.random.default_rng(seed)
+    names = [f"l{i}" for i in range(6)]
+    counts = {n: int(rng.integers(100, 5000)) for n in names}
+    # harm falls with width, at layer-dependent rates
+    harm = {n: {b: float(rng.uniform(0.1, 10) * 4.0 ** -b) for b in (2, 3, 4, 8)} for n in names}
+    budget = sum(c * 3 for c in counts.values())  # uniform 3-bit bytes
+    chosen = choose_bits(harm, counts, budget)
+    cost = sum(counts[n] * storage_bits(b) for n, b in chosen.items())
+    value = sum(harm[n][b] for n, b in chosen.items())
+    best_value, _ = _brute(harm, counts, budget)
+    assert cost <= budget
+    assert value == pytest.approx(best_value, rel=1e-12)
+    assert value <= sum(harm[n][3] for n in names) + 1e-15  # never worse than uniform 3-bit
+
+
+def test_choose_bits_thinned_frontier_stays_within_the_budget():
+    rng = np.random.default_rng(1)
+    names = [f"l{i}" for i in range(40)]
+    counts = {n: int(rng.integers(100, 50000)) for n in names}
+    harm = {n: {b: float(rng.uniform(0.1, 10) * 4.0 ** -b) for b in (2, 3, 4, 8)} for n in names}
+    budget = sum(c * 4 for c in counts.values())
+    chosen = choose_bits(harm, counts, budget, max_points=200)
+    assert sum(counts[n] * storage_bits(b) for n, b in chosen.items()) <= budget
+    assert sum(harm[n][b] for n, b in chosen.items()) <= sum(harm[n][4] for n in names) * 1.05
+
+
+def test_uniform_fits_its_own_budget_exactly():
+    counts = {"a": 4608, "b": 2048}
+    harm = {"a": {2: 9.0, 3: 1.0, 4: 0.5}, "b": {2: 9.0, 3: 1.0, 4: 0.5}}
+    assert choose_bits(harm, counts, 3 * (4608 + 2048)) == {"a": 3, "b": 3}
+
+
+def test_parse_and_check_mixed_bits():
+    assert parse_mixed_bits("8,2, 4,3") == (2, 3, 4, 8) and parse_mixed_bits("none") == ()
+    assert CoraSettings(bits=3, mixed_bits="2,3,4,8").mixed_bits == (2, 3, 4, 8)
+    with pytest.raises(SettingsError, match="mixed bits"):
+        CoraSettings(bits=3, mixed_bits="4,8")  # nothing as cheap as 3 bits
+    with pytest.raises(SettingsError, match="mixed bits"):
+        CoraSettings(bits=3, mixed_bits="2,9")
+    with pytest.raises(SettingsError, match="mixed bits"):
+        CoraSettings(bits=3, mixed_bits="two,three")
+    with pytest.raises(SettingsError, match="gptq_passes"):
+        CoraSettings(bits=3, mixed_bits="2,3,4", gptq_passes=2)
+    with pytest.raises(SettingsError, match="sens_images"):
+        CoraSettings(bits=3, mixed_bits="2,3,4", sens_images=0)
+
+
+@pytest.fixture(scope="module")
+def mixed(digits):
+    model = fuse_batchnorm(build_model(digits.arch, digits.weights))
+    calib = load_images(digits.calib_dir, Preprocess(digits.input_size, 1.0, digits.mean, digits.std))
+    s = CoraSettings(bits=3, budget=0.05, iters=20, finetune_iters=10, mixed_bits=(2, 3, 4, 8))
+    return model, calib, search_cora(model, s, calib)
+
+
+def test_mixed_plan_costs_no_more_than_uniform(mixed):
+    model, calib, plan = mixed
+    info = plan.meta["cora"]["mixed_bits"]
+    planned = {lp.name: lp for lp in plan.layers}
+    assert info["bits"] and set(info["bits"]) <= set(planned)
+    for name, b in info["bits"].items():
+        assert planned[name].uniform.bits == b and b in (2, 3, 4, 8)
+        assert set(info["kl_alone"][name]) == {2, 3, 4, 8} or set(info["kl_alone"][name]) == {"2", "3", "4", "8"}
+    used = sum(planned[n].uniform.q.size * storage_bits(b) for n, b in info["bits"].items())
+    assert used / 8 == info["used_bytes"] <= info["budget_bytes"] == \
+        sum(planned[n].uniform.q.size * 3 for n in info["bits"]) / 8
+    # the choice has the least summed measured harm among the choices within the budget
+    harm = {n: {int(b): v for b, v in info["kl_alone"][n].items()} for n in info["bits"]}
+    counts = {n: planned[n].uniform.q.size for n in info["bits"]}
+    best, _ = _brute(harm, counts, info["budget_bytes"] * 8)
+    assert sum(harm[n][b] for n, b in info["bits"].items()) == pytest.approx(best, rel=1e-6, abs=1e-12)
+
+
+def test_mixed_plan_exports_with_parity(mixed):
+    model, calib, plan = mixed
+    blob = onnx_bytes(apply_plan(export_onnx(model, 8), plan))
+    onnx.checker.check_model(onnx.load_from_string(blob), full_check=True)
+    x = torch.from_numpy(next(calib.batches(64)))
+    with torch.no_grad():
+        ref = apply_plan_torch(model, plan)(x).numpy()
+    import onnxruntime as ort
+
+    out = ort.InferenceSession(blob, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_mixed_bits(digits, tmp_path):
+    base = ["quantize", "--model", digits.arch, "--weights", digits.weights, "--calib", digits.calib_dir,
+            "--val", digits.val_dir, "--input-size", 8, "--mean", ",".join(map(str, digits.mean)),
+            "--std", ",".join(map(str, digits.std)), "--bits", 3, "-q", "--method", "cora", "--iters", 10,
+            "--latency-runs", 0]
+    runner = CliRunner()
+    out = tmp_path / "m.onnx"
+    res = runner.invoke(main, [*map(str, base), "--mixed-bits", "2,3,4,8", "--out", str(out),
+                               "--report", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["cora"]["mixed_bits"]["bits"].values()) <= {2, 3, 4, 8}
+    bad = tmp_path / "bad.onnx"
+    res = runner.invoke(main, [*map(str, base), "--mixed-bits", "5,6", "--out", str(bad)])
+    assert res.exit_code == 2 and "mixed bits" in res.output and not bad.exists()

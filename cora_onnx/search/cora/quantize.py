@@ -168,14 +168,15 @@ def _decompose(w: torch.Tensor, qt: QuantizedTensor, settings: "CoraSettings", c
 def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict[str, int],
                     settings: "CoraSettings", batches: list[torch.Tensor]) -> tuple[dict, dict, dict, dict]:
     """Phase 1-2 with per-layer widths (settings.mixed_bits, cora_onnx.search.cora.mixed): every
-    planned layer but grouped convolutions (the kept first conv and classifier included) gets a grid
-    at every allowed width; the widths are chosen by measured sensitivity under the bytes of the
-    uniform plan (settings.bits, 8 bits for the kept layers); then
+    candidate layer (those planned at settings.bits, not grouped) gets a grid at every allowed width;
+    the widths are chosen under the bytes of uniform settings.bits by measured sensitivity; then
     the residuals of the convolutions below 8 bits are decomposed (when settings.budget > 0: their
     adapters' rank search follows). Returns (grids, factors (None where no adapter), bits with the
     chosen widths, the report's `mixed` section)."""
-    candidates = [n for n in bits if not (isinstance(layers[n], nn.Conv2d) and layers[n].groups != 1)]
-    widths = sorted(settings.mixed_bits)
+    b0 = settings.bits
+    candidates = [n for n, b in bits.items() if b == b0 and not (isinstance(layers[n], nn.Conv2d)
+                                                                and layers[n].groups != 1)]
+    widths = sorted(set(settings.mixed_bits) | {b0})
     t0 = time.perf_counter()
     rows = {n: math.ceil(settings.cov_rows * input_width(layers[n])) for n in candidates}
     acc = input_second_moments(teacher, {n: layers[n] for n in candidates}, batches, rows, seed=settings.seed)
@@ -201,7 +202,7 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
         for n in candidates:
             harm[n][8] = kl[top][n] * err[n][8] / err[n][top] if err[n][top] > 0 else 0.0
     counts = {n: layers[n].weight.numel() for n in candidates}
-    budget = sum(counts[n] * storage_bits(bits[n]) for n in candidates)  # the uniform plan's bytes
+    budget = sum(counts[n] * storage_bits(b0) for n in candidates)
     chosen = choose_bits(harm, counts, budget)
     t3 = time.perf_counter()
     new_bits = dict(bits)

@@ -70,10 +70,9 @@ class CoraSettings:
     same layer on the same images, times feature_weight). finetune_biases: let the fine-tuning train
     the biases (False: adapter factors only).
 
-    Per-layer widths (cora_onnx.search.cora.mixed): mixed_bits: the widths every planned layer but
-    grouped convolutions may take (e.g. (2, 3, 4, 8); the first conv and the classifier, kept at 8
-    bits in the uniform plan, included); () keeps the uniform plan. The widths are chosen to cost no
-    more stored bytes than the uniform plan (2-4-bit grids take their bits, 5-8-bit
+    Per-layer widths (cora_onnx.search.cora.mixed): mixed_bits: the widths each layer planned at
+    `bits` may take instead (e.g. (2, 3, 4, 8)); () keeps every layer at `bits`. The widths are
+    chosen to cost no more stored bytes than uniform `bits` (2-4-bit grids take their bits, 5-8-bit
     ones 8), least summed KL(float || quantized) on sens_images calibration images, each layer's KL
     measured alone at each width (below 8 bits). Adapters go to
     every convolution below 8 bits, under the same `budget`."""

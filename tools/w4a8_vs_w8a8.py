@@ -17,6 +17,7 @@ or, with --make-w4a8, the W4A8 file is made first by the current default preset:
         --bits 4 --act-bits 8 --calib ../shared/data/imagenette/calib --val ../shared/data/imagenet-sample/even \
         --crop-ratio 0.875 --latency-runs 0 --out DIR/w4a8.onnx --report DIR/w4a8.json
     python tools/w4a8_vs_w8a8.py --make-w4a8 --dir DIR
+    python tools/w4a8_vs_w8a8.py --make-w4a8 --w4a8-options "--mixed-bits 2,3,4,8" --runs 200 --dir DIR
 
 The quantize step prints ORT-vs-simulation parity and fidelity to float; a parity failure keeps
 the model as DIR/w8a8.failed.onnx (exit 3), and the bench then uses that file.
@@ -25,6 +26,7 @@ the model as DIR/w8a8.failed.onnx (exit 3), and the bench then uses that file.
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +41,9 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, required=True, help="folder for the W8A8 file and its report")
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--runs", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for the bench [all cores]")
+    ap.add_argument("--w4a8-options", default="", help="(--make-w4a8) more quantize options, e.g. '--mixed-bits 2,3,4,8'")
+    ap.add_argument("--reuse-w8a8", action="store_true", help="keep DIR/w8a8.onnx if it is there (it is deterministic)")
     args = ap.parse_args()
     if (args.w4a8 is None) == (not args.make_w4a8):
         ap.error("give either --w4a8 FILE or --make-w4a8")
@@ -51,18 +56,22 @@ def main() -> int:
     if args.make_w4a8:
         args.w4a8 = args.dir / "w4a8.onnx"
         rc = subprocess.call(["cora-onnx", "quantize", *common, "--method", "cora", "--bits", "4",
+                              *shlex.split(args.w4a8_options),
                               "--out", str(args.w4a8), "--report", str(args.dir / "w4a8.json")])
         if rc != 0:
             return rc
-    rc = subprocess.call(["cora-onnx", "quantize", *common, "--bits", "8", "--out", str(w8a8),
-                          "--report", str(args.dir / "w8a8.json")])
+    rc = 0 if args.reuse_w8a8 and w8a8.exists() else \
+        subprocess.call(["cora-onnx", "quantize", *common, "--bits", "8", "--out", str(w8a8),
+                         "--report", str(args.dir / "w8a8.json")])
     if rc not in (0, 3):
         return rc
     if rc == 3:
         w8a8 = args.dir / "w8a8.failed.onnx"
     print(f"files: W8A8 {w8a8.stat().st_size:,} B, W4A8 {args.w4a8.stat().st_size:,} B "
           f"({args.w4a8.stat().st_size / w8a8.stat().st_size:.3f}x)", flush=True)
-    return subprocess.call(["cora-onnx", "bench", str(w8a8), str(args.w4a8), "--batch", "1", "--runs", str(args.runs)])
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    return subprocess.call(["cora-onnx", "bench", str(w8a8), str(args.w4a8), "--batch", "1", "--runs", str(args.runs),
+                            *threads])
 
 
 if __name__ == "__main__":

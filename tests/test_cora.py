@@ -230,6 +230,22 @@ def test_no_bias_finetuning_keeps_every_bias(setup):
     assert any(lp.adapter is not None for lp in frozen.layers)
 
 
+def test_gain_finetuning_moves_the_grid_scales_and_exports_with_parity(setup):
+    model, calib = setup
+    kw = dict(bits=3, budget=0.05, iters=12, finetune_iters=8, finetune_biases=False)
+    plain = search_cora(model, CoraSettings(**kw), calib)
+    tuned = search_cora(model, CoraSettings(finetune_gains=True, **kw), calib)
+    moved = [not np.allclose(a.uniform.scale, b.uniform.scale) for a, b in zip(plain.layers, tuned.layers)]
+    assert any(moved)
+    for a, b in zip(plain.layers, tuned.layers):  # the same integer grid: only the scales move
+        np.testing.assert_array_equal(a.uniform.q, b.uniform.q)
+    blob = onnx_bytes(apply_plan(export_onnx(model, 8), tuned))
+    x = torch.from_numpy(next(calib.batches(64)))
+    with torch.no_grad():
+        ref = apply_plan_torch(model, tuned)(x).numpy()
+    np.testing.assert_allclose(_ort(blob, x.numpy()), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_cli_lever_options(digits, tmp_path):
     base = ["quantize", "--model", digits.arch, "--weights", digits.weights, "--calib", digits.calib_dir,
             "--val", digits.val_dir, "--input-size", 8, "--mean", ",".join(map(str, digits.mean)),

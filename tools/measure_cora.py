@@ -83,6 +83,7 @@ LEVERS = {"default": {}, "reference": {"preset": "reference"},
           # per-layer widths under the bytes of uniform --bits (cora_onnx/search/cora/mixed.py)
           "mixed": {"mixed_bits": (2, 3, 4, 8)}, "mixed234": {"mixed_bits": (2, 3, 4)},
           "mixed348": {"mixed_bits": (3, 4, 8)},
+          "gains": {"finetune_gains": True},          # per-channel gains trained in the fine-tuning
           "a8": {"act_bits": 8, "act_calib": "minmax"}}  # full rows only: 8-bit activations, adapters fused
 
 

@@ -175,13 +175,20 @@ def _finetune(st: _Search, live: list[str], fixed: frozenset) -> None:
     for n in live:
         for p in (st.wrapped[n].a, st.wrapped[n].b):
             params.append({"params": [p], "lr": 1e-3 * float(p.detach().pow(2).mean().sqrt()) + 1e-12})
+    biases = gains = 0
     for name, w in st.wrapped.items():
-        if name in fixed or not s.finetune_biases:
+        if name in fixed:
             continue
-        w.bias.requires_grad_(True)
-        params.append({"params": [w.bias], "lr": 1e-3 * float(w.bias.detach().pow(2).mean().sqrt()) + 1e-6})
+        if s.finetune_biases:
+            w.bias.requires_grad_(True)
+            params.append({"params": [w.bias], "lr": 1e-3 * float(w.bias.detach().pow(2).mean().sqrt()) + 1e-6})
+            biases += 1
+        if s.finetune_gains:  # a buffer, absorbed into the grid's scales by _build_plan
+            w.gain.requires_grad_(True)
+            params.append({"params": [w.gain], "lr": 5e-4})
+            gains += 1
     opt = torch.optim.Adam(params)
-    log.info("fine-tuning %d adapters and %d biases: %d steps", len(live), len(params) - 2 * len(live),
+    log.info("fine-tuning %d adapters, %d biases and %d gain vectors: %d steps", len(live), biases, gains,
              s.finetune_iters)
     used = float(sum(st.ranks[n] * st.per_rank[n] for n in live) / st.total_params)
     for it in range(s.finetune_iters):

@@ -68,7 +68,8 @@ class CoraSettings:
     every class counts the same). features: none, or layers (adds the mean over the planned layers
     of the relative squared error of each layer's output against the float network's output of the
     same layer on the same images, times feature_weight). finetune_biases: let the fine-tuning train
-    the biases (False: adapter factors only).
+    the biases (False: adapter factors only). finetune_gains: let it train each output channel's
+    gain too (one number per channel, absorbed into the grid's scale and the adapter at export).
 
     Per-layer widths (cora_onnx.search.cora.mixed): mixed_bits: the widths each layer planned at
     `bits` may take instead (e.g. (2, 3, 4, 8)); () keeps every layer at `bits`. The widths are
@@ -107,6 +108,7 @@ class CoraSettings:
     features: str | None = None
     feature_weight: float = 1.0
     finetune_biases: bool = True
+    finetune_gains: bool = False
     mixed_bits: tuple[int, ...] = ()
     sens_images: int = 32
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first", "last", "depthwise")))
@@ -160,6 +162,8 @@ class CoraSettings:
             raise SettingsError(f"feature_weight must be > 0 and <= 1000, got {self.feature_weight!r}")
         if not isinstance(self.finetune_biases, bool):
             raise SettingsError(f"finetune_biases must be True or False, got {self.finetune_biases!r}")
+        if not isinstance(self.finetune_gains, bool):
+            raise SettingsError(f"finetune_gains must be True or False, got {self.finetune_gains!r}")
         for name, allowed in (("rounding", ROUNDINGS), ("svd", SVDS), ("stats", STATS), ("augment", AUGMENTS),
                               ("distill", DISTILLS), ("features", FEATURES),
                               ("clip_metric", CLIP_METRICS)):
@@ -208,6 +212,8 @@ CORA_OPTIONS = (
     CliOption("--feature-weight", "feature_weight", float, "Weight of the --features loss [1.0]."),
     CliOption("--finetune-biases/--no-finetune-biases", "finetune_biases", bool,
               "Let the adapter fine-tuning train the layers' biases too [yes]."),
+    CliOption("--finetune-gains/--no-finetune-gains", "finetune_gains", bool,
+              "Let the adapter fine-tuning train a gain per output channel (absorbed into the grid scales) [no]."),
     CliOption("--stats-images", "stats_size", int, "Calibration images for the input statistics of GPTQ and the "
               "input-metric SVD (every output position, one K x K accumulator per layer) [512]."),
     CliOption("--cov-rows", "cov_rows", float, "Input rows per layer for those statistics, as a multiple of the "

@@ -189,7 +189,8 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
                                                    False)
     for n in candidates:
         w = layers[n].weight.detach()
-        by_width[n] = {b: _grid(w, settings.spec(b), settings, covs[n]) for b in widths}
+        # 8 bits as the kept layers get it (the weight-error grid, nearest rounding): GPTQ buys nothing there
+        by_width[n] = {b: _grid(w, settings.spec(b), settings, covs[n] if b < 8 else None) for b in widths}
         err[n] = {b: output_error(w, qt.dequantize().to(torch.float32), covs[n]) for b, qt in by_width[n].items()}
     t2 = time.perf_counter()
     images = torch.cat(batches)[:settings.sens_images]

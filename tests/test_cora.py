@@ -257,13 +257,13 @@ def test_cli_lever_options(digits, tmp_path):
                                                       "--distill", "mse", "--features", "layers", "--feature-weight",
                                                       0.5, "--no-finetune-biases", "--stats-images", 40, "--cov-rows", 2,
                                                       "--gptq-passes", 2, "--act-order", "--clip-metric", "input",
-                                                      "--out", tmp_path / "c.onnx",
+                                                      "--mixed-bits", "none", "--out", tmp_path / "c.onnx",
                                                       "--report", tmp_path / "r.json"]])
     assert ok.exit_code == 0, ok.output
     s = json.loads((tmp_path / "r.json").read_text())["settings"]
     assert (s["augment"], s["distill"], s["features"], s["feature_weight"], s["finetune_biases"]) == \
         ("crop", "mse", "layers", 0.5, False)
-    assert (s["stats_size"], s["cov_rows"], s["gptq_passes"], s["act_order"], s["clip_metric"]) == \
-        (40, 2.0, 2, True, "input")
+    assert (s["stats_size"], s["cov_rows"], s["gptq_passes"], s["act_order"], s["clip_metric"], s["mixed_bits"]) == \
+        (40, 2.0, 2, True, "input", [])
     bad = runner.invoke(main, [str(a) for a in base + ["--gptq-passes", 0, "--out", tmp_path / "y.onnx"]])
     assert bad.exit_code == 2 and "gptq_passes" in bad.output and not (tmp_path / "y.onnx").exists()

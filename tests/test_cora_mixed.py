@@ -64,6 +64,12 @@ def test_uniform_fits_its_own_budget_exactly():
     assert choose_bits(harm, counts, 3 * (4608 + 2048)) == {"a": 3, "b": 3}
 
 
+def test_presets_mixed_bits():
+    assert CoraSettings(bits=3).mixed_bits == (2, 3, 4, 8)  # the default preset
+    assert CoraSettings(bits=3, preset="reference").mixed_bits == ()
+    assert CoraSettings(bits=3, mixed_bits="none").mixed_bits == ()
+
+
 def test_parse_and_check_mixed_bits():
     assert parse_mixed_bits("8,2, 4,3") == (2, 3, 4, 8) and parse_mixed_bits("none") == ()
     assert CoraSettings(bits=3, mixed_bits="2,3,4,8").mixed_bits == (2, 3, 4, 8)

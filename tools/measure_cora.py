@@ -70,7 +70,7 @@ LEVERS = {"default": {}, "reference": {"preset": "reference"},
           "stats-float": {"stats": "float"}, "stats-mean": {"stats": "mean"},  # statistics alignment
           "iters250": {"iters": 250, "finetune_iters": 100},
           # GPTQ on full-rank input statistics (stats.py): sequential groups, act-order, output-error clip
-          "seq4": {"gptq_passes": 4}, "seq8": {"gptq_passes": 8}, "act-order": {"act_order": True},
+          "seq4": {"gptq_passes": 4, "mixed_bits": ()}, "seq8": {"gptq_passes": 8, "mixed_bits": ()}, "act-order": {"act_order": True},
           "no-act-order": {"act_order": False},
           "clip-weight": {"clip_metric": "weight"},
           "clip-input": {"clip_metric": "input"}, "rows2": {"cov_rows": 2.0},
@@ -81,7 +81,8 @@ LEVERS = {"default": {}, "reference": {"preset": "reference"},
           "adapter4": {"adapter_bits": 4}, "adapter8": {"adapter_bits": 8},
           "budget3": {"budget": 0.03},
           # per-layer widths under the bytes of uniform --bits (cora_onnx/search/cora/mixed.py)
-          "mixed": {"mixed_bits": (2, 3, 4, 8)}, "mixed234": {"mixed_bits": (2, 3, 4)},
+          # ("mixed" = the default preset since 2026-12-02; "uniform": one width, the default before)
+          "mixed": {"mixed_bits": (2, 3, 4, 8)}, "uniform": {"mixed_bits": ()}, "mixed234": {"mixed_bits": (2, 3, 4)},
           "mixed348": {"mixed_bits": (3, 4, 8)},
           "gains": {"finetune_gains": True},          # per-channel gains trained in the fine-tuning
           "a8": {"act_bits": 8, "act_calib": "minmax"}}  # full rows only: 8-bit activations, adapters fused

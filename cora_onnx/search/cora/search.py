@@ -223,7 +223,9 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
     t0 = time.perf_counter()
     float_stats = _float_statistics(teacher, layers, stats_batches) if settings.stats != "none" else {}
     mixed = None
-    if settings.mixed_bits:  # per-layer widths under the bytes of uniform settings.bits
+    mixable = [n for n, b in bits.items() if b == settings.bits and not (isinstance(layers[n], nn.Conv2d)
+                                                                         and layers[n].groups != 1)]
+    if settings.mixed_bits and settings.bits < 8 and mixable:  # per-layer widths under the bytes of uniform bits
         grids, factors, bits, mixed = _quantize_mixed(teacher, layers, bits, settings, stats_batches)
         adapted = [n for n in bits if factors[n] is not None]
     else:

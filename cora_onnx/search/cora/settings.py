@@ -16,14 +16,14 @@ PRESETS: dict[str, dict] = {
     # the paper / reference implementation
     "reference": dict(per_channel=False, symmetric=False, clip="std", k=3.0, rounding="nearest", svd="weight",
                       stats="none", iters=250, finetune_iters=0, augment="none", distill="kl", features="none",
-                      gptq_passes=1, act_order=False, clip_metric="weight"),
+                      gptq_passes=1, act_order=False, clip_metric="weight", mixed_bits=()),
     # the best combination measured here (see tools/measure_cora.py and docs/results/cora.md: the statistics
     # correction helped in the light ablation but lost 0.4-2.2 points in the full runs, in-class and
     # on held-out classes; act-order, the output-error clip and the logit MSE won on the many-class
     # protocol, the sequential passes did not, issue 14)
     "default": dict(per_channel=True, symmetric=True, clip="mse", k=3.0, rounding="gptq", svd="activation",
                     stats="none", iters=100, finetune_iters=40, augment="none", distill="mse", features="none",
-                    gptq_passes=1, act_order=True, clip_metric="input"),
+                    gptq_passes=1, act_order=True, clip_metric="input", mixed_bits=(2, 3, 4, 8)),
 }
 ROUNDINGS = ("nearest", "gptq")
 SVDS = ("weight", "activation")
@@ -72,7 +72,8 @@ class CoraSettings:
     gain too (one number per channel, absorbed into the grid's scale and the adapter at export).
 
     Per-layer widths (cora_onnx.search.cora.mixed): mixed_bits: the widths each layer planned at
-    `bits` may take instead (e.g. (2, 3, 4, 8)); () keeps every layer at `bits`. The widths are
+    `bits` may take instead ((2, 3, 4, 8) in the default preset); () keeps every layer at `bits` (the
+    reference preset). The widths are
     chosen to cost no more stored bytes than uniform `bits` (2-4-bit grids take their bits, 5-8-bit
     ones 8), least summed KL(float || quantized) on sens_images calibration images, each layer's KL
     measured alone at each width (below 8 bits). Adapters go to
@@ -109,7 +110,7 @@ class CoraSettings:
     feature_weight: float = 1.0
     finetune_biases: bool = True
     finetune_gains: bool = False
-    mixed_bits: tuple[int, ...] = ()
+    mixed_bits: tuple[int, ...] | str | None = None
     sens_images: int = 32
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first", "last", "depthwise")))
     seed: int = 0
@@ -126,7 +127,8 @@ class CoraSettings:
         object.__setattr__(self, "mixed_bits", parse_mixed_bits(self.mixed_bits))
         check_mixed_bits(self.mixed_bits, self.bits)
         if self.mixed_bits and self.gptq_passes != 1:
-            raise SettingsError("mixed bits take every layer's statistics from the float network: use gptq_passes 1")
+            raise SettingsError("mixed bits take every layer's statistics from the float network: use gptq_passes 1, "
+                                "or mixed bits none (--mixed-bits none) for sequential GPTQ")
         if not (isinstance(self.sens_images, int) and 1 <= self.sens_images <= 10_000):
             raise SettingsError(f"sens_images must be an integer from 1 to 10000, got {self.sens_images!r}")
         if self.adapter_bits is None:  # 2-3-bit weights: 4-bit adapters, so the file shrinks with the grid
@@ -225,8 +227,9 @@ CORA_OPTIONS = (
               "energy [default preset yes, reference no]."),
     CliOption("--clip-metric", "clip_metric", CLIP_METRICS, "Grid range per channel: from --clip (weight error), or "
               "the one with the least layer-output error on the input statistics [default preset input, reference weight]."),
-    CliOption("--mixed-bits", "mixed_bits", str, "Per-layer weight widths, e.g. 2,3,4,8: each layer takes one, chosen "
-              "by measured sensitivity so the weights cost no more bytes than uniform --bits [off: uniform].",
+    CliOption("--mixed-bits", "mixed_bits", str, "Per-layer weight widths: each layer takes one, chosen by measured "
+              "sensitivity so the weights cost no more bytes than uniform --bits; none: every layer at --bits "
+              "[default preset 2,3,4,8, reference none].",
               convert=parse_mixed_bits),
     CliOption("--sens-images", "sens_images", int, "Calibration images for the --mixed-bits sensitivity [32]."),
     CliOption("--stats", "stats", STATS, "Correct each layer's output statistics toward the float network: "

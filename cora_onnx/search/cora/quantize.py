@@ -165,6 +165,11 @@ def _decompose(w: torch.Tensor, qt: QuantizedTensor, settings: "CoraSettings", c
     return (u * s).float(), v.float()
 
 
+def mixable(layers: dict[str, nn.Module], bits: dict[str, int], b0: int) -> list[str]:
+    """The layers --mixed-bits may move: planned at b0 (not kept), not grouped convolutions."""
+    return [n for n, b in bits.items() if b == b0 and not (isinstance(layers[n], nn.Conv2d) and layers[n].groups != 1)]
+
+
 def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict[str, int],
                     settings: "CoraSettings", batches: list[torch.Tensor]) -> tuple[dict, dict, dict, dict]:
     """Phase 1-2 with per-layer widths (settings.mixed_bits, cora_onnx.search.cora.mixed): every
@@ -174,9 +179,8 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
     adapters' rank search follows). Returns (grids, factors (None where no adapter), bits with the
     chosen widths, the report's `mixed` section)."""
     b0 = settings.bits
-    candidates = [n for n, b in bits.items() if b == b0 and not (isinstance(layers[n], nn.Conv2d)
-                                                                and layers[n].groups != 1)]
-    widths = sorted(set(settings.mixed_bits) | {b0})
+    candidates = mixable(layers, bits, b0)
+    widths = sorted(settings.mixed_bits)
     t0 = time.perf_counter()
     rows = {n: math.ceil(settings.cov_rows * input_width(layers[n])) for n in candidates}
     acc = input_second_moments(teacher, {n: layers[n] for n in candidates}, batches, rows, seed=settings.seed)
@@ -195,13 +199,19 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
     t2 = time.perf_counter()
     images = torch.cat(batches)[:settings.sens_images]
     measured = [b for b in settings.mixed_bits if b < 8]
-    kl = {b: layer_kl(teacher, layers, {n: by_width[n][b].dequantize().to(torch.float32) for n in candidates}, images)
-          for b in measured}
+    log.info("mixed bits: grids of %d layers at %s bits in %.1f s; their harm alone on %d images...", len(candidates),
+             ",".join(map(str, widths)), t2 - t1, len(images))
+    kl = {}
+    for b in measured:
+        kl[b] = layer_kl(teacher, layers, {n: by_width[n][b].dequantize().to(torch.float32) for n in candidates},
+                         images)
+        log.info("  at %d bits: mean KL alone %.2g-%.2g (%.1f s so far)", b, min(kl[b].values()), max(kl[b].values()),
+                 time.perf_counter() - t2)
     harm = {n: {b: kl[b][n] for b in measured} for n in candidates}
     if 8 in settings.mixed_bits:  # next to nothing: carried from the widest measured width by the output error
-        top = max(measured)
+        top = max(measured, default=None)
         for n in candidates:
-            harm[n][8] = kl[top][n] * err[n][8] / err[n][top] if err[n][top] > 0 else 0.0
+            harm[n][8] = kl[top][n] * err[n][8] / err[n][top] if top is not None and err[n][top] > 0 else 0.0
     counts = {n: layers[n].weight.numel() for n in candidates}
     budget = sum(counts[n] * storage_bits(b0) for n in candidates)
     chosen = choose_bits(harm, counts, budget)
@@ -213,8 +223,8 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
         adapt = chosen[n] < 8 and settings.budget > 0 and isinstance(layers[n], nn.Conv2d)
         factors[n] = _decompose(layers[n].weight.detach(), grids[n], settings, covs[n]) if adapt else None
     used = sum(counts[n] * storage_bits(chosen[n]) for n in candidates)
-    log.info("mixed bits: statistics %.1f s, grids at %s bits %.1f s, sensitivity on %d images %.1f s; widths %s "
-             "(%.3f of the budget)", t1 - t0, ",".join(map(str, widths)), t2 - t1, len(images), t3 - t2,
+    log.info("mixed bits: statistics %.1f s, grids %.1f s, sensitivity %.1f s; layers per width %s (%.3f of the "
+             "budget)", t1 - t0, t2 - t1, t3 - t2,
              {b: sum(1 for n in candidates if chosen[n] == b) for b in settings.mixed_bits}, used / budget)
     info = {"widths": list(settings.mixed_bits), "bits": {n: chosen[n] for n in candidates},
             "kl_alone": {n: {b: round(harm[n][b], 6) for b in settings.mixed_bits} for n in candidates},

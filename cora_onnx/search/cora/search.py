@@ -21,7 +21,7 @@ from ...torch_images import as_torch
 from ..layers import select_layers
 from ..distill import Capture, augment_batch, distill_loss, feature_loss
 from .layer import _Layer, _set_module
-from .quantize import _correct_statistics, _float_statistics, _quantize_layers, _quantize_mixed, _reset_biases
+from .quantize import _correct_statistics, _float_statistics, _quantize_layers, _quantize_mixed, _reset_biases, mixable
 from .report import _build_plan
 from .settings import CoraSettings
 
@@ -223,9 +223,7 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
     t0 = time.perf_counter()
     float_stats = _float_statistics(teacher, layers, stats_batches) if settings.stats != "none" else {}
     mixed = None
-    mixable = [n for n, b in bits.items() if b == settings.bits and not (isinstance(layers[n], nn.Conv2d)
-                                                                         and layers[n].groups != 1)]
-    if settings.mixed_bits and settings.bits < 8 and mixable:  # per-layer widths under the bytes of uniform bits
+    if settings.mixed_bits and settings.bits < 8 and mixable(layers, bits, settings.bits):  # per-layer widths under the bytes of uniform bits
         grids, factors, bits, mixed = _quantize_mixed(teacher, layers, bits, settings, stats_batches)
         adapted = [n for n in bits if factors[n] is not None]
     else:

@@ -89,6 +89,18 @@ LEVERS = {
     "lite10u4": {"uniform_layers": "_blocks.[0-5].*,_blocks.[6-9]._expand_conv:4,_blocks.[6-9]._project_conv:4,"
                                    "_blocks.1[01]._expand_conv:4,_blocks.1[01]._project_conv:4",
                  "uniform_rounding": "gptq"},
+    # the uniform layers' grids as CoRa's default: per-channel range chosen by the layer-output error
+    # (quantizers.input_weighted_clip) and GPTQ with act-order (add to a layout with uniform_rounding gptq)
+    "oc": {"uniform_clip": "input", "uniform_act_order": True},
+    # ... or every expand / project conv of blocks 6-15 (2.74 M weights) on a uniform 3-bit grid, GPTQ-rounded
+    # (with "oc": CoRa's grid recipe); depthwise, head conv and classifier product-quantized (small blocks)
+    "u3": {"uniform_layers": "_blocks.[0-5].*,_blocks.[6-9]._expand_conv:3,_blocks.[6-9]._project_conv:3,"
+                             "_blocks.1[0-5]._expand_conv:3,_blocks.1[0-5]._project_conv:3",
+           "uniform_rounding": "gptq"},
+    # ... the same at 4 bits (over the 10x budget: how much the 3-bit grid costs)
+    "u4": {"uniform_layers": "_blocks.[0-5].*,_blocks.[6-9]._expand_conv:4,_blocks.[6-9]._project_conv:4,"
+                             "_blocks.1[0-5]._expand_conv:4,_blocks.1[0-5]._project_conv:4",
+           "uniform_rounding": "gptq"},
     # ... and the project convs of blocks 12-14 at d = 2 too, paid for by the classifier at d = 8
     "lite10b": {"uniform_layers": "_blocks.[0-5].*",
                 "block_size": "_blocks.[6-9]._expand_conv=2,_blocks.[6-9]._project_conv=2,"

@@ -97,6 +97,18 @@ LEVERS = {
     "u3": {"uniform_layers": "_blocks.[0-5].*,_blocks.[6-9]._expand_conv:3,_blocks.[6-9]._project_conv:3,"
                              "_blocks.1[0-5]._expand_conv:3,_blocks.1[0-5]._project_conv:3",
            "uniform_rounding": "gptq"},
+    # ... with _blocks.5._project_conv (19 k weights) at 4 bits instead of 8: u3's file is 5 kB over 10x
+    "u3b": {"uniform_layers": "_blocks.[0-5].*,_blocks.5._project_conv:4,_blocks.[6-9]._expand_conv:3,"
+                              "_blocks.[6-9]._project_conv:3,_blocks.1[0-5]._expand_conv:3,"
+                              "_blocks.1[0-5]._project_conv:3",
+            "uniform_rounding": "gptq"},
+    # ... with blocks 6-15's depthwise convs on a uniform 4-bit grid (rounded to nearest) instead of
+    # whole-kernel PQ (about the same bytes), paid for by blocks 4-5's 1x1 convs at 4 bits
+    "u3dw4": {"uniform_layers": "_blocks.[0-5].*,_blocks.[45]._expand_conv:4,_blocks.[45]._project_conv:4,"
+                                "_blocks.[6-9]._expand_conv:3,_blocks.[6-9]._project_conv:3,"
+                                "_blocks.1[0-5]._expand_conv:3,_blocks.1[0-5]._project_conv:3,"
+                                "_blocks.[6-9]._depthwise_conv:4,_blocks.1[0-5]._depthwise_conv:4",
+              "uniform_rounding": "gptq"},
     # ... the same at 4 bits (over the 10x budget: how much the 3-bit grid costs)
     "u4": {"uniform_layers": "_blocks.[0-5].*,_blocks.[6-9]._expand_conv:4,_blocks.[6-9]._project_conv:4,"
                              "_blocks.1[0-5]._expand_conv:4,_blocks.1[0-5]._project_conv:4",

@@ -73,7 +73,7 @@ LEVERS = {
     "cw": {"finetune_biases": False, "finetune_scales": False, "finetune_last": False},  # codewords only
     "mse": {"distill": "mse"},                                  # MSE on centred logits
     "flip": {"augment": "flip"}, "crop": {"augment": "crop"},
-    "patches16": {"stats_patches": 16}, "patches64": {"stats_patches": 64},
+    "patches16": {"stats_patches": 16}, "patches32": {"stats_patches": 32}, "patches64": {"stats_patches": 64},
     "ft300": {"finetune_steps": 300},
     "keep-dw": {"selection": "first,depthwise:8"}, "keep-dw4": {"selection": "first,depthwise:4"},
     "large": {"blocks": "large"},
@@ -107,6 +107,20 @@ LEVERS = {
     "u3dw4": {"uniform_layers": "_blocks.[0-5].*,_blocks.[45]._expand_conv:4,_blocks.[45]._project_conv:4,"
                                 "_blocks.[6-9]._expand_conv:3,_blocks.[6-9]._project_conv:3,"
                                 "_blocks.1[0-5]._expand_conv:3,_blocks.1[0-5]._project_conv:3,"
+                                "_blocks.[6-9]._depthwise_conv:4,_blocks.1[0-5]._depthwise_conv:4",
+              "uniform_rounding": "gptq"},
+    # diagnostics of u3dw4 (over 10x): head conv (GPTQ) and classifier (its weight rounded to nearest) on the
+    # 8-bit grid instead of PQ, or the
+    # 1x1 convs of blocks 6-15 at 4 bits instead of 3
+    "u3dw4-hf8": {"uniform_layers": "_blocks.[0-5].*,_blocks.[45]._expand_conv:4,_blocks.[45]._project_conv:4,"
+                                    "_blocks.[6-9]._expand_conv:3,_blocks.[6-9]._project_conv:3,"
+                                    "_blocks.1[0-5]._expand_conv:3,_blocks.1[0-5]._project_conv:3,"
+                                    "_blocks.[6-9]._depthwise_conv:4,_blocks.1[0-5]._depthwise_conv:4,"
+                                    "_conv_head:8",
+                  "uniform_rounding": "gptq", "selection": "first,last:8"},  # the classifier rounded to nearest
+    "u4dw4": {"uniform_layers": "_blocks.[0-5].*,_blocks.[45]._expand_conv:4,_blocks.[45]._project_conv:4,"
+                                "_blocks.[6-9]._expand_conv:4,_blocks.[6-9]._project_conv:4,"
+                                "_blocks.1[0-5]._expand_conv:4,_blocks.1[0-5]._project_conv:4,"
                                 "_blocks.[6-9]._depthwise_conv:4,_blocks.1[0-5]._depthwise_conv:4",
               "uniform_rounding": "gptq"},
     # ... the same at 4 bits (over the 10x budget: how much the 3-bit grid costs)

@@ -118,6 +118,8 @@ def test_statistics_images_grow_with_a_layers_inputs_per_patch(tiny):
     (dict(uniform_layers="pw:four"), "uniform_layers entry 'pw:four'"),
     (dict(uniform_layers=":4"), "uniform_layers entry ':4'"),
     (dict(uniform_rounding="floor"), "uniform_rounding must be one of nearest, gptq"),
+    (dict(uniform_clip="mse"), "uniform_clip must be one of weight, input"),
+    (dict(uniform_act_order=1), "uniform_act_order must be True or False"),
 ])
 def test_new_settings_are_validated(kw, match):
     with pytest.raises(SettingsError, match=match):
@@ -194,6 +196,48 @@ def test_gptq_rounding_of_uniform_layers_lowers_the_output_error(target):
     # target "weight" cannot undo conv1's 2-bit error, which dominates: 0.084 vs 0.095 when written;
     # "float" can: 0.071
     assert errors["gptq"] < {"weight": 0.93, "float": 0.8}[target] * errors["nearest"], errors
+
+
+def test_uniform_clip_and_act_order_reach_the_gptq_grid():
+    """uniform_clip "input": conv2's per-channel range is the one input_weighted_clip picks under the
+    layer's input statistics (not the weight-MSE clip); uniform_act_order changes the rounding order
+    only (same grid, other integers); both are recorded in the plan, and the result still beats
+    rounding to nearest on the network's output."""
+    from cora_onnx.quantizers import QuantSpec, input_weighted_clip
+    from cora_onnx.search.pq.statistics import Geom, input_stats
+
+    torch.manual_seed(0)
+    model = _TwoLayers().eval()
+    imgs = _images(n=48)
+    base = dict(finetune_steps=0, calib_size=48, stats_size=48, target="weight", uniform_layers="conv2:3",
+                selection=LayerSelection(keep=("first",), keep_bits=8))
+    x = torch.cat(list(as_torch(imgs).batches(48)))
+    with torch.no_grad():
+        ref = model(x)
+
+    def run(**kw):
+        plan = search_pq(model, PqSettings(**base, **kw), imgs)
+        with torch.no_grad():
+            err = float((apply_plan_torch(model, plan)(x) - ref).pow(2).sum() / ref.pow(2).sum())
+        return plan, err
+
+    near, e_near = run()
+    weight = run(uniform_rounding="gptq")[0].layer("conv2")
+    inp = run(uniform_rounding="gptq", uniform_clip="input")[0].layer("conv2")
+    both, e_both = run(uniform_rounding="gptq", uniform_clip="input", uniform_act_order=True)
+    both = both.layer("conv2")
+    assert (inp.info["clip"], inp.info["act_order"], both.info["act_order"]) == ("input", False, True)
+    assert not np.allclose(weight.uniform.scale, inp.uniform.scale)
+    np.testing.assert_array_equal(inp.uniform.scale, both.uniform.scale)
+    assert not np.array_equal(inp.uniform.q, both.uniform.q)
+    # the input clip's range, recomputed on the statistics conv2 sees (conv1 on its 8-bit grid)
+    student = apply_plan_torch(model, near)
+    w = model.conv2.weight.detach().float()
+    H, _ = input_stats(student, student.conv2, Geom("conv2", "1x1", w[0].numel(), 1, 1), as_torch(imgs).subset(48, 0),
+                       32, full=True, centered=True)
+    qt = input_weighted_clip(w, QuantSpec(bits=3), H.reshape(w[0].numel(), -1))
+    np.testing.assert_allclose(inp.uniform.scale, qt.scale.numpy(), rtol=1e-5)
+    assert e_both < e_near, (e_both, e_near)
 
 
 def test_codewords_only_finetuning_with_mse_and_crops_is_deterministic(tiny):

@@ -73,7 +73,7 @@ LEVERS = {
     "cw": {"finetune_biases": False, "finetune_scales": False, "finetune_last": False},  # codewords only
     "mse": {"distill": "mse"},                                  # MSE on centred logits
     "flip": {"augment": "flip"}, "crop": {"augment": "crop"},
-    "patches16": {"stats_patches": 16}, "patches64": {"stats_patches": 64},
+    "patches16": {"stats_patches": 16}, "patches32": {"stats_patches": 32}, "patches64": {"stats_patches": 64},
     "ft300": {"finetune_steps": 300},
     "keep-dw": {"selection": "first,depthwise:8"}, "keep-dw4": {"selection": "first,depthwise:4"},
     "large": {"blocks": "large"},
@@ -89,6 +89,44 @@ LEVERS = {
     "lite10u4": {"uniform_layers": "_blocks.[0-5].*,_blocks.[6-9]._expand_conv:4,_blocks.[6-9]._project_conv:4,"
                                    "_blocks.1[01]._expand_conv:4,_blocks.1[01]._project_conv:4",
                  "uniform_rounding": "gptq"},
+    # the uniform layers' grids as CoRa's default: per-channel range chosen by the layer-output error
+    # (quantizers.input_weighted_clip) and GPTQ with act-order (add to a layout with uniform_rounding gptq)
+    "oc": {"uniform_clip": "input", "uniform_act_order": True},
+    # ... or every expand / project conv of blocks 6-15 (2.74 M weights) on a uniform 3-bit grid, GPTQ-rounded
+    # (with "oc": CoRa's grid recipe); depthwise, head conv and classifier product-quantized (small blocks)
+    "u3": {"uniform_layers": "_blocks.[0-5].*,_blocks.[6-9]._expand_conv:3,_blocks.[6-9]._project_conv:3,"
+                             "_blocks.1[0-5]._expand_conv:3,_blocks.1[0-5]._project_conv:3",
+           "uniform_rounding": "gptq"},
+    # ... with _blocks.5._project_conv (19 k weights) at 4 bits instead of 8: u3's file is 5 kB over 10x
+    "u3b": {"uniform_layers": "_blocks.[0-5].*,_blocks.5._project_conv:4,_blocks.[6-9]._expand_conv:3,"
+                              "_blocks.[6-9]._project_conv:3,_blocks.1[0-5]._expand_conv:3,"
+                              "_blocks.1[0-5]._project_conv:3",
+            "uniform_rounding": "gptq"},
+    # ... with blocks 6-15's depthwise convs on a uniform 4-bit grid (rounded to nearest) instead of
+    # whole-kernel PQ (about the same bytes), paid for by blocks 4-5's 1x1 convs at 4 bits
+    "u3dw4": {"uniform_layers": "_blocks.[0-5].*,_blocks.[45]._expand_conv:4,_blocks.[45]._project_conv:4,"
+                                "_blocks.[6-9]._expand_conv:3,_blocks.[6-9]._project_conv:3,"
+                                "_blocks.1[0-5]._expand_conv:3,_blocks.1[0-5]._project_conv:3,"
+                                "_blocks.[6-9]._depthwise_conv:4,_blocks.1[0-5]._depthwise_conv:4",
+              "uniform_rounding": "gptq"},
+    # diagnostics of u3dw4 (over 10x): head conv (GPTQ) and classifier (its weight rounded to nearest) on the
+    # 8-bit grid instead of PQ, or the
+    # 1x1 convs of blocks 6-15 at 4 bits instead of 3
+    "u3dw4-hf8": {"uniform_layers": "_blocks.[0-5].*,_blocks.[45]._expand_conv:4,_blocks.[45]._project_conv:4,"
+                                    "_blocks.[6-9]._expand_conv:3,_blocks.[6-9]._project_conv:3,"
+                                    "_blocks.1[0-5]._expand_conv:3,_blocks.1[0-5]._project_conv:3,"
+                                    "_blocks.[6-9]._depthwise_conv:4,_blocks.1[0-5]._depthwise_conv:4,"
+                                    "_conv_head:8",
+                  "uniform_rounding": "gptq", "selection": "first,last:8"},  # the classifier rounded to nearest
+    "u4dw4": {"uniform_layers": "_blocks.[0-5].*,_blocks.[45]._expand_conv:4,_blocks.[45]._project_conv:4,"
+                                "_blocks.[6-9]._expand_conv:4,_blocks.[6-9]._project_conv:4,"
+                                "_blocks.1[0-5]._expand_conv:4,_blocks.1[0-5]._project_conv:4,"
+                                "_blocks.[6-9]._depthwise_conv:4,_blocks.1[0-5]._depthwise_conv:4",
+              "uniform_rounding": "gptq"},
+    # ... the same at 4 bits (over the 10x budget: how much the 3-bit grid costs)
+    "u4": {"uniform_layers": "_blocks.[0-5].*,_blocks.[6-9]._expand_conv:4,_blocks.[6-9]._project_conv:4,"
+                             "_blocks.1[0-5]._expand_conv:4,_blocks.1[0-5]._project_conv:4",
+           "uniform_rounding": "gptq"},
     # ... and the project convs of blocks 12-14 at d = 2 too, paid for by the classifier at d = 8
     "lite10b": {"uniform_layers": "_blocks.[0-5].*",
                 "block_size": "_blocks.[6-9]._expand_conv=2,_blocks.[6-9]._project_conv=2,"

@@ -16,7 +16,7 @@ from torch import nn
 from ...errors import DataError, ModelError, SettingsError
 from ...plan import Bias, Codebook, LayerPlan, Plan
 from ...progress import progress
-from ...quantizers import QuantSpec, gptq_round, quantizable_layers, quantize_weight
+from ...quantizers import QuantSpec, gptq_round, input_weighted_clip, quantizable_layers, quantize_weight
 from ...torch_images import as_torch
 from ..layers import layer_kind, select_layers, uniform_from
 from .codebook import assign_with_feedback, fit_codebook, float_output_error, float_target, full_error
@@ -102,7 +102,8 @@ def _fit_uniform_gptq(teacher: nn.Module, tmod: nn.Module, student: nn.Module, m
         wt, target_mean = w2, targets.get(name)
     spec = QuantSpec(bits=bits)
     wt4 = wt.reshape(w.shape)
-    qt = gptq_round(wt4, quantize_weight(wt4, spec), H, damp=settings.damping)
+    grid = input_weighted_clip(wt4, spec, H) if settings.uniform_clip == "input" else quantize_weight(wt4, spec)
+    qt = gptq_round(wt4, grid, H, damp=settings.damping, act_order=settings.uniform_act_order)
     w_hat = qt.dequantize().reshape(w2.shape).float()
     bias = None
     with torch.no_grad():
@@ -116,10 +117,12 @@ def _fit_uniform_gptq(teacher: nn.Module, tmod: nn.Module, student: nn.Module, m
             bias = Bias(values=b.numpy().astype(np.float32))
     err = float((w_hat - w2).pow(2).mean() / w2.pow(2).mean().clamp_min(1e-30))
     rel = float(((w_hat - wt) @ H * (w_hat - wt)).sum() / ((wt @ H) * wt).sum().clamp_min(1e-30))
-    log.info("%s: uniform %d bits (GPTQ, target %s), activation-weighted error %.4f, relative weight MSE %.4f "
-             "(%.1f s)", name, bits, settings.target_for(name), rel, err, time.perf_counter() - t0)
+    log.info("%s: uniform %d bits (GPTQ, target %s, clip %s%s), activation-weighted error %.4f, relative weight MSE "
+             "%.4f (%.1f s)", name, bits, settings.target_for(name), settings.uniform_clip,
+             ", act-order" if settings.uniform_act_order else "", rel, err, time.perf_counter() - t0)
     return LayerPlan(name=name, kind=layer_kind(mod), shape=tuple(w.shape), uniform=uniform_from(qt), bias=bias,
                      info={"relative_weight_mse": err, "activation_weighted_error": rel, "rounding": "gptq",
+                           "clip": settings.uniform_clip, "act_order": settings.uniform_act_order,
                            "seconds": time.perf_counter() - t0})
 
 

@@ -118,7 +118,12 @@ class PqSettings:
     uniform_rounding: how the uniform_layers are rounded onto their grid, "nearest" or "gptq"
     (error-feedback rounding, `quantizers.gptq_round`, of the layer's target, see `target`, on
     the partially quantized network's input statistics, with the bias correction; layers with
-    groups > 1 are rounded to nearest). weight_target_layers: layer-name patterns (fnmatch) fitted
+    groups > 1 are rounded to nearest). uniform_clip: the range of a GPTQ-rounded uniform layer's
+    per-channel grid, "weight" (the clip minimizing the squared weight error, `QuantSpec` clip
+    "mse") or "input" (the clip minimizing the layer-output error of nearest rounding under the
+    layer's input statistics, `quantizers.input_weighted_clip`, as CoRa's default);
+    uniform_act_order: GPTQ rounds those layers' columns by descending input energy (CoRa's
+    default; no effect with uniform_rounding "nearest"). weight_target_layers: layer-name patterns (fnmatch) fitted
     to their own float weight whatever `target` says (the classifier, whose float target
     W* = H_qq^-1 H_qf W, from ten calibration classes, overfits them)."""
 
@@ -146,6 +151,8 @@ class PqSettings:
     target: str = "float"
     weight_target_layers: Any = ()
     uniform_rounding: str = "nearest"
+    uniform_clip: str = "weight"
+    uniform_act_order: bool = False
     seed: int = 0
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first",)))
 
@@ -182,6 +189,10 @@ class PqSettings:
         if self.uniform_rounding not in UNIFORM_ROUNDINGS:
             raise SettingsError(f"uniform_rounding must be one of {', '.join(UNIFORM_ROUNDINGS)}, got "
                                 f"{self.uniform_rounding!r}")
+        if self.uniform_clip not in UNIFORM_CLIPS:
+            raise SettingsError(f"uniform_clip must be one of {', '.join(UNIFORM_CLIPS)}, got {self.uniform_clip!r}")
+        if not isinstance(self.uniform_act_order, bool):
+            raise SettingsError(f"uniform_act_order must be True or False, got {self.uniform_act_order!r}")
         if self.target not in TARGETS:
             raise SettingsError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if not (isinstance(self.finetune_lr, (int, float)) and np.isfinite(self.finetune_lr) and self.finetune_lr > 0):
@@ -235,6 +246,7 @@ class PqSettings:
 
 
 UNIFORM_ROUNDINGS = ("nearest", "gptq")
+UNIFORM_CLIPS = ("weight", "input")
 
 
 def _patterns(name: str, value) -> tuple[str, ...]:
@@ -285,6 +297,11 @@ PQ_OPTIONS = (
     CliOption("--uniform-rounding", "uniform_rounding", UNIFORM_ROUNDINGS,
               "PQ: rounding of the --uniform-layers: nearest, or gptq (error feedback on the partially quantized "
               "network's inputs, fitted to --target, bias-corrected) [nearest]."),
+    CliOption("--uniform-clip", "uniform_clip", UNIFORM_CLIPS,
+              "PQ: range of the GPTQ-rounded --uniform-layers' per-channel grids: weight (least squared weight "
+              "error) or input (least layer-output error on the calibration inputs, as CoRa) [weight]."),
+    CliOption("--uniform-act-order/--no-uniform-act-order", "uniform_act_order", bool,
+              "PQ: GPTQ rounds the --uniform-layers' columns by descending input energy (as CoRa) [off]."),
     CliOption("--damping", "damping", float,
               "PQ: EM ridge toward plain k-means, relative to the layer's mean input energy; keeps weights the "
               "calibration never excites [0.01]."),

@@ -12,7 +12,6 @@ rounded up, so the choice never exceeds the budget)."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch

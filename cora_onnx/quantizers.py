@@ -14,7 +14,7 @@ from torch import nn
 from .errors import SettingsError, check_bits
 
 __all__ = ["quantizable_layers", "CLIP_METHODS", "QuantSpec", "QuantizedTensor", "quantize_weight", "fake_quantize",
-           "gptq_round", "input_weighted_clip"]
+           "output_error", "gptq_round", "input_weighted_clip"]
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -130,6 +130,13 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantize and dequantize in one step (same dtype and shape as w)."""
     return quantize_weight(w, spec).dequantize().to(w.dtype)
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """sum over output channels of (w - w_hat) H (w - w_hat)^T, weights flattened to (C_out, K): the
+    layer's squared output error summed over the input rows whose second moment is H (K, K)."""
+    e = w_hat.reshape(w.shape[0], -1).to(torch.float64) - w.reshape(w.shape[0], -1).to(torch.float64)
+    return float(((e @ hessian.to(torch.float64)) * e).sum())
 
 
 def input_weighted_clip(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor,

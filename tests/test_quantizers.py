@@ -84,3 +84,14 @@ def test_nan_weight_rejected():
     w[0, 0] = float("nan")
     with pytest.raises(SettingsError, match="NaN"):
         quantize_weight(w, QuantSpec())
+
+
+def test_output_error_is_the_squared_output_difference_over_the_input_rows():
+    from cora_onnx.quantizers import output_error
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 3, 2, 2, generator=g)
+    w_hat = w + 0.1 * torch.randn(w.shape, generator=g)
+    x = torch.randn(50, 12, generator=g, dtype=torch.float64)  # input rows, K = 3 * 2 * 2
+    direct = float(((x @ (w - w_hat).reshape(6, -1).double().T) ** 2).sum())
+    assert output_error(w, w_hat, x.T @ x) == pytest.approx(direct, rel=1e-10)

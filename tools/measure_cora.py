@@ -82,8 +82,7 @@ LEVERS = {"default": {}, "reference": {"preset": "reference"},
           "budget3": {"budget": 0.03},
           # per-layer widths under the bytes of uniform --bits (cora_onnx/search/cora/mixed.py)
           # ("mixed" = the default preset since 2026-12-02; "uniform": one width, the default before)
-          "mixed": {"mixed_bits": (2, 3, 4, 8)}, "uniform": {"mixed_bits": ()}, "mixed234": {"mixed_bits": (2, 3, 4)},
-          "mixed348": {"mixed_bits": (3, 4, 8)},
+          "mixed": {"mixed_bits": (2, 3, 4, 8)}, "uniform": {"mixed_bits": ()},
           "gains": {"finetune_gains": True},          # per-channel gains trained in the fine-tuning
           "a8": {"act_bits": 8, "act_calib": "minmax"}}  # full rows only: 8-bit activations, adapters fused
 

@@ -1,17 +1,15 @@
 """Per-layer bit widths under one size budget in bytes (CoRa `mixed_bits`, issue 14).
 
-Every candidate layer is quantized at every allowed width (the same grid recipe as the uniform
-search: output-error clip, GPTQ). The cost of a choice is its stored bits (2-4 bits packed or INT4,
-5-8 bits in INT8 containers: `storage_bits`); its harm is the network's mean KL(float || quantized)
-on a few calibration images when only that layer is quantized at that width (measured for every
-width below 8; the 8-bit harm, next to nothing, is carried from the widest measured width by the
-layer's closed-form output error e_l(b) = sum over channels of (w - w_hat) H (w - w_hat)^T). The
-widths that minimize the summed harm under the bytes of uniform b0 are found exactly by a
-multiple-choice knapsack (dynamic programming over the budget cut into `units` steps, costs
-rounded up, so the choice never exceeds the budget)."""
+Every candidate layer is quantized at every allowed width (the uniform search's grid recipe below
+8 bits: output-error clip, GPTQ; 8 bits as the kept layers: weight-error range, nearest rounding).
+The cost of a choice is its stored bits (2-4 bits packed or INT4, 5-8 bits in INT8 containers:
+`storage_bits`); its harm is the network's mean KL(float || quantized) on a few calibration images
+when only that layer is quantized at that width (measured for every width below 8; the 8-bit harm,
+next to nothing, is carried from the widest measured width by the layer's output error,
+`quantizers.output_error`). The widths with the least summed harm within the bytes of the uniform
+plan are found by `choose_bits`, exactly (the Pareto frontier of stored bits and harm, exact costs)."""
 
 from __future__ import annotations
-
 
 import numpy as np
 import torch
@@ -49,13 +47,6 @@ def parse_mixed_bits(text) -> tuple[int, ...]:
     except ValueError:
         raise SettingsError(f"mixed bits must be a comma-separated list of widths such as 2,3,4,8, got {text!r}") \
             from None
-
-
-def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
-    """sum over output channels of (w - w_hat) H (w - w_hat)^T: the layer's squared output error
-    summed over the statistics' input rows (H their second moment)."""
-    e = (w_hat.reshape(w.shape[0], -1).to(torch.float64) - w.reshape(w.shape[0], -1).to(torch.float64))
-    return float(((e @ hessian.to(torch.float64)) * e).sum())
 
 
 @torch.no_grad()

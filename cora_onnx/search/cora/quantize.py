@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...quantizers import QuantSpec, QuantizedTensor, gptq_round, input_weighted_clip, quantizable_layers, quantize_weight
+from ...quantizers import (QuantSpec, QuantizedTensor, gptq_round, input_weighted_clip, output_error, quantizable_layers,
+                           quantize_weight)
 from ..stats import input_second_moments, input_width
 from .layer import _Layer
-from .mixed import choose_bits, layer_kl, output_error, storage_bits
+from .mixed import choose_bits, layer_kl, storage_bits
 from .settings import CoraSettings
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
     acc = input_second_moments(teacher, {n: layers[n] for n in candidates}, batches, rows, seed=settings.seed)
     covs = {n: acc.pop(n).value() for n in candidates}
     t1 = time.perf_counter()
-    grids, factors, by_width, err = {}, {}, {}, {}
+    grids, factors, by_width = {}, {}, {}
     for n in bits:
         if n not in covs:  # kept or grouped layers: as in the uniform search (no statistics)
             grids[n], factors[n] = _quantize_layer(layers[n].weight.detach(), settings.spec(bits[n]), settings, None,
@@ -195,7 +196,6 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
         w = layers[n].weight.detach()
         # 8 bits as the kept layers get it (the weight-error grid, nearest rounding): GPTQ buys nothing there
         by_width[n] = {b: _grid(w, settings.spec(b), settings, covs[n] if b < 8 else None) for b in widths}
-        err[n] = {b: output_error(w, qt.dequantize().to(torch.float32), covs[n]) for b, qt in by_width[n].items()}
     t2 = time.perf_counter()
     images = torch.cat(batches)[:settings.sens_images]
     measured = [b for b in settings.mixed_bits if b < 8]
@@ -211,7 +211,9 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
     if 8 in settings.mixed_bits:  # next to nothing: carried from the widest measured width by the output error
         top = max(measured, default=None)
         for n in candidates:
-            harm[n][8] = kl[top][n] * err[n][8] / err[n][top] if top is not None and err[n][top] > 0 else 0.0
+            err = {b: output_error(layers[n].weight.detach(), by_width[n][b].dequantize().to(torch.float32), covs[n])
+                   for b in (8, top) if b is not None}
+            harm[n][8] = kl[top][n] * err[8] / err[top] if top is not None and err[top] > 0 else 0.0
     counts = {n: layers[n].weight.numel() for n in candidates}
     budget = sum(counts[n] * storage_bits(b0) for n in candidates)
     chosen = choose_bits(harm, counts, budget)

@@ -218,20 +218,19 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
                and isinstance(layers[n], nn.Conv2d) and layers[n].groups == 1]
     calib = as_torch(calib).subset(settings.calib_size, settings.seed)
     stats_batches = list(calib.subset(settings.stats_size, settings.seed + 1).batches(32))
-    log.info("CoRa: %d layers, %d with adapters; statistics on %d images", len(bits), len(adapted),
-             sum(len(b) for b in stats_batches))
+    log.info("CoRa: %d layers; statistics on %d images", len(bits), sum(len(b) for b in stats_batches))
     t0 = time.perf_counter()
     float_stats = _float_statistics(teacher, layers, stats_batches) if settings.stats != "none" else {}
     mixed = None
-    if settings.mixed_bits and settings.bits < 8 and mixable(layers, bits, settings.bits):  # per-layer widths under the bytes of uniform bits
+    if settings.mixed_bits and settings.bits < 8 and mixable(layers, bits, settings.bits):  # per-layer widths
         grids, factors, bits, mixed = _quantize_mixed(teacher, layers, bits, settings, stats_batches)
         adapted = [n for n in bits if factors[n] is not None]
     else:
         grids, factors = _quantize_layers(teacher, layers, bits, adapted, settings, stats_batches)
     st = _Search(settings, teacher, layers, bits, adapted, calib, sum(m.weight.numel() for m in layers.values()),
                  mixed=mixed)
-    log.info("statistics, quantization (%s rounding) and residual decomposition (%s): %.1f s", settings.rounding,
-             settings.svd, time.perf_counter() - t0)
+    log.info("statistics, quantization (%s rounding) and residual decomposition (%s): %.1f s; %d layers with "
+             "adapters", settings.rounding, settings.svd, time.perf_counter() - t0, len(adapted))
     _build_student(st, grids, factors)
     captures: list = []
     if adapted and settings.iters > 0:  # some step will train: the distillation objective

@@ -16,7 +16,7 @@ from torch import nn
 from ...errors import DataError, ModelError, SettingsError
 from ...plan import Bias, Codebook, LayerPlan, Plan
 from ...progress import progress
-from ...quantizers import QuantSpec, gptq_round, input_weighted_clip, quantizable_layers, quantize_weight
+from ...quantizers import QuantSpec, gptq_round, input_weighted_clip, output_error, quantizable_layers, quantize_weight
 from ...torch_images import as_torch
 from ..layers import layer_kind, select_layers, uniform_from
 from .codebook import assign_with_feedback, fit_codebook, float_output_error, float_target, full_error
@@ -116,7 +116,7 @@ def _fit_uniform_gptq(teacher: nn.Module, tmod: nn.Module, student: nn.Module, m
                 mod.bias.copy_(b)
             bias = Bias(values=b.numpy().astype(np.float32))
     err = float((w_hat - w2).pow(2).mean() / w2.pow(2).mean().clamp_min(1e-30))
-    rel = float(((w_hat - wt) @ H * (w_hat - wt)).sum() / ((wt @ H) * wt).sum().clamp_min(1e-30))
+    rel = output_error(wt, w_hat, H) / max(output_error(wt, torch.zeros_like(wt), H), 1e-30)
     log.info("%s: uniform %d bits (GPTQ, target %s, clip %s%s), activation-weighted error %.4f, relative weight MSE "
              "%.4f (%.1f s)", name, bits, settings.target_for(name), settings.uniform_clip,
              ", act-order" if settings.uniform_act_order else "", rel, err, time.perf_counter() - t0)

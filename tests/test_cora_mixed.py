@@ -85,6 +85,19 @@ def test_parse_and_check_mixed_bits():
         CoraSettings(bits=3, mixed_bits="2,3,4", sens_images=0)
 
 
+def test_check_mixed_budget():
+    assert CoraSettings(bits=2, mixed_budget=2.3).mixed_budget == 2.3
+    with pytest.raises(SettingsError, match="mixed budget"):
+        CoraSettings(bits=2, mixed_budget=0.5)
+    with pytest.raises(SettingsError, match="mixed budget"):
+        CoraSettings(bits=2, mixed_budget=9)
+    with pytest.raises(SettingsError, match="mixed budget needs mixed bits"):
+        CoraSettings(bits=2, mixed_bits="none", mixed_budget=2.5)
+    with pytest.raises(SettingsError, match="cannot fit a budget of 2.5"):
+        CoraSettings(bits=2, mixed_bits="3,4", mixed_budget=2.5)
+    CoraSettings(bits=2, mixed_bits="3,4", mixed_budget=3)  # 3 bits store in 3: fits
+
+
 @pytest.fixture(scope="module")
 def mixed(digits):
     model = fuse_batchnorm(build_model(digits.arch, digits.weights))
@@ -139,3 +152,17 @@ def test_cli_mixed_bits(digits, tmp_path):
     bad = tmp_path / "bad.onnx"
     res = runner.invoke(main, [*map(str, base), "--mixed-bits", "5,6", "--out", str(bad)])
     assert res.exit_code == 2 and "mixed bits" in res.output and not bad.exists()
+    res = runner.invoke(main, [*map(str, base), "--mixed-budget", "0.5", "--out", str(bad)])
+    assert res.exit_code == 2 and "mixed budget" in res.output and not bad.exists()
+
+
+def test_mixed_budget_spends_more_bytes(digits, mixed):
+    """--mixed-budget 3.5 at --bits 3: the widths may cost up to 3.5 stored bits per weight, and with
+    harm falling with width they use more bytes than uniform 3 bits (the plan's own budget)."""
+    model, calib, plan3 = mixed
+    s = CoraSettings(bits=3, budget=0.05, iters=4, finetune_iters=2, mixed_bits=(2, 3, 4, 8), mixed_budget=3.5)
+    info = search_cora(model, s, calib).meta["cora"]["mixed_bits"]
+    base = plan3.meta["cora"]["mixed_bits"]
+    assert info["budget_bits_per_weight"] == 3.5 and base["budget_bits_per_weight"] == 3
+    assert info["budget_bytes"] == pytest.approx(base["budget_bytes"] * 3.5 / 3)
+    assert base["used_bytes"] < info["used_bytes"] <= info["budget_bytes"]

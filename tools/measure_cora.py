@@ -90,9 +90,12 @@ LEVERS = {"default": {}, "reference": {"preset": "reference"},
 def lever_options(name: str) -> dict:
     kw: dict = {}
     for atom in name.split("+"):
-        if atom not in LEVERS:
-            raise SystemExit(f"unknown lever {atom!r}; choose from {', '.join(LEVERS)} (join with +)")
-        kw.update(LEVERS[atom])
+        if atom.startswith("mb:"):  # mb:<bits per weight>: --mixed-budget (per-layer widths under those bytes)
+            kw["mixed_budget"] = float(atom[3:])
+        elif atom in LEVERS:
+            kw.update(LEVERS[atom])
+        else:
+            raise SystemExit(f"unknown lever {atom!r}; choose from {', '.join(LEVERS)}, mb:BITS (join with +)")
     return kw
 
 
@@ -422,7 +425,8 @@ def main() -> None:
                     help="imagenette: calib and dev-val of the ten classes (--holdout: five and five); sample: "
                     "calib on the ten classes, score on imagenet-sample/even (issue 14)")
     ap.add_argument("--levers", nargs="+", default=["default"],
-                    help=f"(--protocol sample) rows: {', '.join(LEVERS)}, or several joined by +")
+                    help=f"(--protocol sample) rows: {', '.join(LEVERS)}, mb:BITS (--mixed-budget), or several "
+                    "joined by +")
     ap.add_argument("--crop-ratio", type=float, default=0.875, help="(--protocol sample) for every folder [0.875]")
     ap.add_argument("--devval", action="store_true", help="(--protocol sample) also dev-val top-1 (--val-size images)")
     ap.add_argument("--out", default=None, help="append JSON lines here")

@@ -25,14 +25,24 @@ def storage_bits(bits: int) -> int:
     return bits if bits <= 4 else 8
 
 
-def check_mixed_bits(choices: tuple[int, ...], bits: int) -> None:
+def check_mixed_bits(choices: tuple[int, ...], bits: int, budget: float | None = None) -> None:
+    """Widths from 2 to 8 that can fit the budget: `budget` stored bits per weight, or uniform `bits`."""
+    if budget is not None:
+        if not choices:
+            raise SettingsError("a mixed budget needs mixed bits (--mixed-bits), not none")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 1 <= budget <= 8:
+            raise SettingsError(f"mixed budget must be from 1 to 8 stored bits per weight, got {budget!r}")
     if not choices:
         return
     if any(not isinstance(b, int) or isinstance(b, bool) or not 2 <= b <= 8 for b in choices):
         raise SettingsError(f"mixed bits must be integers from 2 to 8, got {','.join(map(str, choices))}")
-    if min(storage_bits(b) for b in choices) > storage_bits(bits):
+    least = min(storage_bits(b) for b in choices)
+    if budget is None and least > storage_bits(bits):
         raise SettingsError(f"mixed bits {','.join(map(str, choices))} cannot fit the bytes of uniform {bits}-bit "
                             f"weights: include a width of {bits} bits or fewer")
+    if budget is not None and least > budget:
+        raise SettingsError(f"mixed bits {','.join(map(str, choices))} cannot fit a budget of {budget:g} bits per "
+                            f"weight: include a width of {int(budget)} bits or fewer")
 
 
 def parse_mixed_bits(text) -> tuple[int, ...]:

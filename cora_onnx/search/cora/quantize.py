@@ -175,7 +175,8 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
                     settings: "CoraSettings", batches: list[torch.Tensor]) -> tuple[dict, dict, dict, dict]:
     """Phase 1-2 with per-layer widths (settings.mixed_bits, cora_onnx.search.cora.mixed): every
     candidate layer (those planned at settings.bits, not grouped) gets a grid at every allowed width;
-    the widths are chosen under the bytes of uniform settings.bits by measured sensitivity; then
+    the widths are chosen under the bytes of uniform settings.bits (or settings.mixed_budget bits per
+    weight) by measured sensitivity; then
     the residuals of the convolutions below 8 bits are decomposed (when settings.budget > 0: their
     adapters' rank search follows). Returns (grids, factors (None where no adapter), bits with the
     chosen widths, the report's `mixed` section)."""
@@ -215,7 +216,8 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
                    for b in (8, top) if b is not None}
             harm[n][8] = kl[top][n] * err[8] / err[top] if top is not None and err[top] > 0 else 0.0
     counts = {n: layers[n].weight.numel() for n in candidates}
-    budget = sum(counts[n] * storage_bits(b0) for n in candidates)
+    per_weight = storage_bits(b0) if settings.mixed_budget is None else settings.mixed_budget
+    budget = sum(counts.values()) * per_weight
     chosen = choose_bits(harm, counts, budget)
     t3 = time.perf_counter()
     new_bits = dict(bits)
@@ -230,7 +232,7 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
              {b: sum(1 for n in candidates if chosen[n] == b) for b in settings.mixed_bits}, used / budget)
     info = {"widths": list(settings.mixed_bits), "bits": {n: chosen[n] for n in candidates},
             "kl_alone": {n: {b: round(harm[n][b], 6) for b in settings.mixed_bits} for n in candidates},
-            "budget_bytes": budget / 8, "used_bytes": used / 8, "sensitivity_images": len(images),
+            "budget_bits_per_weight": per_weight, "budget_bytes": budget / 8, "used_bytes": used / 8, "sensitivity_images": len(images),
             "seconds": t3 - t0}
     return grids, factors, new_bits, info
 

@@ -76,8 +76,10 @@ class CoraSettings:
     reference preset). The widths are
     chosen to cost no more stored bytes than uniform `bits` (2-4-bit grids take their bits, 5-8-bit
     ones 8), least summed KL(float || quantized) on sens_images calibration images, each layer's KL
-    measured alone at each width (below 8 bits). Adapters go to
-    every convolution below 8 bits, under the same `budget`."""
+    measured alone at each width (below 8 bits). mixed_budget: those bytes as stored bits per weight
+    of the layers that take part instead (None: the bits of uniform `bits`; e.g. 2.3 lets a W2 model
+    spend 0.3 bits per weight more). Adapters go to every convolution below 8 bits, under the same
+    `budget`."""
 
     bits: int = 4
     preset: str = "default"
@@ -111,6 +113,7 @@ class CoraSettings:
     finetune_biases: bool = True
     finetune_gains: bool = False
     mixed_bits: tuple[int, ...] | str | None = None
+    mixed_budget: float | None = None
     sens_images: int = 32
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first", "last", "depthwise")))
     seed: int = 0
@@ -125,7 +128,7 @@ class CoraSettings:
             object.__setattr__(self, "finetune_iters", self.iters // 2)  # --iters below the preset's fine-tuning
         check_bits(self.bits)
         object.__setattr__(self, "mixed_bits", parse_mixed_bits(self.mixed_bits))
-        check_mixed_bits(self.mixed_bits, self.bits)
+        check_mixed_bits(self.mixed_bits, self.bits, self.mixed_budget)
         if self.mixed_bits and self.gptq_passes != 1:
             raise SettingsError("mixed bits take every layer's statistics from the float network: use gptq_passes 1, "
                                 "or mixed bits none (--mixed-bits none) for sequential GPTQ")
@@ -231,6 +234,9 @@ CORA_OPTIONS = (
               "sensitivity so the weights cost no more bytes than uniform --bits; none: every layer at --bits "
               "[default preset 2,3,4,8, reference none].",
               convert=parse_mixed_bits),
+    CliOption("--mixed-budget", "mixed_budget", float, "Bytes for the --mixed-bits widths, in stored bits per "
+              "weight of the layers that take part (2-4-bit grids store their bits, 5-8-bit ones 8) [the bits of "
+              "uniform --bits]."),
     CliOption("--sens-images", "sens_images", int, "Calibration images for the --mixed-bits sensitivity [32]."),
     CliOption("--stats", "stats", STATS, "Correct each layer's output statistics toward the float network: "
               "none, mean only, or mean and std [preset default: none]."),

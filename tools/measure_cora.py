@@ -84,7 +84,9 @@ LEVERS = {"default": {}, "reference": {"preset": "reference"},
           # ("mixed" = the default preset since 2026-12-02; "uniform": one width, the default before)
           "mixed": {"mixed_bits": (2, 3, 4, 8)}, "uniform": {"mixed_bits": ()},
           "gains": {"finetune_gains": True},          # per-channel gains trained in the fine-tuning
-          "a8": {"act_bits": 8, "act_calib": "minmax"}}  # full rows only: 8-bit activations, adapters fused
+          "a8": {"act_bits": 8, "act_calib": "minmax"},  # full rows only: 8-bit activations, adapters fused
+          "a8mse": {"act_bits": 8, "act_calib": "mse"},  # ... activation ranges of least 8-bit error
+          "a8pct": {"act_bits": 8, "act_calib": "percentile"}}
 
 
 def lever_options(name: str) -> dict:

@@ -19,6 +19,10 @@ from cora_onnx.search.cora import CoraSettings, search_cora
 from cora_onnx.search.cora.mixed import choose_bits, parse_mixed_bits, storage_bits
 
 
+def _costs(harm, counts):
+    return {n: {b: counts[n] * storage_bits(b) for b in harm[n]} for n in harm}
+
+
 def _brute(harm, counts, budget):
     names = list(harm)
     best = None
@@ -38,7 +42,7 @@ def test_choose_bits_is_the_best_choice_within_the_budget(seed):
     # harm falls with width, at layer-dependent rates
     harm = {n: {b: float(rng.uniform(0.1, 10) * 4.0 ** -b) for b in (2, 3, 4, 8)} for n in names}
     budget = sum(c * 3 for c in counts.values())  # uniform 3-bit bytes
-    chosen = choose_bits(harm, counts, budget)
+    chosen = choose_bits(harm, _costs(harm, counts), budget)
     cost = sum(counts[n] * storage_bits(b) for n, b in chosen.items())
     value = sum(harm[n][b] for n, b in chosen.items())
     best_value, _ = _brute(harm, counts, budget)
@@ -53,7 +57,7 @@ def test_choose_bits_thinned_frontier_stays_within_the_budget():
     counts = {n: int(rng.integers(100, 50000)) for n in names}
     harm = {n: {b: float(rng.uniform(0.1, 10) * 4.0 ** -b) for b in (2, 3, 4, 8)} for n in names}
     budget = sum(c * 4 for c in counts.values())
-    chosen = choose_bits(harm, counts, budget, max_points=200)
+    chosen = choose_bits(harm, _costs(harm, counts), budget, max_points=200)
     assert sum(counts[n] * storage_bits(b) for n, b in chosen.items()) <= budget
     assert sum(harm[n][b] for n, b in chosen.items()) <= sum(harm[n][4] for n in names) * 1.05
 
@@ -61,7 +65,7 @@ def test_choose_bits_thinned_frontier_stays_within_the_budget():
 def test_uniform_fits_its_own_budget_exactly():
     counts = {"a": 4608, "b": 2048}
     harm = {"a": {2: 9.0, 3: 1.0, 4: 0.5}, "b": {2: 9.0, 3: 1.0, 4: 0.5}}
-    assert choose_bits(harm, counts, 3 * (4608 + 2048)) == {"a": 3, "b": 3}
+    assert choose_bits(harm, _costs(harm, counts), 3 * (4608 + 2048)) == {"a": 3, "b": 3}
 
 
 def test_presets_mixed_bits():

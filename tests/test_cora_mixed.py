@@ -170,3 +170,23 @@ def test_mixed_budget_spends_more_bytes(digits, mixed):
     assert info["budget_bits_per_weight"] == 3.5 and base["budget_bits_per_weight"] == 3
     assert info["budget_bytes"] == pytest.approx(base["budget_bytes"] * 3.5 / 3)
     assert base["used_bytes"] < info["used_bytes"] <= info["budget_bytes"]
+
+
+def test_layer_cost_counts_group_scales():
+    from cora_onnx.search.cora.mixed import layer_cost
+
+    assert layer_cost(512 * 4608, 512, 4, 0) == 512 * 4608 * 4
+    assert layer_cost(512 * 4608, 512, 4, 64) == 512 * 4608 * 4 + 16 * 512 * 72
+    assert layer_cost(5 * 27, 5, 3, 8) == 5 * 27 * 3 + 16 * 5 * 4  # 27 = 3 groups of 8 + one of 3
+    assert layer_cost(5 * 27, 5, 8, 8) == 5 * 27 * 8  # 8 bits: per channel
+
+
+def test_group_size_settings():
+    s = CoraSettings(bits=4, group_size=64)
+    assert s.spec(4).group == 64 and s.spec(8).group == 0
+    with pytest.raises(SettingsError, match="group"):
+        CoraSettings(bits=4, group_size=1)
+    with pytest.raises(SettingsError, match="group"):
+        CoraSettings(bits=4, group_size=64, preset="reference")  # per tensor, asymmetric
+    with pytest.raises(SettingsError, match="gains"):
+        CoraSettings(bits=4, group_size=64, finetune_gains=True)

@@ -190,3 +190,28 @@ def test_group_size_settings():
         CoraSettings(bits=4, group_size=64, preset="reference")  # per tensor, asymmetric
     with pytest.raises(SettingsError, match="gains"):
         CoraSettings(bits=4, group_size=64, finetune_gains=True)
+
+
+def test_cli_group_size(digits, tmp_path):
+    """--group-size through the product path: the widths below 8 bits carry float16 scales per group
+    in blocked DequantizeLinear nodes, ONNX Runtime agrees with PyTorch (checked on every run), and
+    the report counts the scales in the widths' bytes."""
+    base = ["quantize", "--model", digits.arch, "--weights", digits.weights, "--calib", digits.calib_dir,
+            "--val", digits.val_dir, "--input-size", 8, "--mean", ",".join(map(str, digits.mean)),
+            "--std", ",".join(map(str, digits.std)), "--bits", 3, "-q", "--method", "cora", "--iters", 10,
+            "--latency-runs", 0, "--group-size", 8]
+    out = tmp_path / "g.onnx"
+    res = CliRunner().invoke(main, [*map(str, base), "--out", str(out), "--report", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["parity"]["top1_agreement"] >= 99.5
+    model = onnx.load(out)
+    blocked = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" and a.i == 8 for a in n.attribute)]
+    low = [b for b in report["cora"]["mixed_bits"]["bits"].values() if b < 8]
+    assert len(blocked) == len(low) > 0
+    info = report["cora"]["mixed_bits"]
+    assert info["used_bytes"] <= info["budget_bytes"]
+    bad = tmp_path / "bad.onnx"
+    res = CliRunner().invoke(main, [*map(str, base[:-2]), "--group-size", "1", "--out", str(bad)])
+    assert res.exit_code == 2 and "group" in res.output and not bad.exists()

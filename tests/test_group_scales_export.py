@@ -236,10 +236,12 @@ def _adapter(shape, rank, bits):
 GROUPS = {"conv1": 8, "dw": 4, "pw": 3, "fc": 6}  # K = 27, 9, 8, 16
 
 
-@pytest.mark.parametrize("bits", [3, 4])
-def test_whole_model_matches_the_pytorch_simulation(tiny, bits):
+@pytest.mark.parametrize("bits,adapter", [(3, None), (4, None), (4, "conv1")])
+def test_whole_model_matches_the_pytorch_simulation(tiny, bits, adapter):
+    """Every layer grouped (conv, depthwise, 1x1, Linear), an adapter as branch convolutions or not:
+    ONNX Runtime computes what apply_plan_torch computes."""
     fused = fuse_batchnorm(tiny)
-    plan = _tiny_plan(fused, bits, GROUPS)
+    plan = _tiny_plan(fused, bits, GROUPS, adapter=adapter)
     blob = onnx_bytes(apply_plan(export_onnx(fused, 8), plan))
     onnx.checker.check_model(onnx.load_from_string(blob), full_check=True)
     x = torch.randn(2, 3, 8, 8)
@@ -248,7 +250,7 @@ def test_whole_model_matches_the_pytorch_simulation(tiny, bits):
         got = _run(onnx.load_from_string(blob), x.numpy(), optimize)[0]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     ops = [n.op_type for n in onnx.load_from_string(blob).graph.node]
-    assert ops.count("DequantizeLinear") == 4 and ops.count("Reshape") >= 4
+    assert ops.count("DequantizeLinear") == 4 + (2 if adapter else 0) and ops.count("Reshape") >= 4  # + A, B factors
 
 
 def test_adapter_merge_with_grouped_weights(tiny):

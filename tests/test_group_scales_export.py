@@ -309,7 +309,7 @@ def test_integer_activations_with_grouped_weights(caplog):
     with caplog.at_level(logging.WARNING):
         p(plain)
     assert set(p.report["float_nodes"]) == {"conv1", "fc"} and p.report["integer_nodes"] == []
-    assert "group-wise scales has no integer kernel" in caplog.text
+    assert "2 nodes (e.g. conv1) have weights with group-wise scales" in caplog.text
 
     merged = ir.serde.deserialize_model(proto)
     WeightQDQPass(plan)(merged)

@@ -141,7 +141,8 @@ def test_plan_checks_of_groups():
 # ---- WeightQDQPass -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("cin,cout,group", [(3, 5, 8), (61, 33, 64)])  # K = 27, 549: neither divisible
+@pytest.mark.parametrize("cin,cout,group", [(3, 5, 8), (61, 33, 64),  # K = 27, 549: not divisible
+                                             (3, 5, 64), (2, 5, 9)])  # one group longer than K; K = 18 divisible
 def test_onnx_runtime_decodes_what_dequantize_computes(bits, cin, cout, group):
     """The blocked DequantizeLinear (INT4, INT8, or a 2-3-bit grid packed in bytes when large enough)
     gives exactly UniformWeights.dequantize(), as written and optimized; the model passes the full

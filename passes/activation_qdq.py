@@ -84,9 +84,11 @@ class ActivationQDQPass(ir.passes.InPlacePass):
         for n in graph:  # group-wise weight scales not re-quantized per channel (AdapterMergePass does)
             idx = WEIGHT_INPUT.get(n.op_type)
             if idx is not None and len(n.inputs) > idx and grouped_weight_dq(n.inputs[idx]) is not None:
-                log.warning("%s: weight with group-wise scales has no integer kernel (they need one scale per output "
-                            "channel: re-quantize it at load with the merged adapter layout); left float", n.name)
                 floating.append(n.name)
+        if floating:
+            log.warning("%d nodes (e.g. %s) have weights with group-wise scales, which have no integer kernel (they "
+                        "need one scale per output channel: AdapterMergePass re-quantizes them at load, the merged "
+                        "adapter layout); left float", len(floating), floating[0])
         # weights and biases first (they need the input scale of each compute node)
         for name in layout.compute:
             node = nodes[name]

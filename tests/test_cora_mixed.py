@@ -182,8 +182,11 @@ def test_layer_cost_counts_group_scales():
 
 
 def test_group_size_settings():
-    s = CoraSettings(bits=4, group_size=64)
-    assert s.spec(4).group == 64 and s.spec(8).group == 0
+    s = CoraSettings(bits=4)  # the default preset: groups of 64
+    assert s.group_size == 64 and s.spec(4).group == 64 and s.spec(8).group == 0
+    assert CoraSettings(bits=4, preset="reference").group_size == 0
+    assert CoraSettings(bits=4, stats="float").group_size == 0  # the preset's groups step aside
+    assert CoraSettings(bits=4, group_size=0).spec(4).group == 0
     with pytest.raises(SettingsError, match="group"):
         CoraSettings(bits=4, group_size=1)
     with pytest.raises(SettingsError, match="group"):

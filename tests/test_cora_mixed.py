@@ -24,10 +24,14 @@ def _costs(harm, counts):
 
 
 def _brute(harm, counts, budget):
+    return _brute_costs(harm, _costs(harm, counts), budget)
+
+
+def _brute_costs(harm, costs, budget):
     names = list(harm)
     best = None
     for combo in itertools.product(*(sorted(harm[n]) for n in names)):
-        cost = sum(counts[n] * storage_bits(b) for n, b in zip(names, combo))
+        cost = sum(costs[n][b] for n, b in zip(names, combo))
         value = sum(harm[n][b] for n, b in zip(names, combo))
         if cost <= budget and (best is None or value < best[0] - 1e-15):
             best = (value, dict(zip(names, combo)))
@@ -118,13 +122,22 @@ def test_mixed_plan_costs_no_more_than_uniform(mixed):
     for name, b in info["bits"].items():
         assert planned[name].uniform.bits == b and b in (2, 3, 4, 8)
         assert set(info["kl_alone"][name]) == {2, 3, 4, 8} or set(info["kl_alone"][name]) == {"2", "3", "4", "8"}
-    used = sum(planned[n].uniform.q.size * storage_bits(b) for n, b in info["bits"].items())
-    assert used / 8 == info["used_bytes"] <= info["budget_bytes"] == \
-        sum(planned[n].uniform.q.size * 3 for n in info["bits"]) / 8
+    from cora_onnx.search.cora.mixed import layer_cost
+
+    def cost(n, b):  # the widths below 8 bits carry the default preset's float16 scales per 64 weights
+        q = planned[n].uniform.q
+        return layer_cost(q.size, q.shape[0], b, 64)
+
+    used = sum(cost(n, b) for n, b in info["bits"].items())
+    assert used / 8 == info["used_bytes"] <= info["budget_bytes"] == sum(cost(n, 3) for n in info["bits"]) / 8
+    for n, b in info["bits"].items():
+        assert planned[n].uniform.group == (64 if b < 8 else 0)
+        assert planned[n].uniform.stored_bits() == cost(n, b) + (32 * planned[n].uniform.q.shape[0] if b == 8 else 0) \
+            + (b * planned[n].uniform.q.shape[0] if b == 8 else 0)  # 8 bits: per-channel float32 scales, zero points
     # the choice has the least summed measured harm among the choices within the budget
     harm = {n: {int(b): v for b, v in info["kl_alone"][n].items()} for n in info["bits"]}
-    counts = {n: planned[n].uniform.q.size for n in info["bits"]}
-    best, _ = _brute(harm, counts, info["budget_bytes"] * 8)
+    costs = {n: {b: cost(n, b) for b in harm[n]} for n in harm}
+    best, _ = _brute_costs(harm, costs, info["budget_bytes"] * 8)
     assert sum(harm[n][b] for n, b in info["bits"].items()) == pytest.approx(best, rel=1e-6, abs=1e-12)
 
 
@@ -161,14 +174,15 @@ def test_cli_mixed_bits(digits, tmp_path):
 
 
 def test_mixed_budget_spends_more_bytes(digits, mixed):
-    """--mixed-budget 3.5 at --bits 3: the widths may cost up to 3.5 stored bits per weight, and with
+    """--mixed-budget 4.5 at --bits 3: the widths may cost up to 4.5 stored bits per weight, and with
     harm falling with width they use more bytes than uniform 3 bits (the plan's own budget)."""
     model, calib, plan3 = mixed
-    s = CoraSettings(bits=3, budget=0.05, iters=4, finetune_iters=2, mixed_bits=(2, 3, 4, 8), mixed_budget=3.5)
+    s = CoraSettings(bits=3, budget=0.05, iters=4, finetune_iters=2, mixed_bits=(2, 3, 4, 8), mixed_budget=4.5)
     info = search_cora(model, s, calib).meta["cora"]["mixed_bits"]
     base = plan3.meta["cora"]["mixed_bits"]
-    assert info["budget_bits_per_weight"] == 3.5 and base["budget_bits_per_weight"] == 3
-    assert info["budget_bytes"] == pytest.approx(base["budget_bytes"] * 3.5 / 3)
+    # the uniform budget: 3 bits plus the default preset's float16 scales per 64 weights (short rows here)
+    assert info["budget_bits_per_weight"] == 4.5 and 3 < base["budget_bits_per_weight"] < 4
+    assert info["budget_bytes"] == pytest.approx(base["budget_bytes"] / base["budget_bits_per_weight"] * 4.5)
     assert base["used_bytes"] < info["used_bytes"] <= info["budget_bytes"]
 
 

@@ -153,18 +153,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[1].parent / "shared"))
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
-    ap.add_argument("--groups", type=int, nargs="+", default=[0, 128, 64], help="G per row; 0: per channel")
+    ap.add_argument("--groups", type=int, nargs="*", default=[0, 128, 64], help="G per row; 0: per channel")
     ap.add_argument("--calib-size", type=int, default=400)
     ap.add_argument("--sweeps", type=int, default=2, help="coordinate-descent passes of the per-group clip")
     ap.add_argument("--no-act-order", action="store_true", help="group rows: GPTQ in natural column order")
     ap.add_argument("--layout", default="flat", choices=["flat", "cin"], help="group rows: G consecutive weights "
                     "along C_in*kh*kw (flat), or G input channels at one kernel position (cin) [flat]")
+    ap.add_argument("--mixed-budgets", type=float, nargs="*", default=[],
+                    help="also rows of the product's per-layer widths (per channel) under these bits per weight "
+                    "(2-4.99, e.g. 3.25: the bytes of W3 with float16 scales per 64 weights)")
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--stats-cache", default=None, help="torch.save the input statistics here / load them if present")
     ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--table", default=None, help="print the markdown table of this JSON-lines file and exit")
     args = ap.parse_args()
+    if args.table:
+        table(args.table)
+        return
     if any(g < 0 for g in args.groups) or args.calib_size < 1 or args.sweeps < 0:
         raise SystemExit("--groups must be >= 0, --calib-size >= 1, --sweeps >= 0")
+    if any(not 2 <= m < 5 for m in args.mixed_budgets):
+        raise SystemExit("--mixed-budgets must be from 2 to 4.99 bits per weight")
     if args.layout == "cin" and any(g and 64 % g and g % 64 for g in args.groups):
         raise SystemExit("--layout cin: each G must divide ResNet-18's C_in (64, 128, 256, 512) or be a multiple of 64")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -205,6 +214,29 @@ def main() -> None:
         if cache is not None:
             torch.save(covs, cache)
 
+    def score(weights: dict[str, torch.Tensor]) -> dict:
+        """Fidelity and top-1 of the float network with `weights` in place of its own."""
+        originals = {n: layers[n].weight.detach().clone() for n in weights}
+        try:
+            with torch.no_grad():
+                for n, wq in weights.items():
+                    layers[n].weight.copy_(wq.reshape(layers[n].weight.shape))
+            logits = predict_torch(fused, sample)
+        finally:
+            with torch.no_grad():
+                for n, w in originals.items():
+                    layers[n].weight.copy_(w)
+        fid = fidelity(logits, float_logits)
+        return {"agreement": fid["top1_agreement"], "kl": fid["kl_divergence"], "top1": top1(logits, sample.labels),
+                "float_top1": top1(float_logits, sample.labels), "calib_images": args.calib_size,
+                "sample_images": len(sample), "torch_threads": args.torch_threads}
+
+    def emit(rec: dict) -> None:
+        print(json.dumps(rec), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
     kept: dict[str, torch.Tensor] = {}  # the 8-bit kept layers, the same in every row
     for b in args.bits:
         settings = CoraSettings(bits=b, budget=0.0, mixed_bits=(), calib_size=args.calib_size)
@@ -224,30 +256,64 @@ def main() -> None:
                     weights[n] = group_quantize(w, lb, g, covs[n], args.sweeps, not args.no_act_order,
                                                 layout=args.layout)
             secs = time.perf_counter() - t0
-            originals = {n: layers[n].weight.detach().clone() for n in weights}
-            try:
-                with torch.no_grad():
-                    for n, wq in weights.items():
-                        layers[n].weight.copy_(wq.reshape(layers[n].weight.shape))
-                logits = predict_torch(fused, sample)
-            finally:
-                with torch.no_grad():
-                    for n, w in originals.items():
-                        layers[n].weight.copy_(w)
-            fid = fidelity(logits, float_logits)
-            rec = {"bits": b, "group": g, "grid": "per-channel" if g == 0 else f"g{g}",
-                   "agreement": fid["top1_agreement"], "kl": fid["kl_divergence"],
-                   "top1": top1(logits, sample.labels), "float_top1": top1(float_logits, sample.labels),
-                   "bits_per_weight_lowbit": effective_bits(layers, bits, g, True, args.layout),
-                   "bits_per_weight_model": effective_bits(layers, bits, g, False, args.layout),
-                   "layout": args.layout if g else None,
-                   "act_order": g == 0 or not args.no_act_order, "sweeps": args.sweeps if g else None,
-                   "calib_images": args.calib_size, "sample_images": len(sample), "quantize_seconds": secs,
-                   "torch_threads": args.torch_threads}
-            print(json.dumps(rec), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            emit({"bits": b, "group": g, "grid": "per-channel" if g == 0 else f"g{g}", **score(weights),
+                  "bits_per_weight_lowbit": effective_bits(layers, bits, g, True, args.layout),
+                  "bits_per_weight_model": effective_bits(layers, bits, g, False, args.layout),
+                  "layout": args.layout if g else None, "act_order": g == 0 or not args.no_act_order,
+                  "sweeps": args.sweeps if g else None, "quantize_seconds": secs})
+
+    calib_images = load_images(shared / "data/imagenette/calib", pre) if args.mixed_budgets else None
+    for budget in args.mixed_budgets:
+        t0 = time.perf_counter()
+        plan, widths = mixed_plan(fused, calib_images, budget, args.calib_size)
+        secs = time.perf_counter() - t0
+        bits = {n: widths.get(n, lb) for n, lb in select_layers(layers, int(budget), base.selection).items()}
+        weights = {lp.name: torch.from_numpy(lp.uniform.dequantize()) for lp in plan.layers}
+        emit({"bits": budget, "group": 0, "grid": f"per-channel, widths 2/3/4/8 under {budget} bits",
+              **score(weights), "widths": {b: sum(1 for v in widths.values() if v == b) for b in (2, 3, 4, 8)},
+              "bits_per_weight_lowbit": mixed_bits_per_weight(layers, bits, widths, True),
+              "bits_per_weight_model": mixed_bits_per_weight(layers, bits, widths, False), "search_seconds": secs})
+
+
+def table(path: str) -> None:
+    print("| grid | bits | bits per weight (low-bit convs / model) | agreement with float | KL | top-1 / float |")
+    print("|" + " --- |" * 6)
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        name = r["grid"] + (f", layout {r['layout']}" if r.get("layout") not in (None, "flat") else "") + \
+            (f", {r['sweeps']} clip sweeps" if r.get("sweeps") not in (None, 2) else "") + \
+            (", natural order" if r.get("act_order") is False else "")
+        print(f"| {name} | W{r['bits']:g} | {r['bits_per_weight_lowbit']:.3f} / {r['bits_per_weight_model']:.3f} | "
+              f"{r['agreement']:.1f}% | {r['kl']:.3f} | {r['top1']:.1f}% / {r['float_top1']:.1f}% |")
+
+
+def mixed_plan(model, calib, budget: float, calib_size: int):
+    """The product's per-layer widths (2, 3, 4 or 8 bits, per-channel grids, grid only) chosen under
+    `budget` bits per weight instead of the bytes of uniform floor(budget) bits: search_cora with
+    budget 0 and the budget of cora_onnx.search.cora.quantize._quantize_mixed widened. Returns
+    (plan, {layer: width} of the layers whose width was chosen)."""
+    from cora_onnx.search.cora import CoraSettings, quantize, search_cora
+    from cora_onnx.search.cora.mixed import storage_bits
+
+    b0 = int(budget)
+    original = quantize.storage_bits  # used there for the budget (and the log's share of it) only
+    quantize.storage_bits = lambda b: budget if b == b0 else storage_bits(b)
+    try:
+        plan = search_cora(model, CoraSettings(bits=b0, budget=0.0, calib_size=calib_size), calib)
+    finally:
+        quantize.storage_bits = original
+    return plan, plan.meta["cora"]["mixed_bits"]["bits"]
+
+
+def mixed_bits_per_weight(layers: dict, bits: dict[str, int], widths: dict[str, int], low_only: bool) -> float:
+    """Stored bits per weight of per-layer widths (one float16 scale per channel); low_only: the
+    layers whose width was chosen, else with the kept 8-bit layers too."""
+    from cora_onnx.search.cora.mixed import storage_bits
+
+    names = [n for n in bits if not low_only or n in widths]
+    total = sum(layers[n].weight.numel() for n in names)
+    return sum(layers[n].weight.numel() * storage_bits(bits[n]) + 16 * layers[n].weight.shape[0]
+               for n in names) / total
 
 
 if __name__ == "__main__":

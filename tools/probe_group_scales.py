@@ -162,6 +162,8 @@ def main() -> None:
     ap.add_argument("--mixed-budgets", type=float, nargs="*", default=[],
                     help="also rows of the product's per-layer widths (per channel) under these bits per weight "
                     "(2-4.99, e.g. 3.25: the bytes of W3 with float16 scales per 64 weights)")
+    ap.add_argument("--mixed-groups", type=int, default=0, help="--mixed-budgets rows: regrid the chosen widths "
+                    "below 8 bits on groups of this many weights (0: per channel) [0]")
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--stats-cache", default=None, help="torch.save the input statistics here / load them if present")
     ap.add_argument("--out", default=None, help="append JSON lines here")
@@ -172,9 +174,9 @@ def main() -> None:
         return
     if any(g < 0 for g in args.groups) or args.calib_size < 1 or args.sweeps < 0:
         raise SystemExit("--groups must be >= 0, --calib-size >= 1, --sweeps >= 0")
-    if any(not 2 <= m < 5 for m in args.mixed_budgets):
-        raise SystemExit("--mixed-budgets must be from 2 to 4.99 bits per weight")
-    if args.layout == "cin" and any(g and 64 % g and g % 64 for g in args.groups):
+    if args.mixed_groups < 0 or any(not 2 <= m < 5 for m in args.mixed_budgets):
+        raise SystemExit("--mixed-budgets must be from 2 to 4.99 bits per weight, --mixed-groups >= 0")
+    if args.layout == "cin" and any(g and 64 % g and g % 64 for g in [*args.groups, args.mixed_groups]):
         raise SystemExit("--layout cin: each G must divide ResNet-18's C_in (64, 128, 256, 512) or be a multiple of 64")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.torch_threads)
@@ -269,10 +271,17 @@ def main() -> None:
         secs = time.perf_counter() - t0
         bits = {n: widths.get(n, lb) for n, lb in select_layers(layers, int(budget), base.selection).items()}
         weights = {lp.name: torch.from_numpy(lp.uniform.dequantize()) for lp in plan.layers}
-        emit({"bits": budget, "group": 0, "grid": f"per-channel, widths 2/3/4/8 under {budget} bits",
-              **score(weights), "widths": {b: sum(1 for v in widths.values() if v == b) for b in (2, 3, 4, 8)},
-              "bits_per_weight_lowbit": mixed_bits_per_weight(layers, bits, widths, True),
-              "bits_per_weight_model": mixed_bits_per_weight(layers, bits, widths, False), "search_seconds": secs})
+        g = args.mixed_groups
+        for n, b in widths.items():  # --mixed-groups: the chosen widths below 8 bits regridded on groups
+            if g and b < 8:
+                weights[n] = group_quantize(layers[n].weight, b, g, covs[n], args.sweeps, not args.no_act_order,
+                                            layout=args.layout)
+        grid = f"g{g}" if g else "per-channel"
+        emit({"bits": budget, "group": g, "grid": f"{grid}, widths 2/3/4/8 under {budget} bits", **score(weights),
+              "widths": {b: sum(1 for v in widths.values() if v == b) for b in (2, 3, 4, 8)},
+              "bits_per_weight_lowbit": mixed_bits_per_weight(layers, bits, widths, True, g),
+              "bits_per_weight_model": mixed_bits_per_weight(layers, bits, widths, False, g),
+              "layout": args.layout if g else None, "sweeps": args.sweeps if g else None, "search_seconds": secs})
 
 
 def table(path: str) -> None:
@@ -305,15 +314,20 @@ def mixed_plan(model, calib, budget: float, calib_size: int):
     return plan, plan.meta["cora"]["mixed_bits"]["bits"]
 
 
-def mixed_bits_per_weight(layers: dict, bits: dict[str, int], widths: dict[str, int], low_only: bool) -> float:
-    """Stored bits per weight of per-layer widths (one float16 scale per channel); low_only: the
-    layers whose width was chosen, else with the kept 8-bit layers too."""
+def mixed_bits_per_weight(layers: dict, bits: dict[str, int], widths: dict[str, int], low_only: bool,
+                          group: int = 0) -> float:
+    """Stored bits per weight of per-layer widths (one float16 scale per channel, or per group of the
+    chosen widths below 8 bits); low_only: the layers whose width was chosen, else with the kept
+    8-bit layers too."""
     from cora_onnx.search.cora.mixed import storage_bits
 
     names = [n for n in bits if not low_only or n in widths]
-    total = sum(layers[n].weight.numel() for n in names)
-    return sum(layers[n].weight.numel() * storage_bits(bits[n]) + 16 * layers[n].weight.shape[0]
-               for n in names) / total
+    stored = 0
+    for n in names:
+        w = layers[n].weight
+        groups = math.ceil(w[0].numel() / group) if group and n in widths and bits[n] < 8 else 1
+        stored += w.numel() * storage_bits(bits[n]) + 16 * w.shape[0] * groups
+    return stored / sum(layers[n].weight.numel() for n in names)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def _output_error(w, w_hat, h):
 @pytest.mark.parametrize("bits", [3, 4])
 def test_one_group_is_the_per_channel_grid(bits):
     w, h = _case()
-    s = CoraSettings(bits=bits, budget=0.0, mixed_bits=())
+    s = CoraSettings(bits=bits, budget=0.0, mixed_bits=(), group_size=0)
     ref = _grid(w, s.spec(bits), s, h).dequantize().float()
     mine = probe.group_quantize(w, bits, 72, h, sweeps=1, fp16=False)
     assert torch.allclose(mine, ref, atol=1e-6)
@@ -41,7 +41,7 @@ def test_one_group_is_the_per_channel_grid(bits):
 
 def test_groups_lower_the_output_error():
     w, h = _case()
-    s = CoraSettings(bits=3, budget=0.0, mixed_bits=())
+    s = CoraSettings(bits=3, budget=0.0, mixed_bits=(), group_size=0)
     per_channel = _output_error(w, _grid(w, s.spec(3), s, h).dequantize().float(), h)
     g36 = _output_error(w, probe.group_quantize(w, 3, 36, h), h)
     g20 = _output_error(w, probe.group_quantize(w, 3, 20, h), h)  # last group of each channel shorter
@@ -51,7 +51,7 @@ def test_groups_lower_the_output_error():
 
 def test_channel_blocks_at_one_kernel_position():
     w, h = _case()
-    s = CoraSettings(bits=3, budget=0.0, mixed_bits=())
+    s = CoraSettings(bits=3, budget=0.0, mixed_bits=(), group_size=0)
     per_channel = _output_error(w, _grid(w, s.spec(3), s, h).dequantize().float(), h)
     cin = probe.group_quantize(w, 3, 4, h, layout="cin")  # 2 blocks of 4 channels x 9 positions
     assert _output_error(w, cin, h) < per_channel

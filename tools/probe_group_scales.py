@@ -84,34 +84,15 @@ def group_scales(w2: torch.Tensor, bits: int, group: int, h: torch.Tensor, sweep
     return scale_of(amax * ratio).float()
 
 
-def gptq_columns(w2: torch.Tensor, scale_cols: torch.Tensor, bits: int, hessian: torch.Tensor, damp: float = 0.01,
-                 block: int = 128, act_order: bool = True) -> torch.Tensor:
-    """quantizers.gptq_round (symmetric) with a scale per weight: scale_cols (C, K). Returns the
+def gptq_columns(w2: torch.Tensor, scales: torch.Tensor, bits: int, group: int, hessian: torch.Tensor,
+                 act_order: bool = True) -> torch.Tensor:
+    """The library's GPTQ (quantizers.gptq_round) on fixed group scales (C, ceil(K / group)): the
     integer values q (C, K)."""
-    qmax, qmin = (1 << (bits - 1)) - 1, -(1 << (bits - 1))
-    w2, scale_cols = w2.float().clone(), scale_cols.float()
-    k = w2.shape[1]
-    h = hessian.to(torch.float64).clone()
-    dead = torch.diag(h) <= 0
-    h[dead, dead] = 1.0
-    w2[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
-    w2, h, scale_cols = w2[:, perm], h[perm][:, perm], scale_cols[:, perm]
-    h += torch.eye(k, dtype=h.dtype) * (damp * torch.diag(h).mean())
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
-    q = torch.empty_like(w2)
-    for i0 in range(0, k, block):
-        i1 = min(i0 + block, k)
-        wb, err, hb = w2[:, i0:i1].clone(), torch.zeros(w2.shape[0], i1 - i0), hinv[i0:i1, i0:i1]
-        for j in range(i1 - i0):
-            col, sc = wb[:, j:j + 1], scale_cols[:, i0 + j:i0 + j + 1]
-            qc = (col / sc).round().clamp(qmin, qmax)
-            q[:, i0 + j:i0 + j + 1] = qc
-            e = (col - qc * sc) / hb[j, j]
-            wb[:, j + 1:] -= e @ hb[j:j + 1, j + 1:]
-            err[:, j:j + 1] = e
-        w2[:, i1:] -= err @ hinv[i0:i1, i1:]
-    return q[:, torch.argsort(perm)]
+    from cora_onnx.quantizers import QuantSpec, QuantizedTensor, gptq_round
+
+    qt = QuantizedTensor(q=torch.zeros(w2.shape, dtype=torch.int16), scale=scales.float(),
+                         zero_point=torch.zeros(scales.shape, dtype=torch.int16), spec=QuantSpec(bits=bits, group=group))
+    return gptq_round(w2, qt, hessian, act_order=act_order).q.float()
 
 
 def group_quantize(w: torch.Tensor, bits: int, group: int, h: torch.Tensor, sweeps: int = 2,
@@ -130,7 +111,7 @@ def group_quantize(w: torch.Tensor, bits: int, group: int, h: torch.Tensor, swee
     s = group_scales(w2, bits, group, h, sweeps, fp16)
     cols = s.repeat_interleave(group, dim=1)[:, :w2.shape[1]]
     out = torch.empty_like(w2)
-    out[:, order] = gptq_columns(w2, cols, bits, h, act_order=act_order) * cols
+    out[:, order] = gptq_columns(w2, s, bits, group, h, act_order=act_order) * cols
     return out.reshape(w.shape)
 
 
@@ -200,7 +181,7 @@ def main() -> None:
     fused = fuse_batchnorm(build_model("resnet18", shared / "models/resnet18-imagenet.pt"))
     float_logits = predict_torch(fused, sample)
     layers = quantizable_layers(fused)
-    base = CoraSettings(bits=4, budget=0.0, mixed_bits=(), calib_size=args.calib_size)  # act-order, clip-input
+    base = CoraSettings(bits=4, budget=0.0, mixed_bits=(), group_size=0, calib_size=args.calib_size)  # act-order, clip-input
 
     cache = Path(args.stats_cache) if args.stats_cache else None
     if cache is not None and cache.exists():
@@ -241,7 +222,7 @@ def main() -> None:
 
     kept: dict[str, torch.Tensor] = {}  # the 8-bit kept layers, the same in every row
     for b in args.bits:
-        settings = CoraSettings(bits=b, budget=0.0, mixed_bits=(), calib_size=args.calib_size)
+        settings = CoraSettings(bits=b, budget=0.0, mixed_bits=(), group_size=0, calib_size=args.calib_size)
         bits = select_layers(layers, b, settings.selection)
         for g in args.groups:
             t0 = time.perf_counter()
@@ -298,19 +279,12 @@ def table(path: str) -> None:
 
 def mixed_plan(model, calib, budget: float, calib_size: int):
     """The product's per-layer widths (2, 3, 4 or 8 bits, per-channel grids, grid only) chosen under
-    `budget` bits per weight instead of the bytes of uniform floor(budget) bits: search_cora with
-    budget 0 and the budget of cora_onnx.search.cora.quantize._quantize_mixed widened. Returns
-    (plan, {layer: width} of the layers whose width was chosen)."""
-    from cora_onnx.search.cora import CoraSettings, quantize, search_cora
-    from cora_onnx.search.cora.mixed import storage_bits
+    `budget` bits per weight (--mixed-budget) instead of the bytes of uniform floor(budget) bits.
+    Returns (plan, {layer: width} of the layers whose width was chosen)."""
+    from cora_onnx.search.cora import CoraSettings, search_cora
 
-    b0 = int(budget)
-    original = quantize.storage_bits  # used there for the budget (and the log's share of it) only
-    quantize.storage_bits = lambda b: budget if b == b0 else storage_bits(b)
-    try:
-        plan = search_cora(model, CoraSettings(bits=b0, budget=0.0, calib_size=calib_size), calib)
-    finally:
-        quantize.storage_bits = original
+    plan = search_cora(model, CoraSettings(bits=int(budget), budget=0.0, group_size=0, mixed_budget=budget,
+                                           calib_size=calib_size), calib)
     return plan, plan.meta["cora"]["mixed_bits"]["bits"]
 
 

@@ -136,7 +136,9 @@ def _fuse_batchnorm_fx(model: nn.Module) -> nn.Module:
 def apply_plan_torch(model: nn.Module, plan: Plan, merge_bits: int | None = None) -> nn.Module:
     """A copy of model whose planned weights are replaced by their dequantized values (and,
     when a layer has an adapter, wrapped with the low-rank branch; with merge_bits, the adapter
-    is merged into the weight on a merge_bits grid instead, as passes.AdapterMergePass exports it)."""
+    is merged into the weight on a merge_bits grid instead, as passes.AdapterMergePass exports it;
+    with merge_bits, weights with group-wise scales are re-quantized per channel to merge_bits
+    the same way, as integer kernels need)."""
     model = copy.deepcopy(model).eval()
     layers = quantizable_layers(model)
     for lp in plan.layers:
@@ -150,10 +152,10 @@ def apply_plan_torch(model: nn.Module, plan: Plan, merge_bits: int | None = None
                 module.weight.copy_(torch.from_numpy(lp.uniform.dequantize()))
             if lp.bias is not None:
                 module.bias = nn.Parameter(torch.from_numpy(lp.bias.values.copy()))
-        if lp.adapter is not None and merge_bits is not None:
+        if merge_bits is not None and (lp.adapter is not None or (lp.uniform is not None and lp.uniform.group)):
             q, scale = merged_grid(lp, merge_bits)
             with torch.no_grad():
-                module.weight.copy_(torch.from_numpy(q.astype(np.float32) * scale.reshape(-1, 1, 1, 1)))
+                module.weight.copy_(torch.from_numpy(q.astype(np.float32) * scale.reshape((-1,) + (1,) * (q.ndim - 1))))
         elif lp.adapter is not None:
             parent, _, leaf = lp.name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, AdaptedConv(module, lp.adapter))

@@ -29,14 +29,24 @@ def inspect_model(blob: bytes) -> dict:
         props = {p.key[len(PREFIX):]: p.value for p in n.metadata_props if p.key.startswith(PREFIX)}
         if props:
             added.append({"node": n.name, "op": n.op_type, **props})
+    grids = Counter(_grid_label(a) for a in added if a["op"] == "DequantizeLinear"
+                    and a.get("pass") == "WeightQDQPass" and "bits" in a)
     return {
         "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+        "weight_grids": dict(sorted(grids.items())),
         "ops": dict(sorted(Counter(n.op_type for n in g.node).items())),
         "initializers": dtypes,
         "added_by_passes": added,
         "metadata": {p.key: p.value for p in proto.metadata_props},
         "size": size_breakdown(blob),
     }
+
+
+def _grid_label(facts: dict) -> str:
+    """"4-bit" (per channel), "4-bit per tensor", "4-bit g64" (one scale per 64 weights of a channel)."""
+    gran = facts.get("granularity", "per_channel")
+    suffix = f" g{facts.get('group', '?')}" if gran == "per_group" else " per tensor" if gran == "per_tensor" else ""
+    return f"{facts['bits']}-bit{suffix}"
 
 
 def inspect_file(mf: ModelFile) -> dict:
@@ -68,6 +78,8 @@ def format_inspection(info: dict, title: str) -> str:
                                                 for k, v in info["initializers"].items()))
     s = info["size"]
     lines.append("  size: " + ", ".join(f"{k} {v / 1e6:.3f} MB" for k, v in s.items() if k != "total"))
+    if info.get("weight_grids"):
+        lines.append("  weight grids: " + ", ".join(f"{k} x{v}" for k, v in info["weight_grids"].items()))
     if info["added_by_passes"]:
         by_pass = Counter(a.get("pass", "?") for a in info["added_by_passes"])
         lines.append("  added by passes: " + ", ".join(f"{k} x{v}" for k, v in by_pass.items()))

@@ -58,11 +58,14 @@ def adapter_factors(layer: LayerPlan) -> tuple[np.ndarray, np.ndarray]:
 
 
 def merged_grid(layer: LayerPlan, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(integer grid int8, per-output-channel scale float32) of W_q + B A on a symmetric `bits`-bit
-    min/max grid: what ONNX Runtime computes at load from the graph passes.AdapterMergePass writes (and
-    what export.apply_plan_torch's reference uses)."""
-    b, a = adapter_factors(layer)
-    w = layer.uniform.dequantize().astype(np.float32) + (b @ a).reshape(layer.shape)
+    """(integer grid int8, per-output-channel scale float32) of W_q + B A (W_q alone for a layer
+    without adapter, e.g. one with group-wise scales) on a symmetric `bits`-bit min/max grid: what
+    ONNX Runtime computes at load from the graph passes.AdapterMergePass writes (and what
+    export.apply_plan_torch's reference uses)."""
+    w = layer.uniform.dequantize().astype(np.float32)
+    if layer.adapter is not None:
+        b, a = adapter_factors(layer)
+        w = w + (b @ a).reshape(layer.shape)
     qmax = (1 << (bits - 1)) - 1
     peak = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
     scale = np.where(peak > 0, peak / qmax, 1.0).astype(np.float32)

@@ -86,6 +86,11 @@ class UniformWeights:
 
     q holds the integer values (int8 when symmetric, uint8 otherwise) in the weight's shape;
     scale and zero_point have shape (C_out,) when per_channel else (1,).
+
+    group > 0 (per_channel and symmetric only): one scale per `group` consecutive weights of an
+    output channel, the channel's weights flattened in torch order (q.reshape(C_out, -1), K values);
+    scale and zero_point (all 0) then have shape (C_out, ceil(K / group)), the last group of a row is
+    shorter when group does not divide K, and the scales are float16 values (stored as float16).
     """
 
     bits: int
@@ -94,26 +99,58 @@ class UniformWeights:
     q: np.ndarray
     scale: np.ndarray
     zero_point: np.ndarray
+    group: int = 0
 
     def __post_init__(self) -> None:
         _check(int(self.bits) in WEIGHT_BITS, f"uniform bits must be 2-8, got {self.bits}")
+        _check(isinstance(self.group, (int, np.integer)) and not isinstance(self.group, bool) and int(self.group) >= 0,
+               f"uniform group must be an integer >= 0 (0: no groups), got {self.group!r}")
+        object.__setattr__(self, "group", int(self.group))
         lo, hi = (-(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1) if self.symmetric else (0, (1 << self.bits) - 1)
         want = np.int8 if self.symmetric else np.uint8
         _check(self.q.dtype == want, f"uniform q must be {np.dtype(want).name}, got {self.q.dtype}")
         _check(self.q.size == 0 or (int(self.q.min()) >= lo and int(self.q.max()) <= hi),
                f"uniform q values outside the {self.bits}-bit grid [{lo}, {hi}]")
-        n = self.q.shape[0] if self.per_channel else 1
-        _check(self.scale.shape == (n,) and self.zero_point.shape == (n,),
-               f"uniform scale/zero_point must have shape ({n},), got {self.scale.shape}/{self.zero_point.shape}")
+        if self.group:
+            _check(self.per_channel and self.symmetric,
+                   f"uniform group {self.group} needs per_channel and symmetric grids")
+            _check(self.q.ndim >= 1 and self.q.size > 0, "uniform group needs a non-empty weight")
+            want_shape = (self.q.shape[0], self.groups)
+        else:
+            want_shape = (self.q.shape[0] if self.per_channel else 1,)
+        _check(self.scale.shape == want_shape and self.zero_point.shape == want_shape,
+               f"uniform scale/zero_point must have shape {want_shape}, got {self.scale.shape}/{self.zero_point.shape}")
         _check(self.scale.dtype == np.float32 and bool(np.all(self.scale > 0)) and bool(np.all(np.isfinite(self.scale))),
                "uniform scale must be positive finite float32")
         _check(self.zero_point.dtype == self.q.dtype, "uniform zero_point must have the dtype of q")
+        if self.group:
+            _check(not np.any(self.zero_point), "uniform group scales take zero points of 0 only")
+            with np.errstate(over="ignore"):
+                exact = self.scale.astype(np.float16).astype(np.float32) == self.scale
+            _check(bool(np.all(exact)), f"uniform group scales must be exactly representable in float16 (they are "
+                                        f"stored so): {int(np.sum(~exact))} of {self.scale.size} are not")
+
+    @property
+    def groups(self) -> int:
+        """Scale groups per output channel (ceil(K / group)); 1 without groups."""
+        if not self.group:
+            return 1
+        k = self.q.size // self.q.shape[0]
+        return -(-k // self.group)
 
     def stored_bits(self) -> int:
-        """Bits this component takes in the exported file: grid values, float32 scales, zero points."""
+        """Bits this component takes in the exported file: grid values, float32 scales, zero points
+        (with groups: grid values and float16 scales, no zero points)."""
+        if self.group:
+            return self.bits * self.q.size + 16 * self.scale.size
         return self.bits * (self.q.size + self.zero_point.size) + 32 * self.scale.size
 
     def dequantize(self) -> np.ndarray:
+        if self.group:  # float32 q * s, as DequantizeLinear(block_size=group) computes it
+            c = self.q.shape[0]
+            q2 = self.q.reshape(c, -1).astype(np.float32)
+            s = np.repeat(self.scale.astype(np.float32), self.group, axis=1)[:, :q2.shape[1]]
+            return (q2 * s).astype(np.float32).reshape(self.q.shape)
         shape = (-1,) + (1,) * (self.q.ndim - 1)
         return ((self.q.astype(np.float32) - self.zero_point.reshape(shape).astype(np.float32))
                 * self.scale.reshape(shape)).astype(np.float32)

@@ -279,9 +279,10 @@ def export_quantized(searched: Searched, opts: Options, calib: ImageSet | None) 
     adapted = any(lp.adapter is not None for lp in plan.layers)
     if adapted:  # the same model without its branches, timed alongside
         bare = Plan(plan.method, plan.settings, tuple(dataclasses.replace(lp, adapter=None) for lp in plan.layers))
-        bare_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), bare)
+        # with merge_bits, weights with group-wise scales are re-quantized per channel (integer kernels)
+        bare_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), bare, opts.merge_bits)
         extra["quantized_no_adapters"] = onnx_bytes(bare_ir) if scheme is None else \
-            integer_activations(bare_ir, program, apply_plan_torch(fused, bare), calib, scheme,
+            integer_activations(bare_ir, program, apply_plan_torch(fused, bare, opts.merge_bits), calib, scheme,
                                 opts.calib_settings, opts.threads)[0]
     if adapted and opts.merge_bits is not None:  # and with the adapters as branch convolutions (latency only)
         branch_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), plan)

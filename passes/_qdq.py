@@ -46,10 +46,13 @@ def quantize_linear(x: ir.Value, scale: ir.Value, zero_point: ir.Value, base: st
 
 def dequantize_linear(q: ir.Value, scale: ir.Value, zero_point: ir.Value | None, base: str,
                       shape: ir.Shape | Sequence[int] | None, axis: int | None = None,
-                      out_name: str | None = None) -> ir.Node:
+                      out_name: str | None = None, block_size: int = 0) -> ir.Node:
     """DequantizeLinear(q, scale, zero_point) named `<base>_DequantizeLinear`, float output
-    `out_name` (default `<base>_dequantized`); axis None: per tensor (no attribute)."""
-    dq = ir.node("DequantizeLinear", [q, scale, zero_point], attributes=_axis(axis), name=f"{base}_DequantizeLinear")
+    `out_name` (default `<base>_dequantized`); axis None: per tensor (no attribute); zero_point
+    None: no zero point input; block_size > 0: blocked quantization along axis (opset 21)."""
+    attrs = _axis(axis) | ({"block_size": int(block_size)} if block_size else {})
+    inputs = [q, scale] if zero_point is None else [q, scale, zero_point]
+    dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{base}_DequantizeLinear")
     out = dq.outputs[0]
     out.name, out.dtype = out_name or f"{base}_dequantized", ir.DataType.FLOAT
     out.shape = shape if shape is None or isinstance(shape, ir.Shape) else ir.Shape(shape)

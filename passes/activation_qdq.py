@@ -11,8 +11,11 @@ calibration); this pass writes that layout into the graph and prepares the weigh
   (passes._packing) is already decoded to INT8 by a constant subgraph ONNX Runtime folds at
   load; a grid whose values do not fit the scheme (8-bit values where 7-bit weights are needed)
   leaves the node float (logged);
-  AdapterMergePass's merged weights are integer weights too; float weights are quantized per
-  channel here (numpy MSE grid); biases become INT32 with scale = input scale x weight scale.
+  AdapterMergePass's merged weights are integer weights too (it also re-quantizes weights with
+  group-wise scales per channel); a weight with group-wise scales left as WeightQDQPass wrote it
+  (blocked DequantizeLinear, Reshape) keeps its node float (logged: integer kernels take one scale
+  per output channel); float weights are quantized per channel here (numpy MSE grid); biases
+  become INT32 with scale = input scale x weight scale.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ._qdq import dequantize_linear, dequantized_weight, quantize_linear, scale_
 from ._util import add_initializer, default_opset, mark
 from .activation_layout import (WEIGHT_INPUT, QuantScheme, activation_layout, activation_qparams, const_array, merged_bits,
                                 weight_source)
+from .weight_qdq import grouped_weight_dq
 
 __all__ = ["ActivationQDQPass"]
 
@@ -77,6 +81,14 @@ class ActivationQDQPass(ir.passes.InPlacePass):
         qparams = activation_qparams(self.ranges, self.scheme, layout)
         nodes = {n.name: n for n in graph}
         integer, floating = [], []
+        for n in graph:  # group-wise weight scales not re-quantized per channel (AdapterMergePass does)
+            idx = WEIGHT_INPUT.get(n.op_type)
+            if idx is not None and len(n.inputs) > idx and grouped_weight_dq(n.inputs[idx]) is not None:
+                floating.append(n.name)
+        if floating:
+            log.warning("%d nodes (e.g. %s) have weights with group-wise scales, which have no integer kernel (they "
+                        "need one scale per output channel: AdapterMergePass re-quantizes them at load, the merged "
+                        "adapter layout); left float", len(floating), floating[0])
         # weights and biases first (they need the input scale of each compute node)
         for name in layout.compute:
             node = nodes[name]
@@ -168,6 +180,9 @@ class ActivationQDQPass(ir.passes.InPlacePass):
                             "left as a float kernel", node.name, merged, self.scheme.weight_bits)
                 return None
             return np.asarray(const_array(dq.inputs[1]), dtype=np.float32)
+        if dq.attributes.get("block_size") is not None and dq.attributes.get_int("block_size", 0) != 0:
+            log.warning("%s: blocked weight quantization has no integer conv kernel; left float", node.name)
+            return None
         qv = dq.inputs[0]
         qarr = np.asarray(grid_of(qv)).astype(np.int16)
         zarr = np.asarray(const_array(dq.inputs[2])).astype(np.int16) if len(dq.inputs) > 2 and dq.inputs[2] is not None \
@@ -180,9 +195,6 @@ class ActivationQDQPass(ir.passes.InPlacePass):
         if qarr.min() < wmin or qarr.max() > wmax:
             log.warning("%s: weight grid [%d, %d] does not fit the %d-bit weights this CPU needs; left as a float kernel",
                         node.name, qarr.min(), qarr.max(), self.scheme.weight_bits)
-            return None
-        if dq.attributes.get("block_size") is not None and dq.attributes.get_int("block_size", 0) != 0:
-            log.warning("%s: blocked weight quantization has no integer conv kernel; left float", node.name)
             return None
         if qv.dtype != ir.DataType.INT8 or (dq.inputs[2] is not None and dq.inputs[2].dtype != ir.DataType.INT8):
             # ORT's integer conv kernels need an INT8 grid: a Cast from the stored container (INT4

@@ -232,7 +232,7 @@ def test_no_bias_finetuning_keeps_every_bias(setup):
 
 def test_gain_finetuning_moves_the_grid_scales_and_exports_with_parity(setup):
     model, calib = setup
-    kw = dict(bits=3, budget=0.05, iters=12, finetune_iters=8, finetune_biases=False)
+    kw = dict(bits=3, budget=0.05, iters=12, finetune_iters=8, finetune_biases=False, group_size=0)  # gains: per channel
     plain = search_cora(model, CoraSettings(**kw), calib)
     tuned = search_cora(model, CoraSettings(finetune_gains=True, **kw), calib)
     moved = [not np.allclose(a.uniform.scale, b.uniform.scale) for a, b in zip(plain.layers, tuned.layers)]

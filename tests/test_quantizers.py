@@ -95,3 +95,71 @@ def test_output_error_is_the_squared_output_difference_over_the_input_rows():
     x = torch.randn(50, 12, generator=g, dtype=torch.float64)  # input rows, K = 3 * 2 * 2
     direct = float(((x @ (w - w_hat).reshape(6, -1).double().T) ** 2).sum())
     assert output_error(w, w_hat, x.T @ x) == pytest.approx(direct, rel=1e-10)
+
+
+def _correlated_inputs(k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(400, k, generator=g) @ (torch.eye(k) + 0.3 * torch.randn(k, k, generator=g))
+    return x.double().T @ x.double() / 400
+
+
+@pytest.mark.parametrize("group", [8, 64])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_group_scales_grid(group, bits):
+    """Group-wise grid: (C, ceil(K / G)) float16 scales, the last group shorter when G does not
+    divide K (K = 27 here), every weight on its group's scale; error at most per channel's."""
+    from cora_onnx.quantizers import group_columns
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(16, 3, 3, 3, generator=g) * torch.linspace(0.1, 3, 27).reshape(1, 3, 3, 3)
+    qt = quantize_weight(w, QuantSpec(bits=bits, group=group, clip="minmax"))
+    ng = -(-27 // group)
+    assert qt.scale.shape == (16, ng) and qt.zero_point.shape == (16, ng) and not qt.zero_point.any()
+    assert torch.equal(qt.scale, qt.scale.half().float())  # stored as float16
+    cols = group_columns(qt.scale, 27, group)
+    assert torch.equal(qt.dequantize().reshape(16, -1), qt.q.reshape(16, -1).float() * cols)
+    assert qt.q.min() >= -(1 << (bits - 1)) and qt.q.max() <= (1 << (bits - 1)) - 1
+    # each group's max |w| lands on the grid's end: min/max per group
+    amax = torch.nn.functional.pad(w.reshape(16, -1).abs(), (0, ng * group - 27)).reshape(16, ng, group).amax(2)
+    assert torch.allclose(qt.scale, (amax / ((1 << (bits - 1)) - 1)).half().float())
+    per_channel = quantize_weight(w, QuantSpec(bits=bits, clip="minmax"))
+    assert (qt.dequantize() - w).pow(2).sum() <= (per_channel.dequantize() - w).pow(2).sum() * 1.001
+
+
+def test_group_output_error_clip_and_gptq():
+    """The output-error clip per group never does worse than each group's full range, and GPTQ on
+    the fixed groups (act-order) lowers the output error of nearest rounding on that grid."""
+    from cora_onnx.quantizers import gptq_round, input_weighted_clip, output_error
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 8, 3, 3, generator=g)
+    h = _correlated_inputs(72)
+    spec = QuantSpec(bits=3, group=16)
+    full = quantize_weight(w, QuantSpec(bits=3, group=16, clip="minmax"))
+    clipped = input_weighted_clip(w, spec, h)
+    assert clipped.scale.shape == (32, 5) and torch.equal(clipped.scale, clipped.scale.half().float())
+    assert output_error(w, clipped.dequantize(), h) <= output_error(w, full.dequantize(), h)
+    rounded = gptq_round(w, clipped, h, act_order=True)
+    assert torch.equal(rounded.scale, clipped.scale)  # the same grid, other integers
+    assert output_error(w, rounded.dequantize(), h) < output_error(w, clipped.dequantize(), h)
+
+
+def test_gptq_per_channel_unchanged_by_group_support():
+    """Per channel, gptq_round takes one scale per row as before (the columns view of the scale)."""
+    from cora_onnx.quantizers import gptq_round
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(8, 20, generator=g)
+    h = _correlated_inputs(20, 2)
+    qt = quantize_weight(w, QuantSpec(bits=3))
+    out = gptq_round(w, qt, h)
+    one = torch.stack([gptq_round(w[i:i + 1], quantize_weight(w[i:i + 1], QuantSpec(bits=3)), h).q[0]
+                       for i in range(8)])
+    assert torch.equal(out.q, one)
+
+
+@pytest.mark.parametrize("bad", [dict(group=1), dict(group=-4), dict(group=True), dict(group=8, per_channel=False),
+                                 dict(group=8, symmetric=False)])
+def test_bad_group_rejected(bad):
+    with pytest.raises(SettingsError, match="group"):
+        QuantSpec(**bad)

@@ -83,6 +83,7 @@ LEVERS = {"default": {}, "reference": {"preset": "reference"},
           # per-layer widths under the bytes of uniform --bits (cora_onnx/search/cora/mixed.py)
           # ("mixed" = the default preset since 2026-12-02; "uniform": one width, the default before)
           "mixed": {"mixed_bits": (2, 3, 4, 8)}, "uniform": {"mixed_bits": ()},
+          "g32": {"group_size": 32}, "g64": {"group_size": 64}, "g128": {"group_size": 128},  # group-wise scales
           "gains": {"finetune_gains": True},          # per-channel gains trained in the fine-tuning
           "a8": {"act_bits": 8, "act_calib": "minmax"},  # full rows only: 8-bit activations, adapters fused
           "a8mse": {"act_bits": 8, "act_calib": "mse"},  # ... activation ranges of least 8-bit error

@@ -60,6 +60,14 @@ from cora_onnx.verify_torch import predict_torch
 from holdout import holdout_dirs
 from measure_cora import _emit, _sample_paths, _weights
 
+# the uniform_layers of the "u3dw4" lever (EfficientNet-Lite0): blocks 0-5 8-bit, blocks 4-5's 1x1
+# convs 4-bit, blocks 6-15's 1x1 convs 3-bit and depthwise convs 4-bit
+_EARLY = "_blocks.[0-5].*,_blocks.[45]._expand_conv:4,_blocks.[45]._project_conv:4"
+_U3DW4 = (_EARLY + ","
+          "_blocks.[6-9]._expand_conv:3,_blocks.[6-9]._project_conv:3,"
+          "_blocks.1[0-5]._expand_conv:3,_blocks.1[0-5]._project_conv:3,"
+          "_blocks.[6-9]._depthwise_conv:4,_blocks.1[0-5]._depthwise_conv:4")
+
 # issue 15 levers (--protocol sample): name -> PqSettings overrides ("selection" is a parse_keep
 # string plus ":BITS"); '+' joins several, later ones win
 LEVERS = {
@@ -104,11 +112,26 @@ LEVERS = {
             "uniform_rounding": "gptq"},
     # ... with blocks 6-15's depthwise convs on a uniform 4-bit grid (rounded to nearest) instead of
     # whole-kernel PQ (about the same bytes), paid for by blocks 4-5's 1x1 convs at 4 bits
-    "u3dw4": {"uniform_layers": "_blocks.[0-5].*,_blocks.[45]._expand_conv:4,_blocks.[45]._project_conv:4,"
-                                "_blocks.[6-9]._expand_conv:3,_blocks.[6-9]._project_conv:3,"
-                                "_blocks.1[0-5]._expand_conv:3,_blocks.1[0-5]._project_conv:3,"
-                                "_blocks.[6-9]._depthwise_conv:4,_blocks.1[0-5]._depthwise_conv:4",
-              "uniform_rounding": "gptq"},
+    "u3dw4": {"uniform_layers": _U3DW4, "uniform_rounding": "gptq"},
+    # ... spending the 24 kB u3dw4 leaves under 10x on 4 bits for the 3-bit 1x1 convs with the largest
+    # relative output error per weight in the search log of u3dw4+oc+ft0+fc-weight (256 calibration
+    # images): the project convs of blocks 6, 7 (0.045, 0.055; 38 k weights each) and 10 (0.044, 75 k),
+    # the expand convs of blocks 8 and 7 (0.034, 0.028; 38 k each); 229 k weights, +21 kB (1.863 MB, 10.01x;
+    # later entries win)
+    "u3dw4p": {"uniform_layers": _U3DW4 + ",_blocks.[67]._project_conv:4,_blocks.10._project_conv:4,"
+                                          "_blocks.[78]._expand_conv:4",
+               "uniform_rounding": "gptq"},
+    # ... or the five 38 k-weight 1x1 convs of blocks 6-8 with the largest errors: the project convs of
+    # blocks 6-7 and the expand convs of blocks 6-8 (0.024-0.034); 192 k weights (1.859 MB, 10.04x)
+    "u3dw4q": {"uniform_layers": _U3DW4 + ",_blocks.[67]._project_conv:4,_blocks.[678]._expand_conv:4",
+               "uniform_rounding": "gptq"},
+    # 15x (1,244,003 bytes): the 1x1 convs of blocks 6-15 on the 2-bit uniform grid (GPTQ) with the rest as
+    # u3dw4 make a 1.505 MB file (12.4x), so one bit per weight has to go somewhere large: the classifier
+    # (fitted to its float weight: add fc-weight) and the expand convs of blocks 12-15 (lowest 3-bit errors
+    # of the late 1x1 convs in u3dw4's search log) at d = 8, blocks 6-15's other 1x1 convs and the head
+    # conv at d = 4, depthwise convs of blocks 6-15 at 3 bits, blocks 0-5 as u3dw4 (1.235 MB, 15.1x)
+    "lite15c": {"uniform_layers": _EARLY + ",_blocks.[6-9]._depthwise_conv:3,_blocks.1[0-5]._depthwise_conv:3",
+                "block_size": "_fc=8,_blocks.1[2-5]._expand_conv=8", "uniform_rounding": "gptq"},
     # diagnostics of u3dw4 (over 10x): head conv (GPTQ) and classifier (its weight rounded to nearest) on the
     # 8-bit grid instead of PQ, or the
     # 1x1 convs of blocks 6-15 at 4 bits instead of 3

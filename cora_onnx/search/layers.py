@@ -75,6 +75,7 @@ def uniform_from(qt: QuantizedTensor) -> UniformWeights:
     """Plan component from a quantizer result."""
     spec: QuantSpec = qt.spec
     dtype = np.int8 if spec.symmetric else np.uint8
+    grouped = {"group": spec.group} if spec.group else {}
     return UniformWeights(bits=spec.bits, symmetric=spec.symmetric, per_channel=spec.per_channel,
                           q=qt.q.numpy().astype(dtype), scale=qt.scale.numpy().astype(np.float32),
-                          zero_point=qt.zero_point.numpy().astype(dtype))
+                          zero_point=qt.zero_point.numpy().astype(dtype), **grouped)

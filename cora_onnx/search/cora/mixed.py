@@ -3,7 +3,7 @@
 Every candidate layer is quantized at every allowed width (the uniform search's grid recipe below
 8 bits: output-error clip, GPTQ; 8 bits as the kept layers: weight-error range, nearest rounding).
 The cost of a choice is its stored bits (2-4 bits packed or INT4, 5-8 bits in INT8 containers:
-`storage_bits`); its harm is the network's mean KL(float || quantized) on a few calibration images
+`storage_bits`; with group-wise scales their float16 values too: `layer_cost`); its harm is the network's mean KL(float || quantized) on a few calibration images
 when only that layer is quantized at that width (measured for every width below 8; the 8-bit harm,
 next to nothing, is carried from the widest measured width by the layer's output error,
 `quantizers.output_error`). The widths with the least summed harm within the bytes of the uniform
@@ -80,23 +80,31 @@ def layer_kl(model: nn.Module, layers: dict[str, nn.Module], weights: dict[str, 
     return out
 
 
-def choose_bits(harm: dict[str, dict[int, float]], counts: dict[str, int], budget_bits: float,
+def layer_cost(count: int, channels: int, bits: int, group: int) -> int:
+    """Stored bits of one layer's grid: its weights at storage_bits, plus float16 group scales
+    (group > 0, below 8 bits) of each of its `channels` rows of count / channels weights."""
+    if not group or bits >= 8:
+        return count * storage_bits(bits)
+    return count * storage_bits(bits) + 16 * channels * -(-(count // channels) // group)
+
+
+def choose_bits(harm: dict[str, dict[int, float]], cost: dict[str, dict[int, float]], budget_bits: float,
                 max_points: int = 20000) -> dict[str, int]:
     """The widths (one per layer, from the keys of harm[layer]) with the least summed harm whose
-    stored bits, sum of counts[l] * storage_bits(b_l), stay within budget_bits: the Pareto
+    stored bits, sum of cost[l][b_l], stay within budget_bits: the Pareto
     frontier of (stored bits, harm) over the layers taken one by one, costs exact (so uniform b0
     always fits its own budget). A frontier longer than max_points is thinned to the best point
     per cost bin (then near-optimal, never over the budget)."""
     names = list(harm)
-    cost = np.zeros(1)
+    total = np.zeros(1)
     value = np.zeros(1)
     back = []  # per layer: (width of each frontier point, index of its parent point)
     for n in names:
         widths = sorted(harm[n])
-        c = np.concatenate([cost + counts[n] * storage_bits(b) for b in widths])
+        c = np.concatenate([total + cost[n][b] for b in widths])
         v = np.concatenate([value + harm[n][b] for b in widths])
-        w = np.repeat(widths, len(cost))
-        parent = np.tile(np.arange(len(cost)), len(widths))
+        w = np.repeat(widths, len(total))
+        parent = np.tile(np.arange(len(total)), len(widths))
         ok = c <= budget_bits
         if not ok.any():
             raise SettingsError(f"mixed bits: no choice of widths fits the budget ({budget_bits / 8:.0f} bytes)")
@@ -112,7 +120,7 @@ def choose_bits(harm: dict[str, dict[int, float]], counts: dict[str, int], budge
             last = np.roll(first, -1)  # in a cost bin, harm falls with cost: keep each bin's last point
             last[-1] = True
             c, v, w, parent = c[last], v[last], w[last], parent[last]
-        cost, value = c, v
+        total, value = c, v
         back.append((w, parent))
     i = int(np.argmin(value))
     chosen = {}

@@ -16,7 +16,7 @@ from ...quantizers import (QuantSpec, QuantizedTensor, gptq_round, input_weighte
                            quantize_weight)
 from ..stats import input_second_moments, input_width
 from .layer import _Layer
-from .mixed import choose_bits, layer_kl, storage_bits
+from .mixed import choose_bits, layer_cost, layer_kl
 from .settings import CoraSettings
 
 log = logging.getLogger(__name__)
@@ -216,9 +216,14 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
                    for b in (8, top) if b is not None}
             harm[n][8] = kl[top][n] * err[8] / err[top] if top is not None and err[top] > 0 else 0.0
     counts = {n: layers[n].weight.numel() for n in candidates}
-    per_weight = storage_bits(b0) if settings.mixed_budget is None else settings.mixed_budget
-    budget = sum(counts.values()) * per_weight
-    chosen = choose_bits(harm, counts, budget)
+    cost = {n: {b: layer_cost(counts[n], layers[n].weight.shape[0], b, settings.group_size) for b in widths}
+            for n in candidates}
+    if settings.mixed_budget is None:  # uniform b0, group scales included
+        budget = sum(layer_cost(counts[n], layers[n].weight.shape[0], b0, settings.group_size) for n in candidates)
+    else:
+        budget = sum(counts.values()) * settings.mixed_budget
+    per_weight = budget / sum(counts.values())
+    chosen = choose_bits(harm, cost, budget)
     t3 = time.perf_counter()
     new_bits = dict(bits)
     for n in candidates:
@@ -226,7 +231,7 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
         grids[n] = by_width[n][chosen[n]]
         adapt = chosen[n] < 8 and settings.budget > 0 and isinstance(layers[n], nn.Conv2d)
         factors[n] = _decompose(layers[n].weight.detach(), grids[n], settings, covs[n]) if adapt else None
-    used = sum(counts[n] * storage_bits(chosen[n]) for n in candidates)
+    used = sum(cost[n][chosen[n]] for n in candidates)
     log.info("mixed bits: statistics %.1f s, grids %.1f s, sensitivity %.1f s; layers per width %s (%.3f of the "
              "budget)", t1 - t0, t2 - t1, t3 - t2,
              {b: sum(1 for n in candidates if chosen[n] == b) for b in settings.mixed_bits}, used / budget)

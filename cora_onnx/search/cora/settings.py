@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ...errors import SettingsError, check_bits
-from ...quantizers import CLIP_METHODS, QuantSpec
+from ...quantizers import CLIP_METHODS, QuantSpec, check_group
 from ..layers import LayerSelection
 from ..options import CliOption
 from ..distill import AUGMENTS, DISTILLS
@@ -16,14 +16,14 @@ PRESETS: dict[str, dict] = {
     # the paper / reference implementation
     "reference": dict(per_channel=False, symmetric=False, clip="std", k=3.0, rounding="nearest", svd="weight",
                       stats="none", iters=250, finetune_iters=0, augment="none", distill="kl", features="none",
-                      gptq_passes=1, act_order=False, clip_metric="weight", mixed_bits=()),
+                      gptq_passes=1, act_order=False, clip_metric="weight", mixed_bits=(), group_size=0),
     # the best combination measured here (see tools/measure_cora.py and docs/results/cora.md: the statistics
     # correction helped in the light ablation but lost 0.4-2.2 points in the full runs, in-class and
     # on held-out classes; act-order, the output-error clip and the logit MSE won on the many-class
     # protocol, the sequential passes did not, issue 14)
     "default": dict(per_channel=True, symmetric=True, clip="mse", k=3.0, rounding="gptq", svd="activation",
                     stats="none", iters=100, finetune_iters=40, augment="none", distill="mse", features="none",
-                    gptq_passes=1, act_order=True, clip_metric="input", mixed_bits=(2, 3, 4, 8)),
+                    gptq_passes=1, act_order=True, clip_metric="input", mixed_bits=(2, 3, 4, 8), group_size=64),
 }
 ROUNDINGS = ("nearest", "gptq")
 SVDS = ("weight", "activation")
@@ -71,6 +71,13 @@ class CoraSettings:
     the biases (False: adapter factors only). finetune_gains: let it train each output channel's
     gain too (one number per channel, absorbed into the grid's scale and the adapter at export).
 
+    group_size: 0 (one scale per output channel; the reference preset), or one float16 scale per
+    group of that many consecutive weights of an output channel (quantizers.QuantSpec.group) for
+    every grid below 8 bits (64 in the default preset, unless per_channel, symmetric, stats or
+    finetune_gains are set so that groups cannot apply): the output-error clip chooses each group's
+    range, GPTQ rounds on the fixed groups. The scales cost 16 / group_size bits per weight,
+    counted in the per-layer widths' bytes.
+
     Per-layer widths (cora_onnx.search.cora.mixed): mixed_bits: the widths each layer planned at
     `bits` may take instead ((2, 3, 4, 8) in the default preset); () keeps every layer at `bits` (the
     reference preset). The widths are
@@ -115,12 +122,16 @@ class CoraSettings:
     mixed_bits: tuple[int, ...] | str | None = None
     mixed_budget: float | None = None
     sens_images: int = 32
+    group_size: int | None = None
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=("first", "last", "depthwise")))
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise SettingsError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.group_size is None and (self.per_channel is False or self.symmetric is False or self.finetune_gains
+                                        or self.stats not in (None, "none")):
+            object.__setattr__(self, "group_size", 0)  # the preset's groups need a grid and gains they can take
         for key, value in PRESETS[self.preset].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
@@ -175,9 +186,17 @@ class CoraSettings:
             if getattr(self, name) not in allowed:
                 raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         QuantSpec(bits=self.bits, clip=self.clip, k=self.k)  # validates k
+        check_group(self.group_size)
+        if self.group_size and not (self.per_channel and self.symmetric):
+            raise SettingsError("group-wise scales (group_size) need a per-channel symmetric grid")
+        if self.group_size and (self.finetune_gains or self.stats != "none"):
+            raise SettingsError("group-wise scales (group_size) take no per-channel gains: use them without "
+                                "finetune_gains and with stats none")
 
     def spec(self, bits: int) -> QuantSpec:
-        return QuantSpec(bits=bits, per_channel=self.per_channel, symmetric=self.symmetric, clip=self.clip, k=self.k)
+        """The grid of a layer at `bits`: group-wise scales (group_size) below 8 bits only."""
+        return QuantSpec(bits=bits, per_channel=self.per_channel, symmetric=self.symmetric, clip=self.clip, k=self.k,
+                         group=self.group_size if bits < 8 else 0)
 
     @property
     def search_iters(self) -> int:
@@ -237,6 +256,9 @@ CORA_OPTIONS = (
     CliOption("--mixed-budget", "mixed_budget", float, "Bytes for the --mixed-bits widths, in stored bits per "
               "weight of the layers that take part (2-4-bit grids store their bits, 5-8-bit ones 8) [the bits of "
               "uniform --bits]."),
+    CliOption("--group-size", "group_size", int, "One weight scale per this many consecutive weights of an output "
+              "channel (float16 scales, blocked DequantizeLinear, opset 21) for the grids below 8 bits; 0: one "
+              "scale per output channel [default preset 64, reference 0]."),
     CliOption("--sens-images", "sens_images", int, "Calibration images for the --mixed-bits sensitivity [32]."),
     CliOption("--stats", "stats", STATS, "Correct each layer's output statistics toward the float network: "
               "none, mean only, or mean and std [preset default: none]."),

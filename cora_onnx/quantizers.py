@@ -231,11 +231,13 @@ def input_weighted_clip(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor,
 
 
 def _input_weighted_group_clip(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor, ratios: tuple[float, ...],
-                               sweeps: int = 2) -> QuantizedTensor:
+                               sweeps: int = 2, half: bool = True) -> QuantizedTensor:
     """input_weighted_clip for group-wise scales: each group's range is max|w| of the group times one
     of `ratios`, chosen by the layer-output error e H e^T of the channel (nearest rounding) with the
     channel's other groups at their current ranges (exact cross terms); the groups are visited in
-    order `sweeps` times, every channel at once. Scales are float16 as stored."""
+    order `sweeps` times, every channel at once. Scales are float16 as stored (half=False: float32,
+    for tools/probe_group_scales.py's comparison with the per-channel grid)."""
+    store = _half if half else (lambda t: t.clamp_min(torch.finfo(torch.float32).tiny).float())
     c = w.shape[0]
     w2 = w.detach().to(torch.float64).reshape(c, -1)
     k, g = w2.shape[1], spec.group
@@ -245,7 +247,7 @@ def _input_weighted_group_clip(w: torch.Tensor, spec: QuantSpec, hessian: torch.
     cuts = [slice(i * g, min((i + 1) * g, k)) for i in range(ng)]
 
     def err(cols: torch.Tensor, a: torch.Tensor) -> torch.Tensor:  # rounding error of the columns on range a
-        s = _half(a / spec.qmax).double()[:, None]
+        s = store(a / spec.qmax).double()[:, None]
         return (cols / s).round().clamp(spec.qmin, spec.qmax) * s - cols
 
     ratio = torch.ones(c, ng, dtype=torch.float64)
@@ -265,7 +267,7 @@ def _input_weighted_group_clip(w: torch.Tensor, spec: QuantSpec, hessian: torch.
                 best_e = torch.where(better[:, None], new, best_e)
             he += (best_e - eg) @ h[cut, :]
             e[:, cut], ratio[:, i] = best_e, best_r
-    scale = _half((amax * ratio / spec.qmax).float())
+    scale = store((amax * ratio / spec.qmax).float())
     q = (w2.float() / group_columns(scale, k, g)).round().clamp(spec.qmin, spec.qmax)
     return QuantizedTensor(q=q.to(torch.int16).reshape(w.shape), scale=scale,
                            zero_point=torch.zeros(c, ng, dtype=torch.int16), spec=spec)

@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger("probe_group_scales")
 RATIOS = tuple(1.0 - 0.04 * i for i in range(13))  # the candidates of quantizers.input_weighted_clip
@@ -45,43 +44,13 @@ RATIOS = tuple(1.0 - 0.04 * i for i in range(13))  # the candidates of quantizer
 
 def group_scales(w2: torch.Tensor, bits: int, group: int, h: torch.Tensor, sweeps: int = 2,
                  fp16: bool = True) -> torch.Tensor:
-    """(C, ceil(K / group)) symmetric scales for w2 (C, K): per group max|w| times the ratio of RATIOS
-    with the least output error e H e^T (nearest rounding), groups visited in order `sweeps` times,
-    each choice given the current ranges of the channel's other groups."""
-    C, K = w2.shape
-    qmax, qmin = (1 << (bits - 1)) - 1, -(1 << (bits - 1))
-    ng = math.ceil(K / group)
-    w = w2.double()
-    h = h.double()
-    amax = F.pad(w.abs(), (0, ng * group - K)).view(C, ng, group).amax(2)
-    tiny = torch.finfo(torch.float16).tiny if fp16 else torch.finfo(torch.float32).tiny
+    """(C, ceil(K / group)) symmetric scales for w2 (C, K): the library's output-error clip per group
+    (quantizers._input_weighted_group_clip: per group max|w| times the ratio of RATIOS with the least
+    output error e H e^T, groups visited in order `sweeps` times, each choice given the current ranges
+    of the channel's other groups); fp16=False keeps them float32."""
+    from cora_onnx.quantizers import QuantSpec, _input_weighted_group_clip
 
-    def scale_of(a: torch.Tensor) -> torch.Tensor:
-        s = (a / qmax).clamp_min(tiny)
-        return s.half().double() if fp16 else s.float().double()
-
-    def err_of(wg: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # rounding error of columns wg on scales s (C,)
-        return (wg / s[:, None]).round().clamp(qmin, qmax) * s[:, None] - wg
-
-    ratio = torch.ones(C, ng, dtype=torch.float64)
-    sl = [slice(g * group, min((g + 1) * group, K)) for g in range(ng)]
-    e = torch.cat([err_of(w[:, s], scale_of(amax[:, g])) for g, s in enumerate(sl)], 1)
-    he = e @ h
-    for _ in range(sweeps):
-        for g, s in enumerate(sl):
-            eg, heg, hgg = e[:, s], he[:, s], h[s, s]
-            best_d, best_r, best_e = torch.zeros(C, dtype=torch.float64), ratio[:, g].clone(), eg.clone()
-            for r in RATIOS:
-                new = err_of(w[:, s], scale_of(amax[:, g] * r))
-                d = new - eg
-                delta = 2 * (d * heg).sum(1) + ((d @ hgg) * d).sum(1)  # change of e H e^T
-                better = delta < best_d
-                best_d = torch.where(better, delta, best_d)
-                best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-                best_e = torch.where(better[:, None], new, best_e)
-            he += (best_e - eg) @ h[s, :]
-            e[:, s], ratio[:, g] = best_e, best_r
-    return scale_of(amax * ratio).float()
+    return _input_weighted_group_clip(w2, QuantSpec(bits=bits, group=group), h, RATIOS, sweeps, half=fp16).scale
 
 
 def gptq_columns(w2: torch.Tensor, scales: torch.Tensor, bits: int, group: int, hessian: torch.Tensor,

@@ -151,7 +151,7 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
         raise SettingsError("weight has NaN or infinite values; cannot quantize")
     w32 = w.detach().to(torch.float32)
     if spec.group:
-        return _grouped(w32, spec, lambda rows, sp: quantize_weight(rows, sp))
+        return _grouped(w32, spec)
     w2 = w32.reshape(w32.shape[0], -1) if spec.per_channel else w32.reshape(1, -1)
     lo, hi = _ranges(w2, spec)
     if spec.clip == "mse":
@@ -171,17 +171,17 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     return QuantizedTensor(q=q.to(torch.int16).reshape(w32.shape), scale=scale, zero_point=zp.to(torch.int16), spec=spec)
 
 
-def _grouped(w32: torch.Tensor, spec: QuantSpec, per_row) -> QuantizedTensor:
-    """A group-wise grid from a per-channel quantizer applied to the groups as rows: the weight
+def _grouped(w32: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+    """A group-wise grid from the per-channel quantizer applied to the groups as rows: the weight
     (C, K) cut into C * groups rows of `group` values (the last group padded with zeros, which
-    change neither its range nor its error), per_row(rows, per-channel spec) gives each row's
-    scale; scales rounded to float16, then every weight rounded to its group's scale."""
+    change neither its range nor its error), each row's scale from quantize_weight, rounded to
+    float16, then every weight rounded to its group's scale."""
     c = w32.shape[0]
     w2 = w32.reshape(c, -1)
     k, g = w2.shape[1], spec.group
     ng = group_count(k, g)
     rows = torch.nn.functional.pad(w2, (0, ng * g - k)).reshape(c * ng, g)
-    scale = _half(per_row(rows, replace(spec, group=0)).scale.reshape(c, ng))
+    scale = _half(quantize_weight(rows, replace(spec, group=0)).scale.reshape(c, ng))
     cols = group_columns(scale, k, g)
     q = (w2 / cols).round().clamp(spec.qmin, spec.qmax)
     return QuantizedTensor(q=q.to(torch.int16).reshape(w32.shape), scale=scale,

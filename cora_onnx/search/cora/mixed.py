@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import SettingsError
+from ...quantizers import group_count
 
 
 def storage_bits(bits: int) -> int:
@@ -85,7 +86,7 @@ def layer_cost(count: int, channels: int, bits: int, group: int) -> int:
     (group > 0, below 8 bits) of each of its `channels` rows of count / channels weights."""
     if not group or bits >= 8:
         return count * storage_bits(bits)
-    return count * storage_bits(bits) + 16 * channels * -(-(count // channels) // group)
+    return count * storage_bits(bits) + 16 * channels * group_count(count // channels, group)
 
 
 def choose_bits(harm: dict[str, dict[int, float]], cost: dict[str, dict[int, float]], budget_bits: float,

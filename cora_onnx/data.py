@@ -114,9 +114,16 @@ class ImageSet:
         """A deterministic random subset of n images (all of them if n is None or >= len)."""
         if n is None or n >= len(self):
             return self
-        idx = np.sort(permutation(len(self), seed)[:n])
+        idx = self.subset_indices(n, seed)
         return ImageSet(self.images[idx], None if self.labels is None else self.labels[idx],
                         tuple(self.paths[i] for i in idx.tolist()), self.preprocess)
+
+    def subset_indices(self, n: int | None, seed: int = 0) -> np.ndarray:
+        """The sorted indices of subset(n, seed) in this set; the subsets of one seed are nested
+        (the first n of one permutation), so a smaller one is a part of every larger one."""
+        if n is None or n >= len(self):
+            return np.arange(len(self))
+        return np.sort(permutation(len(self), seed)[:n])
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Normalized float32 batches in order."""

@@ -57,6 +57,13 @@ class TorchImages:
     def subset(self, n: int | None, seed: int = 0) -> "TorchImages":
         return TorchImages(self.source.subset(n, seed))
 
+    def subset_indices(self, n: int | None, seed: int = 0):
+        return self.source.subset_indices(n, seed)
+
+    def take(self, indices) -> torch.Tensor:
+        """The normalized float32 batch of the images at `indices`."""
+        return torch.from_numpy(self.source.preprocess.normalize(self.source.images[indices]))
+
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         for x in self.source.batches(batch_size):
             yield torch.from_numpy(x)

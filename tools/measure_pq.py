@@ -170,10 +170,12 @@ def lever_options(name: str) -> dict:
             kw["block_size"] = atom[3:]
         elif atom.startswith("budget:"):  # budget:<ratio> (per-layer block sizes under a byte budget)
             kw["budget"] = float(atom[7:])
+        elif atom.startswith("seed:"):  # seed:<n> (statistics images, codebook initialisation): run-to-run spread
+            kw["seed"] = int(atom[5:])
         elif atom in LEVERS:
             kw.update(LEVERS[atom])
         else:
-            raise SystemExit(f"unknown lever {atom!r}; choose from {', '.join(LEVERS)}, bs:SPEC, budget:X "
+            raise SystemExit(f"unknown lever {atom!r}; choose from {', '.join(LEVERS)}, bs:SPEC, budget:X, seed:N "
                              "(join with +)")
     return kw
 
@@ -379,7 +381,7 @@ def main() -> None:
                     help="imagenette: the preset rows above; sample: calibrate on the ten classes, score on "
                     "imagenet-sample/even (issue 15), one row per --levers entry")
     ap.add_argument("--levers", nargs="+", default=["default"],
-                    help=f"(--protocol sample) rows: {', '.join(LEVERS)}, bs:SPEC, budget:X, joined by +")
+                    help=f"(--protocol sample) rows: {', '.join(LEVERS)}, bs:SPEC, budget:X, seed:N, joined by +")
     ap.add_argument("--light", action="store_true", help="(--protocol sample) PyTorch scoring, no ONNX Runtime")
     ap.add_argument("--calib-size-sample", type=int, default=None,
                     help="(--protocol sample) calibration images [PqSettings default]")
@@ -392,6 +394,7 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     logging.getLogger("cora_onnx.search.pq").setLevel(logging.INFO)
+    logging.getLogger("cora_onnx.search.staged").setLevel(logging.INFO)
     torch.set_num_threads(args.torch_threads)
     if args.protocol == "sample":
         run_sample(args)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -222,6 +222,24 @@ class EfficientNetLite0(nn.Module):
         for block in self._blocks:
             x = block(x)
         return self._act(self._bn1(self._conv_head(x)))
+
+    def cora_stages(self) -> list[tuple[Callable[[torch.Tensor], torch.Tensor], tuple[nn.Module, ...]]]:
+        """forward as a chain of (function, modules it calls): stem, each block, head conv,
+        classifier (cora_onnx.search.staged caches the inputs of these stages)."""
+        def stem(x):
+            if self._stem_pad is not None:
+                x = self._stem_pad(x)
+            return self._act(self._bn0(self._conv_stem(x)))
+
+        def head(x):
+            return self._act(self._bn1(self._conv_head(x)))
+
+        def classifier(x):
+            return self._fc(self._dropout(torch.flatten(self._avg_pooling(x), 1)))
+
+        stem_mods = tuple(m for m in (self._stem_pad, self._conv_stem, self._bn0) if m is not None)
+        return [(stem, stem_mods), *[(block, (block,)) for block in self._blocks],
+                (head, (self._conv_head, self._bn1)), (classifier, (self._fc,))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._avg_pooling(self.forward_features(x))

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ModelError
 
-__all__ = ["SecondMoment", "unfold", "input_rows", "input_width", "input_second_moments"]
+__all__ = ["SecondMoment", "channel_sums", "unfold", "input_rows", "input_width", "input_second_moments"]
 
 
 def input_width(mod: nn.Module) -> int:
@@ -60,6 +60,13 @@ def input_rows(mod: nn.Module, x: torch.Tensor, keep: int | None = None,
     if keep is not None and keep < positions:
         cols = cols[:, :, torch.randperm(positions, generator=gen)[:keep]]
     return cols.transpose(1, 2).reshape(-1, k)
+
+
+def channel_sums(out: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A layer's output batch (N, C, H, W) or (..., C) -> per-channel sums (float64) and values per channel."""
+    o = out.detach().float()
+    o = o.transpose(0, 1).reshape(o.shape[1], -1) if o.dim() == 4 else o.reshape(-1, o.shape[-1]).T
+    return o.double().sum(1), o.shape[1]
 
 
 class SecondMoment:

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import fnmatch
 import logging
+import math
 import time
 
 import numpy as np
@@ -19,6 +20,7 @@ from ...progress import progress
 from ...quantizers import QuantSpec, gptq_round, input_weighted_clip, output_error, quantizable_layers, quantize_weight
 from ...torch_images import as_torch
 from ..layers import layer_kind, select_layers, uniform_from
+from ..staged import LayerFeed
 from .codebook import assign_with_feedback, fit_codebook, float_output_error, float_target, full_error
 from .finetune import finetune
 from .settings import PqSettings, block_kind
@@ -46,6 +48,8 @@ def _geometry(name: str, mod: nn.Module, settings: PqSettings) -> Geom:
             raise SettingsError(f"block size {d} does not divide layer {name} ({kind}, {per_filter} weights per "
                                 f"output channel, shape {tuple(w.shape)})")
         small = PqSettings(blocks="small").block_for(mod)[0]
+        if per_filter % small:  # e.g. a Linear of 6 inputs: the largest block below the small one that fits
+            small = math.gcd(per_filter, small)
         log.info("%s: %s block size %d does not divide %d weights per filter; using %d", name, settings.blocks, d,
                  per_filter, small)
         d = small
@@ -80,7 +84,7 @@ def _gptq_rounded(name: str, mod: nn.Module, settings: PqSettings) -> bool:
 
 
 def _fit_uniform_gptq(teacher: nn.Module, tmod: nn.Module, student: nn.Module, mod: nn.Module, name: str, bits: int,
-                      images, targets: dict[str, torch.Tensor], settings: PqSettings) -> LayerPlan:
+                      feed: LayerFeed, targets: dict[str, torch.Tensor], settings: PqSettings) -> LayerPlan:
     """A uniform layer (groups 1) rounded by GPTQ on the student's input statistics: to the float
     network's output of the layer (target "float": W* = H_qq^-1 H_qf W, rounded under H_qq) or to
     its own float weight; then the bias correction. Writes the rounded weight into `mod`."""
@@ -91,13 +95,15 @@ def _fit_uniform_gptq(teacher: nn.Module, tmod: nn.Module, student: nn.Module, m
     g = Geom(name, block_kind(mod), K, 1, 1)
     centered = settings.bias_correction
     if settings.target_for(name) == "float":
-        joint = joint_stats(teacher, tmod, student, mod, g, images, settings.batch_size, centered=centered)
+        joint = joint_stats(teacher, tmod, student, mod, g, None, settings.batch_size, centered=centered,
+                            pairs=feed.pairs(name, tmod, mod))
         H, mu = joint["qq"][0], joint["mu_q"][0]
         wt = float_target(w2, joint["qq"], joint["qf"], settings.damping)
         fb = tmod.bias
         target_mean = w2 @ joint["mu_f"][0] + (fb.detach().float() if fb is not None else 0.0)
     else:
-        H, mu = input_stats(student, mod, g, images, settings.batch_size, full=True, centered=centered)
+        H, mu = input_stats(student, mod, g, None, settings.batch_size, full=True, centered=centered,
+                            inputs=feed.student_inputs(name, mod))
         H, mu = H.reshape(K, K), mu[0]
         wt, target_mean = w2, targets.get(name)
     spec = QuantSpec(bits=bits)
@@ -146,8 +152,10 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
     # the float target they come from the same pass as the joint statistics (W E[x_f] + b)
     targets: dict[str, torch.Tensor] = {}
     gptq = {n for n in kept if _gptq_rounded(n, slayers[n], settings)}
+    measured = [n for n in order if n not in kept or n in gptq]
+    feed = LayerFeed(model, student, slayers, measured, sizes, images, settings.seed, bs)
     by_weight = [n for n in [*geoms, *gptq] if settings.target_for(n) == "weight"]
-    if settings.bias_correction and by_weight:  # one float pass per distinct image count
+    if settings.bias_correction and by_weight and not feed.staged:  # one float pass per distinct image count
         for size in sorted({sizes[n] for n in by_weight}):
             same = {n: layers[n] for n in by_weight if sizes[n] == size}
             targets.update(output_means(model, same, images.subset(size, settings.seed), bs))
@@ -155,11 +163,13 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
     plans: dict[str, LayerPlan] = {}
     for name in progress(order, len(order), "pq: layers", "layers"):
         mod = slayers[name]
+        if settings.bias_correction and name in by_weight and name not in targets:  # staged: from the cache
+            targets[name] = feed.teacher_output_mean(name, layers[name])
         t0 = time.perf_counter()
         w = mod.weight.detach().float().clone()
         if name in gptq:
-            plans[name] = _fit_uniform_gptq(model, layers[name], student, mod, name, kept[name],
-                                            images.subset(sizes[name], settings.seed), targets, settings)
+            plans[name] = _fit_uniform_gptq(model, layers[name], student, mod, name, kept[name], feed, targets,
+                                            settings)
             continue
         if name in kept:
             qt = quantize_weight(w, QuantSpec(bits=kept[name]))
@@ -171,15 +181,14 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
             log.info("%s: uniform %d bits (kept), relative weight MSE %.3g", name, kept[name], err)
             continue
         g = geoms[name]
-        stats_images = images.subset(sizes[name], settings.seed)
         feedback = settings.error_feedback and g.m > 1
         # with bias correction the mean shift of the output is absorbed by the bias: fit the covariance.
         # Post-ReLU inputs have means far above their spread, and the second moment would spend the
         # codebook on the mean response
         joint = None
         if settings.target_for(name) == "float":  # fit the float network's output: PQ of W* under H_qq
-            joint = joint_stats(model, layers[name], student, mod, g, stats_images, bs,
-                                 centered=settings.bias_correction)
+            joint = joint_stats(model, layers[name], student, mod, g, None, bs, centered=settings.bias_correction,
+                                pairs=feed.pairs(name, layers[name], mod))
             H, mu = joint["qq"].reshape(g.groups, 1, g.m * g.d, g.m * g.d), joint["mu_q"]
             wv = float_target(w.reshape(w.shape[0], -1), joint["qq"], joint["qf"], settings.damping)
             if settings.bias_correction:  # the float network's output mean: W E[x_f] + b
@@ -191,7 +200,8 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
             if not feedback:
                 H = _diagonal_blocks(H, g)
         else:
-            H, mu = input_stats(student, mod, g, stats_images, bs, full=feedback, centered=settings.bias_correction)
+            H, mu = input_stats(student, mod, g, None, bs, full=feedback, centered=settings.bias_correction,
+                                inputs=feed.student_inputs(name, mod))
             wv = w.reshape(w.shape[0], g.m, g.d)
         Hfull = None
         if feedback:  # diagonal blocks for the EM, the full matrix for the sequential assignment

@@ -4,6 +4,7 @@ memory bounded by the K x K accumulators, never by the number of images."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -11,15 +12,12 @@ from torch import nn
 
 from ...errors import ModelError
 from ...progress import progress
-from ..stats import SecondMoment, unfold
+from ..stats import SecondMoment, channel_sums, unfold
+from ..staged import layer_input as staged_layer_input
 from .codebook import CHUNK
 
-__all__ = ["Geom", "SecondMoment", "module_moment", "input_stats", "joint_stats", "layer_input",
+__all__ = ["Geom", "SecondMoment", "moment_of", "module_moment", "layer_inputs", "input_stats", "joint_stats", "layer_input",
            "output_means", "patches_per_image", "unfold"]
-
-
-class _Stop(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -43,13 +41,11 @@ def _columns(mod: nn.Module, x: torch.Tensor, groups: int):
         yield c.reshape(N, groups, FF // groups, L).permute(1, 2, 0, 3).reshape(groups, FF // groups, -1)
 
 
-def module_moment(model: nn.Module, mod: nn.Module, groups: int, images, batch_size: int,
-                  name: str = "a layer") -> SecondMoment:
+def moment_of(inputs: Iterable[torch.Tensor], mod: nn.Module, groups: int, name: str = "a layer") -> SecondMoment:
     """The streamed second moment of `mod`'s unfolded inputs (K = C_in/groups * kh * kw) over
-    the images, one batch at a time; each forward stops right after the layer's input is seen."""
+    batches of its input."""
     acc = None
-    for x in images.batches(batch_size):
-        xin = layer_input(model, mod, x, name)
+    for xin in inputs:
         for cols in _columns(mod, xin, groups):
             if acc is None:
                 acc = SecondMoment(cols.shape[1], groups)
@@ -59,14 +55,30 @@ def module_moment(model: nn.Module, mod: nn.Module, groups: int, images, batch_s
     return acc
 
 
+def layer_inputs(model: nn.Module, mod: nn.Module, images, batch_size: int,
+                 name: str = "a layer") -> Iterator[torch.Tensor]:
+    """`mod`'s input for each batch of the images, by a forward that stops right there."""
+    for x in images.batches(batch_size):
+        yield layer_input(model, mod, x, name)
+
+
+def module_moment(model: nn.Module, mod: nn.Module, groups: int, images, batch_size: int,
+                  name: str = "a layer") -> SecondMoment:
+    """`moment_of` the layer's inputs over the images, one forward per batch."""
+    return moment_of(layer_inputs(model, mod, images, batch_size, name), mod, groups, name)
+
+
 def input_stats(model: nn.Module, mod: nn.Module, geom: Geom, images, batch_size: int, full: bool = False,
-                centered: bool = False):
+                centered: bool = False, inputs: Iterable[torch.Tensor] | None = None):
     """H (G, m, d, d) and mean patch (G, m*d) of `mod`'s input over the images (see
-    `module_moment`). full: H is the whole (G, m*d, m*d) second moment per group instead of its
-    diagonal blocks. centered: H is the covariance E[(x-mu)(x-mu)^T] instead of the second moment
-    E[x x^T] (the error left once the bias absorbs the mean shift)."""
+    `module_moment`; inputs: the layer's input batches instead, e.g. from a staged.LayerFeed).
+    full: H is the whole (G, m*d, m*d) second moment per group instead of its diagonal blocks.
+    centered: H is the covariance E[(x-mu)(x-mu)^T] instead of the second moment E[x x^T] (the
+    error left once the bias absorbs the mean shift)."""
     G, m, d = geom.groups, geom.m, geom.d
-    acc = module_moment(model, mod, G, images, batch_size, geom.name)
+    if inputs is None:
+        inputs = layer_inputs(model, mod, images, batch_size, geom.name)
+    acc = moment_of(inputs, mod, G, geom.name)
     H = acc.moment(centered).float()
     if full:
         H = H.reshape(G, 1, m * d, m * d)
@@ -77,35 +89,26 @@ def input_stats(model: nn.Module, mod: nn.Module, geom: Geom, images, batch_size
 
 def layer_input(model: nn.Module, mod: nn.Module, x: torch.Tensor, name: str = "a layer") -> torch.Tensor:
     """`mod`'s input for the batch x; the forward stops right after the layer's input is seen."""
-    seen = []
-
-    def hook(_mod, inputs):
-        seen.append(inputs[0].detach().float())
-        raise _Stop
-
-    handle = mod.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
+    out = staged_layer_input(model, mod, x)
+    if out is None:
         raise ModelError(f"{name} was never called by the model's forward")
-    return seen[0]
+    return out
 
 
 def joint_stats(teacher: nn.Module, tmod: nn.Module, student: nn.Module, smod: nn.Module, geom: Geom, images,
-                batch_size: int, centered: bool = False) -> dict:
+                batch_size: int, centered: bool = False,
+                pairs: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
     """Full per-group statistics of the layer's input patches on the partially quantized network
     (x_q, `student`) and on the float network (x_f, `teacher`) for the same images, streamed one
-    batch at a time: "qq" E[x_q x_q^T], "qf" E[x_q x_f^T], "ff" E[x_f x_f^T] (G, F, F), "mu_q" /
-    "mu_f" (G, F); centered: covariances."""
+    batch at a time (pairs: the (x_q, x_f) input batches instead, e.g. from a staged.LayerFeed):
+    "qq" E[x_q x_q^T], "qf" E[x_q x_f^T], "ff" E[x_f x_f^T] (G, F, F), "mu_q" / "mu_f" (G, F);
+    centered: covariances."""
     G, FF = geom.groups, geom.m * geom.d
     acc = {k: SecondMoment(FF, G) for k in ("qq", "qf", "ff")}
-    for x in images.batches(batch_size):
-        xq, xf = layer_input(student, smod, x, geom.name), layer_input(teacher, tmod, x, geom.name)
+    if pairs is None:
+        pairs = ((layer_input(student, smod, x, geom.name), layer_input(teacher, tmod, x, geom.name))
+                 for x in images.batches(batch_size))
+    for xq, xf in pairs:
         for cq, cf in zip(_columns(smod, xq, G), _columns(smod, xf, G)):
             acc["qq"].add(cq)
             acc["qf"].add(cq, cf)
@@ -149,10 +152,9 @@ def output_means(model: nn.Module, mods: dict[str, nn.Module], images, batch_siz
 
     def make(name):
         def hook(_mod, _inp, out):
-            o = out.detach().float()
-            o = o.transpose(0, 1).reshape(o.shape[1], -1) if o.dim() == 4 else o.reshape(-1, o.shape[-1]).T
-            sums[name] = sums.get(name, 0) + o.double().sum(1)
-            counts[name] = counts.get(name, 0) + o.shape[1]
+            total, n = channel_sums(out)
+            sums[name] = sums.get(name, 0) + total
+            counts[name] = counts.get(name, 0) + n
         return hook
 
     handles = [mod.register_forward_hook(make(n)) for n, mod in mods.items()]

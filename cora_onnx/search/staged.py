@@ -18,6 +18,7 @@ model without stages, or whose stages do not reproduce its forward, is served by
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -32,7 +33,15 @@ __all__ = ["Stage", "model_stages", "check_stages", "LayerFeed"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_BYTES = 6 << 30  # both networks' cached stage inputs together
+DEFAULT_CACHE_BYTES = 4 << 30  # both networks' cached stage inputs together (at most a quarter of the RAM)
+
+
+def _cache_budget() -> int:
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on every platform
+        return DEFAULT_CACHE_BYTES
+    return min(DEFAULT_CACHE_BYTES, ram // 4)
 
 
 class _Stop(Exception):
@@ -161,7 +170,7 @@ class LayerFeed:
                  cache_bytes: int | None = None) -> None:
         self.teacher, self.student, self.images, self.seed, self.bs = teacher, student, images, seed, batch_size
         self.sizes = sizes
-        self.cache_bytes = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
+        self.cache_bytes = _cache_budget() if cache_bytes is None else cache_bytes
         self.stage_of: dict[str, int] = {}
         self.caches: dict[str, _Cache] = {}
         tst, sst = model_stages(teacher), model_stages(student)

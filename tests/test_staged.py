@@ -48,18 +48,33 @@ class _Staged(nn.Module):
         return [(first, (self.a,)), (self.b, (self.b,)), (lambda x: self.fc(x.mean((2, 3))), (self.fc,))]
 
 
+class _NotFirst(nn.Module):
+    """A Sequential first child that the forward does not call first: not a chain from it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1))
+        self.pre = nn.Conv2d(3, 3, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.features(self.pre(x)).mean((2, 3)))
+
+
 def _models():
-    from torchvision.models import resnet18
+    from torchvision.models import mobilenet_v3_small, resnet18
 
     from cora_onnx.archs.efficientnet_lite import efficientnet_lite0
 
     torch.manual_seed(0)
     return {"sequential": _sequential(), "declared": _Staged().eval(),
             "resnet18": fuse_batchnorm(resnet18(num_classes=7).eval(), input_size=32),
-            "efficientnet_lite0": fuse_batchnorm(efficientnet_lite0(num_classes=7, image_size=32).eval(), 32)}
+            "efficientnet_lite0": fuse_batchnorm(efficientnet_lite0(num_classes=7, image_size=32).eval(), 32),
+            "mobilenet_v3_small": fuse_batchnorm(mobilenet_v3_small(num_classes=7).eval(), input_size=32)}
 
 
-@pytest.mark.parametrize("name", ["sequential", "declared", "resnet18", "efficientnet_lite0"])
+@pytest.mark.parametrize("name", ["sequential", "declared", "resnet18", "efficientnet_lite0", "mobilenet_v3_small"])
 def test_stages_reproduce_the_forward(name):
     model = _models()[name]
     stages = model_stages(model)
@@ -77,6 +92,9 @@ def test_stages_that_do_not_reproduce_the_forward_are_caught_and_not_used(caplog
         feed = LayerFeed(model, copy.deepcopy(model), layers, list(layers), {n: 8 for n in layers}, _images(), 0, 4)
     assert "do not reproduce" in caplog.text and not feed.stage_of
     assert model_stages(nn.Module()) is None
+    other = _NotFirst().eval()  # stages proposed from its first child, refused by the check
+    assert model_stages(other) is not None and not check_stages(other, model_stages(other), x)
+    assert other.features is not None and isinstance(other.features, nn.Sequential)  # restored after the tail ran
 
 
 def _quantize_in_place(mod):
@@ -84,7 +102,7 @@ def _quantize_in_place(mod):
         mod.weight.copy_(torch.round(mod.weight * 64) / 64)
 
 
-@pytest.mark.parametrize("name", ["sequential", "resnet18", "efficientnet_lite0"])
+@pytest.mark.parametrize("name", ["sequential", "resnet18", "efficientnet_lite0", "mobilenet_v3_small"])
 @pytest.mark.parametrize("cache_bytes", [None, 0])
 def test_fed_statistics_equal_full_passes_as_the_student_changes(name, cache_bytes):
     """Layer after layer, as the search goes: each layer's joint and student statistics from the feed

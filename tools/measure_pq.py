@@ -82,6 +82,7 @@ LEVERS = {
     "mse": {"distill": "mse"},                                  # MSE on centred logits
     "flip": {"augment": "flip"}, "crop": {"augment": "crop"},
     "patches16": {"stats_patches": 16}, "patches32": {"stats_patches": 32}, "patches64": {"stats_patches": 64},
+    "patches128": {"stats_patches": 128},
     "ft300": {"finetune_steps": 300},
     "keep-dw": {"selection": "first,depthwise:8"}, "keep-dw4": {"selection": "first,depthwise:4"},
     "large": {"blocks": "large"},

@@ -10,8 +10,9 @@ input of stage s on every statistics image is kept in memory; a layer's input is
 away, and the cache moves one stage on once every layer of the stage is final.
 
 Stages come from `model.cora_stages()` (a method returning [(callable, modules), ...]; our
-EfficientNet-Lite0 has one), a torchvision ResNet's stem / blocks / head, or the children of an
-nn.Sequential. They are checked against the model's own forward on real images before use; a
+EfficientNet-Lite0 has one), a torchvision ResNet's stem / blocks / head, the children of an
+nn.Sequential, or those of a model's first child when it is a Sequential (`features`) followed
+by the rest of the forward. They are checked against the model's own forward on real images before use; a
 model without stages, or whose stages do not reproduce its forward, is served by full passes.
 """
 
@@ -74,6 +75,26 @@ def _resnet_stages(model: nn.Module) -> list[Stage]:
     return stages
 
 
+def _prefix_stages(model: nn.Module) -> list[Stage] | None:
+    """Models whose forward starts with a Sequential child (torchvision's VGG, MobileNet,
+    EfficientNet, ConvNeXt, DenseNet: `features`): its children, then the rest of the forward,
+    run as the model's own forward with that child swapped for an identity (check_stages then
+    tells whether the forward really starts there)."""
+    first = next(iter(model.named_children()), None)
+    if first is None or not isinstance(first[1], nn.Sequential) or len(first[1]) < 2:
+        return None
+    name, prefix = first
+    rest = tuple(m for n, m in model.named_children() if n != name)
+
+    def tail(x):
+        setattr(model, name, nn.Identity())
+        try:
+            return model(x)
+        finally:
+            setattr(model, name, prefix)
+    return [_seq(m) for m in prefix] + [Stage(tail, rest)]
+
+
 def model_stages(model: nn.Module) -> list[Stage] | None:
     """The model's forward as a chain of stages, or None when it is not known to be one."""
     own = getattr(model, "cora_stages", None)
@@ -87,7 +108,7 @@ def model_stages(model: nn.Module) -> list[Stage] | None:
         return _resnet_stages(model)
     if isinstance(model, nn.Sequential) and len(model) > 1:
         return [_seq(m) for m in model]
-    return None
+    return _prefix_stages(model)
 
 
 @torch.no_grad()
@@ -95,9 +116,13 @@ def check_stages(model: nn.Module, stages: Sequence[Stage], x: torch.Tensor) -> 
     """Whether the chain of stages gives the model's output on the batch x (float rounding aside)."""
     ref = model(x)
     out = x
-    for s in stages:
-        out = s.run(out)
-    if not isinstance(ref, torch.Tensor) or out.shape != ref.shape:
+    try:
+        for s in stages:
+            out = s.run(out)
+    except Exception as exc:  # a chain that is not the forward may fail anywhere (shapes, types)
+        log.debug("the stages do not run: %s", exc)
+        return False
+    if not isinstance(ref, torch.Tensor) or not isinstance(out, torch.Tensor) or out.shape != ref.shape:
         return False
     return bool(torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max().clamp_min(1e-30))))
 

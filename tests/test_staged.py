@@ -62,21 +62,22 @@ class _NotFirst(nn.Module):
         return self.fc(self.features(self.pre(x)).mean((2, 3)))
 
 
-def _models():
+def _model(name):
     from torchvision.models import mobilenet_v3_small, resnet18
 
     from cora_onnx.archs.efficientnet_lite import efficientnet_lite0
 
     torch.manual_seed(0)
-    return {"sequential": _sequential(), "declared": _Staged().eval(),
-            "resnet18": fuse_batchnorm(resnet18(num_classes=7).eval(), input_size=32),
-            "efficientnet_lite0": fuse_batchnorm(efficientnet_lite0(num_classes=7, image_size=32).eval(), 32),
-            "mobilenet_v3_small": fuse_batchnorm(mobilenet_v3_small(num_classes=7).eval(), input_size=32)}
+    build = {"sequential": _sequential, "declared": lambda: _Staged().eval(),
+             "resnet18": lambda: fuse_batchnorm(resnet18(num_classes=7).eval(), input_size=32),
+             "efficientnet_lite0": lambda: fuse_batchnorm(efficientnet_lite0(num_classes=7, image_size=32).eval(), 32),
+             "mobilenet_v3_small": lambda: fuse_batchnorm(mobilenet_v3_small(num_classes=7).eval(), input_size=32)}
+    return build[name]()
 
 
 @pytest.mark.parametrize("name", ["sequential", "declared", "resnet18", "efficientnet_lite0", "mobilenet_v3_small"])
 def test_stages_reproduce_the_forward(name):
-    model = _models()[name]
+    model = _model(name)
     stages = model_stages(model)
     assert stages is not None
     x = next(_images(4, 32).batches(4))
@@ -108,7 +109,7 @@ def test_fed_statistics_equal_full_passes_as_the_student_changes(name, cache_byt
     """Layer after layer, as the search goes: each layer's joint and student statistics from the feed
     (cached stage inputs; cache_bytes 0: full passes) equal those of full passes from the image on
     the student as it is then, with different image counts per layer (nested subsets)."""
-    teacher = _models()[name]
+    teacher = _model(name)
     student = copy.deepcopy(teacher)
     tl, sl = quantizable_layers(teacher), quantizable_layers(student)
     order = list(sl)
@@ -152,11 +153,12 @@ def test_pq_search_gives_the_same_plan_with_and_without_the_cache(monkeypatch, n
     all (full passes, the float output means of weight-target layers in one pass up front)."""
     import cora_onnx.search.staged as staged
 
-    model = _models()[name]
+    model = _model(name)
     calib = _images(24, 16)
     settings = PqSettings(blocks="small", codewords=8, em_iters=3, finetune_steps=0, stats_size=8, stats_patches=4,
                           uniform_layers="2:4" if name == "sequential" else "b:4", uniform_rounding="gptq",
-                          calib_size=24, target="float", weight_target_layers=("8",) if name == "sequential" else ("fc",))
+                          calib_size=24, target="float",
+                          weight_target_layers=("8",) if name == "sequential" else ("fc",))
     cached = search_pq(model, settings, calib)
     if without == "cache":
         monkeypatch.setattr(staged, "DEFAULT_CACHE_BYTES", 0)

@@ -186,8 +186,9 @@ class LayerFeed:
     (`images.subset(sizes[name], seed)`), in batches of `batch_size`.
 
     With stages (see the module doc) both networks' inputs to the current stage are cached for the
-    images of every layer still to come, at most `cache_bytes` for the two; a stage whose inputs
-    would not fit, and a model without stages, is served by full passes from the image. Layers must
+    images of every layer still to come, when they take at most `cache_bytes` for the two (a move
+    to the next stage holds both stages' inputs for a moment); a stage whose inputs would not fit,
+    and a model without stages, is served by full passes from the image. Layers must
     be asked for in `order`, each after the ones before it are final."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, layers: dict[str, nn.Module], order: list[str],

@@ -16,8 +16,8 @@ from ..stats import SecondMoment, channel_sums, unfold
 from ..staged import layer_input as staged_layer_input
 from .codebook import CHUNK
 
-__all__ = ["Geom", "SecondMoment", "moment_of", "module_moment", "layer_inputs", "input_stats", "joint_stats", "layer_input",
-           "output_means", "patches_per_image", "unfold"]
+__all__ = ["Geom", "SecondMoment", "moment_of", "module_moment", "layer_inputs", "input_stats", "joint_stats",
+           "layer_input", "output_means", "patches_per_image", "unfold"]
 
 
 @dataclass(frozen=True)

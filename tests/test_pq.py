@@ -133,6 +133,8 @@ def test_finetuning_can_leave_biases_and_the_classifier_alone(tiny):
         assert not np.array_equal(r.bias, f.bias) and not np.array_equal(r.codewords, f.codewords)
         np.testing.assert_array_equal(r.bias, p.bias)
         assert np.array_equal(r.codewords, p.codewords) == (name == "fc")
+    ft = full.meta["pq_finetune"]  # each step's KL = its loss minus its own batch's teacher entropy
+    assert ft["kl_first"] >= -1e-5 and ft["kl_last"] >= -1e-5
 
 
 @pytest.mark.parametrize("kw,match", [

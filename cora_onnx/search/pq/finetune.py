@@ -27,6 +27,13 @@ def codebook_weight(cw: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor |
     return w.reshape(shape)
 
 
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of the softmax of a batch of logits."""
+    with torch.no_grad():
+        logp = F.log_softmax(logits.float(), 1)
+        return -(logp.exp() * logp).sum(1).mean()
+
+
 def finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Module], state: dict[str, dict], images,
              settings: PqSettings, gen: torch.Generator) -> dict:
     """Distillation from the float network (loss `settings.distill`, inputs augmented by
@@ -58,7 +65,7 @@ def finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modul
                                     for x in images.batches(settings.batch_size)]) if fixed_inputs else None
     n = len(images)
     student.eval()
-    losses = []
+    losses, entropies = [], []
     t0 = time.perf_counter()
     perm = torch.randperm(n, generator=gen)
     pos = 0
@@ -86,6 +93,8 @@ def finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modul
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if settings.distill == "kl":  # the batch's floor: the loss minus it is the batch's KL to the teacher
+            entropies.append(float(_entropy(target)))
     for st in (state[name] for name in params):
         for key in ("codewords", "scale", "bias"):
             if st[key] is not None:
@@ -98,13 +107,16 @@ def finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modul
     tail = float(np.mean(losses[-max(1, len(losses) // 10):]))
     out = {"steps": len(losses), "loss": settings.distill, "augment": settings.augment, "loss_first": head,
            "loss_last": tail, "seconds": time.perf_counter() - t0}
-    if settings.distill == "kl" and teacher_logits is not None:
-        # the soft cross-entropy's floor is the teacher's entropy: loss - entropy is the KL to the teacher
-        p = F.softmax(teacher_logits, 1)
-        out["teacher_entropy"] = float(-(p * F.log_softmax(teacher_logits, 1)).sum(1).mean())
+    if settings.distill == "kl" and entropies:
+        # the soft cross-entropy's floor is the teacher's entropy on the same batch: loss - entropy is the
+        # KL to the teacher (the entropy of all images against a few batches' loss can go below zero)
+        kl = np.asarray(losses) - np.asarray(entropies)
+        k = max(1, len(kl) // 10)
+        out["teacher_entropy"] = float(np.mean(entropies))
+        out["kl_first"], out["kl_last"] = float(kl[:k].mean()), float(kl[-k:].mean())
         log.info("fine-tuning: %d steps, distillation loss %.4f -> %.4f (teacher entropy %.4f: KL %.4f -> %.4f) "
-                 "(%.1f s)", len(losses), head, tail, out["teacher_entropy"], head - out["teacher_entropy"],
-                 tail - out["teacher_entropy"], out["seconds"])
+                 "(%.1f s)", len(losses), head, tail, out["teacher_entropy"], out["kl_first"], out["kl_last"],
+                 out["seconds"])
     else:
         log.info("fine-tuning: %d steps, %s loss (augment %s) %.4f -> %.4f (%.1f s)", len(losses),
                  settings.distill, settings.augment, head, tail, out["seconds"])

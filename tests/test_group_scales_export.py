@@ -22,9 +22,10 @@ from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx
 from cora_onnx.inspect import format_inspection, inspect_model
 from cora_onnx.npgrid import merged_grid
 from cora_onnx.pipeline import apply_plan
-from cora_onnx.plan import LayerPlan, LowRankAdapter, Plan, UniformWeights
+from cora_onnx.plan import LayerPlan, Plan, UniformWeights
 from passes import ActivationQDQPass, AdapterMergePass, QuantScheme, WeightQDQPass, activation_layout, packs
 from passes.adapter_merge import MERGED_BITS_KEY
+from lowrank_adapters import random_adapter
 
 
 def grouped(w: np.ndarray, bits: int, group: int) -> UniformWeights:
@@ -216,22 +217,10 @@ def _tiny_plan(fused, bits: int, groups: dict[str, int], adapter: str | None = N
         if name in groups:
             wt = mod.weight.detach().numpy().copy()
             kind = "conv" if isinstance(mod, torch.nn.Conv2d) else "linear"
-            ad = _adapter(wt.shape, 2, 7) if name == adapter else None
+            ad = random_adapter(wt.shape, 2, 7) if name == adapter else None
             layers.append(LayerPlan(name, kind, wt.shape, uniform=grouped(wt, bits, groups[name]), adapter=ad))
     return Plan("rtn", {}, tuple(layers)).with_fingerprints(
         {n: m.weight.detach().numpy() for n, m in fused.named_modules() if n in groups})
-
-
-def _adapter(shape, rank, bits):
-    rng = np.random.default_rng(1)
-    a = (0.05 * rng.normal(size=(rank,) + tuple(shape[1:]))).astype(np.float32)
-    b = (0.05 * rng.normal(size=(shape[0], rank, 1, 1))).astype(np.float32)
-    lim = (1 << (bits - 1)) - 1
-    sa = (np.abs(a).reshape(rank, -1).max(1) / lim).astype(np.float32)
-    sb = (np.abs(b).reshape(shape[0], -1).max(1) / lim).astype(np.float32)
-    a = (np.round(a / sa[:, None, None, None]) * sa[:, None, None, None]).astype(np.float32)
-    b = (np.round(b / sb[:, None, None, None]) * sb[:, None, None, None]).astype(np.float32)
-    return LowRankAdapter(rank, a, b, bits=bits, a_scale=sa, b_scale=sb)
 
 
 GROUPS = {"conv1": 8, "dw": 4, "pw": 3, "fc": 6}  # K = 27, 9, 8, 16

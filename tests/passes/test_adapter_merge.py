@@ -11,31 +11,18 @@ from cora_onnx.errors import PlanError
 from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
 from cora_onnx.npgrid import merged_grid
 from cora_onnx.pipeline import apply_plan
-from cora_onnx.plan import LayerPlan, LowRankAdapter, Plan
+from cora_onnx.plan import LayerPlan, Plan
 from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
 from cora_onnx.verify import optimized_graph
 from passes import AdapterMergePass, WeightQDQPass
 from passes.adapter_merge import MERGED_BITS_KEY
-
-
-def _adapter(shape, rank, bits):
-    rng = np.random.default_rng(1)
-    a = (0.05 * rng.normal(size=(rank,) + tuple(shape[1:]))).astype(np.float32)
-    b = (0.05 * rng.normal(size=(shape[0], rank, 1, 1))).astype(np.float32)
-    if bits is None:
-        return LowRankAdapter(rank, a, b)
-    lim = (1 << (bits - 1)) - 1
-    sa = (np.abs(a).reshape(rank, -1).max(1) / lim).astype(np.float32)
-    sb = (np.abs(b).reshape(shape[0], -1).max(1) / lim).astype(np.float32)
-    a = (np.round(a / sa[:, None, None, None]) * sa[:, None, None, None]).astype(np.float32)
-    b = (np.round(b / sb[:, None, None, None]) * sb[:, None, None, None]).astype(np.float32)
-    return LowRankAdapter(rank, a, b, bits=bits, a_scale=sa, b_scale=sb)
+from lowrank_adapters import random_adapter
 
 
 def _plan(fused, bits, adapter_bits, symmetric=True):
     plan = search_rtn(fused, RtnSettings(bits=bits, symmetric=symmetric, selection=LayerSelection(keep=())))
-    layers = tuple(dataclasses.replace(lp, adapter=_adapter(lp.shape, 2, adapter_bits)) if lp.name == "conv1" else lp
-                   for lp in plan.layers)
+    layers = tuple(dataclasses.replace(lp, adapter=random_adapter(lp.shape, 2, adapter_bits))
+                   if lp.name == "conv1" else lp for lp in plan.layers)
     return Plan(plan.method, plan.settings, layers)
 
 
@@ -90,7 +77,7 @@ def test_the_pass_alone_on_a_graph_built_here(graph, adapter_bits, symmetric):
     computes with merged_grid's weight."""
     w = graph.weights["conv1.weight"]
     lp = LayerPlan("conv1", "conv", w.shape, uniform=graph.uniform(w, 4, symmetric),
-                   adapter=_adapter(w.shape, 2, adapter_bits))
+                   adapter=random_adapter(w.shape, 2, adapter_bits))
     plan = Plan("cora", {}, (lp,))
     model = graph.model()
     WeightQDQPass(plan)(model)

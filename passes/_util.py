@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from cora_onnx.errors import PlanError
+from cora_onnx.core.errors import PlanError
 
 __all__ = ["PROVENANCE_KEY", "mark", "default_opset", "add_initializer", "int_tensor", "require_weights",
            "planned_weight", "check_fingerprint"]

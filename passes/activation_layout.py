@@ -1,6 +1,6 @@
 """Which tensors of a graph get activation QuantizeLinear -> DequantizeLinear, and with which
 scale and zero point: the layout that `ActivationQDQPass` writes and that calibration
-(cora_onnx.int8 / cora_onnx.calibrate) measures, computed here once so both agree on the tensor
+(cora_onnx.onnx.int8 / cora_onnx.onnx.calibrate) measures, computed here once so both agree on the tensor
 names. Pure graph analysis on onnx_ir: nothing here changes a model.
 
 - compute nodes: Conv, Gemm, MatMul whose weight is a DequantizeLinear of an integer

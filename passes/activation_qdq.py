@@ -26,8 +26,8 @@ from typing import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from cora_onnx.errors import PlanError
-from cora_onnx.npgrid import quantize_symmetric
+from cora_onnx.core.errors import PlanError
+from cora_onnx.core.npgrid import quantize_symmetric
 
 from ._packing import grid_of
 from ._qdq import dequantize_linear, dequantized_weight, quantize_linear, scale_zero_point
@@ -55,7 +55,7 @@ class ActivationQDQPass(ir.passes.InPlacePass):
     """Insert activation QuantizeLinear -> DequantizeLinear pairs (see the module doc).
 
     ranges: tensor name -> (low, high) for every tensor of activation_layout(model).calibrate
-    (from cora_onnx.calibrate); scheme: activation type and weight width for the target CPU;
+    (from cora_onnx.onnx.calibrate); scheme: activation type and weight width for the target CPU;
     weight_clip: grid search for float weights quantized here ("mse" or "minmax").
     After the pass, `self.report` says which nodes became integer and which stayed float."""
 

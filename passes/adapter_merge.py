@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from cora_onnx.errors import PlanError
-from cora_onnx.npgrid import adapter_factors, merged_grid
-from cora_onnx.plan import LayerPlan, Plan
+from cora_onnx.core.errors import PlanError
+from cora_onnx.core.npgrid import adapter_factors, merged_grid
+from cora_onnx.core.plan import LayerPlan, Plan
 
 from ._qdq import dequantize_linear, quantize_linear, scale_zero_point
 from ._util import add_initializer, int_tensor, mark

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from cora_onnx.errors import PlanError
-from cora_onnx.plan import Plan
+from cora_onnx.core.errors import PlanError
+from cora_onnx.core.plan import Plan
 
 from ._util import add_initializer, check_fingerprint
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from cora_onnx.errors import PlanError
-from cora_onnx.plan import LowRankAdapter, Plan
+from cora_onnx.core.errors import PlanError
+from cora_onnx.core.plan import LowRankAdapter, Plan
 
 from ._qdq import dequantized_weight
 from ._util import add_initializer, check_fingerprint, int_tensor, mark

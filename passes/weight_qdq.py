@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from cora_onnx.plan import Plan
+from cora_onnx.core.plan import Plan
 
 from ._packing import grid_value, packs, zero_point_bits
 from ._qdq import dequantize_linear, dequantized_weight

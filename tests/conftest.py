@@ -7,7 +7,7 @@ import torch
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory):
     """The embedded default, built once per test session in a temporary cache."""
-    from cora_onnx.embedded import digits_default
+    from cora_onnx.torch.embedded import digits_default
 
     return digits_default(tmp_path_factory.mktemp("cache"))
 

@@ -3,7 +3,7 @@ conftest puts this folder on sys.path)."""
 
 import numpy as np
 
-from cora_onnx.plan import LowRankAdapter
+from cora_onnx.core.plan import LowRankAdapter
 
 
 def random_adapter(shape, rank, bits):

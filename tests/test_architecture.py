@@ -26,40 +26,31 @@ def test_import_contracts_hold():
 
 
 
-def _contracts() -> list[dict]:
+def test_every_module_sits_in_a_layer_folder():
+    """A module's layer is the folder it sits in: cora_onnx's top holds only the package itself, and
+    every layer folder named in the layers contract exists (a new folder must be placed in the order)."""
     import tomllib
 
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
-
-
-GROUND_FLOOR_CONTRACT = "The ground floor imports neither ONNX Runtime nor the ONNX side"
-
-
-def test_passes_contract_forbids_every_cora_onnx_module_but_the_ground_floor():
-    """The contract pinning passes/ to the ground floor lists the rest of cora_onnx by name
-    (import-linter has no allow-list): a module added to cora_onnx must be added there too, or this fails."""
-    import pkgutil
-
-    contracts = _contracts()
-    ground = set(next(c for c in contracts if c["name"] == GROUND_FLOOR_CONTRACT)["source_modules"])
-    passes_contract = next(c for c in contracts if c["source_modules"] == ["passes"])
-    modules = {f"cora_onnx.{m.name}" for m in pkgutil.iter_modules([str(ROOT / "cora_onnx")])}
-    assert ground < modules
-    assert set(passes_contract["forbidden_modules"]) == modules - ground
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c for c in contracts if c["type"] == "layers")["layers"]
+    folders = {f"cora_onnx.{p.name}" for p in (ROOT / "cora_onnx").iterdir() if (p / "__init__.py").exists()}
+    assert folders == {name for name in layers if name.startswith("cora_onnx.")}
+    top = sorted(p.name for p in (ROOT / "cora_onnx").glob("*.py"))
+    assert len(top) <= 8 and set(top) <= {"__init__.py", "__main__.py"}, top
 
 
 def test_importing_passes_loads_only_the_ground_floor():
     """At run time too: `import passes` (every pass) loads from cora_onnx only its package
     __init__ (which imports nothing) and ground-floor modules, and neither torch nor ONNX Runtime."""
-    ground = set(next(c for c in _contracts() if c["name"] == GROUND_FLOOR_CONTRACT)["source_modules"])
     code = ("import json, sys, passes; print(json.dumps(sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('cora_onnx', 'torch', 'torchvision', 'onnxruntime'))))")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     loaded = set(json.loads(res.stdout))
-    assert {"cora_onnx", "cora_onnx.plan", "cora_onnx.errors", "cora_onnx.npgrid"} <= loaded
-    assert loaded - {"cora_onnx"} <= ground, loaded - ground
+    assert {"cora_onnx", "cora_onnx.core.plan", "cora_onnx.core.errors", "cora_onnx.core.npgrid"} <= loaded
+    assert {m for m in loaded if m not in ("cora_onnx", "cora_onnx.core") and not m.startswith("cora_onnx.core.")} == set()
+
 
 @pytest.fixture(scope="module")
 def blocked(tmp_path_factory):
@@ -77,7 +68,7 @@ def blocked(tmp_path_factory):
 
 
 def _cli(env, *args):
-    return subprocess.run([sys.executable, "-m", "cora_onnx.cli", *map(str, args)], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cora_onnx.cli.main", *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -92,7 +83,7 @@ def test_the_blocker_blocks(blocked):
 def test_onnx_commands_run_without_torch(blocked, digits, tmp_path):
     """rewrite (weight-only and with integer activations), eval, bench and inspect on a float ONNX
     file exported here (with torch, in this process), each run where torch cannot be imported."""
-    from cora_onnx.archs.digits import digits_cnn
+    from cora_onnx.torch.archs.digits import digits_cnn
 
     env, log = blocked
     net = digits_cnn()
@@ -155,7 +146,7 @@ def test_torch_commands_say_they_need_torch(blocked, command, tmp_path):
     """Where torch cannot be imported, each torch-side command is one line naming what it needs
     and how to install it, exit 2, and leaves no file (its --help still works)."""
     env, log = blocked
-    res = subprocess.run([sys.executable, "-m", "cora_onnx.cli", command, *map(str, TORCH_COMMANDS[command])],
+    res = subprocess.run([sys.executable, "-m", "cora_onnx.cli.main", command, *map(str, TORCH_COMMANDS[command])],
                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         f"error: {command} needs PyTorch, which cannot be imported here (torch is blocked in this test); install the "

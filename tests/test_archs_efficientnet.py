@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from cora_onnx.archs.efficientnet_lite import (
+from cora_onnx.torch.archs.efficientnet_lite import (
     EfficientNetLite0,
     efficientnet_lite0,
     efficientnet_lite0_weights_path,

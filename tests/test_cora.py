@@ -8,16 +8,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cora_onnx.cli import main
-from cora_onnx.data import Preprocess, load_images
-from cora_onnx.errors import SettingsError
-from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes, quantizable_layers
-from cora_onnx.models import build_model
-from cora_onnx.pipeline import apply_plan
-from cora_onnx.plan import LayerPlan, LowRankAdapter, Plan
-from cora_onnx.quantizers import QuantSpec, quantize_weight
-from cora_onnx.search import uniform_from
-from cora_onnx.search.cora import CoraSettings, butterworth, search_cora
+from cora_onnx.cli.main import main
+from cora_onnx.onnx.data import Preprocess, load_images
+from cora_onnx.core.errors import SettingsError
+from cora_onnx.torch.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes, quantizable_layers
+from cora_onnx.torch.models import build_model
+from cora_onnx.onnx.pipeline import apply_plan
+from cora_onnx.core.plan import LayerPlan, LowRankAdapter, Plan
+from cora_onnx.torch.quantizers import QuantSpec, quantize_weight
+from cora_onnx.torch.search import uniform_from
+from cora_onnx.torch.search.cora import CoraSettings, butterworth, search_cora
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_bad_lever_settings(kw, word):
 
 
 def test_augment_batch():
-    from cora_onnx.search.cora import augment_batch
+    from cora_onnx.torch.search.cora import augment_batch
 
     x = torch.randn(8, 3, 12, 12)
     assert augment_batch(x, "none", torch.Generator().manual_seed(0)) is x

@@ -9,14 +9,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cora_onnx.cli import main
-from cora_onnx.data import Preprocess, load_images
-from cora_onnx.errors import SettingsError
-from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
-from cora_onnx.models import build_model
-from cora_onnx.pipeline import apply_plan
-from cora_onnx.search.cora import CoraSettings, search_cora
-from cora_onnx.search.cora.mixed import choose_bits, parse_mixed_bits, storage_bits
+from cora_onnx.cli.main import main
+from cora_onnx.onnx.data import Preprocess, load_images
+from cora_onnx.core.errors import SettingsError
+from cora_onnx.torch.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
+from cora_onnx.torch.models import build_model
+from cora_onnx.onnx.pipeline import apply_plan
+from cora_onnx.torch.search.cora import CoraSettings, search_cora
+from cora_onnx.torch.search.cora.mixed import choose_bits, parse_mixed_bits, storage_bits
 
 
 def _costs(harm, counts):
@@ -122,7 +122,7 @@ def test_mixed_plan_costs_no_more_than_uniform(mixed):
     for name, b in info["bits"].items():
         assert planned[name].uniform.bits == b and b in (2, 3, 4, 8)
         assert set(info["kl_alone"][name]) == {2, 3, 4, 8} or set(info["kl_alone"][name]) == {"2", "3", "4", "8"}
-    from cora_onnx.search.cora.mixed import layer_cost
+    from cora_onnx.torch.search.cora.mixed import layer_cost
 
     def cost(n, b):  # the widths below 8 bits carry the default preset's float16 scales per 64 weights
         q = planned[n].uniform.q
@@ -187,7 +187,7 @@ def test_mixed_budget_spends_more_bytes(digits, mixed):
 
 
 def test_layer_cost_counts_group_scales():
-    from cora_onnx.search.cora.mixed import layer_cost
+    from cora_onnx.torch.search.cora.mixed import layer_cost
 
     assert layer_cost(512 * 4608, 512, 4, 0) == 512 * 4608 * 4
     assert layer_cost(512 * 4608, 512, 4, 64) == 512 * 4608 * 4 + 16 * 512 * 72

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cora_onnx.data import Preprocess, imagenet_class_map, load_images
-from cora_onnx.errors import DataError, InputError
+from cora_onnx.onnx.data import Preprocess, imagenet_class_map, load_images
+from cora_onnx.core.errors import DataError, InputError
 
 from realdata import SHARED
 
@@ -82,8 +82,8 @@ def test_eval_cli_scores_wordnet_folders_without_class_map(tmp_path):
     """Two folders (given as two --data), each with one WordNet-id class folder: scored 1000-way."""
     from click.testing import CliRunner
 
-    from cora_onnx.cli import main
-    from cora_onnx.export import export_onnx, onnx_bytes
+    from cora_onnx.cli.main import main
+    from cora_onnx.torch.export import export_onnx, onnx_bytes
 
     (tmp_path / "m.onnx").write_bytes(onnx_bytes(export_onnx(_Fixed().eval(), 8)))
     _images(tmp_path / "d1" / "n02102040", 2)  # class 217: right
@@ -99,14 +99,14 @@ def test_eval_cli_scores_wordnet_folders_without_class_map(tmp_path):
 def test_subsets_pick_the_images_torch_randperm_picked(n, seed):
     """ImageSet holds numpy arrays now; its subsets must stay the images they were (the figures
     measured on subsets repeat)."""
-    from cora_onnx.data import permutation
+    from cora_onnx.onnx.data import permutation
 
     expected = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
     np.testing.assert_array_equal(permutation(n, seed), expected)
 
 
 def test_image_set_is_numpy_and_the_torch_view_shares_its_memory(tmp_path):
-    from cora_onnx.torch_images import as_torch
+    from cora_onnx.torch.images import as_torch
 
     _images(tmp_path / "a" / "x", 2)
     _images(tmp_path / "a" / "y", 1, seed=1)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import cora_onnx.embedded as embedded
-from cora_onnx.archs.digits import DigitsCNN, digits_cnn
-from cora_onnx.embedded import EmbeddedDefault, default_cache_root, digits_default
+import cora_onnx.torch.embedded as embedded
+from cora_onnx.torch.archs.digits import DigitsCNN, digits_cnn
+from cora_onnx.torch.embedded import EmbeddedDefault, default_cache_root, digits_default
 
 _BN_BUFFERS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 EXPECTED_KEYS = (

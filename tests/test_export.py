@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-from cora_onnx.api import quantize
-from cora_onnx.cli import main
-from cora_onnx.export import fuse_batchnorm, remaining_batchnorm
-from cora_onnx.models import build_model
-from cora_onnx.plan import WeightFingerprint
+from cora_onnx.run.api import quantize
+from cora_onnx.cli.main import main
+from cora_onnx.torch.export import fuse_batchnorm, remaining_batchnorm
+from cora_onnx.torch.models import build_model
+from cora_onnx.core.plan import WeightFingerprint
 
 
 class DynamicPadDigits(nn.Module):
@@ -114,7 +114,7 @@ def test_unfoldable_batchnorm_stays_a_graph_node(digits, tmp_path, monkeypatch):
     """When neither torch.export nor torch.fx can trace the model, BatchNorm stays unfolded in
     PyTorch and becomes BatchNormalization in ONNX (the exporter's fusion into the planned weight,
     the defect of issue 13, is off): the plan still fits and ONNX Runtime agrees."""
-    import cora_onnx.export as export
+    import cora_onnx.torch.export as export
 
     def fail(*a, **k):
         raise RuntimeError("cannot export")
@@ -169,6 +169,6 @@ def test_parity_failure_exits_3_and_keeps_the_file_aside(digits, tmp_path, monke
     ("exact", {"top1_agreement": 100.0, "max_abs_error": 2e-5, "relative_max_error": 1e-6}, True),
 ])
 def test_parity_limits_per_reference(kind, par, ok):
-    from cora_onnx.parity import parity_failure
+    from cora_onnx.torch.parity import parity_failure
 
     assert (parity_failure(par, kind) is None) == ok

@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cora_onnx.cli import main
+from cora_onnx.cli.main import main
 
 SOURCES = ("dynamo_fixed_external", "legacy_dynamic", "legacy_opset11", "legacy_opset12", "custom_input_name", "nhwc",
            "rewritten_ort")
@@ -45,7 +45,7 @@ class NHWC(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def net(digits):
-    from cora_onnx.archs.digits import digits_cnn
+    from cora_onnx.torch.archs.digits import digits_cnn
 
     m = digits_cnn()
     m.load_state_dict(torch.load(digits.weights))
@@ -104,7 +104,7 @@ def files(net, digits, norm, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def val(digits):
-    from cora_onnx.data import Preprocess, load_images
+    from cora_onnx.onnx.data import Preprocess, load_images
 
     return load_images(digits.val_dir, Preprocess(8, 1.0, digits.mean, digits.std), labelled=True)
 
@@ -116,8 +116,8 @@ def torch_pred(net, val):
 
 
 def ort_pred(path, val):
-    from cora_onnx.modelfile import read_model
-    from cora_onnx.verify import predict_onnx, session
+    from cora_onnx.core.modelfile import read_model
+    from cora_onnx.onnx.verify import predict_onnx, session
 
     return predict_onnx(session(read_model(path), threads=1), val).argmax(1)
 
@@ -239,7 +239,7 @@ def test_missing_external_data_is_one_line(files, tmp_path):
 
 def test_large_output_gets_external_data(files, val, float_pred, tmp_path, monkeypatch):
     """Over the 2 GB limit (lowered here) the rewritten model keeps its weights beside it."""
-    import cora_onnx.rewrite as rw
+    import cora_onnx.onnx.rewrite as rw
 
     monkeypatch.setattr(rw, "SELF_CONTAINED_LIMIT", 1000)
     out = tmp_path / "big.onnx"

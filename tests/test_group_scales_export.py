@@ -17,12 +17,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from cora_onnx.errors import PlanError
-from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
-from cora_onnx.inspect import format_inspection, inspect_model
-from cora_onnx.npgrid import merged_grid
-from cora_onnx.pipeline import apply_plan
-from cora_onnx.plan import LayerPlan, Plan, UniformWeights
+from cora_onnx.core.errors import PlanError
+from cora_onnx.torch.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
+from cora_onnx.onnx.inspection import format_inspection, inspect_model
+from cora_onnx.core.npgrid import merged_grid
+from cora_onnx.onnx.pipeline import apply_plan
+from cora_onnx.core.plan import LayerPlan, Plan, UniformWeights
 from passes import ActivationQDQPass, AdapterMergePass, QuantScheme, WeightQDQPass, activation_layout, packs
 from passes.adapter_merge import MERGED_BITS_KEY
 from lowrank_adapters import random_adapter
@@ -266,7 +266,7 @@ def test_adapter_merge_with_grouped_weights(tiny):
     for name in GROUPS:
         _, scale = merged_grid(plan.layer(name), 7)
         np.testing.assert_array_equal(numpy_helper.to_array(inits[f"{name}.adapter_merge_scale"]), scale)
-    from cora_onnx.verify import optimized_graph
+    from cora_onnx.onnx.verify import optimized_graph
 
     opt_ops = {n.op_type for n in optimized_graph(blob).graph.node}
     assert not opt_ops & {"MatMul", "Expand", "Slice", "QuantizeLinear"}  # constant-folded at load
@@ -312,7 +312,7 @@ def test_integer_activations_with_grouped_weights(caplog):
     ir.passes.PassManager([ir.passes.common.RemoveUnusedNodesPass(),
                            ir.passes.common.CheckerPass(full_check=True)])(merged)
     out = ir.serde.serialize_model(merged)
-    from cora_onnx.verify import optimized_graph
+    from cora_onnx.onnx.verify import optimized_graph
 
     opt_ops = {n.op_type for n in optimized_graph(out.SerializeToString()).graph.node}
     assert "QLinearConv" in opt_ops

@@ -4,11 +4,11 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from cora_onnx.api import quantize
-from cora_onnx.cli import main
-from cora_onnx.errors import SettingsError
-from cora_onnx.int8 import integer_kernels
-from cora_onnx.models import build_model
+from cora_onnx.run.api import quantize
+from cora_onnx.cli.main import main
+from cora_onnx.core.errors import SettingsError
+from cora_onnx.onnx.int8 import integer_kernels
+from cora_onnx.torch.models import build_model
 
 
 def test_quantize_with_integer_activations(digits, tmp_path):
@@ -69,7 +69,7 @@ def test_cora_adapters_with_integer_activations(digits, tmp_path, layout):
     file keeps INT4 grids, and parity is against the PyTorch simulation. branch: the adapters are
     capped at the CPU's weight width and run as integer convolutions; parity against float
     activations."""
-    from cora_onnx.int8 import choose_scheme
+    from cora_onnx.onnx.int8 import choose_scheme
 
     model = build_model(digits.arch, digits.weights)
     res = quantize(model, calib=digits.calib_dir, val=digits.val_dir, bits=3, method="cora", out=tmp_path / "m.onnx",
@@ -89,7 +89,7 @@ def test_cora_adapters_with_integer_activations(digits, tmp_path, layout):
         assert k["integer"] == len(res.plan.layers) + k["ops"].get("QLinearAdd", 0)  # no branch kernels
         assert "simulation" in r["activations"]["parity_reference"] and r["parity"]["top1_agreement"] >= 95.0
         assert "quantized_branches" in r["latency_ms"] and len(int4) >= len(res.plan.layers) - 2
-        from cora_onnx.report import format_table
+        from cora_onnx.onnx.report import format_table
 
         assert "adapters as branch convolutions" in format_table(r) and "CoRa adapters: merge" in format_table(r)
     else:

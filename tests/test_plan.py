@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from cora_onnx.errors import PlanError
-from cora_onnx.plan import LayerPlan, Plan, UniformWeights
+from cora_onnx.core.errors import PlanError
+from cora_onnx.core.plan import LayerPlan, Plan, UniformWeights
 
 
 def _layer(name="conv", bits=4, symmetric=True):
@@ -48,7 +48,7 @@ def test_malformed_files(tmp_path):
 
 
 def test_fingerprint_roundtrip_and_old_plans(tmp_path):
-    from cora_onnx.plan import WeightFingerprint
+    from cora_onnx.core.plan import WeightFingerprint
 
     w = np.random.default_rng(1).standard_normal((4, 2, 3, 3)).astype(np.float32)
     plan = Plan("rtn", {}, (_layer("a"), _layer("b"))).with_fingerprints({"a": w})

@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from cora_onnx.cli import main
-from cora_onnx.data import ImageSet, Preprocess
-from cora_onnx.errors import SettingsError
-from cora_onnx.export import apply_plan_torch, fuse_batchnorm
-from cora_onnx.plan import Plan
-from cora_onnx.report import format_table
-from cora_onnx.search import LayerSelection, PqSettings, search_pq
-from cora_onnx.search.pq import assign_with_feedback, fit_codebook, full_error, parse_block_size, weighted_error
-from cora_onnx.torch_images import as_torch
+from cora_onnx.cli.main import main
+from cora_onnx.onnx.data import ImageSet, Preprocess
+from cora_onnx.core.errors import SettingsError
+from cora_onnx.torch.export import apply_plan_torch, fuse_batchnorm
+from cora_onnx.core.plan import Plan
+from cora_onnx.onnx.report import format_table
+from cora_onnx.torch.search import LayerSelection, PqSettings, search_pq
+from cora_onnx.torch.search.pq import assign_with_feedback, fit_codebook, full_error, parse_block_size, weighted_error
+from cora_onnx.torch.images import as_torch
 
 
 def _images(n=48, size=8, seed=0):
@@ -228,7 +228,7 @@ def test_shared_option_help_shows_each_methods_default():
 
 
 def test_input_statistics_are_the_covariance_when_the_bias_absorbs_the_mean():
-    from cora_onnx.search.pq import Geom, input_stats
+    from cora_onnx.torch.search.pq import Geom, input_stats
 
     conv = torch.nn.Conv2d(3, 4, 3, padding=1).eval()
     imgs = as_torch(_images(n=8))
@@ -301,7 +301,7 @@ def test_float_target_corrects_the_error_of_the_layers_before(bias_correction):
 
 
 def test_float_target_is_the_least_squares_weight():
-    from cora_onnx.search.pq import float_target
+    from cora_onnx.torch.search.pq import float_target
 
     g = torch.Generator().manual_seed(5)
     xf = torch.randn(3000, 12, generator=g)

@@ -15,11 +15,11 @@ from PIL import Image
 from torch import nn
 
 import cora_onnx
-from cora_onnx.cli import main
-from cora_onnx.errors import ModelError, PlanError
-from cora_onnx.inspect import inspect_model
-from cora_onnx.plan import Codebook
-from cora_onnx.pq_import import decode_pq_checkpoint
+from cora_onnx.cli.main import main
+from cora_onnx.core.errors import ModelError, PlanError
+from cora_onnx.onnx.inspection import inspect_model
+from cora_onnx.core.plan import Codebook
+from cora_onnx.run.pq_import import decode_pq_checkpoint
 
 
 def paper_decode(entry: dict, shape) -> torch.Tensor:
@@ -252,8 +252,8 @@ class Small(nn.Module):
 def test_api_parity_failure_is_an_error(files, tmp_path, monkeypatch):
     import onnx_ir as ir
 
-    import cora_onnx.pq_import as pq_import
-    from cora_onnx.errors import ParityError
+    import cora_onnx.run.pq_import as pq_import
+    from cora_onnx.core.errors import ParityError
 
     path = tmp_path / "small.pth"
     torch.save(encode(Small(), k_fc=8), path)

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cora_onnx.data import ImageSet, Preprocess
-from cora_onnx.errors import SettingsError
-from cora_onnx.export import apply_plan_torch, fuse_batchnorm
-from cora_onnx.search import LayerSelection, PqSettings, search_pq
-from cora_onnx.torch_images import as_torch
+from cora_onnx.onnx.data import ImageSet, Preprocess
+from cora_onnx.core.errors import SettingsError
+from cora_onnx.torch.export import apply_plan_torch, fuse_batchnorm
+from cora_onnx.torch.search import LayerSelection, PqSettings, search_pq
+from cora_onnx.torch.images import as_torch
 from test_pq import _TwoLayers  # conv 3x3 -> ReLU -> conv 1x1
 
 
@@ -21,13 +21,13 @@ def _images(n=24, size=8, seed=0):
 
 
 def test_public_names_stay_importable_from_the_package():
-    import cora_onnx.search.pq as pq
+    import cora_onnx.torch.search.pq as pq
 
     for name in ("PqSettings", "PqFit", "search_pq", "fit_codebook", "weighted_error", "block_kind",
                  "parse_block_size", "pq_report", "PQ_OPTIONS", "BLOCK_PRESETS", "assign_with_feedback",
                  "full_error", "float_target", "TARGETS", "SecondMoment", "input_stats", "Geom"):
         assert name in pq.__all__ and getattr(pq, name) is not None, name
-    from cora_onnx.search import METHODS
+    from cora_onnx.torch.search import METHODS
 
     assert METHODS["pq"].run is pq.search_pq and METHODS["pq"].options is pq.PQ_OPTIONS
 
@@ -43,7 +43,7 @@ def _direct(conv, imgs):
 
 @pytest.mark.parametrize("groups,stride", [(1, 1), (3, 2)])
 def test_streamed_second_moment_equals_the_direct_computation(groups, stride):
-    from cora_onnx.search.pq.statistics import module_moment
+    from cora_onnx.torch.search.pq.statistics import module_moment
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 6, 3, padding=1, stride=stride, groups=groups).eval()
@@ -62,7 +62,7 @@ def test_streamed_second_moment_equals_the_direct_computation(groups, stride):
 
 
 def test_cross_moment_and_its_shape_checks():
-    from cora_onnx.search.pq.statistics import SecondMoment
+    from cora_onnx.torch.search.pq.statistics import SecondMoment
 
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(2, 5, 300, generator=g), torch.randn(2, 5, 300, generator=g) + 1.0
@@ -81,7 +81,7 @@ def test_cross_moment_and_its_shape_checks():
 
 
 def test_joint_statistics_of_a_network_with_itself(tiny):
-    from cora_onnx.search.pq.statistics import Geom, joint_stats
+    from cora_onnx.torch.search.pq.statistics import Geom, joint_stats
 
     fused = fuse_batchnorm(tiny)
     imgs = as_torch(_images())
@@ -92,8 +92,8 @@ def test_joint_statistics_of_a_network_with_itself(tiny):
 
 
 def test_statistics_images_grow_with_a_layers_inputs_per_patch(tiny):
-    from cora_onnx.search.pq.search import stats_sizes
-    from cora_onnx.quantizers import quantizable_layers
+    from cora_onnx.torch.search.pq.search import stats_sizes
+    from cora_onnx.torch.quantizers import quantizable_layers
 
     fused = fuse_batchnorm(tiny)
     layers = quantizable_layers(fused)
@@ -203,8 +203,8 @@ def test_uniform_clip_and_act_order_reach_the_gptq_grid():
     layer's input statistics (not the weight-MSE clip); uniform_act_order changes the rounding order
     only (same grid, other integers); both are recorded in the plan, and the result still beats
     rounding to nearest on the network's output."""
-    from cora_onnx.quantizers import QuantSpec, input_weighted_clip
-    from cora_onnx.search.pq.statistics import Geom, input_stats
+    from cora_onnx.torch.quantizers import QuantSpec, input_weighted_clip
+    from cora_onnx.torch.search.pq.statistics import Geom, input_stats
 
     torch.manual_seed(0)
     model = _TwoLayers().eval()

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cora_onnx.search.cora import CoraSettings
-from cora_onnx.search.cora.quantize import _grid
+from cora_onnx.torch.search.cora import CoraSettings
+from cora_onnx.torch.search.cora.grids import _grid
 
 _spec = importlib.util.spec_from_file_location(
     "probe_group_scales", Path(__file__).resolve().parents[1] / "tools" / "probe_group_scales.py")

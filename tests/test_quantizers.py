@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from cora_onnx.errors import SettingsError
-from cora_onnx.quantizers import CLIP_METHODS, QuantSpec, fake_quantize, quantize_weight
+from cora_onnx.core.errors import SettingsError
+from cora_onnx.torch.quantizers import CLIP_METHODS, QuantSpec, fake_quantize, quantize_weight
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -87,7 +87,7 @@ def test_nan_weight_rejected():
 
 
 def test_output_error_is_the_squared_output_difference_over_the_input_rows():
-    from cora_onnx.quantizers import output_error
+    from cora_onnx.torch.quantizers import output_error
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, 3, 2, 2, generator=g)
@@ -108,7 +108,7 @@ def _correlated_inputs(k: int, seed: int = 0) -> torch.Tensor:
 def test_group_scales_grid(group, bits):
     """Group-wise grid: (C, ceil(K / G)) float16 scales, the last group shorter when G does not
     divide K (K = 27 here), every weight on its group's scale; error at most per channel's."""
-    from cora_onnx.quantizers import group_columns
+    from cora_onnx.torch.quantizers import group_columns
 
     g = torch.Generator().manual_seed(bits)
     w = torch.randn(16, 3, 3, 3, generator=g) * torch.linspace(0.1, 3, 27).reshape(1, 3, 3, 3)
@@ -129,7 +129,7 @@ def test_group_scales_grid(group, bits):
 def test_group_output_error_clip_and_gptq():
     """The output-error clip per group never does worse than each group's full range, and GPTQ on
     the fixed groups (act-order) lowers the output error of nearest rounding on that grid."""
-    from cora_onnx.quantizers import gptq_round, input_weighted_clip, output_error
+    from cora_onnx.torch.quantizers import gptq_round, input_weighted_clip, output_error
 
     g = torch.Generator().manual_seed(1)
     w = torch.randn(32, 8, 3, 3, generator=g)
@@ -146,7 +146,7 @@ def test_group_output_error_clip_and_gptq():
 
 def test_gptq_per_channel_unchanged_by_group_support():
     """Per channel, gptq_round takes one scale per row as before (the columns view of the scale)."""
-    from cora_onnx.quantizers import gptq_round
+    from cora_onnx.torch.quantizers import gptq_round
 
     g = torch.Generator().manual_seed(2)
     w = torch.randn(8, 20, generator=g)

@@ -4,12 +4,12 @@ import pytest
 import torch
 import torchvision
 
-from cora_onnx.data import Preprocess, load_class_map, load_images
-from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
-from cora_onnx.pipeline import apply_plan
-from cora_onnx.search import RtnSettings, search_rtn
-from cora_onnx.verify import parity, predict_onnx, session, top1
-from cora_onnx.verify_torch import predict_torch
+from cora_onnx.onnx.data import Preprocess, load_class_map, load_images
+from cora_onnx.torch.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
+from cora_onnx.onnx.pipeline import apply_plan
+from cora_onnx.torch.search import RtnSettings, search_rtn
+from cora_onnx.onnx.verify import parity, predict_onnx, session, top1
+from cora_onnx.torch.verify import predict_torch
 
 from realdata import REAL_MODEL, SHARED, require_shared
 
@@ -49,7 +49,7 @@ def test_resnet18_packed_sub_4_bit_files(real):
     """Issue 14: 2- and 3-bit grids packed into bytes make the files really smaller (W3 <= 0.8x,
     W2 <= 0.6x the W4 file; first conv and classifier at 8 bits), and ONNX Runtime decodes them
     at load (no decoding node left in its optimized graph)."""
-    from cora_onnx.verify import optimized_graph
+    from cora_onnx.onnx.verify import optimized_graph
 
     _, fused, _, _ = real
     blobs = {b: onnx_bytes(apply_plan(export_onnx(fused, 224), search_rtn(fused, RtnSettings(bits=b))))

@@ -8,12 +8,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cora_onnx.cli import main
-from cora_onnx.errors import OnnxModelError
-from cora_onnx.int8 import integer_kernels
-from cora_onnx.npgrid import quantize_symmetric
-from cora_onnx.quantizers import QuantSpec, quantize_weight
-from cora_onnx.rewrite import rewrite_onnx
+from cora_onnx.cli.main import main
+from cora_onnx.core.errors import OnnxModelError
+from cora_onnx.onnx.int8 import integer_kernels
+from cora_onnx.core.npgrid import quantize_symmetric
+from cora_onnx.torch.quantizers import QuantSpec, quantize_weight
+from cora_onnx.onnx.rewrite import rewrite_onnx
 
 
 @pytest.fixture

@@ -1,14 +1,14 @@
-"""Streamed input statistics (cora_onnx.search.stats) and the GPTQ grid built on them."""
+"""Streamed input statistics (cora_onnx.torch.search.stats) and the GPTQ grid built on them."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cora_onnx.errors import SettingsError
-from cora_onnx.quantizers import QuantSpec, gptq_round, input_weighted_clip, quantize_weight
-from cora_onnx.search.cora import CoraSettings
-from cora_onnx.search.stats import SecondMoment, input_rows, input_second_moments
+from cora_onnx.core.errors import SettingsError
+from cora_onnx.torch.quantizers import QuantSpec, gptq_round, input_weighted_clip, quantize_weight
+from cora_onnx.torch.search.cora import CoraSettings
+from cora_onnx.torch.search.stats import SecondMoment, input_rows, input_second_moments
 
 
 def _net():

@@ -1,4 +1,4 @@
-"""cora_onnx.search.staged: a model's forward as a chain of stages, and layer inputs served from
+"""cora_onnx.torch.search.staged: a model's forward as a chain of stages, and layer inputs served from
 cached stage inputs (the layer-by-layer PQ search's statistics)."""
 
 import copy
@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from cora_onnx.data import ImageSet, Preprocess
-from cora_onnx.export import apply_plan_torch, fuse_batchnorm
-from cora_onnx.quantizers import quantizable_layers
-from cora_onnx.search import PqSettings, search_pq
-from cora_onnx.search.pq.statistics import Geom, joint_stats, input_stats
-from cora_onnx.search.staged import LayerFeed, check_stages, model_stages
-from cora_onnx.torch_images import as_torch
+from cora_onnx.onnx.data import ImageSet, Preprocess
+from cora_onnx.torch.export import apply_plan_torch, fuse_batchnorm
+from cora_onnx.torch.quantizers import quantizable_layers
+from cora_onnx.torch.search import PqSettings, search_pq
+from cora_onnx.torch.search.pq.statistics import Geom, joint_stats, input_stats
+from cora_onnx.torch.search.staged import LayerFeed, check_stages, model_stages
+from cora_onnx.torch.images import as_torch
 
 
 def _images(n=30, size=16, seed=0):
@@ -65,7 +65,7 @@ class _NotFirst(nn.Module):
 def _model(name):
     from torchvision.models import mobilenet_v3_small, resnet18
 
-    from cora_onnx.archs.efficientnet_lite import efficientnet_lite0
+    from cora_onnx.torch.archs.efficientnet_lite import efficientnet_lite0
 
     torch.manual_seed(0)
     build = {"sequential": _sequential, "declared": lambda: _Staged().eval(),
@@ -89,10 +89,10 @@ def test_stages_that_do_not_reproduce_the_forward_are_caught_and_not_used(caplog
     x = next(_images(4).batches(4))
     assert not check_stages(model, model_stages(model), x)
     layers = quantizable_layers(model)
-    logger = logging.getLogger("cora_onnx.search.staged")
+    logger = logging.getLogger("cora_onnx.torch.search.staged")
     logger.addHandler(caplog.handler)  # the CLI's tests stop cora_onnx's records at its own logger
     try:
-        with caplog.at_level(logging.WARNING, logger="cora_onnx.search.staged"):
+        with caplog.at_level(logging.WARNING, logger="cora_onnx.torch.search.staged"):
             feed = LayerFeed(model, copy.deepcopy(model), layers, list(layers), {n: 8 for n in layers}, _images(),
                              0, 4)
     finally:
@@ -157,7 +157,7 @@ def test_layers_out_of_stage_order_are_served_by_full_passes():
 def test_pq_search_gives_the_same_plan_with_and_without_the_cache(monkeypatch, name, without):
     """without the cache (cache_bytes 0: the staged path's per-layer passes) or without stages at
     all (full passes, the float output means of weight-target layers in one pass up front)."""
-    import cora_onnx.search.staged as staged
+    import cora_onnx.torch.search.staged as staged
 
     model = _model(name)
     calib = _images(24, 16)

@@ -1,4 +1,4 @@
-"""The stages of cora_onnx.quantize (cora_onnx.stages, cora_onnx.outcome) used one by one give
+"""The stages of cora_onnx.quantize (cora_onnx.run.stages, cora_onnx.run.outcome) used one by one give
 what quantize gives, and each checks its own input."""
 
 import json
@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from cora_onnx.api import quantize
-from cora_onnx.errors import ModelError, SettingsError
-from cora_onnx.models import build_model
-from cora_onnx.outcome import make_report, verify_quantized, write_outputs
-from cora_onnx.stages import check_options, export_quantized, load_data, load_model, run_search
+from cora_onnx.run.api import quantize
+from cora_onnx.core.errors import ModelError, SettingsError
+from cora_onnx.torch.models import build_model
+from cora_onnx.run.outcome import make_report, verify_quantized, write_outputs
+from cora_onnx.run.stages import check_options, export_quantized, load_data, load_model, run_search
 
 TIMES = ("search_seconds", "latency", "latency_ms", "onnx_path", "environment")
 

@@ -11,12 +11,13 @@ import pytest
 from click.testing import CliRunner
 
 import cora_onnx
-from cora_onnx import api, outcome
-from cora_onnx import sweeps as sweep_mod
-from cora_onnx.sweeps import jobs as sweep_jobs  # where the executors look run_job up
-from cora_onnx.cli import main
-from cora_onnx.errors import SettingsError
-from cora_onnx.sweeps_report import pareto_front
+from cora_onnx.run import api
+from cora_onnx.run import outcome
+from cora_onnx.run import sweeps as sweep_mod
+from cora_onnx.run.sweeps import jobs as sweep_jobs  # where the executors look run_job up
+from cora_onnx.cli.main import main
+from cora_onnx.core.errors import SettingsError
+from cora_onnx.run.sweeps.output import pareto_front
 
 from realdata import SHARED, require_shared
 
@@ -205,7 +206,7 @@ def test_bad_config_exit_2_before_any_job(case, digits, tmp_path, monkeypatch):
 
 def test_shared_reference_matches_quantize_own(first, digits, tmp_path):
     """quantize(float_logits=...) scores exactly as quantize computing the float logits itself."""
-    from cora_onnx.models import build_model
+    from cora_onnx.torch.models import build_model
 
     _, out, _ = first
     row = rows_by_point(out)["rtn-w4"]

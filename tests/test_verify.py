@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cora_onnx.verify import fidelity
+from cora_onnx.onnx.verify import fidelity
 
 
 def test_fidelity_agreement_and_kl():

@@ -15,11 +15,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cora_onnx.export import fuse_batchnorm
-from cora_onnx.search.cora import CoraSettings, _Layer, _set_module, butterworth
-from cora_onnx.export import quantizable_layers
-from cora_onnx.quantizers import quantize_weight
-from cora_onnx.stages import load_model
+from cora_onnx.torch.export import fuse_batchnorm
+from cora_onnx.torch.search.cora import CoraSettings, _Layer, _set_module, butterworth
+from cora_onnx.torch.export import quantizable_layers
+from cora_onnx.torch.quantizers import quantize_weight
+from cora_onnx.run.stages import load_model
 from imagenette import SHARED, weights_path
 
 

@@ -8,7 +8,7 @@ integer-kernel width (7 bits on AVX2 without VNNI), either rounded to nearest on
 GPTQ rounding, bias fine-tuning); activation ranges by minmax / percentile /
 mse (`--calib-methods`), all from ONE calibration pass per weight grid.
 Top-1 in ONNX Runtime, and how closely each row follows the float model on the same images (top-1
-agreement and mean KL divergence, cora_onnx.verify.fidelity: far less noisy than top-1 on 1,000
+agreement and mean KL divergence, cora_onnx.onnx.verify.fidelity: far less noisy than top-1 on 1,000
 images); batch-1 (and batch-8) latency of all rows in one interleaved run.
 
     python tools/bench_int8.py [--models resnet18 efficientnet_lite0] [--calib-images 1600]
@@ -63,16 +63,16 @@ def run_model(name: str, shared: Path, args) -> list[dict]:
     import torch
     from imagenette import load
 
-    from cora_onnx.calibrate import CalibSettings
-    from cora_onnx.export import apply_plan_torch, export_program, fuse_batchnorm
-    from cora_onnx.int8 import activation_histograms, choose_scheme, integer_kernels
-    from cora_onnx.modelfile import onnx_bytes
-    from cora_onnx.pipeline import apply_plan
-    from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
-    from cora_onnx.search.cora import CoraSettings, search_cora
-    from cora_onnx.stages import integer_activations
-    from cora_onnx.verify import fidelity, measure_latency, parity, predict_onnx, session, top1
-    from cora_onnx.verify_torch import predict_torch
+    from cora_onnx.onnx.calibrate import CalibSettings
+    from cora_onnx.torch.export import apply_plan_torch, export_program, fuse_batchnorm
+    from cora_onnx.onnx.int8 import activation_histograms, choose_scheme, integer_kernels
+    from cora_onnx.core.modelfile import onnx_bytes
+    from cora_onnx.onnx.pipeline import apply_plan
+    from cora_onnx.torch.search import LayerSelection, RtnSettings, search_rtn
+    from cora_onnx.torch.search.cora import CoraSettings, search_cora
+    from cora_onnx.run.stages import integer_activations
+    from cora_onnx.onnx.verify import fidelity, measure_latency, parity, predict_onnx, session, top1
+    from cora_onnx.torch.verify import predict_torch
 
     torch.set_num_threads(args.threads)
     model, _, data = load(name, shared, calib=True)

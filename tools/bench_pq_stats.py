@@ -1,5 +1,5 @@
 """Cost of the PQ search's per-layer statistics: layer inputs served from cached stage inputs
-(cora_onnx.search.staged, what cora-onnx does for chains of stages) against a forward pass from the
+(cora_onnx.torch.search.staged, what cora-onnx does for chains of stages) against a forward pass from the
 image for every layer (what it did before, and still does for other models). The same search runs
 twice in one process on the same machine, first with the cache, then without; prints both times,
 their ratio, and whether the two plans are the same (codes and uniform grids).
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cora_onnx.data import Preprocess, load_images
-from cora_onnx.export import fuse_batchnorm
-from cora_onnx.models import build_model, default_normalization
-from cora_onnx.search import PqSettings, search_pq
-import cora_onnx.search.staged as staged
+from cora_onnx.onnx.data import Preprocess, load_images
+from cora_onnx.torch.export import fuse_batchnorm
+from cora_onnx.torch.models import build_model, default_normalization
+from cora_onnx.torch.search import PqSettings, search_pq
+import cora_onnx.torch.search.staged as staged
 from imagenette import SHARED, weights_path
 from measure_pq import _pq_settings_kw, lever_options
 
@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--out", help="append the JSON line to this file")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    logging.getLogger("cora_onnx.search.staged").setLevel(logging.INFO)
+    logging.getLogger("cora_onnx.torch.search.staged").setLevel(logging.INFO)
     torch.set_num_threads(args.torch_threads)
     calib = load_images(Path(SHARED) / "data/imagenette/calib",
                         Preprocess(224, 0.875, *default_normalization(args.model)))

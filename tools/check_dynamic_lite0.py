@@ -100,8 +100,8 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
     logging.getLogger("cora_onnx").setLevel(logging.INFO)
     torch.set_num_threads(1)
-    from cora_onnx.api import quantize
-    from cora_onnx.archs.efficientnet_lite import efficientnet_lite0, efficientnet_lite0_weights_path
+    from cora_onnx.run.api import quantize
+    from cora_onnx.torch.archs.efficientnet_lite import efficientnet_lite0, efficientnet_lite0_weights_path
 
     data = SHARED / "data" / "imagenette"
     if not data.is_dir():
@@ -120,7 +120,7 @@ def main() -> int:
         fx = "traceable"
     except Exception as exc:
         fx = f"not traceable ({str(exc).splitlines()[0][:60]})"
-    print(f"dynamic-padding Lite0 vs cora_onnx.archs version: max |logit diff| {diff:.2e}; torch.fx: {fx}")
+    print(f"dynamic-padding Lite0 vs cora_onnx.torch.archs version: max |logit diff| {diff:.2e}; torch.fx: {fx}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     settings = {"rtn8": dict(method="rtn", bits=8), "rtn4": dict(method="rtn", bits=4),
                 "pq": dict(method="pq", calib_size=args.calib_size)}

@@ -45,7 +45,7 @@ def export_dynamo_defaults(weights: Path, path: Path) -> None:
 
 def cli(args: list, cwd: Path) -> str:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "cora_onnx.cli", *map(str, args)]
+    cmd = [sys.executable, "-m", "cora_onnx.cli.main", *map(str, args)]
     print("$ cora-onnx " + " ".join(map(str, args)), flush=True)
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     out = res.stdout + "".join(line + "\n" for line in res.stderr.splitlines() if "Traceback" in line or

@@ -1,5 +1,5 @@
 """The models and Imagenette images of ../shared (see ../shared/README.md) for the tools/ scripts,
-loaded through the library's stages (cora_onnx.stages.load_model / load_data), so every script
+loaded through the library's stages (cora_onnx.run.stages.load_model / load_data), so every script
 gets the same weights, preprocessing and class map.
 """
 
@@ -16,7 +16,7 @@ def weights_path(arch: str, shared: str | Path = SHARED) -> Path:
     if arch == "resnet18":
         return Path(shared) / "models/resnet18-imagenet.pt"
     if arch == "efficientnet_lite0":
-        from cora_onnx.archs.efficientnet_lite import efficientnet_lite0_weights_path
+        from cora_onnx.torch.archs.efficientnet_lite import efficientnet_lite0_weights_path
 
         return Path(efficientnet_lite0_weights_path())
     raise SystemExit(f"no weights known for {arch!r}; expected one of {', '.join(MODELS)}")
@@ -28,16 +28,16 @@ def data_dir(shared: str | Path = SHARED) -> Path:
 
 def preprocess(arch: str, input_size: int = 224):
     """The architecture's usual preprocessing: resize to input_size, its mean/std."""
-    from cora_onnx.data import Preprocess
-    from cora_onnx.models import default_normalization
+    from cora_onnx.onnx.data import Preprocess
+    from cora_onnx.torch.models import default_normalization
 
     return Preprocess(input_size, 1.0, *default_normalization(arch))
 
 
 def load(arch: str, shared: str | Path = SHARED, *, calib: bool = False, val: str | None = "dev-val"):
-    """(model, preprocess, cora_onnx.stages.Data): the architecture with its ImageNet weights, and
+    """(model, preprocess, cora_onnx.run.stages.Data): the architecture with its ImageNet weights, and
     Imagenette's calibration images (calib=True) and the labelled `val` folder (None: none)."""
-    from cora_onnx.stages import load_data, load_model
+    from cora_onnx.run.stages import load_data, load_model
 
     model = load_model(arch, weights_path(arch, shared))
     pre = preprocess(arch)

@@ -111,7 +111,7 @@ def _sample_paths(shared: Path) -> dict:
 def _weights(args) -> Path:
     if args.model == "resnet18":
         return Path(args.shared) / "models/resnet18-imagenet.pt"
-    from cora_onnx.archs.efficientnet_lite import efficientnet_lite0_weights_path
+    from cora_onnx.torch.archs.efficientnet_lite import efficientnet_lite0_weights_path
 
     return Path(efficientnet_lite0_weights_path())
 
@@ -144,12 +144,12 @@ def run_sample(args) -> None:
     import resource
 
     from cora_onnx import quantize
-    from cora_onnx.data import Preprocess, load_class_map, load_images
-    from cora_onnx.export import apply_plan_torch, fuse_batchnorm
-    from cora_onnx.models import build_model, default_normalization
-    from cora_onnx.search.cora import CoraSettings, search_cora
-    from cora_onnx.verify import fidelity, predict_onnx, session, top1
-    from cora_onnx.verify_torch import predict_torch
+    from cora_onnx.onnx.data import Preprocess, load_class_map, load_images
+    from cora_onnx.torch.export import apply_plan_torch, fuse_batchnorm
+    from cora_onnx.torch.models import build_model, default_normalization
+    from cora_onnx.torch.search.cora import CoraSettings, search_cora
+    from cora_onnx.onnx.verify import fidelity, predict_onnx, session, top1
+    from cora_onnx.torch.verify import predict_torch
 
     paths = _sample_paths(Path(args.shared))
     mean, std = default_normalization(args.model)
@@ -208,7 +208,7 @@ def _reuse_float_statistics() -> None:
     get the same input statistics, grids and residual factors (GPTQ, SVD): those are computed once
     and reused, so a row costs minutes on one thread. They are deterministic functions of their
     inputs, so the rows are unchanged; but the reused rows' search_seconds leave that phase out."""
-    from cora_onnx.search.cora import quantize, search
+    from cora_onnx.torch.search.cora import quantize, search
 
     # patched where they are looked up: search_cora calls _quantize_layers, which calls input_second_moments
     original, memo = search._quantize_layers, {}
@@ -258,13 +258,13 @@ def sample_table(recs: list[dict]) -> None:
 
 def run(args) -> None:
     from cora_onnx import quantize
-    from cora_onnx.models import build_model, default_normalization
+    from cora_onnx.torch.models import build_model, default_normalization
 
     shared = Path(args.shared)
     if args.model == "resnet18":
         weights = shared / "models/resnet18-imagenet.pt"
     else:
-        from cora_onnx.archs.efficientnet_lite import efficientnet_lite0_weights_path
+        from cora_onnx.torch.archs.efficientnet_lite import efficientnet_lite0_weights_path
 
         weights = efficientnet_lite0_weights_path()
     mean, std = default_normalization(args.model)
@@ -308,17 +308,17 @@ def run_light(args) -> None:
     rows establish that ONNX Runtime matches PyTorch); calibration and validation subsets."""
     import resource
 
-    from cora_onnx.data import Preprocess, load_class_map, load_images
-    from cora_onnx.export import apply_plan_torch, fuse_batchnorm
-    from cora_onnx.models import build_model, default_normalization
-    from cora_onnx.search.cora import CoraSettings, search_cora
-    from cora_onnx.verify import fidelity, top1
-    from cora_onnx.verify_torch import predict_torch
+    from cora_onnx.onnx.data import Preprocess, load_class_map, load_images
+    from cora_onnx.torch.export import apply_plan_torch, fuse_batchnorm
+    from cora_onnx.torch.models import build_model, default_normalization
+    from cora_onnx.torch.search.cora import CoraSettings, search_cora
+    from cora_onnx.onnx.verify import fidelity, top1
+    from cora_onnx.torch.verify import predict_torch
 
     shared = Path(args.shared)
     model = build_model(args.model, shared / "models/resnet18-imagenet.pt") if args.model == "resnet18" else None
     if model is None:
-        from cora_onnx.archs.efficientnet_lite import efficientnet_lite0_weights_path
+        from cora_onnx.torch.archs.efficientnet_lite import efficientnet_lite0_weights_path
 
         model = build_model(args.model, efficientnet_lite0_weights_path())
     pre = Preprocess(224, 1.0, *default_normalization(args.model))
@@ -443,7 +443,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    for name in ("cora_onnx.verify", "onnxscript", "torch"):
+    for name in ("cora_onnx.onnx.verify", "onnxscript", "torch"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if args.protocol == "sample":
         run_sample(args)

@@ -5,7 +5,7 @@ fake-quantized, ONNX Runtime), parity, file sizes, latency.
     python tools/measure_foundation.py [--model resnet18] [--shared ../shared] [--bits 2 3 4 5 6 7 8] [--out results.json]
 
 Float logits are computed once; each bit width runs the stages of cora_onnx.quantize
-(cora_onnx.stages / cora_onnx.outcome: search -> export -> ONNX Runtime verification -> report).
+(cora_onnx.run.stages / cora_onnx.run.outcome: search -> export -> ONNX Runtime verification -> report).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 
 from imagenette import MODELS, SHARED, data_dir, load
 
-from cora_onnx.outcome import make_report, verify_quantized
-from cora_onnx.stages import check_options, export_quantized, run_search
-from cora_onnx.verify import predict_onnx, session, top1
-from cora_onnx.verify_torch import predict_torch
+from cora_onnx.run.outcome import make_report, verify_quantized
+from cora_onnx.run.stages import check_options, export_quantized, run_search
+from cora_onnx.onnx.verify import predict_onnx, session, top1
+from cora_onnx.torch.verify import predict_torch
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cora_onnx import import_pq  # noqa: E402
-from cora_onnx.verify import optimized_graph  # noqa: E402
+from cora_onnx.onnx.verify import optimized_graph  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 CKPT = SHARED / "models" / "resnet18_small_blocks.pth"

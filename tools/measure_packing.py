@@ -58,7 +58,7 @@ def main() -> None:
     val = _subset(shared / "data/imagenette/dev-val", out / "val-subset", args.val_per_class)
     calib = _subset(shared / "data/imagenette/calib", out / "calib-subset", args.calib_per_class)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    base = [sys.executable, "-m", "cora_onnx.cli", "quantize", "--model", "resnet18",
+    base = [sys.executable, "-m", "cora_onnx.cli.main", "quantize", "--model", "resnet18",
             "--weights", str(shared / "models/resnet18-imagenet.pt"), "--calib", str(calib),
             "--val", str(val), "--method", "rtn", "--latency-runs", "1",
             "--threads", "1", "-q"]
@@ -71,7 +71,7 @@ def main() -> None:
         print("$ OMP_NUM_THREADS=1 " + shlex.join(cmd), flush=True)
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
         r = json.loads((out / f"{name}.json").read_text())
-        from cora_onnx.verify import optimized_graph
+        from cora_onnx.onnx.verify import optimized_graph
 
         blob = (out / f"{name}.onnx").read_bytes()
         proto = onnx.load_from_string(blob)

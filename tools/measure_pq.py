@@ -49,14 +49,14 @@ import numpy as np
 import onnx
 import torch
 
-from cora_onnx.data import Preprocess, load_class_map, load_images
-from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes, quantizable_layers
-from cora_onnx.models import build_model, default_normalization
-from cora_onnx.options import parse_keep
-from cora_onnx.pipeline import apply_plan
-from cora_onnx.search import LayerSelection, PqSettings, search_pq
-from cora_onnx.verify import fidelity, measure_latency, parity, predict_onnx, session, top1
-from cora_onnx.verify_torch import predict_torch
+from cora_onnx.onnx.data import Preprocess, load_class_map, load_images
+from cora_onnx.torch.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes, quantizable_layers
+from cora_onnx.torch.models import build_model, default_normalization
+from cora_onnx.core.options import parse_keep
+from cora_onnx.onnx.pipeline import apply_plan
+from cora_onnx.torch.search import LayerSelection, PqSettings, search_pq
+from cora_onnx.onnx.verify import fidelity, measure_latency, parity, predict_onnx, session, top1
+from cora_onnx.torch.verify import predict_torch
 from holdout import holdout_dirs
 from measure_cora import _emit, _sample_paths, _weights
 
@@ -201,7 +201,7 @@ def _reuse_layer_fits() -> None:
     other fields; each row fine-tunes a copy."""
     import copy
 
-    from cora_onnx.search.pq import search
+    from cora_onnx.torch.search.pq import search
 
     original, memo = search.fit_layers, {}
 
@@ -221,7 +221,7 @@ def run_sample(args) -> None:
     import resource
 
     from cora_onnx import quantize
-    from cora_onnx.verify import fidelity, top1 as top1_
+    from cora_onnx.onnx.verify import fidelity, top1 as top1_
 
     paths = _sample_paths(Path(args.shared))
     mean, std = default_normalization(args.model)
@@ -306,7 +306,7 @@ def file_breakdown(blob: bytes) -> dict:
 
 def ort_folds_decode(blob: bytes) -> dict:
     """Does ORT's optimizer (ORT_ENABLE_ALL) constant-fold the decoding subgraph at load?"""
-    from cora_onnx.verify import optimized_graph
+    from cora_onnx.onnx.verify import optimized_graph
 
     t0 = time.perf_counter()
     opt = optimized_graph(blob)
@@ -397,8 +397,8 @@ def main() -> None:
         sample_table(args.table)
         return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    logging.getLogger("cora_onnx.search.pq").setLevel(logging.INFO)
-    logging.getLogger("cora_onnx.search.staged").setLevel(logging.INFO)
+    logging.getLogger("cora_onnx.torch.search.pq").setLevel(logging.INFO)
+    logging.getLogger("cora_onnx.torch.search.staged").setLevel(logging.INFO)
     torch.set_num_threads(args.torch_threads)
     if args.protocol == "sample":
         run_sample(args)
@@ -407,7 +407,7 @@ def main() -> None:
     if args.model == "resnet18":
         weights = shared / "models/resnet18-imagenet.pt"
     else:
-        from cora_onnx.archs.efficientnet_lite import efficientnet_lite0_weights_path
+        from cora_onnx.torch.archs.efficientnet_lite import efficientnet_lite0_weights_path
 
         weights = efficientnet_lite0_weights_path()
     model = build_model(args.model, weights).eval()

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from cora_onnx.data import load_class_map, load_images
-from cora_onnx.export import apply_plan_torch, fuse_batchnorm, quantizable_layers
-from cora_onnx.search import LayerSelection, PqSettings, search_pq
-from cora_onnx.search.layers import is_depthwise
-from cora_onnx.stages import load_model
-from cora_onnx.verify import fidelity, top1
-from cora_onnx.verify_torch import predict_torch
+from cora_onnx.onnx.data import load_class_map, load_images
+from cora_onnx.torch.export import apply_plan_torch, fuse_batchnorm, quantizable_layers
+from cora_onnx.torch.search import LayerSelection, PqSettings, search_pq
+from cora_onnx.torch.search.layers import is_depthwise
+from cora_onnx.run.stages import load_model
+from cora_onnx.onnx.verify import fidelity, top1
+from cora_onnx.torch.verify import predict_torch
 from holdout import holdout_dirs
 from imagenette import SHARED, preprocess, weights_path
 from measure_cora import _sample_paths

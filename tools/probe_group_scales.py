@@ -48,7 +48,7 @@ def group_scales(w2: torch.Tensor, bits: int, group: int, h: torch.Tensor, sweep
     (quantizers._input_weighted_group_clip: per group max|w| times the ratio of RATIOS with the least
     output error e H e^T, groups visited in order `sweeps` times, each choice given the current ranges
     of the channel's other groups); fp16=False keeps them float32."""
-    from cora_onnx.quantizers import QuantSpec, _input_weighted_group_clip
+    from cora_onnx.torch.quantizers import QuantSpec, _input_weighted_group_clip
 
     return _input_weighted_group_clip(w2, QuantSpec(bits=bits, group=group), h, RATIOS, sweeps, half=fp16).scale
 
@@ -57,7 +57,7 @@ def gptq_columns(w2: torch.Tensor, scales: torch.Tensor, bits: int, group: int, 
                  act_order: bool = True) -> torch.Tensor:
     """The library's GPTQ (quantizers.gptq_round) on fixed group scales (C, ceil(K / group)): the
     integer values q (C, K)."""
-    from cora_onnx.quantizers import QuantSpec, QuantizedTensor, gptq_round
+    from cora_onnx.torch.quantizers import QuantSpec, QuantizedTensor, gptq_round
 
     qt = QuantizedTensor(q=torch.zeros(w2.shape, dtype=torch.int16), scale=scales.float(),
                          zero_point=torch.zeros(scales.shape, dtype=torch.int16), spec=QuantSpec(bits=bits, group=group))
@@ -131,17 +131,17 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.torch_threads)
 
-    from cora_onnx.data import Preprocess, load_class_map, load_images
-    from cora_onnx.export import fuse_batchnorm
-    from cora_onnx.models import build_model, default_normalization
-    from cora_onnx.quantizers import quantizable_layers
-    from cora_onnx.search.cora import CoraSettings
-    from cora_onnx.search.cora.quantize import _grid
-    from cora_onnx.search.layers import select_layers
-    from cora_onnx.search.stats import input_second_moments, input_width
-    from cora_onnx.torch_images import as_torch
-    from cora_onnx.verify import fidelity, top1
-    from cora_onnx.verify_torch import predict_torch
+    from cora_onnx.onnx.data import Preprocess, load_class_map, load_images
+    from cora_onnx.torch.export import fuse_batchnorm
+    from cora_onnx.torch.models import build_model, default_normalization
+    from cora_onnx.torch.quantizers import quantizable_layers
+    from cora_onnx.torch.search.cora import CoraSettings
+    from cora_onnx.torch.search.cora.grids import _grid
+    from cora_onnx.torch.search.layers import select_layers
+    from cora_onnx.torch.search.stats import input_second_moments, input_width
+    from cora_onnx.torch.images import as_torch
+    from cora_onnx.onnx.verify import fidelity, top1
+    from cora_onnx.torch.verify import predict_torch
 
     shared = Path(args.shared)
     pre = Preprocess(224, 0.875, *default_normalization("resnet18"))
@@ -250,7 +250,7 @@ def mixed_plan(model, calib, budget: float, calib_size: int):
     """The product's per-layer widths (2, 3, 4 or 8 bits, per-channel grids, grid only) chosen under
     `budget` bits per weight (--mixed-budget) instead of the bytes of uniform floor(budget) bits.
     Returns (plan, {layer: width} of the layers whose width was chosen)."""
-    from cora_onnx.search.cora import CoraSettings, search_cora
+    from cora_onnx.torch.search.cora import CoraSettings, search_cora
 
     plan = search_cora(model, CoraSettings(bits=int(budget), budget=0.0, group_size=0, mixed_budget=budget,
                                            calib_size=calib_size), calib)
@@ -262,7 +262,7 @@ def mixed_bits_per_weight(layers: dict, bits: dict[str, int], widths: dict[str, 
     """Stored bits per weight of per-layer widths (one float16 scale per channel, or per group of the
     chosen widths below 8 bits); low_only: the layers whose width was chosen, else with the kept
     8-bit layers too."""
-    from cora_onnx.search.cora.mixed import storage_bits
+    from cora_onnx.torch.search.cora.mixed import storage_bits
 
     names = [n for n in bits if not low_only or n in widths]
     stored = 0

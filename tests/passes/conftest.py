@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cora_onnx.plan import UniformWeights
+from cora_onnx.core.plan import UniformWeights
 
 
 class TinyGraph:

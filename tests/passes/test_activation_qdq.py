@@ -6,14 +6,14 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from cora_onnx.data import ImageSet, Preprocess
-from cora_onnx.errors import PlanError
-from cora_onnx.export import apply_plan_torch, export_program, fuse_batchnorm, onnx_bytes
-from cora_onnx.int8 import add_activation_qdq, choose_scheme, integer_kernels
-from cora_onnx.pipeline import apply_plan, cleanup_passes
-from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
-from cora_onnx.simulate import ActivationQuantSim
-from cora_onnx.verify import session
+from cora_onnx.onnx.data import ImageSet, Preprocess
+from cora_onnx.core.errors import PlanError
+from cora_onnx.torch.export import apply_plan_torch, export_program, fuse_batchnorm, onnx_bytes
+from cora_onnx.onnx.int8 import add_activation_qdq, choose_scheme, integer_kernels
+from cora_onnx.onnx.pipeline import apply_plan, cleanup_passes
+from cora_onnx.torch.search import LayerSelection, RtnSettings, search_rtn
+from cora_onnx.torch.simulate import ActivationQuantSim
+from cora_onnx.onnx.verify import session
 from passes import ActivationQDQPass, QuantScheme, activation_layout
 
 AVX2 = QuantScheme("uint8", 7, "test")

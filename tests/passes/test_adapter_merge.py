@@ -7,13 +7,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cora_onnx.errors import PlanError
-from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
-from cora_onnx.npgrid import merged_grid
-from cora_onnx.pipeline import apply_plan
-from cora_onnx.plan import LayerPlan, Plan
-from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
-from cora_onnx.verify import optimized_graph
+from cora_onnx.core.errors import PlanError
+from cora_onnx.torch.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
+from cora_onnx.core.npgrid import merged_grid
+from cora_onnx.onnx.pipeline import apply_plan
+from cora_onnx.core.plan import LayerPlan, Plan
+from cora_onnx.torch.search import LayerSelection, RtnSettings, search_rtn
+from cora_onnx.onnx.verify import optimized_graph
 from passes import AdapterMergePass, WeightQDQPass
 from passes.adapter_merge import MERGED_BITS_KEY
 from lowrank_adapters import random_adapter

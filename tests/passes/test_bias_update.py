@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from cora_onnx.errors import PlanError
-from cora_onnx.plan import Bias, LayerPlan, Plan
+from cora_onnx.core.errors import PlanError
+from cora_onnx.core.plan import Bias, LayerPlan, Plan
 from passes import BiasUpdatePass
 
 

@@ -1,4 +1,4 @@
-"""The cleanup that ends every pipeline (cora_onnx.pipeline.cleanup_passes: unused nodes and
+"""The cleanup that ends every pipeline (cora_onnx.onnx.pipeline.cleanup_passes: unused nodes and
 initializers out, unused opsets out, topological order, full ONNX checker) on a tiny graph built here."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
 
-from cora_onnx.pipeline import cleanup_passes
+from cora_onnx.onnx.pipeline import cleanup_passes
 
 
 def _with_dead_code(graph):

@@ -5,12 +5,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cora_onnx.data import ImageSet, Preprocess
-from cora_onnx.errors import PlanError
-from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes, quantizable_layers
-from cora_onnx.pipeline import apply_plan
-from cora_onnx.plan import Codebook, LayerPlan, Plan
-from cora_onnx.search import LayerSelection, PqSettings, search_pq
+from cora_onnx.onnx.data import ImageSet, Preprocess
+from cora_onnx.core.errors import PlanError
+from cora_onnx.torch.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes, quantizable_layers
+from cora_onnx.onnx.pipeline import apply_plan
+from cora_onnx.core.plan import Codebook, LayerPlan, Plan
+from cora_onnx.torch.search import LayerSelection, PqSettings, search_pq
 from passes import CodebookDecodePass
 
 

@@ -3,10 +3,10 @@ import onnx
 import pytest
 import torch
 
-from cora_onnx.errors import PlanError
-from cora_onnx.export import export_onnx, fuse_batchnorm, onnx_bytes
-from cora_onnx.pipeline import apply_plan
-from cora_onnx.plan import Bias, LayerPlan, LowRankAdapter, Plan
+from cora_onnx.core.errors import PlanError
+from cora_onnx.torch.export import export_onnx, fuse_batchnorm, onnx_bytes
+from cora_onnx.onnx.pipeline import apply_plan
+from cora_onnx.core.plan import Bias, LayerPlan, LowRankAdapter, Plan
 from passes import BiasUpdatePass, LowRankBranchPass
 
 

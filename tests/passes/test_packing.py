@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import passes._packing as packing
-from cora_onnx.export import apply_plan_torch, export_onnx, export_program, onnx_bytes
-from cora_onnx.int8 import add_activation_qdq, integer_kernels
-from cora_onnx.pipeline import apply_plan, cleanup_passes
-from cora_onnx.plan import LowRankAdapter, Plan
-from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
-from cora_onnx.verify import optimized_graph, session
+from cora_onnx.torch.export import apply_plan_torch, export_onnx, export_program, onnx_bytes
+from cora_onnx.onnx.int8 import add_activation_qdq, integer_kernels
+from cora_onnx.onnx.pipeline import apply_plan, cleanup_passes
+from cora_onnx.core.plan import LowRankAdapter, Plan
+from cora_onnx.torch.search import LayerSelection, RtnSettings, search_rtn
+from cora_onnx.onnx.verify import optimized_graph, session
 from passes import QuantScheme
 
 DECODE_OPS = {"Gather", "Mod", "Div", "MatMul", "Cast", "Slice"}
@@ -139,7 +139,7 @@ def test_sub_4_bit_files_are_smaller(mid):
 
 
 def _images(n=32, size=8):
-    from cora_onnx.data import ImageSet, Preprocess
+    from cora_onnx.onnx.data import ImageSet, Preprocess
 
     imgs = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return ImageSet(imgs.numpy(), None, tuple(map(str, range(n))), Preprocess(size))

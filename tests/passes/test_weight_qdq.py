@@ -5,11 +5,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cora_onnx.errors import PlanError
-from cora_onnx.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
-from cora_onnx.pipeline import apply_plan
-from cora_onnx.plan import Plan
-from cora_onnx.search import LayerSelection, RtnSettings, search_rtn
+from cora_onnx.core.errors import PlanError
+from cora_onnx.torch.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes
+from cora_onnx.onnx.pipeline import apply_plan
+from cora_onnx.core.plan import Plan
+from cora_onnx.torch.search import LayerSelection, RtnSettings, search_rtn
 from passes import WeightQDQPass
 
 
@@ -115,7 +115,7 @@ def test_weight_keyed_passes_refuse_a_rewritten_weight(tiny, component):
     keyed by weight name refuses; with the right weight it runs."""
     import dataclasses
 
-    from cora_onnx.plan import Bias, Codebook, LowRankAdapter
+    from cora_onnx.core.plan import Bias, Codebook, LowRankAdapter
     from passes import BiasUpdatePass, CodebookDecodePass, LowRankBranchPass
 
     fused = fuse_batchnorm(tiny)
@@ -149,7 +149,7 @@ def test_the_pass_alone_on_a_graph_built_here(graph, bits, symmetric, per_channe
     """WeightQDQPass alone on a tiny onnx.helper graph: each planned weight becomes
     DequantizeLinear(<w>_quantized in the container of its width) feeding the same input of the
     same node, and ONNX Runtime computes what the float graph computes with the plan's weights."""
-    from cora_onnx.plan import LayerPlan
+    from cora_onnx.core.plan import LayerPlan
 
     layers = tuple(LayerPlan(name, kind, graph.SHAPES[f"{name}.weight"],
                              uniform=graph.uniform(graph.weights[f"{name}.weight"], bits, symmetric, per_channel))

@@ -1,0 +1,106 @@
+"""Integer inference in ONNX Runtime: the activation / weight types for this CPU, the check
+that quantized nodes really run as integer kernels (ORT's optimized graph), and the ONNX-side
+pipeline that adds activation QDQ to a weight-quantized graph."""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Mapping
+
+import onnx_ir as ir
+
+from passes import ActivationQDQPass, QuantScheme, activation_layout
+
+from cora_onnx.onnx.calibrate import CalibSettings, calibrate
+from cora_onnx.core.errors import SettingsError
+from cora_onnx.onnx.report import cpu_flags
+
+__all__ = ["choose_scheme", "integer_kernels", "INTEGER_OPS", "FLOAT_COMPUTE_OPS", "add_activation_qdq",
+           "ACT_BITS", "activation_histograms"]
+
+log = logging.getLogger(__name__)
+
+ACT_BITS = (8,)
+INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "ConvInteger", "MatMulInteger",
+               "MatMulIntegerToFloat", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearMul",
+               "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "DynamicQuantizeMatMul", "MatMulNBits")
+FLOAT_COMPUTE_OPS = ("Conv", "FusedConv", "NchwcConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+
+
+def choose_scheme(flags: Mapping | None = None, act_dtype: str | None = None,
+                  weight_bits: int | None = None) -> QuantScheme:
+    """Activation type and weight width for the CPU (cora_onnx.onnx.report.cpu_flags()).
+
+    x86 with VNNI (AVX512-VNNI / AVX-VNNI): u8 activations, 8-bit weights. x86 without VNNI:
+    u8 x s8 products are summed in int16 by VPMADDUBSW and saturate with 8-bit weights, so
+    weights use 7 bits (reduce_range). ARM: u8 activations, 8-bit weights (dot-product kernels
+    do not saturate). Explicit act_dtype / weight_bits override the choice."""
+    flags = dict(cpu_flags() if flags is None else flags)
+    machine = str(flags.get("machine", "")).lower()
+    if machine in ("aarch64", "arm64") or machine.startswith("arm"):
+        scheme = QuantScheme("uint8", 8, f"ARM ({'with' if flags.get('arm_dotprod') else 'without'} dot product): "
+                                         "u8 activations, 8-bit weights")
+    elif flags.get("vnni"):
+        scheme = QuantScheme("uint8", 8, "x86 with VNNI: u8 activations x 8-bit weights do not saturate")
+    else:
+        scheme = QuantScheme("uint8", 7, f"x86 {'AVX2 ' if flags.get('avx2') else ''}without VNNI: u8 x s8 products "
+                                         "saturate in int16 unless weights use 7 bits (reduce_range)")
+    if act_dtype is not None or weight_bits is not None:
+        try:
+            scheme = QuantScheme(act_dtype or scheme.act_dtype, weight_bits or scheme.weight_bits, "set by the user")
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+    return scheme
+
+
+def integer_kernels(model_bytes: bytes) -> dict:
+    """Optimize the model as an ONNX Runtime CPU session does (level ALL) and count what runs:
+    integer kernels (INTEGER_OPS), float Conv/Gemm/MatMul kernels, every op type."""
+    from cora_onnx.onnx.verify import optimized_graph
+
+    proto = optimized_graph(model_bytes)
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    return {"integer": sum(ops[o] for o in INTEGER_OPS), "float_compute": sum(ops[o] for o in FLOAT_COMPUTE_OPS),
+            "ops": dict(sorted(ops.items()))}
+
+
+def _layout(model: ir.Model):
+    layout = activation_layout(model)
+    if not layout.compute:
+        raise SettingsError("the model has no Conv/Gemm/MatMul/Add node that can run as an integer kernel")
+    return layout
+
+
+def activation_histograms(model: ir.Model, images, calib: CalibSettings = CalibSettings(),
+                          threads: int | None = None) -> dict:
+    """One calibration pass of `model` (weights already QDQ or float) over `images`: the
+    histogram of each activation tensor add_activation_qdq calibrates, from which every range
+    method (calib.method does not matter here) computes its ranges."""
+    from cora_onnx.onnx.calibrate import collect_histograms
+    from cora_onnx.core.modelfile import onnx_bytes
+
+    layout = _layout(model)
+    n = (len(images) + calib.batch_size - 1) // calib.batch_size
+    return collect_histograms(onnx_bytes(model), layout.calibrate, images.batches(calib.batch_size), n, calib.bins,
+                              threads)
+
+
+def add_activation_qdq(model: ir.Model, images, scheme: QuantScheme, calib: CalibSettings = CalibSettings(),
+                       threads: int | None = None, weight_clip: str = "mse",
+                       histograms: dict | None = None) -> tuple[dict, dict, dict]:
+    """Calibrate the activations of `model` (weights already QDQ or float) on `images` and insert
+    activation QDQ in place. Returns (ranges, qparams by tensor, pass report). histograms: from
+    activation_histograms(model, images) when several range methods share one calibration pass."""
+    from passes import activation_qparams
+
+    from cora_onnx.onnx.calibrate import compute_ranges
+    from cora_onnx.core.modelfile import onnx_bytes
+
+    layout = _layout(model)
+    ranges = calibrate(onnx_bytes(model), layout.calibrate, images, calib, threads) if histograms is None else \
+        compute_ranges(histograms, calib)
+    qparams = activation_qparams(ranges, scheme, layout)
+    p = ActivationQDQPass(ranges, scheme, weight_clip=weight_clip)
+    p(model)
+    return ranges, qparams, p.report

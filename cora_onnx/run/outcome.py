@@ -1,0 +1,271 @@
+"""The last stages of `cora_onnx.quantize` (see cora_onnx.run.stages for the first ones):
+
+    verify_quantized -> make_report -> write_outputs
+
+and `float_reference`, the float side of the verification computed once for many runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from cora_onnx.onnx.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess, load_class_map, load_images, parse_floats
+from cora_onnx.core.errors import ParityError
+from cora_onnx.torch.export import export_onnx, fuse_batchnorm, remaining_batchnorm
+from cora_onnx.core.files import atomic_write
+from cora_onnx.core.modelfile import onnx_bytes
+from cora_onnx.torch.parity import PARITY_LIMITS, failed_path, first_divergent_layer, parity_failure, reference_kind
+from cora_onnx.core.plan import Plan
+from cora_onnx.torch.quantizers import quantizable_layers
+from cora_onnx.onnx.report import environment, write_report
+from cora_onnx.torch.search import METHODS
+from cora_onnx.run.stages import Data, Exported, Options, Searched, load_model, num_classes
+from cora_onnx.onnx.verify import fidelity, measure_latency, parity, predict_onnx, session, size_breakdown, top1
+from cora_onnx.torch.verify import predict_torch
+
+__all__ = ["Verification", "verify_quantized", "make_report", "write_outputs", "effective_bits", "FloatReference",
+           "float_reference", "PROBE_IMAGES"]
+
+log = logging.getLogger(__name__)
+
+PROBE_IMAGES = 8  # images on which a failed parity check compares the layers' outputs
+
+
+@dataclass(frozen=True, eq=False)
+class Verification:
+    """figures: top1, parity (with its reference kind and limits), fidelity_to_float (with val),
+    latency_ms, latency, size_breakdown. failure: why parity failed (None: verified). probe: the
+    normalized images a failed check compares layer outputs on."""
+
+    figures: dict
+    failure: str | None
+    kind: str
+    probe: torch.Tensor
+
+    @property
+    def verified(self) -> bool:
+        return self.failure is None
+
+
+def verify_quantized(model: nn.Module, exported: Exported, data: Data, opts: Options,
+                     float_logits: np.ndarray | None = None) -> Verification:
+    """Check the quantized ONNX file in ONNX Runtime against the PyTorch model it came from
+    (exported.qmodel) on val (else on up to opts.parity_images calib images), top-1 of the float
+    model (float_logits when given), the quantized PyTorch model and ONNX Runtime on val, fidelity
+    to float, sizes, and latency (skipped when opts.latency_runs is 0)."""
+    scheme = opts.scheme
+    qsess = session(exported.quant_bytes, threads=opts.threads)
+    val_set, calib_set, batch_size = data.val, data.calib, opts.batch_size
+    t1 = {"float": None, "quantized_torch": None, "quantized_onnxruntime": None}
+    fid = None
+    if val_set is not None:
+        pset = val_set
+        ort_logits = predict_onnx(qsess, val_set, batch_size, "ONNX Runtime, quantized")
+        q_logits = predict_torch(exported.qmodel, val_set, batch_size, "PyTorch, quantized")
+        f_logits = predict_torch(model, val_set, batch_size, "PyTorch, float") if float_logits is None else \
+            np.asarray(float_logits, dtype=np.float32)
+        t1 = {"float": top1(f_logits, val_set.labels), "quantized_torch": top1(q_logits, val_set.labels),
+              "quantized_onnxruntime": top1(ort_logits, val_set.labels)}
+        fid = fidelity(ort_logits, f_logits)
+    else:
+        pset = calib_set.subset(opts.parity_images, opts.seed)
+        ort_logits = predict_onnx(qsess, pset, batch_size, "ONNX Runtime, quantized")
+        q_logits = predict_torch(exported.qmodel, pset, batch_size, "PyTorch, quantized")
+    par = parity(ort_logits, q_logits)
+    # the images a failed check compares layer by layer: those the two runs disagree on first
+    order = np.argsort((ort_logits.argmax(1) == q_logits.argmax(1)).astype(np.int8), kind="stable")[:PROBE_IMAGES]
+    probe = torch.from_numpy(pset.preprocess.normalize(pset.images[np.sort(order)]))
+    shape = (3, opts.pre.input_size, opts.pre.input_size)
+    batches = (1,) if not opts.latency_batch or opts.latency_batch == 1 else (1, opts.latency_batch)
+    if opts.latency_runs > 0:
+        log.info("measuring latency (%d interleaved runs per model and batch size)", opts.latency_runs)
+    models = {"float": exported.float_bytes, "quantized": qsess}
+    if scheme is None:  # load-time weight folding disables the integer fusions: only for weight-only models
+        models["quantized_folded"] = session(exported.quant_bytes, threads=opts.threads, fold_weight_dq=True)
+    models.update(exported.extra)
+    lat = measure_latency(models, shape, batch_sizes=batches, runs=opts.latency_runs, threads=opts.threads,
+                          seed=opts.seed) if opts.latency_runs > 0 else {}  # 0: timing skipped
+    figures = {
+        "top1": t1, "parity": par,
+        **({"fidelity_to_float": fid} if fid is not None else {}),
+        "latency_ms": {k: lat[k]["batch_1"]["median_ms"] if k in lat else None
+                       for k in ("float", "quantized", "quantized_folded", *exported.extra)},
+        "latency": lat,
+        "size_breakdown": {"float": size_breakdown(exported.float_bytes),
+                           "quantized": size_breakdown(exported.quant_bytes)},
+    }
+    kind = reference_kind(scheme is not None, exported.qmodel)
+    failure = parity_failure(par, kind)
+    par.update(reference=kind, limits=dataclasses.asdict(PARITY_LIMITS[kind]))
+    return Verification(figures, failure, kind, probe)
+
+
+def make_report(searched: Searched, exported: Exported, verification: Verification, data: Data,
+                opts: Options) -> dict:
+    """The run's report (JSON-ready dict; "verified" says whether parity held)."""
+    plan, fused, pre = searched.plan, searched.fused, opts.pre
+    quant_bytes, float_bytes = exported.quant_bytes, exported.float_bytes
+    qlayers = quantizable_layers(fused)
+    weight_params = sum(mod.weight.numel() for mod in qlayers.values())
+    m = METHODS[opts.method]
+    return {
+        "model": plan.meta["model"], "method": opts.method, "bits": opts.bits, "onnx_path": str(opts.out),
+        "onnx_bytes": len(quant_bytes), "float_onnx_bytes": len(float_bytes),
+        "compression_ratio": len(float_bytes) / len(quant_bytes),
+        "weight_params": weight_params, "effective_bits": effective_bits(plan, qlayers),
+        **verification.figures, "search_seconds": searched.seconds,
+        "settings": plan.settings,
+        "layers": [{"name": lp.name, "bits": lp.uniform.bits if lp.uniform else None, **dict(lp.info)}
+                   for lp in plan.layers],
+        "preprocess": {"input_size": pre.input_size, "crop_ratio": pre.crop_ratio, "mean": list(pre.mean),
+                       "std": list(pre.std)},
+        "images": {"calib": len(data.calib) if data.calib is not None else 0,
+                   "val": len(data.val) if data.val is not None else 0},
+        "environment": environment(opts.threads),
+        "notes": (_notes(plan) if opts.scheme is None else []) + _batchnorm_notes(fused),
+        **(m.report(plan) if m.report is not None else {}),
+        **({"activations": exported.act_report} if exported.act_report is not None else {}),
+        "verified": verification.verified,
+    }
+
+
+def write_outputs(report: dict, searched: Searched, exported: Exported, verification: Verification,
+                  opts: Options) -> None:
+    """Write the model to opts.out (converted to ORT format with opts.out_format "ort") and the
+    float model, plan and report when asked for, each to a temporary name, then renamed; adds the
+    file's bits per weight to `report`. When parity failed: the model is kept as NAME.failed.onnx
+    (never under opts.out), the report says where the layers' outputs diverge, and ParityError."""
+    quant_bytes, float_bytes = exported.quant_bytes, exported.float_bytes
+    weight_params = max(report["weight_params"], 1)
+    if not verification.verified:
+        report["file_bits_per_weight"] = len(quant_bytes) * 8 / weight_params
+        report["float_file_bits_per_weight"] = len(float_bytes) * 8 / weight_params
+        _parity_failed(report, searched, exported, verification, opts)
+    file_bytes = quant_bytes
+    if opts.out_format == "ort":
+        from cora_onnx.onnx.ort_format import to_ort
+
+        file_bytes, report["ort_format"] = to_ort(quant_bytes)
+        if len(file_bytes) > 1.05 * len(quant_bytes):
+            report["notes"].append(
+                f"the ORT format file ({len(file_bytes) / 1e6:.2f} MB) is larger than the ONNX file "
+                f"({len(quant_bytes) / 1e6:.2f} MB): ONNX Runtime's optimizer decodes packed low-bit grids (and "
+                f"Casts of INT4 grids) at conversion and stores the 8-bit result")
+    report["file_bits_per_weight"] = len(file_bytes) * 8 / weight_params
+    report["float_file_bits_per_weight"] = len(float_bytes) * 8 / weight_params
+    atomic_write(opts.out, lambda f: f.write(file_bytes))
+    _write_side_outputs(report, searched.plan, float_bytes, opts)
+
+
+def _parity_failed(report: dict, searched: Searched, exported: Exported, verification: Verification,
+                   opts: Options) -> None:
+    """Keep the model as NAME.failed.onnx, write the report with verified false (and the plan and
+    float model when asked for), and raise ParityError naming the first layer whose output diverges."""
+    par, probe, out = verification.figures["parity"], verification.probe, opts.out
+    layers = list(quantizable_layers(searched.fused))
+    try:
+        where = first_divergent_layer(exported.quant_bytes, exported.qmodel, layers, probe, verification.kind,
+                                      opts.threads)
+    except Exception as exc:  # the diagnosis must not hide the failure itself
+        log.warning("could not compare the layers' outputs: %s", str(exc).splitlines()[0][:200] if str(exc) else exc)
+        where = None
+    if where is None:
+        located = "no layer output could be compared"
+    elif where[2]:
+        located = f"first diverging layer: {where[0]} (relative error {where[1]:.3g} on {len(probe)} images)"
+    else:
+        located = f"no single layer diverges; largest layer error at {where[0]} ({where[1]:.3g})"
+    failed = failed_path(out)
+    atomic_write(failed, lambda f: f.write(exported.quant_bytes))
+    msg = (f"ONNX Runtime disagrees with the PyTorch model on {par['images']} images: {verification.failure}; "
+           f"{located}; the model was not written to {out}, it is kept as {failed} for inspection")
+    report.update(onnx_path=str(failed), parity_error=msg,
+                  parity_layer=None if where is None else {"layer": where[0], "relative_error": where[1],
+                                                           "diverged": where[2]})
+    _write_side_outputs(report, searched.plan, exported.float_bytes, opts)
+    raise ParityError(msg)
+
+
+def _write_side_outputs(report: dict, plan: Plan, float_bytes: bytes, opts: Options) -> None:
+    """The float model, the plan and the report, each when asked for."""
+    if opts.float_out is not None:
+        atomic_write(opts.float_out, lambda f: f.write(float_bytes))
+    if opts.plan_out is not None:
+        plan.save(opts.plan_out)
+    if opts.report is not None:
+        write_report(report, opts.report)
+
+
+def effective_bits(plan: Plan, layers: dict[str, nn.Module]) -> float:
+    """All stored weight bits (grids, scales, zero points, adapters, codebooks; float32 for
+    unplanned layers) per weight parameter of the Conv/Linear layers."""
+    planned = {lp.name: lp for lp in plan.layers}
+    total = params = 0
+    for name, mod in layers.items():
+        n = mod.weight.numel()
+        params += n
+        bits = planned[name].stored_bits() if name in planned else None
+        total += 32 * n if bits is None else bits
+        if name in planned and bits is None and planned[name].adapter is not None:
+            total += planned[name].adapter.stored_bits()
+    return total / max(params, 1)
+
+
+def _batchnorm_notes(fused: nn.Module) -> list[str]:
+    left = remaining_batchnorm(fused)
+    if not left:
+        return []
+    return [f"{len(left)} BatchNorm layers could not be fused into a Conv (e.g. {left[0]}): they run as "
+            "BatchNormalization nodes, and the weights before them were quantized without their scale"]
+
+
+def _notes(plan: Plan) -> list[str]:
+    notes = []
+    if any(lp.uniform is not None and lp.uniform.bits <= 4 for lp in plan.layers):
+        notes.append("ONNX Runtime has no 4-bit Conv kernel on CPU: INT4 weights save disk, not time (their "
+                     "DequantizeLinear runs at each inference). latency 'quantized_folded' is the same file with "
+                     "session config session.disable_quant_qdq=1, which folds them at load.")
+    return notes
+
+
+@dataclass(frozen=True, eq=False)
+class FloatReference:
+    """What every compressed variant of one model is compared with: the float model's logits on the
+    validation images (in load order), their labels and top-1, the float (BN-fused) ONNX file,
+    and the Conv/Linear weight parameter count (the denominator of bits per weight)."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    top1: float
+    onnx: bytes
+    weight_params: int
+
+
+def float_reference(model: nn.Module, val: str | Path, class_map: str | Path | None = None,
+                    mean: Sequence[float] | str = IMAGENET_MEAN, std: Sequence[float] | str = IMAGENET_STD,
+                    input_size: int = 224, *, crop_ratio: float = 1.0, batch_size: int = 32) -> FloatReference:
+    """The float side of `quantize`'s verification, computed once: pass .logits to
+    quantize(float_logits=...) with the same val folder and preprocessing."""
+    pre = Preprocess(input_size=int(input_size), crop_ratio=crop_ratio, mean=parse_floats(mean, what="mean"),
+                     std=parse_floats(std, what="std"))
+    model = load_model(model)
+    n_classes = num_classes(model, pre.input_size)
+    cmap = load_class_map(class_map) if class_map is not None else None
+    val_set = load_images(val, pre, labelled=True, class_map=cmap, num_classes=n_classes, what="validation folder")
+    logits = predict_torch(model, val_set, batch_size, "PyTorch, float")
+    fused = fuse_batchnorm(model)
+    model_ir = export_onnx(fused, pre.input_size)
+    meta = {"input_size": pre.input_size, "crop_ratio": pre.crop_ratio, "mean": list(pre.mean), "std": list(pre.std)}
+    model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(meta)
+    weight_params = sum(mod.weight.numel() for mod in quantizable_layers(fused).values())
+    labels = val_set.labels
+    return FloatReference(logits, labels, top1(logits, labels), onnx_bytes(model_ir), int(weight_params))

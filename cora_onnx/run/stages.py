@@ -1,0 +1,340 @@
+"""The stages of `cora_onnx.quantize`, each usable alone (the tools/ scripts call them):
+
+    check_options -> load_model -> load_data -> run_search -> export_quantized
+        -> verify_quantized (cora_onnx.run.outcome) -> make_report -> write_outputs
+
+`check_options` validates everything that does not need the model and returns an `Options`;
+the other stages pass frozen results forward (`Data`, `Searched`, `Exported`). Verification,
+the report and writing are in cora_onnx.run.outcome.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from cora_onnx.onnx.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, Preprocess, load_class_map, load_images, parse_floats
+from cora_onnx.core.errors import ModelError, SettingsError
+from cora_onnx.torch.export import AdaptedConv, apply_plan_torch, export_program, fuse_batchnorm
+from cora_onnx.core.files import check_output_path
+from cora_onnx.core.modelfile import onnx_bytes
+from cora_onnx.torch.models import build_model, check_finite
+from cora_onnx.onnx.pipeline import apply_plan
+from cora_onnx.core.plan import Plan
+from cora_onnx.torch.quantizers import quantizable_layers
+from cora_onnx.torch.search import METHODS
+from cora_onnx.onnx.verify import cpu_threads
+
+__all__ = ["Options", "Data", "Searched", "Exported", "check_options", "check_run_options", "make_settings",
+           "load_model", "num_classes", "load_data", "run_search", "export_quantized", "integer_activations",
+           "ADAPTER_LAYOUTS", "BRANCH_TIMING_CALIB"]
+
+log = logging.getLogger(__name__)
+
+ADAPTER_LAYOUTS = ("auto", "branch", "merge")
+BRANCH_TIMING_CALIB = 128  # calibration images for the branch-layout model that is only timed
+
+
+@dataclass(frozen=True, eq=False)
+class Options:
+    """A quantize run's checked options. settings: the method's validated settings (bits and
+    options fitted to the integer-kernel width with act_bits); scheme / calib_settings: integer
+    activations (None: float activations); merge_bits: the integer weight width the CoRa adapters
+    are fused into at load (None: adapters as branches)."""
+
+    method: str
+    bits: int
+    settings: Any
+    pre: Preprocess
+    threads: int
+    seed: int = 0
+    scheme: Any = None
+    calib_settings: Any = None
+    merge_bits: int | None = None
+    out: Any = "model.onnx"  # the output paths as given (str or Path)
+    report: Any = None
+    plan_out: Any = None
+    float_out: Any = None
+    out_format: str = "onnx"
+    model_name: str | None = None
+    batch_size: int = 32
+    parity_images: int = 1000
+    latency_runs: int = 30
+    latency_batch: int | None = None
+
+
+def make_settings(method: str, bits: int, options: dict[str, Any]):
+    """Validated settings of a search method; unknown options are a SettingsError."""
+    if method not in METHODS:
+        raise SettingsError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    cls = METHODS[method].settings
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise SettingsError(f"method {method} has no option {unknown[0]!r}; its options: {', '.join(sorted(fields))}")
+    return cls(bits=bits, **options)
+
+
+def check_run_options(*, act_bits=None, act_calib: str = "minmax", adapter_layout: str = "auto",
+                      out_format: str = "onnx", latency_runs: int = 30, has_calib: bool = True) -> None:
+    """SettingsError for quantize's options that are not the method's own (check_options calls it
+    first; sweeps call it before any job starts)."""
+    from cora_onnx.onnx.calibrate import CALIB_METHODS
+    from cora_onnx.onnx.int8 import ACT_BITS
+
+    if act_bits is not None:
+        if act_bits not in ACT_BITS:
+            raise SettingsError(f"act_bits must be one of {', '.join(map(str, ACT_BITS))} (or None for float "
+                                f"activations), got {act_bits!r}")
+        if not has_calib:
+            raise SettingsError("integer activations (act_bits=8) need calibration images (calib=DIR)")
+        if act_calib not in CALIB_METHODS:
+            raise SettingsError(f"act_calib must be one of {', '.join(CALIB_METHODS)}, got {act_calib!r}")
+    if adapter_layout not in ADAPTER_LAYOUTS:
+        raise SettingsError(f"adapter layout must be one of {', '.join(ADAPTER_LAYOUTS)}, got {adapter_layout!r}")
+    if adapter_layout == "merge" and act_bits is None:
+        raise SettingsError("adapter layout merge needs integer activations (act_bits=8): it merges the adapters "
+                            "into integer weights")
+    if isinstance(latency_runs, bool) or not isinstance(latency_runs, int) or latency_runs < 0:
+        raise SettingsError(f"latency runs must be >= 0 (0 skips the timing), got {latency_runs}")
+    if out_format not in ("onnx", "ort"):
+        raise SettingsError(f"output format must be onnx or ort, got {out_format!r}")
+
+
+def check_options(calib=None, val=None, bits: int = 4, method: str = "rtn", out: str | Path = "model.onnx",
+                  mean: Sequence[float] | str = IMAGENET_MEAN, std: Sequence[float] | str = IMAGENET_STD,
+                  input_size: int = 224, *, crop_ratio: float = 1.0, report: str | Path | None = None,
+                  plan_out: str | Path | None = None, float_out: str | Path | None = None,
+                  model_name: str | None = None, batch_size: int = 32, parity_images: int = 1000,
+                  latency_runs: int = 30, latency_batch: int | None = None, threads: int | None = None,
+                  seed: int = 0, act_bits: int | None = None, act_calib: str = "minmax", out_format: str = "onnx",
+                  adapter_layout: str = "auto", **method_options) -> Options:
+    """Every check of quantize's arguments that needs neither the model nor the images (the
+    method and its settings, run options, output paths, preprocessing); SettingsError on the first
+    problem. calib / val are only checked for presence. Arguments as `cora_onnx.quantize`."""
+    scheme = calib_settings = None
+    fields = frozenset(f.name for f in dataclasses.fields(METHODS[method].settings)) if method in METHODS \
+        else frozenset()
+    check_run_options(act_bits=act_bits, act_calib=act_calib, adapter_layout=adapter_layout, out_format=out_format,
+                      latency_runs=latency_runs, has_calib=calib is not None)
+    if act_bits is not None:
+        from cora_onnx.onnx.calibrate import CalibSettings
+        from cora_onnx.onnx.int8 import choose_scheme
+
+        calib_settings = CalibSettings(method=act_calib)
+        scheme = choose_scheme()
+        bits, method_options = _fit_weight_bits(bits, method_options, scheme.weight_bits, fields)
+    merge_bits = scheme.weight_bits if scheme is not None and adapter_layout in ("auto", "merge") else None
+    if "seed" in fields:
+        method_options.setdefault("seed", seed)  # seeded searches follow --seed
+    settings = make_settings(method, bits, method_options)
+    outputs = [(out, "output model")] + [(p, w) for p, w in ((report, "report"), (plan_out, "plan"),
+                                                              (float_out, "float model")) if p is not None]
+    for p, what in outputs:
+        check_output_path(p, what)
+    if METHODS[method].needs_calib and calib is None:
+        raise SettingsError(f"method {method} needs calibration images (calib=DIR)")
+    if calib is None and val is None:
+        raise SettingsError("give calib or val images: parity is measured on them")
+    pre = Preprocess(input_size=int(input_size), crop_ratio=crop_ratio, mean=parse_floats(mean, what="mean"),
+                     std=parse_floats(std, what="std"))
+    return Options(method=method, bits=bits, settings=settings, pre=pre, threads=threads or cpu_threads(), seed=seed,
+                   scheme=scheme, calib_settings=calib_settings, merge_bits=merge_bits, out=out, report=report,
+                   plan_out=plan_out, float_out=float_out, out_format=out_format,
+                   model_name=model_name, batch_size=batch_size, parity_images=parity_images,
+                   latency_runs=latency_runs, latency_batch=latency_batch)
+
+
+def _fit_weight_bits(bits: int, options: dict, weight_bits: int, fields: frozenset = frozenset()) -> tuple[int, dict]:
+    """Cap the weight grids (target and kept layers, and CoRa's adapters unless float) at the width
+    the CPU's integer kernels take. fields: the method's settings fields."""
+    options = dict(options)
+    if bits > weight_bits:
+        log.info("integer kernels on this CPU take %d-bit weights: using %d instead of %d bits", weight_bits,
+                 weight_bits, bits)
+        bits = weight_bits
+    if "adapter_bits" in fields and options.get("adapter_bits", 8) > weight_bits:  # CoRa's branches: integer convs too
+        options["adapter_bits"] = weight_bits
+    sel = options.get("selection")
+    if sel is not None and sel.keep_bits > weight_bits:
+        options["selection"] = dataclasses.replace(sel, keep_bits=weight_bits)
+    elif sel is None:
+        from cora_onnx.torch.search import LayerSelection
+
+        options["selection"] = LayerSelection(keep_bits=min(LayerSelection().keep_bits, weight_bits))
+    return bits, options
+
+
+def load_model(model: nn.Module | str, weights: str | Path | None = None) -> nn.Module:
+    """The model in eval mode, its values checked finite (ModelError otherwise): an nn.Module as
+    it is, or an architecture name (torchvision, efficientnet_lite0, digits_cnn) built with the
+    state_dict file `weights` (cora_onnx.torch.models.build_model)."""
+    if isinstance(model, str):
+        return build_model(model, weights)
+    if weights is not None:
+        raise SettingsError("weights are loaded with an architecture name; pass the nn.Module with its weights "
+                            "already in it")
+    model = model.eval()
+    check_finite(model)
+    return model
+
+
+def num_classes(model: nn.Module, input_size: int) -> int:
+    """The classes of a classifier (N x classes output on 3 x size x size input); ModelError else."""
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, input_size, input_size))
+    except Exception as exc:
+        raise ModelError(f"the model does not run on 3x{input_size}x{input_size} input: "
+                         f"{str(exc).splitlines()[0][:200]}") from None
+    if out.dim() != 2:
+        raise ModelError(f"expected a classifier with N x classes output, got shape {tuple(out.shape)}")
+    return int(out.shape[1])
+
+
+@dataclass(frozen=True, eq=False)
+class Data:
+    """The images of a run: calib (None without), val (labelled, None without), the classes."""
+
+    calib: ImageSet | None
+    val: ImageSet | None
+    num_classes: int
+
+
+def load_data(model: nn.Module, pre: Preprocess, calib=None, val=None, class_map: str | Path | None = None,
+              float_logits: np.ndarray | None = None) -> Data:
+    """Calibration and validation images for `model` (val labelled, through class_map when given;
+    both may be a folder or a list of folders). float_logits, when given, must be (val images,
+    classes): SettingsError otherwise."""
+    n_classes = num_classes(model, pre.input_size)
+    cmap = load_class_map(class_map) if class_map is not None else None
+    val_set = load_images(val, pre, labelled=True, class_map=cmap, num_classes=n_classes, what="validation folder") \
+        if val is not None else None
+    calib_set = load_images(calib, pre, what="calibration folder") if calib is not None else None
+    if float_logits is not None and (val_set is None or np.shape(float_logits) != (len(val_set), n_classes)):
+        raise SettingsError(f"float_logits must have shape (validation images, classes) = "
+                            f"({len(val_set) if val_set is not None else 0}, {n_classes}), got {np.shape(float_logits)}")
+    return Data(calib_set, val_set, n_classes)
+
+
+@dataclass(frozen=True, eq=False)
+class Searched:
+    """The search's result: the BatchNorm-fused model it ran on, the plan (with fingerprints of
+    the fused weights and the preprocessing in its meta), and its wall time."""
+
+    fused: nn.Module
+    plan: Plan
+    seconds: float
+
+
+def run_search(model: nn.Module, opts: Options, calib: ImageSet | None) -> Searched:
+    """Fold BatchNorm, seed torch with opts.seed, run opts.method's search on the fused model."""
+    torch.manual_seed(opts.seed)
+    pre = opts.pre
+    fused = fuse_batchnorm(model, pre.input_size)
+    t0 = time.perf_counter()
+    plan = METHODS[opts.method].run(fused, opts.settings, calib)
+    seconds = time.perf_counter() - t0
+    weights = {name: mod.weight.detach().cpu().numpy() for name, mod in quantizable_layers(fused).items()}
+    plan = Plan(plan.method, plan.settings, plan.with_fingerprints(weights).layers,
+                meta={**plan.meta, "model": opts.model_name or type(model).__name__, "input_size": pre.input_size,
+                      "crop_ratio": pre.crop_ratio, "mean": list(pre.mean), "std": list(pre.std)})
+    log.info("search done in %.1f s: %d layers planned", seconds, len(plan.layers))
+    return Searched(fused, plan, seconds)
+
+
+@dataclass(frozen=True, eq=False)
+class Exported:
+    """The float and quantized ONNX files (bytes), the PyTorch model the quantized file is checked
+    against (with integer activations: their simulation), extra variants timed alongside
+    (name -> bytes), and the activation report (None with float activations)."""
+
+    float_bytes: bytes
+    quant_bytes: bytes
+    qmodel: nn.Module
+    extra: dict
+    act_report: dict | None
+
+
+def export_quantized(searched: Searched, opts: Options, calib: ImageSet | None) -> Exported:
+    """Export the fused model, apply the plan (passes/), and with integer activations calibrate
+    and insert activation QDQ. Models with adapters also get their variants without adapters (and
+    with adapters as branches when they are fused) for the latency table."""
+    fused, plan, scheme = searched.fused, searched.plan, opts.scheme
+    program = export_program(fused, opts.pre.input_size)
+    model_ir = program.model
+    model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
+    float_bytes = onnx_bytes(model_ir)
+    extra = {}
+    adapted = any(lp.adapter is not None for lp in plan.layers)
+    if adapted:  # the same model without its branches, timed alongside
+        bare = Plan(plan.method, plan.settings, tuple(dataclasses.replace(lp, adapter=None) for lp in plan.layers))
+        # with merge_bits, weights with group-wise scales are re-quantized per channel (integer kernels)
+        bare_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), bare, opts.merge_bits)
+        extra["quantized_no_adapters"] = onnx_bytes(bare_ir) if scheme is None else \
+            integer_activations(bare_ir, program, apply_plan_torch(fused, bare, opts.merge_bits), calib, scheme,
+                                opts.calib_settings, opts.threads)[0]
+    if adapted and opts.merge_bits is not None:  # and with the adapters as branch convolutions (latency only)
+        branch_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), plan)
+        extra["quantized_branches"] = integer_activations(
+            branch_ir, program, apply_plan_torch(fused, plan), calib.subset(BRANCH_TIMING_CALIB, opts.seed), scheme,
+            opts.calib_settings, opts.threads)[0]
+    qmodel = apply_plan_torch(fused, plan, opts.merge_bits)
+    act_report = None
+    if scheme is None:
+        quant_bytes = onnx_bytes(apply_plan(model_ir, plan))
+    else:
+        quant_bytes, qmodel, act_report = integer_activations(apply_plan(model_ir, plan, opts.merge_bits), program,
+                                                              qmodel, calib, scheme, opts.calib_settings,
+                                                              opts.threads)
+        if adapted:
+            act_report["adapter_layout"] = "merge" if opts.merge_bits is not None else "branch"
+    return Exported(float_bytes, quant_bytes, qmodel, extra, act_report)
+
+
+def integer_activations(model_ir, program, qmodel, calib_set: ImageSet, scheme, calib_settings, threads: int,
+                        histograms: dict | None = None):
+    """Activation QDQ on the weight-quantized graph `model_ir` (changed in place) and cleanup;
+    returns (bytes, the PyTorch model to check them against, activation report). program: the
+    torch.onnx program of the float model (export_program), whose exported graph the simulation
+    of integer activations runs. histograms: activation histograms of model_ir already collected
+    on calib_set (cora_onnx.onnx.int8.activation_histograms), so several range methods share one pass."""
+    from cora_onnx.onnx.int8 import add_activation_qdq, integer_kernels
+    from cora_onnx.onnx.pipeline import cleanup_passes
+    from cora_onnx.torch.simulate import ActivationQuantSim
+
+    t0 = time.perf_counter()
+    ranges, qparams, pass_report = add_activation_qdq(model_ir, calib_set, scheme, calib_settings, threads,
+                                                      histograms=histograms)
+    ir.passes.PassManager(cleanup_passes())(model_ir)
+    data = onnx_bytes(model_ir)
+    kernels = integer_kernels(data)
+    if any(isinstance(m, AdaptedConv) for m in qmodel.modules()):
+        # the simulation runs the exported program of the model without branches: adapter branches
+        # exist only in the ONNX graph (LowRankBranchPass). Parity is then against the PyTorch model
+        # with the same weights and float activations, which is looser.
+        log.info("adapter branches: parity is against the PyTorch model with float activations")
+        sim = qmodel
+    else:
+        sim = ActivationQuantSim(program, qmodel, qparams, scheme.act_range)
+    report = {"bits": 8, "calibration": calib_settings.method, "calib_images": len(calib_set),
+              "calib_seconds": time.perf_counter() - t0, "scheme": scheme.to_json(),
+              "integer_nodes": len(pass_report["integer_nodes"]), "float_nodes": pass_report["float_nodes"],
+              "activation_tensors": pass_report["activation_tensors"],
+              "absorbed_activations": pass_report["absorbed_activations"],
+              "onnxruntime_kernels": kernels,
+              "parity_reference": "PyTorch simulation of the integer activations" if sim is not qmodel else
+              "PyTorch with float activations (the simulation does not cover adapter branches)"}
+    if kernels["float_compute"]:
+        log.warning("%d Conv/Gemm/MatMul nodes still run as float kernels in ONNX Runtime", kernels["float_compute"])
+    return data, sim, report

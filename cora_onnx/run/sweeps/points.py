@@ -1,0 +1,234 @@
+"""A sweep's points: `Point`, the [grid] and [[points]] entries expanded and checked (each point's
+method settings built as quantize will), and a point's quantize arguments."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+from cora_onnx.core.errors import SettingsError, WEIGHT_BITS
+
+_QUANTIZE_ARGS = ("act_calib", "adapter_layout")  # per-point quantize arguments besides method options
+_SELECTION = ("keep", "keep_bits", "skip")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One job: method, weight bits (None for methods without a bit width, e.g. pq), activation
+    bits (None: float), options as given (method settings fields, keep/keep_bits/skip, act_calib,
+    adapter_layout); name: the output subfolder, derived from the rest unless given; where: the
+    config entry it came from, for messages."""
+
+    name: str
+    method: str
+    bits: int | None
+    act_bits: int | None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    where: str = ""
+
+    def to_json(self) -> dict:
+        return {"point": self.name, "method": self.method, "bits": self.bits, "act_bits": self.act_bits,
+                "options": dict(self.options)}
+
+
+
+def _int(value, where: str, expected: str, ok=lambda v: True):
+    if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+        raise SettingsError(f"{where}: must be {expected}, got {value!r}")
+    return value
+
+
+def _methods():
+    from cora_onnx.torch.search import METHODS
+
+    return METHODS
+
+
+def _takes_bits(method: str) -> bool:
+    """Methods whose settings default `bits` to None (pq) have no weight bit width."""
+    f = {f.name: f for f in dataclasses.fields(_methods()[method].settings)}["bits"]
+    return f.default is not None
+
+
+def _method_name(value, where: str) -> str:
+    if value not in _methods():
+        raise SettingsError(f"{where}: unknown method {value!r}; expected one of {', '.join(_methods())}")
+    return value
+
+
+def _method_defaults(options) -> dict[str, dict]:
+    if not isinstance(options, Mapping):
+        raise SettingsError("options: must be a table of [options.<method>] tables")
+    out = {}
+    for method, opts in options.items():
+        _method_name(method, f"options.{method}")
+        if not isinstance(opts, Mapping):
+            raise SettingsError(f"options.{method}: must be a table of option = value")
+        out[method] = {_key(k): v for k, v in opts.items()}
+    return out
+
+
+def _key(k: str) -> str:
+    return str(k).replace("-", "_")
+
+
+def _act_bits(value, where: str) -> int | None:
+    from cora_onnx.onnx.int8 import ACT_BITS
+
+    if value in (None, 0, False, "none", "float"):
+        return None
+    if isinstance(value, bool) or value not in ACT_BITS:
+        raise SettingsError(f"{where}: must be {' or '.join(map(str, ACT_BITS))} (integer activations) or 0 "
+                            f"(float activations), got {value!r}")
+    return int(value)
+
+
+def _bits(method: str, value, where: str) -> int | None:
+    if not _takes_bits(method):
+        if value is not None:
+            raise SettingsError(f"{where}: method {method} has no weight bit width (leave bits out)")
+        return None
+    if value is None:
+        raise SettingsError(f"{where}: required for method {method} (an integer from 2 to 8)")
+    return _int(value, where, "an integer from 2 to 8", lambda v: v in WEIGHT_BITS)
+
+
+def _point_name(method: str, bits: int | None, act_bits: int | None, options: Mapping[str, Any]) -> str:
+    parts = [method] + ([f"w{bits}"] if bits is not None else []) + ([f"a{act_bits}"] if act_bits else [])
+    if isinstance(options.get("budget"), (int, float)):
+        parts.append(f"b{options['budget']:g}")
+    rest = {k: v for k, v in options.items() if k != "budget"}
+    if rest:
+        parts.append(hashlib.sha1(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:8])
+    return "-".join(parts)
+
+
+def _make_point(method: str, bits, act_bits, options: dict, name, where: str) -> Point:
+    if name is None:
+        name = _point_name(method, bits, act_bits, options)
+    elif not isinstance(name, str) or not _NAME.match(name) or name == "float":
+        raise SettingsError(f"{where}.name: must be letters, digits and ._+=- (not 'float'), got {name!r}")
+    return Point(name=name, method=method, bits=bits, act_bits=act_bits, options=options, where=where)
+
+
+def _grid_points(grid, defaults: dict) -> list[Point]:
+    if grid is None:
+        return []
+    if not isinstance(grid, Mapping):
+        raise SettingsError("grid: must be a table (method = [...], bits = [...], act_bits = [...], budget = [...])")
+    bad = sorted(set(grid) - {"method", "bits", "act_bits", "budget"})
+    if bad:
+        raise SettingsError(f"grid.{bad[0]}: unknown grid axis (grid takes method, bits, act_bits, budget; "
+                            "other options go in [options.<method>] or [[points]])")
+
+    def axis(key, required):
+        v = grid.get(key)
+        if v is None:
+            if required:
+                raise SettingsError(f"grid.{key}: required (a list)")
+            return None
+        if not isinstance(v, list) or not v:
+            raise SettingsError(f"grid.{key}: must be a non-empty list, got {v!r}")
+        return v
+
+    methods = [_method_name(m, f"grid.method[{i}]") for i, m in enumerate(axis("method", True))]
+    bits_axis = axis("bits", any(_takes_bits(m) for m in methods))
+    for i, b in enumerate(bits_axis or []):
+        _int(b, f"grid.bits[{i}]", "an integer from 2 to 8", lambda v: v in WEIGHT_BITS)
+    acts = [_act_bits(a, f"grid.act_bits[{i}]") for i, a in enumerate(axis("act_bits", False) or [0])]
+    budgets = axis("budget", False)
+    points = []
+    for m in methods:
+        has_budget = "budget" in {f.name for f in dataclasses.fields(_methods()[m].settings)}
+        for b in (bits_axis if _takes_bits(m) else [None]):
+            for a in acts:
+                for bud in (budgets if budgets and has_budget else [None]):
+                    opts = dict(defaults.get(m, {}))
+                    if bud is not None:
+                        opts["budget"] = bud
+                    where = f"grid[method={m}" + (f",bits={b}" if b is not None else "") + \
+                        (f",act_bits={a}" if a else "") + (f",budget={bud}" if bud is not None else "") + "]"
+                    points.append(_make_point(m, b, a, opts, None, where))
+    return points
+
+
+def _listed_points(points, defaults: dict) -> list[Point]:
+    if not isinstance(points, list):
+        raise SettingsError("points: must be a list of tables ([[points]] entries)")
+    out = []
+    for i, raw in enumerate(points):
+        where = f"points[{i}]"
+        if not isinstance(raw, Mapping):
+            raise SettingsError(f"{where}: must be a table (method = ..., bits = ..., options)")
+        raw = {_key(k): v for k, v in raw.items()}
+        if "method" not in raw:
+            raise SettingsError(f"{where}.method: required")
+        method = _method_name(raw.pop("method"), f"{where}.method")
+        bits = _bits(method, raw.pop("bits", None), f"{where}.bits")
+        act = _act_bits(raw.pop("act_bits", None), f"{where}.act_bits")
+        name = raw.pop("name", None)
+        out.append(_make_point(method, bits, act, {**defaults.get(method, {}), **raw}, name, where))
+    return out
+
+
+def _check_point(p: Point, has_calib: bool) -> None:
+    """Build the point's method settings (as quantize will) and check its quantize arguments."""
+    from cora_onnx.run.stages import check_run_options, make_settings
+
+    m = _methods()[p.method]
+    if m.needs_calib and not has_calib:
+        raise SettingsError(f"{p.where}.method: {p.method} needs calibration images (set calib)")
+    args = _quantize_args(p)
+    try:
+        check_run_options(act_bits=p.act_bits, has_calib=has_calib,
+                          **{k: args[k] for k in ("act_calib", "adapter_layout") if k in args})
+    except SettingsError as exc:
+        raise SettingsError(f"{p.where}: {exc}") from None
+    try:
+        make_settings(p.method, p.bits if p.bits is not None else 4, _method_options(p))
+    except SettingsError as exc:
+        raise SettingsError(f"{p.where}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # a value of the wrong type inside a settings check
+        raise SettingsError(f"{p.where}: an option has a value of the wrong type ({str(exc).splitlines()[0]})") from None
+
+
+def _quantize_args(p: Point) -> dict:
+    return {k: p.options[k] for k in _QUANTIZE_ARGS if k in p.options}
+
+
+def _method_options(p: Point) -> dict:
+    """The point's options as quantize's method options (settings fields, selection)."""
+    from cora_onnx.torch.search import LayerSelection
+    from cora_onnx.torch.search.layers import default_selection
+    from cora_onnx.core.options import parse_keep
+
+    m = _methods()[p.method]
+    fields = {f.name for f in dataclasses.fields(m.settings)} - {"bits", "selection"}
+    convert = {o.field: o.convert for o in m.options if o.convert is not None}
+    out: dict[str, Any] = {}
+    for k, v in p.options.items():
+        if k in _QUANTIZE_ARGS or k in _SELECTION:
+            continue
+        if k not in fields:
+            raise SettingsError(f"{p.where}.{k}: method {p.method} has no option {k!r}; its options: "
+                                f"{', '.join(sorted(fields | set(_SELECTION) | set(_QUANTIZE_ARGS)))}")
+        out[k] = convert[k](v) if k in convert and isinstance(v, str) else v
+    if any(k in p.options for k in _SELECTION):
+        d = default_selection(m.settings)
+        keep = p.options.get("keep", d.keep)
+        keep = parse_keep(keep) if isinstance(keep, str) else keep
+        if not isinstance(keep, (list, tuple)):
+            raise SettingsError(f"{p.where}.keep: a list or 'first,last', got {keep!r}")
+        skip = p.options.get("skip", d.skip)
+        try:
+            out["selection"] = LayerSelection(keep=tuple(keep), keep_bits=p.options.get("keep_bits", d.keep_bits),
+                                              skip=tuple([skip] if isinstance(skip, str) else skip))
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(f"{p.where}.keep: {exc}") from None
+    return out

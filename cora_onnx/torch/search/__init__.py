@@ -1,0 +1,43 @@
+"""Searches that turn a BN-fused torch model (and calibration images) into a Plan.
+
+Every method registers a `Method` in METHODS: a frozen settings dataclass (validated at
+construction), a `run(model, settings, calib)` returning a Plan, the command-line options that
+map onto its settings fields (plain data: the CLI builds click options from them, so adding a
+method never edits cli.py), and optionally `report(plan) -> dict`, extra report sections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from cora_onnx.torch.search.layers import LayerSelection, select_layers, uniform_from
+from cora_onnx.torch.search.cli_options import CliOption
+from cora_onnx.torch.search.cora import CORA_OPTIONS, CoraSettings, cora_report, search_cora
+from cora_onnx.torch.search.pq import PQ_OPTIONS, PqSettings, pq_report, search_pq
+from cora_onnx.torch.search.rtn import GRID_OPTIONS, RTN_OPTIONS, RtnSettings, search_rtn
+
+__all__ = ["Method", "METHODS", "CliOption", "LayerSelection", "select_layers", "uniform_from", "RtnSettings",
+           "search_rtn", "CoraSettings", "search_cora", "PqSettings", "search_pq"]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    settings: type
+    run: Callable[..., Any]
+    needs_calib: bool
+    options: tuple[CliOption, ...] = ()
+    report: Callable[..., dict] | None = None
+    help: str = ""
+
+
+METHODS: dict[str, Method] = {
+    "rtn": Method("rtn", RtnSettings, search_rtn, needs_calib=False, options=RTN_OPTIONS,
+                  help="round to nearest on a uniform grid, no data needed"),
+    "cora": Method("cora", CoraSettings, search_cora, needs_calib=True, options=GRID_OPTIONS + CORA_OPTIONS,
+                   report=cora_report, help="low-bit weights + searched low-rank adapters (Luo et al. 2024)"),
+    "pq": Method("pq", PqSettings, search_pq, needs_calib=True, options=PQ_OPTIONS, report=pq_report,
+                 help="product quantization (And the Bit Goes Down): uint8 codes into per-layer codebooks fitted "
+                      "to calibration activations (use --keep first: --keep last stores the classifier at 8 bits)"),
+}

@@ -1,0 +1,75 @@
+"""PyTorch simulation of integer activations: the exported program of the (weight-quantized)
+model, run node by node with fake quantization at exactly the tensors that carry activation
+QDQ in the ONNX graph (torch.onnx names ONNX values after the exported program's nodes), with
+the same scales and zero points. It is the reference ONNX Runtime's integer kernels are checked
+against ("within a few quantization steps")."""
+
+from __future__ import annotations
+
+import copy
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from cora_onnx.core.errors import ModelError
+
+__all__ = ["ActivationQuantSim", "fake_quant_activation"]
+
+
+def fake_quant_activation(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    """QuantizeLinear then DequantizeLinear (round half to even, saturate), in float32."""
+    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+class ActivationQuantSim(nn.Module):
+    """program: cora_onnx.torch.export.export_program(BN-fused model) (any weights); weights: the module
+    whose state_dict holds the (fake-quantized) weights to use; qparams: ONNX tensor name ->
+    (scale, zero point) from passes.activation_qparams; act_range: (qmin, qmax); input_name: the
+    ONNX graph input (its tensor is the first user input of the program)."""
+
+    def __init__(self, program, weights: nn.Module, qparams: Mapping[str, tuple[float, int]],
+                 act_range: tuple[int, int], input_name: str = "input") -> None:
+        super().__init__()
+        # a copy: the program's parameters share storage with the ONNX model's initializers (torch.onnx
+        # wraps them without copying), and loading the quantized weights in place would overwrite the
+        # float weights of the exported graph (caught by the plan's weight fingerprints)
+        gm = copy.deepcopy(program.exported_program.module())
+        missing, _ = gm.load_state_dict(weights.state_dict(), strict=False)
+        params = {n for n, _ in gm.named_parameters()}
+        if params & set(missing):
+            raise ModelError(f"simulation: the weights do not fit the exported program ({sorted(params & set(missing))[0]})")
+        self.gm = gm  # (exported modules refuse .eval(); they are inference graphs already)
+        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        alias = {placeholders[0]: input_name} if placeholders else {}
+        names = {n.name for n in gm.graph.nodes}
+        unknown = [t for t in qparams if t not in names and t not in alias.values()]
+        if unknown:
+            raise ModelError(f"simulation: tensor {unknown[0]} of the ONNX graph is not a node of the exported program")
+        self.alias = alias
+        self.qparams = dict(qparams)
+        self.act_range = act_range
+        self.capture: dict | None = None  # set to a dict to collect Conv/Linear outputs by layer name
+
+    def train(self, mode: bool = True) -> "ActivationQuantSim":
+        return self  # always an inference graph
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sim = self
+
+        class _Run(torch.fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if sim.capture is not None and n.op == "call_function" and len(n.args) > 1 \
+                        and getattr(n.args[1], "op", None) == "get_attr" and str(n.args[1].target).endswith(".weight"):
+                    sim.capture[str(n.args[1].target)[: -len(".weight")]] = out.detach().clone()  # before rounding
+                qp = sim.qparams.get(sim.alias.get(n.name, n.name))
+                if qp is not None and isinstance(out, torch.Tensor):
+                    out = fake_quant_activation(out, qp[0], qp[1], *sim.act_range)
+                return out
+
+        out = _Run(self.gm.graph.owning_module).run(x)
+        while isinstance(out, (tuple, list)):
+            out = out[0]
+        return out

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "export_plan", "QuantizeResult", "sweep", "import_pq", "ImportResult", "Plan", "__version__"]
+__all__ = ["quantize", "export_plan", "QuantizeResult", "sweep", "import_pq", "ImportResult", "Plan", "RunOptions",
+           "__version__"]
 
 
 def __getattr__(name: str):
@@ -28,4 +29,8 @@ def __getattr__(name: str):
         from cora_onnx.core.plan import Plan
 
         return Plan
+    if name == "RunOptions":
+        from cora_onnx.core.options import RunOptions
+
+        return RunOptions
     raise AttributeError(f"module 'cora_onnx' has no attribute {name!r}")

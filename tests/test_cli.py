@@ -137,6 +137,9 @@ CASES = {
     "missing val": (dict(val="nowhere"), "does not exist"),
     "bits 9": (dict(bits=9), "bits must be"),
     "bits 1": (dict(bits=1), "bits must be"),
+    "bits abc": (dict(bits="abc"), "'abc' is not a valid integer"),
+    "bits 9 before unreadable weights": (dict(bits=9, weights="junk.pt"), "bits must be"),
+    "act bits 4": (dict(act_bits=4), "act_bits must be one of 8"),
     "out dir missing": (dict(out="no/such/dir/m.onnx"), "does not exist"),
     "bad keep": (dict(keep="middle"), "keep must be"),
 }
@@ -156,6 +159,7 @@ def test_bad_input_exit_2_and_no_output(case, bad, digits):
     res = run(*args)
     assert res.exit_code == 2, res.output
     assert msg in res.output and res.output.count("\n") <= 2
+    assert res.output.splitlines()[-1].startswith("error: ") and "Usage:" not in res.output
     assert not (bad / "m.onnx").exists() and not (bad / "r.json").exists()
     assert not list(bad.glob(".*.tmp"))
 
@@ -271,7 +275,7 @@ def test_efficientnet_lite0_takes_its_packaged_weights_when_none_are_given(monke
 
     seen = {}
 
-    def fake_quantize(model, **kw):  # stops the run once the model is built
+    def fake_quantize(model, options):  # stops the run once the model is built
         seen["model"] = model
         raise SettingsError("stopped by the test")
 

@@ -51,7 +51,7 @@ def test_numpy_grid_matches_torch_quantizer(bits):
 
 def test_rewrite_weights_only(tiny, float_onnx, tmp_path):
     out = tmp_path / "w8.onnx"
-    res = rewrite_onnx(float_onnx, out, 8)
+    res = rewrite_onnx(float_onnx, out=out, bits=8)
     ops = [n.op_type for n in onnx.load(out).graph.node]
     assert res.report["batchnorm_fused"] == 1 and "BatchNormalization" not in ops
     assert ops.count("DequantizeLinear") == 4 and len(res.report["layers"]) == 4
@@ -116,7 +116,7 @@ def test_bad_input_rejected(tmp_path, case, message):
     assert not out.exists() and not list(tmp_path.glob(".out.onnx.*"))
     if case != "missing":
         with pytest.raises(Exception) as exc:
-            rewrite_onnx(src, out, 8)
+            rewrite_onnx(src, out=out, bits=8)
         assert isinstance(exc.value, OnnxModelError)
 
 

@@ -12,7 +12,7 @@ from cora_onnx.torch.models import build_model
 from cora_onnx.run.outcome import make_report, verify_quantized, write_outputs
 from cora_onnx.run.stages import check_options, export_quantized, load_data, load_model, run_search
 
-TIMES = ("search_seconds", "latency", "latency_ms", "onnx_path", "environment")
+TIMES = ("search_seconds", "latency", "latency_ms", "onnx_path", "environment", "options")
 
 
 def _norm(d):
@@ -40,6 +40,10 @@ def test_stages_one_by_one_give_quantize_s_result(digits, tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["onnx_bytes"] == res.report["onnx_bytes"]
     drop = lambda r: {k: v for k, v in r.items() if k not in TIMES}  # noqa: E731
     assert json.loads(json.dumps(drop(report))) == json.loads(json.dumps(drop(res.report)))
+    paths = ("out", "report")  # the run options in the report differ only by the output paths given
+    assert {k: v for k, v in report["options"].items() if k not in paths} == \
+        {k: v for k, v in res.report["options"].items() if k not in paths}
+    assert report["options"]["out"] == str(tmp_path / "s.onnx") and report["options"]["bits"] == 4
 
 
 def test_check_options_needs_no_model(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from cora_onnx.core.errors import CoraError
+from cora_onnx.core.options import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("cora_onnx")
 
@@ -47,33 +48,54 @@ def _common_logging(fn):
     return click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")(fn)
 
 
-def _int8_options(fn):
-    from cora_onnx.onnx.calibrate import CALIB_METHODS, DEFAULT_CALIB
+def run_option(name: str, extra_help: str = "", **overrides):
+    """The click option of the run option `name` (a field of cora_onnx.core.options.RunOptions:
+    its flag, help and type come from the field), under the field's name, so a command's options
+    build RunOptions(**given) directly. overrides: click keywords of this command (default,
+    help, type...); extra_help is added to the field's help. A tuple type is a click.Choice."""
+    import dataclasses
 
-    for opt in reversed([
-        click.option("--act-bits", type=click.Choice(["8"]), default=None,
-                     help="Integer activations (static, calibrated): quantized Conv/Gemm/Add run as ONNX Runtime integer "
-                          "kernels; weights use the width this CPU's kernels take (7 bits on AVX2 without VNNI)."),
-        click.option("--act-calib", type=click.Choice(list(CALIB_METHODS)), default=DEFAULT_CALIB, show_default=True,
-                     help="Activation ranges: min/max, 99.99th percentile, or the histogram range of least 8-bit error."),
-        click.option("--format", "out_format", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
-                     help="Output format: ONNX, or ONNX Runtime's ORT format (mobile/minimal builds; operator report "
-                          "in the JSON report)."),
-    ]):
-        fn = opt(fn)
-    return fn
+    from cora_onnx.core.options import RunOptions
+
+    f = {f.name: f for f in dataclasses.fields(RunOptions)}[name]
+    kw = {"help": f.metadata["help"], **f.metadata["click"], **overrides}
+    kw["help"] += extra_help
+    if isinstance(kw.get("type"), tuple):
+        kw["type"] = click.Choice(list(kw["type"]))
+    if kw.get("type") is Path:
+        kw["type"] = click.Path(path_type=Path)
+    if "default" not in kw and not kw.get("multiple"):
+        kw["default"] = f.default if f.default is not dataclasses.MISSING else None
+    return click.option(f.metadata["flag"], name, **kw)
+
+
+def _options(*names: str, **overrides):
+    """run_option for each name, in order (overrides: name -> click keywords)."""
+
+    def decorate(fn):
+        for name in reversed(names):
+            fn = run_option(name, **overrides.get(name, {}))(fn)
+        return fn
+
+    return decorate
+
+
+def _int8_options(fn):
+    return _options("act_bits", "act_calib", "out_format")(fn)
 
 
 def _preprocess_options(fn):
-    for opt in reversed([
-        click.option("--input-size", type=int, default=None, help="Square input size in pixels [224; model default]."),
-        click.option("--crop-ratio", type=float, default=1.0, show_default=True,
-                     help="Resize the shorter side to input-size/crop-ratio, then center-crop (0.875 = classic eval)."),
-        click.option("--mean", default=None, help="Normalization mean on a 0-1 pixel scale: 0.485,0.456,0.406 or 127/255."),
-        click.option("--std", default=None, help="Normalization std on a 0-1 pixel scale: 0.229,0.224,0.225 or 128/255."),
-    ]):
-        fn = opt(fn)
-    return fn
+    """Preprocessing options; mean and std default to None: the model's own (or ImageNet's)."""
+    return _options("input_size", "crop_ratio", "mean", "std", mean={"default": None}, std={"default": None})(fn)
+
+
+class _UsageLine(click.ClickException):
+    """A usage error shown as the library's errors are: one line `error: ...`, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
 
 
 class _LazyGroup(click.Group):
@@ -82,6 +104,12 @@ class _LazyGroup(click.Group):
     commands (rewrite, eval, bench, inspect) run without importing torch."""
 
     LAZY = {"quantize": "cora_onnx.cli.quantize"}
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:  # a command's bad option value or missing argument: one line
+            raise _UsageLine(exc.format_message()) from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(self.LAZY))
@@ -141,65 +169,51 @@ def main() -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--model", "arch", default="resnet18", show_default=True,
               help="Architecture of the checkpoint: resnet18, resnet34 or resnet50 (torchvision).")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output ONNX file [<checkpoint name>.onnx].")
-@click.option("--val", type=click.Path(path_type=Path), default=None, help="Labelled images, one folder per class: top-1 and parity.")
-@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Images for parity when --val is not given.")
-@click.option("--class-map", type=click.Path(path_type=Path), default=None, help="JSON folder name -> class index, when --val's folders are a subset of the classes.")
-@click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here.")
+@run_option("out", help="Output ONNX file [<checkpoint name>.onnx].")
+@run_option("val", multiple=False, default=None, help="Labelled images, one folder per class: top-1 and parity.")
+@run_option("calib", multiple=False, default=None, help="Images for parity when --val is not given.")
+@_options("class_map", "report")
 @_preprocess_options
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size for evaluation.")
-@click.option("--latency-runs", type=int, default=30, show_default=True, help="Timed runs per model (after 5 warm-up runs).")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [all cores].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@_options("batch_size", "latency_runs", "threads", "seed")
 @_common_logging
 @_guard
-def import_pq(checkpoint, arch, out, val, calib, class_map, report, input_size, crop_ratio, mean, std, batch_size,
-              latency_runs, threads, seed, verbose, quiet):
+def import_pq(checkpoint, arch, verbose, quiet, **given):
     """Product-quantized checkpoint ("And the bit goes down" format) in, exact ONNX out: codes and
     codewords decoded in the graph, checked in ONNX Runtime against the decoded PyTorch model."""
     _setup_logging(verbose, quiet)
+    from cora_onnx.core.options import RunOptions
+
+    opts = RunOptions(**{**given, "out": given["out"] or Path(f"{Path(checkpoint).stem}.onnx"),
+                         "mean": given["mean"] or IMAGENET_MEAN, "std": given["std"] or IMAGENET_STD})
     run = _torch_side("import-pq", "cora_onnx.run.pq_import").import_pq
-    from cora_onnx.onnx.data import IMAGENET_MEAN, IMAGENET_STD
     from cora_onnx.onnx.report import format_import_table
 
-    out = out or Path(f"{Path(checkpoint).stem}.onnx")
-    result = run(checkpoint, arch, out, val=val, calib=calib, class_map=class_map, input_size=input_size or 224,
-                 crop_ratio=crop_ratio, mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD, report=report,
-                 batch_size=batch_size, latency_runs=latency_runs, threads=threads, seed=seed)
+    result = run(checkpoint, arch, options=opts)
     click.echo(format_import_table(result.report))
 
 
 @main.command()
 @click.argument("onnx_in", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output model file.")
-@click.option("--bits", type=int, default=8, show_default=True, help="Weight bits, 2-8 (Conv and Gemm weights).")
-@click.option("--calib", type=click.Path(path_type=Path), multiple=True,
-              help="Calibration images (needed with --act-bits; repeatable: the folders are mixed).")
-@click.option("--keep", default="first,last", show_default=True, help="Layers kept at --keep-bits: first,last or none.")
-@click.option("--keep-bits", type=int, default=8, show_default=True, help="Bits of the layers named by --keep.")
+@run_option("out", required=True, help="Output model file.")
+@run_option("bits", default=8, help="Weight bits of Conv and Gemm weights, 2-8.")
+@run_option("calib", extra_help=" Needed with --act-bits.")
+@run_option("keep", default="first,last", show_default=True, help="Layers kept at --keep-bits: first,last or none.")
+@run_option("keep_bits", default=8, show_default=True)
 @click.option("--clip", type=click.Choice(["mse", "minmax"]), default="mse", show_default=True, help="Weight range search.")
 @_int8_options
 @_preprocess_options
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [all cores].")
-@click.option("--report", type=click.Path(path_type=Path), default=None, help="Write the report as JSON here.")
+@_options("threads", "report")
 @_common_logging
 @_guard
-def rewrite(onnx_in, out, bits, calib, keep, keep_bits, clip, act_bits, act_calib, out_format, input_size, crop_ratio,
-            mean, std, threads, report, verbose, quiet):
+def rewrite(onnx_in, clip, verbose, quiet, **given):
     """Quantize a float ONNX model exported elsewhere (no PyTorch model): BatchNorm fusion, weight
     QDQ and, with --act-bits 8, calibrated activation QDQ for integer kernels."""
     _setup_logging(verbose, quiet)
-    from cora_onnx.core.errors import SettingsError, check_bits
+    from cora_onnx.core.options import RunOptions
     from cora_onnx.onnx.rewrite import rewrite_onnx
-    from cora_onnx.core.options import parse_keep
 
-    kept = parse_keep(keep)
-    if any(k not in ("first", "last") for k in kept):
-        raise SettingsError(f"rewrite --keep takes first, last or none, got {keep!r}")
-    check_bits(keep_bits, "--keep-bits")
-    res = rewrite_onnx(onnx_in, out, bits, act_bits=int(act_bits) if act_bits else None, calib=list(calib) or None,
-                       act_calib=act_calib, mean=mean, std=std, input_size=input_size, crop_ratio=crop_ratio,
-                       keep=kept, keep_bits=keep_bits, clip=clip, out_format=out_format, threads=threads, report=report)
+    out = given["out"]
+    res = rewrite_onnx(onnx_in, RunOptions(**given, method_options={"clip": clip}))
     r = res.report
     src_ext = " with its external data" if r.get("input_external_data") else ""
     out_ext = f" + {r['external_data']['file']}" if r.get("external_data") else ""
@@ -227,19 +241,22 @@ def rewrite(onnx_in, out, bits, calib, keep, keep_bits, clip, act_bits, act_cali
 @click.option("--model", "arch", required=True, help="Architecture the plan was made for.")
 @click.option("--weights", type=click.Path(path_type=Path), required=True, help="state_dict file.")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True, help="Plan saved by `quantize --plan-out`.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output ONNX file.")
-@click.option("--input-size", type=int, default=None, help="Input size [from the plan].")
+@run_option("out", required=True, help="Output ONNX file.")
+@run_option("input_size", help="Input size [from the plan].")
 @_common_logging
 @_guard
 def export(arch, weights, plan_path, out, input_size, verbose, quiet):
     """Export a model with a saved plan applied (no search)."""
     _setup_logging(verbose, quiet)
-    export_plan = _torch_side("export", "cora_onnx.run.api").export_plan
-    from cora_onnx.torch.models import build_model
+    from cora_onnx.core.options import RunOptions
     from cora_onnx.core.plan import Plan
 
+    opts = RunOptions(out=out, input_size=input_size, model_name=arch)
+    export_plan = _torch_side("export", "cora_onnx.run.api").export_plan
+    from cora_onnx.torch.models import build_model
+
     plan = Plan.load(plan_path)
-    n = export_plan(build_model(arch, weights), plan, out, input_size)
+    n = export_plan(build_model(arch, weights), plan, opts.out, opts.input_size)
     click.echo(f"wrote {out} ({n / 1e6:.2f} MB, {len(plan.layers)} planned layers)")
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from cora_onnx.core.errors import DataError, SettingsError
+from cora_onnx.core.options import CALIB_METHODS, DEFAULT_CALIB
 from cora_onnx.core.progress import progress
 
 __all__ = ["CALIB_METHODS", "DEFAULT_CALIB", "CalibSettings", "RangeHistogram", "collect_histograms", "compute_ranges",
@@ -30,9 +31,8 @@ __all__ = ["CALIB_METHODS", "DEFAULT_CALIB", "CalibSettings", "RangeHistogram", 
 
 log = logging.getLogger(__name__)
 
-CALIB_METHODS = ("minmax", "percentile", "mse")
-# measured best on both real models (tools/bench_int8.py, docs/results/int8.md)
-DEFAULT_CALIB = "minmax"
+# CALIB_METHODS, DEFAULT_CALIB (minmax: measured best on both real models, tools/bench_int8.py,
+# docs/results/int8.md) are run options: cora_onnx.core.options
 
 
 @dataclass(frozen=True)

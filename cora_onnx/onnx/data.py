@@ -20,15 +20,15 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from cora_onnx.core.errors import DataError, SettingsError
+from cora_onnx.core.errors import DataError
 from cora_onnx.core.files import check_input_dir, check_input_file
+from cora_onnx.core.options import IMAGENET_MEAN, IMAGENET_STD, Preprocess, parse_floats
 
 __all__ = ["IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "ImageSet", "permutation", "load_images", "load_class_map", "imagenet_class_map",
            "parse_floats"]
@@ -36,51 +36,7 @@ __all__ = ["IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "Ima
 log = logging.getLogger(__name__)
 
 IMAGENET_CLASSES = 1000
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the usual torchvision normalization
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
-
-
-def parse_floats(text: str | Sequence[float], n: int = 3, what: str = "value") -> tuple[float, ...]:
-    """Parse '0.485,0.456,0.406' or '127/255' (one value repeated) into n floats."""
-    if not isinstance(text, str):
-        vals = tuple(float(v) for v in text)
-    else:
-        try:
-            vals = tuple(float(Fraction(v.strip())) for v in text.split(",") if v.strip())
-        except (ValueError, ZeroDivisionError):
-            raise SettingsError(f"{what} must be numbers like 0.485,0.456,0.406 or 127/255, got {text!r}") from None
-    if len(vals) == 1:
-        vals = vals * n
-    if len(vals) != n or not all(np.isfinite(vals)):
-        raise SettingsError(f"{what} needs 1 or {n} finite numbers, got {text!r}")
-    return vals
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Resize the shorter side to round(input_size / crop_ratio), center-crop input_size, RGB,
-    scale to [0, 1], normalize with mean/std (given on that 0-1 scale)."""
-
-    input_size: int = 224
-    crop_ratio: float = 1.0
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        if not 1 <= int(self.input_size) <= 4096:
-            raise SettingsError(f"input size must be 1-4096 pixels, got {self.input_size}")
-        if not 0.1 <= self.crop_ratio <= 1.0:
-            raise SettingsError(f"crop ratio must be in [0.1, 1], got {self.crop_ratio}")
-        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
-            raise SettingsError(f"mean and std need 3 values each, std > 0; got {self.mean} / {self.std}")
-
-    def normalize(self, images: np.ndarray) -> np.ndarray:
-        """uint8 N x 3 x H x W -> normalized float32."""
-        mean = np.asarray(self.mean, dtype=np.float32).reshape(1, 3, 1, 1) * np.float32(255.0)
-        std = np.asarray(self.std, dtype=np.float32).reshape(1, 3, 1, 1) * np.float32(255.0)
-        return (images.astype(np.float32) - mean) / std
 
 
 def permutation(n: int, seed: int) -> np.ndarray:

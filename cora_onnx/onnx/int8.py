@@ -14,14 +14,14 @@ from passes import ActivationQDQPass, QuantScheme, activation_layout
 
 from cora_onnx.onnx.calibrate import CalibSettings, calibrate
 from cora_onnx.core.errors import SettingsError
+from cora_onnx.core.options import ACT_BITS
 from cora_onnx.onnx.report import cpu_flags
 
 __all__ = ["choose_scheme", "integer_kernels", "INTEGER_OPS", "FLOAT_COMPUTE_OPS", "add_activation_qdq",
-           "ACT_BITS", "activation_histograms"]
+           "ACT_BITS", "activation_histograms", "activation_report"]
 
 log = logging.getLogger(__name__)
 
-ACT_BITS = (8,)
 INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "ConvInteger", "MatMulInteger",
                "MatMulIntegerToFloat", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearMul",
                "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "DynamicQuantizeMatMul", "MatMulNBits")
@@ -63,6 +63,18 @@ def integer_kernels(model_bytes: bytes) -> dict:
     ops = collections.Counter(n.op_type for n in proto.graph.node)
     return {"integer": sum(ops[o] for o in INTEGER_OPS), "float_compute": sum(ops[o] for o in FLOAT_COMPUTE_OPS),
             "ops": dict(sorted(ops.items()))}
+
+
+def activation_report(pass_report: dict, images, scheme: QuantScheme, calib: CalibSettings, model_bytes: bytes,
+                      seconds: float) -> dict:
+    """The `activations` section of a report (quantize and rewrite): the calibration, the scheme,
+    what ActivationQDQPass made integer (its `pass_report`) and which kernels ONNX Runtime runs in
+    the finished file `model_bytes`."""
+    return {"bits": 8, "calibration": calib.method, "calib_images": len(images), "calib_seconds": seconds,
+            "scheme": scheme.to_json(), "integer_nodes": len(pass_report["integer_nodes"]),
+            "float_nodes": pass_report["float_nodes"], "activation_tensors": pass_report["activation_tensors"],
+            "absorbed_activations": pass_report["absorbed_activations"],
+            "onnxruntime_kernels": integer_kernels(model_bytes)}
 
 
 def _layout(model: ir.Model):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -15,8 +16,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from cora_onnx.core.errors import InputError, OnnxModelError, SettingsError, check_bits
-from cora_onnx.core.files import atomic_write, check_output_path
+from cora_onnx.core.errors import InputError, OnnxModelError, SettingsError
+from cora_onnx.core.files import atomic_write
+from cora_onnx.core.options import RunOptions
 from cora_onnx.core.plan import LayerPlan, Plan, UniformWeights, WeightFingerprint
 
 __all__ = ["RewriteResult", "rewrite_onnx", "MIN_OPSET", "MAX_OPSET", "weight_plan"]
@@ -185,28 +187,33 @@ def weight_plan(model: ir.Model, bits: int, keep_bits: int = 8, keep: Sequence[s
                                         "clip": clip, "source": "onnx"}, layers=tuple(plans))
 
 
-def rewrite_onnx(src: str | os.PathLike, out: str | os.PathLike, bits: int, *, act_bits: int | None = None,
-                 calib: str | os.PathLike | Sequence[str | os.PathLike] | None = None, act_calib: str = "minmax",
-                 mean=None, std=None,
-                 input_size: int | None = None, crop_ratio: float = 1.0, keep: Sequence[str] = ("first", "last"),
-                 keep_bits: int = 8, clip: str = "mse", out_format: str = "onnx", threads: int | None = None,
-                 report: str | os.PathLike | None = None) -> RewriteResult:
-    """Quantize a float ONNX classifier file: weights to `bits` (plus 8-bit activations with
-    act_bits=8, calibrated on the images in `calib`: a folder or a list of folders, mixed). Writes
-    `out` (ONNX or ORT format)."""
+REWRITE_METHOD_OPTIONS = {"clip": ("mse", "minmax")}  # rewrite's own weight grid: option -> choices (first: default)
+
+
+def rewrite_onnx(src: str | os.PathLike, options: RunOptions | None = None, **keywords) -> RewriteResult:
+    """Quantize a float ONNX classifier file as the run options say (`options`, or keywords that
+    build them: RunOptions.of): weights to `bits` (out, bits, keep (default first,last), keep_bits
+    (default 8), method option clip: mse or minmax), plus 8-bit activations with act_bits=8,
+    calibrated on the images in `calib` (a folder or a list of folders, mixed) with act_calib and
+    the preprocessing (input_size: the model's when fixed; mean, std, crop_ratio). Writes `out`
+    (out_format ONNX or ORT format) and, when given, the JSON `report`."""
 
     from cora_onnx.onnx.pipeline import apply_plan, cleanup_passes
 
-    check_bits(bits)
-    if out_format not in ("onnx", "ort"):
-        raise SettingsError(f"output format must be onnx or ort, got {out_format!r}")
-    if act_bits is not None and act_bits != 8:
-        raise SettingsError(f"act_bits must be 8 (or None for float activations), got {act_bits!r}")
-    if act_bits is not None and calib is None:
-        raise SettingsError("integer activations (--act-bits 8) need calibration images (--calib DIR)")
-    check_output_path(out, "output model")
-    if report is not None:
-        check_output_path(report, "report")
+    opts = RunOptions.resolve(options, **keywords)
+    if opts.out is None:
+        raise SettingsError("rewrite needs an output path (out=)")
+    out, bits, act_bits, report, threads = opts.out, opts.bits, opts.act_bits, opts.report, opts.threads
+    keep = ("first", "last") if opts.keep is None else opts.keep
+    if any(k not in ("first", "last") for k in keep):
+        raise SettingsError(f"rewrite keeps first, last or none, got {','.join(keep)!r}")
+    keep_bits = 8 if opts.keep_bits is None else opts.keep_bits
+    for name, value in opts.method_options.items():
+        if name not in REWRITE_METHOD_OPTIONS:
+            raise SettingsError(f"rewrite has no option {name!r}; its options: {', '.join(REWRITE_METHOD_OPTIONS)}")
+        if value not in REWRITE_METHOD_OPTIONS[name]:
+            raise SettingsError(f"{name} must be one of {', '.join(REWRITE_METHOD_OPTIONS[name])}, got {value!r}")
+    clip = opts.method_options.get("clip", REWRITE_METHOD_OPTIONS["clip"][0])
     if Path(out).resolve() == Path(src).resolve():
         raise InputError(f"output {out} would overwrite the input model")
     from cora_onnx.core.modelfile import read_model
@@ -230,7 +237,7 @@ def rewrite_onnx(src: str | os.PathLike, out: str | os.PathLike, bits: int, *, a
         spec, not_image = None, exc
     if not_image is not None and act_bits is not None:
         raise not_image
-    size = input_size or (spec.size if spec else None) or 224
+    size = opts.input_size or (spec.size if spec else None) or 224
     if spec is not None and spec.size is not None and size != spec.size:
         raise SettingsError(f"{src} takes {spec.size}x{spec.size} images (fixed in the model), got input size {size}")
     scheme = None
@@ -259,26 +266,23 @@ def rewrite_onnx(src: str | os.PathLike, out: str | os.PathLike, bits: int, *, a
     if upgraded:
         rep["opset_upgrade"] = upgraded
     external = _initializer_bytes(model) >= SELF_CONTAINED_LIMIT
+    out_format = opts.out_format
     if external and (act_bits is not None or out_format == "ort"):
         raise OnnxModelError(f"{src}: the rewritten model holds 2 GB of weights or more; it can only be written as ONNX "
                              "with external data, weight-only (without --act-bits and --format ort)")
     if act_bits is not None:
         from cora_onnx.onnx.calibrate import CalibSettings
-        from cora_onnx.onnx.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess, load_images, parse_floats
-        from cora_onnx.onnx.int8 import add_activation_qdq, integer_kernels
+        from cora_onnx.onnx.data import load_images
+        from cora_onnx.onnx.int8 import activation_report, add_activation_qdq
 
-        settings = CalibSettings(method=act_calib)
-        pre = Preprocess(input_size=int(size), crop_ratio=crop_ratio,
-                         mean=parse_floats(mean if mean is not None else IMAGENET_MEAN, what="mean"),
-                         std=parse_floats(std if std is not None else IMAGENET_STD, what="std"))
-        images = load_images(calib, pre, what="calibration folder")
+        t0 = time.perf_counter()
+        settings = CalibSettings(method=opts.act_calib)
+        pre = opts.replace(input_size=int(size)).preprocess
+        images = load_images(opts.calib, pre, what="calibration folder")
         _, _, pass_report = add_activation_qdq(model, images, scheme, settings, threads)
         model = ir.passes.PassManager(cleanup_passes())(model).model
         data = ir.to_proto(model).SerializeToString()
-        rep["activations"] = {"bits": 8, "calibration": act_calib, "calib_images": len(images),
-                              "scheme": scheme.to_json(), "integer_nodes": len(pass_report["integer_nodes"]),
-                              "float_nodes": pass_report["float_nodes"],
-                              "onnxruntime_kernels": integer_kernels(data)}
+        rep["activations"] = activation_report(pass_report, images, scheme, settings, data, time.perf_counter() - t0)
     elif external:
         data = None
     else:

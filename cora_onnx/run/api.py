@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from torch import nn
 
-from cora_onnx.onnx.data import IMAGENET_MEAN, IMAGENET_STD
 from cora_onnx.torch.export import export_onnx, fuse_batchnorm
 from cora_onnx.core.files import atomic_write, check_output_path
 from cora_onnx.core.modelfile import onnx_bytes
@@ -19,10 +17,10 @@ from cora_onnx.run.outcome import FloatReference, effective_bits, float_referenc
 from cora_onnx.torch.parity import failed_path
 from cora_onnx.onnx.pipeline import apply_plan
 from cora_onnx.core.plan import Plan
-from cora_onnx.run.stages import (check_options, check_run_options, export_quantized, load_data, load_model, make_settings,
-                     run_search)
+from cora_onnx.core.options import RunOptions
+from cora_onnx.run.stages import check_options, export_quantized, load_data, load_model, make_settings, run_search
 
-__all__ = ["QuantizeResult", "quantize", "make_settings", "check_run_options", "export_plan", "effective_bits",
+__all__ = ["QuantizeResult", "quantize", "RunOptions", "make_settings", "export_plan", "effective_bits",
            "FloatReference", "float_reference", "failed_path"]
 
 
@@ -35,33 +33,29 @@ class QuantizeResult:
     quantized_model: nn.Module
 
 
-def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None = None,
-             val: str | Path | Sequence[str | Path] | None = None,
-             class_map: str | Path | None = None, bits: int = 4, method: str = "rtn",
-             out: str | Path = "model.onnx", mean: Sequence[float] | str = IMAGENET_MEAN,
-             std: Sequence[float] | str = IMAGENET_STD, input_size: int = 224, *, crop_ratio: float = 1.0,
-             report: str | Path | None = None, plan_out: str | Path | None = None,
-             float_out: str | Path | None = None, model_name: str | None = None, batch_size: int = 32,
-             parity_images: int = 1000, latency_runs: int = 30, latency_batch: int | None = None,
-             threads: int | None = None, seed: int = 0, act_bits: int | None = None, act_calib: str = "minmax",
-             out_format: str = "onnx", adapter_layout: str = "auto", float_logits: np.ndarray | None = None,
-             **method_options) -> QuantizeResult:
-    """Quantize `model` with `method`, export to ONNX at `out`, verify in ONNX Runtime.
+def quantize(model: nn.Module, options: RunOptions | None = None, *, float_logits: np.ndarray | None = None,
+             **keywords) -> QuantizeResult:
+    """Quantize `model`, export to ONNX, verify in ONNX Runtime; the run is described by `options`
+    (cora_onnx.RunOptions) or by keywords that build it in one call (RunOptions.of: its fields, and
+    the method's settings by name, e.g. budget=, iters=, clip=; keywords given with `options`
+    change those fields).
 
-    calib: folder of calibration images, or a list of folders whose images are mixed (flat or
-    per class; needed by data-driven methods, and used for parity when val is None); val: labelled
-    folder (one folder per class), or a list of them, for top-1; class_map: JSON of folder name ->
-    class index when val's folders are a subset of the classes (not needed when they are ImageNet
-    WordNet ids and the model has 1000 classes: the built-in map applies, see cora_onnx.onnx.data).
-    act_bits: 8 for integer activations (static, calibrated on calib with act_calib = "minmax",
-    "percentile" or "mse"; weights then use the CPU's integer-kernel width, see
-    cora_onnx.onnx.int8.choose_scheme); None keeps float activations. out_format: "onnx" or "ort"
-    (ONNX Runtime's ORT format, written by onnxruntime's own converter). adapter_layout (CoRa):
-    "branch" exports each adapter as Conv(A) -> Conv(B) -> Add beside its Conv; "merge" (integer
-    activations only) stores the same factors but merges them into the Conv's integer weight when
-    ONNX Runtime loads the model, so the branches cost no inference time; "auto": merge with
-    act_bits, branch without. float_logits: the float model's logits on val's images, computed once
-    elsewhere (see `float_reference`; a sweep shares them between its points) instead of here.
+    The fields most used: calib: folder of calibration images, or a list of folders whose images
+    are mixed (flat or per class; needed by data-driven methods, and used for parity when val is
+    not given); val: labelled folder (one folder per class), or a list of them, for top-1;
+    class_map: JSON of folder name -> class index when val's folders are a subset of the classes
+    (not needed when they are ImageNet WordNet ids and the model has 1000 classes: the built-in map
+    applies, see cora_onnx.onnx.data). method, bits, out (default model.onnx). act_bits: 8 for
+    integer activations (static, calibrated on calib with act_calib = "minmax", "percentile" or
+    "mse"; weights then use the CPU's integer-kernel width, see cora_onnx.onnx.int8.choose_scheme);
+    None keeps float activations. out_format: "onnx" or "ort" (ONNX Runtime's ORT format, written
+    by onnxruntime's own converter). adapter_layout (CoRa): "branch" exports each adapter as
+    Conv(A) -> Conv(B) -> Add beside its Conv; "merge" (integer activations only) stores the same
+    factors but merges them into the Conv's integer weight when ONNX Runtime loads the model, so
+    the branches cost no inference time; "auto": merge with act_bits, branch without.
+
+    float_logits: the float model's logits on val's images, computed once elsewhere (see
+    `float_reference`; a sweep shares them between its points) instead of here.
     Returns a QuantizeResult whose .report is the dict also written to `report` (JSON), with
     "verified": true. Raises ParityError when ONNX Runtime disagrees with the PyTorch quantized
     model beyond cora_onnx.torch.parity.PARITY_LIMITS: the model is then kept as NAME.failed.onnx (never
@@ -71,19 +65,15 @@ def quantize(model: nn.Module, calib: str | Path | Sequence[str | Path] | None =
     -> load_data -> run_search -> export_quantized, then cora_onnx.run.outcome.verify_quantized ->
     make_report -> write_outputs.
     """
-    opts = check_options(calib, val, bits, method, out, mean, std, input_size, crop_ratio=crop_ratio, report=report,
-                         plan_out=plan_out, float_out=float_out, model_name=model_name, batch_size=batch_size,
-                         parity_images=parity_images, latency_runs=latency_runs, latency_batch=latency_batch,
-                         threads=threads, seed=seed, act_bits=act_bits, act_calib=act_calib, out_format=out_format,
-                         adapter_layout=adapter_layout, **method_options)
+    opts = check_options(options, **keywords)
     model = load_model(model)
-    data = load_data(model, opts.pre, calib, val, class_map, float_logits)
+    data = load_data(model, opts.pre, opts.calib or None, opts.val or None, opts.class_map, float_logits)
     searched = run_search(model, opts, data.calib)
     exported = export_quantized(searched, opts, data.calib)
     verification = verify_quantized(model, exported, data, opts, float_logits)
     report_dict = make_report(searched, exported, verification, data, opts)
     write_outputs(report_dict, searched, exported, verification, opts)
-    return QuantizeResult(report_dict, searched.plan, Path(out), model, exported.qmodel)
+    return QuantizeResult(report_dict, searched.plan, opts.out, model, exported.qmodel)
 
 
 def export_plan(model: nn.Module, plan: Plan, out: str | Path, input_size: int | None = None) -> int:

@@ -123,7 +123,7 @@ def make_report(searched: Searched, exported: Exported, verification: Verificati
         "compression_ratio": len(float_bytes) / len(quant_bytes),
         "weight_params": weight_params, "effective_bits": effective_bits(plan, qlayers),
         **verification.figures, "search_seconds": searched.seconds,
-        "settings": plan.settings,
+        "options": opts.to_json(), "settings": plan.settings,
         "layers": [{"name": lp.name, "bits": lp.uniform.bits if lp.uniform else None, **dict(lp.info)}
                    for lp in plan.layers],
         "preprocess": {"input_size": pre.input_size, "crop_ratio": pre.crop_ratio, "mean": list(pre.mean),

@@ -30,13 +30,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from cora_onnx.onnx.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess, load_class_map, load_images, parse_floats
+from cora_onnx.core.options import RunOptions
+from cora_onnx.onnx.data import load_class_map, load_images
 from cora_onnx.core.errors import InputError, ModelError, ParityError, SettingsError
 from cora_onnx.torch.parity import PARITY_LIMITS, failed_path, parity_failure
 from cora_onnx.torch.export import export_program, fuse_batchnorm
@@ -280,13 +281,12 @@ def _check_fused(fused: nn.Module, plan: Plan) -> None:
                              f"(max {float(np.abs(w - want).max()):.3g}); BatchNorm was not fused as expected")
 
 
-def import_pq(checkpoint: str | Path, model: str | nn.Module = "resnet18", out: str | Path = "model.onnx", *,
-              val: str | Path | None = None, calib: str | Path | None = None, class_map: str | Path | None = None,
-              input_size: int = 224, crop_ratio: float = 1.0, mean: Sequence[float] | str = IMAGENET_MEAN,
-              std: Sequence[float] | str = IMAGENET_STD, report: str | Path | None = None, batch_size: int = 32,
-              parity_images: int = 1000, latency_runs: int = 30, threads: int | None = None,
-              seed: int = 0) -> ImportResult:
-    """Turn a product-quantized checkpoint (format above) into an ONNX file at `out` and verify it.
+def import_pq(checkpoint: str | Path, model: str | nn.Module = "resnet18", out: str | Path | None = None,
+              options: RunOptions | None = None, **keywords) -> ImportResult:
+    """Turn a product-quantized checkpoint (format above) into an ONNX file and verify it. The run
+    options (`options`, or keywords that build them: RunOptions.of) used: out (default model.onnx),
+    val, calib, class_map, input_size (224), crop_ratio, mean, std, report, batch_size,
+    parity_images, latency_runs, threads, seed.
 
     model: "resnet18", "resnet34", "resnet50" (torchvision; the class count is read from the
     classifier entry) or an nn.Module of the architecture the checkpoint was made for. val:
@@ -296,15 +296,14 @@ def import_pq(checkpoint: str | Path, model: str | nn.Module = "resnet18", out: 
     limits of cora_onnx.torch.parity (the model is then kept as NAME.failed.onnx, the report says
     verified false); latency_runs 0 skips the timing. Returns the report (also written to
     `report` as JSON), the plan, and the decoded PyTorch model."""
-    for p, what in [(out, "output model")] + ([(report, "report")] if report is not None else []):
-        check_output_path(p, what)
-    if val is None and calib is None:
+    opts = RunOptions.resolve(options, **keywords, **({"out": out} if out is not None else {}))
+    out = opts.out if opts.out is not None else Path("model.onnx")
+    check_output_path(out, "output model")
+    report, batch_size, latency_runs, seed = opts.report, opts.batch_size, opts.latency_runs, opts.seed
+    if not opts.val and not opts.calib:
         raise SettingsError("give val or calib images: parity with the decoded PyTorch model is measured on them")
-    if latency_runs < 0:
-        raise SettingsError(f"latency runs must be >= 0 (0 skips the timing), got {latency_runs}")
-    pre = Preprocess(input_size=int(input_size), crop_ratio=crop_ratio, mean=parse_floats(mean, what="mean"),
-                     std=parse_floats(std, what="std"))
-    threads = threads or cpu_threads()
+    pre = opts.preprocess
+    threads = opts.threads or cpu_threads()
     ckpt = Path(checkpoint)
     entries = read_pq_checkpoint(ckpt)
     arch = model if isinstance(model, str) else type(model).__name__
@@ -315,11 +314,11 @@ def import_pq(checkpoint: str | Path, model: str | nn.Module = "resnet18", out: 
                       "mean": list(pre.mean), "std": list(pre.std)})
     log.info("%s: %d product-quantized layers decoded", ckpt.name, len(plan.layers))
     n_classes = decoded.fc.out_features if isinstance(getattr(decoded, "fc", None), nn.Linear) else None
-    cmap = load_class_map(class_map) if class_map is not None else None
-    val_set = load_images(val, pre, labelled=True, class_map=cmap, num_classes=n_classes, what="validation folder") \
-        if val is not None else None
+    cmap = load_class_map(opts.class_map) if opts.class_map is not None else None
+    val_set = load_images(opts.val, pre, labelled=True, class_map=cmap, num_classes=n_classes,
+                          what="validation folder") if opts.val else None
     parity_set = val_set if val_set is not None else \
-        load_images(calib, pre, what="calibration folder").subset(parity_images, seed)
+        load_images(opts.calib, pre, what="calibration folder").subset(opts.parity_images, seed)
 
     t0 = time.perf_counter()
     fused = fuse_batchnorm(decoded)

@@ -16,17 +16,17 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import onnx_ir as ir
 import torch
 from torch import nn
 
-from cora_onnx.onnx.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, Preprocess, load_class_map, load_images, parse_floats
+from cora_onnx.core.options import ADAPTER_LAYOUTS, Preprocess, RunOptions
+from cora_onnx.onnx.data import ImageSet, load_class_map, load_images
 from cora_onnx.core.errors import ModelError, SettingsError
 from cora_onnx.torch.export import AdaptedConv, apply_plan_torch, export_program, fuse_batchnorm
-from cora_onnx.core.files import check_output_path
 from cora_onnx.core.modelfile import onnx_bytes
 from cora_onnx.torch.models import build_model, check_finite
 from cora_onnx.onnx.pipeline import apply_plan
@@ -35,45 +35,31 @@ from cora_onnx.torch.quantizers import quantizable_layers
 from cora_onnx.torch.search import METHODS
 from cora_onnx.onnx.verify import cpu_threads
 
-__all__ = ["Options", "Data", "Searched", "Exported", "check_options", "check_run_options", "make_settings",
+__all__ = ["RunOptions", "Options", "Data", "Searched", "Exported", "check_options", "make_settings",
            "load_model", "num_classes", "load_data", "run_search", "export_quantized", "integer_activations",
            "ADAPTER_LAYOUTS", "BRANCH_TIMING_CALIB"]
 
 log = logging.getLogger(__name__)
 
-ADAPTER_LAYOUTS = ("auto", "branch", "merge")
 BRANCH_TIMING_CALIB = 128  # calibration images for the branch-layout model that is only timed
 
 
 @dataclass(frozen=True, eq=False)
-class Options:
-    """A quantize run's checked options. settings: the method's validated settings (bits and
-    options fitted to the integer-kernel width with act_bits); scheme / calib_settings: integer
-    activations (None: float activations); merge_bits: the integer weight width the CoRa adapters
-    are fused into at load (None: adapters as branches)."""
+class Options(RunOptions):
+    """A quantize run's checked options: the run options (cora_onnx.core.options.RunOptions) with
+    `bits` fitted to the integer-kernel width with act_bits, `threads` resolved, `out` set, and
+    what they imply: settings (the method's validated settings), pre (the preprocessing),
+    scheme / calib_settings (integer activations; None: float activations), merge_bits (the
+    integer weight width the CoRa adapters are fused into at load; None: adapters as branches)."""
 
-    method: str
-    bits: int
-    settings: Any
-    pre: Preprocess
-    threads: int
-    seed: int = 0
+    settings: Any = None
+    pre: Preprocess | None = None
     scheme: Any = None
     calib_settings: Any = None
     merge_bits: int | None = None
-    out: Any = "model.onnx"  # the output paths as given (str or Path)
-    report: Any = None
-    plan_out: Any = None
-    float_out: Any = None
-    out_format: str = "onnx"
-    model_name: str | None = None
-    batch_size: int = 32
-    parity_images: int = 1000
-    latency_runs: int = 30
-    latency_batch: int | None = None
 
 
-def make_settings(method: str, bits: int, options: dict[str, Any]):
+def make_settings(method: str, bits: int, options: Mapping[str, Any]):
     """Validated settings of a search method; unknown options are a SettingsError."""
     if method not in METHODS:
         raise SettingsError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -82,77 +68,60 @@ def make_settings(method: str, bits: int, options: dict[str, Any]):
     unknown = sorted(set(options) - fields)
     if unknown:
         raise SettingsError(f"method {method} has no option {unknown[0]!r}; its options: {', '.join(sorted(fields))}")
-    return cls(bits=bits, **options)
+    try:
+        return cls(bits=bits, **options)
+    except (TypeError, ValueError) as exc:  # a value of the wrong type inside a settings check
+        if isinstance(exc, SettingsError):
+            raise
+        raise SettingsError(f"method {method}: an option has a value of the wrong type "
+                            f"({str(exc).splitlines()[0]})") from None
 
 
-def check_run_options(*, act_bits=None, act_calib: str = "minmax", adapter_layout: str = "auto",
-                      out_format: str = "onnx", latency_runs: int = 30, has_calib: bool = True) -> None:
-    """SettingsError for quantize's options that are not the method's own (check_options calls it
-    first; sweeps call it before any job starts)."""
-    from cora_onnx.onnx.calibrate import CALIB_METHODS
-    from cora_onnx.onnx.int8 import ACT_BITS
-
-    if act_bits is not None:
-        if act_bits not in ACT_BITS:
-            raise SettingsError(f"act_bits must be one of {', '.join(map(str, ACT_BITS))} (or None for float "
-                                f"activations), got {act_bits!r}")
-        if not has_calib:
-            raise SettingsError("integer activations (act_bits=8) need calibration images (calib=DIR)")
-        if act_calib not in CALIB_METHODS:
-            raise SettingsError(f"act_calib must be one of {', '.join(CALIB_METHODS)}, got {act_calib!r}")
-    if adapter_layout not in ADAPTER_LAYOUTS:
-        raise SettingsError(f"adapter layout must be one of {', '.join(ADAPTER_LAYOUTS)}, got {adapter_layout!r}")
-    if adapter_layout == "merge" and act_bits is None:
-        raise SettingsError("adapter layout merge needs integer activations (act_bits=8): it merges the adapters "
-                            "into integer weights")
-    if isinstance(latency_runs, bool) or not isinstance(latency_runs, int) or latency_runs < 0:
-        raise SettingsError(f"latency runs must be >= 0 (0 skips the timing), got {latency_runs}")
-    if out_format not in ("onnx", "ort"):
-        raise SettingsError(f"output format must be onnx or ort, got {out_format!r}")
-
-
-def check_options(calib=None, val=None, bits: int = 4, method: str = "rtn", out: str | Path = "model.onnx",
-                  mean: Sequence[float] | str = IMAGENET_MEAN, std: Sequence[float] | str = IMAGENET_STD,
-                  input_size: int = 224, *, crop_ratio: float = 1.0, report: str | Path | None = None,
-                  plan_out: str | Path | None = None, float_out: str | Path | None = None,
-                  model_name: str | None = None, batch_size: int = 32, parity_images: int = 1000,
-                  latency_runs: int = 30, latency_batch: int | None = None, threads: int | None = None,
-                  seed: int = 0, act_bits: int | None = None, act_calib: str = "minmax", out_format: str = "onnx",
-                  adapter_layout: str = "auto", **method_options) -> Options:
-    """Every check of quantize's arguments that needs neither the model nor the images (the
-    method and its settings, run options, output paths, preprocessing); SettingsError on the first
-    problem. calib / val are only checked for presence. Arguments as `cora_onnx.quantize`."""
-    scheme = calib_settings = None
-    fields = frozenset(f.name for f in dataclasses.fields(METHODS[method].settings)) if method in METHODS \
-        else frozenset()
-    check_run_options(act_bits=act_bits, act_calib=act_calib, adapter_layout=adapter_layout, out_format=out_format,
-                      latency_runs=latency_runs, has_calib=calib is not None)
-    if act_bits is not None:
+def check_options(options: RunOptions | None = None, **keywords) -> Options:
+    """Every check of a quantize run that needs neither the model nor the images: the run options
+    (`options`, or built from `keywords` as cora_onnx.quantize takes them: RunOptions.of), the
+    method and its settings (with --keep/--keep-bits/skip as its layer selection), and calib or
+    val present. SettingsError on the first problem."""
+    run = RunOptions.resolve(options, **keywords)
+    if run.method not in METHODS:
+        raise SettingsError(f"unknown method {run.method!r}; expected one of {', '.join(METHODS)}")
+    m = METHODS[run.method]
+    fields = frozenset(f.name for f in dataclasses.fields(m.settings))
+    if m.needs_calib and not run.calib:
+        raise SettingsError(f"method {run.method} needs calibration images (calib=DIR)")
+    if not run.calib and not run.val:
+        raise SettingsError("give calib or val images: parity is measured on them")
+    method_options = _with_selection(dict(run.method_options), run, m.settings)
+    bits, scheme, calib_settings = run.bits, None, None
+    if run.act_bits is not None:
         from cora_onnx.onnx.calibrate import CalibSettings
         from cora_onnx.onnx.int8 import choose_scheme
 
-        calib_settings = CalibSettings(method=act_calib)
+        calib_settings = CalibSettings(method=run.act_calib)
         scheme = choose_scheme()
         bits, method_options = _fit_weight_bits(bits, method_options, scheme.weight_bits, fields)
-    merge_bits = scheme.weight_bits if scheme is not None and adapter_layout in ("auto", "merge") else None
+    merge_bits = scheme.weight_bits if scheme is not None and run.adapter_layout in ("auto", "merge") else None
     if "seed" in fields:
-        method_options.setdefault("seed", seed)  # seeded searches follow --seed
-    settings = make_settings(method, bits, method_options)
-    outputs = [(out, "output model")] + [(p, w) for p, w in ((report, "report"), (plan_out, "plan"),
-                                                              (float_out, "float model")) if p is not None]
-    for p, what in outputs:
-        check_output_path(p, what)
-    if METHODS[method].needs_calib and calib is None:
-        raise SettingsError(f"method {method} needs calibration images (calib=DIR)")
-    if calib is None and val is None:
-        raise SettingsError("give calib or val images: parity is measured on them")
-    pre = Preprocess(input_size=int(input_size), crop_ratio=crop_ratio, mean=parse_floats(mean, what="mean"),
-                     std=parse_floats(std, what="std"))
-    return Options(method=method, bits=bits, settings=settings, pre=pre, threads=threads or cpu_threads(), seed=seed,
-                   scheme=scheme, calib_settings=calib_settings, merge_bits=merge_bits, out=out, report=report,
-                   plan_out=plan_out, float_out=float_out, out_format=out_format,
-                   model_name=model_name, batch_size=batch_size, parity_images=parity_images,
-                   latency_runs=latency_runs, latency_batch=latency_batch)
+        method_options.setdefault("seed", run.seed)  # seeded searches follow --seed
+    settings = make_settings(run.method, bits, method_options)
+    given = {f.name: getattr(run, f.name) for f in dataclasses.fields(RunOptions)}
+    return Options(**{**given, "bits": bits, "threads": run.threads or cpu_threads(),
+                      "out": run.out if run.out is not None else Path("model.onnx")},
+                   settings=settings, pre=run.preprocess, scheme=scheme, calib_settings=calib_settings,
+                   merge_bits=merge_bits)
+
+
+def _with_selection(method_options: dict, run: RunOptions, settings_cls: type) -> dict:
+    """The method options with run.keep / keep_bits / skip (when given) as the layer selection."""
+    if run.keep is None and run.keep_bits is None and not run.skip:
+        return method_options
+    from cora_onnx.torch.search.layers import LayerSelection, default_selection
+
+    base = method_options.get("selection") or default_selection(settings_cls)
+    method_options["selection"] = LayerSelection(keep=base.keep if run.keep is None else run.keep,
+                                                 keep_bits=base.keep_bits if run.keep_bits is None else run.keep_bits,
+                                                 skip=run.skip or base.skip)
+    return method_options
 
 
 def _fit_weight_bits(bits: int, options: dict, weight_bits: int, fields: frozenset = frozenset()) -> tuple[int, dict]:
@@ -309,7 +278,7 @@ def integer_activations(model_ir, program, qmodel, calib_set: ImageSet, scheme, 
     torch.onnx program of the float model (export_program), whose exported graph the simulation
     of integer activations runs. histograms: activation histograms of model_ir already collected
     on calib_set (cora_onnx.onnx.int8.activation_histograms), so several range methods share one pass."""
-    from cora_onnx.onnx.int8 import add_activation_qdq, integer_kernels
+    from cora_onnx.onnx.int8 import activation_report, add_activation_qdq
     from cora_onnx.onnx.pipeline import cleanup_passes
     from cora_onnx.torch.simulate import ActivationQuantSim
 
@@ -318,7 +287,6 @@ def integer_activations(model_ir, program, qmodel, calib_set: ImageSet, scheme, 
                                                       histograms=histograms)
     ir.passes.PassManager(cleanup_passes())(model_ir)
     data = onnx_bytes(model_ir)
-    kernels = integer_kernels(data)
     if any(isinstance(m, AdaptedConv) for m in qmodel.modules()):
         # the simulation runs the exported program of the model without branches: adapter branches
         # exist only in the ONNX graph (LowRankBranchPass). Parity is then against the PyTorch model
@@ -327,14 +295,10 @@ def integer_activations(model_ir, program, qmodel, calib_set: ImageSet, scheme, 
         sim = qmodel
     else:
         sim = ActivationQuantSim(program, qmodel, qparams, scheme.act_range)
-    report = {"bits": 8, "calibration": calib_settings.method, "calib_images": len(calib_set),
-              "calib_seconds": time.perf_counter() - t0, "scheme": scheme.to_json(),
-              "integer_nodes": len(pass_report["integer_nodes"]), "float_nodes": pass_report["float_nodes"],
-              "activation_tensors": pass_report["activation_tensors"],
-              "absorbed_activations": pass_report["absorbed_activations"],
-              "onnxruntime_kernels": kernels,
+    report = {**activation_report(pass_report, calib_set, scheme, calib_settings, data, time.perf_counter() - t0),
               "parity_reference": "PyTorch simulation of the integer activations" if sim is not qmodel else
               "PyTorch with float activations (the simulation does not cover adapter branches)"}
+    kernels = report["onnxruntime_kernels"]
     if kernels["float_compute"]:
         log.warning("%d Conv/Gemm/MatMul nodes still run as float kernels in ONNX Runtime", kernels["float_compute"])
     return data, sim, report

@@ -12,7 +12,9 @@ from typing import Any, Mapping
 
 from cora_onnx.core.errors import CoraError, InputError, SettingsError
 from cora_onnx.core.files import check_input_dir, check_input_file
-from cora_onnx.run.sweeps.points import Point, _check_point, _grid_points, _int, _listed_points, _method_defaults
+from cora_onnx.core.options import RunOptions
+from cora_onnx.run.sweeps.points import (Point, _check_point, _grid_points, _int, _listed_points, _method_defaults,
+                                         point_options)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,11 @@ class SweepConfig:
     points: tuple[Point, ...]
     out: Path | None = None
     source: str = "config"
+    options: RunOptions | None = None  # what every point shares: data, preprocessing, verification
+
+    def point_options(self, p: Point) -> RunOptions:
+        """The run options of point p (checked when the config was loaded)."""
+        return point_options(p, self.options)
 
     def setup_json(self) -> dict:
         """What every point of a sweep folder shares: a rerun into the folder must match it."""
@@ -176,12 +183,15 @@ def _validate(data: dict, base: Path, src: str) -> SweepConfig:
     points = _grid_points(data.get("grid"), defaults) + _listed_points(data.get("points", []), defaults)
     if not points:
         raise SettingsError("no points: give a [grid] (method = [...], bits = [...]) or [[points]] entries")
+    base = RunOptions(calib=calib, val=val, class_map=class_map, input_size=input_size, crop_ratio=crop_ratio,
+                      mean=mean, std=std, model_name=arch,
+                      **{k: run[k] for k in ("batch_size", "parity_images", "latency_runs", "threads", "seed")})
     seen: dict[str, str] = {}
     for p in points:
         if p.name in seen:
             raise SettingsError(f"{p.where}: the same point as {seen[p.name]} (name {p.name}); give a distinct name")
         seen[p.name] = p.where
-        _check_point(p, calib is not None)
+        _check_point(p, base)
     return SweepConfig(arch=arch, weights=Path(weights), calib=Path(calib) if calib else None, val=Path(val),
                        class_map=class_map, input_size=input_size, crop_ratio=float(crop_ratio), mean=tuple(mean),
-                       std=tuple(std), run=run, points=tuple(points), out=out, source=src)
+                       std=tuple(std), run=run, points=tuple(points), out=out, source=src, options=base)

@@ -11,27 +11,30 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Iterator
 
 import numpy as np
 
 from cora_onnx.core.errors import CoraError
 from cora_onnx.run.sweeps.config import MODEL_NAME
-from cora_onnx.run.sweeps.points import Point, _method_options, _quantize_args
+from cora_onnx.core.options import RunOptions
+from cora_onnx.run.sweeps.points import Point
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
 class Job:
-    """Everything one point needs, picklable (it travels to Ray workers)."""
+    """Everything one point needs, picklable (it travels to Ray workers): its run options (the
+    output path is set by the job), the float logits it is scored against, the torch threads of
+    its search."""
 
     point: Point
     arch: str
     weights: str
-    data: Mapping[str, Any]
-    run: Mapping[str, Any]
+    options: RunOptions
     float_logits: np.ndarray
+    torch_threads: int | None = None
 
 
 @contextlib.contextmanager
@@ -54,14 +57,11 @@ def run_job(job: Job) -> dict:
     from cora_onnx.torch.models import build_model
 
     p, t0 = job.point, time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="cora-sweep-") as tmp, _torch_threads(job.run["torch_threads"]):
+    with tempfile.TemporaryDirectory(prefix="cora-sweep-") as tmp, _torch_threads(job.torch_threads):
         out = Path(tmp) / MODEL_NAME
         try:
-            res = quantize(build_model(job.arch, job.weights), **job.data, bits=p.bits if p.bits is not None else 4,
-                           method=p.method, out=out, act_bits=p.act_bits, model_name=job.arch,
-                           batch_size=job.run["batch_size"], parity_images=job.run["parity_images"],
-                           latency_runs=job.run["latency_runs"], threads=job.run["threads"], seed=job.run["seed"],
-                           float_logits=job.float_logits, **_quantize_args(p), **_method_options(p))
+            res = quantize(build_model(job.arch, job.weights), job.options.replace(out=out),
+                           float_logits=job.float_logits)
             return {"status": "ok", "report": res.report, "onnx": out.read_bytes(), "error": None,
                     "seconds": time.perf_counter() - t0}
         except CoraError as exc:
@@ -106,7 +106,7 @@ def _run_ray(jobs: list[Job], record, total: int, done: int, address: str | None
         started = True
     try:
         level = logging.getLogger("cora_onnx").getEffectiveLevel()
-        task = ray.remote(num_cpus=jobs[0].run["torch_threads"] or 1, max_retries=0)(_ray_job)
+        task = ray.remote(num_cpus=jobs[0].torch_threads or 1, max_retries=0)(_ray_job)
         pending = {task.remote(job, level): job for job in jobs}
         log.info("sweep: %d Ray tasks submitted", len(pending))
         while pending:

@@ -12,17 +12,16 @@ from typing import Any, Mapping
 
 
 from cora_onnx.core.errors import SettingsError, WEIGHT_BITS
+from cora_onnx.core.options import RunOptions
 
-_QUANTIZE_ARGS = ("act_calib", "adapter_layout")  # per-point quantize arguments besides method options
-_SELECTION = ("keep", "keep_bits", "skip")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}$")
 
 
 @dataclass(frozen=True)
 class Point:
     """One job: method, weight bits (None for methods without a bit width, e.g. pq), activation
-    bits (None: float), options as given (method settings fields, keep/keep_bits/skip, act_calib,
-    adapter_layout); name: the output subfolder, derived from the rest unless given; where: the
+    bits (None: float), options as given (method settings fields, and run options such as
+    keep/keep_bits/skip, act_calib, adapter_layout: see point_options); name: the output subfolder, derived from the rest unless given; where: the
     config entry it came from, for messages."""
 
     name: str
@@ -177,58 +176,45 @@ def _listed_points(points, defaults: dict) -> list[Point]:
     return out
 
 
-def _check_point(p: Point, has_calib: bool) -> None:
-    """Build the point's method settings (as quantize will) and check its quantize arguments."""
-    from cora_onnx.run.stages import check_run_options, make_settings
+# run options every point of a sweep shares (its data, preprocessing, verification, outputs) or
+# that a point sets by its own keys (method, bits, act_bits); a point may set any other run option
+_SWEEP_WIDE = frozenset({"calib", "val", "class_map", "input_size", "crop_ratio", "mean", "std", "out", "report",
+                         "plan_out", "float_out", "model_name", "batch_size", "parity_images", "latency_runs",
+                         "latency_batch", "threads", "seed", "method", "bits", "act_bits", "method_options"})
 
+
+def point_options(p: Point, base: RunOptions) -> RunOptions:
+    """The point's run options: the sweep's `base` with the point's method, bits, activations, run
+    options (keep, keep_bits, skip, act_calib, adapter_layout, ...) and method options (settings
+    fields; strings parsed as the command line parses them). SettingsError naming the entry."""
     m = _methods()[p.method]
-    if m.needs_calib and not has_calib:
-        raise SettingsError(f"{p.where}.method: {p.method} needs calibration images (set calib)")
-    args = _quantize_args(p)
-    try:
-        check_run_options(act_bits=p.act_bits, has_calib=has_calib,
-                          **{k: args[k] for k in ("act_calib", "adapter_layout") if k in args})
-    except SettingsError as exc:
-        raise SettingsError(f"{p.where}: {exc}") from None
-    try:
-        make_settings(p.method, p.bits if p.bits is not None else 4, _method_options(p))
-    except SettingsError as exc:
-        raise SettingsError(f"{p.where}: {exc}") from None
-    except (TypeError, ValueError) as exc:  # a value of the wrong type inside a settings check
-        raise SettingsError(f"{p.where}: an option has a value of the wrong type ({str(exc).splitlines()[0]})") from None
-
-
-def _quantize_args(p: Point) -> dict:
-    return {k: p.options[k] for k in _QUANTIZE_ARGS if k in p.options}
-
-
-def _method_options(p: Point) -> dict:
-    """The point's options as quantize's method options (settings fields, selection)."""
-    from cora_onnx.torch.search import LayerSelection
-    from cora_onnx.torch.search.layers import default_selection
-    from cora_onnx.core.options import parse_keep
-
-    m = _methods()[p.method]
+    run_fields = {f.name for f in dataclasses.fields(RunOptions)} - _SWEEP_WIDE
     fields = {f.name for f in dataclasses.fields(m.settings)} - {"bits", "selection"}
     convert = {o.field: o.convert for o in m.options if o.convert is not None}
-    out: dict[str, Any] = {}
+    given, method_options = {}, {}
     for k, v in p.options.items():
-        if k in _QUANTIZE_ARGS or k in _SELECTION:
-            continue
-        if k not in fields:
+        if k in run_fields:
+            given[k] = v
+        elif k in fields:
+            method_options[k] = convert[k](v) if k in convert and isinstance(v, str) else v
+        else:
             raise SettingsError(f"{p.where}.{k}: method {p.method} has no option {k!r}; its options: "
-                                f"{', '.join(sorted(fields | set(_SELECTION) | set(_QUANTIZE_ARGS)))}")
-        out[k] = convert[k](v) if k in convert and isinstance(v, str) else v
-    if any(k in p.options for k in _SELECTION):
-        d = default_selection(m.settings)
-        keep = p.options.get("keep", d.keep)
-        keep = parse_keep(keep) if isinstance(keep, str) else keep
-        if not isinstance(keep, (list, tuple)):
-            raise SettingsError(f"{p.where}.keep: a list or 'first,last', got {keep!r}")
-        skip = p.options.get("skip", d.skip)
-        try:
-            out["selection"] = LayerSelection(keep=tuple(keep), keep_bits=p.options.get("keep_bits", d.keep_bits),
-                                              skip=tuple([skip] if isinstance(skip, str) else skip))
-        except (TypeError, ValueError) as exc:
-            raise SettingsError(f"{p.where}.keep: {exc}") from None
-    return out
+                                f"{', '.join(sorted(fields | run_fields))}")
+    try:
+        return base.replace(method=p.method, bits=p.bits if p.bits is not None else 4, act_bits=p.act_bits,
+                            method_options=method_options, **given)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{p.where}: {str(exc).splitlines()[0]}") from None
+
+
+def _check_point(p: Point, base: RunOptions) -> None:
+    """Build the point's run options and method settings as quantize will, and check them."""
+    from cora_onnx.run.stages import check_options
+
+    if _methods()[p.method].needs_calib and not base.calib:
+        raise SettingsError(f"{p.where}.method: {p.method} needs calibration images (set calib)")
+    opts = point_options(p, base)
+    try:
+        check_options(opts)
+    except SettingsError as exc:
+        raise SettingsError(f"{p.where}: {exc}") from None

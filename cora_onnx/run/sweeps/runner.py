@@ -106,10 +106,8 @@ def _reference(cfg: SweepConfig, out: Path, model):
 
 
 def _jobs(cfg: SweepConfig, points, logits) -> list[Job]:
-    data = {"calib": str(cfg.calib) if cfg.calib else None, "val": str(cfg.val),
-            "class_map": str(cfg.class_map) if cfg.class_map else None, "mean": cfg.mean, "std": cfg.std,
-            "input_size": cfg.input_size, "crop_ratio": cfg.crop_ratio}
-    return [Job(p, cfg.arch, str(cfg.weights), data, dict(cfg.run), logits) for p in points]
+    return [Job(p, cfg.arch, str(cfg.weights), cfg.point_options(p), logits, cfg.run["torch_threads"])
+            for p in points]
 
 
 def read_rows(out: str | os.PathLike) -> dict[str, dict]:

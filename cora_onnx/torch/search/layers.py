@@ -8,12 +8,12 @@ import numpy as np
 from torch import nn
 
 from cora_onnx.core.errors import SettingsError, check_bits
+from cora_onnx.core.options import KEEP_CHOICES
 from cora_onnx.core.plan import UniformWeights
 from cora_onnx.torch.quantizers import QuantizedTensor, QuantSpec
 
 __all__ = ["KEEP_CHOICES", "LayerSelection", "default_selection", "select_layers", "layer_kind", "is_depthwise", "uniform_from"]
 
-KEEP_CHOICES = ("first", "last", "depthwise")
 
 
 @dataclass(frozen=True)

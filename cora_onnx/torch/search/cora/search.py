@@ -104,7 +104,7 @@ def _make_objective(st: _Search, captures: list) -> None:
     captures += [t_capture, s_capture]
 
     def objective() -> torch.Tensor:
-        idx = torch.randint(len(calib), (s.batch_size,), generator=gen)
+        idx = torch.randint(len(calib), (s.search_batch,), generator=gen)
         x = calib.preprocess.normalize(calib.images[idx])
         if per_step:
             x = augment_batch(x, s.augment, gen)
@@ -132,7 +132,7 @@ def _search_ranks(st: _Search) -> None:
     opt = torch.optim.Adam(cs, lr=s.lr)
     lo = torch.tensor([1.0 / st.full[n] for n in adapted])
     log.info("rank search: %d steps of %d images, budget %.3f of %d weight parameters",
-             s.search_iters, s.batch_size, s.budget, st.total_params)
+             s.search_iters, s.search_batch, s.budget, st.total_params)
     for it in range(s.search_iters):
         used = (torch.stack(cs) * fracs).sum()
         kd = st.objective()

@@ -37,7 +37,7 @@ class CoraSettings:
     """bits: weight bits (2-8); budget: adapter parameters as a fraction of the model's Conv/Linear
     weight parameters; iters: total optimization steps (rank search + fine-tuning): 250 for the
     reference preset, 100 for the default one; finetune_iters: steps of those spent fine-tuning
-    adapters after the ranks are fixed; calib_size: calibration images used; batch_size: images per step; order: Butterworth
+    adapters after the ranks are fixed; calib_size: calibration images used; search_batch: images per step; order: Butterworth
     order n; lr: Adam step on the cutoffs; gamma: weight of the budget penalty; adapter_bits:
     2-8 (per-channel symmetric) or 0 for float adapters; None: 8, or 4 with 2-3-bit weights (their
     file then shrinks with the grid: 8-bit adapters at 5% of the weights cost 0.4 bit per weight); preset: "default" or "reference" (fills
@@ -94,7 +94,7 @@ class CoraSettings:
     iters: int | None = None
     finetune_iters: int | None = None
     calib_size: int = 1600
-    batch_size: int = 16
+    search_batch: int = 16
     order: int = 4
     lr: float = 0.01
     gamma: float = 10.0
@@ -153,8 +153,8 @@ class CoraSettings:
             raise SettingsError(f"iters must be from 0 to 100000, got {self.iters!r}")
         if not 0 <= int(self.finetune_iters) <= int(self.iters):
             raise SettingsError(f"finetune_iters must be from 0 to iters ({self.iters}), got {self.finetune_iters!r}")
-        if int(self.calib_size) < 1 or int(self.batch_size) < 1 or int(self.stats_size) < 1:
-            raise SettingsError("calib_size, batch_size and stats_size must be >= 1")
+        if int(self.calib_size) < 1 or int(self.search_batch) < 1 or int(self.stats_size) < 1:
+            raise SettingsError("calib_size, search_batch and stats_size must be >= 1")
         if not (isinstance(self.cov_rows, (int, float)) and 0.1 <= self.cov_rows <= 1000):
             raise SettingsError(f"cov_rows must be from 0.1 to 1000 (input rows per layer, times K), got {self.cov_rows!r}")
         if not (isinstance(self.gptq_passes, int) and not isinstance(self.gptq_passes, bool)
@@ -217,7 +217,7 @@ CORA_OPTIONS = (
     CliOption("--iters", "iters", int, "Optimization steps in all: rank search + adapter fine-tuning [default preset 100, reference 250]."),
     CliOption("--finetune-iters", "finetune_iters", int, "Steps of --iters spent fine-tuning adapters [default 40, reference 0]."),
     CliOption("--calib-size", "calib_size", int, "Calibration images used [1600]."),
-    CliOption("--search-batch", "batch_size", int, "Images per optimization step [16]."),
+    CliOption("--search-batch", "search_batch", int, "Images per optimization step [16]."),
     CliOption("--order", "order", int, "Butterworth filter order [4]."),
     CliOption("--adapter-bits", "adapter_bits", str, "Adapter weight bits (per-channel symmetric), or float [8; 4 with 2-3-bit weights].",
               convert=_parse_adapter_bits),

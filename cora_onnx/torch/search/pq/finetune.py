@@ -62,7 +62,7 @@ def finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modul
     fixed_inputs = settings.augment == "none"
     with torch.no_grad():  # without augmentation the teacher's logits are computed once
         teacher_logits = torch.cat([teacher(x.contiguous(memory_format=torch.channels_last))
-                                    for x in images.batches(settings.batch_size)]) if fixed_inputs else None
+                                    for x in images.batches(settings.search_batch)]) if fixed_inputs else None
     n = len(images)
     student.eval()
     losses, entropies = [], []
@@ -70,10 +70,10 @@ def finetune(teacher: nn.Module, student: nn.Module, slayers: dict[str, nn.Modul
     perm = torch.randperm(n, generator=gen)
     pos = 0
     for _ in progress(range(settings.finetune_steps), settings.finetune_steps, "pq: fine-tuning codewords", "steps"):
-        if pos + settings.batch_size > n:
+        if pos + settings.search_batch > n:
             perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + settings.batch_size]
-        pos += settings.batch_size
+        idx = perm[pos:pos + settings.search_batch]
+        pos += settings.search_batch
         # channels-last input: PyTorch's CPU convolutions (depthwise above all) run ~1.5x faster fwd+bwd
         x = augment_batch(images.preprocess.normalize(images.images[idx]), settings.augment, gen)
         x = x.contiguous(memory_format=torch.channels_last)

@@ -95,14 +95,14 @@ def _fit_uniform_gptq(teacher: nn.Module, tmod: nn.Module, student: nn.Module, m
     g = Geom(name, block_kind(mod), K, 1, 1)
     centered = settings.bias_correction
     if settings.target_for(name) == "float":
-        joint = joint_stats(teacher, tmod, student, mod, g, None, settings.batch_size, centered=centered,
+        joint = joint_stats(teacher, tmod, student, mod, g, None, settings.search_batch, centered=centered,
                             pairs=feed.pairs(name, tmod, mod))
         H, mu = joint["qq"][0], joint["mu_q"][0]
         wt = float_target(w2, joint["qq"], joint["qf"], settings.damping)
         fb = tmod.bias
         target_mean = w2 @ joint["mu_f"][0] + (fb.detach().float() if fb is not None else 0.0)
     else:
-        H, mu = input_stats(student, mod, g, None, settings.batch_size, full=True, centered=centered,
+        H, mu = input_stats(student, mod, g, None, settings.search_batch, full=True, centered=centered,
                             inputs=feed.student_inputs(name, mod))
         H, mu = H.reshape(K, K), mu[0]
         wt, target_mean = w2, targets.get(name)
@@ -138,7 +138,7 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
     (the student): kept layers onto the uniform grid, the others fitted (EM, error feedback, bias
     correction) on statistics of the student whose earlier layers are already quantized. Returns
     (student, its layers, state: name -> codewords / codes / scale / bias, name -> LayerPlan)."""
-    bs = settings.batch_size
+    bs = settings.search_batch
     gen = torch.Generator().manual_seed(settings.seed)
     student = copy.deepcopy(model).eval()
     slayers = quantizable_layers(student)

@@ -88,8 +88,8 @@ class PqSettings:
     per-kind and per-layer overrides ("3x3=18,1x1=8,_conv_head=8"; see `parse_block_size`; a layer
     pattern wins over the kinds; an explicit size that does not divide a layer is an
     error, a preset size that does not falls back to the small one). codewords: per layer, 1-256
-    (uint8 codes). em_iters: EM iterations per layer. finetune_steps / finetune_lr / batch_size:
-    distillation fine-tuning (Adam) of codewords, channel scales and biases; 0 steps skips it;
+    (uint8 codes). em_iters: EM iterations per layer. search_batch: images per batch of the
+    statistics and per fine-tuning step. finetune_steps / finetune_lr: distillation fine-tuning (Adam) of codewords, channel scales and biases; 0 steps skips it;
     finetune_biases=False keeps the (corrected) biases fixed, finetune_last=False keeps the last
     product-quantized layer (the classifier) fixed: both can carry the class prior of the
     calibration images into the model; finetune_scales=False keeps the channel scales fixed (all
@@ -134,7 +134,7 @@ class PqSettings:
     em_iters: int = 20
     finetune_steps: int = 100
     finetune_lr: float = 1e-4
-    batch_size: int = 32
+    search_batch: int = 32
     calib_size: int = 256
     stats_size: int = 64
     stats_patches: int = 0
@@ -171,7 +171,7 @@ class PqSettings:
         _int("codewords", 1, 256, " (codes are stored in one byte, uint8)")
         _int("em_iters", 1)
         _int("finetune_steps", 0)
-        _int("batch_size", 1)
+        _int("search_batch", 1)
         _int("calib_size", 1)
         _int("stats_size", 1)
         _int("stats_patches", 0)

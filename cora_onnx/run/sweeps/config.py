@@ -125,7 +125,7 @@ def load_config(config: str | os.PathLike | Mapping[str, Any], base: str | os.Pa
 
 def _validate(data: dict, base: Path, src: str) -> SweepConfig:
     from cora_onnx.onnx.data import load_class_map, parse_floats
-    from cora_onnx.torch.models import default_normalization, list_architectures
+    from cora_onnx.torch.models import default_input_size, default_normalization, list_architectures
 
     unknown = sorted(set(data) - _TOP)
     if unknown:
@@ -151,7 +151,7 @@ def _validate(data: dict, base: Path, src: str) -> SweepConfig:
         if "val" not in data:
             raise SettingsError("val: required: agreement, KL and top-1 are measured on a labelled folder")
         val = _path(data["val"], base, "val")
-        input_size, (mean, std) = 224, default_normalization(arch)
+        input_size, (mean, std) = default_input_size(arch), default_normalization(arch)
     for key, what, check in (("weights", weights, check_input_file), ("calib", calib, check_input_dir),
                              ("val", val, check_input_dir)):
         if what is not None:

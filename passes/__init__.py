@@ -8,8 +8,9 @@ from .codebook_decode import CodebookDecodePass
 from ._packing import pack_grid, packs, unpack_grid
 from .low_rank_branch import LowRankBranchPass
 from .strip_metadata import StripExportMetadataPass
+from .weight_names import WeightNamesPass, locate_weight
 from .weight_qdq import WeightQDQPass
 
 __all__ = ["ActivationLayout", "ActivationQDQPass", "AdapterMergePass", "BiasUpdatePass", "CodebookDecodePass",
-           "LowRankBranchPass", "QuantScheme", "StripExportMetadataPass", "WeightQDQPass", "activation_layout",
-           "activation_qparams", "pack_grid", "packs", "unpack_grid"]
+           "LowRankBranchPass", "QuantScheme", "StripExportMetadataPass", "WeightNamesPass", "WeightQDQPass", "activation_layout",
+           "activation_qparams", "locate_weight", "pack_grid", "packs", "unpack_grid"]

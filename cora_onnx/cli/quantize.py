@@ -87,7 +87,7 @@ def _adapter_layout(value: str) -> str:
     return value
 
 @click.command()
-@click.option("--model", "arch", default=None, help="torchvision architecture (resnet18, ...), efficientnet_lite0 or digits_cnn. "
+@click.option("--model", "arch", default=None, help="torchvision architecture (resnet18, ...), efficientnet_lite0/1/2 or digits_cnn. "
               "Without --model/--weights/--calib/--val: the embedded default (a digits ConvNet trained on first use).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="state_dict file (or checkpoint with 'state_dict').")
 @_options("calib", "val", "class_map", "bits")
@@ -99,6 +99,7 @@ def _adapter_layout(value: str) -> str:
 @run_option("keep", help="Layers kept at --keep-bits: any of first,last,depthwise, or none [rtn: first,last; cora: "
             "first,last,depthwise].")
 @run_option("keep_bits")
+@run_option("skip")
 @_int8_options
 @run_option("adapter_layout", type=click.Choice(["auto", "branch", "merge", "fold"]),
             callback=lambda ctx, param, value: _adapter_layout(value),
@@ -114,7 +115,7 @@ def quantize(arch, weights, verbose, quiet, **given):
     from cora_onnx.core.options import RunOptions
     from cora_onnx.run.api import quantize as run
     from cora_onnx.run.stages import check_options
-    from cora_onnx.torch.models import build_model, default_normalization, packaged_weights
+    from cora_onnx.torch.models import build_model, default_input_size, default_normalization, packaged_weights
 
     method_cli = {k: given.pop(k) for k in _option_table()}
     if arch is None and weights is None and not given["calib"] and not given["val"]:
@@ -129,6 +130,7 @@ def quantize(arch, weights, verbose, quiet, **given):
     if arch is None:
         raise SettingsError("--model is required (a torchvision architecture name, efficientnet_lite0 or digits_cnn)")
     dmean, dstd = default_normalization(arch)
+    given["input_size"] = given["input_size"] or default_input_size(arch)
     method = given["method"]
     out = given["out"] or Path(f"{arch}-{method}-w{given['bits']}{'a8' if given['act_bits'] else ''}."
                                f"{given['out_format']}")

@@ -117,7 +117,8 @@ class RunOptions:
     keep: tuple[str, ...] | None = _opt(None, "--keep", "Layers kept at --keep-bits: any of first,last,depthwise, "
                                         "or none [the method's default].")
     keep_bits: int | None = _opt(None, "--keep-bits", "Bits of the layers named by --keep [8].", type=int)
-    skip: tuple[str, ...] = _opt(())  # module names left in float
+    skip: tuple[str, ...] = _opt((), "--skip", "Layers (module names, comma-separated) left in float, e.g. one "
+                                 "the exported graph does not hold.")
     # images
     calib: tuple[Path, ...] = _opt((), "--calib", "Calibration images: flat folder or one folder per class "
                                    "(repeatable: the folders are mixed).", type=Path, multiple=True)
@@ -229,7 +230,8 @@ class RunOptions:
                 raise SettingsError(f"keep must be a subset of {', '.join(KEEP_CHOICES)} (or none), got {bad[0]!r}")
         if self.keep_bits is not None:
             put("keep_bits", check_bits(self.keep_bits, "keep bits"))
-        put("skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))
+        put("skip", tuple(n.strip() for n in self.skip.split(",") if n.strip()) if isinstance(self.skip, str)
+            else tuple(self.skip))
         put("mean", parse_floats(IMAGENET_MEAN if self.mean is None else self.mean, what="mean"))
         put("std", parse_floats(IMAGENET_STD if self.std is None else self.std, what="std"))
         if self.input_size is not None:

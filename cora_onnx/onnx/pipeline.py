@@ -6,7 +6,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from passes import (AdapterMergePass, BiasUpdatePass, CodebookDecodePass, LowRankBranchPass, StripExportMetadataPass,
-                    WeightQDQPass)
+                    WeightNamesPass, WeightQDQPass)
 
 from cora_onnx.core.errors import OnnxModelError
 from cora_onnx.core.plan import Plan
@@ -29,13 +29,15 @@ def cleanup_passes() -> list[ir.passes.PassBase]:
 
 def plan_pipeline(plan: Plan, merge_bits: int | None = None) -> ir.passes.PassManager:
     """Passes that apply a Plan to the float ONNX graph exported from the BN-fused model. The
-    passes that find layers by their float weight name run before WeightQDQPass replaces it. The
+    planned weights first get their module names back (WeightNamesPass: a Linear exported as a
+    MatMul holds its weight transposed under a generated name); the passes that find layers by
+    their float weight name run before WeightQDQPass replaces it. The
     exporter's per-node debug metadata (stack traces, FX text) is dropped from the compressed file.
     merge_bits: None exports CoRa adapters as branch convolutions; 7 or 8 merges them into their
     Conv's integer weight at load time (AdapterMergePass, for integer kernels)."""
     adapters = [LowRankBranchPass(plan), WeightQDQPass(plan)] if merge_bits is None else \
         [WeightQDQPass(plan), AdapterMergePass(plan, merge_bits)]
-    return ir.passes.PassManager([BiasUpdatePass(plan), *adapters, CodebookDecodePass(plan), StripExportMetadataPass(),
+    return ir.passes.PassManager([WeightNamesPass(plan), BiasUpdatePass(plan), *adapters, CodebookDecodePass(plan), StripExportMetadataPass(),
                                   *cleanup_passes()])
 
 

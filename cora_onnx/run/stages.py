@@ -36,7 +36,7 @@ from cora_onnx.torch.search import METHODS
 from cora_onnx.onnx.verify import cpu_threads
 
 __all__ = ["RunOptions", "Options", "Data", "Searched", "Exported", "check_options", "make_settings",
-           "load_model", "num_classes", "load_data", "run_search", "export_quantized", "integer_activations",
+           "load_model", "num_classes", "load_data", "map_layers", "run_search", "export_quantized", "integer_activations",
            "ADAPTER_LAYOUTS", "BRANCH_TIMING_CALIB"]
 
 log = logging.getLogger(__name__)
@@ -199,18 +199,44 @@ def load_data(model: nn.Module, pre: Preprocess, calib=None, val=None, class_map
 @dataclass(frozen=True, eq=False)
 class Searched:
     """The search's result: the BatchNorm-fused model it ran on, the plan (with fingerprints of
-    the fused weights and the preprocessing in its meta), and its wall time."""
+    the fused weights and the preprocessing in its meta), its wall time, and the torch.onnx
+    program of the fused float model (exported before the search to map its layers; None: export
+    it again)."""
 
     fused: nn.Module
     plan: Plan
     seconds: float
+    program: Any = None
+
+
+def map_layers(fused: nn.Module, program, selection=None) -> None:
+    """Before any search: every Conv/Linear of the fused model that a search would plan (all but
+    `selection.skip`) must be found in the exported float graph by its weight's value (under its
+    name, or transposed as a MatMul weight: passes.locate_weight). ModelError naming the first that
+    is not, so a run fails in seconds, not after its search. Modules that do not run in eval mode
+    are already out of the fused model (fuse_batchnorm)."""
+    from cora_onnx.core.plan import WeightFingerprint
+    from passes import locate_weight
+
+    skip = set(selection.skip) if selection is not None else set()
+    graph = program.model.graph
+    missing = [name for name, mod in quantizable_layers(fused).items() if name not in skip and locate_weight(
+        graph, f"{name}.weight", WeightFingerprint.of(mod.weight.detach().cpu().numpy())) is None]
+    if missing:
+        raise ModelError(f"{len(missing)} Conv/Linear layer(s) not found in the exported ONNX graph (e.g. {missing[0]}: "
+                         f"the exporter rewrote its weight), so no plan could be applied to them; leave them in float "
+                         f"with --skip {','.join(missing[:3])}{',...' if len(missing) > 3 else ''}")
 
 
 def run_search(model: nn.Module, opts: Options, calib: ImageSet | None) -> Searched:
-    """Fold BatchNorm, seed torch with opts.seed, run opts.method's search on the fused model."""
+    """Fold BatchNorm, export the fused float model and check that every layer to plan is found in
+    it (map_layers), seed torch with opts.seed, run opts.method's search on the fused model."""
     torch.manual_seed(opts.seed)
     pre = opts.pre
     fused = fuse_batchnorm(model, pre.input_size)
+    program = export_program(fused, pre.input_size)
+    map_layers(fused, program, getattr(opts.settings, "selection", None))
+    torch.manual_seed(opts.seed)
     t0 = time.perf_counter()
     plan = METHODS[opts.method].run(fused, opts.settings, calib)
     seconds = time.perf_counter() - t0
@@ -219,7 +245,7 @@ def run_search(model: nn.Module, opts: Options, calib: ImageSet | None) -> Searc
                 meta={**plan.meta, "model": opts.model_name or type(model).__name__, "input_size": pre.input_size,
                       "crop_ratio": pre.crop_ratio, "mean": list(pre.mean), "std": list(pre.std)})
     log.info("search done in %.1f s: %d layers planned", seconds, len(plan.layers))
-    return Searched(fused, plan, seconds)
+    return Searched(fused, plan, seconds, program)
 
 
 @dataclass(frozen=True, eq=False)
@@ -240,7 +266,7 @@ def export_quantized(searched: Searched, opts: Options, calib: ImageSet | None) 
     and insert activation QDQ. Models with adapters also get their variants without adapters (and
     with adapters as branches when they are fused) for the latency table."""
     fused, plan, scheme = searched.fused, searched.plan, opts.scheme
-    program = export_program(fused, opts.pre.input_size)
+    program = searched.program if searched.program is not None else export_program(fused, opts.pre.input_size)
     model_ir = program.model
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
     float_bytes = onnx_bytes(model_ir)

@@ -20,7 +20,7 @@ from cora_onnx.torch.quantizers import quantizable_layers
 
 # quantizable_layers (cora_onnx.torch.quantizers) and onnx_bytes, save_onnx (cora_onnx.core.modelfile, no torch) are
 # imported here for the callers of the exporter
-__all__ = ["fuse_batchnorm", "remaining_batchnorm", "quantizable_layers", "apply_plan_torch", "AdaptedConv", "export_onnx",
+__all__ = ["fuse_batchnorm", "remaining_batchnorm", "drop_unused_modules", "NotRun", "quantizable_layers", "apply_plan_torch", "AdaptedConv", "export_onnx",
            "export_program", "save_onnx", "onnx_bytes", "DEFAULT_OPSET"]
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,13 @@ def fuse_batchnorm(model: nn.Module, input_size: int = 224) -> nn.Module:
     padding computed from the input size) is no obstacle, unlike torch.fx symbolic tracing, which
     is the fallback when torch.export fails. A model neither can trace is returned unfused (a
     copy), with a warning; export_program then keeps its BatchNorm nodes (see there).
+
+    Modules that do not run in eval mode (auxiliary heads of inception_v3 and googlenet) are
+    dropped first (drop_unused_modules): the exported graph has no trace of them, so they are
+    neither searched nor planned.
     """
     model = copy.deepcopy(model).eval()
+    drop_unused_modules(model, input_size)
     try:
         pairs = _batchnorm_pairs(model, input_size)
     except Exception as exc:  # torch.export raises many types on unexportable code
@@ -58,6 +63,71 @@ def fuse_batchnorm(model: nn.Module, input_size: int = 224) -> nn.Module:
     if left:
         log.info("%d BatchNorm layers are not after a Conv and stay in the graph (e.g. %s)", len(left), left[0])
     return model
+
+
+class NotRun(nn.Module):
+    """Stands in for a module that does not run in eval mode (drop_unused_modules); calling it is
+    an error that names it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args, **kwargs):
+        raise ModelError(f"module {self.name} was dropped because it did not run in eval mode at the export "
+                         f"input size, but it runs now")
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def drop_unused_modules(model: nn.Module, input_size: int) -> list[str]:
+    """Replace, in place, each module with parameters or buffers that a forward of `model` (eval
+    mode, one 3 x input_size x input_size zero image) never calls by NotRun, and return their
+    names (the largest such modules: `AuxLogits`, not its layers). A model that does not run at
+    that size is left as it is. Containers that are never called themselves (nn.ModuleList) are
+    kept when any module inside them runs."""
+    called: set[str] = set()
+    names = {id(m): n for n, m in model.named_modules()}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: called.add(names[id(mod)]))
+             for m in model.modules()]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.eval()(torch.zeros(1, 3, input_size, input_size))
+    except Exception as exc:  # any model error: nothing is dropped, the export will say what fails
+        log.debug("drop_unused_modules: the model does not run at %d px (%s)", input_size, type(exc).__name__)
+        return []
+    finally:
+        for h in hooks:
+            h.remove()
+    prefixes = {n.rpartition(".")[0] for n in called}  # every ancestor of a called module
+    for n in list(prefixes):
+        while n:
+            n = n.rpartition(".")[0]
+            prefixes.add(n)
+    dropped: list[str] = []
+    for name, mod in model.named_modules():
+        if not name or name in called or name in prefixes or any(name.startswith(d + ".") for d in dropped):
+            continue
+        if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
+            dropped.append(name)
+    originals = {name: model.get_submodule(name) for name in dropped}
+    for name in dropped:
+        _set_submodule(model, name, NotRun(name))
+    try:  # a module whose parameters the forward uses without calling it must stay
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(torch.zeros(1, 3, input_size, input_size))
+    except Exception:
+        for name, mod in originals.items():
+            _set_submodule(model, name, mod)
+        log.debug("drop_unused_modules: the forward uses modules it does not call; nothing dropped")
+        return []
+    if dropped:
+        log.info("%d modules do not run in eval mode and are left out (not quantized, not exported): %s",
+                 len(dropped), ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""))
+    return dropped
 
 
 def remaining_batchnorm(model: nn.Module) -> list[str]:

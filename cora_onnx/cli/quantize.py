@@ -99,7 +99,7 @@ def _adapter_layout(value: str) -> str:
 @run_option("keep", help="Layers kept at --keep-bits: any of first,last,depthwise, or none [rtn: first,last; cora: "
             "first,last,depthwise].")
 @run_option("keep_bits")
-@run_option("skip")
+@run_option("skip", default=None)
 @_int8_options
 @run_option("adapter_layout", type=click.Choice(["auto", "branch", "merge", "fold"]),
             callback=lambda ctx, param, value: _adapter_layout(value),

@@ -231,7 +231,7 @@ class RunOptions:
         if self.keep_bits is not None:
             put("keep_bits", check_bits(self.keep_bits, "keep bits"))
         put("skip", tuple(n.strip() for n in self.skip.split(",") if n.strip()) if isinstance(self.skip, str)
-            else tuple(self.skip))
+            else tuple(self.skip or ()))
         put("mean", parse_floats(IMAGENET_MEAN if self.mean is None else self.mean, what="mean"))
         put("std", parse_floats(IMAGENET_STD if self.std is None else self.std, what="std"))
         if self.input_size is not None:

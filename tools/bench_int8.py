@@ -106,7 +106,7 @@ def run_model(name: str, shared: Path, args) -> list[dict]:
             qmodel = apply_plan_torch(fused, plan)
             for method in args.calib_methods:  # activation QDQ as cora_onnx.quantize adds it
                 key = f"cora_w{scheme.weight_bits}{weights if weights == 'cora' else clip}_a8{method}"
-                blobs[key], sims[key], _ = integer_activations(
+                blobs[key], sims[key], _, _ = integer_activations(
                     ir.serde.deserialize_model(ir.to_proto(wq)), program, qmodel, calib, scheme,
                     CalibSettings(method=method), args.threads, histograms=hists)
                 rows[key] = {"method": f"cora-onnx W{scheme.weight_bits}A8: weights {what}, activations {method}",

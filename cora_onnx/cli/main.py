@@ -243,21 +243,24 @@ def rewrite(onnx_in, clip, verbose, quiet, **given):
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True, help="Plan saved by `quantize --plan-out`.")
 @run_option("out", required=True, help="Output ONNX file.")
 @run_option("input_size", help="Input size [from the plan].")
+@run_option("out_format")
 @_common_logging
 @_guard
-def export(arch, weights, plan_path, out, input_size, verbose, quiet):
-    """Export a model with a saved plan applied (no search)."""
+def export(arch, weights, plan_path, verbose, quiet, **given):
+    """Export a model with a saved plan applied (no search): the file `quantize --plan-out` wrote
+    (weights, adapter layout, integer activations with their calibrated ranges, preprocessing)."""
     _setup_logging(verbose, quiet)
     from cora_onnx.core.options import RunOptions
     from cora_onnx.core.plan import Plan
 
-    opts = RunOptions(out=out, input_size=input_size, model_name=arch)
+    opts = RunOptions(**given, model_name=arch)
     export_plan = _torch_side("export", "cora_onnx.run.api").export_plan
     from cora_onnx.torch.models import build_model
 
     plan = Plan.load(plan_path)
-    n = export_plan(build_model(arch, weights), plan, opts.out, opts.input_size)
-    click.echo(f"wrote {out} ({n / 1e6:.2f} MB, {len(plan.layers)} planned layers)")
+    n = export_plan(build_model(arch, weights), plan, options=opts)
+    act = ", integer activations" if plan.activations is not None else ""
+    click.echo(f"wrote {opts.out} ({n / 1e6:.2f} MB, {len(plan.layers)} planned layers{act})")
 
 
 @main.command(name="eval")

@@ -11,6 +11,12 @@ correction), ``codebook`` (product quantization). New component types register i
 the float weight the layer was planned from (shape, dtype, SHA-256, a few values), so a pass
 that replaces the ONNX initializer of that name can prove it is still that weight (the exporter
 may rewrite weights, e.g. fuse a BatchNorm into them). Plans saved without it still load.
+
+Beside the layers, a Plan holds how it is written into the graph, so that applying a saved plan
+rebuilds the file `quantize` wrote: ``merge_bits`` (CoRa adapters merged into 7- or 8-bit integer
+weights at load instead of branch convolutions) and ``activations`` (static integer activations:
+the scheme and every calibrated range), and in ``meta`` the preprocessing. Plans of format 1
+(before these were stored) load as weight-only plans, with a warning naming what they lack.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +35,12 @@ import numpy as np
 from cora_onnx.core.errors import PlanError, WEIGHT_BITS
 from cora_onnx.core.files import atomic_write
 
-__all__ = ["WeightFingerprint", "UniformWeights", "LowRankAdapter", "Codebook", "Bias", "LayerPlan", "Plan", "PLAN_FORMAT"]
+__all__ = ["WeightFingerprint", "UniformWeights", "LowRankAdapter", "Codebook", "Bias", "LayerPlan", "ActivationPlan",
+           "Plan", "PLAN_FORMAT"]
 
-PLAN_FORMAT = 1
+log = logging.getLogger(__name__)
+
+PLAN_FORMAT = 2  # 2: merge_bits and activations; 1 (still read): layers, settings and meta only
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -325,19 +335,56 @@ class LayerPlan:
 
 
 @dataclass(frozen=True, eq=False)
+class ActivationPlan:
+    """Static integer activations: act_dtype ("uint8" or "int8") and weight_bits (8, or 7 where
+    the CPU's u8 x s8 products saturate) of the scheme and why it was chosen (reason); ranges:
+    ONNX tensor name -> calibrated (low, high) for every tensor the activation layout calibrates
+    (passes.activation_layout); calibration: the range method that measured them; weight_clip:
+    the grid search for float weights quantized by the activation pass."""
+
+    act_dtype: str
+    weight_bits: int
+    ranges: Mapping[str, tuple[float, float]]
+    calibration: str = "minmax"
+    reason: str = ""
+    weight_clip: str = "mse"
+
+    def __post_init__(self) -> None:
+        _check(self.act_dtype in ("uint8", "int8"), f"activation dtype must be uint8 or int8, got {self.act_dtype!r}")
+        _check(self.weight_bits in (7, 8), f"activation scheme weight bits must be 7 or 8, got {self.weight_bits}")
+        ranges = {}
+        for name, r in dict(self.ranges).items():
+            _check(len(r) == 2 and all(np.isfinite(float(v)) for v in r) and float(r[0]) <= float(r[1]),
+                   f"activation range of {name} must be finite (low, high) with low <= high, got {r}")
+            ranges[str(name)] = (float(r[0]), float(r[1]))
+        _check(bool(ranges), "activation plan needs calibrated ranges")
+        object.__setattr__(self, "ranges", ranges)
+
+
+@dataclass(frozen=True, eq=False)
 class Plan:
     """A whole model's plan. method: "rtn", "cora", "pq"...; settings: the search settings
-    (JSON-able); layers: one LayerPlan per compressed layer; meta: model/preprocessing facts."""
+    (JSON-able); layers: one LayerPlan per compressed layer; meta: model/preprocessing facts;
+    merge_bits: None writes CoRa adapters as branch convolutions, 7 or 8 merges them into the
+    Conv's integer weight at load (passes.AdapterMergePass); activations: static integer
+    activations (None: float activations)."""
 
     method: str
     settings: Mapping[str, Any]
     layers: tuple[LayerPlan, ...]
     meta: Mapping[str, Any] = field(default_factory=dict)
+    merge_bits: int | None = None
+    activations: ActivationPlan | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
         names = [layer.name for layer in self.layers]
         _check(len(names) == len(set(names)), "plan has duplicate layer names")
+        _check(self.merge_bits in (None, 7, 8), f"plan merge_bits must be 7, 8 or None, got {self.merge_bits!r}")
+
+    def replace(self, **changes: Any) -> "Plan":
+        """A copy with `changes` (fields)."""
+        return dataclasses.replace(self, **changes)
 
     def meta_preprocess(self) -> dict:
         """The preprocessing facts stored in meta (written into exported models' metadata)."""
@@ -348,7 +395,20 @@ class Plan:
         weight it was planned from); layers absent from weights keep theirs."""
         layers = tuple(dataclasses.replace(lp, fingerprint=WeightFingerprint.of(weights[lp.name]))
                        if lp.name in weights else lp for lp in self.layers)
-        return Plan(self.method, self.settings, layers, self.meta)
+        return self.replace(layers=layers)
+
+    def weight_mismatch(self, weights: Mapping[str, np.ndarray]) -> str | None:
+        """None when every fingerprinted layer's weight in `weights` (layer name -> float weight)
+        is the one the plan was made from; else the first difference (one phrase)."""
+        for lp in self.layers:
+            if lp.fingerprint is None:
+                continue
+            if lp.name not in weights:
+                return f"layer {lp.name} is missing"
+            diff = lp.fingerprint.mismatch(weights[lp.name])
+            if diff is not None:
+                return f"layer {lp.name} has {diff}"
+        return None
 
     def layer(self, name: str) -> LayerPlan:
         for layer in self.layers:
@@ -389,7 +449,10 @@ class Plan:
                 rec[comp] = crec
             layers.append(rec)
         doc = {"format": PLAN_FORMAT, "method": self.method, "settings": dict(self.settings),
-               "meta": dict(self.meta), "layers": layers}
+               "meta": dict(self.meta), "merge_bits": self.merge_bits,
+               "activations": None if self.activations is None else
+               {f.name: getattr(self.activations, f.name) for f in dataclasses.fields(ActivationPlan)},
+               "layers": layers}
         atomic_write(npath, lambda f: np.savez(f, **arrays))
         atomic_write(jpath, lambda f: f.write(json.dumps(doc, indent=1, default=_json_default).encode()))
         return jpath, npath
@@ -405,8 +468,13 @@ class Plan:
             arrays = dict(np.load(npath, allow_pickle=False))
         except (ValueError, OSError) as exc:
             raise PlanError(f"plan {jpath.with_suffix('')} is unreadable: {exc}") from None
-        if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
-            raise PlanError(f"{jpath} is not a cora-onnx plan (format {PLAN_FORMAT})")
+        if not isinstance(doc, dict) or doc.get("format") not in (1, PLAN_FORMAT):
+            raise PlanError(f"{jpath} is not a cora-onnx plan (format 1 or {PLAN_FORMAT})")
+        if doc["format"] == 1:
+            log.warning("plan %s was saved by an older cora-onnx (plan format 1): it holds no activation scheme, "
+                        "calibrated ranges or adapter merge width, so it applies as weights only with float "
+                        "activations and adapters as branches; save it again with quantize --plan-out for the "
+                        "integer-activation layout", jpath.with_suffix(""))
         try:
             layers = []
             for rec in doc["layers"]:
@@ -418,8 +486,10 @@ class Plan:
                         comps[comp] = ctype(**kw)
                 layers.append(LayerPlan(name=rec["name"], kind=rec["kind"], shape=tuple(rec["shape"]),
                                         info=rec.get("info", {}), **comps))
+            act = doc.get("activations")
             return cls(method=doc["method"], settings=doc.get("settings", {}), layers=tuple(layers),
-                       meta=doc.get("meta", {}))
+                       meta=doc.get("meta", {}), merge_bits=doc.get("merge_bits"),
+                       activations=None if act is None else ActivationPlan(**act))
         except (KeyError, TypeError) as exc:
             raise PlanError(f"plan {jpath} is malformed: {exc}") from None
 

@@ -14,11 +14,12 @@ from passes import ActivationQDQPass, QuantScheme, activation_layout
 
 from cora_onnx.onnx.calibrate import CalibSettings, calibrate
 from cora_onnx.core.errors import SettingsError
+from cora_onnx.core.plan import ActivationPlan
 from cora_onnx.core.options import ACT_BITS
 from cora_onnx.onnx.report import cpu_flags
 
 __all__ = ["choose_scheme", "integer_kernels", "INTEGER_OPS", "FLOAT_COMPUTE_OPS", "add_activation_qdq",
-           "ACT_BITS", "activation_histograms", "activation_report"]
+           "ACT_BITS", "activation_histograms", "activation_report", "activation_plan", "activation_qparams_of"]
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +99,39 @@ def activation_histograms(model: ir.Model, images, calib: CalibSettings = CalibS
                               threads)
 
 
-def add_activation_qdq(model: ir.Model, images, scheme: QuantScheme, calib: CalibSettings = CalibSettings(),
-                       threads: int | None = None, weight_clip: str = "mse",
-                       histograms: dict | None = None) -> tuple[dict, dict, dict]:
-    """Calibrate the activations of `model` (weights already QDQ or float) on `images` and insert
-    activation QDQ in place. Returns (ranges, qparams by tensor, pass report). histograms: from
+def activation_plan(model: ir.Model, images, scheme: QuantScheme, calib: CalibSettings = CalibSettings(),
+                    threads: int | None = None, histograms: dict | None = None,
+                    weight_clip: str = "mse") -> ActivationPlan:
+    """Calibrate the activations of `model` (weights already QDQ or float) on `images`: the
+    plan's integer-activation section (scheme and every calibrated range), which
+    cora_onnx.onnx.pipeline.apply_activations writes into the graph. histograms: from
     activation_histograms(model, images) when several range methods share one calibration pass."""
-    from passes import activation_qparams
-
     from cora_onnx.onnx.calibrate import compute_ranges
     from cora_onnx.core.modelfile import onnx_bytes
 
     layout = _layout(model)
     ranges = calibrate(onnx_bytes(model), layout.calibrate, images, calib, threads) if histograms is None else \
         compute_ranges(histograms, calib)
-    qparams = activation_qparams(ranges, scheme, layout)
-    p = ActivationQDQPass(ranges, scheme, weight_clip=weight_clip)
+    return ActivationPlan(act_dtype=scheme.act_dtype, weight_bits=scheme.weight_bits, ranges=ranges,
+                          calibration=calib.method, reason=scheme.reason, weight_clip=weight_clip)
+
+
+def activation_qparams_of(model: ir.Model, act: ActivationPlan) -> dict[str, tuple[float, int]]:
+    """Tensor name -> (scale, zero point) that the plan's activations give `model` (before the
+    activation pass), e.g. for the PyTorch simulation of the integer activations."""
+    from passes import activation_qparams
+
+    return activation_qparams(act.ranges, QuantScheme(act.act_dtype, act.weight_bits, act.reason), _layout(model))
+
+
+def add_activation_qdq(model: ir.Model, images, scheme: QuantScheme, calib: CalibSettings = CalibSettings(),
+                       threads: int | None = None, weight_clip: str = "mse",
+                       histograms: dict | None = None) -> tuple[dict, dict, dict]:
+    """Calibrate the activations of `model` (weights already QDQ or float) on `images` and insert
+    activation QDQ in place (no cleanup). Returns (ranges, qparams by tensor, pass report).
+    histograms: as activation_plan's."""
+    act = activation_plan(model, images, scheme, calib, threads, histograms, weight_clip)
+    qparams = activation_qparams_of(model, act)
+    p = ActivationQDQPass(act.ranges, scheme, weight_clip=weight_clip)
     p(model)
-    return ranges, qparams, p.report
+    return dict(act.ranges), qparams, p.report

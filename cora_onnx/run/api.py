@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from cora_onnx.torch.export import export_onnx, fuse_batchnorm
-from cora_onnx.core.files import atomic_write, check_output_path
+from cora_onnx.torch.export import export_program, fuse_batchnorm
+from cora_onnx.torch.quantizers import quantizable_layers
+from cora_onnx.core.errors import PlanError, SettingsError
+from cora_onnx.core.files import atomic_write
 from cora_onnx.core.modelfile import onnx_bytes
 from cora_onnx.run.outcome import FloatReference, effective_bits, float_reference, make_report, verify_quantized, write_outputs
 from cora_onnx.torch.parity import failed_path
@@ -73,16 +75,31 @@ def quantize(model: nn.Module, options: RunOptions | None = None, *, float_logit
     verification = verify_quantized(model, exported, data, opts, float_logits)
     report_dict = make_report(searched, exported, verification, data, opts)
     write_outputs(report_dict, searched, exported, verification, opts)
-    return QuantizeResult(report_dict, searched.plan, opts.out, model, exported.qmodel)
+    return QuantizeResult(report_dict, exported.plan or searched.plan, opts.out, model, exported.qmodel)
 
 
-def export_plan(model: nn.Module, plan: Plan, out: str | Path, input_size: int | None = None) -> int:
-    """Export `model` with a saved plan applied (no search, no verification); returns bytes written."""
-    check_output_path(out, "output model")
-    size = int(input_size or plan.meta.get("input_size", 224))
-    fused = fuse_batchnorm(model.eval(), size)
-    model_ir = export_onnx(fused, size)
+def export_plan(model: nn.Module, plan: Plan, out: str | Path | None = None, options: RunOptions | None = None,
+                **keywords) -> int:
+    """Export `model` with a saved plan applied, without searching or verifying: its layers, its
+    adapter merge width and integer activations (calibrated ranges), its preprocessing in the
+    file's metadata, so the file is the one `quantize` wrote with that plan. The run options
+    (`options` or keywords): out, input_size (default: the plan's), out_format. PlanError when the
+    model's (BatchNorm-fused) weights are not those the plan was made from. Returns bytes written."""
+    opts = RunOptions.resolve(options, **keywords, **({"out": out} if out is not None else {}))
+    if opts.out is None:
+        raise SettingsError("export_plan needs an output path (out=)")
+    size = int(opts.input_size or plan.meta.get("input_size", 224))
+    fused = fuse_batchnorm(load_model(model), size)
+    weights = {name: mod.weight.detach().cpu().numpy() for name, mod in quantizable_layers(fused).items()}
+    diff = plan.weight_mismatch(weights)
+    if diff is not None:
+        raise PlanError(f"these are not the weights the plan was made from: {diff}")
+    model_ir = export_program(fused, size).model
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
     data = onnx_bytes(apply_plan(model_ir, plan))
-    atomic_write(out, lambda f: f.write(data))
+    if opts.out_format == "ort":
+        from cora_onnx.onnx.ort_format import to_ort
+
+        data = to_ort(data)[0]
+    atomic_write(opts.out, lambda f: f.write(data))
     return len(data)

@@ -163,7 +163,7 @@ def write_outputs(report: dict, searched: Searched, exported: Exported, verifica
     report["file_bits_per_weight"] = len(file_bytes) * 8 / weight_params
     report["float_file_bits_per_weight"] = len(float_bytes) * 8 / weight_params
     atomic_write(opts.out, lambda f: f.write(file_bytes))
-    _write_side_outputs(report, searched.plan, float_bytes, opts)
+    _write_side_outputs(report, exported.plan or searched.plan, float_bytes, opts)
 
 
 def _parity_failed(report: dict, searched: Searched, exported: Exported, verification: Verification,
@@ -191,7 +191,7 @@ def _parity_failed(report: dict, searched: Searched, exported: Exported, verific
     report.update(onnx_path=str(failed), parity_error=msg,
                   parity_layer=None if where is None else {"layer": where[0], "relative_error": where[1],
                                                            "diverged": where[2]})
-    _write_side_outputs(report, searched.plan, exported.float_bytes, opts)
+    _write_side_outputs(report, exported.plan or searched.plan, exported.float_bytes, opts)
     raise ParityError(msg)
 
 

@@ -252,20 +252,24 @@ def run_search(model: nn.Module, opts: Options, calib: ImageSet | None) -> Searc
 class Exported:
     """The float and quantized ONNX files (bytes), the PyTorch model the quantized file is checked
     against (with integer activations: their simulation), extra variants timed alongside
-    (name -> bytes), and the activation report (None with float activations)."""
+    (name -> bytes), the activation report (None with float activations), and the plan as the
+    file holds it (the searched plan with the adapter merge width and the integer activations:
+    cora_onnx.onnx.pipeline.apply_plan of it on the same export rebuilds quant_bytes)."""
 
     float_bytes: bytes
     quant_bytes: bytes
     qmodel: nn.Module
     extra: dict
     act_report: dict | None
+    plan: Plan | None = None
 
 
 def export_quantized(searched: Searched, opts: Options, calib: ImageSet | None) -> Exported:
     """Export the fused model, apply the plan (passes/), and with integer activations calibrate
-    and insert activation QDQ. Models with adapters also get their variants without adapters (and
-    with adapters as branches when they are fused) for the latency table."""
-    fused, plan, scheme = searched.fused, searched.plan, opts.scheme
+    them and write them into the plan and the graph. Models with adapters also get their variants
+    without adapters (and with adapters as branches when they are fused) for the latency table."""
+    fused, scheme = searched.fused, opts.scheme
+    plan = searched.plan.replace(merge_bits=opts.merge_bits, activations=None)
     program = searched.program if searched.program is not None else export_program(fused, opts.pre.input_size)
     model_ir = program.model
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
@@ -273,45 +277,48 @@ def export_quantized(searched: Searched, opts: Options, calib: ImageSet | None) 
     extra = {}
     adapted = any(lp.adapter is not None for lp in plan.layers)
     if adapted:  # the same model without its branches, timed alongside
-        bare = Plan(plan.method, plan.settings, tuple(dataclasses.replace(lp, adapter=None) for lp in plan.layers))
         # with merge_bits, weights with group-wise scales are re-quantized per channel (integer kernels)
-        bare_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), bare, opts.merge_bits)
+        bare = plan.replace(layers=tuple(dataclasses.replace(lp, adapter=None) for lp in plan.layers))
+        bare_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), bare)
         extra["quantized_no_adapters"] = onnx_bytes(bare_ir) if scheme is None else \
             integer_activations(bare_ir, program, apply_plan_torch(fused, bare, opts.merge_bits), calib, scheme,
                                 opts.calib_settings, opts.threads)[0]
     if adapted and opts.merge_bits is not None:  # and with the adapters as branch convolutions (latency only)
-        branch_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), plan)
+        branches = plan.replace(merge_bits=None)
+        branch_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), branches)
         extra["quantized_branches"] = integer_activations(
-            branch_ir, program, apply_plan_torch(fused, plan), calib.subset(BRANCH_TIMING_CALIB, opts.seed), scheme,
+            branch_ir, program, apply_plan_torch(fused, branches), calib.subset(BRANCH_TIMING_CALIB, opts.seed), scheme,
             opts.calib_settings, opts.threads)[0]
     qmodel = apply_plan_torch(fused, plan, opts.merge_bits)
     act_report = None
     if scheme is None:
         quant_bytes = onnx_bytes(apply_plan(model_ir, plan))
     else:
-        quant_bytes, qmodel, act_report = integer_activations(apply_plan(model_ir, plan, opts.merge_bits), program,
-                                                              qmodel, calib, scheme, opts.calib_settings,
-                                                              opts.threads)
+        quant_bytes, qmodel, act_report, act = integer_activations(apply_plan(model_ir, plan), program, qmodel,
+                                                                   calib, scheme, opts.calib_settings, opts.threads)
+        plan = plan.replace(activations=act)
         if adapted:
             act_report["adapter_layout"] = "merge" if opts.merge_bits is not None else "branch"
-    return Exported(float_bytes, quant_bytes, qmodel, extra, act_report)
+    return Exported(float_bytes, quant_bytes, qmodel, extra, act_report, plan)
 
 
 def integer_activations(model_ir, program, qmodel, calib_set: ImageSet, scheme, calib_settings, threads: int,
                         histograms: dict | None = None):
-    """Activation QDQ on the weight-quantized graph `model_ir` (changed in place) and cleanup;
-    returns (bytes, the PyTorch model to check them against, activation report). program: the
-    torch.onnx program of the float model (export_program), whose exported graph the simulation
-    of integer activations runs. histograms: activation histograms of model_ir already collected
-    on calib_set (cora_onnx.onnx.int8.activation_histograms), so several range methods share one pass."""
-    from cora_onnx.onnx.int8 import activation_report, add_activation_qdq
-    from cora_onnx.onnx.pipeline import cleanup_passes
+    """Calibrate the activations of the weight-quantized graph `model_ir` and write them into it
+    (in place; activation QDQ, cleanup: cora_onnx.onnx.pipeline.apply_activations, as apply_plan
+    does for a saved plan); returns (bytes, the PyTorch model to check them against, activation
+    report, the plan's ActivationPlan). program: the torch.onnx program of the float model
+    (export_program), whose exported graph the simulation of integer activations runs.
+    histograms: activation histograms of model_ir already collected on calib_set
+    (cora_onnx.onnx.int8.activation_histograms), so several range methods share one pass."""
+    from cora_onnx.onnx.int8 import activation_plan, activation_qparams_of, activation_report
+    from cora_onnx.onnx.pipeline import apply_activations
     from cora_onnx.torch.simulate import ActivationQuantSim
 
     t0 = time.perf_counter()
-    ranges, qparams, pass_report = add_activation_qdq(model_ir, calib_set, scheme, calib_settings, threads,
-                                                      histograms=histograms)
-    ir.passes.PassManager(cleanup_passes())(model_ir)
+    act = activation_plan(model_ir, calib_set, scheme, calib_settings, threads, histograms)
+    qparams = activation_qparams_of(model_ir, act)
+    pass_report = apply_activations(model_ir, act)
     data = onnx_bytes(model_ir)
     if any(isinstance(m, AdaptedConv) for m in qmodel.modules()):
         # the simulation runs the exported program of the model without branches: adapter branches
@@ -327,4 +334,4 @@ def integer_activations(model_ir, program, qmodel, calib_set: ImageSet, scheme, 
     kernels = report["onnxruntime_kernels"]
     if kernels["float_compute"]:
         log.warning("%d Conv/Gemm/MatMul nodes still run as float kernels in ONNX Runtime", kernels["float_compute"])
-    return data, sim, report
+    return data, sim, report, act

@@ -64,8 +64,8 @@ def run_option(name: str, extra_help: str = "", **overrides):
         kw["type"] = click.Choice(list(kw["type"]))
     if kw.get("type") is Path:
         kw["type"] = click.Path(path_type=Path)
-    if "default" not in kw and not kw.get("multiple"):
-        kw["default"] = f.default if f.default is not dataclasses.MISSING else None
+    if "default" not in kw and not kw.get("multiple"):  # an empty tuple (no layers, no folders) is not given
+        kw["default"] = f.default if f.default not in (dataclasses.MISSING, ()) else None
     return click.option(f.metadata["flag"], name, **kw)
 
 

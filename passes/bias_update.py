@@ -8,7 +8,7 @@ import onnx_ir as ir
 from cora_onnx.core.errors import PlanError
 from cora_onnx.core.plan import Plan
 
-from ._util import add_initializer, check_fingerprint
+from ._util import add_initializer, check_fingerprint, mark
 
 __all__ = ["BiasUpdatePass"]
 
@@ -16,6 +16,9 @@ __all__ = ["BiasUpdatePass"]
 class BiasUpdatePass(ir.passes.InPlacePass):
     """For every layer with a planned bias: overwrite the initializer `<layer>.bias`, or, when the
     layer had no bias, add it as the third input of the Conv/Gemm that uses `<layer>.weight`.
+    A bias stored as float16 (Bias.dtype) becomes the FLOAT16 initializer `<layer>.bias_half`
+    read through `<layer>.bias_Cast` (to float, output `<layer>.bias_float`), which ONNX Runtime
+    folds at load; the float32 one is left for cleanup.
     Run it before WeightQDQPass (it finds layers by the float weight name, and checks the weight's
     fingerprint: a bias planned for a weight the exporter rewrote would be wrong)."""
 
@@ -31,10 +34,15 @@ class BiasUpdatePass(ir.passes.InPlacePass):
             w = graph.initializers.get(layer.weight)
             if w is not None:  # the bias was planned for this weight: a fused BatchNorm changes both
                 check_fingerprint(w, layer)
+            half = layer.bias.dtype == "float16"
             if name in graph.initializers:
                 old = graph.initializers[name]
                 if len(old.uses()) != 1:
                     raise PlanError(f"layer {layer.name}: bias {name} is shared by {len(old.uses())} nodes")
+                if half:
+                    use = old.uses()[0]
+                    use.node.replace_input_with(use.idx, self._half(graph, layer, name, values, use.node))
+                    continue
                 old.const_value = ir.Tensor(values, name=name)
                 old.shape = ir.Shape(values.shape)
                 continue
@@ -44,7 +52,19 @@ class BiasUpdatePass(ir.passes.InPlacePass):
             node = users[0]
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 raise PlanError(f"layer {layer.name}: its bias input is not the initializer {name}")
-            b = add_initializer(graph, name, ir.Tensor(values, name=name))
+            b = self._half(graph, layer, name, values, node) if half else \
+                add_initializer(graph, name, ir.Tensor(values, name=name))
             node.resize_inputs(3)
             node.replace_input_with(2, b)
         return ir.passes.PassResult(model, bool(self.layers))
+
+    @staticmethod
+    def _half(graph: ir.Graph, layer, name: str, values: np.ndarray, before: ir.Node) -> ir.Value:
+        """The float16 initializer `<name>_half` and the Cast to float inserted before `before`; returns its output."""
+        h = add_initializer(graph, f"{name}_half", ir.Tensor(values.astype(np.float16), name=f"{name}_half"))
+        cast = ir.node("Cast", [h], attributes={"to": ir.DataType.FLOAT}, name=f"{name}_Cast")
+        out = cast.outputs[0]
+        out.name, out.dtype, out.shape = f"{name}_float", ir.DataType.FLOAT, ir.Shape(values.shape)
+        mark(cast, "BiasUpdatePass", layer=layer.name)
+        graph.insert_before(before, cast)
+        return out

@@ -70,6 +70,9 @@ def _method_settings(method: str, given: dict) -> dict:
         o, names = _option_table()[pname]
         if method not in names:
             flag = o.decls.split("/")[0] if value is not False or "/" not in o.decls else "--" + o.decls.split("/--")[1]
+            if method == "auto":
+                raise SettingsError(f"{flag} does not apply with a size target, which chooses every layer's encoding "
+                                    f"itself (it is an option of {', '.join(names)})")
             raise SettingsError(f"{flag} does not apply to --method {method} (it is an option of {', '.join(names)})")
         out[o.field] = o.convert(value) if o.convert else value
     return out
@@ -91,8 +94,10 @@ def _adapter_layout(value: str) -> str:
               "Without --model/--weights/--calib/--val: the embedded default (a digits ConvNet trained on first use).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="state_dict file (or checkpoint with 'state_dict').")
 @_options("calib", "val", "class_map", "bits")
-@run_option("method", type=click.Choice(list(_methods())), default="rtn", show_default=True,
-            help="Search method: " + "; ".join(f"{k}: {m.help}" for k, m in _methods().items()) + ".")
+@run_option("method", type=click.Choice(list(_methods())), default=None,
+            help="Search method [rtn; auto with a size target]: " + "; ".join(f"{k}: {m.help}" for k, m in
+                                                                            _methods().items()) + ".")
+@_options("target_ratio", "target_size")
 @run_option("out", help="Output ONNX file [<model>-<method>-w<bits>.onnx].")
 @_options("report", "plan_out", "float_out")
 @_method_options
@@ -131,13 +136,18 @@ def quantize(arch, weights, verbose, quiet, **given):
         raise SettingsError("--model is required (a torchvision architecture name, efficientnet_lite0 or digits_cnn)")
     dmean, dstd = default_normalization(arch)
     given["input_size"] = given["input_size"] or default_input_size(arch)
-    method = given["method"]
-    out = given["out"] or Path(f"{arch}-{method}-w{given['bits']}{'a8' if given['act_bits'] else ''}."
+    method = given["method"] or "rtn"
+    targeted = given["target_ratio"] is not None or given["target_size"] is not None
+    tag = f"{given['target_ratio']:g}x" if given["target_ratio"] is not None else str(given["target_size"] or "")
+    out = given["out"] or Path(f"{arch}-{given['method'] or 'auto'}-{tag.replace(' ', '')}.{given['out_format']}"
+                               if targeted else
+                               f"{arch}-{method}-w{given['bits']}{'a8' if given['act_bits'] else ''}."
                                f"{given['out_format']}")
     # every option is checked here, before the weights load
     opts = check_options(RunOptions(**{**given, "out": out, "mean": given["mean"] or dmean,
                                        "std": given["std"] or dstd, "model_name": arch,
-                                       "method_options": _method_settings(method, method_cli)}))
+                                       "method_options": _method_settings("auto" if targeted else method,
+                                                                          method_cli)}))
     if weights is None:  # an architecture whose ImageNet weights come with a pip package
         try:
             weights = packaged_weights(arch)

@@ -111,8 +111,14 @@ class RunOptions:
     fields here are the method's settings (budget=, iters=, clip=, ...; checked by the method)."""
 
     # what to do
-    method: str = _opt("rtn", "--method", "Search method.")
+    method: str | None = _opt(None, "--method", "Search method [rtn; auto with a size target].")
     bits: int = _opt(4, "--bits", "Weight bits, 2-8.", type=int, show_default=True)
+    target_ratio: float | None = _opt(None, "--target-ratio", "Size target: the file at most the float ONNX file's "
+                                      "size / R; every layer's encoding (2-8-bit grids, codebooks, adapters) is "
+                                      "chosen under it (with --method rtn, cora or pq: among that method's "
+                                      "encodings).", type=float)
+    target_size: int | str | None = _opt(None, "--target-size", "Size target in bytes, e.g. 1.9MB, 800kB, 1.5MiB "
+                                         "(instead of --target-ratio).")
     method_options: Mapping[str, Any] = _opt({})
     keep: tuple[str, ...] | None = _opt(None, "--keep", "Layers kept at --keep-bits: any of first,last,depthwise, "
                                         "or none [the method's default].")
@@ -199,6 +205,19 @@ class RunOptions:
         return RunOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RunOptions)})
 
     @property
+    def size_target(self):
+        """The SizeTarget of target_ratio / target_size (cora_onnx.core.budget), None without one."""
+        from cora_onnx.core.budget import SizeTarget
+
+        return SizeTarget.of(self.target_ratio, self.target_size)
+
+    @property
+    def search(self) -> str:
+        """The search that runs: "auto" with a size target (restricted to the encodings of the
+        method named, if any), else the method (rtn when none is named)."""
+        return "auto" if self.size_target is not None else self.method or "rtn"
+
+    @property
     def preprocess(self) -> Preprocess:
         """The preprocessing (input size 224 when not given)."""
         return Preprocess(input_size=int(self.input_size or 224), crop_ratio=self.crop_ratio, mean=self.mean,
@@ -220,8 +239,15 @@ class RunOptions:
         for name in ("class_map", "out", "report", "plan_out", "float_out"):
             value = getattr(self, name)
             put(name, None if value is None else Path(value))
-        if not isinstance(self.method, str):
+        if self.method is not None and not isinstance(self.method, str):
             raise SettingsError(f"method must be a name, got {self.method!r}")
+        if self.size_target is not None:  # checks target_ratio / target_size
+            if self.act_bits is not None:
+                raise SettingsError("a size target with integer activations (act_bits) is not supported: the "
+                                    "activation grids are not counted in the byte budget")
+            if not self.calib:
+                raise SettingsError("a size target needs calibration images (--calib DIR, calib=DIR): each layer's "
+                                    "harm is measured on them")
         put("bits", check_bits(self.bits))
         if self.keep is not None:
             put("keep", parse_keep(self.keep))

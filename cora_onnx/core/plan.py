@@ -35,8 +35,8 @@ import numpy as np
 from cora_onnx.core.errors import PlanError, WEIGHT_BITS
 from cora_onnx.core.files import atomic_write
 
-__all__ = ["WeightFingerprint", "UniformWeights", "LowRankAdapter", "Codebook", "Bias", "LayerPlan", "ActivationPlan",
-           "Plan", "PLAN_FORMAT"]
+__all__ = ["WeightFingerprint", "UniformWeights", "LowRankAdapter", "Codebook", "Bias", "BIAS_DTYPES", "LayerPlan",
+           "ActivationPlan", "Plan", "PLAN_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -270,15 +270,37 @@ class Codebook:
         return w.reshape(shape)
 
 
+BIAS_DTYPES = ("float32", "float16")
+
+
 @dataclass(frozen=True, eq=False)
 class Bias:
-    """A new bias for the layer (e.g. after correcting its output statistics): float32 (C_out,)."""
+    """A new bias for the layer (e.g. after correcting its output statistics): float32 (C_out,).
+    dtype: how the file stores it, "float32" or "float16" (half the bytes; the values must then
+    be float16 values already, so the PyTorch reference and the file compute the same)."""
 
     values: np.ndarray
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check(self.values.dtype == np.float32 and self.values.ndim == 1 and bool(np.all(np.isfinite(self.values))),
                "bias values must be a finite float32 vector")
+        _check(self.dtype in BIAS_DTYPES, f"bias dtype must be one of {', '.join(BIAS_DTYPES)}, got {self.dtype!r}")
+        if self.dtype == "float16":
+            with np.errstate(over="ignore"):
+                exact = self.values.astype(np.float16).astype(np.float32) == self.values
+            _check(bool(np.all(exact)), f"float16 bias values must be exactly representable in float16: "
+                                        f"{int(np.sum(~exact))} of {self.values.size} are not")
+
+    @classmethod
+    def narrowest(cls, values: np.ndarray) -> "Bias":
+        """The bias rounded to float16 and stored so when every value fits float16's range, else float32."""
+        v = np.asarray(values, dtype=np.float32)
+        with np.errstate(over="ignore"):
+            half = v.astype(np.float16)
+        if np.all(np.isfinite(half)):
+            return cls(half.astype(np.float32), dtype="float16")
+        return cls(v.copy())
 
     def stored_bits(self) -> int:
         return 0  # biases are float in every layer; not counted as weight storage

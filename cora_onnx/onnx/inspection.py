@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import onnx
@@ -86,6 +87,14 @@ def format_inspection(info: dict, title: str) -> str:
         for a in info["added_by_passes"]:
             facts = ", ".join(f"{k}={v}" for k, v in a.items() if k not in ("node", "op", "pass"))
             lines.append(f"    {a['op']:<18} {a.get('pass', '?'):<16} {facts}")
+    encodings = info.get("metadata", {}).get("cora_onnx.encodings")
+    if encodings:
+        try:
+            enc = json.loads(encodings)
+            lines.append(f"  encodings (chosen under a size target): {enc['summary']}")
+            lines += [f"    {name:<40} {label}" for name, label in enc["layers"].items()]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            lines.append("  encodings: unreadable cora_onnx.encodings metadata")
     for note in info.get("notes", []):
         lines.append(f"  note: {note}")
     return "\n".join(lines)

@@ -83,6 +83,10 @@ def _bpw(v) -> str:
 def _weights(r: dict) -> str:
     """What the weights became: "4-bit weights", or for product quantization its blocks and rate."""
     pq = r.get("pq")
+    st = r.get("size_target")
+    if st:
+        target = f"{st['ratio']:g}x" if st.get("ratio") else _mb(st["size"])
+        return f"size target {target}, every layer's encoding chosen ({r['effective_bits']:.2f} stored bits per weight)"
     if not pq:
         return f"{r['bits']}-bit weights"
     sizes = ", ".join(f"{k} d={d}" for k, d in pq["block_sizes"].items())
@@ -139,6 +143,11 @@ def format_table(r: dict) -> str:
                          f"{d} {v}: {','.join(ops)}" for d, by in o["operators"].items() for v, ops in by.items()))
     for note in r.get("notes", []):
         lines.append(f"  note: {note}")
+    if st := r.get("size_target"):
+        lines.append(f"  size: {st['bytes']:,} bytes, limit {st['limit_bytes']:,} (predicted {st['predicted_bytes']:,}); "
+                     f"weights and codes {st['weight_bytes']:,}, the rest (graph, names, biases) "
+                     f"{st['overhead_bytes']:,} ({100 * st['overhead_share']:.1f}% of the file)")
+        lines.append(f"  encodings: {r['auto']['summary']}")
     return "\n".join(lines)
 
 

@@ -18,9 +18,11 @@ from cora_onnx.core.modelfile import onnx_bytes
 from cora_onnx.run.outcome import FloatReference, effective_bits, float_reference, make_report, verify_quantized, write_outputs
 from cora_onnx.torch.parity import failed_path
 from cora_onnx.onnx.pipeline import apply_plan
+from cora_onnx.onnx.sizes import finish
 from cora_onnx.core.plan import Plan
 from cora_onnx.core.options import RunOptions
-from cora_onnx.run.stages import check_options, export_quantized, load_data, load_model, make_settings, run_search
+from cora_onnx.run.stages import (check_options, export_quantized, load_data, load_model, make_settings, run_search,
+                                  size_budget)
 
 __all__ = ["QuantizeResult", "quantize", "RunOptions", "make_settings", "export_plan", "effective_bits",
            "FloatReference", "float_reference", "failed_path"]
@@ -55,6 +57,11 @@ def quantize(model: nn.Module, options: RunOptions | None = None, *, float_logit
     Conv(A) -> Conv(B) -> Add beside its Conv; "merge" (integer activations only) stores the same
     factors but merges them into the Conv's integer weight when ONNX Runtime loads the model, so
     the branches cost no inference time; "auto": merge with act_bits, branch without.
+    target_ratio / target_size: the file at most the float ONNX file's size / target_ratio, or
+    target_size bytes ("1.9MB"): every layer's encoding is then chosen under that budget (method
+    None or "auto": grids, codebooks and adapters; "pq", "cora", "rtn": that method's encodings),
+    and a target below the smallest file the model can be is a SettingsError before any image is
+    read. method None: "rtn", or "auto" with a target.
 
     float_logits: the float model's logits on val's images, computed once elsewhere (see
     `float_reference`; a sweep shares them between its points) instead of here.
@@ -69,8 +76,9 @@ def quantize(model: nn.Module, options: RunOptions | None = None, *, float_logit
     """
     opts = check_options(options, **keywords)
     model = load_model(model)
+    budget = size_budget(model, opts)  # a size target: measured, and refused when out of reach, before the images
     data = load_data(model, opts.pre, opts.calib or None, opts.val or None, opts.class_map, float_logits)
-    searched = run_search(model, opts, data.calib)
+    searched = run_search(model, opts, data.calib, budget)
     exported = export_quantized(searched, opts, data.calib)
     verification = verify_quantized(model, exported, data, opts, float_logits)
     report_dict = make_report(searched, exported, verification, data, opts)
@@ -96,7 +104,7 @@ def export_plan(model: nn.Module, plan: Plan, out: str | Path | None = None, opt
         raise PlanError(f"these are not the weights the plan was made from: {diff}")
     model_ir = export_program(fused, size).model
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
-    data = onnx_bytes(apply_plan(model_ir, plan))
+    data = onnx_bytes(finish(apply_plan(model_ir, plan), plan))
     if opts.out_format == "ort":
         from cora_onnx.onnx.ort_format import to_ort
 

@@ -32,7 +32,8 @@ from cora_onnx.run.stages import Data, Exported, Options, Searched, load_model, 
 from cora_onnx.onnx.verify import fidelity, measure_latency, parity, predict_onnx, session, size_breakdown, top1
 from cora_onnx.torch.verify import predict_torch
 
-__all__ = ["Verification", "verify_quantized", "make_report", "write_outputs", "effective_bits", "FloatReference",
+__all__ = ["Verification", "verify_quantized", "make_report", "write_outputs", "effective_bits", "size_target_report",
+           "FloatReference",
            "float_reference", "PROBE_IMAGES"]
 
 log = logging.getLogger(__name__)
@@ -116,9 +117,9 @@ def make_report(searched: Searched, exported: Exported, verification: Verificati
     quant_bytes, float_bytes = exported.quant_bytes, exported.float_bytes
     qlayers = quantizable_layers(fused)
     weight_params = sum(mod.weight.numel() for mod in qlayers.values())
-    m = METHODS[opts.method]
+    m = METHODS[opts.search]
     return {
-        "model": plan.meta["model"], "method": opts.method, "bits": opts.bits, "onnx_path": str(opts.out),
+        "model": plan.meta["model"], "method": opts.search, "bits": opts.bits, "onnx_path": str(opts.out),
         "onnx_bytes": len(quant_bytes), "float_onnx_bytes": len(float_bytes),
         "compression_ratio": len(float_bytes) / len(quant_bytes),
         "weight_params": weight_params, "effective_bits": effective_bits(plan, qlayers),
@@ -133,6 +134,7 @@ def make_report(searched: Searched, exported: Exported, verification: Verificati
         "environment": environment(opts.threads),
         "notes": (_notes(plan) if opts.scheme is None else []) + _batchnorm_notes(fused),
         **(m.report(plan) if m.report is not None else {}),
+        **({"size_target": size_target_report(plan, len(quant_bytes))} if "size_target" in plan.meta else {}),
         **({"activations": exported.act_report} if exported.act_report is not None else {}),
         "verified": verification.verified,
     }
@@ -203,6 +205,17 @@ def _write_side_outputs(report: dict, plan: Plan, float_bytes: bytes, opts: Opti
         plan.save(opts.plan_out)
     if opts.report is not None:
         write_report(report, opts.report)
+
+
+def size_target_report(plan: Plan, file_bytes: int) -> dict:
+    """The report's size_target section: the target, the limit, the predicted and actual file, and
+    the overhead (what is neither weights nor codes: graph, names, biases, metadata)."""
+    t = dict(plan.meta["size_target"])
+    payload = sum(c.stored_bits() for lp in plan.layers for c in (lp.uniform, lp.codebook, lp.adapter)
+                  if c is not None) // 8
+    return {**t, "bytes": file_bytes, "within": file_bytes <= t["limit_bytes"], "achieved_ratio": t["float_bytes"] / file_bytes,
+            "weight_bytes": int(payload), "overhead_bytes": int(file_bytes - payload),
+            "overhead_share": (file_bytes - payload) / file_bytes}
 
 
 def effective_bits(plan: Plan, layers: dict[str, nn.Module]) -> float:

@@ -25,18 +25,21 @@ from torch import nn
 
 from cora_onnx.core.options import ADAPTER_LAYOUTS, Preprocess, RunOptions
 from cora_onnx.onnx.data import ImageSet, load_class_map, load_images
-from cora_onnx.core.errors import ModelError, SettingsError
+from cora_onnx.core.budget import format_size
+from cora_onnx.core.errors import CoraError, ModelError, SettingsError
 from cora_onnx.torch.export import AdaptedConv, apply_plan_torch, export_program, fuse_batchnorm
 from cora_onnx.core.modelfile import onnx_bytes
 from cora_onnx.torch.models import build_model, check_finite
 from cora_onnx.onnx.pipeline import apply_plan
+from cora_onnx.onnx.sizes import finish
 from cora_onnx.core.plan import Plan
 from cora_onnx.torch.quantizers import quantizable_layers
 from cora_onnx.torch.search import METHODS
 from cora_onnx.onnx.verify import cpu_threads
 
-__all__ = ["RunOptions", "Options", "Data", "Searched", "Exported", "check_options", "make_settings",
-           "load_model", "num_classes", "load_data", "map_layers", "run_search", "export_quantized", "integer_activations",
+__all__ = ["RunOptions", "Options", "Data", "Budget", "Searched", "Exported", "check_options", "make_settings",
+           "load_model", "num_classes", "load_data", "map_layers", "size_budget", "run_search", "export_quantized",
+           "integer_activations",
            "ADAPTER_LAYOUTS", "BRANCH_TIMING_CALIB"]
 
 log = logging.getLogger(__name__)
@@ -83,15 +86,23 @@ def check_options(options: RunOptions | None = None, **keywords) -> Options:
     method and its settings (with --keep/--keep-bits/skip as its layer selection), and calib or
     val present. SettingsError on the first problem."""
     run = RunOptions.resolve(options, **keywords)
-    if run.method not in METHODS:
+    method = run.search  # with a size target: auto, among the encodings of the method named
+    if method not in METHODS or (run.method is not None and run.method not in METHODS):
         raise SettingsError(f"unknown method {run.method!r}; expected one of {', '.join(METHODS)}")
-    m = METHODS[run.method]
+    if method == "auto" and run.size_target is None:
+        raise SettingsError("method auto chooses every layer's encoding under a size target: give target_ratio "
+                            "(--target-ratio R) or target_size (--target-size SIZE)")
+    m = METHODS[method]
     fields = frozenset(f.name for f in dataclasses.fields(m.settings))
     if m.needs_calib and not run.calib:
-        raise SettingsError(f"method {run.method} needs calibration images (calib=DIR)")
+        raise SettingsError(f"method {method} needs calibration images (calib=DIR)")
     if not run.calib and not run.val:
         raise SettingsError("give calib or val images: parity is measured on them")
     method_options = _with_selection(dict(run.method_options), run, m.settings)
+    if method == "auto" and run.method not in (None, "auto"):
+        from cora_onnx.torch.search.auto import METHOD_FAMILIES
+
+        method_options.setdefault("families", METHOD_FAMILIES[run.method])
     bits, scheme, calib_settings = run.bits, None, None
     if run.act_bits is not None:
         from cora_onnx.onnx.calibrate import CalibSettings
@@ -103,7 +114,7 @@ def check_options(options: RunOptions | None = None, **keywords) -> Options:
     merge_bits = scheme.weight_bits if scheme is not None and run.adapter_layout in ("auto", "merge") else None
     if "seed" in fields:
         method_options.setdefault("seed", run.seed)  # seeded searches follow --seed
-    settings = make_settings(run.method, bits, method_options)
+    settings = make_settings(method, bits, method_options)
     given = {f.name: getattr(run, f.name) for f in dataclasses.fields(RunOptions)}
     return Options(**{**given, "bits": bits, "threads": run.threads or cpu_threads(),
                       "out": run.out if run.out is not None else Path("model.onnx")},
@@ -228,24 +239,93 @@ def map_layers(fused: nn.Module, program, selection=None) -> None:
                          f"with --skip {','.join(missing[:3])}{',...' if len(missing) > 3 else ''}")
 
 
-def run_search(model: nn.Module, opts: Options, calib: ImageSet | None) -> Searched:
-    """Fold BatchNorm, export the fused float model and check that every layer to plan is found in
-    it (map_layers), seed torch with opts.seed, run opts.method's search on the fused model."""
-    torch.manual_seed(opts.seed)
+@dataclass(frozen=True, eq=False)
+class Budget:
+    """A size target in bytes, measured before the search: the BatchNorm-fused model and its
+    float export (the search and the export reuse both), the float file's bytes, the file's limit,
+    the bytes of every encoding of every layer (cora_onnx.onnx.sizes.SizeTable) and the search
+    settings with the byte budget of the layers (limit minus the fixed bytes) and those costs."""
+
+    fused: nn.Module
+    program: Any
+    float_bytes: int
+    limit: int
+    table: Any
+    settings: Any
+
+
+def size_budget(model: nn.Module, opts: Options) -> Budget | None:
+    """The Budget of opts.size_target (None without a target). SettingsError when the target is
+    below the smallest file the model can be (every layer at its cheapest encoding), naming the
+    smallest reachable ratio: before any image is read or any weight fitted."""
+    target = opts.size_target
+    if target is None:
+        return None
+    from cora_onnx.onnx.sizes import measure_costs, metadata_reserve
+    from cora_onnx.torch.search.auto import layer_facts, menus_of
+
+    t0 = time.perf_counter()
     pre = opts.pre
     fused = fuse_batchnorm(model, pre.input_size)
     program = export_program(fused, pre.input_size)
     map_layers(fused, program, getattr(opts.settings, "selection", None))
+    meta = {"input_size": pre.input_size, "crop_ratio": pre.crop_ratio, "mean": list(pre.mean), "std": list(pre.std)}
+    program.model.metadata_props["cora_onnx.preprocess"] = json.dumps(meta)
+    float_bytes = len(onnx_bytes(program.model))
+    layers = quantizable_layers(fused)
+    menus = menus_of(fused, opts.settings)
+    specs = {n: layer_facts(layers[n])[:2] for n in menus}
+    table = measure_costs(program.model, specs, menus, metadata_reserve(menus))
+    limit = target.limit(float_bytes)
+    least = table.least()
+    what = f"{target.describe()} ({limit:,} bytes, the float file being {float_bytes:,})"
+    if least > limit:
+        raise SettingsError(f"size target {what} is out of reach: the smallest file of this model is {least:,} bytes "
+                            f"({float_bytes / least:.2f}x), every layer at its smallest encoding and {table.fixed:,} "
+                            f"bytes of graph, names and metadata; ask for {float_bytes / least:.2f}x or less")
+    settings = dataclasses.replace(opts.settings, budget_bytes=limit - table.fixed, costs=table.costs)
+    log.info("size target %s: %s for the layers' encodings (%s fixed; smallest file %s, %.2fx), measured in %.1f s",
+             what, format_size(limit - table.fixed), format_size(table.fixed), format_size(least), float_bytes / least,
+             time.perf_counter() - t0)
+    return Budget(fused, program, float_bytes, limit, table, settings)
+
+
+def run_search(model: nn.Module, opts: Options, calib: ImageSet | None, budget: Budget | None = None) -> Searched:
+    """Fold BatchNorm, export the fused float model and check that every layer to plan is found in
+    it (map_layers), seed torch with opts.seed, run opts.search's search on the fused model. With
+    a size target, `budget` (size_budget) brings the fused model, its export and the settings."""
+    torch.manual_seed(opts.seed)
+    pre = opts.pre
+    if budget is None:
+        fused = fuse_batchnorm(model, pre.input_size)
+        program = export_program(fused, pre.input_size)
+        map_layers(fused, program, getattr(opts.settings, "selection", None))
+    else:
+        fused, program = budget.fused, budget.program
     torch.manual_seed(opts.seed)
     t0 = time.perf_counter()
-    plan = METHODS[opts.method].run(fused, opts.settings, calib)
+    plan = METHODS[opts.search].run(fused, opts.settings if budget is None else budget.settings, calib)
     seconds = time.perf_counter() - t0
     weights = {name: mod.weight.detach().cpu().numpy() for name, mod in quantizable_layers(fused).items()}
+    extra = {} if budget is None else {"size_target": _target_meta(opts.size_target, budget, plan)}
     plan = Plan(plan.method, plan.settings, plan.with_fingerprints(weights).layers,
                 meta={**plan.meta, "model": opts.model_name or type(model).__name__, "input_size": pre.input_size,
-                      "crop_ratio": pre.crop_ratio, "mean": list(pre.mean), "std": list(pre.std)})
+                      "crop_ratio": pre.crop_ratio, "mean": list(pre.mean), "std": list(pre.std), **extra})
     log.info("search done in %.1f s: %d layers planned", seconds, len(plan.layers))
     return Searched(fused, plan, seconds, program)
+
+
+def _target_meta(target, budget: Budget, plan: Plan) -> dict:
+    """What the plan records of its size target: the limit, the fixed bytes counted in the budget,
+    the file predicted from the chosen encodings alone and the name width of its compact export
+    (cora_onnx.onnx.sizes)."""
+    from cora_onnx.onnx.sizes import predicted_bytes
+
+    predicted = predicted_bytes(budget.program.model, plan, budget.table.width)
+    return {**target.to_json(), "float_bytes": budget.float_bytes, "limit_bytes": budget.limit,
+            "fixed_bytes": budget.table.fixed, "predicted_bytes": predicted,
+            "smallest_bytes": budget.table.least(), "names_width": budget.table.width,
+            "measure_seconds": budget.table.seconds}
 
 
 @dataclass(frozen=True, eq=False)
@@ -292,7 +372,8 @@ def export_quantized(searched: Searched, opts: Options, calib: ImageSet | None) 
     qmodel = apply_plan_torch(fused, plan, opts.merge_bits)
     act_report = None
     if scheme is None:
-        quant_bytes = onnx_bytes(apply_plan(model_ir, plan))
+        quant_bytes = onnx_bytes(finish(apply_plan(model_ir, plan), plan))
+        _check_size(quant_bytes, plan)
     else:
         quant_bytes, qmodel, act_report, act = integer_activations(apply_plan(model_ir, plan), program, qmodel,
                                                                    calib, scheme, opts.calib_settings, opts.threads)
@@ -300,6 +381,14 @@ def export_quantized(searched: Searched, opts: Options, calib: ImageSet | None) 
         if adapted:
             act_report["adapter_layout"] = "merge" if opts.merge_bits is not None else "branch"
     return Exported(float_bytes, quant_bytes, qmodel, extra, act_report, plan)
+
+
+def _check_size(data: bytes, plan: Plan) -> None:
+    """A file over its size target is never handed over (CoraError: a defect of the size measure)."""
+    target = plan.meta.get("size_target")
+    if target and len(data) > target["limit_bytes"]:
+        raise CoraError(f"the file is {len(data):,} bytes, over its size target of {target['limit_bytes']:,} bytes "
+                        f"(predicted {target['predicted_bytes']:,}): not written")
 
 
 def integer_activations(model_ir, program, qmodel, calib_set: ImageSet, scheme, calib_settings, threads: int,

@@ -1,6 +1,7 @@
 """BiasUpdatePass alone on a tiny graph built in the test (tests/passes/conftest.py)."""
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from cora_onnx.core.errors import PlanError
@@ -54,3 +55,29 @@ def test_refuses_what_it_cannot_place(graph, case):
     while not isinstance(cause, PlanError) and cause.__cause__ is not None:
         cause = cause.__cause__
     assert isinstance(cause, PlanError) and match in str(cause)
+
+
+def test_float16_biases_are_stored_half_and_compute_the_same(graph):
+    """A float16 bias (Bias.narrowest) is a FLOAT16 initializer behind a Cast, for a replaced bias
+    and for an added one; ONNX Runtime computes what the float graph computes with those values."""
+    rng = np.random.default_rng(6)
+    new = {"conv1": Bias.narrowest(rng.normal(size=8)), "pw": Bias.narrowest(rng.normal(size=6))}
+    assert all(b.dtype == "float16" for b in new.values())
+    model = graph.model(pw_bias=False)
+    kinds = {"conv1": "conv", "pw": "conv"}
+    plan = Plan("auto", {}, tuple(LayerPlan(n, kinds[n], graph.SHAPES[f"{n}.weight"], bias=b) for n, b in new.items()))
+    assert BiasUpdatePass(plan)(model).modified
+    nodes = {n.name: n for n in model.graph}
+    for name in new:
+        bias = nodes[name].inputs[2]
+        assert bias.producer().op_type == "Cast" and bias.producer().inputs[0].dtype == ir.DataType.FLOAT16
+        assert bias.producer().inputs[0].name == f"{name}.bias_half"
+    want = graph.run(graph.proto(conv1__bias=new["conv1"].values, pw__bias=new["pw"].values))
+    np.testing.assert_allclose(graph.run(model), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_float16_bias_must_hold_float16_values():
+    with pytest.raises(PlanError, match="exactly representable in float16"):
+        Bias(np.array([0.1], np.float32), dtype="float16")
+    wide = Bias.narrowest(np.array([1e6, 0.5], np.float32))  # out of float16's range: stays float32
+    assert wide.dtype == "float32" and wide.values[0] == 1e6

@@ -108,6 +108,19 @@ def _path(value, base: Path, where: str) -> Path:
     return (p if p.is_absolute() else base / p).resolve()
 
 
+def _packaged(arch: str) -> Path:
+    """The weights a package brings for `arch` (efficientnet_lite0/1/2), when the config names none."""
+    from cora_onnx.torch.models import packaged_weights
+
+    try:
+        weights = packaged_weights(arch)
+    except FileNotFoundError as exc:
+        raise SettingsError(f"weights: required for {arch} unless its weights package is installed ({exc})") from None
+    if weights is None:
+        raise SettingsError(f"weights: required for {arch} (no installed package brings its weights)")
+    return weights
+
+
 def load_config(config: str | os.PathLike | Mapping[str, Any], base: str | os.PathLike | None = None) -> SweepConfig:
     """Parse and validate a sweep config (a file path, or a dict with paths relative to `base`,
     default the current folder). Every point's settings are built once here, so nothing that can
@@ -139,14 +152,14 @@ def _validate(data: dict, base: Path, src: str) -> SweepConfig:
         input_size, mean, std = d.input_size, d.mean, d.std
         log.info("no model given: using the embedded default (%s on scikit-learn digits)", d.arch)
     else:
-        if "model" not in data or "weights" not in data:
-            raise SettingsError(f"{'weights' if 'model' in data else 'model'}: required (with model, weights, calib "
-                                "and val all absent the embedded default is used)")
+        if "model" not in data:
+            raise SettingsError("model: required (with model, weights, calib and val all absent the embedded "
+                                "default is used)")
         arch = data["model"]
         if not isinstance(arch, str) or arch not in list_architectures():
             raise SettingsError(f"model: unknown architecture {arch!r} (a torchvision classification architecture, "
                                 "efficientnet_lite0 or digits_cnn)")
-        weights = _path(data["weights"], base, "weights")
+        weights = _path(data["weights"], base, "weights") if "weights" in data else _packaged(arch)
         calib = _path(data["calib"], base, "calib") if "calib" in data else None
         if "val" not in data:
             raise SettingsError("val: required: agreement, KL and top-1 are measured on a labelled folder")

@@ -15,6 +15,7 @@ from cora_onnx.core.errors import SettingsError, WEIGHT_BITS
 from cora_onnx.core.options import RunOptions
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}$")
+_TARGETS = ("target_ratio", "target_size")  # grid axes and point keys: the point then runs a size-targeted search
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,11 @@ def _point_name(method: str, bits: int | None, act_bits: int | None, options: Ma
     parts = [method] + ([f"w{bits}"] if bits is not None else []) + ([f"a{act_bits}"] if act_bits else [])
     if isinstance(options.get("budget"), (int, float)):
         parts.append(f"b{options['budget']:g}")
-    rest = {k: v for k, v in options.items() if k != "budget"}
+    if isinstance(options.get("target_ratio"), (int, float)):
+        parts.append(f"{options['target_ratio']:g}x")
+    if isinstance(options.get("target_size"), (str, int)):
+        parts.append(re.sub(r"[^A-Za-z0-9.]", "", str(options["target_size"])))
+    rest = {k: v for k, v in options.items() if k not in ("budget", *_TARGETS)}
     if rest:
         parts.append(hashlib.sha1(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:8])
     return "-".join(parts)
@@ -121,10 +126,10 @@ def _grid_points(grid, defaults: dict) -> list[Point]:
         return []
     if not isinstance(grid, Mapping):
         raise SettingsError("grid: must be a table (method = [...], bits = [...], act_bits = [...], budget = [...])")
-    bad = sorted(set(grid) - {"method", "bits", "act_bits", "budget"})
+    bad = sorted(set(grid) - {"method", "bits", "act_bits", "budget", *_TARGETS})
     if bad:
-        raise SettingsError(f"grid.{bad[0]}: unknown grid axis (grid takes method, bits, act_bits, budget; "
-                            "other options go in [options.<method>] or [[points]])")
+        raise SettingsError(f"grid.{bad[0]}: unknown grid axis (grid takes method, bits, act_bits, budget, "
+                            "target_ratio, target_size; other options go in [options.<method>] or [[points]])")
 
     def axis(key, required):
         v = grid.get(key)
@@ -136,8 +141,9 @@ def _grid_points(grid, defaults: dict) -> list[Point]:
             raise SettingsError(f"grid.{key}: must be a non-empty list, got {v!r}")
         return v
 
-    methods = [_method_name(m, f"grid.method[{i}]") for i, m in enumerate(axis("method", True))]
-    bits_axis = axis("bits", any(_takes_bits(m) for m in methods))
+    targets = [(k, v) for k in _TARGETS for v in (axis(k, False) or [])]
+    methods = [_method_name(m, f"grid.method[{i}]") for i, m in enumerate(axis("method", not targets) or ["auto"])]
+    bits_axis = axis("bits", not targets and any(_takes_bits(m) for m in methods))
     for i, b in enumerate(bits_axis or []):
         _int(b, f"grid.bits[{i}]", "an integer from 2 to 8", lambda v: v in WEIGHT_BITS)
     acts = [_act_bits(a, f"grid.act_bits[{i}]") for i, a in enumerate(axis("act_bits", False) or [0])]
@@ -145,15 +151,19 @@ def _grid_points(grid, defaults: dict) -> list[Point]:
     points = []
     for m in methods:
         has_budget = "budget" in {f.name for f in dataclasses.fields(_methods()[m].settings)}
-        for b in (bits_axis if _takes_bits(m) else [None]):
+        for b in (bits_axis if _takes_bits(m) and not targets else [None]):
             for a in acts:
-                for bud in (budgets if budgets and has_budget else [None]):
-                    opts = dict(defaults.get(m, {}))
-                    if bud is not None:
-                        opts["budget"] = bud
-                    where = f"grid[method={m}" + (f",bits={b}" if b is not None else "") + \
-                        (f",act_bits={a}" if a else "") + (f",budget={bud}" if bud is not None else "") + "]"
-                    points.append(_make_point(m, b, a, opts, None, where))
+                for bud in (budgets if budgets and has_budget and not targets else [None]):
+                    for tk, tv in (targets or [(None, None)]):  # a size target: the options are auto's
+                        opts = dict(defaults.get("auto" if tk else m, {}))
+                        if bud is not None:
+                            opts["budget"] = bud
+                        if tk is not None:
+                            opts[tk] = tv
+                        where = f"grid[method={m}" + (f",bits={b}" if b is not None else "") + \
+                            (f",act_bits={a}" if a else "") + (f",budget={bud}" if bud is not None else "") + \
+                            (f",{tk}={tv}" if tk else "") + "]"
+                        points.append(_make_point(m, b, a, opts, None, where))
     return points
 
 
@@ -169,10 +179,15 @@ def _listed_points(points, defaults: dict) -> list[Point]:
         if "method" not in raw:
             raise SettingsError(f"{where}.method: required")
         method = _method_name(raw.pop("method"), f"{where}.method")
-        bits = _bits(method, raw.pop("bits", None), f"{where}.bits")
+        targeted = any(k in raw for k in _TARGETS)
+        if targeted and raw.get("bits") is not None:
+            raise SettingsError(f"{where}.bits: a point with a size target has no bit width (leave bits out)")
+        bits = None if targeted else _bits(method, raw.pop("bits", None), f"{where}.bits")
+        raw.pop("bits", None)
         act = _act_bits(raw.pop("act_bits", None), f"{where}.act_bits")
         name = raw.pop("name", None)
-        out.append(_make_point(method, bits, act, {**defaults.get(method, {}), **raw}, name, where))
+        out.append(_make_point(method, bits, act, {**defaults.get("auto" if targeted else method, {}), **raw}, name,
+                               where))
     return out
 
 
@@ -187,7 +202,7 @@ def point_options(p: Point, base: RunOptions) -> RunOptions:
     """The point's run options: the sweep's `base` with the point's method, bits, activations, run
     options (keep, keep_bits, skip, act_calib, adapter_layout, ...) and method options (settings
     fields; strings parsed as the command line parses them). SettingsError naming the entry."""
-    m = _methods()[p.method]
+    m = _methods()[_search_of(p)]
     run_fields = {f.name for f in dataclasses.fields(RunOptions)} - _SWEEP_WIDE
     fields = {f.name for f in dataclasses.fields(m.settings)} - {"bits", "selection"}
     convert = {o.field: o.convert for o in m.options if o.convert is not None}
@@ -198,7 +213,7 @@ def point_options(p: Point, base: RunOptions) -> RunOptions:
         elif k in fields:
             method_options[k] = convert[k](v) if k in convert and isinstance(v, str) else v
         else:
-            raise SettingsError(f"{p.where}.{k}: method {p.method} has no option {k!r}; its options: "
+            raise SettingsError(f"{p.where}.{k}: method {_search_of(p)} has no option {k!r}; its options: "
                                 f"{', '.join(sorted(fields | run_fields))}")
     try:
         return base.replace(method=p.method, bits=p.bits if p.bits is not None else 4, act_bits=p.act_bits,
@@ -207,11 +222,16 @@ def point_options(p: Point, base: RunOptions) -> RunOptions:
         raise SettingsError(f"{p.where}: {str(exc).splitlines()[0]}") from None
 
 
+def _search_of(p: Point) -> str:
+    """The search a point runs: the size-targeted one ("auto") when it has a target."""
+    return "auto" if any(p.options.get(k) is not None for k in _TARGETS) else p.method
+
+
 def _check_point(p: Point, base: RunOptions) -> None:
     """Build the point's run options and method settings as quantize will, and check them."""
     from cora_onnx.run.stages import check_options
 
-    if _methods()[p.method].needs_calib and not base.calib:
+    if _methods()[_search_of(p)].needs_calib and not base.calib:
         raise SettingsError(f"{p.where}.method: {p.method} needs calibration images (set calib)")
     opts = point_options(p, base)
     try:

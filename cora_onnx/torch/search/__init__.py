@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from cora_onnx.torch.search.auto import AUTO_OPTIONS, AutoSettings, auto_report, search_auto
 from cora_onnx.torch.search.layers import LayerSelection, select_layers, uniform_from
 from cora_onnx.torch.search.cli_options import CliOption
 from cora_onnx.torch.search.cora import CORA_OPTIONS, CoraSettings, cora_report, search_cora
@@ -18,7 +19,7 @@ from cora_onnx.torch.search.pq import PQ_OPTIONS, PqSettings, pq_report, search_
 from cora_onnx.torch.search.rtn import GRID_OPTIONS, RTN_OPTIONS, RtnSettings, search_rtn
 
 __all__ = ["Method", "METHODS", "CliOption", "LayerSelection", "select_layers", "uniform_from", "RtnSettings",
-           "search_rtn", "CoraSettings", "search_cora", "PqSettings", "search_pq"]
+           "search_rtn", "CoraSettings", "search_cora", "PqSettings", "search_pq", "AutoSettings", "search_auto"]
 
 
 @dataclass(frozen=True)
@@ -40,4 +41,7 @@ METHODS: dict[str, Method] = {
     "pq": Method("pq", PqSettings, search_pq, needs_calib=True, options=PQ_OPTIONS, report=pq_report,
                  help="product quantization (And the Bit Goes Down): uint8 codes into per-layer codebooks fitted "
                       "to calibration activations (use --keep first: --keep last stores the classifier at 8 bits)"),
+    "auto": Method("auto", AutoSettings, search_auto, needs_calib=True, options=AUTO_OPTIONS, report=auto_report,
+                   help="every layer's encoding (2-8-bit grids, codebooks, adapters) chosen under the byte budget of "
+                        "--target-ratio / --target-size (the default method with a size target)"),
 }

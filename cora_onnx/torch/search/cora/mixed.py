@@ -11,11 +11,13 @@ plan are found by `choose_bits`, exactly (the Pareto frontier of stored bits and
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cora_onnx.core.budget import choose, least_cost
 from cora_onnx.core.errors import SettingsError
 from cora_onnx.torch.quantizers import group_count
 
@@ -92,40 +94,10 @@ def layer_cost(count: int, channels: int, bits: int, group: int) -> int:
 def choose_bits(harm: dict[str, dict[int, float]], cost: dict[str, dict[int, float]], budget_bits: float,
                 max_points: int = 20000) -> dict[str, int]:
     """The widths (one per layer, from the keys of harm[layer]) with the least summed harm whose
-    stored bits, sum of cost[l][b_l], stay within budget_bits: the Pareto
-    frontier of (stored bits, harm) over the layers taken one by one, costs exact (so uniform b0
-    always fits its own budget). A frontier longer than max_points is thinned to the best point
-    per cost bin (then near-optimal, never over the budget)."""
-    names = list(harm)
-    total = np.zeros(1)
-    value = np.zeros(1)
-    back = []  # per layer: (width of each frontier point, index of its parent point)
-    for n in names:
-        widths = sorted(harm[n])
-        c = np.concatenate([total + cost[n][b] for b in widths])
-        v = np.concatenate([value + harm[n][b] for b in widths])
-        w = np.repeat(widths, len(total))
-        parent = np.tile(np.arange(len(total)), len(widths))
-        ok = c <= budget_bits
-        if not ok.any():
-            raise SettingsError(f"mixed bits: no choice of widths fits the budget ({budget_bits / 8:.0f} bytes)")
-        c, v, w, parent = c[ok], v[ok], w[ok], parent[ok]
-        order = np.lexsort((v, c))  # by cost, then harm
-        c, v, w, parent = c[order], v[order], w[order], parent[order]
-        keep = v < np.minimum.accumulate(np.concatenate([[np.inf], v[:-1]]))  # strictly better than every cheaper point
-        c, v, w, parent = c[keep], v[keep], w[keep], parent[keep]
-        if len(c) > max_points:
-            bins = np.floor(c / budget_bits * max_points).astype(np.int64)
-            first = np.ones(len(c), bool)
-            first[1:] = bins[1:] != bins[:-1]
-            last = np.roll(first, -1)  # in a cost bin, harm falls with cost: keep each bin's last point
-            last[-1] = True
-            c, v, w, parent = c[last], v[last], w[last], parent[last]
-        total, value = c, v
-        back.append((w, parent))
-    i = int(np.argmin(value))
-    chosen = {}
-    for n, (w, parent) in zip(reversed(names), reversed(back)):
-        chosen[n] = int(w[i])
-        i = int(parent[i])
-    return {n: chosen[n] for n in names}
+    stored bits, sum of cost[l][b_l], stay within budget_bits: `cora_onnx.core.budget.choose`, exact
+    (so uniform b0 always fits its own budget); a frontier longer than max_points is searched in
+    coarser cost units, rounded up (then near-optimal, never over the budget)."""
+    costs = {n: {b: int(math.ceil(c)) for b, c in cost[n].items()} for n in harm}
+    if least_cost(costs) > budget_bits:
+        raise SettingsError(f"mixed bits: no choice of widths fits the budget ({budget_bits / 8:.0f} bytes)")
+    return dict(choose(harm, costs, int(math.floor(budget_bits)), max_points=max_points).options)

@@ -1,0 +1,156 @@
+"""Size targets: every layer's encoding chosen under one byte budget (cora_onnx/torch/search/auto,
+cora_onnx/onnx/sizes.py, the size_budget stage, the CLI and sweeps), on the embedded digits model."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cora_onnx
+from cora_onnx.cli.main import main
+from cora_onnx.core.encoding import Encoding, encoding_summary
+from cora_onnx.core.errors import SettingsError
+from cora_onnx.torch.models import build_model
+from cora_onnx.torch.search.auto import AutoSettings, layer_menu
+from cora_onnx.torch.search.auto.fit import adapter_factors, adapter_spectrum, fit_encoding, relative_error
+from cora_onnx.torch.search.auto.search import _harm_curve
+
+# small enough for a test: few calibration images and EM iterations
+SMALL = {"calib_size": 96, "stats_size": 32, "stats_patches": 0, "sens_images": 8, "em_iters": 3, "menu_em_iters": 2}
+
+
+def _args(d, **kw):
+    return dict(calib=d.calib_dir, val=d.val_dir, input_size=d.input_size, mean=d.mean, std=d.std, latency_runs=0,
+                threads=1, **kw)
+
+
+def test_menu_and_labels():
+    conv = torch.nn.Conv2d(256, 128, 1)
+    menu = layer_menu(conv, AutoSettings())
+    labels = [e.label for e in menu]
+    assert labels[:7] == ["2-bit", "2-bit g64", "3-bit", "3-bit g64", "4-bit", "4-bit g64", "8-bit"]
+    assert {"pq d=2", "pq d=4", "pq d=8"} <= set(labels) and "pq d=16" not in labels
+    assert "3-bit g64 + rank 8 4-bit" in labels and "2-bit + rank 16 4-bit" in labels  # 1/16 and 1/8 of rank 128
+    assert all(Encoding.parse(label).label == label for label in labels)
+    dw = torch.nn.Conv2d(512, 512, 3, groups=512)
+    dw_labels = [e.label for e in layer_menu(dw, AutoSettings())]
+    assert dw_labels == ["2-bit", "3-bit", "4-bit", "8-bit", "pq d=3", "pq d=9"]  # no groups of 64, no adapters
+    assert [e.label for e in layer_menu(conv, AutoSettings(families=("pq",)))] == \
+        ["pq d=2", "pq d=4", "pq d=8", "8-bit"]
+    assert encoding_summary([Encoding("pq", block=4)] * 3 + [Encoding("uniform", 3, 64, rank=2)] * 2 +
+                            [Encoding("uniform", 8)]) == "pq 3 layers, 3-bit 2, 8-bit 1; adapters on 2"
+
+
+def test_encodings_fit_and_adapters_reclaim_the_residual():
+    torch.manual_seed(0)
+    w = torch.randn(32, 48)
+    x = torch.randn(2000, 48) @ torch.randn(48, 48) * 0.3
+    H = (x.T @ x / len(x))[None]
+    err = {b: fit_encoding(w, Encoding("uniform", b), H).error for b in (2, 3, 4, 8)}
+    assert err[2] > err[3] > err[4] > err[8] and err[8] < 1e-4 < err[4] < 0.02
+    pq = fit_encoding(w, Encoding("pq", block=4, codewords=64), H, em_iters=5)
+    assert pq.codebook is not None and 0 < pq.error < 1
+    fit = fit_encoding(w, Encoding("uniform", 2, 16), H)
+    spectrum = adapter_spectrum(w, fit.weight, H, damping=0.0)
+    assert spectrum[0] == pytest.approx(fit.error, rel=1e-3) and np.all(np.diff(spectrum) <= 1e-12)
+    for r in (1, 4, 16):  # the error the singular values promise is the error the factors give
+        b, a = adapter_factors(w, fit.weight, H, r, damping=0.0)
+        assert relative_error(w, fit.weight + b @ a, H) == pytest.approx(spectrum[r], rel=1e-3, abs=1e-9)
+
+
+def test_harm_curve():
+    linear = _harm_curve([(0.1, 0.02)])
+    assert linear(0.05) == pytest.approx(0.01) and linear(0.3) == pytest.approx(0.06)
+    power = _harm_curve([(0.1, 0.02), (0.4, 0.32)])  # KL x16 for error x4: exponent 2 above the first point
+    assert power(0.05) == pytest.approx(0.01) and power(0.2) == pytest.approx(0.08)
+
+
+@pytest.mark.parametrize("ratio", [2.5, 4, 5.5])
+def test_the_file_is_within_every_target_and_shows_its_choice(digits, tmp_path, ratio):
+    """The budget holds for every target: the file is at most float / ratio, as predicted; the report
+    and `inspect` show each layer's encoding, bytes and harm."""
+    out = tmp_path / "m.onnx"
+    res = cora_onnx.quantize(build_model(d := digits.arch, digits.weights), **_args(digits), target_ratio=ratio,
+                             out=out, model_name=d, **SMALL)
+    r = res.report
+    st = r["size_target"]
+    assert out.stat().st_size == r["onnx_bytes"] == st["bytes"] <= st["limit_bytes"] == int(r["float_onnx_bytes"] / ratio)
+    assert st["bytes"] == st["predicted_bytes"] and st["within"]  # predicted from the encodings before any fit
+    assert r["method"] == "auto" and r["verified"] and r["parity"]["top1_agreement"] == 100
+    layers = r["auto"]["layers"]
+    assert set(layers) == {lp.name for lp in res.plan.layers}
+    assert sum(v["bytes"] for v in layers.values()) == r["auto"]["encodings_bytes"] <= r["auto"]["budget_bytes"]
+    assert all(v["harm"] >= 0 and Encoding.parse(v["encoding"]) for v in layers.values())
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["cora_onnx.encodings"])["layers"] == {n: v["encoding"] for n, v in layers.items()}
+    shown = CliRunner().invoke(main, ["inspect", str(out)])
+    assert shown.exit_code == 0 and r["auto"]["summary"] in shown.output
+
+
+def test_a_tighter_target_gives_a_smaller_file_and_a_larger_predicted_harm(digits, tmp_path):
+    runs = [cora_onnx.quantize(build_model(digits.arch, digits.weights), **_args(digits), target_ratio=t,
+                               out=tmp_path / f"{t}.onnx", **SMALL).report for t in (3, 5.5)]
+    assert runs[0]["onnx_bytes"] > runs[1]["onnx_bytes"]
+    assert runs[0]["auto"]["predicted_harm"] < runs[1]["auto"]["predicted_harm"]
+
+
+def test_an_impossible_target_is_one_line_and_exit_2_before_any_image(digits, tmp_path, monkeypatch):
+    import cora_onnx.run.api as api
+
+    monkeypatch.setattr(api, "load_data", lambda *a, **k: pytest.fail("images were read for an impossible target"))
+    out = tmp_path / "m.onnx"
+    res = CliRunner().invoke(main, ["quantize", "--model", digits.arch, "--weights", str(digits.weights), "--calib",
+                                    str(digits.calib_dir), "--val", str(digits.val_dir), "--input-size", "8",
+                                    "--target-ratio", "40", "--out", str(out), "-q"])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: size target 40x") and "out of reach" in lines[0]
+    assert "ask for 5." in lines[0]  # the smallest reachable ratio of this model (about 5.9x)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(target_ratio=1.0), "target ratio must be a number above 1"),
+    (dict(target_size="big"), "target size must be a size"),
+    (dict(target_ratio=4, target_size="10kB"), "not both"),
+    (dict(target_ratio=4, act_bits=8), "integer activations"),
+    (dict(method="auto"), "needs|under a size target"),
+    (dict(target_ratio=4, method="pq", blocks="large"), "has no option 'blocks'"),
+])
+def test_bad_targets_are_refused_before_any_work(tmp_path, kw, match):
+    with pytest.raises(SettingsError, match=match):
+        cora_onnx.quantize(torch.nn.Linear(3, 2), calib=tmp_path, out=tmp_path / "m.onnx", **kw)
+
+
+def test_a_method_with_a_target_chooses_among_its_own_encodings(digits, tmp_path):
+    r = cora_onnx.quantize(build_model(digits.arch, digits.weights), **_args(digits), method="pq", target_ratio=4,
+                           out=tmp_path / "m.onnx", **SMALL).report
+    assert r["auto"]["families"] == ["pq"] and r["size_target"]["within"]
+    assert {Encoding.parse(v["encoding"]).family for v in r["auto"]["layers"].values()} <= {"pq", "8-bit"}
+
+
+def test_a_sweep_over_target_ratios(digits, tmp_path):
+    """One sweep draws the accuracy-size curve: a point per target, each file within its target."""
+    cfg = {"model": digits.arch, "weights": str(digits.weights), "calib": str(digits.calib_dir),
+           "val": str(digits.val_dir), "input_size": digits.input_size, "mean": list(digits.mean),
+           "std": list(digits.std), "latency_runs": 1, "final_latency_runs": 1, "threads": 1, "torch_threads": 1,
+           "options": {"auto": SMALL}, "grid": {"target_ratio": [3, 5]}}
+    res = cora_onnx.sweep(cfg, tmp_path / "s")
+    rows = {r["point"]: r for r in map(json.loads, (tmp_path / "s" / "results.jsonl").read_text().splitlines())}
+    names = list(rows)  # named by target, then a hash of the [options.auto] settings
+    assert [n.rsplit("-", 1)[0] for n in names] == ["auto-3x", "auto-5x"] and res.ran == tuple(names)
+    for name, ratio in zip(names, (3, 5)):
+        row = rows[name]
+        report = json.loads((tmp_path / "s" / name / "report.json").read_text())
+        assert row["status"] == "ok" and row["onnx_bytes"] <= report["float_onnx_bytes"] / ratio
+    assert rows[names[0]]["onnx_bytes"] > rows[names[1]]["onnx_bytes"]
+
+
+def test_fine_tuning_the_biases_keeps_the_file_within_its_target(digits, tmp_path):
+    r = cora_onnx.quantize(build_model(digits.arch, digits.weights), **_args(digits), target_ratio=4,
+                           out=tmp_path / "m.onnx", **{**SMALL, "finetune_steps": 3}).report
+    ft = r["auto"]["finetune"]
+    assert ft["steps"] == 3 and np.isfinite(ft["loss_last"]) and r["size_target"]["within"] and r["verified"]

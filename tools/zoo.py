@@ -206,7 +206,7 @@ def table(records: list[dict], command: str) -> str:
     for r in records:
         latest[(r["arch"], r["method"])] = r
     commands = list(dict.fromkeys(r.get("command", command) for r in latest.values())) or [command]
-    command = "\n".join(commands)
+    command = "\n".join(f"# ({i}) {c}" if len(commands) > 1 else c for i, c in enumerate(commands, 1))
     archs = sorted({a for a, _ in latest}, key=lambda a: (list(FAMILIES).index(_family(a)) if _family(a) in FAMILIES
                                                           else 99, a))
     lines = ["# The torchvision ConvNet zoo through `cora-onnx quantize`", "",
@@ -221,8 +221,8 @@ def table(records: list[dict], command: str) -> str:
              "brackets), peak RSS. Agreement with the float model on random weights says little and is not shown; "
              "refusals give their one-line reason below the table.", "",
              "| family | architecture | input | method | exit | verified | ratio | seconds (search) | peak RSS | "
-             "integer / float kernels (A8) | commit |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "integer / float kernels (A8) | commit | command |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     notes = []
     for a in archs:
         for m in METHODS:
@@ -233,7 +233,8 @@ def table(records: list[dict], command: str) -> str:
             lines.append(f"| {r['family']} | {a} | {r['input_size']} | {m} | {exit_} | "
                          f"{'yes' if r.get('verified') else 'no'} | {_fmt(r.get('ratio'), '.2f')}x | "
                          f"{r['seconds']:.0f} ({_fmt(r.get('search_seconds'), '.0f')}) | {r['peak_rss_mb']} MB | "
-                         f"{_kernels(r)} | {r.get('commit', '-')} |")
+                         f"{_kernels(r)} | {r.get('commit', '-')} | "
+                         f"({commands.index(r.get('command', commands[0])) + 1 if r.get('command') in commands else 1}) |")
             if r.get("error"):
                 when = "after the search" if r.get("searched") else "before any search"
                 notes.append(f"- {a} {m} (exit {exit_}, {when}): `{r['error'][:300]}`")

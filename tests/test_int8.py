@@ -23,7 +23,12 @@ def test_quantize_with_integer_activations(digits, tmp_path):
     assert kernels == act["onnxruntime_kernels"]
     assert kernels["float_compute"] == 0 and kernels["integer"] >= len(res.plan.layers)
     assert r["latency_ms"]["quantized"] > 0 and r["latency_ms"]["quantized_folded"] is None
-    # ONNX Runtime integer kernels vs the PyTorch simulation of the same activation grid
+    # ONNX Runtime integer kernels vs the PyTorch simulation of the same activation grid, tensor by
+    # tensor (each from ONNX Runtime's own inputs): one quantization step at most, on few values
+    t = r["parity"]["tensors"]
+    assert r["verified"] and r["parity"]["reference"] == "simulated" and t["instrumented_exact"]
+    assert t["first_over"] is None and t["tensors"] >= len(res.plan.layers) and t["worst"]["max_steps"] <= 1
+    assert t["worst"]["mismatch"] < 0.02 and t["output_relative_error"] < 1e-3
     assert r["parity"]["top1_agreement"] >= 99.0
     assert abs(r["top1"]["quantized_onnxruntime"] - r["top1"]["float"]) < 3.0
     assert max(lp.uniform.bits for lp in res.plan.layers) <= act["scheme"]["weight_bits"]

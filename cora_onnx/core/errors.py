@@ -14,6 +14,7 @@ __all__ = [
     "PlanError",
     "OnnxModelError",
     "ParityError",
+    "ConstantOutputError",
     "WEIGHT_BITS",
     "check_bits",
 ]
@@ -56,6 +57,12 @@ class ParityError(CoraError):
     quantize keeps the file as NAME.failed.onnx; import-pq writes nothing."""
 
     exit_code = 3
+
+
+class ConstantOutputError(ParityError):
+    """The model's outputs do not depend on its input (the same logits, e.g. all zeros, on every
+    image): whatever ONNX Runtime and PyTorch agree on, the file is not a working classifier and
+    is never reported verified. Exit code 3, the file kept as NAME.failed.onnx like a parity failure."""
 
 
 WEIGHT_BITS = range(2, 9)  # the weight grid widths the tool stores (2-8 bits)

@@ -3,7 +3,9 @@ mutates a model. No torch: the PyTorch half (predict_torch) is cora_onnx.torch.v
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -18,9 +20,11 @@ from cora_onnx.core.errors import OnnxModelError
 from cora_onnx.core.modelfile import ModelFile, read_model
 from cora_onnx.core.progress import progress
 
-__all__ = ["session", "predict_onnx", "top1", "parity", "measure_latency", "size_breakdown",
+__all__ = ["session", "predict_onnx", "top1", "parity", "fidelity", "measure_latency", "size_breakdown",
            "load_onnx_bytes", "cpu_threads", "optimized_graph", "InputSpec", "image_input", "run_batch",
-           "IMAGE_LAYOUTS"]
+           "IMAGE_LAYOUTS", "ParityLimits", "PARITY_LIMITS", "parity_failure", "TensorCheck", "compare_tensors",
+           "activation_integers", "quantized_tensor_outputs", "output_spread", "is_constant", "CONSTANT_SPREAD",
+           "failed_path", "judge", "weight_layer", "layer_outputs", "producing_layers"]
 
 
 def cpu_threads() -> int:
@@ -172,6 +176,230 @@ def parity(a: np.ndarray, b: np.ndarray) -> dict:
             "images": int(a.shape[0])}
 
 
+CONSTANT_SPREAD = 1e-6  # output spread over images, relative to the largest |output|, at or below which it is constant
+
+
+def output_spread(logits: np.ndarray) -> float | None:
+    """How much a model's outputs depend on its input: the largest range over the images of one
+    output (max - min of a column), relative to the largest |output| (0 when every output is 0 on
+    every image). None with fewer than 2 images. At or below CONSTANT_SPREAD the outputs are
+    constant: the model ignores its input (all-zero logits, a dead layer)."""
+    x = np.asarray(logits, dtype=np.float64).reshape(len(logits), -1)
+    if x.shape[0] < 2:
+        return None
+    top = float(np.abs(x).max())
+    return float(np.ptp(x, axis=0).max()) / top if top > 0 else 0.0
+
+
+def is_constant(spread: float | None) -> bool:
+    return spread is not None and spread <= CONSTANT_SPREAD
+
+
+@dataclass(frozen=True)
+class ParityLimits:
+    """What the ONNX Runtime file may differ from its PyTorch reference by, per kind of reference.
+
+    relative_error: largest max |logit difference| over the largest |reference logit|, end to end
+    (None: not a criterion); agreement: least top-1 agreement in percent (None: not a criterion:
+    images whose two best logits nearly tie flip under any rounding difference); layer_error:
+    relative L2 error above which a layer's output counts as diverged (the diagnosis of a failure);
+    tensor_steps / tensor_mismatch / output_error (integer activations against their simulation,
+    each quantized tensor computed from ONNX Runtime's values of the tensors before it): the
+    largest difference in quantization steps, the largest share of a tensor's values that may
+    differ (by rounding), and the largest relative L2 error of the float outputs."""
+
+    relative_error: float | None
+    layer_error: float
+    agreement: float | None = None
+    tensor_steps: int | None = None
+    tensor_mismatch: float | None = None
+    output_error: float | None = None
+
+
+# Measured on correct files (docs/verification.md, tools/measure_parity.py). A wrong weight gives
+# end-to-end relative errors near 1 and, against the simulation, tensors off by many steps.
+PARITY_LIMITS = {
+    # weight-only models: PyTorch runs exactly the dequantized weights; only float rounding differs
+    "exact": ParityLimits(relative_error=1e-3, layer_error=1e-3),
+    # integer activations vs the PyTorch simulation of the same activation grid, tensor by tensor
+    # (teacher-forced): only rounding at a .5 boundary differs (float vs integer accumulation, the
+    # INT32 bias), at most 1 step on up to 0.7% of a tensor's values on correct files
+    "simulated": ParityLimits(relative_error=None, layer_error=0.1, tensor_steps=1, tensor_mismatch=0.02,
+                              output_error=1e-3),
+    # integer activations with adapter branches vs PyTorch with float activations (no simulation
+    # of the branches): end to end, lenient
+    "float_activations": ParityLimits(relative_error=0.5, layer_error=0.25, agreement=90.0),
+}
+
+
+@dataclass(frozen=True)
+class TensorCheck:
+    """Integer activations in ONNX Runtime against their simulation, each quantized tensor of the
+    simulation computed from ONNX Runtime's values of the tensors before it (teacher forcing), on
+    a few images. tensors: how many were compared; worst: (tensor, share of values that differ,
+    largest difference in steps) of the tensor furthest off (steps, then share); first_over: the
+    same for the first tensor in graph order over the limits (None: none); output_error: relative
+    L2 error of the float outputs computed from ONNX Runtime's last tensors; instrumented_exact:
+    whether exposing the tensors left ONNX Runtime's outputs unchanged (False: the check does not
+    describe the plain session, and the end-to-end limits apply); first_over_layer: what computes
+    the first_over tensor's planned layer, when one computes it (producing_layers)."""
+
+    tensors: int
+    images: int
+    worst: tuple[str, float, int] | None
+    first_over: tuple[str, float, int] | None
+    output_error: float
+    instrumented_exact: bool
+    first_over_layer: str | None = None
+
+    def to_json(self) -> dict:
+        def entry(t):
+            return None if t is None else {"tensor": t[0], "mismatch": t[1], "max_steps": t[2]}
+
+        first = entry(self.first_over)
+        if first is not None:
+            first["layer"] = self.first_over_layer
+        return {"tensors": self.tensors, "images": self.images, "worst": entry(self.worst), "first_over": first,
+                "output_relative_error": self.output_error, "instrumented_exact": self.instrumented_exact}
+
+
+def compare_tensors(ort: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], ort_out: np.ndarray,
+                    ref_out: np.ndarray, plain_out: np.ndarray, limits: ParityLimits) -> TensorCheck:
+    """The TensorCheck of ONNX Runtime's integers `ort` (tensor -> array, in graph order) against
+    the simulation's `ref` computed from them; outputs: ONNX Runtime instrumented (ort_out) and
+    plain (plain_out), the simulation's (ref_out)."""
+    worst = first = None
+    n = 0
+    for name, got in ort.items():
+        want = ref.get(name)
+        if want is None or want.size == 0 or want.shape != got.shape:
+            continue
+        n += 1
+        d = np.abs(got.astype(np.int64) - want.astype(np.int64))
+        entry = (name, float(np.count_nonzero(d)) / d.size, int(d.max()))
+        if worst is None or (entry[2], entry[1]) > (worst[2], worst[1]):
+            worst = entry
+        if first is None and (entry[2] > limits.tensor_steps or entry[1] > limits.tensor_mismatch):
+            first = entry
+    ref_out = np.asarray(ref_out, np.float64)
+    out_err = float(np.linalg.norm(ort_out - ref_out) / max(float(np.linalg.norm(ref_out)), 1e-30))
+    exact = bool(np.allclose(ort_out, plain_out, rtol=1e-6, atol=1e-6 * float(np.abs(plain_out).max())))
+    return TensorCheck(n, int(ort_out.shape[0]), worst, first, out_err, exact)
+
+
+def parity_failure(par: Mapping, kind: str, tensors: TensorCheck | None = None) -> str | None:
+    """None when the parity figures are within PARITY_LIMITS[kind], else what is out (one phrase).
+    With integer activations against the simulation (`tensors` given and describing the plain
+    session) the tensor-by-tensor check decides; else the end-to-end figures."""
+    lim = PARITY_LIMITS[kind]
+    if tensors is not None and tensors.instrumented_exact and lim.tensor_steps is not None:
+        out = []
+        if tensors.first_over is not None:
+            name, share, steps = tensors.first_over
+            src = f" (output of layer {tensors.first_over_layer})" if tensors.first_over_layer else ""
+            out.append(f"tensor {name}{src} differs from the simulation on {share * 100:.2f}% of its values, by up to "
+                       f"{steps} quantization steps (limits {lim.tensor_mismatch * 100:g}%, {lim.tensor_steps} step), "
+                       f"computed from ONNX Runtime's own inputs on {tensors.images} images")
+        if tensors.output_error > lim.output_error:
+            out.append(f"the outputs computed from ONNX Runtime's last tensors differ by {tensors.output_error:.3g} "
+                       f"(relative L2 > {lim.output_error:g})")
+        return "; ".join(out) or None
+    fallback = PARITY_LIMITS["float_activations"] if lim.relative_error is None else lim
+    out = []
+    if fallback.agreement is not None and par["top1_agreement"] < fallback.agreement:
+        out.append(f"top-1 agreement {par['top1_agreement']:.2f}% < {fallback.agreement:g}%")
+    if par["relative_max_error"] > fallback.relative_error:
+        out.append(f"max logit difference {par['max_abs_error']:.4g} ({par['relative_max_error']:.3g} of the largest "
+                   f"logit > {fallback.relative_error:g})")
+    return "; ".join(out) or None
+
+
+def judge(par: Mapping, kind: str, logits: np.ndarray, tensors: TensorCheck | None = None,
+          float_logits: np.ndarray | None = None) -> tuple[dict, str | None, bool]:
+    """The verdict on a file: (the parity figures `par` with the reference kind, its limits, the
+    output spread and the tensor check; why the file fails, None when it is verified; whether the
+    failure is that its outputs do not depend on the input). logits: ONNX Runtime's outputs on the
+    parity images; float_logits: the float model's on the same images, for the message."""
+    spread = output_spread(logits)
+    par = {**par, "reference": kind, "limits": dataclasses.asdict(PARITY_LIMITS[kind]), "output_spread": spread,
+           **({"tensors": tensors.to_json()} if tensors is not None else {})}
+    if is_constant(spread):
+        also = "; so does the float model" if float_logits is not None and is_constant(output_spread(float_logits)) \
+            else ""
+        return par, (f"the model's outputs do not depend on its input: ONNX Runtime gives the same outputs on all "
+                     f"{len(logits)} images (spread {spread:.3g} of the largest |output| "
+                     f"{float(np.abs(logits).max()):.3g}){also}"), True
+    return par, parity_failure(par, kind, tensors), False
+
+
+def quantized_tensor_outputs(proto: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """tensor -> (name, ONNX element type) of the QuantizeLinear output that carries its integers
+    (`<tensor>_quantized`, as ActivationQDQPass names them), for the tensors that have one."""
+    inits = {t.name: t.data_type for t in proto.graph.initializer}
+    produced = {}
+    for node in proto.graph.node:
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2:
+            produced[node.output[0]] = inits.get(node.input[2], onnx.TensorProto.UINT8)
+    return {t: (f"{t}_quantized", produced[f"{t}_quantized"]) for t in tensors if f"{t}_quantized" in produced}
+
+
+_WEIGHT = re.compile(r"^(?P<layer>.+)\.(?:weight(?:_[A-Za-z0-9_]+)?|adapter_merge_dequantized)$")
+
+
+def weight_layer(node: onnx.NodeProto) -> str | None:
+    """The planned layer whose weight a Conv/Gemm/MatMul node computes with (from the weight's
+    name: `<layer>.weight`, `<layer>.weight_dequantized`, ...), else None."""
+    if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+        return None
+    m = _WEIGHT.match(node.input[1])
+    return m.group("layer") if m else None
+
+
+def layer_outputs(proto: onnx.ModelProto, layers: set[str]) -> dict[str, str]:
+    """Layer name -> output name of the Conv/Gemm whose weight comes from that layer, in graph order."""
+    out = {}
+    for node in proto.graph.node:
+        layer = weight_layer(node)
+        if layer in layers and layer not in out:
+            out[layer] = node.output[0]
+    return out
+
+
+def producing_layers(proto: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, str]:
+    """tensor -> the planned layer whose output its activation QuantizeLinear quantizes, for the
+    tensors a Conv/Gemm/MatMul with a planned weight computes."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    out = {}
+    for t in tensors:
+        q = producer.get(f"{t}_quantized")
+        src = producer.get(q.input[0]) if q is not None else None
+        layer = weight_layer(src) if src is not None else None
+        if layer is not None:
+            out[t] = layer
+    return out
+
+
+def activation_integers(model_bytes: bytes, tensors: Sequence[str], x: np.ndarray,
+                        threads: int | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Run the model on x (N x 3 x H x W) twice in ONNX Runtime: as it is, and with the integers of
+    `tensors` (activation QuantizeLinear outputs) exposed as graph outputs. Returns (first output
+    plain, first output instrumented, {tensor: integers} in graph order)."""
+    proto = onnx.load_from_string(model_bytes)
+    outs = quantized_tensor_outputs(proto, tensors)
+    order = {n.output[0]: i for i, n in enumerate(proto.graph.node) if n.output}
+    names = sorted(outs, key=lambda t: order.get(outs[t][0], 0))
+    existing = {o.name for o in proto.graph.output}
+    for t in names:
+        if outs[t][0] not in existing:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(outs[t][0], outs[t][1], None))
+    plain = session(model_bytes, threads=threads)
+    spec = image_input(plain, strict=False)
+    plain_out = run_batch(plain, spec, x)[0]
+    inst = session(proto.SerializeToString(), threads=threads)
+    got = run_batch(inst, spec, x, [inst.get_outputs()[0].name] + [outs[t][0] for t in names])
+    return plain_out, got[0], dict(zip(names, got[1:]))
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64) - x.max(axis=1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
@@ -272,3 +500,9 @@ def optimized_graph(model_bytes: bytes):
         so.intra_op_num_threads = 1
         ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
         return onnx.load(path, load_external_data=False)
+
+
+def failed_path(out: str | os.PathLike) -> Path:
+    """Where a model that failed its verification is kept: NAME.failed.onnx beside NAME.<ext>."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.failed.onnx")

@@ -16,9 +16,9 @@ from cora_onnx.core.errors import PlanError, SettingsError
 from cora_onnx.core.files import atomic_write
 from cora_onnx.core.modelfile import onnx_bytes
 from cora_onnx.run.outcome import FloatReference, effective_bits, float_reference, make_report, verify_quantized, write_outputs
-from cora_onnx.torch.parity import failed_path
 from cora_onnx.onnx.pipeline import apply_plan
 from cora_onnx.onnx.sizes import finish
+from cora_onnx.onnx.verify import failed_path
 from cora_onnx.core.plan import Plan
 from cora_onnx.core.options import RunOptions
 from cora_onnx.run.stages import (check_options, export_quantized, load_data, load_model, make_settings, run_search,
@@ -67,7 +67,7 @@ def quantize(model: nn.Module, options: RunOptions | None = None, *, float_logit
     `float_reference`; a sweep shares them between its points) instead of here.
     Returns a QuantizeResult whose .report is the dict also written to `report` (JSON), with
     "verified": true. Raises ParityError when ONNX Runtime disagrees with the PyTorch quantized
-    model beyond cora_onnx.torch.parity.PARITY_LIMITS: the model is then kept as NAME.failed.onnx (never
+    model beyond cora_onnx.onnx.verify.PARITY_LIMITS: the model is then kept as NAME.failed.onnx (never
     under `out`) and the report is still written, with "verified": false.
 
     The stages it runs in order, each usable alone: cora_onnx.run.stages.check_options -> load_model

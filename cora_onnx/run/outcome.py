@@ -7,7 +7,6 @@ and `float_reference`, the float side of the verification computed once for many
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -19,18 +18,18 @@ import torch
 from torch import nn
 
 from cora_onnx.onnx.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess, load_class_map, load_images, parse_floats
-from cora_onnx.core.errors import ParityError
+from cora_onnx.core.errors import ConstantOutputError, ParityError
 from cora_onnx.torch.export import export_onnx, fuse_batchnorm, remaining_batchnorm
 from cora_onnx.core.files import atomic_write
 from cora_onnx.core.modelfile import onnx_bytes
-from cora_onnx.torch.parity import PARITY_LIMITS, failed_path, first_divergent_layer, parity_failure, reference_kind
 from cora_onnx.core.plan import Plan
 from cora_onnx.torch.quantizers import quantizable_layers
 from cora_onnx.onnx.report import environment, write_report
 from cora_onnx.torch.search import METHODS
 from cora_onnx.run.stages import Data, Exported, Options, Searched, load_model, num_classes
-from cora_onnx.onnx.verify import fidelity, measure_latency, parity, predict_onnx, session, size_breakdown, top1
-from cora_onnx.torch.verify import predict_torch
+from cora_onnx.onnx.verify import (TensorCheck, failed_path, fidelity, judge, measure_latency, parity, predict_onnx, session,
+                                   size_breakdown, top1)
+from cora_onnx.torch.verify import first_divergent_layer, predict_torch, reference_kind, tensor_check
 
 __all__ = ["Verification", "verify_quantized", "make_report", "write_outputs", "effective_bits", "size_target_report",
            "FloatReference",
@@ -44,13 +43,17 @@ PROBE_IMAGES = 8  # images on which a failed parity check compares the layers' o
 @dataclass(frozen=True, eq=False)
 class Verification:
     """figures: top1, parity (with its reference kind and limits), fidelity_to_float (with val),
-    latency_ms, latency, size_breakdown. failure: why parity failed (None: verified). probe: the
-    normalized images a failed check compares layer outputs on."""
+    latency_ms, latency, size_breakdown. failure: why the check failed (None: verified). probe: the
+    normalized images the checks compare tensors and layer outputs on. constant_output: the failure
+    is that the outputs do not depend on the input. tensors: the tensor-by-tensor check of integer
+    activations against their simulation (None for other references)."""
 
     figures: dict
     failure: str | None
     kind: str
     probe: torch.Tensor
+    constant_output: bool = False
+    tensors: TensorCheck | None = None
 
     @property
     def verified(self) -> bool:
@@ -82,19 +85,23 @@ def verify_quantized(model: nn.Module, exported: Exported, data: Data, opts: Opt
         ort_logits = predict_onnx(qsess, pset, batch_size, "ONNX Runtime, quantized")
         q_logits = predict_torch(exported.qmodel, pset, batch_size, "PyTorch, quantized")
     par = parity(ort_logits, q_logits)
-    # the images a failed check compares layer by layer: those the two runs disagree on first
+    # the images a check compares tensor by tensor or layer by layer: those the two runs disagree on first
     order = np.argsort((ort_logits.argmax(1) == q_logits.argmax(1)).astype(np.int8), kind="stable")[:PROBE_IMAGES]
     probe = torch.from_numpy(pset.preprocess.normalize(pset.images[np.sort(order)]))
+    kind = reference_kind(scheme is not None, exported.qmodel)
+    tensors = tensor_check(exported.quant_bytes, exported.qmodel, probe, opts.threads) if kind == "simulated" else None
+    par, failure, constant = judge(par, kind, ort_logits, tensors, f_logits if val_set is not None else None)
     shape = (3, opts.pre.input_size, opts.pre.input_size)
     batches = (1,) if not opts.latency_batch or opts.latency_batch == 1 else (1, opts.latency_batch)
-    if opts.latency_runs > 0:
+    timed = opts.latency_runs > 0 and failure is None  # a file that is not handed over is not timed
+    if timed:
         log.info("measuring latency (%d interleaved runs per model and batch size)", opts.latency_runs)
     models = {"float": exported.float_bytes, "quantized": qsess}
     if scheme is None:  # load-time weight folding disables the integer fusions: only for weight-only models
         models["quantized_folded"] = session(exported.quant_bytes, threads=opts.threads, fold_weight_dq=True)
     models.update(exported.extra)
     lat = measure_latency(models, shape, batch_sizes=batches, runs=opts.latency_runs, threads=opts.threads,
-                          seed=opts.seed) if opts.latency_runs > 0 else {}  # 0: timing skipped
+                          seed=opts.seed) if timed else {}  # 0 runs: timing skipped
     figures = {
         "top1": t1, "parity": par,
         **({"fidelity_to_float": fid} if fid is not None else {}),
@@ -104,10 +111,7 @@ def verify_quantized(model: nn.Module, exported: Exported, data: Data, opts: Opt
         "size_breakdown": {"float": size_breakdown(exported.float_bytes),
                            "quantized": size_breakdown(exported.quant_bytes)},
     }
-    kind = reference_kind(scheme is not None, exported.qmodel)
-    failure = parity_failure(par, kind)
-    par.update(reference=kind, limits=dataclasses.asdict(PARITY_LIMITS[kind]))
-    return Verification(figures, failure, kind, probe)
+    return Verification(figures, failure, kind, probe, constant, tensors)
 
 
 def make_report(searched: Searched, exported: Exported, verification: Verification, data: Data,
@@ -171,30 +175,44 @@ def write_outputs(report: dict, searched: Searched, exported: Exported, verifica
 def _parity_failed(report: dict, searched: Searched, exported: Exported, verification: Verification,
                    opts: Options) -> None:
     """Keep the model as NAME.failed.onnx, write the report with verified false (and the plan and
-    float model when asked for), and raise ParityError naming the first layer whose output diverges."""
+    float model when asked for), and raise ParityError naming the first layer whose output diverges
+    (ConstantOutputError when the outputs do not depend on the input)."""
     par, probe, out = verification.figures["parity"], verification.probe, opts.out
-    layers = list(quantizable_layers(searched.fused))
-    try:
-        where = first_divergent_layer(exported.quant_bytes, exported.qmodel, layers, probe, verification.kind,
-                                      opts.threads)
-    except Exception as exc:  # the diagnosis must not hide the failure itself
-        log.warning("could not compare the layers' outputs: %s", str(exc).splitlines()[0][:200] if str(exc) else exc)
-        where = None
-    if where is None:
-        located = "no layer output could be compared"
-    elif where[2]:
-        located = f"first diverging layer: {where[0]} (relative error {where[1]:.3g} on {len(probe)} images)"
-    else:
-        located = f"no single layer diverges; largest layer error at {where[0]} ({where[1]:.3g})"
     failed = failed_path(out)
+    kept = f"the model was not written to {out}, it is kept as {failed} for inspection"
+    located = None  # the report's parity_layer
+    if verification.constant_output:
+        msg = f"not verified: {verification.failure}; {kept}"
+    elif verification.tensors is not None and verification.tensors.first_over is not None \
+            and verification.tensors.instrumented_exact:  # the tensor-by-tensor check located it
+        t = verification.tensors
+        located = {"layer": t.first_over_layer, "tensor": t.first_over[0], "mismatch": t.first_over[1],
+                   "max_steps": t.first_over[2], "diverged": True}
+        msg = (f"ONNX Runtime disagrees with the PyTorch model on {par['images']} images (top-1 agreement "
+               f"{par['top1_agreement']:.2f}%): {verification.failure}; {kept}")
+    else:
+        layers, where = list(quantizable_layers(searched.fused)), None
+        try:
+            where = first_divergent_layer(exported.quant_bytes, exported.qmodel, layers, probe, verification.kind,
+                                          opts.threads)
+        except Exception as exc:  # the diagnosis must not hide the failure itself
+            log.warning("could not compare the layers' outputs: %s", str(exc).splitlines()[0][:200] if str(exc) else exc)
+        if where is None:
+            said = "no layer output could be compared"
+        elif where[2]:
+            said = f"first diverging layer: {where[0]} (relative error {where[1]:.3g} on {len(probe)} images)"
+        else:
+            said = f"no single layer diverges; largest layer error at {where[0]} ({where[1]:.3g})"
+        if where is not None:
+            located = {"layer": where[0], "relative_error": where[1], "diverged": where[2]}
+        msg = (f"ONNX Runtime disagrees with the PyTorch model on {par['images']} images (top-1 agreement "
+               f"{par['top1_agreement']:.2f}%): {verification.failure}; {said}; {kept}")
     atomic_write(failed, lambda f: f.write(exported.quant_bytes))
-    msg = (f"ONNX Runtime disagrees with the PyTorch model on {par['images']} images: {verification.failure}; "
-           f"{located}; the model was not written to {out}, it is kept as {failed} for inspection")
     report.update(onnx_path=str(failed), parity_error=msg,
-                  parity_layer=None if where is None else {"layer": where[0], "relative_error": where[1],
-                                                           "diverged": where[2]})
+                  failure="constant_output" if verification.constant_output else "parity",
+                  parity_layer=located)
     _write_side_outputs(report, exported.plan or searched.plan, exported.float_bytes, opts)
-    raise ParityError(msg)
+    raise (ConstantOutputError if verification.constant_output else ParityError)(msg)
 
 
 def _write_side_outputs(report: dict, plan: Plan, float_bytes: bytes, opts: Options) -> None:

@@ -22,8 +22,6 @@ BatchNorm shift (float16, as stored) as the bias.
 
 from __future__ import annotations
 
-import dataclasses
-
 import copy
 import json
 import logging
@@ -38,15 +36,15 @@ from torch import nn
 
 from cora_onnx.core.options import RunOptions
 from cora_onnx.onnx.data import load_class_map, load_images
-from cora_onnx.core.errors import InputError, ModelError, ParityError, SettingsError
-from cora_onnx.torch.parity import PARITY_LIMITS, failed_path, parity_failure
+from cora_onnx.core.errors import ConstantOutputError, InputError, ModelError, ParityError, SettingsError
 from cora_onnx.torch.export import export_program, fuse_batchnorm
 from cora_onnx.core.files import atomic_write, check_input_file, check_output_path
 from cora_onnx.core.modelfile import onnx_bytes
 from cora_onnx.onnx.pipeline import apply_plan
 from cora_onnx.core.plan import Codebook, LayerPlan, Plan
 from cora_onnx.onnx.report import environment, write_report
-from cora_onnx.onnx.verify import cpu_threads, measure_latency, parity, predict_onnx, session, size_breakdown, top1
+from cora_onnx.onnx.verify import (cpu_threads, failed_path, judge, measure_latency, parity, predict_onnx, session,
+                                   size_breakdown, top1)
 from cora_onnx.torch.verify import predict_torch
 
 __all__ = ["ARCHITECTURES", "ImportResult", "import_pq", "read_pq_checkpoint", "decode_pq_checkpoint",
@@ -293,8 +291,8 @@ def import_pq(checkpoint: str | Path, model: str | nn.Module = "resnet18", out: 
     labelled folder (top-1 of ONNX Runtime and of the decoded PyTorch model, parity on all of
     it); calib: images for parity when val is not given (at most parity_images of them).
     ParityError when ONNX Runtime disagrees with the decoded PyTorch model beyond the weight-only
-    limits of cora_onnx.torch.parity (the model is then kept as NAME.failed.onnx, the report says
-    verified false); latency_runs 0 skips the timing. Returns the report (also written to
+    limits of cora_onnx.onnx.verify.PARITY_LIMITS, ConstantOutputError when its outputs do not
+    depend on the input (the model is then kept as NAME.failed.onnx, the report says verified false); latency_runs 0 skips the timing. Returns the report (also written to
     `report` as JSON), the plan, and the decoded PyTorch model."""
     opts = RunOptions.resolve(options, **keywords, **({"out": out} if out is not None else {}))
     out = opts.out if opts.out is not None else Path("model.onnx")
@@ -333,9 +331,7 @@ def import_pq(checkpoint: str | Path, model: str | nn.Module = "resnet18", out: 
     sess = session(data, threads=threads)
     ort_logits = predict_onnx(sess, parity_set, batch_size, "ONNX Runtime, imported")
     ref_logits = predict_torch(decoded, parity_set, batch_size, "PyTorch, decoded")
-    par = parity(ort_logits, ref_logits)
-    failure = parity_failure(par, "exact")
-    par["limits"] = dataclasses.asdict(PARITY_LIMITS["exact"])
+    par, failure, constant = judge(parity(ort_logits, ref_logits), "exact", ort_logits)
     t1 = None
     if val_set is not None:
         t1 = {"decoded_torch": top1(ref_logits, val_set.labels), "onnxruntime": top1(ort_logits, val_set.labels)}
@@ -368,12 +364,13 @@ def import_pq(checkpoint: str | Path, model: str | nn.Module = "resnet18", out: 
     if failure is not None:
         failed = failed_path(out)
         atomic_write(failed, lambda f: f.write(data))
-        msg = (f"ONNX Runtime does not reproduce the decoded PyTorch model on {par['images']} images: {failure}; "
-               f"{out} not written, the model is kept as {failed} for inspection")
-        rep.update(onnx_path=str(failed), parity_error=msg)
+        what = "not verified" if constant else \
+            f"ONNX Runtime does not reproduce the decoded PyTorch model on {par['images']} images"
+        msg = f"{what}: {failure}; {out} not written, the model is kept as {failed} for inspection"
+        rep.update(onnx_path=str(failed), parity_error=msg, failure="constant_output" if constant else "parity")
         if report is not None:
             write_report(rep, report)
-        raise ParityError(msg)
+        raise (ConstantOutputError if constant else ParityError)(msg)
     atomic_write(out, lambda f: f.write(data))
     if report is not None:
         write_report(rep, report)

@@ -2,25 +2,21 @@
 model, run node by node with fake quantization at exactly the tensors that carry activation
 QDQ in the ONNX graph (torch.onnx names ONNX values after the exported program's nodes), with
 the same scales and zero points. It is the reference ONNX Runtime's integer kernels are checked
-against ("within a few quantization steps")."""
+against: tensor by tensor, each computed from ONNX Runtime's own values of the tensors before it,
+they agree to one quantization step (cora_onnx.torch.verify.tensor_check)."""
 
 from __future__ import annotations
 
 import copy
 from typing import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
 from cora_onnx.core.errors import ModelError
 
-__all__ = ["ActivationQuantSim", "fake_quant_activation"]
-
-
-def fake_quant_activation(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
-    """QuantizeLinear then DequantizeLinear (round half to even, saturate), in float32."""
-    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
-    return (q - zero_point) * scale
+__all__ = ["ActivationQuantSim"]
 
 
 class ActivationQuantSim(nn.Module):
@@ -56,7 +52,17 @@ class ActivationQuantSim(nn.Module):
         return self  # always an inference graph
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)[0]
+
+    def run(self, x: torch.Tensor, force: Mapping[str, np.ndarray] | None = None) -> tuple[torch.Tensor, dict]:
+        """(output, integers): the simulation's output on x and its integer values at every
+        quantized tensor (ONNX tensor name -> int32 array, before `force` applies). force: tensor
+        name -> integers (ONNX Runtime's) that replace the simulation's own at that tensor, so each
+        quantized tensor is computed from ONNX Runtime's values of the tensors before it."""
         sim = self
+        integers: dict[str, np.ndarray] = {}
+        force = force or {}
+        qmin, qmax = self.act_range
 
         class _Run(torch.fx.Interpreter):
             def run_node(self, n):
@@ -64,12 +70,18 @@ class ActivationQuantSim(nn.Module):
                 if sim.capture is not None and n.op == "call_function" and len(n.args) > 1 \
                         and getattr(n.args[1], "op", None) == "get_attr" and str(n.args[1].target).endswith(".weight"):
                     sim.capture[str(n.args[1].target)[: -len(".weight")]] = out.detach().clone()  # before rounding
-                qp = sim.qparams.get(sim.alias.get(n.name, n.name))
+                name = sim.alias.get(n.name, n.name)
+                qp = sim.qparams.get(name)
                 if qp is not None and isinstance(out, torch.Tensor):
-                    out = fake_quant_activation(out, qp[0], qp[1], *sim.act_range)
+                    q = torch.clamp(torch.round(out / qp[0]) + qp[1], qmin, qmax)
+                    integers[name] = q.detach().to(torch.int32).numpy()
+                    if name in force:
+                        q = torch.as_tensor(np.asarray(force[name]), dtype=out.dtype).reshape(q.shape)
+                    out = (q - qp[1]) * qp[0]
                 return out
 
-        out = _Run(self.gm.graph.owning_module).run(x)
+        with torch.inference_mode():
+            out = _Run(self.gm.graph.owning_module).run(x)
         while isinstance(out, (tuple, list)):
             out = out[0]
-        return out
+        return out, integers

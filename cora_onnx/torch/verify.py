@@ -1,16 +1,29 @@
-"""The PyTorch half of verification: logits of a torch model on an image set (the ONNX Runtime
-half, with the comparisons, is cora_onnx.onnx.verify and needs no torch)."""
+"""The PyTorch half of verification (the ONNX Runtime half, with the figures and the limits, is
+cora_onnx.onnx.verify and needs no torch): logits of a torch model on an image set, which kind of
+reference a quantized file is checked against, the tensor-by-tensor check of integer activations
+against their simulation, and the diagnosis of a failed check (`first_divergent_layer`: on a few
+images, the first Conv/Gemm whose output in ONNX Runtime differs from the same layer's output in
+PyTorch; the Conv outputs are exposed as extra graph outputs of a copy of the model, the torch
+modules are hooked)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import onnx
 import torch
+from torch import nn
 
-from cora_onnx.onnx.data import ImageSet
 from cora_onnx.core.progress import progress
+from cora_onnx.onnx.data import ImageSet
+from cora_onnx.onnx.verify import (PARITY_LIMITS, TensorCheck, activation_integers, compare_tensors, layer_outputs,
+                                   producing_layers)
+from cora_onnx.torch.export import AdaptedConv
 from cora_onnx.torch.images import TorchImages, as_torch
+from cora_onnx.torch.simulate import ActivationQuantSim
 
-__all__ = ["predict_torch"]
+__all__ = ["predict_torch", "reference_kind", "tensor_check", "layer_errors", "first_divergent_layer"]
 
 
 def predict_torch(model, images: ImageSet | TorchImages, batch_size: int = 32, desc: str = "pytorch") -> np.ndarray:
@@ -20,3 +33,89 @@ def predict_torch(model, images: ImageSet | TorchImages, batch_size: int = 32, d
     with torch.inference_mode():
         outs = [model(x).float().numpy() for x in progress(as_torch(images).batches(batch_size), n, desc, "batches")]
     return np.concatenate(outs)
+
+
+def reference_kind(integer_activations: bool, qmodel: nn.Module) -> str:
+    """The key of cora_onnx.onnx.verify.PARITY_LIMITS for a file and the model it is checked against."""
+    if not integer_activations:
+        return "exact"
+    return "simulated" if isinstance(qmodel, ActivationQuantSim) else "float_activations"
+
+
+def tensor_check(quant_bytes: bytes, sim: ActivationQuantSim, x: torch.Tensor, threads: int | None = None) -> TensorCheck:
+    """Integer activations in ONNX Runtime against their simulation on the images x, tensor by
+    tensor: each quantized tensor of the simulation is computed from ONNX Runtime's integers of the
+    tensors before it, so a difference is local to one layer (rounding at a .5 boundary, or a
+    wrong layer) instead of the sum of all roundings upstream, which near-tie images amplify."""
+    plain, inst, ints = activation_integers(quant_bytes, list(sim.qparams), x.numpy(), threads)
+    out, own = sim.run(x, force=ints)
+    check = compare_tensors(ints, own, inst, out.float().numpy(), plain, PARITY_LIMITS["simulated"])
+    if check.first_over is None:
+        return check
+    layer = producing_layers(onnx.load_from_string(quant_bytes), [check.first_over[0]]).get(check.first_over[0])
+    return dataclasses.replace(check, first_over_layer=layer)
+
+
+def _torch_layer_outputs(qmodel: nn.Module, layers: list[str], x: torch.Tensor) -> dict[str, np.ndarray]:
+    got: dict[str, torch.Tensor] = {}
+    if isinstance(qmodel, ActivationQuantSim):
+        qmodel.capture = got
+        try:
+            with torch.inference_mode():
+                qmodel(x)
+        finally:
+            qmodel.capture = None
+    else:
+        handles = []
+        for name in layers:
+            try:
+                mod = qmodel.get_submodule(name)
+            except AttributeError:
+                continue
+            mod = mod.conv if isinstance(mod, AdaptedConv) else mod  # the Conv without its branch, as in ONNX
+            handles.append(mod.register_forward_hook(lambda m, i, o, name=name: got.__setitem__(name, o.detach().clone())))
+        try:
+            with torch.inference_mode():
+                qmodel(x)
+        finally:
+            for h in handles:
+                h.remove()
+    return {k: v.detach().float().numpy() for k, v in got.items() if k in layers}
+
+
+def layer_errors(quant_bytes: bytes, qmodel: nn.Module, layers: list[str], x: torch.Tensor,
+                 threads: int = 1) -> list[tuple[str, float]]:
+    """(layer, relative L2 error of its Conv/Gemm output, ONNX Runtime vs PyTorch) in graph order."""
+    from cora_onnx.onnx.verify import session
+
+    proto = onnx.load_from_string(quant_bytes)
+    names = layer_outputs(proto, set(layers))
+    graph_outputs = {o.name for o in proto.graph.output}
+    for layer, value in names.items():
+        if value not in graph_outputs:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT, None))
+    sess = session(proto.SerializeToString(), threads=threads)
+    outs = sess.run(list(names.values()), {sess.get_inputs()[0].name: x.numpy()})
+    ref = _torch_layer_outputs(qmodel, layers, x)
+    errors = []
+    for (layer, _), got in zip(names.items(), outs):
+        want = ref.get(layer)
+        if want is None or want.shape != got.shape:
+            continue
+        errors.append((layer, float(np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-12))))
+    return errors
+
+
+def first_divergent_layer(quant_bytes: bytes, qmodel: nn.Module, layers: list[str], x: torch.Tensor, kind: str,
+                          threads: int = 1) -> tuple[str, float, bool] | None:
+    """(layer, relative error, diverged) of the first layer over PARITY_LIMITS[kind].layer_error, or
+    of the largest error when none is over (diverged False); None when no layer could be compared."""
+    errors = layer_errors(quant_bytes, qmodel, layers, x, threads)
+    if not errors:
+        return None
+    limit = PARITY_LIMITS[kind].layer_error
+    for layer, err in errors:
+        if err > limit:
+            return layer, err, True
+    layer, err = max(errors, key=lambda e: e[1])
+    return layer, err, False

@@ -7,6 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from cora_onnx.cli.main import main
+from report_schema import check_quantize
 
 
 def run(*args):
@@ -29,9 +30,8 @@ def digits_run(digits, tmp_path_factory):
 def test_quantize_report(digits_run):
     out, res, _ = digits_run
     r = json.loads((out / "r.json").read_text())
-    for key in ("model", "method", "bits", "onnx_path", "onnx_bytes", "float_onnx_bytes", "weight_params", "top1",
-                "parity", "latency_ms", "search_seconds"):
-        assert key in r
+    check_quantize(r)  # the keys users read, with their types
+    assert r["verified"] is True and r["parity"]["reference"] == "exact"
     assert r["onnx_bytes"] == (out / "m.onnx").stat().st_size < r["float_onnx_bytes"]
     assert r["top1"]["float"] > 95 and r["top1"]["quantized_onnxruntime"] > 90
     assert r["parity"]["top1_agreement"] >= 99.5

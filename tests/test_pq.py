@@ -11,7 +11,6 @@ from cora_onnx.onnx.data import ImageSet, Preprocess
 from cora_onnx.core.errors import SettingsError
 from cora_onnx.torch.export import apply_plan_torch, fuse_batchnorm
 from cora_onnx.core.plan import Plan
-from cora_onnx.onnx.report import format_table
 from cora_onnx.torch.search import LayerSelection, PqSettings, search_pq
 from cora_onnx.torch.search.pq import assign_with_feedback, fit_codebook, full_error, parse_block_size, weighted_error
 from cora_onnx.torch.images import as_torch
@@ -215,7 +214,7 @@ def test_cli_pq_end_to_end(digits, tmp_path):
     sizes = {layer["name"]: layer["block_size"] for layer in pq["layers"]}
     assert sizes == {"features.3": 16, "features.6": 9, "features.9": 4, "fc": 4}  # the other 3x3 keeps 9
     assert r["onnx_bytes"] == (tmp_path / "m.onnx").stat().st_size
-    table = format_table(r)
+    table = res.output  # the CLI prints format_table of the report
     assert "-bit weights" not in table and "up to 64 codewords per layer" in table
     assert f"{pq['layers_pq']} layers (codes {pq['stored_bytes']['codes'] / 1e3:.1f} kB" in table
 

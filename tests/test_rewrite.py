@@ -14,6 +14,7 @@ from cora_onnx.onnx.int8 import integer_kernels
 from cora_onnx.core.npgrid import quantize_symmetric
 from cora_onnx.torch.quantizers import QuantSpec, quantize_weight
 from cora_onnx.onnx.rewrite import rewrite_onnx
+from report_schema import ACTIVATIONS, REWRITE, check
 
 
 @pytest.fixture
@@ -137,6 +138,8 @@ def test_rewrite_several_calib_folders(float_onnx, calib_dir, tmp_path):
                                   str(calib_dir), "--calib", str(more), "--input-size", "8", "--report", str(rep), "-q"])
     assert r.exit_code == 0, r.output
     report = json.loads(rep.read_text())
+    check(report, REWRITE)
+    check(report["activations"], ACTIVATIONS, "report.activations")
     assert report["activations"]["calib_images"] == 24 + 5
     assert report["file_bits_per_weight"] == pytest.approx(out.stat().st_size * 8 / report["weight_params"])
     assert f"{report['file_bits_per_weight']:.2f} file bits per weight" in r.output

@@ -212,29 +212,10 @@ def rewrite(onnx_in, clip, verbose, quiet, **given):
     from cora_onnx.core.options import RunOptions
     from cora_onnx.onnx.rewrite import rewrite_onnx
 
-    out = given["out"]
+    from cora_onnx.onnx.report import format_table
+
     res = rewrite_onnx(onnx_in, RunOptions(**given, method_options={"clip": clip}))
-    r = res.report
-    src_ext = " with its external data" if r.get("input_external_data") else ""
-    out_ext = f" + {r['external_data']['file']}" if r.get("external_data") else ""
-    line = (f"wrote {out}{out_ext} ({r['output_bytes'] / 1e6:.2f} MB from {r['input_bytes'] / 1e6:.2f} MB{src_ext}, "
-            f"{r['file_bits_per_weight']:.2f} file bits per weight; "
-            f"{len(r['layers'])} weights at {r['bits']} bits, {r['batchnorm_fused']} BatchNorm fused")
-    if "activations" in r:
-        k = r["activations"]["onnxruntime_kernels"]
-        line += f"; 8-bit activations: {k['integer']} integer kernels, {k['float_compute']} float Conv/Gemm/MatMul"
-    click.echo(line + ")")
-    if r.get("opset_upgrade"):
-        u = r["opset_upgrade"]
-        click.echo(f"note: opset {u['from']} upgraded to {u['to']} (onnx.version_converter); the upgraded float model "
-                   f"matches the original in ONNX Runtime on {u['check_images']} random images "
-                   f"(max |diff| {u['max_abs_diff']:.2g})")
-    t = r["input_tensor"]
-    if t["layout"] == "NHWC" or t["fixed_batch"] is not None:
-        notes = (["NHWC input"] if t["layout"] == "NHWC" else []) + \
-            ([f"batch fixed at {t['fixed_batch']} in the model (kept; calibration ran {t['fixed_batch']} image(s) at a "
-              "time)"] if t["fixed_batch"] is not None else [])
-        click.echo(f"note: input {t['name']!r}: " + "; ".join(notes))
+    click.echo(format_table(res.report))
 
 
 @main.command()

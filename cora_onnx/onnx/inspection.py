@@ -39,7 +39,7 @@ def inspect_model(blob: bytes) -> dict:
         "initializers": dtypes,
         "added_by_passes": added,
         "metadata": {p.key: p.value for p in proto.metadata_props},
-        "size": size_breakdown(blob),
+        "size": size_breakdown(blob).to_json(),
     }
 
 

@@ -16,7 +16,7 @@ from cora_onnx.onnx.calibrate import CalibSettings, calibrate
 from cora_onnx.core.errors import SettingsError
 from cora_onnx.core.plan import ActivationPlan
 from cora_onnx.core.options import ACT_BITS
-from cora_onnx.onnx.report import cpu_flags
+from cora_onnx.onnx.report import Activations, cpu_flags
 
 __all__ = ["choose_scheme", "integer_kernels", "INTEGER_OPS", "FLOAT_COMPUTE_OPS", "add_activation_qdq",
            "ACT_BITS", "activation_histograms", "activation_report", "activation_plan", "activation_qparams_of"]
@@ -67,15 +67,16 @@ def integer_kernels(model_bytes: bytes) -> dict:
 
 
 def activation_report(pass_report: dict, images, scheme: QuantScheme, calib: CalibSettings, model_bytes: bytes,
-                      seconds: float) -> dict:
+                      seconds: float) -> Activations:
     """The `activations` section of a report (quantize and rewrite): the calibration, the scheme,
     what ActivationQDQPass made integer (its `pass_report`) and which kernels ONNX Runtime runs in
     the finished file `model_bytes`."""
-    return {"bits": 8, "calibration": calib.method, "calib_images": len(images), "calib_seconds": seconds,
-            "scheme": scheme.to_json(), "integer_nodes": len(pass_report["integer_nodes"]),
-            "float_nodes": pass_report["float_nodes"], "activation_tensors": pass_report["activation_tensors"],
-            "absorbed_activations": pass_report["absorbed_activations"],
-            "onnxruntime_kernels": integer_kernels(model_bytes)}
+    return Activations(bits=8, calibration=calib.method, calib_images=len(images), calib_seconds=seconds,
+                       scheme=scheme.to_json(), integer_nodes=len(pass_report["integer_nodes"]),
+                       float_nodes=tuple(pass_report["float_nodes"]),
+                       activation_tensors=pass_report["activation_tensors"],
+                       absorbed_activations=pass_report["absorbed_activations"],
+                       onnxruntime_kernels=integer_kernels(model_bytes))
 
 
 def _layout(model: ir.Model):

@@ -20,6 +20,8 @@ from cora_onnx.core.errors import InputError, OnnxModelError, SettingsError
 from cora_onnx.core.files import atomic_write
 from cora_onnx.core.options import RunOptions
 from cora_onnx.core.plan import LayerPlan, Plan, UniformWeights, WeightFingerprint
+from cora_onnx.core.records import to_json
+from cora_onnx.onnx.report import RewriteReport, write_report
 
 __all__ = ["RewriteResult", "rewrite_onnx", "MIN_OPSET", "MAX_OPSET", "weight_plan"]
 
@@ -36,7 +38,7 @@ SELF_CONTAINED_LIMIT = 2**31 - 2**26
 
 @dataclass(frozen=True, eq=False)
 class RewriteResult:
-    report: dict
+    report: RewriteReport
     data: bytes | None  # None when the model was written with external data
 
 
@@ -259,17 +261,12 @@ def rewrite_onnx(src: str | os.PathLike, options: RunOptions | None = None, **ke
     if not plan.layers:
         raise OnnxModelError(f"{src} has no Conv or Gemm with a float weight initializer to quantize")
     model = apply_plan(model, plan)
-    rep: dict = {"input": str(src), "output": str(out), "opset": _opset(model), "bits": bits, "batchnorm_fused": fused,
-                 "input_tensor": {"name": name, "layout": spec.layout if spec else None,
-                                  "fixed_batch": spec.batch if spec else None},
-                 "layers": [{"name": lp.name, "bits": lp.uniform.bits, **lp.info} for lp in plan.layers]}
-    if upgraded:
-        rep["opset_upgrade"] = upgraded
     external = _initializer_bytes(model) >= SELF_CONTAINED_LIMIT
     out_format = opts.out_format
     if external and (act_bits is not None or out_format == "ort"):
         raise OnnxModelError(f"{src}: the rewritten model holds 2 GB of weights or more; it can only be written as ONNX "
                              "with external data, weight-only (without --act-bits and --format ort)")
+    activations = ort_format = external_data = None
     if act_bits is not None:
         from cora_onnx.onnx.calibrate import CalibSettings
         from cora_onnx.onnx.data import load_images
@@ -282,30 +279,32 @@ def rewrite_onnx(src: str | os.PathLike, options: RunOptions | None = None, **ke
         _, _, pass_report = add_activation_qdq(model, images, scheme, settings, threads)
         model = ir.passes.PassManager(cleanup_passes())(model).model
         data = ir.to_proto(model).SerializeToString()
-        rep["activations"] = activation_report(pass_report, images, scheme, settings, data, time.perf_counter() - t0)
+        activations = activation_report(pass_report, images, scheme, settings, data, time.perf_counter() - t0)
     elif external:
         data = None
     else:
         data = ir.to_proto(model).SerializeToString()
-    rep["input_bytes"] = float_size
-    if mf.external:
-        rep["input_external_data"] = dict(mf.external)
     if data is None:
-        rep["external_data"] = _save_external(model, Path(out))
-        rep["onnx_bytes"] = rep["output_bytes"] = Path(out).stat().st_size + rep["external_data"]["bytes"]
+        external_data = _save_external(model, Path(out))
+        onnx_size = output_size = Path(out).stat().st_size + external_data["bytes"]
     else:
-        rep["onnx_bytes"] = len(data)
+        onnx_size = len(data)
         if out_format == "ort":
             from cora_onnx.onnx.ort_format import to_ort
 
-            data, rep["ort_format"] = to_ort(data)
-        rep["output_bytes"] = len(data)
+            data, ort_format = to_ort(data)
+        output_size = len(data)
         atomic_write(out, lambda f: f.write(data))
-    rep["weight_params"] = sum(int(np.prod(lp.shape)) for lp in plan.layers)
-    rep["file_bits_per_weight"] = rep["output_bytes"] * 8 / rep["weight_params"]
+    weight_params = sum(int(np.prod(lp.shape)) for lp in plan.layers)
+    rep = RewriteReport(
+        input=str(src), output=str(out), opset=_opset(model), bits=bits, batchnorm_fused=fused,
+        input_tensor={"name": name, "layout": spec.layout if spec else None, "fixed_batch": spec.batch if spec else None},
+        layers=tuple(to_json({"name": lp.name, "bits": lp.uniform.bits, **lp.info}) for lp in plan.layers),
+        opset_upgrade=upgraded or None, activations=activations, input_bytes=float_size,
+        input_external_data=dict(mf.external) if mf.external else None, external_data=external_data,
+        onnx_bytes=onnx_size, output_bytes=output_size, ort_format=ort_format, weight_params=weight_params,
+        file_bits_per_weight=output_size * 8 / weight_params)
     if report is not None:
-        from cora_onnx.onnx.report import write_report
-
         write_report(rep, report)
     return RewriteResult(rep, data)
 

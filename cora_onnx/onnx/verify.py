@@ -19,12 +19,14 @@ from cora_onnx.onnx.data import ImageSet
 from cora_onnx.core.errors import OnnxModelError
 from cora_onnx.core.modelfile import ModelFile, read_model
 from cora_onnx.core.progress import progress
+from cora_onnx.core.records import Record, key, optional
 
 __all__ = ["session", "predict_onnx", "top1", "parity", "fidelity", "measure_latency", "size_breakdown",
            "load_onnx_bytes", "cpu_threads", "optimized_graph", "InputSpec", "image_input", "run_batch",
-           "IMAGE_LAYOUTS", "ParityLimits", "PARITY_LIMITS", "parity_failure", "TensorCheck", "compare_tensors",
+           "IMAGE_LAYOUTS", "ParityLimits", "PARITY_LIMITS", "parity_failure", "TensorCheck", "TensorDiff", "Parity",
+           "Fidelity", "SizeBreakdown", "Verdict", "compare_tensors",
            "activation_integers", "quantized_tensor_outputs", "output_spread", "is_constant", "CONSTANT_SPREAD",
-           "failed_path", "judge", "weight_layer", "layer_outputs", "producing_layers"]
+           "failed_path", "judge", "weight_layer", "layer_outputs", "producing_layers", "integer_biases"]
 
 
 def cpu_threads() -> int:
@@ -167,32 +169,34 @@ def top1(logits: np.ndarray, labels) -> float:
     return float((logits.argmax(axis=1) == labels).mean() * 100.0)
 
 
-def parity(a: np.ndarray, b: np.ndarray) -> dict:
-    """Max abs logit difference, the same relative to the largest |logit| of the reference b, and
-    top-1 agreement (percent) between two runs on the same images."""
-    err = float(np.abs(a - b).max())
-    return {"max_abs_error": err, "relative_max_error": err / max(float(np.abs(b).max()), 1e-12),
-            "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean() * 100.0),
-            "images": int(a.shape[0])}
+@dataclass(frozen=True)
+class TensorDiff:
+    """One quantized tensor, ONNX Runtime against the simulation: the share of its values that
+    differ, the largest difference in quantization steps, and the planned layer that computes it
+    (None when it is not a planned layer's output, or not looked up)."""
+
+    tensor: str
+    mismatch: float
+    max_steps: int
+    layer: str | None = optional()
 
 
-CONSTANT_SPREAD = 1e-6  # output spread over images, relative to the largest |output|, at or below which it is constant
+@dataclass(frozen=True)
+class TensorCheck:
+    """Integer activations in ONNX Runtime against their simulation, each quantized tensor of the
+    simulation computed from ONNX Runtime's values of the tensors before it (teacher forcing), on
+    a few images. tensors: how many were compared; worst: the tensor furthest off (steps, then
+    share; None: all equal); first_over: the first tensor in graph order over the limits (None:
+    none); output_error: relative L2 error of the float outputs computed from ONNX Runtime's last
+    tensors; instrumented_exact: whether exposing the tensors left ONNX Runtime's outputs unchanged
+    (False: the check does not describe the plain session, and the end-to-end limits apply)."""
 
-
-def output_spread(logits: np.ndarray) -> float | None:
-    """How much a model's outputs depend on its input: the largest range over the images of one
-    output (max - min of a column), relative to the largest |output| (0 when every output is 0 on
-    every image). None with fewer than 2 images. At or below CONSTANT_SPREAD the outputs are
-    constant: the model ignores its input (all-zero logits, a dead layer)."""
-    x = np.asarray(logits, dtype=np.float64).reshape(len(logits), -1)
-    if x.shape[0] < 2:
-        return None
-    top = float(np.abs(x).max())
-    return float(np.ptp(x, axis=0).max()) / top if top > 0 else 0.0
-
-
-def is_constant(spread: float | None) -> bool:
-    return spread is not None and spread <= CONSTANT_SPREAD
+    tensors: int
+    images: int
+    worst: TensorDiff | None
+    first_over: TensorDiff | None
+    output_error: float = key("output_relative_error")
+    instrumented_exact: bool = True
 
 
 @dataclass(frozen=True)
@@ -221,9 +225,9 @@ class ParityLimits:
 PARITY_LIMITS = {
     # weight-only models: PyTorch runs exactly the dequantized weights; only float rounding differs
     "exact": ParityLimits(relative_error=1e-3, layer_error=1e-3),
-    # integer activations vs the PyTorch simulation of the same activation grid, tensor by tensor
-    # (teacher-forced): only rounding at a .5 boundary differs (float vs integer accumulation, the
-    # INT32 bias), at most 1 step on up to 0.7% of a tensor's values on correct files
+    # integer activations vs the PyTorch simulation of the same activation grid and INT32 biases,
+    # tensor by tensor (teacher-forced): only float vs integer accumulation can round differently
+    # at a .5 boundary (see docs/verification.md for what correct files measure)
     "simulated": ParityLimits(relative_error=None, layer_error=0.1, tensor_steps=1, tensor_mismatch=0.02,
                               output_error=1e-3),
     # integer activations with adapter branches vs PyTorch with float activations (no simulation
@@ -233,34 +237,48 @@ PARITY_LIMITS = {
 
 
 @dataclass(frozen=True)
-class TensorCheck:
-    """Integer activations in ONNX Runtime against their simulation, each quantized tensor of the
-    simulation computed from ONNX Runtime's values of the tensors before it (teacher forcing), on
-    a few images. tensors: how many were compared; worst: (tensor, share of values that differ,
-    largest difference in steps) of the tensor furthest off (steps, then share); first_over: the
-    same for the first tensor in graph order over the limits (None: none); output_error: relative
-    L2 error of the float outputs computed from ONNX Runtime's last tensors; instrumented_exact:
-    whether exposing the tensors left ONNX Runtime's outputs unchanged (False: the check does not
-    describe the plain session, and the end-to-end limits apply); first_over_layer: what computes
-    the first_over tensor's planned layer, when one computes it (producing_layers)."""
+class Parity(Record):
+    """ONNX Runtime against its PyTorch reference on the same images: max |logit difference|, the
+    same relative to the largest |reference logit|, top-1 agreement (percent), the images; with the
+    verdict (cora_onnx.onnx.verify.judge): the reference kind and its limits, the output spread
+    (0: the outputs do not depend on the input) and, with integer activations against their
+    simulation, the tensor-by-tensor check."""
 
-    tensors: int
+    max_abs_error: float
+    relative_max_error: float
+    top1_agreement: float
     images: int
-    worst: tuple[str, float, int] | None
-    first_over: tuple[str, float, int] | None
-    output_error: float
-    instrumented_exact: bool
-    first_over_layer: str | None = None
+    reference: str | None = optional()
+    limits: ParityLimits | None = optional()
+    output_spread: float | None = optional()
+    tensors: TensorCheck | None = optional()
 
-    def to_json(self) -> dict:
-        def entry(t):
-            return None if t is None else {"tensor": t[0], "mismatch": t[1], "max_steps": t[2]}
 
-        first = entry(self.first_over)
-        if first is not None:
-            first["layer"] = self.first_over_layer
-        return {"tensors": self.tensors, "images": self.images, "worst": entry(self.worst), "first_over": first,
-                "output_relative_error": self.output_error, "instrumented_exact": self.instrumented_exact}
+def parity(a: np.ndarray, b: np.ndarray) -> Parity:
+    """Max abs logit difference, the same relative to the largest |logit| of the reference b, and
+    top-1 agreement (percent) between two runs on the same images."""
+    err = float(np.abs(a - b).max())
+    return Parity(err, err / max(float(np.abs(b).max()), 1e-12), float((a.argmax(1) == b.argmax(1)).mean() * 100.0),
+                  int(a.shape[0]))
+
+
+CONSTANT_SPREAD = 1e-6  # output spread over images, relative to the largest |output|, at or below which it is constant
+
+
+def output_spread(logits: np.ndarray) -> float | None:
+    """How much a model's outputs depend on its input: the largest range over the images of one
+    output (max - min of a column), relative to the largest |output| (0 when every output is 0 on
+    every image). None with fewer than 2 images. At or below CONSTANT_SPREAD the outputs are
+    constant: the model ignores its input (all-zero logits, a dead layer)."""
+    x = np.asarray(logits, dtype=np.float64).reshape(len(logits), -1)
+    if x.shape[0] < 2:
+        return None
+    top = float(np.abs(x).max())
+    return float(np.ptp(x, axis=0).max()) / top if top > 0 else 0.0
+
+
+def is_constant(spread: float | None) -> bool:
+    return spread is not None and spread <= CONSTANT_SPREAD
 
 
 def compare_tensors(ort: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], ort_out: np.ndarray,
@@ -276,10 +294,11 @@ def compare_tensors(ort: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]
             continue
         n += 1
         d = np.abs(got.astype(np.int64) - want.astype(np.int64))
-        entry = (name, float(np.count_nonzero(d)) / d.size, int(d.max()))
-        if worst is None or (entry[2], entry[1]) > (worst[2], worst[1]):
+        entry = TensorDiff(name, float(np.count_nonzero(d)) / d.size, int(d.max()))
+        if entry.max_steps > 0 and (worst is None or (entry.max_steps, entry.mismatch) >
+                                    (worst.max_steps, worst.mismatch)):
             worst = entry
-        if first is None and (entry[2] > limits.tensor_steps or entry[1] > limits.tensor_mismatch):
+        if first is None and (entry.max_steps > limits.tensor_steps or entry.mismatch > limits.tensor_mismatch):
             first = entry
     ref_out = np.asarray(ref_out, np.float64)
     out_err = float(np.linalg.norm(ort_out - ref_out) / max(float(np.linalg.norm(ref_out)), 1e-30))
@@ -287,49 +306,62 @@ def compare_tensors(ort: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]
     return TensorCheck(n, int(ort_out.shape[0]), worst, first, out_err, exact)
 
 
-def parity_failure(par: Mapping, kind: str, tensors: TensorCheck | None = None) -> str | None:
+def parity_failure(par: Parity, kind: str, tensors: TensorCheck | None = None) -> str | None:
     """None when the parity figures are within PARITY_LIMITS[kind], else what is out (one phrase).
     With integer activations against the simulation (`tensors` given and describing the plain
     session) the tensor-by-tensor check decides; else the end-to-end figures."""
     lim = PARITY_LIMITS[kind]
     if tensors is not None and tensors.instrumented_exact and lim.tensor_steps is not None:
         out = []
-        if tensors.first_over is not None:
-            name, share, steps = tensors.first_over
-            src = f" (output of layer {tensors.first_over_layer})" if tensors.first_over_layer else ""
-            out.append(f"tensor {name}{src} differs from the simulation on {share * 100:.2f}% of its values, by up to "
-                       f"{steps} quantization steps (limits {lim.tensor_mismatch * 100:g}%, {lim.tensor_steps} step), "
-                       f"computed from ONNX Runtime's own inputs on {tensors.images} images")
+        t = tensors.first_over
+        if t is not None:
+            src = f" (output of layer {t.layer})" if t.layer else ""
+            out.append(f"tensor {t.tensor}{src} differs from the simulation on {t.mismatch * 100:.2f}% of its values, "
+                       f"by up to {t.max_steps} quantization steps (limits {lim.tensor_mismatch * 100:g}%, "
+                       f"{lim.tensor_steps} step), computed from ONNX Runtime's own inputs on {tensors.images} images")
         if tensors.output_error > lim.output_error:
             out.append(f"the outputs computed from ONNX Runtime's last tensors differ by {tensors.output_error:.3g} "
                        f"(relative L2 > {lim.output_error:g})")
         return "; ".join(out) or None
     fallback = PARITY_LIMITS["float_activations"] if lim.relative_error is None else lim
     out = []
-    if fallback.agreement is not None and par["top1_agreement"] < fallback.agreement:
-        out.append(f"top-1 agreement {par['top1_agreement']:.2f}% < {fallback.agreement:g}%")
-    if par["relative_max_error"] > fallback.relative_error:
-        out.append(f"max logit difference {par['max_abs_error']:.4g} ({par['relative_max_error']:.3g} of the largest "
+    if fallback.agreement is not None and par.top1_agreement < fallback.agreement:
+        out.append(f"top-1 agreement {par.top1_agreement:.2f}% < {fallback.agreement:g}%")
+    if par.relative_max_error > fallback.relative_error:
+        out.append(f"max logit difference {par.max_abs_error:.4g} ({par.relative_max_error:.3g} of the largest "
                    f"logit > {fallback.relative_error:g})")
     return "; ".join(out) or None
 
 
-def judge(par: Mapping, kind: str, logits: np.ndarray, tensors: TensorCheck | None = None,
-          float_logits: np.ndarray | None = None) -> tuple[dict, str | None, bool]:
-    """The verdict on a file: (the parity figures `par` with the reference kind, its limits, the
-    output spread and the tensor check; why the file fails, None when it is verified; whether the
-    failure is that its outputs do not depend on the input). logits: ONNX Runtime's outputs on the
-    parity images; float_logits: the float model's on the same images, for the message."""
+@dataclass(frozen=True)
+class Verdict:
+    """The check of one file: the parity figures with the reference kind, its limits, the output
+    spread and the tensor check; why the file fails (None: verified); whether the failure is that
+    its outputs do not depend on the input."""
+
+    parity: Parity
+    failure: str | None
+    constant_output: bool = False
+
+    @property
+    def verified(self) -> bool:
+        return self.failure is None
+
+
+def judge(par: Parity, kind: str, logits: np.ndarray, tensors: TensorCheck | None = None,
+          float_logits: np.ndarray | None = None) -> Verdict:
+    """The verdict on a file from its parity figures `par` against a reference of `kind`
+    (PARITY_LIMITS). logits: ONNX Runtime's outputs on the parity images; float_logits: the float
+    model's on the same images, for the message."""
     spread = output_spread(logits)
-    par = {**par, "reference": kind, "limits": dataclasses.asdict(PARITY_LIMITS[kind]), "output_spread": spread,
-           **({"tensors": tensors.to_json()} if tensors is not None else {})}
+    par = dataclasses.replace(par, reference=kind, limits=PARITY_LIMITS[kind], output_spread=spread, tensors=tensors)
     if is_constant(spread):
         also = "; so does the float model" if float_logits is not None and is_constant(output_spread(float_logits)) \
             else ""
-        return par, (f"the model's outputs do not depend on its input: ONNX Runtime gives the same outputs on all "
-                     f"{len(logits)} images (spread {spread:.3g} of the largest |output| "
-                     f"{float(np.abs(logits).max()):.3g}){also}"), True
-    return par, parity_failure(par, kind, tensors), False
+        return Verdict(par, f"the model's outputs do not depend on its input: ONNX Runtime gives the same outputs on "
+                            f"all {len(logits)} images (spread {spread:.3g} of the largest |output| "
+                            f"{float(np.abs(logits).max()):.3g}){also}", True)
+    return Verdict(par, parity_failure(par, kind, tensors))
 
 
 def quantized_tensor_outputs(proto: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, tuple[str, int]]:
@@ -379,6 +411,26 @@ def producing_layers(proto: onnx.ModelProto, tensors: Sequence[str]) -> dict[str
     return out
 
 
+def integer_biases(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """layer -> the bias ONNX Runtime's integer kernel adds (its INT32 grid times its scale, input
+    scale x weight scale), for every Conv/Gemm of a planned layer whose bias is a DequantizeLinear
+    of an INT32 initializer: what a simulation must add to round where ONNX Runtime does."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    out = {}
+    for node in proto.graph.node:
+        layer = weight_layer(node)
+        dq = producer.get(node.input[2]) if layer is not None and len(node.input) > 2 else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or dq.input[1] not in inits:
+            continue
+        q = inits[dq.input[0]]
+        if q.data_type != onnx.TensorProto.INT32:
+            continue
+        scale = onnx.numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+        out[layer] = (onnx.numpy_helper.to_array(q).astype(np.float64) * scale).astype(np.float32)
+    return out
+
+
 def activation_integers(model_bytes: bytes, tensors: Sequence[str], x: np.ndarray,
                         threads: int | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Run the model on x (N x 3 x H x W) twice in ONNX Runtime: as it is, and with the integers of
@@ -405,15 +457,24 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
 
 
-def fidelity(logits: np.ndarray, reference: np.ndarray) -> dict:
+@dataclass(frozen=True)
+class Fidelity(Record):
     """How closely a compressed model follows its float reference on the same images: top-1
     agreement (percent) and the mean KL divergence KL(reference || model) of the softmax outputs
-    (nats). Unlike top-1 accuracy on a small labelled set, neither needs labels and neither moves
+    (nats)."""
+
+    top1_agreement: float
+    kl_divergence: float
+    images: int
+
+
+def fidelity(logits: np.ndarray, reference: np.ndarray) -> Fidelity:
+    """The Fidelity of `logits` to `reference` (the float model's logits on the same images).
+    Unlike top-1 accuracy on a small labelled set, neither figure needs labels and neither moves
     by whole images, so small differences between methods show."""
     ref, own = _log_softmax(reference), _log_softmax(logits)
-    return {"top1_agreement": float((logits.argmax(1) == reference.argmax(1)).mean() * 100.0),
-            "kl_divergence": float((np.exp(ref) * (ref - own)).sum(axis=1).mean()),
-            "images": int(logits.shape[0])}
+    return Fidelity(float((logits.argmax(1) == reference.argmax(1)).mean() * 100.0),
+                    float((np.exp(ref) * (ref - own)).sum(axis=1).mean()), int(logits.shape[0]))
 
 
 def measure_latency(models: Mapping[str, object], input_shape: Sequence[int], *, batch_sizes: Sequence[int] = (1,),
@@ -459,12 +520,24 @@ def measure_latency(models: Mapping[str, object], input_shape: Sequence[int], *,
     return result
 
 
-def size_breakdown(model: bytes | str | Path) -> dict:
-    """Bytes on disk by kind: integer weights, float weights, quantization parameters
-    (scales/zero points), other initializers, and graph structure (the rest of the file)."""
+@dataclass(frozen=True)
+class SizeBreakdown(Record):
+    """Bytes of an ONNX file by kind: integer weights, float weights, quantization parameters
+    (scales / zero points), other initializers, and graph structure (the rest of the file)."""
+
+    total: int
+    integer_weights: int = 0
+    float_weights: int = 0
+    quant_params: int = 0
+    other: int = 0
+    graph: int = 0
+
+
+def size_breakdown(model: bytes | str | Path) -> SizeBreakdown:
+    """The SizeBreakdown of an ONNX file (bytes or path)."""
     data = model if isinstance(model, bytes) else Path(model).read_bytes()
     proto = onnx.load_from_string(data)
-    out = {"total": len(data), "integer_weights": 0, "float_weights": 0, "quant_params": 0, "other": 0}
+    out = {"integer_weights": 0, "float_weights": 0, "quant_params": 0, "other": 0}
     ints = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
             onnx.TensorProto.UINT16}  # UINT16: product-quantization codes with more than 256 codewords
     if hasattr(onnx.TensorProto, "INT2"):
@@ -479,8 +552,7 @@ def size_breakdown(model: bytes | str | Path) -> dict:
             out["float_weights"] += n
         else:
             out["other"] += n
-    out["graph"] = out["total"] - sum(v for k, v in out.items() if k != "total")
-    return out
+    return SizeBreakdown(total=len(data), graph=len(data) - sum(out.values()), **out)
 
 
 def optimized_graph(model_bytes: bytes):

@@ -18,6 +18,7 @@ from cora_onnx.core.modelfile import onnx_bytes
 from cora_onnx.run.outcome import FloatReference, effective_bits, float_reference, make_report, verify_quantized, write_outputs
 from cora_onnx.onnx.pipeline import apply_plan
 from cora_onnx.onnx.sizes import finish
+from cora_onnx.onnx.report import QuantizeReport
 from cora_onnx.onnx.verify import failed_path
 from cora_onnx.core.plan import Plan
 from cora_onnx.core.options import RunOptions
@@ -30,7 +31,7 @@ __all__ = ["QuantizeResult", "quantize", "RunOptions", "make_settings", "export_
 
 @dataclass(frozen=True, eq=False)
 class QuantizeResult:
-    report: dict
+    report: QuantizeReport
     plan: Plan
     onnx_path: Path
     float_model: nn.Module
@@ -65,10 +66,12 @@ def quantize(model: nn.Module, options: RunOptions | None = None, *, float_logit
 
     float_logits: the float model's logits on val's images, computed once elsewhere (see
     `float_reference`; a sweep shares them between its points) instead of here.
-    Returns a QuantizeResult whose .report is the dict also written to `report` (JSON), with
-    "verified": true. Raises ParityError when ONNX Runtime disagrees with the PyTorch quantized
-    model beyond cora_onnx.onnx.verify.PARITY_LIMITS: the model is then kept as NAME.failed.onnx (never
-    under `out`) and the report is still written, with "verified": false.
+    Returns a QuantizeResult whose .report (cora_onnx.onnx.report.QuantizeReport, read by key like
+    its JSON: result.report["parity"]) is also written to `report` (JSON), with "verified": true.
+    Raises ParityError when ONNX Runtime disagrees with the PyTorch quantized model beyond
+    cora_onnx.onnx.verify.PARITY_LIMITS (ConstantOutputError when its outputs do not depend on the
+    input): the model is then kept as NAME.failed.onnx (never under `out`) and the report is still
+    written, with "verified": false.
 
     The stages it runs in order, each usable alone: cora_onnx.run.stages.check_options -> load_model
     -> load_data -> run_search -> export_quantized, then cora_onnx.run.outcome.verify_quantized ->
@@ -81,9 +84,9 @@ def quantize(model: nn.Module, options: RunOptions | None = None, *, float_logit
     searched = run_search(model, opts, data.calib, budget)
     exported = export_quantized(searched, opts, data.calib)
     verification = verify_quantized(model, exported, data, opts, float_logits)
-    report_dict = make_report(searched, exported, verification, data, opts)
-    write_outputs(report_dict, searched, exported, verification, opts)
-    return QuantizeResult(report_dict, exported.plan or searched.plan, opts.out, model, exported.qmodel)
+    report = write_outputs(make_report(searched, exported, verification, data, opts), searched, exported,
+                           verification, opts)
+    return QuantizeResult(report, exported.plan or searched.plan, opts.out, model, exported.qmodel)
 
 
 def export_plan(model: nn.Module, plan: Plan, out: str | Path | None = None, options: RunOptions | None = None,

@@ -7,6 +7,7 @@ and `float_reference`, the float side of the verification computed once for many
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -23,11 +24,12 @@ from cora_onnx.torch.export import export_onnx, fuse_batchnorm, remaining_batchn
 from cora_onnx.core.files import atomic_write
 from cora_onnx.core.modelfile import onnx_bytes
 from cora_onnx.core.plan import Plan
+from cora_onnx.core.records import to_json
 from cora_onnx.torch.quantizers import quantizable_layers
-from cora_onnx.onnx.report import environment, write_report
+from cora_onnx.onnx.report import Figures, Outcome, QuantizeReport, Top1, environment, write_report
 from cora_onnx.torch.search import METHODS
 from cora_onnx.run.stages import Data, Exported, Options, Searched, load_model, num_classes
-from cora_onnx.onnx.verify import (TensorCheck, failed_path, fidelity, judge, measure_latency, parity, predict_onnx, session,
+from cora_onnx.onnx.verify import (Verdict, failed_path, fidelity, judge, measure_latency, parity, predict_onnx, session,
                                    size_breakdown, top1)
 from cora_onnx.torch.verify import first_divergent_layer, predict_torch, reference_kind, tensor_check
 
@@ -42,22 +44,23 @@ PROBE_IMAGES = 8  # images on which a failed parity check compares the layers' o
 
 @dataclass(frozen=True, eq=False)
 class Verification:
-    """figures: top1, parity (with its reference kind and limits), fidelity_to_float (with val),
-    latency_ms, latency, size_breakdown. failure: why the check failed (None: verified). probe: the
-    normalized images the checks compare tensors and layer outputs on. constant_output: the failure
-    is that the outputs do not depend on the input. tensors: the tensor-by-tensor check of integer
-    activations against their simulation (None for other references)."""
+    """figures: what verification measured (top-1, parity with its verdict, fidelity to float
+    with val, latency, sizes); verdict: the check (cora_onnx.onnx.verify.judge: why it failed,
+    None when verified; whether the outputs are constant); kind: the reference (PARITY_LIMITS);
+    probe: the normalized images the checks compare tensors and layer outputs on."""
 
-    figures: dict
-    failure: str | None
+    figures: Figures
+    verdict: Verdict
     kind: str
     probe: torch.Tensor
-    constant_output: bool = False
-    tensors: TensorCheck | None = None
 
     @property
     def verified(self) -> bool:
-        return self.failure is None
+        return self.verdict.verified
+
+    @property
+    def failure(self) -> str | None:
+        return self.verdict.failure
 
 
 def verify_quantized(model: nn.Module, exported: Exported, data: Data, opts: Options,
@@ -65,35 +68,32 @@ def verify_quantized(model: nn.Module, exported: Exported, data: Data, opts: Opt
     """Check the quantized ONNX file in ONNX Runtime against the PyTorch model it came from
     (exported.qmodel) on val (else on up to opts.parity_images calib images), top-1 of the float
     model (float_logits when given), the quantized PyTorch model and ONNX Runtime on val, fidelity
-    to float, sizes, and latency (skipped when opts.latency_runs is 0)."""
+    to float, sizes, and latency (skipped when opts.latency_runs is 0 or the check failed)."""
     scheme = opts.scheme
     qsess = session(exported.quant_bytes, threads=opts.threads)
     val_set, calib_set, batch_size = data.val, data.calib, opts.batch_size
-    t1 = {"float": None, "quantized_torch": None, "quantized_onnxruntime": None}
-    fid = None
+    t1, fid, f_logits = Top1(), None, None
     if val_set is not None:
         pset = val_set
         ort_logits = predict_onnx(qsess, val_set, batch_size, "ONNX Runtime, quantized")
         q_logits = predict_torch(exported.qmodel, val_set, batch_size, "PyTorch, quantized")
         f_logits = predict_torch(model, val_set, batch_size, "PyTorch, float") if float_logits is None else \
             np.asarray(float_logits, dtype=np.float32)
-        t1 = {"float": top1(f_logits, val_set.labels), "quantized_torch": top1(q_logits, val_set.labels),
-              "quantized_onnxruntime": top1(ort_logits, val_set.labels)}
+        t1 = Top1(top1(f_logits, val_set.labels), top1(q_logits, val_set.labels), top1(ort_logits, val_set.labels))
         fid = fidelity(ort_logits, f_logits)
     else:
         pset = calib_set.subset(opts.parity_images, opts.seed)
         ort_logits = predict_onnx(qsess, pset, batch_size, "ONNX Runtime, quantized")
         q_logits = predict_torch(exported.qmodel, pset, batch_size, "PyTorch, quantized")
-    par = parity(ort_logits, q_logits)
     # the images a check compares tensor by tensor or layer by layer: those the two runs disagree on first
     order = np.argsort((ort_logits.argmax(1) == q_logits.argmax(1)).astype(np.int8), kind="stable")[:PROBE_IMAGES]
     probe = torch.from_numpy(pset.preprocess.normalize(pset.images[np.sort(order)]))
     kind = reference_kind(scheme is not None, exported.qmodel)
     tensors = tensor_check(exported.quant_bytes, exported.qmodel, probe, opts.threads) if kind == "simulated" else None
-    par, failure, constant = judge(par, kind, ort_logits, tensors, f_logits if val_set is not None else None)
+    verdict = judge(parity(ort_logits, q_logits), kind, ort_logits, tensors, f_logits)
     shape = (3, opts.pre.input_size, opts.pre.input_size)
     batches = (1,) if not opts.latency_batch or opts.latency_batch == 1 else (1, opts.latency_batch)
-    timed = opts.latency_runs > 0 and failure is None  # a file that is not handed over is not timed
+    timed = opts.latency_runs > 0 and verdict.verified  # a file that is not handed over is not timed
     if timed:
         log.info("measuring latency (%d interleaved runs per model and batch size)", opts.latency_runs)
     models = {"float": exported.float_bytes, "quantized": qsess}
@@ -102,94 +102,91 @@ def verify_quantized(model: nn.Module, exported: Exported, data: Data, opts: Opt
     models.update(exported.extra)
     lat = measure_latency(models, shape, batch_sizes=batches, runs=opts.latency_runs, threads=opts.threads,
                           seed=opts.seed) if timed else {}  # 0 runs: timing skipped
-    figures = {
-        "top1": t1, "parity": par,
-        **({"fidelity_to_float": fid} if fid is not None else {}),
-        "latency_ms": {k: lat[k]["batch_1"]["median_ms"] if k in lat else None
-                       for k in ("float", "quantized", "quantized_folded", *exported.extra)},
-        "latency": lat,
-        "size_breakdown": {"float": size_breakdown(exported.float_bytes),
-                           "quantized": size_breakdown(exported.quant_bytes)},
-    }
-    return Verification(figures, failure, kind, probe, constant, tensors)
+    figures = Figures(top1=t1, parity=verdict.parity, fidelity_to_float=fid,
+                      latency_ms={k: lat[k]["batch_1"]["median_ms"] if k in lat else None
+                                  for k in ("float", "quantized", "quantized_folded", *exported.extra)},
+                      latency=lat, size_breakdown={"float": size_breakdown(exported.float_bytes),
+                                                   "quantized": size_breakdown(exported.quant_bytes)})
+    return Verification(figures, verdict, kind, probe)
 
 
 def make_report(searched: Searched, exported: Exported, verification: Verification, data: Data,
-                opts: Options) -> dict:
-    """The run's report (JSON-ready dict; "verified" says whether parity held)."""
+                opts: Options) -> QuantizeReport:
+    """The run's report (verified says whether the check held; the file's bits per weight come
+    when write_outputs writes it)."""
     plan, fused, pre = searched.plan, searched.fused, opts.pre
     quant_bytes, float_bytes = exported.quant_bytes, exported.float_bytes
     qlayers = quantizable_layers(fused)
     weight_params = sum(mod.weight.numel() for mod in qlayers.values())
     m = METHODS[opts.search]
-    return {
-        "model": plan.meta["model"], "method": opts.search, "bits": opts.bits, "onnx_path": str(opts.out),
-        "onnx_bytes": len(quant_bytes), "float_onnx_bytes": len(float_bytes),
-        "compression_ratio": len(float_bytes) / len(quant_bytes),
-        "weight_params": weight_params, "effective_bits": effective_bits(plan, qlayers),
-        **verification.figures, "search_seconds": searched.seconds,
-        "options": opts.to_json(), "settings": plan.settings,
-        "layers": [{"name": lp.name, "bits": lp.uniform.bits if lp.uniform else None, **dict(lp.info)}
-                   for lp in plan.layers],
-        "preprocess": {"input_size": pre.input_size, "crop_ratio": pre.crop_ratio, "mean": list(pre.mean),
-                       "std": list(pre.std)},
-        "images": {"calib": len(data.calib) if data.calib is not None else 0,
-                   "val": len(data.val) if data.val is not None else 0},
-        "environment": environment(opts.threads),
-        "notes": (_notes(plan) if opts.scheme is None else []) + _batchnorm_notes(fused),
-        **(m.report(plan) if m.report is not None else {}),
-        **({"size_target": size_target_report(plan, len(quant_bytes))} if "size_target" in plan.meta else {}),
-        **({"activations": exported.act_report} if exported.act_report is not None else {}),
-        "verified": verification.verified,
-    }
+    return QuantizeReport(
+        model=plan.meta["model"], method=opts.search, bits=opts.bits, onnx_path=str(opts.out),
+        onnx_bytes=len(quant_bytes), float_onnx_bytes=len(float_bytes),
+        compression_ratio=len(float_bytes) / len(quant_bytes),
+        weight_params=weight_params, effective_bits=effective_bits(plan, qlayers),
+        figures=verification.figures, search_seconds=searched.seconds,
+        options=opts.to_json(), settings=to_json(plan.settings),
+        layers=tuple(to_json({"name": lp.name, "bits": lp.uniform.bits if lp.uniform else None, **dict(lp.info)})
+                     for lp in plan.layers),
+        preprocess={"input_size": pre.input_size, "crop_ratio": pre.crop_ratio, "mean": list(pre.mean),
+                    "std": list(pre.std)},
+        images={"calib": len(data.calib) if data.calib is not None else 0,
+                "val": len(data.val) if data.val is not None else 0},
+        environment=environment(opts.threads),
+        notes=tuple((_notes(plan) if opts.scheme is None else []) + _batchnorm_notes(fused)),
+        method_report=to_json(m.report(plan)) if m.report is not None else {},
+        size_target=size_target_report(plan, len(quant_bytes)) if "size_target" in plan.meta else None,
+        activations=exported.act_report, outcome=Outcome(verified=verification.verified))
 
 
-def write_outputs(report: dict, searched: Searched, exported: Exported, verification: Verification,
-                  opts: Options) -> None:
+def write_outputs(report: QuantizeReport, searched: Searched, exported: Exported, verification: Verification,
+                  opts: Options) -> QuantizeReport:
     """Write the model to opts.out (converted to ORT format with opts.out_format "ort") and the
-    float model, plan and report when asked for, each to a temporary name, then renamed; adds the
-    file's bits per weight to `report`. When parity failed: the model is kept as NAME.failed.onnx
-    (never under opts.out), the report says where the layers' outputs diverge, and ParityError."""
+    float model, plan and report when asked for, each to a temporary name, then renamed; returns
+    the report with the file's bits per weight. When the check failed: the model is kept as
+    NAME.failed.onnx (never under opts.out), the report says why and where the layers' outputs
+    diverge, and ParityError (ConstantOutputError for outputs that do not depend on the input)."""
     quant_bytes, float_bytes = exported.quant_bytes, exported.float_bytes
-    weight_params = max(report["weight_params"], 1)
+    weight_params = max(report.weight_params, 1)
     if not verification.verified:
-        report["file_bits_per_weight"] = len(quant_bytes) * 8 / weight_params
-        report["float_file_bits_per_weight"] = len(float_bytes) * 8 / weight_params
-        _parity_failed(report, searched, exported, verification, opts)
-    file_bytes = quant_bytes
+        _parity_failed(dataclasses.replace(report, file_bits_per_weight=len(quant_bytes) * 8 / weight_params,
+                                           float_file_bits_per_weight=len(float_bytes) * 8 / weight_params),
+                       searched, exported, verification, opts)
+    file_bytes, ort_format, notes = quant_bytes, None, report.notes
     if opts.out_format == "ort":
         from cora_onnx.onnx.ort_format import to_ort
 
-        file_bytes, report["ort_format"] = to_ort(quant_bytes)
+        file_bytes, ort_format = to_ort(quant_bytes)
         if len(file_bytes) > 1.05 * len(quant_bytes):
-            report["notes"].append(
-                f"the ORT format file ({len(file_bytes) / 1e6:.2f} MB) is larger than the ONNX file "
-                f"({len(quant_bytes) / 1e6:.2f} MB): ONNX Runtime's optimizer decodes packed low-bit grids (and "
-                f"Casts of INT4 grids) at conversion and stores the 8-bit result")
-    report["file_bits_per_weight"] = len(file_bytes) * 8 / weight_params
-    report["float_file_bits_per_weight"] = len(float_bytes) * 8 / weight_params
+            notes += (f"the ORT format file ({len(file_bytes) / 1e6:.2f} MB) is larger than the ONNX file "
+                      f"({len(quant_bytes) / 1e6:.2f} MB): ONNX Runtime's optimizer decodes packed low-bit grids (and "
+                      f"Casts of INT4 grids) at conversion and stores the 8-bit result",)
+    report = dataclasses.replace(report, notes=notes, ort_format=ort_format,
+                                 file_bits_per_weight=len(file_bytes) * 8 / weight_params,
+                                 float_file_bits_per_weight=len(float_bytes) * 8 / weight_params)
     atomic_write(opts.out, lambda f: f.write(file_bytes))
     _write_side_outputs(report, exported.plan or searched.plan, float_bytes, opts)
+    return report
 
 
-def _parity_failed(report: dict, searched: Searched, exported: Exported, verification: Verification,
+def _parity_failed(report: QuantizeReport, searched: Searched, exported: Exported, verification: Verification,
                    opts: Options) -> None:
     """Keep the model as NAME.failed.onnx, write the report with verified false (and the plan and
     float model when asked for), and raise ParityError naming the first layer whose output diverges
     (ConstantOutputError when the outputs do not depend on the input)."""
-    par, probe, out = verification.figures["parity"], verification.probe, opts.out
+    verdict, probe, out = verification.verdict, verification.probe, opts.out
+    par = verdict.parity
     failed = failed_path(out)
     kept = f"the model was not written to {out}, it is kept as {failed} for inspection"
     located = None  # the report's parity_layer
-    if verification.constant_output:
-        msg = f"not verified: {verification.failure}; {kept}"
-    elif verification.tensors is not None and verification.tensors.first_over is not None \
-            and verification.tensors.instrumented_exact:  # the tensor-by-tensor check located it
-        t = verification.tensors
-        located = {"layer": t.first_over_layer, "tensor": t.first_over[0], "mismatch": t.first_over[1],
-                   "max_steps": t.first_over[2], "diverged": True}
-        msg = (f"ONNX Runtime disagrees with the PyTorch model on {par['images']} images (top-1 agreement "
-               f"{par['top1_agreement']:.2f}%): {verification.failure}; {kept}")
+    disagree = (f"ONNX Runtime disagrees with the PyTorch model on {par.images} images (top-1 agreement "
+                f"{par.top1_agreement:.2f}%): {verdict.failure}")
+    tensors = par.tensors
+    if verdict.constant_output:
+        msg = f"not verified: {verdict.failure}; {kept}"
+    elif tensors is not None and tensors.first_over is not None and tensors.instrumented_exact:
+        located = {**to_json(tensors.first_over), "diverged": True}  # the tensor-by-tensor check located it
+        msg = f"{disagree}; {kept}"
     else:
         layers, where = list(quantizable_layers(searched.fused)), None
         try:
@@ -205,17 +202,16 @@ def _parity_failed(report: dict, searched: Searched, exported: Exported, verific
             said = f"no single layer diverges; largest layer error at {where[0]} ({where[1]:.3g})"
         if where is not None:
             located = {"layer": where[0], "relative_error": where[1], "diverged": where[2]}
-        msg = (f"ONNX Runtime disagrees with the PyTorch model on {par['images']} images (top-1 agreement "
-               f"{par['top1_agreement']:.2f}%): {verification.failure}; {said}; {kept}")
+        msg = f"{disagree}; {said}; {kept}"
     atomic_write(failed, lambda f: f.write(exported.quant_bytes))
-    report.update(onnx_path=str(failed), parity_error=msg,
-                  failure="constant_output" if verification.constant_output else "parity",
-                  parity_layer=located)
+    report = dataclasses.replace(report, onnx_path=str(failed), outcome=Outcome(
+        verified=False, failure="constant_output" if verdict.constant_output else "parity", parity_error=msg,
+        parity_layer=located))
     _write_side_outputs(report, exported.plan or searched.plan, exported.float_bytes, opts)
-    raise (ConstantOutputError if verification.constant_output else ParityError)(msg)
+    raise (ConstantOutputError if verdict.constant_output else ParityError)(msg)
 
 
-def _write_side_outputs(report: dict, plan: Plan, float_bytes: bytes, opts: Options) -> None:
+def _write_side_outputs(report: QuantizeReport, plan: Plan, float_bytes: bytes, opts: Options) -> None:
     """The float model, the plan and the report, each when asked for."""
     if opts.float_out is not None:
         atomic_write(opts.float_out, lambda f: f.write(float_bytes))

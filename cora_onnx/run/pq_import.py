@@ -23,6 +23,7 @@ BatchNorm shift (float16, as stored) as the bias.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -42,7 +43,8 @@ from cora_onnx.core.files import atomic_write, check_input_file, check_output_pa
 from cora_onnx.core.modelfile import onnx_bytes
 from cora_onnx.onnx.pipeline import apply_plan
 from cora_onnx.core.plan import Codebook, LayerPlan, Plan
-from cora_onnx.onnx.report import environment, write_report
+from cora_onnx.core.records import to_json
+from cora_onnx.onnx.report import ImportReport, Outcome, environment, write_report
 from cora_onnx.onnx.verify import (cpu_threads, failed_path, judge, measure_latency, parity, predict_onnx, session,
                                    size_breakdown, top1)
 from cora_onnx.torch.verify import predict_torch
@@ -61,7 +63,7 @@ BN_KEYS = frozenset({"weight", "bias"})
 
 @dataclass(frozen=True, eq=False)
 class ImportResult:
-    report: dict
+    report: ImportReport
     plan: Plan
     onnx_path: Path
     decoded_model: nn.Module
@@ -331,7 +333,8 @@ def import_pq(checkpoint: str | Path, model: str | nn.Module = "resnet18", out: 
     sess = session(data, threads=threads)
     ort_logits = predict_onnx(sess, parity_set, batch_size, "ONNX Runtime, imported")
     ref_logits = predict_torch(decoded, parity_set, batch_size, "PyTorch, decoded")
-    par, failure, constant = judge(parity(ort_logits, ref_logits), "exact", ort_logits)
+    verdict = judge(parity(ort_logits, ref_logits), "exact", ort_logits)
+    par, failure, constant = verdict.parity, verdict.failure, verdict.constant_output
     t1 = None
     if val_set is not None:
         t1 = {"decoded_torch": top1(ref_logits, val_set.labels), "onnxruntime": top1(ort_logits, val_set.labels)}
@@ -343,31 +346,28 @@ def import_pq(checkpoint: str | Path, model: str | nn.Module = "resnet18", out: 
     ckpt_bytes = ckpt.stat().st_size
     code_bytes = sum(lp.codebook.codes.nbytes for lp in plan.layers)
     book_bytes = sum(lp.codebook.codewords.nbytes for lp in plan.layers)
-    rep = {
-        "model": arch, "method": "pq-import", "checkpoint": str(ckpt), "checkpoint_bytes": ckpt_bytes,
-        "onnx_path": str(out), "onnx_bytes": len(data), "onnx_to_checkpoint": len(data) / ckpt_bytes,
-        "float_onnx_bytes": len(float_bytes), "compression_ratio": len(float_bytes) / len(data),
-        "top1": t1, "parity": par,
-        "verified": failure is None,
-        "latency_ms": {k: lat[k]["batch_1"]["median_ms"] if k in lat else None for k in ("float", "imported")},
-        "latency": lat,
-        "size_breakdown": {"float": size_breakdown(float_bytes), "imported": size_breakdown(data)},
-        "codebooks": {"layers": len(plan.layers), "codes_bytes": code_bytes, "codewords_bytes": book_bytes,
-                      "code_dtypes": sorted({lp.codebook.codes.dtype.name for lp in plan.layers})},
-        "export_seconds": export_seconds,
-        "layers": [{"name": lp.name, "shape": list(lp.shape), **dict(lp.info),
-                    "codes": lp.codebook.codes.dtype.name} for lp in plan.layers],
-        "preprocess": plan.meta_preprocess(),
-        "images": {"parity": len(parity_set), "val": len(val_set) if val_set is not None else 0},
-        "environment": environment(threads),
-    }
+    rep = ImportReport(
+        model=arch, checkpoint=str(ckpt), checkpoint_bytes=ckpt_bytes, onnx_path=str(out), onnx_bytes=len(data),
+        onnx_to_checkpoint=len(data) / ckpt_bytes, float_onnx_bytes=len(float_bytes),
+        compression_ratio=len(float_bytes) / len(data), top1=t1, parity=par, outcome=Outcome(verified=failure is None),
+        latency_ms={k: lat[k]["batch_1"]["median_ms"] if k in lat else None for k in ("float", "imported")},
+        latency=lat, size_breakdown={"float": size_breakdown(float_bytes), "imported": size_breakdown(data)},
+        codebooks={"layers": len(plan.layers), "codes_bytes": code_bytes, "codewords_bytes": book_bytes,
+                   "code_dtypes": sorted({lp.codebook.codes.dtype.name for lp in plan.layers})},
+        export_seconds=export_seconds,
+        layers=tuple(to_json({"name": lp.name, "shape": list(lp.shape), **dict(lp.info),
+                              "codes": lp.codebook.codes.dtype.name}) for lp in plan.layers),
+        preprocess=plan.meta_preprocess(),
+        images={"parity": len(parity_set), "val": len(val_set) if val_set is not None else 0},
+        environment=environment(threads))
     if failure is not None:
         failed = failed_path(out)
         atomic_write(failed, lambda f: f.write(data))
         what = "not verified" if constant else \
-            f"ONNX Runtime does not reproduce the decoded PyTorch model on {par['images']} images"
+            f"ONNX Runtime does not reproduce the decoded PyTorch model on {par.images} images"
         msg = f"{what}: {failure}; {out} not written, the model is kept as {failed} for inspection"
-        rep.update(onnx_path=str(failed), parity_error=msg, failure="constant_output" if constant else "parity")
+        rep = dataclasses.replace(rep, onnx_path=str(failed), outcome=Outcome(
+            verified=False, failure="constant_output" if constant else "parity", parity_error=msg))
         if report is not None:
             write_report(rep, report)
         raise (ConstantOutputError if constant else ParityError)(msg)

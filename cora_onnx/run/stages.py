@@ -32,6 +32,7 @@ from cora_onnx.core.modelfile import onnx_bytes
 from cora_onnx.torch.models import build_model, check_finite
 from cora_onnx.onnx.pipeline import apply_plan
 from cora_onnx.onnx.sizes import finish
+from cora_onnx.onnx.report import Activations
 from cora_onnx.core.plan import Plan
 from cora_onnx.torch.quantizers import quantizable_layers
 from cora_onnx.torch.search import METHODS
@@ -340,7 +341,7 @@ class Exported:
     quant_bytes: bytes
     qmodel: nn.Module
     extra: dict
-    act_report: dict | None
+    act_report: Activations | None
     plan: Plan | None = None
 
 
@@ -379,7 +380,8 @@ def export_quantized(searched: Searched, opts: Options, calib: ImageSet | None) 
                                                                    calib, scheme, opts.calib_settings, opts.threads)
         plan = plan.replace(activations=act)
         if adapted:
-            act_report["adapter_layout"] = "merge" if opts.merge_bits is not None else "branch"
+            act_report = dataclasses.replace(act_report,
+                                             adapter_layout="merge" if opts.merge_bits is not None else "branch")
     return Exported(float_bytes, quant_bytes, qmodel, extra, act_report, plan)
 
 
@@ -402,6 +404,7 @@ def integer_activations(model_ir, program, qmodel, calib_set: ImageSet, scheme, 
     (cora_onnx.onnx.int8.activation_histograms), so several range methods share one pass."""
     from cora_onnx.onnx.int8 import activation_plan, activation_qparams_of, activation_report
     from cora_onnx.onnx.pipeline import apply_activations
+    from cora_onnx.onnx.verify import integer_biases
     from cora_onnx.torch.simulate import ActivationQuantSim
 
     t0 = time.perf_counter()
@@ -416,11 +419,13 @@ def integer_activations(model_ir, program, qmodel, calib_set: ImageSet, scheme, 
         log.info("adapter branches: parity is against the PyTorch model with float activations")
         sim = qmodel
     else:
-        sim = ActivationQuantSim(program, qmodel, qparams, scheme.act_range)
-    report = {**activation_report(pass_report, calib_set, scheme, calib_settings, data, time.perf_counter() - t0),
-              "parity_reference": "PyTorch simulation of the integer activations" if sim is not qmodel else
-              "PyTorch with float activations (the simulation does not cover adapter branches)"}
-    kernels = report["onnxruntime_kernels"]
+        sim = ActivationQuantSim(program, qmodel, qparams, scheme.act_range,
+                                 biases=integer_biases(ir.to_proto(model_ir)))
+    report = dataclasses.replace(
+        activation_report(pass_report, calib_set, scheme, calib_settings, data, time.perf_counter() - t0),
+        parity_reference="PyTorch simulation of the integer activations" if sim is not qmodel else
+        "PyTorch with float activations (the simulation does not cover adapter branches)")
+    kernels = report.onnxruntime_kernels
     if kernels["float_compute"]:
         log.warning("%d Conv/Gemm/MatMul nodes still run as float kernels in ONNX Runtime", kernels["float_compute"])
     return data, sim, report, act

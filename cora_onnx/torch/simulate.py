@@ -23,10 +23,14 @@ class ActivationQuantSim(nn.Module):
     """program: cora_onnx.torch.export.export_program(BN-fused model) (any weights); weights: the module
     whose state_dict holds the (fake-quantized) weights to use; qparams: ONNX tensor name ->
     (scale, zero point) from passes.activation_qparams; act_range: (qmin, qmax); input_name: the
-    ONNX graph input (its tensor is the first user input of the program)."""
+    ONNX graph input (its tensor is the first user input of the program); biases: layer -> the bias
+    ONNX Runtime's integer kernel adds (its INT32 grid dequantized,
+    cora_onnx.onnx.verify.integer_biases), used instead of the float bias of that layer so the
+    simulation rounds where ONNX Runtime does, not a fraction of a step away."""
 
     def __init__(self, program, weights: nn.Module, qparams: Mapping[str, tuple[float, int]],
-                 act_range: tuple[int, int], input_name: str = "input") -> None:
+                 act_range: tuple[int, int], input_name: str = "input",
+                 biases: Mapping[str, np.ndarray] | None = None) -> None:
         super().__init__()
         # a copy: the program's parameters share storage with the ONNX model's initializers (torch.onnx
         # wraps them without copying), and loading the quantized weights in place would overwrite the
@@ -36,6 +40,10 @@ class ActivationQuantSim(nn.Module):
         params = {n for n, _ in gm.named_parameters()}
         if params & set(missing):
             raise ModelError(f"simulation: the weights do not fit the exported program ({sorted(params & set(missing))[0]})")
+        state = gm.state_dict()
+        ints = {f"{layer}.bias": torch.as_tensor(np.asarray(b, np.float32)) for layer, b in (biases or {}).items()
+                if f"{layer}.bias" in state and state[f"{layer}.bias"].shape == tuple(np.shape(b))}
+        gm.load_state_dict(ints, strict=False)
         self.gm = gm  # (exported modules refuse .eval(); they are inference graphs already)
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         alias = {placeholders[0]: input_name} if placeholders else {}
@@ -55,13 +63,14 @@ class ActivationQuantSim(nn.Module):
         return self.run(x)[0]
 
     def run(self, x: torch.Tensor, force: Mapping[str, np.ndarray] | None = None) -> tuple[torch.Tensor, dict]:
-        """(output, integers): the simulation's output on x and its integer values at every
-        quantized tensor (ONNX tensor name -> int32 array, before `force` applies). force: tensor
-        name -> integers (ONNX Runtime's) that replace the simulation's own at that tensor, so each
-        quantized tensor is computed from ONNX Runtime's values of the tensors before it."""
+        """(output, integers): the simulation's output on x and, with `force`, its integer values at
+        every quantized tensor (ONNX tensor name -> int32 array, before `force` applies; {} without
+        force). force: tensor name -> integers (ONNX Runtime's) that replace the simulation's own at
+        that tensor, so each quantized tensor is computed from ONNX Runtime's values of the tensors
+        before it."""
         sim = self
         integers: dict[str, np.ndarray] = {}
-        force = force or {}
+        record, force = force is not None, force or {}
         qmin, qmax = self.act_range
 
         class _Run(torch.fx.Interpreter):
@@ -74,7 +83,8 @@ class ActivationQuantSim(nn.Module):
                 qp = sim.qparams.get(name)
                 if qp is not None and isinstance(out, torch.Tensor):
                     q = torch.clamp(torch.round(out / qp[0]) + qp[1], qmin, qmax)
-                    integers[name] = q.detach().to(torch.int32).numpy()
+                    if record:
+                        integers[name] = q.detach().to(torch.int32).numpy()
                     if name in force:
                         q = torch.as_tensor(np.asarray(force[name]), dtype=out.dtype).reshape(q.shape)
                     out = (q - qp[1]) * qp[0]

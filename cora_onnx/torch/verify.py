@@ -52,8 +52,9 @@ def tensor_check(quant_bytes: bytes, sim: ActivationQuantSim, x: torch.Tensor, t
     check = compare_tensors(ints, own, inst, out.float().numpy(), plain, PARITY_LIMITS["simulated"])
     if check.first_over is None:
         return check
-    layer = producing_layers(onnx.load_from_string(quant_bytes), [check.first_over[0]]).get(check.first_over[0])
-    return dataclasses.replace(check, first_over_layer=layer)
+    t = check.first_over.tensor
+    layer = producing_layers(onnx.load_from_string(quant_bytes), [t]).get(t)
+    return dataclasses.replace(check, first_over=dataclasses.replace(check.first_over, layer=layer))
 
 
 def _torch_layer_outputs(qmodel: nn.Module, layers: list[str], x: torch.Tensor) -> dict[str, np.ndarray]:

@@ -62,7 +62,7 @@ def run_job(job: Job) -> dict:
         try:
             res = quantize(build_model(job.arch, job.weights), job.options.replace(out=out),
                            float_logits=job.float_logits)
-            return {"status": "ok", "report": res.report, "onnx": out.read_bytes(), "error": None,
+            return {"status": "ok", "report": res.report.to_json(), "onnx": out.read_bytes(), "error": None,
                     "seconds": time.perf_counter() - t0}
         except CoraError as exc:
             error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -34,7 +34,7 @@ def test_stages_one_by_one_give_quantize_s_result(digits, tmp_path):
     report = make_report(searched, exported, verification, data, opts)
     assert verification.verified and report["verified"]
     assert not (tmp_path / "s.onnx").exists()  # nothing is written before write_outputs
-    write_outputs(report, searched, exported, verification, opts)
+    report = write_outputs(report, searched, exported, verification, opts)  # with the file's bits per weight
 
     assert (tmp_path / "s.onnx").read_bytes() == (tmp_path / "q.onnx").read_bytes()
     assert json.loads((tmp_path / "s.json").read_text())["onnx_bytes"] == res.report["onnx_bytes"]

@@ -8,6 +8,7 @@ they agree to one quantization step (cora_onnx.torch.verify.tensor_check)."""
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Mapping
 
 import numpy as np
@@ -47,6 +48,12 @@ class ActivationQuantSim(nn.Module):
         self.gm = gm  # (exported modules refuse .eval(); they are inference graphs already)
         placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         alias = {placeholders[0]: input_name} if placeholders else {}
+        # a multi-output op (aten.split: torch.chunk in ShuffleNet's channel split) is one FX node read
+        # through getitem nodes; torch.onnx names its outputs <node>_split_<i>
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], int) \
+                    and f"{n.args[0].name}_split_{n.args[1]}" in qparams:
+                alias[n.name] = f"{n.args[0].name}_split_{n.args[1]}"
         names = {n.name for n in gm.graph.nodes}
         unknown = [t for t in qparams if t not in names and t not in alias.values()]
         if unknown:

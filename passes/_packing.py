@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ._util import add_initializer, int_tensor, mark
+from ._util import add_initializer, int_tensor, mark, shared_const
 
 __all__ = ["PACKED_BITS", "PACKED_BITS_KEY", "MIN_SAVING", "pack_grid", "unpack_grid", "packs", "grid_value",
            "zero_point_bits", "is_grid", "grid_of"]
@@ -73,13 +73,6 @@ def zero_point_bits(bits: int, size: int) -> int:
     return 8 if packs(bits, size) else bits
 
 
-def _const(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
-    """A small shared constant (one per distinct value, reused by every layer)."""
-    if name in graph.initializers:
-        return graph.initializers[name]
-    return add_initializer(graph, name, ir.Tensor(arr, name=name))
-
-
 def grid_value(graph: ir.Graph, name: str, values: np.ndarray, bits: int, signed: bool,
                pass_name: str) -> tuple[ir.Value, list[ir.Node]]:
     """The integer grid as a graph value named `name`: the output of the decoding subgraph of
@@ -105,17 +98,19 @@ def grid_value(graph: ir.Graph, name: str, values: np.ndarray, bits: int, signed
 
     x = add("Cast", [packed], to=ir.DataType.INT64)
     if g > 1:  # one little-endian word per group
-        x = add("MatMul", [x, _const(graph, f"{base}.bytes", (256 ** np.arange(g, dtype=np.int64)).reshape(g, 1))])
-    x = add("Div", [x, _const(graph, f"{base}.shifts", ((1 << bits) ** np.arange(k, dtype=np.int64)).reshape(1, k))])
-    x = add("Mod", [x, _const(graph, f"{base}.modulus", np.array(1 << bits, np.int64))])
+        x = add("MatMul", [x, shared_const(graph, f"{base}.bytes",
+                                           (256 ** np.arange(g, dtype=np.int64)).reshape(g, 1))])
+    x = add("Div", [x, shared_const(graph, f"{base}.shifts",
+                                    ((1 << bits) ** np.arange(k, dtype=np.int64)).reshape(1, k))])
+    x = add("Mod", [x, shared_const(graph, f"{base}.modulus", np.array(1 << bits, np.int64))])
     if n % k:  # the last group is padded
-        x = add("Reshape", [x, _const(graph, "cora_onnx.unpack.flat", np.array([-1], np.int64))])
-        x = add("Slice", [x, _const(graph, "cora_onnx.unpack.zero", np.array([0], np.int64)),
+        x = add("Reshape", [x, shared_const(graph, "cora_onnx.unpack.flat", np.array([-1], np.int64))])
+        x = add("Slice", [x, shared_const(graph, "cora_onnx.unpack.zero", np.array([0], np.int64)),
                           add_initializer(graph, f"{name}_length",
                                           ir.Tensor(np.array([n], np.int64), name=f"{name}_length"))])
     x = add("Reshape", [x, add_initializer(graph, f"{name}_shape", ir.Tensor(np.array(values.shape, np.int64),
                                                                                 name=f"{name}_shape"))])
-    lut = _const(graph, f"{base}.{'int8' if signed else 'uint8'}", _lookup(bits, signed))
+    lut = shared_const(graph, f"{base}.{'int8' if signed else 'uint8'}", _lookup(bits, signed))
     gather = ir.node("Gather", [lut, x], attributes={"axis": 0}, name=f"{name}_Gather")
     out = gather.outputs[0]
     out.name, out.dtype, out.shape = name, ir.DataType.INT8 if signed else ir.DataType.UINT8, ir.Shape(values.shape)

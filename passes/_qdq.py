@@ -13,9 +13,10 @@ from typing import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from ._util import add_initializer
+from ._util import add_initializer, shared_const
 
-__all__ = ["scale_zero_point", "quantize_linear", "dequantize_linear", "dequantized_weight"]
+__all__ = ["scale_zero_point", "quantize_linear", "dequantize_linear", "dequantized_weight", "expand_blocks",
+           "int64_const"]
 
 
 def scale_zero_point(graph: ir.Graph, base: str, scale: np.ndarray | float,
@@ -66,3 +67,34 @@ def dequantized_weight(graph: ir.Graph, base: str, q: ir.Value, scale: np.ndarra
     registered (`scale_zero_point`) and the DequantizeLinear that reads them (not yet inserted)."""
     s, z = scale_zero_point(graph, base, scale, zero_point)
     return dequantize_linear(q, s, z, base, shape, axis, out_name)
+
+
+def int64_const(graph: ir.Graph, what: str, values: Sequence[int]) -> ir.Value:
+    """A shared INT64 vector initializer named by its value (`cora_onnx.<what>_<v1>_<v2>...`)."""
+    name = f"cora_onnx.{what}_" + "_".join(str(int(v)).replace("-", "m") for v in values)
+    return shared_const(graph, name, np.array(list(values), np.int64))
+
+
+def expand_blocks(graph: ir.Graph, params: ir.Value, axis: int, block_size: int, length: int,
+                  base: str) -> tuple[ir.Value, list[ir.Node]]:
+    """Blocked quantization parameters (`params`: one value per `block_size` consecutive elements
+    along `axis`, static shape) repeated to one value per element: Unsqueeze after the axis,
+    Expand to the block size, Reshape (the blocks side by side), Slice to `length` when the last
+    block is partial. Every shape constant is shared by value between layers; nodes are named
+    `<base>_<op>` and returned in order, not inserted; the last one's output is the result."""
+    dims = [int(d) for d in params.shape]
+    nodes: list[ir.Node] = []
+
+    def add(op: str, inputs: list[ir.Value]) -> ir.Value:
+        node = ir.node(op, inputs, name=f"{base}_{op}")
+        node.outputs[0].name, node.outputs[0].dtype = f"{base}_{op}_output", params.dtype
+        nodes.append(node)
+        return node.outputs[0]
+
+    x = add("Unsqueeze", [params, int64_const(graph, "axes", [axis + 1])])
+    x = add("Expand", [x, int64_const(graph, "expand", [1] * (axis + 1) + [block_size] + [1] * (len(dims) - axis - 1))])
+    x = add("Reshape", [x, int64_const(graph, "shape", [0] * axis + [-1] + dims[axis + 1:])])
+    if dims[axis] * block_size != length:
+        x = add("Slice", [x, int64_const(graph, "zero", [0]), int64_const(graph, "end", [length]),
+                          int64_const(graph, "axes", [axis])])
+    return x, nodes

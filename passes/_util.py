@@ -7,8 +7,8 @@ import onnx_ir as ir
 
 from cora_onnx.core.errors import PlanError
 
-__all__ = ["PROVENANCE_KEY", "mark", "default_opset", "add_initializer", "int_tensor", "require_weights",
-           "planned_weight", "check_fingerprint"]
+__all__ = ["PROVENANCE_KEY", "mark", "default_opset", "add_initializer", "shared_const", "int_tensor",
+           "require_weights", "planned_weight", "check_fingerprint"]
 
 PROVENANCE_KEY = "cora_onnx.pass"
 
@@ -32,6 +32,14 @@ def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir
     value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+def shared_const(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
+    """A small constant shared by every node that needs the same value: the initializer `name`
+    (the caller names it by its value), added on first use."""
+    if name in graph.initializers:
+        return graph.initializers[name]
+    return add_initializer(graph, name, ir.Tensor(arr, name=name))
 
 
 def int_tensor(values: np.ndarray, bits: int, signed: bool, name: str) -> ir.Tensor:

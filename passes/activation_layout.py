@@ -5,7 +5,10 @@ names. Pure graph analysis on onnx_ir: nothing here changes a model.
 
 - compute nodes: Conv, Gemm, MatMul whose weight is a DequantizeLinear of an integer
   initializer (or of a grid decoded by passes._packing, or of the weight expression of
-  AdapterMergePass) or a float initializer, and Add of two activations;
+  AdapterMergePass) or a float initializer; Add and Mul of two activations; Concat of
+  activations; GlobalAveragePool, AveragePool, Sigmoid and LeakyRelu of an activation (the ops
+  ONNX Runtime's CPU provider runs as QLinear* kernels when a DequantizeLinear feeds each input
+  and a QuantizeLinear takes the output; their outputs get their own calibrated range);
 - every activation input and the output of a compute node is quantized (except a Gemm/MatMul
   output that is a graph output: ORT fuses those with float output); a Relu, or a Clip with
   min 0, that is the only consumer of a compute output is absorbed: the QuantizeLinear of the
@@ -26,10 +29,13 @@ import onnx_ir as ir
 from ._packing import is_grid
 from .adapter_merge import MERGED_BITS_KEY
 
-__all__ = ["QuantScheme", "ActivationLayout", "activation_layout", "activation_qparams", "COMPUTE_OPS", "SHARE_OPS",
+__all__ = ["QuantScheme", "ActivationLayout", "activation_layout", "activation_qparams", "COMPUTE_OPS",
+           "ACTIVATION_OPS", "SHARE_OPS",
            "WEIGHT_INPUT", "const_array", "weight_source", "merged_bits"]
 
-COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "Add")
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid",
+               "LeakyRelu")
+ACTIVATION_OPS = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu")  # no weight
 SHARE_OPS = ("MaxPool", "Pad", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1}
 
@@ -142,8 +148,14 @@ def _compute_nodes(graph: ir.Graph, constants: set[int]) -> list[ir.Node]:
     for node in graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in COMPUTE_OPS:
             continue
-        if node.op_type == "Add":
+        if node.op_type in ("Add", "Mul"):
             if len(node.inputs) == 2 and all(_is_activation(v, constants) for v in node.inputs):
+                out.append(node)
+        elif node.op_type == "Concat":
+            if node.inputs and all(_is_activation(v, constants) for v in node.inputs):
+                out.append(node)
+        elif node.op_type in ACTIVATION_OPS:  # unary
+            if _is_activation(node.inputs[0], constants):
                 out.append(node)
         elif weight_source(node) is not None and _is_activation(node.inputs[0], constants):
             out.append(node)
@@ -181,7 +193,7 @@ def activation_layout(model: ir.Model) -> ActivationLayout:
     constants = _constant_outputs(graph)
     for node in _compute_nodes(graph, constants):
         layout.compute.append(node.name)
-        for v in (node.inputs if node.op_type == "Add" else node.inputs[:1]):
+        for v in (node.inputs if node.op_type in ACTIVATION_OPS else node.inputs[:1]):
             want(v)
         out = node.outputs[0]
         if out.is_graph_output() and node.op_type in ("Gemm", "MatMul"):

@@ -32,8 +32,8 @@ from cora_onnx.core.npgrid import quantize_symmetric
 from ._packing import grid_of
 from ._qdq import dequantize_linear, dequantized_weight, quantize_linear, scale_zero_point
 from ._util import add_initializer, default_opset, mark
-from .activation_layout import (WEIGHT_INPUT, QuantScheme, activation_layout, activation_qparams, const_array, merged_bits,
-                                weight_source)
+from .activation_layout import (ACTIVATION_OPS, WEIGHT_INPUT, QuantScheme, activation_layout, activation_qparams,
+                                const_array, merged_bits, weight_source)
 from .weight_qdq import grouped_weight_dq
 
 __all__ = ["ActivationQDQPass"]
@@ -92,7 +92,7 @@ class ActivationQDQPass(ir.passes.InPlacePass):
         # weights and biases first (they need the input scale of each compute node)
         for name in layout.compute:
             node = nodes[name]
-            if node.op_type == "Add":
+            if node.op_type in ACTIVATION_OPS:
                 integer.append(name)
                 continue
             x = node.inputs[0].name

@@ -10,7 +10,7 @@ from cora_onnx.core.errors import PlanError
 from cora_onnx.core.npgrid import adapter_factors, merged_grid
 from cora_onnx.core.plan import LayerPlan, Plan
 
-from ._qdq import dequantize_linear, quantize_linear, scale_zero_point
+from ._qdq import dequantize_linear, expand_blocks, quantize_linear, scale_zero_point
 from ._util import add_initializer, int_tensor, mark
 from .weight_qdq import grouped_weight_dq
 
@@ -35,16 +35,23 @@ class AdapterMergePass(ir.passes.InPlacePass):
 
     A weight with group-wise scales (UniformWeights.group; integer kernels take one scale per
     output channel) is re-quantized the same way, with or without an adapter: W_q is then
-    Cast(grid (C_out, K)) * the group scales repeated along K (Reshape, Expand, Reshape, Slice of
-    the float16 scales' Cast), Reshaped to the weight's shape. Such a layer without adapter keeps
-    the `adapter_merge` names, with rank 0 in its facts, and may be a Conv or a Gemm/MatMul."""
+    Cast(grid (C_out, K)) * the group scales repeated along K (`_qdq.expand_blocks` on the float16
+    scales' Cast), Reshaped to the weight's shape. Such a layer without adapter keeps
+    the `adapter_merge` names, with rank 0 in its facts, and may be a Conv or a Gemm/MatMul.
 
-    def __init__(self, plan: Plan, bits: int) -> None:
+    bits None (float activations): the adapter is merged into the float weight, not re-quantized:
+    the Conv reads Add(W_q, Reshape(MatMul(B, A))), W_q being the layer's weight value as
+    WeightQDQPass left it (WeightDecodePass, run after, writes it in standard ops). The sum is folded
+    into one float weight at load: the running model is a plain Conv, as fast as the float model.
+    Only layers with an adapter are touched; the Add (`<layer>.adapter_merge_Add`) carries the facts."""
+
+    def __init__(self, plan: Plan, bits: int | None) -> None:
         super().__init__()
-        if bits not in (7, 8):
-            raise ValueError(f"merged grids are 7 or 8 bits, got {bits}")
+        if bits not in (7, 8, None):
+            raise ValueError(f"merged grids are 7 or 8 bits (None: merged in float), got {bits}")
         self.layers = [layer for layer in plan.layers if layer.adapter is not None
-                       or (layer.uniform is not None and layer.uniform.group and layer.codebook is None)]
+                       or (bits is not None and layer.uniform is not None and layer.uniform.group
+                           and layer.codebook is None)]
         self.bits = bits
 
     @staticmethod
@@ -71,28 +78,18 @@ class AdapterMergePass(ir.passes.InPlacePass):
         node's output is W_q. Float32 products: what DequantizeLinear(block_size) and
         UniformWeights.dequantize compute."""
         u = layer.uniform
-        c, ng = u.scale.shape
-        k = u.q.size // c
-
-        def const(suffix: str, values) -> ir.Value:
-            return add_initializer(graph, f"{name}_{suffix}", ir.Tensor(np.array(values, np.int64), name=f"{name}_{suffix}"))
-
-        nodes: list[ir.Node] = []
+        k = u.q.size // u.scale.shape[0]
+        s, nodes = expand_blocks(graph, dq.inputs[1], 1, u.group, k, f"{name}_group_scale")
 
         def add(op: str, inputs: list[ir.Value], suffix: str, **attrs) -> ir.Value:
             node = ir.node(op, inputs, attributes=attrs, name=f"{name}_{suffix}")
             nodes.append(node)
             return node.outputs[0]
 
-        s = add("Reshape", [dq.inputs[1], const("group_scale_shape3", [c, ng, 1])], "group_scale_Reshape")
-        s = add("Expand", [s, const("group_scale_expand", [c, ng, u.group])], "group_scale_Expand")
-        s = add("Reshape", [s, const("group_scale_shape2", [c, ng * u.group])], "group_scale_Reshape_2")
-        if ng * u.group != k:
-            s = add("Slice", [s, const("group_scale_start", [0]), const("group_scale_end", [k]),
-                              const("group_scale_axis", [1])], "group_scale_Slice")
         g = add("Cast", [dq.inputs[0]], "grid_Cast", to=ir.DataType.FLOAT)
         wq = add("Mul", [g, s], "grid_Mul")
-        add("Reshape", [wq, const("weight_shape", list(layer.shape))], "grid_Reshape")
+        add("Reshape", [wq, add_initializer(graph, f"{name}_weight_shape", ir.Tensor(
+            np.array(layer.shape, np.int64), name=f"{name}_weight_shape"))], "grid_Reshape")
         return nodes
 
     def _weight_dq(self, convs: list[ir.Node], layer: LayerPlan) -> tuple[ir.Node, ir.Node]:
@@ -117,9 +114,40 @@ class AdapterMergePass(ir.passes.InPlacePass):
         mul = ir.node("Mul", [cast.outputs[0], s], name=f"{name}_Mul")
         return mul.outputs[0], [cast, mul]
 
+    def _adapter_product(self, graph: ir.Graph, name: str, layer: LayerPlan) -> tuple[ir.Value, list[ir.Node]]:
+        """Reshape(MatMul(B, A)) in the weight's shape: the adapter as a weight, and its nodes."""
+        ad = layer.adapter
+        b2, a2 = adapter_factors(layer)
+        fb, nb = self._float(graph, f"{name}_b", b2, ad.b_scale, ad.bits)
+        fa, na = self._float(graph, f"{name}_a", a2, ad.a_scale, ad.bits)
+        mm = ir.node("MatMul", [fb, fa], name=f"{name}_MatMul")
+        shape = add_initializer(graph, f"{name}_shape", ir.Tensor(np.array(layer.shape, np.int64), name=f"{name}_shape"))
+        rs = ir.node("Reshape", [mm.outputs[0], shape], name=f"{name}_Reshape")
+        return rs.outputs[0], [*nb, *na, mm, rs]
+
+    def _merge_float(self, graph: ir.Graph, convs: dict[str, list[ir.Node]], layer: LayerPlan) -> None:
+        conv, dq = self._weight_dq(convs.get(layer.name, []), layer)
+        name = f"{layer.name}.adapter_merge"
+        ba, nodes = self._adapter_product(graph, name, layer)
+        add = ir.node("Add", [conv.inputs[1], ba], name=f"{name}_Add")
+        nodes.append(add)
+        for node in nodes:
+            node.outputs[0].dtype = ir.DataType.FLOAT
+            node.outputs[0].name = f"{node.name}_output"
+        add.outputs[0].shape = ir.Shape(layer.shape)
+        ad = layer.adapter
+        mark(add, type(self).__name__, layer=layer.name, rank=ad.rank, adapter_bytes=(ad.bits or 32) * ad.params // 8,
+             merged="at load, in float")
+        graph.insert_before(conv, nodes)
+        conv.replace_input_with(1, add.outputs[0])
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         convs = self._convs_by_layer(graph)
+        if self.bits is None:
+            for layer in self.layers:
+                self._merge_float(graph, convs, layer)
+            return ir.passes.PassResult(model, bool(self.layers))
         grouped = self._grouped_dqs(graph)
         for layer in self.layers:
             ad = layer.adapter
@@ -167,14 +195,9 @@ class AdapterMergePass(ir.passes.InPlacePass):
                 nodes.append(mul)
                 wq_out = mul.outputs[0]
             if ad is not None:
-                b2, a2 = adapter_factors(layer)
-                fb, nb = self._float(graph, f"{name}_b", b2, ad.b_scale, ad.bits)
-                fa, na = self._float(graph, f"{name}_a", a2, ad.a_scale, ad.bits)
-                mm = ir.node("MatMul", [fb, fa], name=f"{name}_MatMul")
-                shape = add_initializer(graph, f"{name}_shape", ir.Tensor(np.array(layer.shape, np.int64), name=f"{name}_shape"))
-                rs = ir.node("Reshape", [mm.outputs[0], shape], name=f"{name}_Reshape")
-                add = ir.node("Add", [wq_out, rs.outputs[0]], name=f"{name}_Add")
-                nodes += [*nb, *na, mm, rs, add]
+                ba, more = self._adapter_product(graph, name, layer)
+                add = ir.node("Add", [wq_out, ba], name=f"{name}_Add")
+                nodes += [*more, add]
                 wq_out = add.outputs[0]
             _, scale = merged_grid(layer, self.bits)
             s7, z7 = scale_zero_point(graph, name, scale, np.zeros(scale.shape, np.int8))

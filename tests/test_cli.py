@@ -48,10 +48,17 @@ def test_eval_inspect_export_bench(digits_run):
     assert f"{r['top1']['quantized_onnxruntime']:.2f}%" in res.output
     res = run("inspect", out / "m.onnx", "--json")
     info = json.loads(res.output)
-    assert info["ops"]["DequantizeLinear"] == 5 and "INT4" in info["initializers"]
+    # the default weight layout: integer grids decoded by ops ONNX Runtime folds at load, no DequantizeLinear
+    assert "DequantizeLinear" not in info["ops"] and "INT4" in info["initializers"]
+    assert sum(info["weight_grids"].values()) == 5
     res = run("export", "--model", d.arch, "--weights", d.weights, "--plan", out / "plan.json", "--out", out / "e.onnx")
     assert res.exit_code == 0, res.output
     assert (out / "e.onnx").stat().st_size == (out / "m.onnx").stat().st_size
+    res = run("export", "--model", d.arch, "--weights", d.weights, "--plan", out / "plan.json", "--out", out / "q.onnx",
+              "--weight-layout", "qdq")
+    assert res.exit_code == 0, res.output
+    info = json.loads(run("inspect", out / "q.onnx", "--json").output)
+    assert info["ops"]["DequantizeLinear"] == 5 and sum(info["weight_grids"].values()) == 5
 
 
 def test_bench_table_and_report(digits_run):
@@ -142,6 +149,7 @@ CASES = {
     "act bits 4": (dict(act_bits=4), "act_bits must be one of 8"),
     "out dir missing": (dict(out="no/such/dir/m.onnx"), "does not exist"),
     "bad keep": (dict(keep="middle"), "keep must be"),
+    "decode with act bits": (dict(weight_layout="decode", act_bits=8), "weight layout decode is for float activations"),
 }
 
 

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -148,6 +149,11 @@ def test_cli_cora_and_option_checks(digits, tmp_path):
     assert set(cora["ranks"]) and r["parity"]["top1_agreement"] >= 99.5
     assert 3 < r["effective_bits"] < 32
     assert "quantized_no_adapters" in r["latency_ms"]
+    # weight-only default: grids decoded and adapters merged into the float weights at load (no
+    # branch convolution in the file), the branch layout timed beside it
+    assert "quantized_branches" in r["latency_ms"] and any("weight layout decode" in n for n in r["notes"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "c.onnx").graph.node]
+    assert ops.count("Conv") + ops.count("Gemm") == len(r["layers"]) and "DequantizeLinear" not in ops
     shown = runner.invoke(main, ["inspect", str(tmp_path / "c.onnx")])
     assert "rank=" in shown.output and "adapter_bytes=" in shown.output
 

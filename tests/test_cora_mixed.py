@@ -211,8 +211,9 @@ def test_group_size_settings():
 
 def test_cli_group_size(digits, tmp_path):
     """--group-size through the product path: the widths below 8 bits carry float16 scales per group
-    in blocked DequantizeLinear nodes, ONNX Runtime agrees with PyTorch (checked on every run), and
-    the report counts the scales in the widths' bytes."""
+    (in the default decode layout: repeated along each row and multiplied in by the Mul that
+    replaced the blocked DequantizeLinear, which keeps its facts), ONNX Runtime agrees with PyTorch
+    (checked on every run), and the report counts the scales in the widths' bytes."""
     base = ["quantize", "--model", digits.arch, "--weights", digits.weights, "--calib", digits.calib_dir,
             "--val", digits.val_dir, "--input-size", 8, "--mean", ",".join(map(str, digits.mean)),
             "--std", ",".join(map(str, digits.std)), "--bits", 3, "-q", "--method", "cora", "--iters", 10,
@@ -223,8 +224,10 @@ def test_cli_group_size(digits, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["parity"]["top1_agreement"] >= 99.5
     model = onnx.load(out)
-    blocked = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
-               and any(a.name == "block_size" and a.i == 8 for a in n.attribute)]
+    facts = [{p.key: p.value for p in n.metadata_props} for n in model.graph.node if n.op_type == "Mul"]
+    blocked = [f for f in facts if f.get("cora_onnx.group") == "8" and f.get("cora_onnx.granularity") == "per_group"
+               and f.get("cora_onnx.decoded_from") == "WeightQDQPass"]
+    assert not any(n.op_type == "DequantizeLinear" for n in model.graph.node)
     low = [b for b in report["cora"]["mixed_bits"]["bits"].values() if b < 8]
     assert len(blocked) == len(low) > 0
     info = report["cora"]["mixed_bits"]

@@ -94,7 +94,7 @@ def test_cora_adapters_with_integer_activations(digits, tmp_path, layout):
     int4 = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     if layout == "auto":
         assert r["activations"]["adapter_layout"] == "merge"
-        assert k["integer"] == len(res.plan.layers) + k["ops"].get("QLinearAdd", 0)  # no branch kernels
+        assert k["ops"].get("QLinearConv", 0) + k["ops"].get("QGemm", 0) == len(res.plan.layers)  # no branch kernels
         assert "simulation" in r["activations"]["parity_reference"] and r["parity"]["top1_agreement"] >= 95.0
         assert "quantized_branches" in r["latency_ms"] and len(int4) >= len(res.plan.layers) - 2
         from cora_onnx.onnx.report import format_table
@@ -106,9 +106,9 @@ def test_cora_adapters_with_integer_activations(digits, tmp_path, layout):
         assert "float activations" in r["activations"]["parity_reference"] and r["parity"]["top1_agreement"] >= 90.0
 
 
-def test_merge_layout_needs_integer_activations(digits, tmp_path):
+def test_merge_layout_with_float_activations_needs_the_decode_layout(digits, tmp_path):
     model = build_model(digits.arch, digits.weights)
     with pytest.raises(SettingsError, match="adapter layout merge"):
         quantize(model, calib=digits.calib_dir, bits=3, method="cora", out=tmp_path / "m.onnx",
-                 input_size=digits.input_size, adapter_layout="merge")
+                 input_size=digits.input_size, adapter_layout="merge", weight_layout="qdq")
     assert not (tmp_path / "m.onnx").exists()

@@ -19,7 +19,9 @@ from cora_onnx.core.options import IMAGENET_MEAN, RunOptions
     (dict(keep="first,middle"), "keep must be a subset"),
     (dict(act_bits=4, calib="."), "act_bits must be one of 8"),
     (dict(act_bits=8), "need calibration images"),
-    (dict(adapter_layout="merge"), "merge needs integer activations"),
+    (dict(adapter_layout="merge", weight_layout="qdq"), "merge with float activations needs weight layout decode"),
+    (dict(weight_layout="decode", act_bits=8, calib="."), "weight layout decode is for float activations"),
+    (dict(weight_layout="fold"), "weight layout must be one of auto, decode, qdq"),
     (dict(adapter_layout="fold"), "adapter layout must be one of"),
     (dict(act_calib="entropy"), "act_calib"),
     (dict(out_format="tflite"), "output format must be one of onnx, ort"),
@@ -35,6 +37,17 @@ from cora_onnx.core.options import IMAGENET_MEAN, RunOptions
 def test_bad_values_fail_at_construction(kw, msg):
     with pytest.raises(SettingsError, match=msg):
         RunOptions(**kw)
+
+
+def test_weight_layout_for():
+    """auto writes decode for an ONNX file with float activations, qdq with integer activations or
+    the ORT format; an explicit choice stands (decode with integer activations is refused)."""
+    from cora_onnx.core.options import weight_layout_for
+
+    assert weight_layout_for("auto", None) == "decode" and weight_layout_for("auto", 8) == "qdq"
+    assert weight_layout_for("auto", None, "ort") == "qdq" and weight_layout_for("decode", None, "ort") == "decode"
+    assert weight_layout_for("qdq", None) == "qdq"
+    assert RunOptions(adapter_layout="merge").adapter_layout == "merge"  # merged into the decoded float weight
 
 
 def test_paths_are_checked_at_construction(tmp_path):

@@ -57,3 +57,50 @@ def test_resnet18_packed_sub_4_bit_files(real):
     assert len(blobs[3]) <= 0.8 * len(blobs[4]) and len(blobs[2]) <= 0.6 * len(blobs[4])
     ops = {n.op_type for n in optimized_graph(blobs[3]).graph.node}
     assert not ops & {"Gather", "Mod", "Div", "MatMul", "Cast"} and "Conv" in ops
+
+
+def test_resnet18_decoded_weights_fold_at_load(real):
+    """Issue 28: the default weight layout of a weight-only file (decode) is no larger than the
+    DequantizeLinear layout, and ONNX Runtime's optimized graph of it is the float model's (the
+    same kernels, no DequantizeLinear or decoding op left), so it runs at float speed in a plain
+    session (timed by tools/bench_weight_only.py, not here)."""
+    from collections import Counter
+
+    from cora_onnx.onnx.verify import optimized_graph
+
+    import onnx_ir as ir
+
+    _, fused, _, _ = real
+    plan = search_rtn(fused, RtnSettings(bits=4))
+    exported = export_onnx(fused, 224)
+    blobs = {lay: onnx_bytes(apply_plan(ir.from_proto(ir.to_proto(exported)), plan, weight_layout=lay))
+             for lay in ("qdq", "decode")}
+    assert len(blobs["decode"]) <= len(blobs["qdq"])
+    ops = {k: Counter(n.op_type for n in optimized_graph(b).graph.node) for k, b in
+           (("float", onnx_bytes(exported)), ("decode", blobs["decode"]), ("qdq", blobs["qdq"]))}
+    assert ops["decode"] == ops["float"]
+    assert ops["qdq"]["DequantizeLinear"] == len(plan.layers)  # the layout ONNX Runtime runs at each inference
+
+
+def test_resnet18_w8a8_is_integer_from_first_quantize_to_classifier(real):
+    """Issue 28: the W8A8 ResNet-18 (dynamo export) in ONNX Runtime's optimized graph has no float
+    Conv/Gemm/MatMul and no float pooling between the first QuantizeLinear and the classifier:
+    the global average pool runs as QLinearGlobalAveragePool; `inspect` lists no float op."""
+    from cora_onnx.onnx.inspection import inspect_model
+    from cora_onnx.onnx.int8 import add_activation_qdq, choose_scheme
+    from cora_onnx.onnx.pipeline import cleanup_passes
+    from cora_onnx.torch.export import export_program
+    import onnx_ir as ir
+
+    _, fused, val, _ = real
+    scheme = choose_scheme()
+    plan = search_rtn(fused, RtnSettings(bits=scheme.weight_bits))
+    model = apply_plan(export_program(fused, 224).model, plan)
+    assert any(n.op_type == "ReduceMean" for n in model.graph)  # what the dynamo exporter writes for the pool
+    add_activation_qdq(model, val.subset(16), scheme)
+    ir.passes.PassManager(cleanup_passes())(model)
+    info = inspect_model(onnx_bytes(model))["onnxruntime"]
+    assert info["float_ops"] == [], info["float_ops"]
+    ops = info["ops"]
+    assert ops["QLinearConv"] == 20 and ops["QGemm"] == 1 and ops["QLinearGlobalAveragePool"] == 1
+    assert not {"Conv", "FusedConv", "NchwcConv", "Gemm", "MatMul", "ReduceMean", "GlobalAveragePool"} & set(ops)

@@ -50,17 +50,26 @@ def test_numpy_grid_matches_torch_quantizer(bits):
     assert (q == ref.q.numpy()).mean() > 0.999
 
 
-def test_rewrite_weights_only(tiny, float_onnx, tmp_path):
-    out = tmp_path / "w8.onnx"
-    res = rewrite_onnx(float_onnx, out=out, bits=8)
-    ops = [n.op_type for n in onnx.load(out).graph.node]
+@pytest.mark.parametrize("layout", ["auto", "qdq"])
+def test_rewrite_weights_only(tiny, float_onnx, tmp_path, layout):
+    """Weight-only rewrite: by default (auto = decode) every weight is its INT8 grid decoded by
+    Cast and Mul, which ONNX Runtime folds at load; qdq writes DequantizeLinear nodes. The same
+    weights either way."""
+    outs = {}
+    for lay in ("qdq", layout):
+        outs[lay] = tmp_path / f"w8-{lay}.onnx"
+        res = rewrite_onnx(float_onnx, out=outs[lay], bits=8, weight_layout=lay)
+    ops = [n.op_type for n in onnx.load(outs[layout]).graph.node]
     assert res.report["batchnorm_fused"] == 1 and "BatchNormalization" not in ops
-    assert ops.count("DequantizeLinear") == 4 and len(res.report["layers"]) == 4
+    assert len(res.report["layers"]) == 4
+    assert ops.count("DequantizeLinear") == (4 if layout == "qdq" else 0)
+    assert ops.count("Mul") == (0 if layout == "qdq" else 4)
     x = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
     with torch.no_grad():
         ref = tiny(torch.from_numpy(x)).numpy()
-    got = _run(out, x)
+    got = _run(outs[layout], x)
     assert 0 < np.abs(got - ref).max() < 0.01 * np.abs(ref).max() + 1e-3
+    np.testing.assert_allclose(got, _run(outs["qdq"], x), rtol=1e-6, atol=1e-6)
 
 
 def test_rewrite_cli_integer_activations_and_ort_format(tiny, float_onnx, calib_dir, tmp_path):
@@ -71,7 +80,7 @@ def test_rewrite_cli_integer_activations_and_ort_format(tiny, float_onnx, calib_
     report = json.loads(rep.read_text())
     assert report["activations"]["onnxruntime_kernels"]["float_compute"] == 0
     k = integer_kernels(out.read_bytes())
-    assert k["integer"] == 4 and k["float_compute"] == 0
+    assert k["integer"] == 5 and k["float_compute"] == 0  # 3 convs, the global average pool, the classifier
     x = np.random.default_rng(2).normal(size=(1, 3, 8, 8)).astype(np.float32)
     with torch.no_grad():
         ref = tiny(torch.from_numpy(x)).numpy()
@@ -121,9 +130,13 @@ def test_bad_input_rejected(tmp_path, case, message):
         assert isinstance(exc.value, OnnxModelError)
 
 
-def test_act_bits_without_calib_rejected(float_onnx, tmp_path):
+def test_act_bits_without_calib_rejected(float_onnx, calib_dir, tmp_path):
     r = CliRunner().invoke(main, ["rewrite", str(float_onnx), "--out", str(tmp_path / "o.onnx"), "--act-bits", "8"])
     assert r.exit_code == 2 and "--calib" in r.output
+    r = CliRunner().invoke(main, ["rewrite", str(float_onnx), "--out", str(tmp_path / "o.onnx"), "--act-bits", "8",
+                                  "--calib", str(calib_dir), "--weight-layout", "decode"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "weight layout decode" in r.output
+    assert not (tmp_path / "o.onnx").exists()
 
 
 def test_rewrite_several_calib_folders(float_onnx, calib_dir, tmp_path):

@@ -201,6 +201,7 @@ def import_pq(checkpoint, arch, verbose, quiet, **given):
 @run_option("keep_bits", default=8, show_default=True)
 @click.option("--clip", type=click.Choice(["mse", "minmax"]), default="mse", show_default=True, help="Weight range search.")
 @_int8_options
+@run_option("weight_layout")
 @_preprocess_options
 @_options("threads", "report")
 @_common_logging
@@ -225,6 +226,7 @@ def rewrite(onnx_in, clip, verbose, quiet, **given):
 @run_option("out", required=True, help="Output ONNX file.")
 @run_option("input_size", help="Input size [from the plan].")
 @run_option("out_format")
+@run_option("weight_layout", help="decode or qdq (see quantize --weight-layout); auto: the plan's.")
 @_common_logging
 @_guard
 def export(arch, weights, plan_path, verbose, quiet, **given):

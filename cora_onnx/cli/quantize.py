@@ -109,6 +109,7 @@ def _adapter_layout(value: str) -> str:
 @run_option("adapter_layout", type=click.Choice(["auto", "branch", "merge", "fold"]),
             callback=lambda ctx, param, value: _adapter_layout(value),
             extra_help=" fold: deprecated name of merge.")
+@run_option("weight_layout")
 @_preprocess_options
 @_options("batch_size", "latency_runs", "latency_batch", "threads", "seed")
 @_common_logging

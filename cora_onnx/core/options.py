@@ -28,7 +28,8 @@ from cora_onnx.core.errors import SettingsError, check_bits
 from cora_onnx.core.files import check_input_dir, check_input_file, check_output_path
 
 __all__ = ["RunOptions", "Preprocess", "parse_keep", "parse_floats", "IMAGENET_MEAN", "IMAGENET_STD", "ACT_BITS",
-           "CALIB_METHODS", "DEFAULT_CALIB", "ADAPTER_LAYOUTS", "OUT_FORMATS", "KEEP_CHOICES"]
+           "CALIB_METHODS", "DEFAULT_CALIB", "ADAPTER_LAYOUTS", "OUT_FORMATS", "KEEP_CHOICES", "WEIGHT_LAYOUTS",
+           "weight_layout_for"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the usual torchvision normalization
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,7 +38,23 @@ CALIB_METHODS = ("minmax", "percentile", "mse")  # activation range methods (cor
 DEFAULT_CALIB = "minmax"
 ADAPTER_LAYOUTS = ("auto", "branch", "merge")
 OUT_FORMATS = ("onnx", "ort")
+WEIGHT_LAYOUTS = ("auto", "decode", "qdq")  # how quantized weights are written (cora_onnx.onnx.pipeline)
 KEEP_CHOICES = ("first", "last", "depthwise")
+
+
+def weight_layout_for(choice: str, act_bits: int | None, out_format: str = "onnx") -> str:
+    """The weight layout a run writes ("decode" or "qdq") for the user's choice: auto is decode for
+    an ONNX file with float activations (ONNX Runtime folds the decoding at load: float speed in a
+    plain session) and qdq with integer activations (the integer kernels fuse weight
+    DequantizeLinear nodes) or the ORT format (its conversion runs the load-time folding, so
+    decoded weights would be stored as float). SettingsError for decode with integer activations."""
+    _choice(choice, WEIGHT_LAYOUTS, "weight layout")
+    if choice == "decode" and act_bits is not None:
+        raise SettingsError("weight layout decode is for float activations: with integer activations (act_bits=8) "
+                            "the weights stay DequantizeLinear nodes, which ONNX Runtime fuses into integer kernels")
+    if choice == "auto":
+        return "qdq" if act_bits is not None or out_format == "ort" else "decode"
+    return choice
 
 
 def parse_keep(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -147,9 +164,16 @@ class RunOptions:
     act_calib: str = _opt(DEFAULT_CALIB, "--act-calib", "Activation ranges: min/max, 99.99th percentile, or the "
                           "histogram range of least 8-bit error.", type=CALIB_METHODS, show_default=True)
     adapter_layout: str = _opt("auto", "--adapter-layout", "CoRa adapters as branch convolutions beside each Conv, "
-                               "or (with --act-bits 8) merged into the Conv's integer weight when ONNX Runtime loads "
-                               "the file (the file keeps the low-bit grid and the factors; no branch latency). auto: "
-                               "merge with --act-bits, branch without.", type=ADAPTER_LAYOUTS, show_default=True)
+                               "or merged into the Conv's weight when ONNX Runtime loads the file (the integer weight "
+                               "with --act-bits 8, the float weight with the decode weight layout; the file keeps the "
+                               "low-bit grid and the factors; no branch latency). auto: merge with --act-bits or the "
+                               "decode weight layout, branch otherwise.", type=ADAPTER_LAYOUTS, show_default=True)
+    weight_layout: str = _opt("auto", "--weight-layout", "Quantized weights as their integer grids decoded by standard "
+                              "ops (Cast, Mul) that ONNX Runtime folds when it loads the file (decode: float speed in "
+                              "a plain session), or as DequantizeLinear nodes (qdq: what runtimes with low-bit kernels "
+                              "of their own read; ONNX Runtime runs them at each inference). auto: decode for an ONNX "
+                              "file with float activations, qdq with --act-bits or --format ort (whose conversion "
+                              "would store decoded weights as float).", type=WEIGHT_LAYOUTS, show_default=True)
     out_format: str = _opt("onnx", "--format", "Output format: ONNX, or ONNX Runtime's ORT format (mobile/minimal "
                            "builds; operator report in the JSON report).", type=OUT_FORMATS, show_default=True)
     # outputs
@@ -277,9 +301,10 @@ class RunOptions:
         if self.act_bits is not None and not self.calib:
             raise SettingsError("integer activations (--act-bits 8, act_bits=8) need calibration images (--calib DIR, "
                                   "calib=DIR)")
-        if self.adapter_layout == "merge" and self.act_bits is None:
-            raise SettingsError("adapter layout merge needs integer activations (act_bits=8): it merges the adapters "
-                                "into integer weights")
+        layout = weight_layout_for(self.weight_layout, self.act_bits, self.out_format)
+        if self.adapter_layout == "merge" and self.act_bits is None and layout != "decode":
+            raise SettingsError("adapter layout merge with float activations needs weight layout decode: the adapters "
+                                "are merged into the weights when ONNX Runtime loads the file")
         put("batch_size", _int(self.batch_size, "batch size", 1))
         put("parity_images", _int(self.parity_images, "parity images", 1))
         put("latency_runs", _int(self.latency_runs, "latency runs", 0, " (0 skips the timing)"))

@@ -14,8 +14,11 @@ may rewrite weights, e.g. fuse a BatchNorm into them). Plans saved without it st
 
 Beside the layers, a Plan holds how it is written into the graph, so that applying a saved plan
 rebuilds the file `quantize` wrote: ``merge_bits`` (CoRa adapters merged into 7- or 8-bit integer
-weights at load instead of branch convolutions) and ``activations`` (static integer activations:
-the scheme and every calibrated range), and in ``meta`` the preprocessing. Plans of format 1
+weights at load instead of branch convolutions), ``weight_layout`` (decode: integer grids decoded
+by standard ops ONNX Runtime folds at load; qdq: DequantizeLinear nodes), ``adapter_layout``
+(branch or merge, None: merge with merge_bits or the decode layout) and ``activations`` (static
+integer activations: the scheme and every calibrated range), and in ``meta`` the preprocessing.
+Plans saved without a weight layout apply as qdq, as they were written then. Plans of format 1
 (before these were stored) load as weight-only plans, with a warning naming what they lack.
 """
 
@@ -388,8 +391,10 @@ class Plan:
     """A whole model's plan. method: "rtn", "cora", "pq"...; settings: the search settings
     (JSON-able); layers: one LayerPlan per compressed layer; meta: model/preprocessing facts;
     merge_bits: None writes CoRa adapters as branch convolutions, 7 or 8 merges them into the
-    Conv's integer weight at load (passes.AdapterMergePass); activations: static integer
-    activations (None: float activations)."""
+    Conv's integer weight at load (passes.AdapterMergePass); weight_layout: "qdq" or "decode"
+    (cora_onnx.onnx.pipeline.plan_pipeline); adapter_layout: "branch", "merge" (into the float
+    weight when merge_bits is None) or None (merge with merge_bits or decode, else branch);
+    activations: static integer activations (None: float activations)."""
 
     method: str
     settings: Mapping[str, Any]
@@ -397,12 +402,18 @@ class Plan:
     meta: Mapping[str, Any] = field(default_factory=dict)
     merge_bits: int | None = None
     activations: ActivationPlan | None = None
+    weight_layout: str = "qdq"
+    adapter_layout: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
         names = [layer.name for layer in self.layers]
         _check(len(names) == len(set(names)), "plan has duplicate layer names")
         _check(self.merge_bits in (None, 7, 8), f"plan merge_bits must be 7, 8 or None, got {self.merge_bits!r}")
+        _check(self.weight_layout in ("qdq", "decode"), f"plan weight_layout must be qdq or decode, got "
+                                                        f"{self.weight_layout!r}")
+        _check(self.adapter_layout in (None, "branch", "merge"), f"plan adapter_layout must be branch, merge or None, "
+                                                                 f"got {self.adapter_layout!r}")
 
     def replace(self, **changes: Any) -> "Plan":
         """A copy with `changes` (fields)."""
@@ -471,7 +482,8 @@ class Plan:
                 rec[comp] = crec
             layers.append(rec)
         doc = {"format": PLAN_FORMAT, "method": self.method, "settings": dict(self.settings),
-               "meta": dict(self.meta), "merge_bits": self.merge_bits,
+               "meta": dict(self.meta), "merge_bits": self.merge_bits, "weight_layout": self.weight_layout,
+               "adapter_layout": self.adapter_layout,
                "activations": None if self.activations is None else
                {f.name: getattr(self.activations, f.name) for f in dataclasses.fields(ActivationPlan)},
                "layers": layers}
@@ -511,6 +523,7 @@ class Plan:
             act = doc.get("activations")
             return cls(method=doc["method"], settings=doc.get("settings", {}), layers=tuple(layers),
                        meta=doc.get("meta", {}), merge_bits=doc.get("merge_bits"),
+                       weight_layout=doc.get("weight_layout", "qdq"), adapter_layout=doc.get("adapter_layout"),
                        activations=None if act is None else ActivationPlan(**act))
         except (KeyError, TypeError) as exc:
             raise PlanError(f"plan {jpath} is malformed: {exc}") from None

@@ -30,9 +30,9 @@ def inspect_model(blob: bytes) -> dict:
         props = {p.key[len(PREFIX):]: p.value for p in n.metadata_props if p.key.startswith(PREFIX)}
         if props:
             added.append({"node": n.name, "op": n.op_type, **props})
-    grids = Counter(_grid_label(a) for a in added if a["op"] == "DequantizeLinear"
-                    and a.get("pass") == "WeightQDQPass" and "bits" in a)
-    return {
+    grids = Counter(_grid_label(a) for a in added if "bits" in a and (
+        (a["op"] == "DequantizeLinear" and a.get("pass") == "WeightQDQPass") or a.get("decoded_from") == "WeightQDQPass"))
+    info = {
         "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
         "weight_grids": dict(sorted(grids.items())),
         "ops": dict(sorted(Counter(n.op_type for n in g.node).items())),
@@ -41,6 +41,24 @@ def inspect_model(blob: bytes) -> dict:
         "metadata": {p.key: p.value for p in proto.metadata_props},
         "size": size_breakdown(blob).to_json(),
     }
+    if any(n.op_type == "QuantizeLinear" for n in g.node):  # integer activations: what ONNX Runtime runs
+        info["onnxruntime"] = _runtime_view(blob)
+    return info
+
+
+def _runtime_view(blob: bytes) -> dict:
+    """ONNX Runtime's optimized graph of a model with activation QDQ: its integer kernels and the
+    ops that still compute on float data, with why (cora_onnx.onnx.int8.float_ops)."""
+    from cora_onnx.onnx.int8 import INTEGER_OPS, float_ops
+    from cora_onnx.onnx.verify import optimized_graph
+
+    try:
+        opt = optimized_graph(blob)
+    except Exception as exc:  # inspect describes the file even when ONNX Runtime refuses it
+        return {"error": " ".join(str(exc).split())[:300]}
+    ops = Counter(n.op_type for n in opt.graph.node)
+    return {"integer_kernels": sum(ops[o] for o in INTEGER_OPS), "ops": dict(sorted(ops.items())),
+            "float_ops": float_ops(opt)}
 
 
 def _grid_label(facts: dict) -> str:
@@ -95,6 +113,17 @@ def format_inspection(info: dict, title: str) -> str:
             lines += [f"    {name:<40} {label}" for name, label in enc["layers"].items()]
         except (ValueError, KeyError, TypeError, AttributeError):
             lines.append("  encodings: unreadable cora_onnx.encodings metadata")
+    rt = info.get("onnxruntime")
+    if rt is not None:
+        if "error" in rt:
+            lines.append(f"  ONNX Runtime cannot optimize it: {rt['error']}")
+        else:
+            fl = rt["float_ops"]
+            lines.append(f"  ONNX Runtime (optimized graph): {rt['integer_kernels']} integer kernels; "
+                         f"{len(fl) or 'no'} float op{'s' if len(fl) != 1 else ''}" + (":" if fl else ""))
+            for f in fl:
+                where = "" if f["after_first_quantize"] else " (before the first quantize)"
+                lines.append(f"    {f['op']:<18} {f['node']}{where}: {f['reason']}")
     for note in info.get("notes", []):
         lines.append(f"  note: {note}")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from typing import Mapping
 
 import onnx_ir as ir
 
-from passes import ActivationQDQPass, QuantScheme, activation_layout
+from passes import ActivationQDQPass, IntegerFormsPass, QuantScheme, activation_layout
 
 from cora_onnx.onnx.calibrate import CalibSettings, calibrate
 from cora_onnx.core.errors import SettingsError
@@ -19,7 +19,8 @@ from cora_onnx.core.options import ACT_BITS
 from cora_onnx.onnx.report import Activations, cpu_flags
 
 __all__ = ["choose_scheme", "integer_kernels", "INTEGER_OPS", "FLOAT_COMPUTE_OPS", "add_activation_qdq",
-           "ACT_BITS", "activation_histograms", "activation_report", "activation_plan", "activation_qparams_of"]
+           "ACT_BITS", "activation_histograms", "activation_report", "activation_plan", "activation_qparams_of",
+           "float_ops", "FLOAT_OP_REASONS"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,27 @@ INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "ConvInteg
                "MatMulIntegerToFloat", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearMul",
                "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "DynamicQuantizeMatMul", "MatMulNBits")
 FLOAT_COMPUTE_OPS = ("Conv", "FusedConv", "NchwcConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+# ops that move or select 8-bit data as it is (their output has their input's type)
+_DATA_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "MaxPool", "NhwcMaxPool", "Gather",
+             "Resize", "Split", "Slice", "Pad", "ReorderInput", "ReorderOutput")
+# integer kernels whose output is float (the logits of a QGemm without output quantization, ...)
+_FLOAT_OUTPUT = ("MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits")
+FLOAT_OP_REASONS = {
+    **{op: "a float Conv/Gemm/MatMul kernel: its weight or input carries no QDQ (e.g. a weight with group-wise "
+           "scales, one whose grid does not fit this CPU's integer width, or a non-4-D input)" for op in FLOAT_COMPUTE_OPS},
+    "ReduceMean": "ONNX Runtime has no integer kernel for ReduceMean (cora-onnx writes a mean over the two spatial "
+                  "axes of a 4-D tensor as GlobalAveragePool, which has one)",
+    "GlobalAveragePool": "its input or output carries no QDQ",
+    "AveragePool": "its input or output carries no QDQ",
+    "HardSwish": "ONNX Runtime's CPU provider has no integer kernel for it",
+    "HardSigmoid": "ONNX Runtime's CPU provider has no integer kernel for it",
+    "Clip": "a clip that does not start at 0 or has several consumers is not absorbed into the quantization, and has "
+            "no integer kernel",
+    "Relu": "a Relu that is not the only consumer of a quantized output is not absorbed, and has no integer kernel",
+    "Softmax": "the classifier's probabilities stay float",
+    "Add": "one input is a constant or not quantized",
+    "Mul": "one input is a constant or not quantized",
+}
 
 
 def choose_scheme(flags: Mapping | None = None, act_dtype: str | None = None,
@@ -94,6 +116,7 @@ def activation_histograms(model: ir.Model, images, calib: CalibSettings = CalibS
     from cora_onnx.onnx.calibrate import collect_histograms
     from cora_onnx.core.modelfile import onnx_bytes
 
+    IntegerFormsPass()(model)
     layout = _layout(model)
     n = (len(images) + calib.batch_size - 1) // calib.batch_size
     return collect_histograms(onnx_bytes(model), layout.calibrate, images.batches(calib.batch_size), n, calib.bins,
@@ -103,13 +126,15 @@ def activation_histograms(model: ir.Model, images, calib: CalibSettings = CalibS
 def activation_plan(model: ir.Model, images, scheme: QuantScheme, calib: CalibSettings = CalibSettings(),
                     threads: int | None = None, histograms: dict | None = None,
                     weight_clip: str = "mse") -> ActivationPlan:
-    """Calibrate the activations of `model` (weights already QDQ or float) on `images`: the
+    """Calibrate the activations of `model` (weights already QDQ or float; rewritten in place into
+    the forms ONNX Runtime has integer kernels for, passes.IntegerFormsPass) on `images`: the
     plan's integer-activation section (scheme and every calibrated range), which
     cora_onnx.onnx.pipeline.apply_activations writes into the graph. histograms: from
     activation_histograms(model, images) when several range methods share one calibration pass."""
     from cora_onnx.onnx.calibrate import compute_ranges
     from cora_onnx.core.modelfile import onnx_bytes
 
+    IntegerFormsPass()(model)  # the forms with integer kernels first: the ranges are of their tensors
     layout = _layout(model)
     ranges = calibrate(onnx_bytes(model), layout.calibrate, images, calib, threads) if histograms is None else \
         compute_ranges(histograms, calib)
@@ -136,3 +161,39 @@ def add_activation_qdq(model: ir.Model, images, scheme: QuantScheme, calib: Cali
     p = ActivationQDQPass(act.ranges, scheme, weight_clip=weight_clip)
     p(model)
     return dict(act.ranges), qparams, p.report
+
+
+def float_ops(optimized) -> list[dict]:
+    """The nodes of ONNX Runtime's optimized graph (an onnx.ModelProto from
+    cora_onnx.onnx.verify.optimized_graph) that compute on float data, with why, in graph order:
+    [{"node", "op", "after_first_quantize", "reason"}]. Tensor types are followed from the graph
+    inputs: QuantizeLinear and integer kernels make 8-bit data, DequantizeLinear and every other op
+    float, data-movement ops keep their input's type. QuantizeLinear / DequantizeLinear
+    themselves (the conversions) are not listed."""
+    import onnx
+
+    graph = optimized.graph
+    consts = {t.name for t in graph.initializer}
+    kind = {i.name: "float" if i.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+            else "int" for i in graph.input}
+    out, seen_q = [], False
+    for n in graph.node:
+        inputs = [kind.get(x, "float") for x in n.input if x and x not in consts]
+        if n.op_type == "QuantizeLinear":
+            res, seen_q = "int", True
+        elif n.op_type == "DequantizeLinear" or n.op_type in _FLOAT_OUTPUT:
+            res = "float"
+        elif n.op_type in INTEGER_OPS:
+            res = "float" if n.op_type == "QGemm" and len(n.input) < 8 else "int"  # QGemm without y_scale: float logits
+        elif n.op_type in _DATA_OPS and inputs:
+            res = inputs[0]
+        else:
+            res = "float"
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and n.op_type not in INTEGER_OPS \
+                and "float" in inputs:
+            out.append({"node": n.name, "op": n.op_type, "after_first_quantize": seen_q,
+                        "reason": FLOAT_OP_REASONS.get(n.op_type, "no QDQ around it, or no integer kernel for it in "
+                                                                  "ONNX Runtime's CPU provider")})
+        for o in n.output:
+            kind[o] = res
+    return out

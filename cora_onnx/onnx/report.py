@@ -32,7 +32,7 @@ __all__ = ["environment", "format_table", "format_import_table", "write_report",
 
 
 def cpu_flags() -> dict:
-    """The CPU facts that decide integer-kernel speed (x86 AVX2/AVX-512/VNNI, ARM dot product)."""
+    """The CPU facts that decide integer-kernel speed (x86 AVX2/AVX-512/VNNI/AMX-INT8, ARM dot product)."""
     flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -42,18 +42,20 @@ def cpu_flags() -> dict:
     except OSError:
         pass
     return {"machine": platform.machine(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "arm_dotprod": "asimddp" in flags}
+            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "amx_int8": "amx_int8" in flags,
+            "arm_dotprod": "asimddp" in flags}
 
 
 def describe_cpu(flags: dict | None = None) -> str:
     """One line for people: the machine and the features that decide integer-kernel speed, e.g.
-    "x86_64: AVX2 yes, AVX-512 no, VNNI no" or "aarch64: dot product yes"."""
+    "x86_64: AVX2 yes, AVX-512 no, VNNI no" (", AMX-INT8 yes" when present) or "aarch64: dot product yes"."""
     f = cpu_flags() if flags is None else flags
     yes = lambda key: "yes" if f.get(key) else "no"  # noqa: E731
     machine = str(f.get("machine") or "unknown machine")
     if machine.lower() in ("aarch64", "arm64") or machine.lower().startswith("arm"):
         return f"{machine}: dot product {yes('arm_dotprod')}"
-    return f"{machine}: AVX2 {yes('avx2')}, AVX-512 {yes('avx512f')}, VNNI {yes('vnni')}"
+    return f"{machine}: AVX2 {yes('avx2')}, AVX-512 {yes('avx512f')}, VNNI {yes('vnni')}" + \
+        (", AMX-INT8 yes" if f.get("amx_int8") else "")
 
 
 def _torch_version() -> str | None:

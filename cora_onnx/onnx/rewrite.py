@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from cora_onnx.core.errors import InputError, OnnxModelError, SettingsError
 from cora_onnx.core.files import atomic_write
-from cora_onnx.core.options import RunOptions
+from cora_onnx.core.options import RunOptions, weight_layout_for
 from cora_onnx.core.plan import LayerPlan, Plan, UniformWeights, WeightFingerprint
 from cora_onnx.core.records import to_json
 from cora_onnx.onnx.report import RewriteReport, write_report
@@ -198,7 +198,8 @@ def rewrite_onnx(src: str | os.PathLike, options: RunOptions | None = None, **ke
     (default 8), method option clip: mse or minmax), plus 8-bit activations with act_bits=8,
     calibrated on the images in `calib` (a folder or a list of folders, mixed) with act_calib and
     the preprocessing (input_size: the model's when fixed; mean, std, crop_ratio). Writes `out`
-    (out_format ONNX or ORT format) and, when given, the JSON `report`."""
+    (out_format ONNX or ORT format; weights in weight_layout, core.options.weight_layout_for) and,
+    when given, the JSON `report`."""
 
     from cora_onnx.onnx.pipeline import apply_plan, cleanup_passes
 
@@ -260,7 +261,7 @@ def rewrite_onnx(src: str | os.PathLike, options: RunOptions | None = None, **ke
     plan = weight_plan(model, bits, keep_bits, keep, clip)
     if not plan.layers:
         raise OnnxModelError(f"{src} has no Conv or Gemm with a float weight initializer to quantize")
-    model = apply_plan(model, plan)
+    model = apply_plan(model, plan, weight_layout=weight_layout_for(opts.weight_layout, act_bits, opts.out_format))
     external = _initializer_bytes(model) >= SELF_CONTAINED_LIMIT
     out_format = opts.out_format
     if external and (act_bits is not None or out_format == "ort"):

@@ -21,7 +21,7 @@ from cora_onnx.onnx.sizes import finish
 from cora_onnx.onnx.report import QuantizeReport
 from cora_onnx.onnx.verify import failed_path
 from cora_onnx.core.plan import Plan
-from cora_onnx.core.options import RunOptions
+from cora_onnx.core.options import RunOptions, weight_layout_for
 from cora_onnx.run.stages import (check_options, export_quantized, load_data, load_model, make_settings, run_search,
                                   size_budget)
 
@@ -54,10 +54,16 @@ def quantize(model: nn.Module, options: RunOptions | None = None, *, float_logit
     integer activations (static, calibrated on calib with act_calib = "minmax", "percentile" or
     "mse"; weights then use the CPU's integer-kernel width, see cora_onnx.onnx.int8.choose_scheme);
     None keeps float activations. out_format: "onnx" or "ort" (ONNX Runtime's ORT format, written
-    by onnxruntime's own converter). adapter_layout (CoRa): "branch" exports each adapter as
-    Conv(A) -> Conv(B) -> Add beside its Conv; "merge" (integer activations only) stores the same
-    factors but merges them into the Conv's integer weight when ONNX Runtime loads the model, so
-    the branches cost no inference time; "auto": merge with act_bits, branch without.
+    by onnxruntime's own converter). weight_layout: "decode" writes each quantized weight as its
+    integer grid decoded by standard ops (Cast, Mul) that ONNX Runtime folds when it loads the
+    file, so a weight-only file runs at float speed in a plain session; "qdq" as DequantizeLinear
+    nodes (what runtimes with low-bit kernels of their own read; ONNX Runtime runs them at each
+    inference); "auto": decode for an ONNX file with float activations, qdq with act_bits (integer
+    kernels need it) or out_format "ort" (its conversion would store decoded weights as float).
+    adapter_layout (CoRa): "branch" exports each adapter as Conv(A) -> Conv(B) -> Add beside its
+    Conv; "merge" stores the same factors but merges them into the Conv's weight when ONNX Runtime
+    loads the model (the integer weight with act_bits, the float one with the decode layout), so
+    the branches cost no inference time; "auto": merge with act_bits or the decode layout.
     target_ratio / target_size: the file at most the float ONNX file's size / target_ratio, or
     target_size bytes ("1.9MB"): every layer's encoding is then chosen under that budget (method
     None or "auto": grids, codebooks and adapters; "pq", "cora", "rtn": that method's encodings),
@@ -94,11 +100,15 @@ def export_plan(model: nn.Module, plan: Plan, out: str | Path | None = None, opt
     """Export `model` with a saved plan applied, without searching or verifying: its layers, its
     adapter merge width and integer activations (calibrated ranges), its preprocessing in the
     file's metadata, so the file is the one `quantize` wrote with that plan. The run options
-    (`options` or keywords): out, input_size (default: the plan's), out_format. PlanError when the
+    (`options` or keywords): out, input_size (default: the plan's), out_format, weight_layout
+    (auto: the plan's; decode or qdq rewrite the plan's weights that way). PlanError when the
     model's (BatchNorm-fused) weights are not those the plan was made from. Returns bytes written."""
     opts = RunOptions.resolve(options, **keywords, **({"out": out} if out is not None else {}))
     if opts.out is None:
         raise SettingsError("export_plan needs an output path (out=)")
+    if opts.weight_layout != "auto":
+        plan = plan.replace(weight_layout=weight_layout_for(
+            opts.weight_layout, None if plan.activations is None else 8, opts.out_format))
     size = int(opts.input_size or plan.meta.get("input_size", 224))
     fused = fuse_batchnorm(load_model(model), size)
     weights = {name: mod.weight.detach().cpu().numpy() for name, mod in quantizable_layers(fused).items()}

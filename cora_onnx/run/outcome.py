@@ -97,7 +97,7 @@ def verify_quantized(model: nn.Module, exported: Exported, data: Data, opts: Opt
     if timed:
         log.info("measuring latency (%d interleaved runs per model and batch size)", opts.latency_runs)
     models = {"float": exported.float_bytes, "quantized": qsess}
-    if scheme is None:  # load-time weight folding disables the integer fusions: only for weight-only models
+    if scheme is None and opts.weights == "qdq":  # weight DequantizeLinear folded at load: weight-only files
         models["quantized_folded"] = session(exported.quant_bytes, threads=opts.threads, fold_weight_dq=True)
     models.update(exported.extra)
     lat = measure_latency(models, shape, batch_sizes=batches, runs=opts.latency_runs, threads=opts.threads,
@@ -133,7 +133,7 @@ def make_report(searched: Searched, exported: Exported, verification: Verificati
         images={"calib": len(data.calib) if data.calib is not None else 0,
                 "val": len(data.val) if data.val is not None else 0},
         environment=environment(opts.threads),
-        notes=tuple((_notes(plan) if opts.scheme is None else []) + _batchnorm_notes(fused)),
+        notes=tuple((_notes(plan, opts.weights) if opts.scheme is None else []) + _batchnorm_notes(fused)),
         method_report=to_json(m.report(plan)) if m.report is not None else {},
         size_target=size_target_report(plan, len(quant_bytes)) if "size_target" in plan.meta else None,
         activations=exported.act_report, outcome=Outcome(verified=verification.verified))
@@ -255,13 +255,16 @@ def _batchnorm_notes(fused: nn.Module) -> list[str]:
             "BatchNormalization nodes, and the weights before them were quantized without their scale"]
 
 
-def _notes(plan: Plan) -> list[str]:
-    notes = []
+def _notes(plan: Plan, weight_layout: str) -> list[str]:
+    if weight_layout == "decode":
+        return ["weights are decoded from their integer grids (CoRa adapters merged in) when ONNX Runtime loads "
+                "the file (weight layout decode): small on disk, float weights in memory, float speed; "
+                "--weight-layout qdq writes DequantizeLinear nodes instead."]
     if any(lp.uniform is not None and lp.uniform.bits <= 4 for lp in plan.layers):
-        notes.append("ONNX Runtime has no 4-bit Conv kernel on CPU: INT4 weights save disk, not time (their "
-                     "DequantizeLinear runs at each inference). latency 'quantized_folded' is the same file with "
-                     "session config session.disable_quant_qdq=1, which folds them at load.")
-    return notes
+        return ["ONNX Runtime has no 4-bit Conv kernel on CPU and does not fold DequantizeLinear at load: with weight "
+                "layout qdq, INT4 weights are dequantized at each inference. latency 'quantized_folded' is the same "
+                "file with session config session.disable_quant_qdq=1, which folds them at load."]
+    return []
 
 
 @dataclass(frozen=True, eq=False)

@@ -23,7 +23,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from cora_onnx.core.options import ADAPTER_LAYOUTS, Preprocess, RunOptions
+from cora_onnx.core.options import ADAPTER_LAYOUTS, Preprocess, RunOptions, weight_layout_for
 from cora_onnx.onnx.data import ImageSet, load_class_map, load_images
 from cora_onnx.core.budget import format_size
 from cora_onnx.core.errors import CoraError, ModelError, SettingsError
@@ -54,13 +54,18 @@ class Options(RunOptions):
     `bits` fitted to the integer-kernel width with act_bits, `threads` resolved, `out` set, and
     what they imply: settings (the method's validated settings), pre (the preprocessing),
     scheme / calib_settings (integer activations; None: float activations), merge_bits (the
-    integer weight width the CoRa adapters are fused into at load; None: adapters as branches)."""
+    integer weight width the CoRa adapters are fused into at load with integer activations),
+    weights ("decode" or "qdq": the weight layout written, core.options.weight_layout_for) and
+    adapters ("merge": CoRa adapters merged into their Conv's weight at load, the integer one with
+    merge_bits, else the float one; "branch": branch convolutions)."""
 
     settings: Any = None
     pre: Preprocess | None = None
     scheme: Any = None
     calib_settings: Any = None
     merge_bits: int | None = None
+    weights: str = "decode"
+    adapters: str = "branch"
 
 
 def make_settings(method: str, bits: int, options: Mapping[str, Any]):
@@ -113,6 +118,9 @@ def check_options(options: RunOptions | None = None, **keywords) -> Options:
         scheme = choose_scheme()
         bits, method_options = _fit_weight_bits(bits, method_options, scheme.weight_bits, fields)
     merge_bits = scheme.weight_bits if scheme is not None and run.adapter_layout in ("auto", "merge") else None
+    weights = weight_layout_for(run.weight_layout, run.act_bits, run.out_format)
+    adapters = "merge" if run.adapter_layout in ("auto", "merge") and (scheme is not None or weights == "decode") \
+        else "branch"
     if "seed" in fields:
         method_options.setdefault("seed", run.seed)  # seeded searches follow --seed
     settings = make_settings(method, bits, method_options)
@@ -120,7 +128,7 @@ def check_options(options: RunOptions | None = None, **keywords) -> Options:
     return Options(**{**given, "bits": bits, "threads": run.threads or cpu_threads(),
                       "out": run.out if run.out is not None else Path("model.onnx")},
                    settings=settings, pre=run.preprocess, scheme=scheme, calib_settings=calib_settings,
-                   merge_bits=merge_bits)
+                   merge_bits=merge_bits, weights=weights, adapters=adapters)
 
 
 def _with_selection(method_options: dict, run: RunOptions, settings_cls: type) -> dict:
@@ -350,7 +358,8 @@ def export_quantized(searched: Searched, opts: Options, calib: ImageSet | None) 
     them and write them into the plan and the graph. Models with adapters also get their variants
     without adapters (and with adapters as branches when they are fused) for the latency table."""
     fused, scheme = searched.fused, opts.scheme
-    plan = searched.plan.replace(merge_bits=opts.merge_bits, activations=None)
+    plan = searched.plan.replace(merge_bits=opts.merge_bits, weight_layout=opts.weights, adapter_layout=opts.adapters,
+                                 activations=None)
     program = searched.program if searched.program is not None else export_program(fused, opts.pre.input_size)
     model_ir = program.model
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
@@ -364,10 +373,10 @@ def export_quantized(searched: Searched, opts: Options, calib: ImageSet | None) 
         extra["quantized_no_adapters"] = onnx_bytes(bare_ir) if scheme is None else \
             integer_activations(bare_ir, program, apply_plan_torch(fused, bare, opts.merge_bits), calib, scheme,
                                 opts.calib_settings, opts.threads)[0]
-    if adapted and opts.merge_bits is not None:  # and with the adapters as branch convolutions (latency only)
-        branches = plan.replace(merge_bits=None)
+    if adapted and opts.adapters == "merge":  # and with the adapters as branch convolutions (latency only)
+        branches = plan.replace(merge_bits=None, adapter_layout="branch")
         branch_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), branches)
-        extra["quantized_branches"] = integer_activations(
+        extra["quantized_branches"] = onnx_bytes(branch_ir) if scheme is None else integer_activations(
             branch_ir, program, apply_plan_torch(fused, branches), calib.subset(BRANCH_TIMING_CALIB, opts.seed), scheme,
             opts.calib_settings, opts.threads)[0]
     qmodel = apply_plan_torch(fused, plan, opts.merge_bits)
@@ -380,8 +389,7 @@ def export_quantized(searched: Searched, opts: Options, calib: ImageSet | None) 
                                                                    calib, scheme, opts.calib_settings, opts.threads)
         plan = plan.replace(activations=act)
         if adapted:
-            act_report = dataclasses.replace(act_report,
-                                             adapter_layout="merge" if opts.merge_bits is not None else "branch")
+            act_report = dataclasses.replace(act_report, adapter_layout=opts.adapters)
     return Exported(float_bytes, quant_bytes, qmodel, extra, act_report, plan)
 
 
@@ -420,7 +428,7 @@ def integer_activations(model_ir, program, qmodel, calib_set: ImageSet, scheme, 
         sim = qmodel
     else:
         sim = ActivationQuantSim(program, qmodel, qparams, scheme.act_range,
-                                 biases=integer_biases(ir.to_proto(model_ir)))
+                                 biases=integer_biases(ir.to_proto(model_ir)), shared=set(qparams) - set(act.ranges))
     report = dataclasses.replace(
         activation_report(pass_report, calib_set, scheme, calib_settings, data, time.perf_counter() - t0),
         parity_reference="PyTorch simulation of the integer activations" if sim is not qmodel else

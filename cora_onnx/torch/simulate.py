@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 import torch
@@ -27,11 +27,15 @@ class ActivationQuantSim(nn.Module):
     ONNX graph input (its tensor is the first user input of the program); biases: layer -> the bias
     ONNX Runtime's integer kernel adds (its INT32 grid dequantized,
     cora_onnx.onnx.verify.integer_biases), used instead of the float bias of that layer so the
-    simulation rounds where ONNX Runtime does, not a fraction of a step away."""
+    simulation rounds where ONNX Runtime does, not a fraction of a step away. shared: the tensors
+    of qparams that reuse another tensor's parameters through a data-movement op (the layout's
+    `shared`): one an ONNX pass made (e.g. the Reshape that replaced a Flatten, under a new name)
+    may be absent from the program, since quantizing moved data again with the same parameters
+    changes nothing; every other tensor must be a node of the program."""
 
     def __init__(self, program, weights: nn.Module, qparams: Mapping[str, tuple[float, int]],
                  act_range: tuple[int, int], input_name: str = "input",
-                 biases: Mapping[str, np.ndarray] | None = None) -> None:
+                 biases: Mapping[str, np.ndarray] | None = None, shared: Collection[str] = ()) -> None:
         super().__init__()
         # a copy: the program's parameters share storage with the ONNX model's initializers (torch.onnx
         # wraps them without copying), and loading the quantized weights in place would overwrite the
@@ -55,7 +59,7 @@ class ActivationQuantSim(nn.Module):
                     and f"{n.args[0].name}_split_{n.args[1]}" in qparams:
                 alias[n.name] = f"{n.args[0].name}_split_{n.args[1]}"
         names = {n.name for n in gm.graph.nodes}
-        unknown = [t for t in qparams if t not in names and t not in alias.values()]
+        unknown = [t for t in qparams if t not in names and t not in alias.values() and t not in set(shared)]
         if unknown:
             raise ModelError(f"simulation: tensor {unknown[0]} of the ONNX graph is not a node of the exported program")
         self.alias = alias

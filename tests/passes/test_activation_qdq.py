@@ -32,7 +32,8 @@ def _int8_tiny(tiny, bits=4, scheme=AVX2):
     model = apply_plan(program.model, plan)
     ranges, qparams, report = add_activation_qdq(model, _images(), scheme)
     ir.passes.PassManager(cleanup_passes())(model)
-    sim = ActivationQuantSim(program, apply_plan_torch(fused, plan), qparams, scheme.act_range)
+    sim = ActivationQuantSim(program, apply_plan_torch(fused, plan), qparams, scheme.act_range,
+                             shared=set(qparams) - set(ranges))
     return onnx_bytes(model), sim, qparams, report
 
 
@@ -40,7 +41,8 @@ def test_every_quantized_layer_is_an_integer_kernel(tiny):
     blob, _, _, report = _int8_tiny(tiny)
     k = integer_kernels(blob)
     assert k["ops"].get("QLinearConv", 0) == 3 and k["ops"].get("QGemm", 0) == 1
-    assert k["float_compute"] == 0 and k["integer"] == 4 == len(report["integer_nodes"])
+    assert k["ops"].get("QLinearGlobalAveragePool", 0) == 1  # the spatial mean, as IntegerFormsPass writes it
+    assert k["float_compute"] == 0 and k["integer"] == 5 == len(report["integer_nodes"])
     proto = onnx.load_from_string(blob)
     ops = [n.op_type for n in proto.graph.node]
     assert "Relu" not in ops  # the three ReLUs are absorbed into the QuantizeLinear clamp
@@ -202,19 +204,19 @@ def _float_ranges(graph, names):
 
 def test_layout_and_the_pass_alone_on_a_graph_built_here(graph):
     """activation_layout and ActivationQDQPass alone on a tiny onnx.helper graph with float weights:
-    the layout names the tensors, the Relu is absorbed into conv1's output quantization, Flatten
-    shares its input's parameters, float weights become per-channel INT8 (7-bit values) and biases
+    the layout names the tensors, the Relu is absorbed into conv1's output quantization, MaxPool and
+    Flatten share their input's parameters, the GlobalAveragePool is an integer node, float weights become per-channel INT8 (7-bit values) and biases
     INT32 at input x weight scale; ONNX Runtime fuses every compute node into an integer kernel, which
     agrees with the graph as written, and both stay close to the float graph."""
     model = graph.model()
     layout = activation_layout(model)
     assert layout.calibrate == ["input", "relu_out", "pw_out", "gap_out"]
-    assert layout.shared == {"flat_out": "gap_out"} and layout.absorbed == {"conv1_out": "relu_out"}
-    assert layout.compute == ["conv1", "pw", "fc"]
+    assert layout.shared == {"flat_out": "gap_out", "pool_out": "pw_out"} and layout.absorbed == {"conv1_out": "relu_out"}
+    assert layout.compute == ["conv1", "pw", "gap", "fc"]
     ranges = _float_ranges(graph, layout.calibrate)
     p = ActivationQDQPass(ranges, AVX2)
     assert p(model).modified
-    assert p.report["integer_nodes"] == ["conv1", "pw", "fc"] and p.report["float_nodes"] == []
+    assert p.report["integer_nodes"] == ["conv1", "pw", "gap", "fc"] and p.report["float_nodes"] == []
     nodes = {n.name: n for n in model.graph}
     assert "relu" not in nodes and [n.op_type for n in model.graph].count("Relu") == 0
     init = {k: v.const_value.numpy() for k, v in model.graph.initializers.items()}

@@ -100,3 +100,35 @@ def test_the_pass_alone_on_a_graph_built_here(graph, adapter_bits, symmetric):
 def test_the_pass_refuses_bits_other_than_7_or_8():
     with pytest.raises(ValueError, match="7 or 8 bits"):
         AdapterMergePass(Plan("cora", {}, ()), 6)
+
+
+@pytest.mark.parametrize("adapter_bits,symmetric,group", [(8, True, 0), (None, False, 0), (4, True, 4)])
+def test_float_merge_is_the_branch_folded_at_load(graph, adapter_bits, symmetric, group):
+    """bits None (float activations): the Conv reads Add(W_q, B A), the weight as WeightQDQPass
+    left it plus the adapter; with WeightDecodePass after it, ONNX Runtime folds everything at load
+    into one float weight (no branch, no MatMul, no DequantizeLinear left), and the model computes
+    what the branch layout computes, to float rounding. Group-wise grids are left to
+    WeightDecodePass (not re-quantized)."""
+    from passes import LowRankBranchPass, WeightDecodePass
+    from test_weight_decode import _grouped
+
+    w = graph.weights["conv1.weight"]
+    uniform = _grouped(w, 4, group) if group else graph.uniform(w, 4, symmetric)
+    lp = LayerPlan("conv1", "conv", w.shape, uniform=uniform, adapter=random_adapter(w.shape, 2, adapter_bits))
+    plan = Plan("cora", {}, (lp,))
+    branch = graph.model()
+    LowRankBranchPass(plan)(branch)
+    WeightQDQPass(plan)(branch)
+    model = graph.model()
+    WeightQDQPass(plan)(model)
+    assert AdapterMergePass(plan, None)(model).modified
+    nodes = {n.name: n for n in model.graph}
+    add = nodes["conv1.adapter_merge_Add"]
+    assert nodes["conv1"].inputs[1] is add.outputs[0] and add.metadata_props["cora_onnx.rank"] == "2"
+    assert [n.op_type for n in model.graph].count("Conv") == 2  # no branch convolutions
+    assert "QuantizeLinear" not in [n.op_type for n in model.graph]
+    WeightDecodePass()(model)
+    np.testing.assert_allclose(graph.run(model), graph.run(branch), rtol=1e-5, atol=1e-5)
+    opt = optimized_graph(ir.serde.serialize_model(model).SerializeToString())
+    assert not {n.op_type for n in opt.graph.node} & {"Add", "MatMul", "DequantizeLinear", "Cast", "Mul", "Reshape"}
+    np.testing.assert_allclose(graph.run(model, optimize=True), graph.run(branch), rtol=1e-4, atol=1e-4)

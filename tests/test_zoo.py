@@ -83,7 +83,8 @@ def _family(name: str) -> nn.Module:
 
 # the families whose small member has been through test_family_w4_a8; the others have a builder
 # above and join this list once run (tools/zoo.py covers every family at full size)
-FAMILIES = ["resnet", "resnext", "wide_resnet", "densenet", "mobilenet_v3", "regnet_y", "convnext", "squeezenet"]
+FAMILIES = ["resnet", "resnext", "wide_resnet", "densenet", "mobilenet_v3", "regnet_y", "convnext", "squeezenet", "mnasnet",
+            "vgg", "alexnet"]
 SIZES = {"inception": 96}  # inception_v3 needs at least 75 px
 
 

@@ -6,6 +6,7 @@ from .activation_qdq import ActivationQDQPass
 from .bias_update import BiasUpdatePass
 from .codebook_decode import CodebookDecodePass
 from .compact_names import CompactNamesPass
+from .group_scale_merge import GroupScaleMergePass
 from .integer_forms import IntegerFormsPass
 from ._packing import pack_grid, packs, unpack_grid
 from .low_rank_branch import LowRankBranchPass
@@ -15,6 +16,6 @@ from .weight_names import WeightNamesPass, locate_weight
 from .weight_qdq import WeightQDQPass
 
 __all__ = ["ActivationLayout", "ActivationQDQPass", "AdapterMergePass", "BiasUpdatePass", "CodebookDecodePass",
-           "CompactNamesPass", "IntegerFormsPass", "LowRankBranchPass", "QuantScheme", "StripExportMetadataPass",
-           "WeightDecodePass", "WeightNamesPass", "WeightQDQPass", "activation_layout", "activation_qparams",
-           "locate_weight", "pack_grid", "packs", "unpack_grid"]
+           "CompactNamesPass", "GroupScaleMergePass", "IntegerFormsPass", "LowRankBranchPass", "QuantScheme",
+           "StripExportMetadataPass", "WeightDecodePass", "WeightNamesPass", "WeightQDQPass", "activation_layout",
+           "activation_qparams", "locate_weight", "pack_grid", "packs", "unpack_grid"]

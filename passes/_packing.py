@@ -25,11 +25,10 @@ import onnx_ir as ir
 
 from ._util import add_initializer, int_tensor, mark, shared_const
 
-__all__ = ["PACKED_BITS", "PACKED_BITS_KEY", "MIN_SAVING", "pack_grid", "unpack_grid", "packs", "grid_value",
-           "zero_point_bits", "is_grid", "grid_of"]
+__all__ = ["PACKED_BITS", "MIN_SAVING", "pack_grid", "unpack_grid", "packs", "grid_value", "zero_point_bits",
+           "is_grid", "grid_of"]
 
 PACKED_BITS = {2: (4, 1), 3: (8, 3)}  # bits -> (values per group, bytes per group)
-PACKED_BITS_KEY = "cora_onnx.packed_bits"  # on the decoding Gather: the grid's width
 MIN_SAVING = 2048  # bytes a packed grid must save over INT4 to be worth its decoding nodes (~1 kB)
 
 
@@ -80,7 +79,7 @@ def grid_value(graph: ir.Graph, name: str, values: np.ndarray, bits: int, signed
     to 4 bits, INT8/UINT8 from 5 bits). Returns the value and the decoding nodes, in order, for the caller to insert.
     Decoding nodes and their outputs are named `<name>_<op>`; their intermediate values carry no
     type annotations (nothing but ONNX Runtime's constant folding reads them, and annotations
-    would cost file bytes); the Gather carries the provenance and PACKED_BITS_KEY."""
+    would cost file bytes); the Gather carries the provenance (for `inspect`)."""
     values = np.asarray(values)
     if not packs(bits, values.size):
         return add_initializer(graph, name, int_tensor(values, bits, signed, name)), []
@@ -119,11 +118,20 @@ def grid_value(graph: ir.Graph, name: str, values: np.ndarray, bits: int, signed
     return out, nodes
 
 
-def _decoder(value: ir.Value) -> ir.Node | None:
+def _decoder(value: ir.Value) -> tuple[ir.Node, int] | None:
+    """(the decoding Gather, the grid's width) when `value` is the output of a decoding subgraph:
+    a Gather of a constant lookup table of 2^b 8-bit entries (b in PACKED_BITS) by computed codes.
+    Recognised by its structure, not by metadata."""
     node = value.producer()
-    if node is None or node.op_type != "Gather" or PACKED_BITS_KEY not in node.metadata_props:
+    if node is None or node.op_type != "Gather" or len(node.inputs) != 2 or node.inputs[0] is None:
         return None
-    return node
+    lut = node.inputs[0].const_value
+    if lut is None or node.inputs[1] is None or node.inputs[1].const_value is not None:
+        return None
+    bits = {1 << b: b for b in PACKED_BITS}.get(int(np.prod(lut.shape)))
+    if bits is None or lut.dtype not in (ir.DataType.INT8, ir.DataType.UINT8):
+        return None
+    return node, bits
 
 
 def is_grid(value: ir.Value | None) -> bool:
@@ -154,11 +162,10 @@ def grid_of(value: ir.Value | None) -> np.ndarray | None:
         return None
     if value.const_value is not None:
         return value.const_value.numpy()
-    node = _decoder(value)
-    packed = _packed_source(node) if node is not None else None
+    found = _decoder(value)
+    packed = _packed_source(found[0]) if found is not None else None
     if packed is None:
         return None
     shape = tuple(int(d) for d in value.shape)
-    flat = unpack_grid(packed.const_value.numpy(), int(node.metadata_props[PACKED_BITS_KEY]), int(np.prod(shape)),
-                       value.dtype == ir.DataType.INT8)
+    flat = unpack_grid(packed.const_value.numpy(), found[1], int(np.prod(shape)), value.dtype == ir.DataType.INT8)
     return flat.reshape(shape)

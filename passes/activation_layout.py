@@ -4,11 +4,12 @@ scale and zero point: the layout that `ActivationQDQPass` writes and that calibr
 names. Pure graph analysis on onnx_ir: nothing here changes a model.
 
 - compute nodes: Conv, Gemm, MatMul whose weight is a DequantizeLinear of an integer
-  initializer (or of a grid decoded by passes._packing, or of the weight expression of
-  AdapterMergePass) or a float initializer; Add and Mul of two activations; Concat of
-  activations; GlobalAveragePool, AveragePool, Sigmoid and LeakyRelu of an activation (the ops
-  ONNX Runtime's CPU provider runs as QLinear* kernels when a DequantizeLinear feeds each input
-  and a QuantizeLinear takes the output; their outputs get their own calibrated range);
+  initializer (or of a grid decoded by passes._packing, or of a QuantizeLinear of a constant
+  expression: the re-quantized weights of AdapterMergePass and GroupScaleMergePass) or a float
+  initializer; Add and Mul of two activations; Concat of activations; GlobalAveragePool,
+  AveragePool, Sigmoid and LeakyRelu of an activation (the ops ONNX Runtime's CPU provider runs as
+  QLinear* kernels when a DequantizeLinear feeds each input and a QuantizeLinear takes the output;
+  their outputs get their own calibrated range);
 - every activation input and the output of a compute node is quantized (except a Gemm/MatMul
   output that is a graph output: ORT fuses those with float output); a Relu, or a Clip with
   min 0, that is the only consumer of a compute output is absorbed: the QuantizeLinear of the
@@ -27,11 +28,9 @@ import numpy as np
 import onnx_ir as ir
 
 from ._packing import is_grid
-from .adapter_merge import MERGED_BITS_KEY
 
 __all__ = ["QuantScheme", "ActivationLayout", "activation_layout", "activation_qparams", "COMPUTE_OPS",
-           "ACTIVATION_OPS", "SHARE_OPS",
-           "WEIGHT_INPUT", "const_array", "weight_source", "merged_bits"]
+           "ACTIVATION_OPS", "SHARE_OPS", "WEIGHT_INPUT", "const_array", "weight_source", "requantized"]
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid",
                "LeakyRelu")
@@ -112,20 +111,29 @@ def weight_source(node: ir.Node) -> str | None:
         return None
     p = w.producer()
     if p is not None and p.op_type == "DequantizeLinear" and p.inputs[0] is not None \
-            and (is_grid(p.inputs[0]) or merged_bits(p) is not None):
+            and (is_grid(p.inputs[0]) or requantized(p)):
         return "dq"
     if w.const_value is not None and w.dtype == ir.DataType.FLOAT and (node.op_type != "MatMul" or len(w.shape) == 2):
         return "float"
     return None
 
 
-def merged_bits(dq: ir.Node) -> int | None:
-    """The grid width of a weight DequantizeLinear(QuantizeLinear(constant expression)) written
-    by AdapterMergePass (constant-folded by ONNX Runtime at load), else None."""
-    q = dq.inputs[0].producer() if dq.inputs[0] is not None else None
-    if q is None or q.op_type != "QuantizeLinear" or MERGED_BITS_KEY not in q.metadata_props:
-        return None
-    return int(q.metadata_props[MERGED_BITS_KEY])
+def requantized(dq: ir.Node) -> bool:
+    """Whether a DequantizeLinear reads QuantizeLinear(a constant expression): a weight written as
+    an expression that ONNX Runtime folds at load and re-quantizes (AdapterMergePass,
+    GroupScaleMergePass). Recognised by its structure, not by metadata."""
+    q = dq.inputs[0].producer() if dq.inputs and dq.inputs[0] is not None else None
+    return q is not None and q.op_type == "QuantizeLinear" and _is_constant(q.inputs[0])
+
+
+def _is_constant(value: ir.Value | None, depth: int = 0) -> bool:
+    """Computed from initializers and Constants alone (a short expression: depth at most 32)."""
+    if value is None or value.const_value is not None:
+        return value is not None
+    p = value.producer()
+    if p is None or depth > 32:
+        return False
+    return all(v is None or _is_constant(v, depth + 1) for v in p.inputs)
 
 
 def _constant_outputs(graph: ir.Graph) -> set[int]:

@@ -11,10 +11,9 @@ calibration); this pass writes that layout into the graph and prepares the weigh
   (passes._packing) is already decoded to INT8 by a constant subgraph ONNX Runtime folds at
   load; a grid whose values do not fit the scheme (8-bit values where 7-bit weights are needed)
   leaves the node float (logged);
-  AdapterMergePass's merged weights are integer weights too (it also re-quantizes weights with
-  group-wise scales per channel); a weight with group-wise scales left as WeightQDQPass wrote it
-  (blocked DequantizeLinear, Reshape) keeps its node float (logged: integer kernels take one scale
-  per output channel); float weights are quantized per channel here (numpy MSE grid); biases
+  the weights re-quantized at load (AdapterMergePass, GroupScaleMergePass) are integer weights
+  too; a weight with group-wise scales left as WeightQDQPass wrote it (blocked DequantizeLinear,
+  Reshape) keeps its node float (logged: integer kernels take one scale per output channel); float weights are quantized per channel here (numpy MSE grid); biases
   become INT32 with scale = input scale x weight scale.
 """
 
@@ -33,7 +32,7 @@ from ._packing import grid_of
 from ._qdq import dequantize_linear, dequantized_weight, quantize_linear, scale_zero_point
 from ._util import add_initializer, default_opset, mark
 from .activation_layout import (ACTIVATION_OPS, WEIGHT_INPUT, QuantScheme, activation_layout, activation_qparams,
-                                const_array, merged_bits, weight_source)
+                                const_array, requantized, weight_source)
 from .weight_qdq import grouped_weight_dq
 
 __all__ = ["ActivationQDQPass"]
@@ -56,15 +55,19 @@ class ActivationQDQPass(ir.passes.InPlacePass):
 
     ranges: tensor name -> (low, high) for every tensor of activation_layout(model).calibrate
     (from cora_onnx.onnx.calibrate); scheme: activation type and weight width for the target CPU;
-    weight_clip: grid search for float weights quantized here ("mse" or "minmax").
-    After the pass, `self.report` says which nodes became integer and which stayed float."""
+    weight_clip: grid search for float weights quantized here ("mse" or "minmax"); merged_bits:
+    the width of the weights re-quantized at load (AdapterMergePass, GroupScaleMergePass: 7 or 8;
+    None: the scheme's width, what the plan pipeline writes for it). A merged width above the
+    scheme's leaves its node float. After the pass, `self.report` says which nodes became integer
+    and which stayed float."""
 
     def __init__(self, ranges: Mapping[str, tuple[float, float]], scheme: QuantScheme = QuantScheme(),
-                 weight_clip: str = "mse") -> None:
+                 weight_clip: str = "mse", merged_bits: int | None = None) -> None:
         super().__init__()
         self.ranges = dict(ranges)
         self.scheme = scheme
         self.weight_clip = weight_clip
+        self.merged_bits = scheme.weight_bits if merged_bits is None else merged_bits
         self.report: dict = {}
 
     def requires(self, model: ir.Model) -> None:
@@ -81,13 +84,13 @@ class ActivationQDQPass(ir.passes.InPlacePass):
         qparams = activation_qparams(self.ranges, self.scheme, layout)
         nodes = {n.name: n for n in graph}
         integer, floating = [], []
-        for n in graph:  # group-wise weight scales not re-quantized per channel (AdapterMergePass does)
+        for n in graph:  # group-wise weight scales not re-quantized per channel (GroupScaleMergePass does)
             idx = WEIGHT_INPUT.get(n.op_type)
             if idx is not None and len(n.inputs) > idx and grouped_weight_dq(n.inputs[idx]) is not None:
                 floating.append(n.name)
         if floating:
             log.warning("%d nodes (e.g. %s) have weights with group-wise scales, which have no integer kernel (they "
-                        "need one scale per output channel: AdapterMergePass re-quantizes them at load, the merged "
+                        "need one scale per output channel: GroupScaleMergePass re-quantizes them at load, the merged "
                         "adapter layout); left float", len(floating), floating[0])
         # weights and biases first (they need the input scale of each compute node)
         for name in layout.compute:
@@ -173,11 +176,10 @@ class ActivationQDQPass(ir.passes.InPlacePass):
                 del graph.initializers[w.name]
             return scale
         dq = w.producer()
-        merged = merged_bits(dq)
-        if merged is not None:  # symmetric, zero channels at scale 1, values within +-(2^(bits-1) - 1)
-            if merged > self.scheme.weight_bits:
+        if requantized(dq):  # symmetric, zero channels at scale 1, values within +-(2^(bits-1) - 1)
+            if self.merged_bits > self.scheme.weight_bits:
                 log.warning("%s: merged %d-bit weight grid does not fit the %d-bit weights this CPU needs; "
-                            "left as a float kernel", node.name, merged, self.scheme.weight_bits)
+                            "left as a float kernel", node.name, self.merged_bits, self.scheme.weight_bits)
                 return None
             return np.asarray(const_array(dq.inputs[1]), dtype=np.float32)
         if dq.attributes.get("block_size") is not None and dq.attributes.get_int("block_size", 0) != 0:

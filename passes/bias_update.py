@@ -26,6 +26,13 @@ class BiasUpdatePass(ir.passes.InPlacePass):
         super().__init__()
         self.layers = [layer for layer in plan.layers if layer.bias is not None]
 
+    def requires(self, model: ir.Model) -> None:
+        inits = model.graph.initializers
+        missing = [lp.name for lp in self.layers if lp.weight not in inits and f"{lp.name}.bias" not in inits]
+        if missing:
+            raise PlanError(f"plan does not fit the ONNX model: no initializer named {missing[0]}.weight or "
+                            f"{missing[0]}.bias for its planned bias")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         for layer in self.layers:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Collection
+
 import numpy as np
 import onnx_ir as ir
 
@@ -29,9 +31,13 @@ class WeightQDQPass(ir.passes.InPlacePass):
     zero point (opset 21), whose output `<weight>_dequantized_2d` is Reshaped to the weight's shape
     (`<weight>_Reshape`, output `<weight>_dequantized`). Every input is an initializer."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, exclude: Collection[str] = ()) -> None:
+        """exclude: names of layers whose grid another pass writes (AdapterMergePass,
+        GroupScaleMergePass in the merged layout)."""
         super().__init__()
-        self.layers = [layer for layer in plan.layers if layer.uniform is not None and layer.codebook is None]
+        skip = frozenset(exclude)
+        self.layers = [layer for layer in plan.layers
+                       if layer.uniform is not None and layer.codebook is None and layer.name not in skip]
 
     def requires(self, model: ir.Model) -> None:
         need = 21 if any((layer.uniform.bits <= 4 and not packs(layer.uniform.bits, layer.uniform.q.size))
@@ -99,11 +105,11 @@ class WeightQDQPass(ir.passes.InPlacePass):
 
 
 def grouped_weight_dq(value: ir.Value | None) -> ir.Node | None:
-    """The blocked DequantizeLinear that WeightQDQPass wrote for a weight with group-wise scales,
-    when `value` is its Reshape output (or that DequantizeLinear's output); else None."""
+    """The blocked DequantizeLinear (a block_size attribute: group-wise scales) that `value` is the
+    output of, directly or through a Reshape (as WeightQDQPass writes a grouped weight); else None."""
     node = value.producer() if value is not None else None
     if node is not None and node.op_type == "Reshape" and node.inputs[0] is not None:
         node = node.inputs[0].producer()
-    if node is None or node.op_type != "DequantizeLinear" or node.metadata_props.get("cora_onnx.granularity") != "per_group":
+    if node is None or node.op_type != "DequantizeLinear" or not node.attributes.get_int("block_size", 0):
         return None
     return node

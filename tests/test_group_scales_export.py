@@ -1,6 +1,6 @@
 """Group-wise weight scales (UniformWeights.group), plan and export side: the plan's checks, dequantize
 and save/load; WeightQDQPass's blocked DequantizeLinear, decoded by ONNX Runtime exactly as
-dequantize() computes; a whole model against apply_plan_torch; AdapterMergePass's per-channel
+dequantize() computes; a whole model against apply_plan_torch; GroupScaleMergePass and AdapterMergePass per-channel
 re-quantization at load; ActivationQDQPass with and without it; the bytes the file stores."""
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from cora_onnx.onnx.inspection import format_inspection, inspect_model
 from cora_onnx.core.npgrid import merged_grid
 from cora_onnx.onnx.pipeline import apply_plan
 from cora_onnx.core.plan import LayerPlan, Plan, UniformWeights
-from passes import ActivationQDQPass, AdapterMergePass, QuantScheme, WeightQDQPass, activation_layout, packs
-from passes.adapter_merge import MERGED_BITS_KEY
+from passes import ActivationQDQPass, GroupScaleMergePass, QuantScheme, WeightQDQPass, activation_layout, packs
 from lowrank_adapters import random_adapter
 
 
@@ -261,11 +260,14 @@ def test_adapter_merge_with_grouped_weights(tiny):
           for p in n.metadata_props if p.key == "cora_onnx.layer"}
     assert set(qs) == set(GROUPS)
     facts = {name: {p.key: p.value for p in q.metadata_props} for name, q in qs.items()}
-    assert facts["conv1"]["cora_onnx.rank"] == "2" and facts["fc"]["cora_onnx.rank"] == "0"
-    assert all(f[MERGED_BITS_KEY] == "7" and f["cora_onnx.from_group"] == str(GROUPS[n]) for n, f in facts.items())
+    # conv1 (adapter) by AdapterMergePass, the others (group-wise scales alone) by GroupScaleMergePass
+    assert facts["conv1"]["cora_onnx.pass"] == "AdapterMergePass" and facts["conv1"]["cora_onnx.rank"] == "2"
+    assert all(facts[n]["cora_onnx.pass"] == "GroupScaleMergePass" for n in GROUPS if n != "conv1")
+    assert all(f["cora_onnx.bits"] == "7" and f["cora_onnx.from_group"] == str(GROUPS[n]) for n, f in facts.items())
     for name in GROUPS:
         _, scale = merged_grid(plan.layer(name), 7)
-        np.testing.assert_array_equal(numpy_helper.to_array(inits[f"{name}.adapter_merge_scale"]), scale)
+        prefix = "adapter_merge" if name == "conv1" else "group_merge"
+        np.testing.assert_array_equal(numpy_helper.to_array(inits[f"{name}.{prefix}_scale"]), scale)
     from cora_onnx.onnx.verify import optimized_graph
 
     opt_ops = {n.op_type for n in optimized_graph(blob).graph.node}
@@ -286,7 +288,7 @@ def _ranges(proto: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict:
 
 def test_integer_activations_with_grouped_weights(caplog):
     """Without re-quantization a grouped weight keeps its node float (warned); after
-    AdapterMergePass (rank 0: group-wise scales alone) both layers are integer kernels."""
+    GroupScaleMergePass both layers are integer kernels."""
     proto, w = _graph(3, 5)
     plan = _plan(w, 4, 8)
     x = np.random.default_rng(4).normal(size=(2, 3, 6, 6)).astype(np.float32)
@@ -302,8 +304,7 @@ def test_integer_activations_with_grouped_weights(caplog):
     assert "2 nodes (e.g. conv1) have weights with group-wise scales" in caplog.text
 
     merged = ir.serde.deserialize_model(proto)
-    WeightQDQPass(plan)(merged)
-    AdapterMergePass(plan, 7)(merged)
+    GroupScaleMergePass(plan, 7)(merged)
     layout = activation_layout(merged)
     assert layout.compute == ["conv1", "fc"]
     p = ActivationQDQPass(_ranges(ir.serde.serialize_model(merged), layout.calibrate, x), scheme)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from passes import (ActivationQDQPass, AdapterMergePass, BiasUpdatePass, CodebookDecodePass, IntegerFormsPass,
-                    LowRankBranchPass, QuantScheme, StripExportMetadataPass, WeightDecodePass, WeightNamesPass,
-                    WeightQDQPass)
+from passes import (ActivationQDQPass, AdapterMergePass, BiasUpdatePass, CodebookDecodePass, GroupScaleMergePass,
+                    IntegerFormsPass, LowRankBranchPass, QuantScheme, StripExportMetadataPass, WeightDecodePass,
+                    WeightNamesPass, WeightQDQPass)
 
 from cora_onnx.core.errors import OnnxModelError
 from cora_onnx.core.plan import ActivationPlan, Plan
@@ -52,8 +52,12 @@ def plan_pipeline(plan: Plan, merge_bits: int | None = None, weight_layout: str 
         adapter_layout = "merge" if merge_bits is not None or weight_layout == "decode" else "branch"
     if adapter_layout not in ("branch", "merge") or (adapter_layout == "branch" and merge_bits is not None):
         raise ValueError(f"adapter layout must be branch (without merge_bits) or merge, got {adapter_layout!r}")
-    adapters = [LowRankBranchPass(plan), WeightQDQPass(plan)] if adapter_layout == "branch" else \
-        [WeightQDQPass(plan), AdapterMergePass(plan, merge_bits)]
+    if adapter_layout == "branch":
+        adapters = [LowRankBranchPass(plan), WeightQDQPass(plan)]
+    else:  # these write their layers' weights themselves; WeightQDQPass the others'
+        merged = [AdapterMergePass(plan, merge_bits)] + \
+            ([GroupScaleMergePass(plan, merge_bits)] if merge_bits is not None else [])
+        adapters = [*merged, WeightQDQPass(plan, exclude={lp.name for p in merged for lp in p.layers})]
     return ir.passes.PassManager([WeightNamesPass(plan), BiasUpdatePass(plan), *adapters, CodebookDecodePass(plan),
                                   *([WeightDecodePass()] if weight_layout == "decode" else []),
                                   StripExportMetadataPass(), *cleanup_passes()])
@@ -63,13 +67,15 @@ def scheme_of(act: ActivationPlan) -> QuantScheme:
     return QuantScheme(act.act_dtype, act.weight_bits, act.reason)
 
 
-def activation_pipeline(act: ActivationPlan) -> ir.passes.PassManager:
+def activation_pipeline(act: ActivationPlan, merged_bits: int | None = None) -> ir.passes.PassManager:
     """Static integer activations with the plan's calibrated ranges on a graph whose weights the
-    plan pipeline already wrote: the float ops ONNX Runtime has integer kernels for in another form
-    rewritten into it (IntegerFormsPass, which calibration ran first too: the ranges are of its
-    tensors), then activation QDQ, then cleanup. Its second pass (ActivationQDQPass) keeps a report."""
+    plan pipeline already wrote (merged_bits: the plan's merge width; None: the scheme's): the float
+    ops ONNX Runtime has integer kernels for in another form rewritten into it (IntegerFormsPass,
+    which calibration ran first too: the ranges are of its tensors), then activation QDQ, then
+    cleanup. Its second pass (ActivationQDQPass) keeps a report."""
     return ir.passes.PassManager([IntegerFormsPass(),
-                                  ActivationQDQPass(act.ranges, scheme_of(act), weight_clip=act.weight_clip),
+                                  ActivationQDQPass(act.ranges, scheme_of(act), weight_clip=act.weight_clip,
+                                                    merged_bits=merged_bits),
                                   *cleanup_passes()])
 
 
@@ -81,13 +87,13 @@ def apply_plan(model: ir.Model, plan: Plan, merge_bits: int | None = None, weigh
     `quantize` wrote."""
     model = _run(plan_pipeline(plan, merge_bits, weight_layout, adapter_layout), model)
     if plan.activations is not None:
-        apply_activations(model, plan.activations)
+        apply_activations(model, plan.activations, plan.merge_bits if merge_bits is None else merge_bits)
     return model
 
 
-def apply_activations(model: ir.Model, act: ActivationPlan) -> dict:
-    """activation_pipeline(act) on model (in place); returns ActivationQDQPass's report."""
-    pm = activation_pipeline(act)
+def apply_activations(model: ir.Model, act: ActivationPlan, merged_bits: int | None = None) -> dict:
+    """activation_pipeline(act, merged_bits) on model (in place); returns ActivationQDQPass's report."""
+    pm = activation_pipeline(act, merged_bits)
     _run(pm, model)
     return pm.passes[1].report
 

@@ -1,81 +1,26 @@
+"""ActivationQDQPass and activation_layout alone on graphs written here (tinygraph.py and
+onnx.helper), no torch: one behaviour per test."""
+
 import logging
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-import torch
 
-from cora_onnx.onnx.data import ImageSet, Preprocess
-from cora_onnx.core.errors import PlanError
-from cora_onnx.torch.export import apply_plan_torch, export_program, fuse_batchnorm, onnx_bytes
-from cora_onnx.onnx.int8 import add_activation_qdq, choose_scheme, integer_kernels
-from cora_onnx.onnx.pipeline import apply_plan, cleanup_passes
-from cora_onnx.torch.search import LayerSelection, RtnSettings, search_rtn
-from cora_onnx.torch.simulate import ActivationQuantSim
+import passes._packing as packing
+from cora_onnx.core.modelfile import onnx_bytes
+from cora_onnx.core.plan import LayerPlan, Plan
+from cora_onnx.onnx.int8 import choose_scheme, integer_kernels
+from cora_onnx.onnx.pipeline import cleanup_passes
 from cora_onnx.onnx.verify import session
-from passes import ActivationQDQPass, QuantScheme, activation_layout
+from lowrank_adapters import random_adapter
+from passes import (ActivationQDQPass, AdapterMergePass, GroupScaleMergePass, QuantScheme, WeightQDQPass,
+                    activation_layout)
+from tinygraph import plan_error
 
 AVX2 = QuantScheme("uint8", 7, "test")
-
-
-def _images(n=48, size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    imgs = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
-    return ImageSet(imgs.numpy(), None, tuple(map(str, range(n))), Preprocess(size))
-
-
-def _int8_tiny(tiny, bits=4, scheme=AVX2):
-    fused = fuse_batchnorm(tiny)
-    plan = search_rtn(fused, RtnSettings(bits=bits, selection=LayerSelection(keep=())))
-    program = export_program(fused, 8)
-    model = apply_plan(program.model, plan)
-    ranges, qparams, report = add_activation_qdq(model, _images(), scheme)
-    ir.passes.PassManager(cleanup_passes())(model)
-    sim = ActivationQuantSim(program, apply_plan_torch(fused, plan), qparams, scheme.act_range,
-                             shared=set(qparams) - set(ranges))
-    return onnx_bytes(model), sim, qparams, report
-
-
-def test_every_quantized_layer_is_an_integer_kernel(tiny):
-    blob, _, _, report = _int8_tiny(tiny)
-    k = integer_kernels(blob)
-    assert k["ops"].get("QLinearConv", 0) == 3 and k["ops"].get("QGemm", 0) == 1
-    assert k["ops"].get("QLinearGlobalAveragePool", 0) == 1  # the spatial mean, as IntegerFormsPass writes it
-    assert k["float_compute"] == 0 and k["integer"] == 5 == len(report["integer_nodes"])
-    proto = onnx.load_from_string(blob)
-    ops = [n.op_type for n in proto.graph.node]
-    assert "Relu" not in ops  # the three ReLUs are absorbed into the QuantizeLinear clamp
-    inits = {t.name: t for t in proto.graph.initializer}
-    casts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Cast"}
-    dq_w = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in casts]
-    assert len(dq_w) == 4
-    for n in dq_w:  # the file keeps the packed 4-bit grid; a Cast to INT8 (folded by ORT at load) feeds the kernel
-        cast = casts[n.input[0]]
-        assert inits[cast.input[0]].data_type == onnx.TensorProto.INT4
-        assert next(a.i for a in cast.attribute if a.name == "to") == onnx.TensorProto.INT8
-        assert inits[n.input[2]].data_type == onnx.TensorProto.INT8
-        q = onnx.numpy_helper.to_array(inits[cast.input[0]])
-        assert q.min() >= -8 and q.max() <= 7
-    biases = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT32
-              and t.name.endswith("_quantized")]
-    assert len(biases) == 4  # conv1 (from BN), dw, pw, fc
-
-
-def test_ort_matches_pytorch_simulation_within_quantization_steps(tiny):
-    blob, sim, qparams, _ = _int8_tiny(tiny)
-    x = torch.from_numpy(next(_images(16, seed=1).batches(16)))
-    with torch.no_grad():
-        ref = sim(x).numpy()
-        flt = tiny(x).numpy()
-    plain = session(blob, optimize=False).run(None, {"input": x.numpy()})[0]
-    fused = session(blob).run(None, {"input": x.numpy()})[0]
-    # logit step: the step of the last quantized tensor (the classifier input) times |W| row sums
-    w = tiny.fc.weight.detach().abs().sum(1).max().item()
-    step = qparams["mean"][0] * w
-    assert np.abs(plain - ref).max() <= 1.0 * step
-    assert np.abs(fused - ref).max() <= 3.0 * step
-    assert np.abs(ref - flt).max() > 0.5 * step  # the simulation is not the float model
+VNNI = QuantScheme("uint8", 8, "test")
 
 
 def test_adapter_branch_graph_runs_on_integer_kernels():
@@ -127,36 +72,6 @@ def test_adapter_branch_graph_runs_on_integer_kernels():
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
 
 
-def test_weights_that_do_not_fit_stay_float(tiny, caplog):
-    fused = fuse_batchnorm(tiny)
-    plan = search_rtn(fused, RtnSettings(bits=8, selection=LayerSelection(keep=())))
-    model = apply_plan(export_program(fused, 8).model, plan)
-    layout = activation_layout(model)
-    ranges = {t: (-1.0, 1.0) for t in layout.calibrate}
-    p = ActivationQDQPass(ranges, AVX2)  # 7-bit weights needed, the plan has 8-bit grids
-    with caplog.at_level(logging.WARNING):
-        p(model)
-    assert len(p.report["float_nodes"]) == 4 and not p.report["integer_nodes"][1:]  # only the Add-free rest
-    assert "does not fit" in caplog.text
-    p8 = ActivationQDQPass(ranges, QuantScheme("uint8", 8))
-    model8 = apply_plan(export_program(fused, 8).model, plan)
-    p8(model8)
-    assert len(p8.report["integer_nodes"]) == 4 and not p8.report["float_nodes"]
-
-
-def test_missing_ranges_and_no_compute_nodes(tiny):
-    fused = fuse_batchnorm(tiny)
-    model = export_program(fused, 8).model
-    with pytest.raises(PlanError, match="no calibrated range"):
-        ActivationQDQPass({}, AVX2)(model)
-    g = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
-                               [onnx.helper.make_tensor_value_info("x", 1, [1, 2])],
-                               [onnx.helper.make_tensor_value_info("y", 1, [1, 2])])
-    m = ir.serde.deserialize_model(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 21)]))
-    assert not activation_layout(m).calibrate
-    assert not ActivationQDQPass({}, AVX2)(m).modified
-
-
 @pytest.mark.parametrize("flags,act,wbits", [
     ({"machine": "x86_64", "avx2": True, "vnni": False}, "uint8", 7),
     ({"machine": "x86_64", "avx2": True, "avx512f": True, "vnni": True}, "uint8", 8),
@@ -202,43 +117,171 @@ def _float_ranges(graph, names):
     return {n: (float(outs[n].min()), float(outs[n].max())) for n in names}
 
 
-def test_layout_and_the_pass_alone_on_a_graph_built_here(graph):
-    """activation_layout and ActivationQDQPass alone on a tiny onnx.helper graph with float weights:
-    the layout names the tensors, the Relu is absorbed into conv1's output quantization, MaxPool and
-    Flatten share their input's parameters, the GlobalAveragePool is an integer node, float weights become per-channel INT8 (7-bit values) and biases
-    INT32 at input x weight scale; ONNX Runtime fuses every compute node into an integer kernel, which
-    agrees with the graph as written, and both stay close to the float graph."""
-    model = graph.model()
+def _quantized(graph, ranges_of=None, scheme=AVX2, model=None):
+    """The tiny graph (or `model`) through ActivationQDQPass with the float graph's ranges."""
+    model = model if model is not None else graph.model()
     layout = activation_layout(model)
-    assert layout.calibrate == ["input", "relu_out", "pw_out", "gap_out"]
-    assert layout.shared == {"flat_out": "gap_out", "pool_out": "pw_out"} and layout.absorbed == {"conv1_out": "relu_out"}
-    assert layout.compute == ["conv1", "pw", "gap", "fc"]
-    ranges = _float_ranges(graph, layout.calibrate)
-    p = ActivationQDQPass(ranges, AVX2)
+    p = ActivationQDQPass(ranges_of or _float_ranges(graph, layout.calibrate), scheme)
     assert p(model).modified
-    assert p.report["integer_nodes"] == ["conv1", "pw", "gap", "fc"] and p.report["float_nodes"] == []
-    nodes = {n.name: n for n in model.graph}
-    assert "relu" not in nodes and [n.op_type for n in model.graph].count("Relu") == 0
-    init = {k: v.const_value.numpy() for k, v in model.graph.initializers.items()}
+    return model, p.report
+
+
+def _weights(graph, bits, names=("conv1", "pw", "fc"), **kw):
+    kinds = {"conv1": "conv", "pw": "conv", "fc": "linear"}
+    return Plan("rtn", {}, tuple(LayerPlan(n, kinds[n], graph.SHAPES[f"{n}.weight"],
+                                           uniform=graph.uniform(graph.weights[f"{n}.weight"], bits, **kw))
+                                 for n in names))
+
+
+def test_the_layout_names_what_is_calibrated_shared_absorbed_and_computed(graph):
+    layout = activation_layout(graph.model())
+    assert layout.calibrate == ["input", "relu_out", "pw_out", "gap_out"]
+    assert layout.shared == {"flat_out": "gap_out", "pool_out": "pw_out"}
+    assert layout.absorbed == {"conv1_out": "relu_out"}
+    assert layout.compute == ["conv1", "pw", "gap", "fc"]  # the GlobalAveragePool too (QLinearGlobalAveragePool)
+
+
+def test_every_quantized_tensor_gets_a_quantize_dequantize_pair(graph):
+    model, report = _quantized(graph)
+    assert report["integer_nodes"] == ["conv1", "pw", "gap", "fc"] and report["float_nodes"] == []
+    nodes = graph.nodes(model)
     for t in ("input", "relu_out", "pw_out", "gap_out", "flat_out"):
         q, dq = nodes[f"{t}_QuantizeLinear"], nodes[f"{t}_DequantizeLinear"]
         assert dq.inputs[0] is q.outputs[0] and q.outputs[0].dtype == ir.DataType.UINT8
         assert q.metadata_props["cora_onnx.pass"] == "ActivationQDQPass"
-    absorbed = nodes["relu_out_QuantizeLinear"]  # quantizes conv1's output with the Relu's range (lower bound 0)
-    assert absorbed.inputs[0] is nodes["conv1"].outputs[0] and absorbed.metadata_props["cora_onnx.absorbed"] == "Relu"
-    assert init["relu_out_zero_point"] == 0 and nodes["pw"].inputs[0].name == "relu_out_dequantized"
+    init = {k: v.const_value.numpy() for k, v in model.graph.initializers.items()}
     assert init["flat_out_scale"] == init["gap_out_scale"] and init["flat_out_zero_point"] == init["gap_out_zero_point"]
+
+
+def test_a_relu_after_a_conv_is_absorbed_into_its_quantization(graph):
+    """The QuantizeLinear of conv1's output takes the Relu's range (lower bound 0), whose clamp is
+    the Relu: the Relu node is gone."""
+    model, _ = _quantized(graph)
+    nodes = graph.nodes(model)
+    assert "relu" not in nodes and graph.ops(model).count("Relu") == 0
+    absorbed = nodes["relu_out_QuantizeLinear"]
+    assert absorbed.inputs[0] is nodes["conv1"].outputs[0] and absorbed.metadata_props["cora_onnx.absorbed"] == "Relu"
+    assert model.graph.initializers["relu_out_zero_point"].const_value.numpy() == 0
+    assert nodes["pw"].inputs[0].name == "relu_out_dequantized"
+
+
+def test_float_weights_become_int8_and_biases_int32_at_input_times_weight_scale(graph):
+    model, _ = _quantized(graph)
+    nodes = graph.nodes(model)
+    init = {k: v.const_value.numpy() for k, v in model.graph.initializers.items()}
     for layer in ("conv1", "pw", "fc"):
         wq = init[f"{layer}.weight_quantized"]
         assert wq.dtype == np.int8 and -64 <= wq.min() and wq.max() <= 63  # 7-bit values in an INT8 container
-        bias_scale = init[f"{layer}.bias_int32_scale"]
         x_scale = init[f"{nodes[layer].inputs[0].name.removesuffix('_dequantized')}_scale"]
-        np.testing.assert_allclose(bias_scale, x_scale * init[f"{layer}.weight_scale"], rtol=1e-6)
+        np.testing.assert_allclose(init[f"{layer}.bias_int32_scale"], x_scale * init[f"{layer}.weight_scale"], rtol=1e-6)
         assert init[f"{layer}.bias_int32_quantized"].dtype == np.int32
-    blob = ir.serde.serialize_model(model).SerializeToString()
-    k = integer_kernels(blob)
+
+
+def test_onnx_runtime_runs_every_compute_node_as_an_integer_kernel(graph):
+    model, _ = _quantized(graph)
+    k = integer_kernels(ir.serde.serialize_model(model).SerializeToString())
     assert k["ops"].get("QLinearConv", 0) == 2 and k["ops"].get("QGemm", 0) == 1 and k["float_compute"] == 0
     written, fused, flt = graph.run(model), graph.run(model, optimize=True), graph.run(graph.proto())
     scale = np.abs(flt).max()
     assert np.abs(fused - written).max() <= 1e-3 * scale  # the integer kernels compute what the QDQ graph says
     assert 1e-4 * scale < np.abs(written - flt).max() <= 0.05 * scale  # quantized, and close to float
+
+
+def test_an_int4_grid_is_cast_to_int8_for_the_integer_kernel(graph):
+    """The file keeps the packed 4-bit grid; a Cast to INT8 (folded at load) feeds the kernel."""
+    model = graph.model()
+    WeightQDQPass(_weights(graph, 4))(model)
+    model, report = _quantized(graph, model=model)
+    assert report["integer_nodes"] == ["conv1", "pw", "gap", "fc"]
+    for layer in ("conv1", "pw", "fc"):
+        cast = graph.nodes(model)[f"{layer}.weight_quantized_Cast_int8"]
+        assert cast.inputs[0].dtype == ir.DataType.INT4 and cast.outputs[0].dtype == ir.DataType.INT8
+        assert model.graph.initializers[f"{layer}.weight_quantized_int8_zero_point"].dtype == ir.DataType.INT8
+    k = integer_kernels(onnx_bytes(model))
+    assert k["ops"].get("QLinearConv", 0) == 2 and k["ops"].get("QGemm", 0) == 1 and k["float_compute"] == 0
+
+
+def test_a_packed_grid_is_an_integer_weight(graph, monkeypatch):
+    """A 3-bit grid packed in bytes (recognised by its decoding subgraph) feeds an integer kernel."""
+    monkeypatch.setattr(packing, "MIN_SAVING", -(1 << 20))
+    model = graph.model()
+    WeightQDQPass(_weights(graph, 3, names=("conv1",)))(model)
+    assert "conv1.weight_quantized_packed" in model.graph.initializers
+    model, report = _quantized(graph, model=model)
+    assert "conv1" in report["integer_nodes"] and not report["float_nodes"]
+    assert integer_kernels(onnx_bytes(model))["float_compute"] == 0
+
+
+def test_8_bit_grids_stay_float_where_the_cpu_needs_7_bits(graph, caplog):
+    model = graph.model()
+    WeightQDQPass(_weights(graph, 8))(model)
+    ranges = {t: (-1.0, 1.0) for t in activation_layout(model).calibrate}
+    with caplog.at_level(logging.WARNING, logger="passes"):
+        p = ActivationQDQPass(ranges, AVX2)
+        p(model)
+    assert p.report["float_nodes"] == ["conv1", "pw", "fc"] and p.report["integer_nodes"] == ["gap"]
+
+
+def test_8_bit_grids_are_integer_weights_where_the_cpu_takes_8_bits(graph):
+    model = graph.model()
+    WeightQDQPass(_weights(graph, 8))(model)
+    _, report = _quantized(graph, model=model, scheme=VNNI)
+    assert report["integer_nodes"] == ["conv1", "pw", "gap", "fc"] and not report["float_nodes"]
+
+
+def test_weights_requantized_at_load_are_integer_weights(graph):
+    """AdapterMergePass's DequantizeLinear(QuantizeLinear(expression)), recognised by its structure."""
+    w = graph.weights["conv1.weight"]
+    layer = LayerPlan("conv1", "conv", w.shape, uniform=graph.uniform(w, 4), adapter=random_adapter(w.shape, 2, 7))
+    model = graph.model()
+    AdapterMergePass(Plan("cora", {}, (layer,)), 7)(model)
+    model, report = _quantized(graph, model=model)
+    assert report["integer_nodes"] == ["conv1", "pw", "gap", "fc"]
+    ir.passes.PassManager(cleanup_passes())(model)
+    k = integer_kernels(onnx_bytes(model))
+    assert k["ops"].get("QLinearConv", 0) == 2 and k["float_compute"] == 0
+
+
+def test_a_merged_width_above_the_cpu_s_stays_float(graph):
+    w = graph.weights["conv1.weight"]
+    layer = LayerPlan("conv1", "conv", w.shape, uniform=graph.uniform(w, 4), adapter=random_adapter(w.shape, 2, 7))
+    model = graph.model()
+    AdapterMergePass(Plan("cora", {}, (layer,)), 8)(model)
+    ranges = _float_ranges(graph, activation_layout(model).calibrate)
+    p = ActivationQDQPass(ranges, AVX2, merged_bits=8)
+    p(model)
+    assert p.report["float_nodes"] == ["conv1"]
+
+
+def test_group_wise_scales_left_blocked_keep_their_node_float(graph):
+    """Integer kernels take one weight scale per output channel: a blocked DequantizeLinear (group
+    scales not merged by GroupScaleMergePass) leaves its node float; merged, it is integer."""
+    w = graph.weights["conv1.weight"]
+    plan = Plan("cora", {}, (LayerPlan("conv1", "conv", w.shape, uniform=graph.grouped(w, 4, 8)),))
+    blocked = graph.model()
+    WeightQDQPass(plan)(blocked)
+    _, report = _quantized(graph, model=blocked)
+    assert "conv1" in report["float_nodes"]
+    merged = graph.model()
+    GroupScaleMergePass(plan, 7)(merged)
+    _, report = _quantized(graph, model=merged)
+    assert report["integer_nodes"] == ["conv1", "pw", "gap", "fc"]
+
+
+def test_a_tensor_without_a_calibrated_range_is_refused(graph):
+    err = plan_error(lambda: ActivationQDQPass({"input": (0.0, 1.0)}, AVX2)(graph.model()))
+    assert "no calibrated range for 3 tensors" in str(err)
+
+
+def test_a_graph_without_compute_nodes_is_left_alone():
+    g = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+                               [onnx.helper.make_tensor_value_info("x", 1, [1, 2])],
+                               [onnx.helper.make_tensor_value_info("y", 1, [1, 2])])
+    m = ir.serde.deserialize_model(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 21)]))
+    assert not activation_layout(m).calibrate
+    assert not ActivationQDQPass({}, AVX2)(m).modified
+
+
+def test_it_needs_opset_13(graph):
+    with pytest.raises(ir.passes.PreconditionError, match="opset >= 13"):
+        ActivationQDQPass({}, AVX2)(graph.model(opset=12))

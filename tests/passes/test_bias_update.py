@@ -5,8 +5,9 @@ import onnx_ir as ir
 import pytest
 
 from cora_onnx.core.errors import PlanError
-from cora_onnx.core.plan import Bias, LayerPlan, Plan
+from cora_onnx.core.plan import Bias, LayerPlan, Plan, WeightFingerprint
 from passes import BiasUpdatePass
+from tinygraph import plan_error
 
 
 def _plan(graph, **biases):
@@ -42,7 +43,7 @@ def test_refuses_what_it_cannot_place(graph, case):
     model = graph.model()
     if case == "no layer":  # a layer the graph does not have
         plan = Plan("cora", {}, (LayerPlan("other", "conv", (8, 3, 3, 3), bias=Bias(np.zeros(8, np.float32))),))
-        match = "no single Conv/Gemm uses other.weight"
+        match = "no initializer named other.weight or other.bias"
     else:  # two nodes read conv1.bias: overwriting it would change both
         conv1 = next(n for n in model.graph if n.name == "conv1")
         pw = next(n for n in model.graph if n.name == "pw")
@@ -81,3 +82,14 @@ def test_a_float16_bias_must_hold_float16_values():
         Bias(np.array([0.1], np.float32), dtype="float16")
     wide = Bias.narrowest(np.array([1e6, 0.5], np.float32))  # out of float16's range: stays float32
     assert wide.dtype == "float32" and wide.values[0] == 1e6
+
+
+def test_a_bias_planned_for_another_weight_is_refused(graph):
+    """A bias is planned for its weight: when the initializer under the weight's name is not that
+    weight (an exporter fused a BatchNorm into both), the bias would be wrong too."""
+    w = graph.weights["conv1.weight"]
+    plan = Plan("cora", {}, (LayerPlan("conv1", "conv", w.shape, bias=Bias(np.zeros(8, np.float32)),
+                                       fingerprint=WeightFingerprint.of(w)),))
+    assert BiasUpdatePass(plan)(graph.model()).modified
+    err = plan_error(lambda: BiasUpdatePass(plan)(graph.model(conv1__weight=w * np.float32(1.1))))
+    assert "not the float weight the plan was made from" in str(err)

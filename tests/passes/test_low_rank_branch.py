@@ -1,13 +1,13 @@
-import numpy as np
-import onnx
-import pytest
-import torch
+"""LowRankBranchPass alone on the tiny graph (tinygraph.py), no torch: one behaviour per test."""
 
-from cora_onnx.core.errors import PlanError
-from cora_onnx.torch.export import export_onnx, fuse_batchnorm, onnx_bytes
-from cora_onnx.onnx.pipeline import apply_plan
-from cora_onnx.core.plan import Bias, LayerPlan, LowRankAdapter, Plan
-from passes import BiasUpdatePass, LowRankBranchPass
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import helper, numpy_helper
+
+from cora_onnx.core.plan import LayerPlan, LowRankAdapter, Plan, WeightFingerprint
+from passes import LowRankBranchPass
+from tinygraph import plan_error
 
 
 def _adapter(shape, rank, bits):
@@ -24,61 +24,7 @@ def _adapter(shape, rank, bits):
 
 
 @pytest.mark.parametrize("bits", [None, 8])
-def test_branch_structure(tiny, bits):
-    fused = fuse_batchnorm(tiny)
-    shape = tuple(fused.pw.weight.shape)
-    plan = Plan("cora", {}, (LayerPlan("pw", "conv", shape, adapter=_adapter(shape, 3, bits)),))
-    proto = onnx.load_from_string(onnx_bytes(apply_plan(export_onnx(fused, 8), plan)))
-    ops = [n.op_type for n in proto.graph.node]
-    assert ops.count("Conv") == 5 and ops.count("Add") == 1
-    assert ops.count("DequantizeLinear") == (2 if bits else 0)
-    add = next(n for n in proto.graph.node if n.name == "pw.adapter_add")
-    conv_b = next(n for n in proto.graph.node if n.name == "pw.adapter_b")
-    assert add.input[1] == conv_b.output[0]
-    assert {p.key: p.value for p in add.metadata_props}["cora_onnx.rank"] == "3"
-    inits = {t.name: t for t in proto.graph.initializer}
-    if bits:
-        assert inits["pw.adapter_a_quantized"].data_type == onnx.TensorProto.INT8
-    else:
-        assert list(inits["pw.adapter_a.weight"].dims) == [3, 8, 1, 1]
-
-
-def test_no_adapter_is_a_no_op(tiny):
-    model = export_onnx(fuse_batchnorm(tiny), 8)
-    assert not LowRankBranchPass(Plan("cora", {}, ()))(model).modified
-
-
-def test_adapter_on_grouped_conv_rejected(tiny):
-    fused = fuse_batchnorm(tiny)
-    shape = tuple(fused.dw.weight.shape)
-    plan = Plan("cora", {}, (LayerPlan("dw", "conv", shape, adapter=_adapter(shape, 1, None)),))
-    with pytest.raises(PlanError, match="ungrouped"):
-        apply_plan(export_onnx(fused, 8), plan)
-
-
-def test_bias_update_adds_and_replaces(tiny):
-    fused = fuse_batchnorm(tiny)
-    new_pw = np.arange(16, dtype=np.float32)
-    new_fc = np.ones(5, dtype=np.float32)
-    plan = Plan("cora", {}, (LayerPlan("pw", "conv", tuple(fused.pw.weight.shape), bias=Bias(new_pw)),
-                             LayerPlan("fc", "linear", tuple(fused.fc.weight.shape), bias=Bias(new_fc))))
-    model = export_onnx(fused, 8)
-    assert BiasUpdatePass(plan)(model).modified
-    inits = {t.name: t for t in onnx.load_from_string(onnx_bytes(model)).graph.initializer}
-    np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits["pw.bias"]), new_pw)
-    np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits["fc.bias"]), new_fc)
-
-
-def test_bias_added_to_conv_without_bias():
-    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 2)).eval()
-    plan = Plan("cora", {}, (LayerPlan("0", "conv", (4, 3, 3, 3), bias=Bias(np.full(4, 0.5, np.float32))),))
-    proto = onnx.load_from_string(onnx_bytes(apply_plan(export_onnx(m, 8), plan)))
-    conv = next(n for n in proto.graph.node if n.op_type == "Conv")
-    assert conv.input[2] == "0.bias"
-
-
-@pytest.mark.parametrize("bits", [None, 8])
-def test_the_pass_alone_on_a_graph_built_here(graph, bits):
+def test_a_branch_is_added_beside_the_conv(graph, bits):
     """LowRankBranchPass alone on a tiny onnx.helper graph: beside the 3x3 Conv (pads 1), Conv(A)
     with the same kernel and pads, Conv(B) 1x1, and an Add that now feeds the Conv's consumer; ONNX
     Runtime computes what the float graph computes with the weight W + B A (convolution is linear)."""
@@ -98,3 +44,52 @@ def test_the_pass_alone_on_a_graph_built_here(graph, bits):
     merged = w + (ad.b.reshape(w.shape[0], 2) @ ad.a.reshape(2, -1)).reshape(w.shape)
     np.testing.assert_allclose(graph.run(model), graph.run(graph.proto(conv1__weight=merged)), rtol=1e-4, atol=1e-4)
     assert np.abs(graph.run(model) - graph.run(graph.proto())).max() > 1e-2  # the branch changes the output
+
+
+@pytest.mark.parametrize("bits,dtype", [(8, ir.DataType.INT8), (4, ir.DataType.INT4)])
+def test_quantized_factors_are_stored_in_their_container(graph, bits, dtype):
+    from lowrank_adapters import random_adapter
+
+    w = graph.weights["conv1.weight"]
+    model = graph.model()
+    LowRankBranchPass(Plan("cora", {}, (LayerPlan("conv1", "conv", w.shape, adapter=random_adapter(w.shape, 2, bits)),)))(model)
+    for f in ("a", "b"):
+        assert model.graph.initializers[f"conv1.adapter_{f}_quantized"].dtype == dtype
+        assert graph.nodes(model)[f"conv1.adapter_{f}_DequantizeLinear"].attributes.get_int("axis") == 0
+
+
+def test_the_branch_nodes_say_what_they_carry(graph):
+    w = graph.weights["conv1.weight"]
+    model = graph.model()
+    LowRankBranchPass(Plan("cora", {}, (LayerPlan("conv1", "conv", w.shape, adapter=_adapter(w.shape, 3, None)),)))(model)
+    add = graph.nodes(model)["conv1.adapter_add"]
+    assert add.metadata_props["cora_onnx.pass"] == "LowRankBranchPass" and add.metadata_props["cora_onnx.rank"] == "3"
+    assert add.metadata_props["cora_onnx.adapter_bytes"] == str(32 * (3 * 27 + 8 * 3) // 8)
+
+
+def test_a_plan_without_adapters_is_a_no_op(graph):
+    assert not LowRankBranchPass(Plan("cora", {}, ()))(graph.model()).modified
+
+
+def test_a_grouped_conv_is_refused():
+    w = np.ones((4, 1, 3, 3), np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "dw.weight"], ["y"], name="dw", group=4)], "g",
+                          [helper.make_tensor_value_info("x", 1, ["N", 4, 5, 5])],
+                          [helper.make_tensor_value_info("y", 1, ["N", 4, 3, 3])], [numpy_helper.from_array(w, "dw.weight")])
+    model = ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]))
+    plan = Plan("cora", {}, (LayerPlan("dw", "conv", w.shape, adapter=LowRankAdapter(
+        1, np.zeros((1, 1, 3, 3), np.float32), np.zeros((4, 1, 1, 1), np.float32))),))
+    assert "ungrouped Conv" in str(plan_error(lambda: LowRankBranchPass(plan)(model)))
+
+
+def test_a_rewritten_weight_is_refused(graph):
+    w = graph.weights["conv1.weight"]
+    plan = Plan("cora", {}, (LayerPlan("conv1", "conv", w.shape, adapter=_adapter(w.shape, 1, None),
+                                       fingerprint=WeightFingerprint.of(w)),))
+    err = plan_error(lambda: LowRankBranchPass(plan)(graph.model(conv1__weight=w * np.float32(1.1))))
+    assert "not the float weight the plan was made from" in str(err)
+
+
+def test_a_weight_the_graph_does_not_have_is_refused(graph):
+    plan = Plan("cora", {}, (LayerPlan("nope", "conv", (8, 3, 3, 3), adapter=_adapter((8, 3, 3, 3), 1, None)),))
+    assert "no initializer named nope.weight" in str(plan_error(lambda: LowRankBranchPass(plan)(graph.model())))

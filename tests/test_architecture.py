@@ -89,8 +89,10 @@ def test_onnx_commands_run_without_torch(blocked, digits, tmp_path):
     net = digits_cnn()
     net.load_state_dict(torch.load(digits.weights))
     src = tmp_path / "float.onnx"
-    torch.onnx.export(net.eval(), (torch.zeros(1, 3, 8, 8),), src, dynamo=False, input_names=["input"],
-                      dynamic_axes={"input": {0: "N"}})
+    from cora_onnx.core.modelfile import onnx_bytes
+    from cora_onnx.torch.export import export_onnx
+
+    src.write_bytes(onnx_bytes(export_onnx(net.eval(), 8)))  # the dynamo exporter: input "input", dynamic batch
     norm = ["--mean", ",".join(map(str, digits.mean)), "--std", ",".join(map(str, digits.std))]
 
     w8, a8 = tmp_path / "w8.onnx", tmp_path / "a8.onnx"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import numpy as np
 import onnx
@@ -43,6 +44,17 @@ class NHWC(torch.nn.Module):
         return self.m(x.permute(0, 3, 1, 2))
 
 
+def legacy_export(*args, **kwargs) -> None:
+    """torch.onnx.export with the legacy TorchScript exporter (dynamo=False), deliberately: these
+    files stand for what users' older exporters wrote (opsets 11 and 12, dynamic_axes, their own
+    input names), which the dynamo exporter does not write. Its DeprecationWarnings (the exporter
+    itself and its logging setup) are expected here and filtered here only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx(\.|$)")
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        torch.onnx.export(*args, dynamo=False, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def net(digits):
     from cora_onnx.torch.archs.digits import digits_cnn
@@ -70,19 +82,17 @@ def files(net, digits, norm, tmp_path_factory):
     (d / "dynamo").mkdir()
     p = out["dynamo_fixed_external"] = d / "dynamo" / "model.onnx"
     torch.onnx.export(net, (x,), p, dynamo=True, external_data=True)  # the exporter's defaults
-    legacy = dict(dynamo=False)
     p = out["legacy_dynamic"] = d / "legacy_dynamic.onnx"
-    torch.onnx.export(net, (x,), p, input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, **legacy)
+    legacy_export(net, (x,), p, input_names=["input"], output_names=["logits"],
+                  dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
     for opset in (11, 12):
         p = out[f"legacy_opset{opset}"] = d / f"legacy_opset{opset}.onnx"
-        torch.onnx.export(net, (x,), p, opset_version=opset, input_names=["data"], **legacy)
+        legacy_export(net, (x,), p, opset_version=opset, input_names=["data"])
     p = out["custom_input_name"] = d / "custom.onnx"
-    torch.onnx.export(net, (x,), p, input_names=["pixel_values"], output_names=["scores"],
-                      dynamic_axes={"pixel_values": {0: "batch"}}, **legacy)
+    legacy_export(net, (x,), p, input_names=["pixel_values"], output_names=["scores"],
+                  dynamic_axes={"pixel_values": {0: "batch"}})
     p = out["nhwc"] = d / "nhwc.onnx"
-    torch.onnx.export(NHWC(net), (torch.zeros(1, 8, 8, 3),), p, input_names=["image"], dynamic_axes={"image": {0: "N"}},
-                      **legacy)
+    legacy_export(NHWC(net), (torch.zeros(1, 8, 8, 3),), p, input_names=["image"], dynamic_axes={"image": {0: "N"}})
     p = out["rewritten_ort"] = d / "rewritten.ort"
     res = run("rewrite", out["legacy_dynamic"], "--out", p, "--bits", 8, "--format", "ort", "-q")
     assert res.exit_code == 0, res.output
@@ -330,7 +340,7 @@ def test_fixed_batch_of_four(net, digits, norm, val, torch_pred, tmp_path):
     import copy
 
     p = tmp_path / "b4.onnx"
-    torch.onnx.export(copy.deepcopy(net), (torch.zeros(4, 3, 8, 8),), p, dynamo=False, input_names=["x"])
+    legacy_export(copy.deepcopy(net), (torch.zeros(4, 3, 8, 8),), p, input_names=["x"])
     res = run("eval", p, "--data", digits.val_dir, *norm, "--threads", 1, "-q")
     assert_clean(res, ok=True)
     assert "batch fixed at 4 in the model: run 4 images at a time" in res.output

@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from cora_onnx.torch.export import fuse_batchnorm
-from cora_onnx.torch.search.cora import CoraSettings, _Layer, _set_module, butterworth
+from cora_onnx.torch.search.cora import CoraSettings, SearchLayer, set_module, butterworth
 from cora_onnx.torch.export import quantizable_layers
 from cora_onnx.torch.quantizers import quantize_weight
 from cora_onnx.run.stages import load_model
 from imagenette import SHARED, weights_path
 
 
-class _TwoConvs(_Layer):
+class _TwoConvs(SearchLayer):
     """The reference formulation: conv(x, W_q) + B_T(A_T(x)) with full-rank A_T and B_T."""
 
     def forward(self, x):
@@ -43,7 +43,7 @@ def build(model, cls):
         w = mod.weight.detach()
         wq = quantize_weight(w, s.spec(4)).dequantize()
         u, sv, v = torch.linalg.svd((w - wq).reshape(w.shape[0], -1), full_matrices=False)
-        _set_module(model, name, cls(mod, wq, (u * sv, v), 4, 0.1))
+        set_module(model, name, cls(mod, wq, (u * sv, v), 4, 0.1))
     return model
 
 
@@ -57,7 +57,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load_model("resnet18", weights_path("resnet18", args.shared))
-    models = {"merged into the weight": build(base, _Layer), "two extra convs (reference)": build(base, _TwoConvs)}
+    models = {"merged into the weight": build(base, SearchLayer), "two extra convs (reference)": build(base, _TwoConvs)}
     x = torch.randn(args.batch, 3, 224, 224)
     times = {k: [] for k in models}
     for step in range(args.steps + 1):

@@ -22,17 +22,18 @@ Grouped and depthwise convs get no adapter (the low-rank factorization of a grou
 different object); by default depthwise convs stay at 8 bits (--keep), where they cost little.
 
 Modules: settings (PRESETS, the choice tuples, CoraSettings, CORA_OPTIONS), layer (butterworth, the
-search-time `_Layer`), quantize (input statistics, grids, residual decomposition, the statistics
-correction), search (`search_cora` and its optimization phases), report (the Plan, `cora_report`).
+search-time `SearchLayer`, `set_module`), grids (input statistics, grids, residual decomposition, the
+statistics correction), search (`search_cora` and its optimization phases), result (the Plan,
+`cora_report`).
 """
 
 from __future__ import annotations
 
 from cora_onnx.torch.search.distill import augment_batch
-from cora_onnx.torch.search.cora.layer import _Layer, _set_module, butterworth
+from cora_onnx.torch.search.cora.layer import SearchLayer, set_module, butterworth
 from cora_onnx.torch.search.cora.result import cora_report
 from cora_onnx.torch.search.cora.search import search_cora
 from cora_onnx.torch.search.cora.settings import CORA_OPTIONS, PRESETS, CoraSettings
 
 __all__ = ["CoraSettings", "search_cora", "cora_report", "CORA_OPTIONS", "PRESETS", "butterworth", "augment_batch",
-           "_Layer", "_set_module"]  # the last two for tools/bench_cora_step.py
+           "SearchLayer", "set_module"]

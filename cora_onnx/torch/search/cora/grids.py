@@ -15,7 +15,7 @@ from torch import nn
 from cora_onnx.torch.quantizers import (QuantSpec, QuantizedTensor, gptq_round, input_weighted_clip, output_error, quantizable_layers,
                            quantize_weight)
 from cora_onnx.torch.search.stats import input_second_moments, input_width
-from cora_onnx.torch.search.cora.layer import _Layer
+from cora_onnx.torch.search.cora.layer import SearchLayer
 from cora_onnx.torch.search.cora.mixed import choose_bits, layer_cost, layer_kl
 from cora_onnx.torch.search.cora.settings import CoraSettings
 
@@ -106,13 +106,13 @@ def _quantize_layers(teacher: nn.Module, layers: dict[str, nn.Module], bits: dic
 
 
 @torch.no_grad()
-def _correct_statistics(student: nn.Module, wrapped: dict[str, _Layer], target: dict, batch: torch.Tensor,
+def _correct_statistics(student: nn.Module, wrapped: dict[str, SearchLayer], target: dict, batch: torch.Tensor,
                         mode: str, skip: frozenset = frozenset()) -> None:
     """One forward pass in layer order; each layer's output is corrected (and the correction absorbed
     into its gain and bias) before the next layer sees it."""
 
     def hook(name):
-        def fn(mod: _Layer, inputs, out):
+        def fn(mod: SearchLayer, inputs, out):
             o = out.transpose(0, 1).reshape(out.shape[1], -1) if out.dim() == 4 else out.T
             mu_q, sd_q = o.mean(1), o.std(1, unbiased=False)
             mu_f, sd_f = target[name]
@@ -242,7 +242,7 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
     return grids, factors, new_bits, info
 
 
-def _reset_biases(wrapped: dict[str, _Layer], layers: dict[str, nn.Module]) -> None:
+def _reset_biases(wrapped: dict[str, SearchLayer], layers: dict[str, nn.Module]) -> None:
     with torch.no_grad():
         for n, w in wrapped.items():
             b = layers[n].bias

@@ -1,4 +1,4 @@
-"""A planned layer during the search (`_Layer`: grid plus Butterworth-weighted residual) and the filter."""
+"""A planned layer during the search (`SearchLayer`: grid plus Butterworth-weighted residual) and the filter."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def butterworth(c: torch.Tensor, full_rank: int, order: int) -> torch.Tensor:
     return torch.rsqrt(1 + (i / c).pow(2 * order))
 
 
-class _Layer(nn.Module):
+class SearchLayer(nn.Module):
     """A planned layer during the search: conv/linear with weight gain * (W_q + B_T A_T) + bias."""
 
     def __init__(self, mod: nn.Module, wq: torch.Tensor, factors: tuple | None, order: int, init_c: float) -> None:
@@ -65,6 +65,6 @@ class _Layer(nn.Module):
         return F.linear(x, self.weight(), self.bias)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)

@@ -20,7 +20,7 @@ from cora_onnx.core.plan import Plan
 from cora_onnx.torch.images import as_torch
 from cora_onnx.torch.search.layers import select_layers
 from cora_onnx.torch.search.distill import Capture, augment_batch, distill_loss, feature_loss
-from cora_onnx.torch.search.cora.layer import _Layer, _set_module
+from cora_onnx.torch.search.cora.layer import SearchLayer, set_module
 from cora_onnx.torch.search.cora.grids import _correct_statistics, _float_statistics, _quantize_layers, _quantize_mixed, _reset_biases, mixable
 from cora_onnx.torch.search.cora.result import _build_plan
 from cora_onnx.torch.search.cora.settings import CoraSettings
@@ -57,7 +57,7 @@ class _Search:
     calib: object
     total_params: int
     student: nn.Module | None = None
-    wrapped: dict[str, _Layer] = field(default_factory=dict)
+    wrapped: dict[str, SearchLayer] = field(default_factory=dict)
     full: dict[str, int] = field(default_factory=dict)
     per_rank: dict[str, int] = field(default_factory=dict)
     weight_frac: dict[str, float] = field(default_factory=dict)
@@ -69,7 +69,7 @@ class _Search:
 
 
 def _build_student(st: _Search, grids: dict, factors: dict) -> None:
-    """The student: every planned layer a _Layer (grid + Butterworth-weighted residual), cutoffs
+    """The student: every planned layer a SearchLayer (grid + Butterworth-weighted residual), cutoffs
     started where the budget is met with equal fractions."""
     st.student = copy.deepcopy(st.teacher)
     for name in st.bits:
@@ -78,13 +78,13 @@ def _build_student(st: _Search, grids: dict, factors: dict) -> None:
             st.full[name] = f[1].shape[0]
             st.per_rank[name] = f[1].shape[1] + f[0].shape[0]
             st.weight_frac[name] = st.full[name] * st.per_rank[name] / st.total_params
-        st.wrapped[name] = _Layer(st.layers[name], grids[name].dequantize().to(torch.float32), f, st.settings.order, 1.0)
+        st.wrapped[name] = SearchLayer(st.layers[name], grids[name].dequantize().to(torch.float32), f, st.settings.order, 1.0)
     if st.adapted:
         start = min(1.0, st.settings.budget / max(sum(st.weight_frac.values()), 1e-12))
         for n in st.adapted:
             st.wrapped[n].c.data.fill_(max(start, 1.0 / st.full[n]))
     for name, w in st.wrapped.items():
-        _set_module(st.student, name, w)
+        set_module(st.student, name, w)
     st.student.eval()
 
 

@@ -6,12 +6,12 @@ import numpy as np
 from cora_onnx.core.plan import LowRankAdapter
 
 
-def random_adapter(shape, rank, bits):
-    """A (rank, C_in, kh, kw) x (C_out, rank, 1, 1) adapter with small values; bits: its factors on
-    symmetric per-row grids of that width (None: float)."""
-    rng = np.random.default_rng(1)
-    a = (0.05 * rng.normal(size=(rank,) + tuple(shape[1:]))).astype(np.float32)
-    b = (0.05 * rng.normal(size=(shape[0], rank, 1, 1))).astype(np.float32)
+def random_adapter(shape, rank, bits, scale=0.05, seed=1):
+    """A (rank, C_in, kh, kw) x (C_out, rank, 1, 1) adapter with values of about `scale`; bits: its
+    factors on symmetric per-row grids of that width (None: float)."""
+    rng = np.random.default_rng(seed)
+    a = (scale * rng.normal(size=(rank,) + tuple(shape[1:]))).astype(np.float32)
+    b = (scale * rng.normal(size=(shape[0], rank, 1, 1))).astype(np.float32)
     if bits is None:
         return LowRankAdapter(rank, a, b)
     lim = (1 << (bits - 1)) - 1

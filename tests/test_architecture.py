@@ -160,3 +160,24 @@ def test_torch_commands_say_they_need_torch(blocked, command, tmp_path):
         res = _cli(env, command, "--help")
         assert res.returncode == 0 and "Usage:" in res.stdout, res.stderr
         assert not log.exists(), log.read_text()
+
+
+MAX_PARAMETERS = 12  # a run option is a field of cora_onnx.core.options.RunOptions, not one more parameter
+
+
+def test_no_function_takes_more_than_twelve_parameters():
+    """Run options travel as one RunOptions object: no function of the library (self and cls not
+    counted, *args and **kwargs one each) takes more than MAX_PARAMETERS parameters."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    over = []
+    for path in sorted([*root.joinpath("cora_onnx").rglob("*.py"), *root.joinpath("passes").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+                n = len(names) + (a.vararg is not None) + (a.kwarg is not None) - (names[:1] in (["self"], ["cls"]))
+                if n > MAX_PARAMETERS:
+                    over.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({n})")
+    assert not over, over

@@ -5,6 +5,7 @@ gets the same weights, preprocessing and class map.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -45,3 +46,20 @@ def load(arch: str, shared: str | Path = SHARED, *, calib: bool = False, val: st
     data = load_data(model, pre, calib=d / "calib" if calib else None, val=d / val if val else None,
                      class_map=d / "class_map.json")
     return model, pre, data
+
+
+def sample_paths(shared: str | Path = SHARED) -> dict:
+    """The folders of the many-class protocol: calibrate on Imagenette's calib, score on
+    imagenet-sample/even (its class map), dev-val (its class map) as a second scoring set."""
+    shared = Path(shared)
+    return {"calib": shared / "data/imagenette/calib", "sample": shared / "data/imagenet-sample/even",
+            "sample_map": shared / "data/imagenet-sample/class_map.json",
+            "devval": shared / "data/imagenette/dev-val", "devval_map": shared / "data/imagenette/class_map.json"}
+
+
+def emit(out: str | None, rec: dict, keys) -> None:
+    """Print the record's `keys` as one JSON line and append the whole record to `out` (JSON lines)."""
+    print(json.dumps({k: rec.get(k) for k in keys}), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(rec) + "\n")

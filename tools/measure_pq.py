@@ -20,14 +20,16 @@ imagenet-sample/even (500 images of 500 other classes, 1000-way, its class_map.j
 --crop-ratio 0.875 for every folder (the folders and helpers of tools/measure_cora.py --protocol
 sample); primary figures top-1 agreement with the float model and mean KL(float || PQ), then
 top-1 of both. Rows are levers (--levers), each a PqSettings override or several joined by '+';
---light runs the search and scores the PyTorch model (ablation rows), without it every row goes
-through cora_onnx.quantize (export, ONNX Runtime on the sample, parity, file size):
+every row goes through cora_onnx.quantize (export, ONNX Runtime on the sample, the parity gate,
+file size):
 
-    python tools/measure_pq.py --protocol sample --light --model efficientnet_lite0 \
-        --levers default ft0 stats-all --torch-threads 1 --out pq-sample.jsonl
-    python tools/measure_pq.py --protocol sample --model efficientnet_lite0 --levers default \
-        --torch-threads 1 --out pq-sample.jsonl                               # ONNX Runtime
+    python tools/measure_pq.py --protocol sample --model efficientnet_lite0 --levers default ft0 \
+        --latency-runs 0 --torch-threads 1 --out pq-sample.jsonl
     python tools/measure_pq.py --table pq-sample.jsonl
+
+The --light mode (search and PyTorch scoring only, layer fits memoized by patching the search) was
+removed in issue 27; the rows made with it in docs/results/pq.md name the commit that has it
+(9af699b). The --protocol imagenette rows (per block preset) go through cora_onnx.quantize too.
 
 ResNet-18 (../shared) is already product-quantized at small blocks (256 codewords per layer,
 before BatchNorm): the un-fused model (BatchNorm kept) is searched with finetuning off and must
@@ -49,16 +51,12 @@ import numpy as np
 import onnx
 import torch
 
-from cora_onnx.onnx.data import Preprocess, load_class_map, load_images
-from cora_onnx.torch.export import apply_plan_torch, export_onnx, fuse_batchnorm, onnx_bytes, quantizable_layers
-from cora_onnx.torch.models import build_model, default_normalization
 from cora_onnx.core.options import parse_keep
-from cora_onnx.onnx.pipeline import apply_plan
+from cora_onnx.torch.export import quantizable_layers
+from cora_onnx.torch.models import build_model, default_normalization
 from cora_onnx.torch.search import LayerSelection, PqSettings, search_pq
-from cora_onnx.onnx.verify import fidelity, measure_latency, parity, predict_onnx, session, top1
-from cora_onnx.torch.verify import predict_torch
 from holdout import holdout_dirs
-from measure_cora import _emit, _sample_paths, _weights
+from imagenette import emit, sample_paths, weights_path
 
 # the uniform_layers of the "u3dw4" lever (EfficientNet-Lite0): blocks 0-5 8-bit, blocks 4-5's 1x1
 # convs 4-bit, blocks 6-15's 1x1 convs 3-bit and depthwise convs 4-bit
@@ -181,7 +179,7 @@ def lever_options(name: str) -> dict:
     return kw
 
 
-def _pq_settings_kw(kw: dict) -> dict:
+def pq_settings_kw(kw: dict) -> dict:
     """A lever's overrides as PqSettings keywords: the selection string -> LayerSelection."""
     kw = dict(kw)
     sel = kw.pop("selection", None)
@@ -191,83 +189,36 @@ def _pq_settings_kw(kw: dict) -> dict:
     return kw
 
 
-_FINETUNE_FIELDS = {"finetune_steps", "finetune_lr", "finetune_biases", "finetune_last", "finetune_scales",
-                    "distill", "augment"}
-
-
-def _reuse_layer_fits() -> None:
-    """(--light) Rows that differ only in their fine-tuning share the per-layer phase
-    (pq.search.fit_layers, deterministic under the seed): it runs once per distinct setting of the
-    other fields; each row fine-tunes a copy."""
-    import copy
-
-    from cora_onnx.torch.search.pq import search
-
-    original, memo = search.fit_layers, {}
-
-    def cached(model, layers, order, kept, geoms, images, settings):
-        key = (id(model), tuple(order), tuple(sorted(kept.items())), len(images),
-               tuple(sorted((k, repr(v)) for k, v in settings.to_json().items() if k not in _FINETUNE_FIELDS)))
-        if key not in memo:
-            memo[key] = original(model, layers, order, kept, geoms, images, settings)
-        return copy.deepcopy(memo[key])
-
-    search.fit_layers = cached
-
-
 def run_sample(args) -> None:
-    """--protocol sample: rows through cora_onnx.quantize (ONNX Runtime scores the sample), or with
-    --light the search and PyTorch scoring only."""
+    """--protocol sample: every row through cora_onnx.quantize (ONNX Runtime scores the sample
+    against the float PyTorch model; the parity gate holds)."""
     import resource
 
     from cora_onnx import quantize
-    from cora_onnx.onnx.verify import fidelity, top1 as top1_
 
-    paths = _sample_paths(Path(args.shared))
+    paths = sample_paths(args.shared)
     mean, std = default_normalization(args.model)
-    pre = Preprocess(224, args.crop_ratio, mean, std)
-    sample = load_images(paths["sample"], pre, labelled=True, class_map=load_class_map(paths["sample_map"]),
-                         num_classes=1000)
-    model = build_model(args.model, _weights(args)).eval()
-    fused = fuse_batchnorm(model)
-    float_sample = predict_torch(fused, sample)
-    float_bytes = len(onnx_bytes(export_onnx(fused, 224)))
-    calib = load_images(paths["calib"], pre) if args.light else None
-    if args.light:
-        _reuse_layer_fits()
     for lever in args.levers:
         kw = lever_options(lever)
         if args.calib_size_sample is not None:
             kw.setdefault("calib_size", args.calib_size_sample)
-        rec = {"protocol": "sample", "model": args.model, "lever": lever, "options": kw, "light": bool(args.light),
-               "crop_ratio": args.crop_ratio, "sample_images": len(sample), "torch_threads": args.torch_threads,
-               "float_onnx_bytes": float_bytes}
-        skw = _pq_settings_kw(kw)
-        if args.light:
+        rec = {"protocol": "sample", "model": args.model, "lever": lever, "options": kw, "light": False,
+               "crop_ratio": args.crop_ratio, "torch_threads": args.torch_threads}
+        with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            plan = search_pq(fused, PqSettings(**skw), calib)
-            rec["search_seconds"] = time.perf_counter() - t0
-            logits = predict_torch(apply_plan_torch(fused, plan), sample)
-            qbytes = len(onnx_bytes(apply_plan(export_onnx(fused, 224), plan)))
-            rec.update(scored_by="pytorch", onnx_bytes=qbytes, pq_seconds=plan.meta.get("pq_seconds"), fidelity_to_float=fidelity(logits, float_sample),
-                       top1=top1_(logits, sample.labels), finetune=plan.meta.get("pq_finetune", {}),
-                       peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                t0 = time.perf_counter()
-                res = quantize(build_model(args.model, _weights(args)), calib=paths["calib"], val=paths["sample"],
-                               class_map=paths["sample_map"], method="pq", out=Path(tmp) / "m.onnx", mean=mean,
-                               std=std, crop_ratio=args.crop_ratio, model_name=args.model,
-                               latency_runs=args.latency_runs, threads=args.torch_threads, **skw)
-                quantize_seconds = time.perf_counter() - t0  # search, export, ONNX Runtime checks and scoring
-            r = res.report  # ONNX Runtime on the sample vs the float PyTorch model
-            rec.update(scored_by="onnxruntime", search_seconds=r["search_seconds"], quantize_seconds=quantize_seconds,
-                       peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, parity=r["parity"],
-                       onnx_bytes=r["onnx_bytes"], fidelity_to_float=r["fidelity_to_float"],
-                       top1=r["top1"]["quantized_onnxruntime"], finetune=r.get("pq", {}).get("finetune", {}),
-                       environment=r["environment"])
-        rec.update(float_top1=top1_(float_sample, sample.labels), ratio=float_bytes / rec["onnx_bytes"])
-        _emit(args, rec, ("lever", "light", "fidelity_to_float", "top1", "onnx_bytes", "ratio", "search_seconds"))
+            res = quantize(build_model(args.model, weights_path(args.model, args.shared)), calib=paths["calib"],
+                           val=paths["sample"], class_map=paths["sample_map"], method="pq", out=Path(tmp) / "m.onnx",
+                           mean=mean, std=std, crop_ratio=args.crop_ratio, model_name=args.model,
+                           latency_runs=args.latency_runs, threads=args.torch_threads, **pq_settings_kw(kw))
+            quantize_seconds = time.perf_counter() - t0  # search, export, ONNX Runtime checks and scoring
+        r = res.report  # ONNX Runtime on the sample vs the float PyTorch model
+        rec.update(scored_by="onnxruntime", search_seconds=r["search_seconds"], quantize_seconds=quantize_seconds,
+                   peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, parity=r["parity"],
+                   onnx_bytes=r["onnx_bytes"], float_onnx_bytes=r["float_onnx_bytes"], sample_images=r["images"]["val"],
+                   fidelity_to_float=r["fidelity_to_float"], top1=r["top1"]["quantized_onnxruntime"],
+                   float_top1=r["top1"]["float"], finetune=r.get("pq", {}).get("finetune", {}),
+                   ratio=r["float_onnx_bytes"] / r["onnx_bytes"], environment=r["environment"])
+        emit(args.out, rec, ("lever", "fidelity_to_float", "top1", "onnx_bytes", "ratio", "search_seconds"))
 
 
 def sample_table(path: str) -> None:
@@ -317,23 +268,18 @@ def ort_folds_decode(blob: bytes) -> dict:
             "session_load_s": load_s}
 
 
-def evaluate(name: str, fused, plan, float_bytes, fsess, val, latency_runs: int, export_model=None,
-             float_logits=None) -> dict:
-    base = export_model if export_model is not None else fused
-    qbytes = onnx_bytes(apply_plan(export_onnx(base, 224), plan))
-    qsess = session(qbytes)
-    q_ort = predict_onnx(qsess, val)
-    q_torch = predict_torch(apply_plan_torch(base, plan), val)
-    lat = measure_latency({"float": fsess, "pq": qsess}, (3, 224, 224), runs=latency_runs) if latency_runs else None
-    row = {"name": name, "top1_ort": top1(q_ort, val.labels), "top1_torch": top1(q_torch, val.labels),
-           "onnx_bytes": len(qbytes), "ratio": len(float_bytes) / len(qbytes), **parity(q_ort, q_torch),
-           "breakdown": file_breakdown(qbytes), "ort_decode": ort_folds_decode(qbytes)}
-    if float_logits is not None:
-        row["fidelity_to_float"] = fidelity(q_ort, float_logits)
-    if lat:
-        row["latency_float_ms"] = lat["float"]["batch_1"]["median_ms"]
-        row["latency_pq_ms"] = lat["pq"]["batch_1"]["median_ms"]
-    return row
+def row_of(name: str, res, seconds: float) -> dict:
+    """A preset row from a cora_onnx.quantize result: ONNX Runtime top-1 (and PyTorch's, and the
+    float model's), parity, fidelity to float, size, the file's breakdown, load-time folding, latency."""
+    r = res.report
+    blob = Path(res.onnx_path).read_bytes()
+    lat = r.get("latency_ms") or {}
+    return {"name": name, "top1_ort": r["top1"]["quantized_onnxruntime"], "top1_torch": r["top1"]["quantized_torch"],
+            "float_top1_ort": r["top1"]["float"], "onnx_bytes": r["onnx_bytes"], "ratio": r["compression_ratio"],
+            **{k: r["parity"][k] for k in ("top1_agreement", "max_abs_error")}, "verified": r["verified"],
+            "fidelity_to_float": r["fidelity_to_float"], "breakdown": file_breakdown(blob),
+            "ort_decode": ort_folds_decode(blob), "latency_float_ms": lat.get("float"), "latency_pq_ms": lat.get("quantized"),
+            "compress_s": r["search_seconds"], "quantize_s": seconds}
 
 
 def resnet_reconstruction(model, settings: PqSettings, calib) -> dict:
@@ -386,7 +332,6 @@ def main() -> None:
                     "imagenet-sample/even (issue 15), one row per --levers entry")
     ap.add_argument("--levers", nargs="+", default=["default"],
                     help=f"(--protocol sample) rows: {', '.join(LEVERS)}, bs:SPEC, budget:X, seed:N, joined by +")
-    ap.add_argument("--light", action="store_true", help="(--protocol sample) PyTorch scoring, no ONNX Runtime")
     ap.add_argument("--calib-size-sample", type=int, default=None,
                     help="(--protocol sample) calibration images [PqSettings default]")
     ap.add_argument("--crop-ratio", type=float, default=0.875, help="(--protocol sample) for every folder [0.875]")
@@ -403,83 +348,69 @@ def main() -> None:
     if args.protocol == "sample":
         run_sample(args)
         return
-    shared = Path(args.shared)
-    if args.model == "resnet18":
-        weights = shared / "models/resnet18-imagenet.pt"
-    else:
-        from cora_onnx.torch.archs.efficientnet_lite import efficientnet_lite0_weights_path
+    from cora_onnx import quantize
 
-        weights = efficientnet_lite0_weights_path()
-    model = build_model(args.model, weights).eval()
-    pre = Preprocess(224, 1.0, *default_normalization(args.model))
-    class_map = load_class_map(shared / "data/imagenette/class_map.json")
+    shared = Path(args.shared)
+    weights = weights_path(args.model, shared)
+    mean, std = default_normalization(args.model)
     data = shared / "data/imagenette"
+    result: dict = {"model": args.model, "args": vars(args), "rows": []}
+    selection = LayerSelection(keep=parse_keep(args.keep), keep_bits=args.keep_bits)
     with tempfile.TemporaryDirectory() as tmp:
         calib_dir, val_dir, split = holdout_dirs(data, Path(tmp)) if args.holdout else \
             (data / "calib", data / "dev-val", None)
-        val = load_images(val_dir, pre, labelled=True, class_map=class_map, num_classes=1000)
-        calib = load_images(calib_dir, pre, labelled=True, class_map=class_map, num_classes=1000)
-    if split:
-        print(f"held-out classes: calibration on {split['calib_classes']} ({len(calib)} images), dev-val of "
-              f"{split['val_classes']} ({len(val)} images)", flush=True)
-    fused = fuse_batchnorm(model)
-    float_bytes = onnx_bytes(export_onnx(fused, 224))
-    result: dict = {"model": args.model, "args": vars(args), "float": {"onnx_bytes": len(float_bytes)}, "rows": [],
-                    **({"holdout": split} if split else {})}
-    if args.blocks:
-        fsess = session(float_bytes)
-        float_logits = predict_onnx(fsess, val)
-        result["float"]["top1_ort"] = top1(float_logits, val.labels)
-        print(f"{args.model} float: ORT top-1 {result['float']['top1_ort']:.2f}%  {len(float_bytes) / 1e6:.2f} MB",
-              flush=True)
-    selection = LayerSelection(keep=parse_keep(args.keep), keep_bits=args.keep_bits)
+        if split:
+            result["holdout"] = split
+            print(f"held-out classes: calibration on {split['calib_classes']}, dev-val of {split['val_classes']}",
+                  flush=True)
+        if args.model == "resnet18" and not args.skip_reconstruction:
+            from cora_onnx.run.stages import load_data, load_model
+            from cora_onnx.onnx.data import Preprocess
 
-    if args.model == "resnet18" and not args.skip_reconstruction:
-        st = PqSettings(blocks="small", codewords=args.codewords, em_iters=args.em_iters, finetune_steps=0,
-                        calib_size=args.calib_size, target="weight", bias_correction=False, channel_scale=False, error_feedback=False,
-                        selection=LayerSelection(keep=()))
-        t0 = time.perf_counter()
-        rec = resnet_reconstruction(model, st, calib)
-        secs = time.perf_counter() - t0
-        errs = np.array([r["relative_error"] for r in rec["layers"]])
-        q_torch = predict_torch(apply_plan_torch(model, rec["plan"]), val)
-        f_torch = predict_torch(model, val)
-        result["reconstruction"] = {"layers": rec["layers"], "max_relative_error": float(errs.max()),
-                                    "mean_relative_error": float(errs.mean()), "top1_torch": top1(q_torch, val.labels),
-                                    "float_top1_torch": top1(f_torch, val.labels), "seconds": secs}
-        result["reconstruction"]["layers_within_1e-5"] = int((errs <= 1e-5).sum())
-        print(f"ResNet-18 un-fused, small blocks, no fine-tuning: relative weight error max {errs.max():.2e} "
-              f"mean {errs.mean():.2e} over {len(errs)} layers, {int((errs <= 1e-5).sum())} within 1e-5; top-1 (PyTorch) {top1(q_torch, val.labels):.2f}% "
-              f"vs float {top1(f_torch, val.labels):.2f}% ({secs:.0f} s)", flush=True)
-        for r in rec["layers"]:
-            print(f"  {r['name']:<24} d={r['block_size']:<3} distinct {r['distinct_subvectors']:>6}  k={r['codewords']:<4}"
-                  f" rel.err {r['relative_error']:.2e}", flush=True)
-
-    for blocks in args.blocks:
-        st = PqSettings(blocks=blocks, block_size=args.block_size, codewords=args.codewords, em_iters=args.em_iters,
-                        finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, calib_size=args.calib_size,
-                        finetune_biases=args.finetune_biases, finetune_last=args.finetune_last, selection=selection,
-                        target=args.target, stats_size=args.stats_size)
-        t0 = time.perf_counter()
-        plan = search_pq(fused, st, calib)
-        secs = time.perf_counter() - t0
-        row = {"blocks": blocks, "block_size": args.block_size, "compress_s": secs,
-               **evaluate(blocks, fused, plan, float_bytes, fsess, val, args.latency_runs, float_logits=float_logits)}
-        row["finetune"] = dict(plan.meta.get("pq_finetune", {}))
-        row["layers"] = [{"name": lp.name, **{k: v for k, v in lp.info.items() if "error" in k or k == "relative_weight_mse"}}
-                         for lp in plan.layers]
-        result["rows"].append(row)
-        b = row["breakdown"]
-        fid = row["fidelity_to_float"]
-        print(f"{blocks}{' ' + args.block_size if args.block_size else ''}: ORT top-1 {row['top1_ort']:.2f}% "
-              f"(float {result['float']['top1_ort']:.2f}%; agreement with float {fid['top1_agreement']:.1f}%, KL "
-              f"{fid['kl_divergence']:.3f}; torch {row['top1_torch']:.2f}%, agree "
-              f"{row['top1_agreement']:.1f}%, max|dlogit| {row['max_abs_error']:.1e})  {row['onnx_bytes'] / 1e6:.3f} MB "
-              f"({row['ratio']:.1f}x)  compress {secs:.0f} s  latency {row.get('latency_float_ms', 0):.1f} -> "
-              f"{row.get('latency_pq_ms', 0):.1f} ms  | codes {b['codes'] / 1e3:.0f} kB, codebooks "
-              f"{b['codebooks'] / 1e3:.0f} kB, biases {b['biases'] / 1e3:.0f} kB, uniform {b['uniform_weights'] / 1e3:.0f}"
-              f" kB, rest {b['rest'] / 1e3:.0f} kB | ORT Gather nodes {row['ort_decode']['gather_before']} -> "
-              f"{row['ort_decode']['gather_after_optimization']} after load", flush=True)
+            model = load_model(args.model, weights)
+            calib = load_data(model, Preprocess(224, 1.0, mean, std), calib=calib_dir).calib
+            st = PqSettings(blocks="small", codewords=args.codewords, em_iters=args.em_iters, finetune_steps=0,
+                            calib_size=args.calib_size, target="weight", bias_correction=False, channel_scale=False,
+                            error_feedback=False, selection=LayerSelection(keep=()))
+            t0 = time.perf_counter()
+            rec = resnet_reconstruction(model, st, calib)
+            secs = time.perf_counter() - t0
+            errs = np.array([r["relative_error"] for r in rec["layers"]])
+            result["reconstruction"] = {"layers": rec["layers"], "max_relative_error": float(errs.max()),
+                                        "mean_relative_error": float(errs.mean()), "seconds": secs,
+                                        "layers_within_1e-5": int((errs <= 1e-5).sum())}
+            print(f"ResNet-18 un-fused, small blocks, no fine-tuning: relative weight error max {errs.max():.2e} "
+                  f"mean {errs.mean():.2e} over {len(errs)} layers, {int((errs <= 1e-5).sum())} within 1e-5 "
+                  f"({secs:.0f} s)", flush=True)
+            for r in rec["layers"]:
+                print(f"  {r['name']:<24} d={r['block_size']:<3} distinct {r['distinct_subvectors']:>6}  "
+                      f"k={r['codewords']:<4} rel.err {r['relative_error']:.2e}", flush=True)
+        for blocks in args.blocks:
+            options = dict(blocks=blocks, block_size=args.block_size, codewords=args.codewords, em_iters=args.em_iters,
+                           finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, calib_size=args.calib_size,
+                           finetune_biases=args.finetune_biases, finetune_last=args.finetune_last, selection=selection,
+                           target=args.target, stats_size=args.stats_size)
+            t0 = time.perf_counter()
+            res = quantize(build_model(args.model, weights), calib=calib_dir, val=val_dir,
+                           class_map=data / "class_map.json", method="pq", out=Path(tmp) / f"{blocks}.onnx", mean=mean,
+                           std=std, model_name=args.model, latency_runs=args.latency_runs, threads=args.torch_threads,
+                           **options)
+            row = {"blocks": blocks, "block_size": args.block_size, **row_of(blocks, res, time.perf_counter() - t0)}
+            row["finetune"] = res.report.get("pq", {}).get("finetune", {})
+            row["layers"] = [{"name": lp.name, **{k: v for k, v in lp.info.items()
+                                                  if "error" in k or k == "relative_weight_mse"}} for lp in res.plan.layers]
+            result["rows"].append(row)
+            b, fid = row["breakdown"], row["fidelity_to_float"]
+            print(f"{blocks}{' ' + args.block_size if args.block_size else ''}: ORT top-1 {row['top1_ort']:.2f}% "
+                  f"(float {row['float_top1_ort']:.2f}%; agreement with float {fid['top1_agreement']:.1f}%, KL "
+                  f"{fid['kl_divergence']:.3f}; torch {row['top1_torch']:.2f}%, agree {row['top1_agreement']:.1f}%, "
+                  f"max|dlogit| {row['max_abs_error']:.1e})  {row['onnx_bytes'] / 1e6:.3f} MB ({row['ratio']:.1f}x)  "
+                  f"search {row['compress_s']:.0f} s  latency {row['latency_float_ms'] or 0:.1f} -> "
+                  f"{row['latency_pq_ms'] or 0:.1f} ms  | codes {b['codes'] / 1e3:.0f} kB, codebooks "
+                  f"{b['codebooks'] / 1e3:.0f} kB, biases {b['biases'] / 1e3:.0f} kB, uniform "
+                  f"{b['uniform_weights'] / 1e3:.0f} kB, rest {b['rest'] / 1e3:.0f} kB | ORT Gather nodes "
+                  f"{row['ort_decode']['gather_before']} -> {row['ort_decode']['gather_after_optimization']} after load",
+                  flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1, default=float))
 

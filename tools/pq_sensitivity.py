@@ -1,7 +1,8 @@
 """Which EfficientNet-Lite0 layers product quantization hurts: PQ one group of layers at a time
 (every other layer stays float), no fine-tuning, and score the result against the float network on
 held-out classes (the split of tools/holdout.py: statistics from the calib images of five classes,
-scores on the dev-val images of the other five, PyTorch).
+scores on the dev-val images of the other five). Every row runs cora_onnx.quantize (--skip leaves
+the other layers float; ONNX Runtime scores the file, behind the parity gate).
 
     python tools/pq_sensitivity.py --blocks small --groups dw expand project head fc all --out pq_groups.jsonl
     python tools/pq_sensitivity.py --blocks large --groups expand project head fc
@@ -19,7 +20,6 @@ imagenet-sample/even (500 classes, crop ratio 0.875), as tools/measure_pq.py --p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -28,16 +28,14 @@ from pathlib import Path
 
 import torch
 
-from cora_onnx.onnx.data import load_class_map, load_images
-from cora_onnx.torch.export import apply_plan_torch, fuse_batchnorm, quantizable_layers
-from cora_onnx.torch.search import LayerSelection, PqSettings, search_pq
-from cora_onnx.torch.search.layers import is_depthwise
+from cora_onnx import quantize
 from cora_onnx.run.stages import load_model
-from cora_onnx.onnx.verify import fidelity, top1
-from cora_onnx.torch.verify import predict_torch
+from cora_onnx.torch.export import fuse_batchnorm
+from cora_onnx.torch.models import default_normalization
+from cora_onnx.torch.quantizers import quantizable_layers
+from cora_onnx.torch.search.layers import is_depthwise
 from holdout import holdout_dirs
-from imagenette import SHARED, preprocess, weights_path
-from measure_cora import _sample_paths
+from imagenette import SHARED, sample_paths, weights_path
 
 GROUPS = ("dw", "expand", "project", "head", "fc", "stem")
 
@@ -70,42 +68,36 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.torch_threads)
     data = Path(args.shared) / "data/imagenette"
-    if args.protocol == "sample":
-        paths = _sample_paths(Path(args.shared))
-        pre = dataclasses.replace(preprocess("efficientnet_lite0"), crop_ratio=0.875)
-        calib = load_images(paths["calib"], pre)
-        val = load_images(paths["sample"], pre, labelled=True, class_map=load_class_map(paths["sample_map"]),
-                          num_classes=1000)
-        split = "sample"
-    else:
-        pre = preprocess("efficientnet_lite0")
-        class_map = load_class_map(data / "class_map.json")
-        with tempfile.TemporaryDirectory() as tmp:
+    mean, std = default_normalization("efficientnet_lite0")
+    model = load_model("efficientnet_lite0", weights_path("efficientnet_lite0"))
+    layers = quantizable_layers(fuse_batchnorm(model))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.protocol == "sample":
+            paths = sample_paths(args.shared)
+            folders = dict(calib=paths["calib"], val=paths["sample"], class_map=paths["sample_map"], crop_ratio=0.875)
+            split = "sample"
+        else:
             calib_dir, val_dir, split = holdout_dirs(data, Path(tmp))
-            calib = load_images(calib_dir, pre, labelled=True, class_map=class_map, num_classes=1000)
-            val = load_images(val_dir, pre, labelled=True, class_map=class_map, num_classes=1000)
-    model = fuse_batchnorm(load_model("efficientnet_lite0", weights_path("efficientnet_lite0")))
-    layers = quantizable_layers(model)
-    float_logits = predict_torch(model, val)
-    for group in args.groups:
-        want = set(GROUPS) - {"stem"} if group == "all" else {group}
-        skip = tuple(n for n, m in layers.items() if group_of(n, m) not in want)
-        settings = PqSettings(blocks=args.blocks, target=args.target, stats_size=args.stats_size, finetune_steps=0,
-                              stats_patches=args.stats_patches,
-                              selection=LayerSelection(keep=(), skip=skip))
-        t0 = time.perf_counter()
-        plan = search_pq(model, settings, calib)
-        logits = predict_torch(apply_plan_torch(model, plan), val)
-        fid = fidelity(logits, float_logits)
-        row = {"group": group, "blocks": args.blocks, "target": args.target, "stats_size": args.stats_size,
-               "layers": len(layers) - len(skip), "top1": top1(logits, val.labels),
-               "float_top1": top1(float_logits, val.labels), "agreement": fid["top1_agreement"],
-               "kl": fid["kl_divergence"], "search_s": time.perf_counter() - t0, "protocol": args.protocol,
-               "stats_patches": args.stats_patches, "holdout": split}
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            folders = dict(calib=calib_dir, val=val_dir, class_map=data / "class_map.json")
+        for group in args.groups:
+            want = set(GROUPS) - {"stem"} if group == "all" else {group}
+            skip = tuple(n for n, m in layers.items() if group_of(n, m) not in want)
+            t0 = time.perf_counter()
+            res = quantize(model, **folders, method="pq", out=Path(tmp) / "m.onnx", mean=mean, std=std,
+                           model_name="efficientnet_lite0", latency_runs=0, keep="none", skip=skip,
+                           blocks=args.blocks, target=args.target, stats_size=args.stats_size, finetune_steps=0,
+                           stats_patches=args.stats_patches)
+            r = res.report
+            fid = r["fidelity_to_float"]
+            row = {"group": group, "blocks": args.blocks, "target": args.target, "stats_size": args.stats_size,
+                   "layers": len(layers) - len(skip), "top1": r["top1"]["quantized_onnxruntime"],
+                   "float_top1": r["top1"]["float"], "agreement": fid["top1_agreement"], "kl": fid["kl_divergence"],
+                   "search_s": r["search_seconds"], "seconds": time.perf_counter() - t0, "protocol": args.protocol,
+                   "stats_patches": args.stats_patches, "holdout": split, "scored_by": "onnxruntime"}
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -235,8 +235,7 @@ def _input_weighted_group_clip(w: torch.Tensor, spec: QuantSpec, hessian: torch.
     """input_weighted_clip for group-wise scales: each group's range is max|w| of the group times one
     of `ratios`, chosen by the layer-output error e H e^T of the channel (nearest rounding) with the
     channel's other groups at their current ranges (exact cross terms); the groups are visited in
-    order `sweeps` times, every channel at once. Scales are float16 as stored (half=False: float32,
-    for tools/probe_group_scales.py's comparison with the per-channel grid)."""
+    order `sweeps` times, every channel at once. Scales are float16 as stored (half=False: float32)."""
     store = _half if half else (lambda t: t.clamp_min(torch.finfo(torch.float32).tiny).float())
     c = w.shape[0]
     w2 = w.detach().to(torch.float64).reshape(c, -1)

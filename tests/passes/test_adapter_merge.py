@@ -4,7 +4,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import helper, numpy_helper
 
 import passes._packing as packing
 from cora_onnx.core.npgrid import merged_grid
@@ -12,7 +11,7 @@ from cora_onnx.core.plan import LayerPlan, Plan, WeightFingerprint
 from cora_onnx.onnx.verify import optimized_graph
 from lowrank_adapters import random_adapter
 from passes import AdapterMergePass, WeightQDQPass
-from tinygraph import plan_error
+from tinygraph import TinyGraph, depthwise_model, plan_error
 
 
 def _layer(graph, bits=4, adapter_bits=7, symmetric=True, **kw):
@@ -101,13 +100,7 @@ def test_a_rewritten_weight_is_refused(graph):
 
 def test_a_grouped_conv_is_refused():
     """Depthwise convolution (group = channels): an adapter spans every input channel, it cannot."""
-    w = np.ones((4, 1, 3, 3), np.float32)
-    g = helper.make_graph([helper.make_node("Conv", ["x", "dw.weight"], ["y"], name="dw", group=4)], "g",
-                          [helper.make_tensor_value_info("x", 1, ["N", 4, 5, 5])],
-                          [helper.make_tensor_value_info("y", 1, ["N", 4, 3, 3])], [numpy_helper.from_array(w, "dw.weight")])
-    model = ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]))
-    from tinygraph import TinyGraph
-
+    model, w = depthwise_model()
     layer = LayerPlan("dw", "conv", w.shape, uniform=TinyGraph.uniform(w, 4), adapter=random_adapter(w.shape, 1, None))
     err = plan_error(lambda: AdapterMergePass(Plan("cora", {}, (layer,)), 7)(model))
     assert "ungrouped Conv" in str(err)

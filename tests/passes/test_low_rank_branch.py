@@ -3,24 +3,15 @@
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnx import helper, numpy_helper
 
-from cora_onnx.core.plan import LayerPlan, LowRankAdapter, Plan, WeightFingerprint
+from cora_onnx.core.plan import LayerPlan, Plan, WeightFingerprint
 from passes import LowRankBranchPass
-from tinygraph import plan_error
+from lowrank_adapters import random_adapter
+from tinygraph import depthwise_model, plan_error
 
 
 def _adapter(shape, rank, bits):
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(rank,) + tuple(shape[1:])).astype(np.float32)
-    b = rng.normal(size=(shape[0], rank, 1, 1)).astype(np.float32)
-    if bits is None:
-        return LowRankAdapter(rank, a, b)
-    sa = (np.abs(a).reshape(rank, -1).max(1) / 127).astype(np.float32)
-    sb = (np.abs(b).reshape(shape[0], -1).max(1) / 127).astype(np.float32)
-    a = (np.round(a / sa[:, None, None, None]) * sa[:, None, None, None]).astype(np.float32)
-    b = (np.round(b / sb[:, None, None, None]) * sb[:, None, None, None]).astype(np.float32)
-    return LowRankAdapter(rank, a, b, bits=8, a_scale=sa, b_scale=sb)
+    return random_adapter(shape, rank, bits, scale=1.0, seed=0)
 
 
 @pytest.mark.parametrize("bits", [None, 8])
@@ -48,8 +39,6 @@ def test_a_branch_is_added_beside_the_conv(graph, bits):
 
 @pytest.mark.parametrize("bits,dtype", [(8, ir.DataType.INT8), (4, ir.DataType.INT4)])
 def test_quantized_factors_are_stored_in_their_container(graph, bits, dtype):
-    from lowrank_adapters import random_adapter
-
     w = graph.weights["conv1.weight"]
     model = graph.model()
     LowRankBranchPass(Plan("cora", {}, (LayerPlan("conv1", "conv", w.shape, adapter=random_adapter(w.shape, 2, bits)),)))(model)
@@ -72,13 +61,8 @@ def test_a_plan_without_adapters_is_a_no_op(graph):
 
 
 def test_a_grouped_conv_is_refused():
-    w = np.ones((4, 1, 3, 3), np.float32)
-    g = helper.make_graph([helper.make_node("Conv", ["x", "dw.weight"], ["y"], name="dw", group=4)], "g",
-                          [helper.make_tensor_value_info("x", 1, ["N", 4, 5, 5])],
-                          [helper.make_tensor_value_info("y", 1, ["N", 4, 3, 3])], [numpy_helper.from_array(w, "dw.weight")])
-    model = ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]))
-    plan = Plan("cora", {}, (LayerPlan("dw", "conv", w.shape, adapter=LowRankAdapter(
-        1, np.zeros((1, 1, 3, 3), np.float32), np.zeros((4, 1, 1, 1), np.float32))),))
+    model, w = depthwise_model()
+    plan = Plan("cora", {}, (LayerPlan("dw", "conv", w.shape, adapter=_adapter(w.shape, 1, None)),))
     assert "ungrouped Conv" in str(plan_error(lambda: LowRankBranchPass(plan)(model)))
 
 

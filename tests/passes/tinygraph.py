@@ -115,6 +115,16 @@ class TinyGraph:
         return {n.name: n for n in model.graph}
 
 
+def depthwise_model(channels: int = 4) -> tuple[ir.Model, np.ndarray]:
+    """A graph of one depthwise 3x3 Conv `dw` (group = channels) and its weight `dw.weight`."""
+    w = np.ones((channels, 1, 3, 3), np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "dw.weight"], ["y"], name="dw", group=channels)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, 5, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", channels, 3, 3])],
+                          [numpy_helper.from_array(w, "dw.weight")])
+    return ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])), w
+
+
 def plan_error(call) -> PlanError:
     """The PlanError that `call()` raises, unwrapped from the pass infrastructure's errors."""
     with pytest.raises(Exception) as err:

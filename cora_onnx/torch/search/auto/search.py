@@ -123,7 +123,7 @@ def measure_menu(model: nn.Module, settings: AutoSettings, calib, keep_fits: boo
     sizes = stats_sizes(model, layers, images, settings)
     log.info("auto: %d layers, %d encodings; input statistics on %d to %d images per layer", len(layers),
              sum(len(m) for m in menus.values()), min(sizes.values()), max(sizes.values()))
-    stats = float_covariances(model, layers, images, sizes, settings.batch_size, settings.seed)
+    stats = float_covariances(model, layers, images, sizes, settings.search_batch, settings.seed)
     seconds["statistics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -299,7 +299,7 @@ def _refit(model, layers, chosen, images, sizes, settings, gen):
     student = copy.deepcopy(model).eval()
     slayers = quantizable_layers(student)
     order = list(layers)
-    feed = LayerFeed(model, student, slayers, order, sizes, images, settings.seed, settings.batch_size)
+    feed = LayerFeed(model, student, slayers, order, sizes, images, settings.seed, settings.search_batch)
     results = {}
     for n in progress(order, len(order), "auto: fitting the choice", "layers"):
         tmod, smod = layers[n], slayers[n]
@@ -309,12 +309,12 @@ def _refit(model, layers, chosen, images, sizes, settings, gen):
         geom = Geom(n, "auto", k * 1, groups, 1)
         b0 = tmod.bias.detach().float() if tmod.bias is not None else torch.zeros(c)
         if isinstance(tmod, nn.Linear):  # its own weight: the float target would fit the calibration classes
-            H, mu = input_stats(student, smod, Geom(n, "linear", k, 1, 1), None, settings.batch_size, full=True,
+            H, mu = input_stats(student, smod, Geom(n, "linear", k, 1, 1), None, settings.search_batch, full=True,
                                 centered=True, inputs=feed.student_inputs(n, smod))
             H, mu = H.reshape(1, k, k), mu.reshape(1, k)
             target, target_mean = w, feed.teacher_output_mean(n, tmod)
         else:
-            joint = joint_stats(model, tmod, student, smod, geom, None, settings.batch_size, centered=True,
+            joint = joint_stats(model, tmod, student, smod, geom, None, settings.search_batch, centered=True,
                                 pairs=feed.pairs(n, tmod, smod))
             H, mu = joint["qq"], joint["mu_q"]
             target = float_target(w.reshape(c, -1), H, joint["qf"], settings.damping).reshape(w.shape)
@@ -360,7 +360,7 @@ def finetune_choice(model: nn.Module, student: nn.Module, results: dict, setting
     losses = []
     t0 = time.perf_counter()
     for _ in progress(range(settings.finetune_steps), settings.finetune_steps, "auto: fine-tuning", "steps"):
-        idx = torch.randint(n_img, (settings.batch_size,), generator=gen)
+        idx = torch.randint(n_img, (settings.search_batch,), generator=gen)
         x = images.preprocess.normalize(images.images[idx])
         overrides = {}
         for n, ps in params.items():

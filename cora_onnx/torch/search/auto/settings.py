@@ -41,7 +41,7 @@ class AutoSettings:
     raised up to calib_size until it sees stats_patches patches per input. refit: after the choice,
     fit the chosen encodings layer after layer to the float network's output on the partially
     quantized network (Linear layers to their own weight). finetune_steps: distillation of the
-    adapters and biases afterwards (batch_size images per step, `distill` loss, Adam steps of
+    adapters and biases afterwards (search_batch images per step, `distill` loss, Adam steps of
     finetune_lr times each tensor's RMS).
     bits: not used (accepted because every method receives --bits)."""
 
@@ -59,7 +59,7 @@ class AutoSettings:
     stats_size: int = 64
     stats_patches: int = 128
     sens_images: int = 32
-    batch_size: int = 32
+    search_batch: int = 32
     em_iters: int = 20
     menu_em_iters: int = 8
     damping: float = 0.01
@@ -99,7 +99,7 @@ class AutoSettings:
         _int("adapter_bits", 2, 8)
         if self.harm not in HARMS:
             raise SettingsError(f"harm must be one of {', '.join(HARMS)}, got {self.harm!r}")
-        for name in ("calib_size", "stats_size", "sens_images", "batch_size", "em_iters", "menu_em_iters"):
+        for name in ("calib_size", "stats_size", "sens_images", "search_batch", "em_iters", "menu_em_iters"):
             _int(name, 1)
         for name in ("stats_patches", "finetune_steps", "seed"):
             _int(name, 0)

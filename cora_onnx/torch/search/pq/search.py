@@ -153,7 +153,8 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
     targets: dict[str, torch.Tensor] = {}
     gptq = {n for n in kept if _gptq_rounded(n, slayers[n], settings)}
     measured = [n for n in order if n not in kept or n in gptq]
-    feed = LayerFeed(model, student, slayers, measured, sizes, images, settings.seed, bs)
+    feed = LayerFeed(model, student, slayers, measured, sizes, images, settings.seed, bs,
+                     cache_bytes=settings.cache_bytes)
     by_weight = [n for n in [*geoms, *gptq] if settings.target_for(n) == "weight"]
     if settings.bias_correction and by_weight and not feed.staged:  # one float pass per distinct image count
         for size in sorted({sizes[n] for n in by_weight}):

@@ -89,7 +89,10 @@ class PqSettings:
     pattern wins over the kinds; an explicit size that does not divide a layer is an
     error, a preset size that does not falls back to the small one). codewords: per layer, 1-256
     (uint8 codes). em_iters: EM iterations per layer. search_batch: images per batch of the
-    statistics and per fine-tuning step. finetune_steps / finetune_lr: distillation fine-tuning (Adam) of codewords, channel scales and biases; 0 steps skips it;
+    statistics and per fine-tuning step. cache_bytes: the most bytes of cached stage inputs the
+    statistics keep (search.staged.LayerFeed; None: 4 GiB or a quarter of the RAM; 0: a forward
+    pass from the image per layer). finetune_steps / finetune_lr: distillation fine-tuning (Adam)
+    of codewords, channel scales and biases; 0 steps skips it;
     finetune_biases=False keeps the (corrected) biases fixed, finetune_last=False keeps the last
     product-quantized layer (the classifier) fixed: both can carry the class prior of the
     calibration images into the model; finetune_scales=False keeps the channel scales fixed (all
@@ -138,6 +141,7 @@ class PqSettings:
     calib_size: int = 256
     stats_size: int = 64
     stats_patches: int = 0
+    cache_bytes: int | None = None
     channel_scale: bool = True
     bias_correction: bool = True
     error_feedback: bool = True
@@ -175,6 +179,8 @@ class PqSettings:
         _int("calib_size", 1)
         _int("stats_size", 1)
         _int("stats_patches", 0)
+        if self.cache_bytes is not None:
+            _int("cache_bytes", 0)
         _int("seed", 0)
         if isinstance(self.damping, bool) or not (isinstance(self.damping, (int, float)) and np.isfinite(self.damping)
                                                   and self.damping >= 0):

@@ -26,7 +26,7 @@ images, same preprocessing; `cora-onnx eval` of the quantized and the float file
 
 The --light mode (search and PyTorch scoring only, with statistics memoized by patching the
 search) was removed in issue 27: tools score what users get, through the library's stages. Rows
-made with it in docs/results/ name the commit that has it (9af699b).
+made with it in docs/results/ name the commit that has it (a42b714).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ file size):
 
 The --light mode (search and PyTorch scoring only, layer fits memoized by patching the search) was
 removed in issue 27; the rows made with it in docs/results/pq.md name the commit that has it
-(9af699b). The --protocol imagenette rows (per block preset) go through cora_onnx.quantize too.
+(a42b714). The --protocol imagenette rows (per block preset) go through cora_onnx.quantize too.
 
 ResNet-18 (../shared) is already product-quantized at small blocks (256 codewords per layer,
 before BatchNorm): the un-fused model (BatchNorm kept) is searched with finetuning off and must

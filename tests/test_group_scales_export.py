@@ -300,16 +300,16 @@ def test_integer_activations_with_grouped_weights(caplog):
     p = ActivationQDQPass(ranges, scheme)
     with caplog.at_level(logging.WARNING):
         p(plain)
-    assert set(p.report["float_nodes"]) == {"conv1", "fc"} and p.report["integer_nodes"] == []
+    assert set(p.report["float_nodes"]) == {"conv1", "fc"} and p.report["integer_nodes"] == ["gap"]  # no weight
     assert "2 nodes (e.g. conv1) have weights with group-wise scales" in caplog.text
 
     merged = ir.serde.deserialize_model(proto)
     GroupScaleMergePass(plan, 7)(merged)
     layout = activation_layout(merged)
-    assert layout.compute == ["conv1", "fc"]
+    assert layout.compute == ["conv1", "gap", "fc"]
     p = ActivationQDQPass(_ranges(ir.serde.serialize_model(merged), layout.calibrate, x), scheme)
     p(merged)
-    assert p.report["integer_nodes"] == ["conv1", "fc"] and p.report["float_nodes"] == []
+    assert p.report["integer_nodes"] == ["conv1", "gap", "fc"] and p.report["float_nodes"] == []
     ir.passes.PassManager([ir.passes.common.RemoveUnusedNodesPass(),
                            ir.passes.common.CheckerPass(full_check=True)])(merged)
     out = ir.serde.serialize_model(merged)

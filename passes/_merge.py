@@ -26,7 +26,7 @@ from cora_onnx.core.plan import LayerPlan
 
 from ._packing import grid_value
 from ._qdq import dequantize_linear, expand_blocks, quantize_linear, scale_zero_point
-from ._util import add_initializer
+from ._util import add_initializer, mark
 
 __all__ = ["MERGE_BITS", "Expression", "grid_expression", "requantize"]
 
@@ -66,6 +66,7 @@ def grid_expression(expr: Expression, layer: LayerPlan, pass_name: str) -> ir.Va
         expr.nodes += repeat
         g = expr.add("Cast", [grid], "grid_Cast", to=ir.DataType.FLOAT)
         wq = expr.add("Mul", [g, s], "grid_Mul")  # float32 products, as DequantizeLinear(block_size) computes
+        mark(expr.nodes[-1], pass_name, layer=layer.name, bits=u.bits, granularity="per_group", group=u.group)
         return expr.add("Reshape", [wq, expr.const("weight_shape", list(layer.shape))], "grid_Reshape")
     grid, decode = grid_value(expr.graph, f"{w}_quantized", u.q, u.bits, u.symmetric, pass_name)
     expr.nodes += decode

@@ -223,7 +223,7 @@ def test_shared_option_help_shows_each_methods_default():
     res = CliRunner().invoke(main, ["quantize", "--help"])
     assert res.exit_code == 0
     text = " ".join(res.output.split())
-    assert "--calib-size INTEGER Calibration images used [cora: 1600; pq: 256] (cora, pq)" in text
+    assert "--calib-size INTEGER Calibration images used [cora: 1600; pq: 256; auto: 1600] (cora, pq, auto)" in text
 
 
 def test_input_statistics_are_the_covariance_when_the_bias_absorbs_the_mean():

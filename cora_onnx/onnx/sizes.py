@@ -116,7 +116,7 @@ def predicted_bytes(model: ir.Model, plan: Plan, width: int) -> int:
     from cora_onnx.core.encoding import Encoding
 
     layers = tuple(skeleton(lp.name, lp.shape, lp.kind, Encoding.parse(lp.info["encoding"])) for lp in plan.layers)
-    m = apply_plan(ir.from_proto(ir.to_proto(model)), Plan(plan.method, plan.settings, layers, plan.meta))
+    m = apply_plan(ir.from_proto(ir.to_proto(model)), plan.replace(layers=layers))
     m.metadata_props[ENCODINGS_KEY] = encodings_metadata(plan)
     compact(m, width)
     return len(onnx_bytes(m))
@@ -138,11 +138,12 @@ def _attribute(proto: onnx.ModelProto, names: dict[str, str], layers: list[str])
 
 
 def measure_costs(model: ir.Model, layers: Mapping[str, tuple[tuple[int, ...], str]],
-                  menus: Mapping[str, list[Encoding]], reserve: int = 0) -> SizeTable:
+                  menus: Mapping[str, list[Encoding]], reserve: int = 0, layout: Plan | None = None) -> SizeTable:
     """The SizeTable of `model` (the exported float graph, its metadata already set) for layers
     (name -> (weight shape, "conv" or "linear")) with these menus; `reserve`: metadata bytes the
-    file will add (see the module doc). Adapters are measured once per rank, beside each layer's
-    first grid, and added to the grid's own bytes."""
+    file will add (see the module doc); `layout`: a plan (its layers ignored) whose merge width and
+    weight and adapter layouts the file is written with (None: Plan's defaults). Adapters are
+    measured once per rank, beside each layer's first grid, and added to the grid's own bytes."""
     t0 = time.perf_counter()
     names = list(layers)
     plain = {n: [e for e in menus[n] if not e.rank] for n in names}
@@ -161,7 +162,7 @@ def measure_costs(model: ir.Model, layers: Mapping[str, tuple[tuple[int, ...], s
                     adapter_bits = next(e.adapter_bits for e in menus[n] if e.rank == r)
                     enc = Encoding("uniform", base.bits, base.group, r, adapter_bits)
             out.append(skeleton(n, shape, kind, enc))
-        return Plan("auto", {}, tuple(out))
+        return Plan("auto", {}, tuple(out)) if layout is None else layout.replace(layers=tuple(out))
 
     plans = [(j, False, column(j, False)) for j in range(max(len(v) for v in plain.values()))]
     if any(ranks.values()):

@@ -284,7 +284,7 @@ def size_budget(model: nn.Module, opts: Options) -> Budget | None:
     layers = quantizable_layers(fused)
     menus = menus_of(fused, opts.settings)
     specs = {n: layer_facts(layers[n])[:2] for n in menus}
-    table = measure_costs(program.model, specs, menus, metadata_reserve(menus))
+    table = measure_costs(program.model, specs, menus, metadata_reserve(menus), layout=_file_layout(Plan("auto", {}, ()), opts))
     limit = target.limit(float_bytes)
     least = table.least()
     what = f"{target.describe()} ({limit:,} bytes, the float file being {float_bytes:,})"
@@ -316,12 +316,17 @@ def run_search(model: nn.Module, opts: Options, calib: ImageSet | None, budget: 
     plan = METHODS[opts.search].run(fused, opts.settings if budget is None else budget.settings, calib)
     seconds = time.perf_counter() - t0
     weights = {name: mod.weight.detach().cpu().numpy() for name, mod in quantizable_layers(fused).items()}
-    extra = {} if budget is None else {"size_target": _target_meta(opts.size_target, budget, plan)}
+    extra = {} if budget is None else {"size_target": _target_meta(opts.size_target, budget, _file_layout(plan, opts))}
     plan = Plan(plan.method, plan.settings, plan.with_fingerprints(weights).layers,
                 meta={**plan.meta, "model": opts.model_name or type(model).__name__, "input_size": pre.input_size,
                       "crop_ratio": pre.crop_ratio, "mean": list(pre.mean), "std": list(pre.std), **extra})
     log.info("search done in %.1f s: %d layers planned", seconds, len(plan.layers))
     return Searched(fused, plan, seconds, program)
+
+
+def _file_layout(plan: Plan, opts: Options) -> Plan:
+    """`plan` with the merge width and weight and adapter layouts its file is written with."""
+    return plan.replace(merge_bits=opts.merge_bits, weight_layout=opts.weights, adapter_layout=opts.adapters)
 
 
 def _target_meta(target, budget: Budget, plan: Plan) -> dict:
@@ -358,8 +363,7 @@ def export_quantized(searched: Searched, opts: Options, calib: ImageSet | None) 
     them and write them into the plan and the graph. Models with adapters also get their variants
     without adapters (and with adapters as branches when they are fused) for the latency table."""
     fused, scheme = searched.fused, opts.scheme
-    plan = searched.plan.replace(merge_bits=opts.merge_bits, weight_layout=opts.weights, adapter_layout=opts.adapters,
-                                 activations=None)
+    plan = _file_layout(searched.plan, opts).replace(activations=None)
     program = searched.program if searched.program is not None else export_program(fused, opts.pre.input_size)
     model_ir = program.model
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())

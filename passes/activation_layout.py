@@ -30,7 +30,7 @@ import onnx_ir as ir
 from ._packing import is_grid
 
 __all__ = ["QuantScheme", "ActivationLayout", "activation_layout", "activation_qparams", "COMPUTE_OPS",
-           "ACTIVATION_OPS", "SHARE_OPS", "WEIGHT_INPUT", "const_array", "weight_source", "requantized"]
+           "ACTIVATION_OPS", "SHARE_OPS", "WEIGHT_INPUT", "const_array", "weight_source", "weight_dequantize", "requantized"]
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid",
                "LeakyRelu")
@@ -109,13 +109,24 @@ def weight_source(node: ir.Node) -> str | None:
     w = node.inputs[idx]
     if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
         return None
-    p = w.producer()
-    if p is not None and p.op_type == "DequantizeLinear" and p.inputs[0] is not None \
-            and (is_grid(p.inputs[0]) or requantized(p)):
+    p = weight_dequantize(node)
+    if p is not None and p.inputs[0] is not None and (is_grid(p.inputs[0]) or requantized(p)):
         return "dq"
     if w.const_value is not None and w.dtype == ir.DataType.FLOAT and (node.op_type != "MatMul" or len(w.shape) == 2):
         return "float"
     return None
+
+
+def weight_dequantize(node: ir.Node) -> ir.Node | None:
+    """The DequantizeLinear that writes a compute node's weight: its producer, or for a MatMul the
+    producer of a 2-D Transpose(perm [1, 0]) between them (a Linear's (out, in) weight as
+    passes.WeightNamesPass writes it; ONNX Runtime moves the Transpose onto the constant)."""
+    idx = WEIGHT_INPUT[node.op_type]
+    p = node.inputs[idx].producer() if len(node.inputs) > idx and node.inputs[idx] is not None else None
+    if p is not None and node.op_type == "MatMul" and p.op_type == "Transpose" and p.domain in ("", "ai.onnx") \
+            and list(p.attributes.get_ints("perm", [])) == [1, 0] and len(p.inputs[0].uses()) == 1:
+        p = p.inputs[0].producer()
+    return p if p is not None and p.op_type == "DequantizeLinear" else None
 
 
 def requantized(dq: ir.Node) -> bool:
@@ -170,6 +181,21 @@ def _compute_nodes(graph: ir.Graph, constants: set[int]) -> list[ir.Node]:
     return out
 
 
+def _with_bias(node: ir.Node, constants: set[int]) -> ir.Value:
+    """A compute node's output as quantized: for a MatMul whose only consumer adds a constant (a
+    Linear exported as MatMul + Add), the sum; ONNX Runtime runs the pair as one integer kernel
+    with float output and bias (MatMulIntegerToFloat), as PyTorch computes the Linear."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if node.op_type != "MatMul" or len(uses) != 1 or out.is_graph_output():
+        return out
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return out
+    other = add.inputs[1 - uses[0].idx]
+    return add.outputs[0] if other is not None and (other.const_value is not None or id(other) in constants) else out
+
+
 def _absorbable(value: ir.Value) -> ir.Node | None:
     """The Relu / Clip(min 0) that is the only consumer of value, else None."""
     uses = list(value.uses())
@@ -203,7 +229,7 @@ def activation_layout(model: ir.Model) -> ActivationLayout:
         layout.compute.append(node.name)
         for v in (node.inputs if node.op_type in ACTIVATION_OPS else node.inputs[:1]):
             want(v)
-        out = node.outputs[0]
+        out = _with_bias(node, constants)
         if out.is_graph_output() and node.op_type in ("Gemm", "MatMul"):
             continue  # logits stay float: ORT fuses DQ -> Gemm/MatMul into a float-output integer kernel
         act = _absorbable(out)

@@ -32,7 +32,7 @@ from ._packing import grid_of
 from ._qdq import dequantize_linear, dequantized_weight, quantize_linear, scale_zero_point
 from ._util import add_initializer, default_opset, mark
 from .activation_layout import (ACTIVATION_OPS, WEIGHT_INPUT, QuantScheme, activation_layout, activation_qparams,
-                                const_array, requantized, weight_source)
+                                const_array, requantized, weight_dequantize, weight_source)
 from .weight_qdq import grouped_weight_dq
 
 __all__ = ["ActivationQDQPass"]
@@ -175,7 +175,8 @@ class ActivationQDQPass(ir.passes.InPlacePass):
             if not list(w.uses()) and w.name in graph.initializers:
                 del graph.initializers[w.name]
             return scale
-        dq = w.producer()
+        dq = weight_dequantize(node)
+        transposed = dq is not w.producer()  # a MatMul reading Transpose(DequantizeLinear): (out, in) grid
         if requantized(dq):  # symmetric, zero channels at scale 1, values within +-(2^(bits-1) - 1)
             if self.merged_bits > self.scheme.weight_bits:
                 log.warning("%s: merged %d-bit weight grid does not fit the %d-bit weights this CPU needs; "
@@ -220,8 +221,9 @@ class ActivationQDQPass(ir.passes.InPlacePass):
                                                                               name=f"{qv.name}_scale_int8"))
             dq.replace_input_with(1, new_s)
             scale = fixed.reshape(scale.shape)
+        seen = 1 - axis % 2 if transposed else axis  # the axis as the node reads the weight
         per_out = (node.op_type == "Conv" and axis == 0) or (node.op_type == "Gemm" and (
-            axis == 0) == bool(node.attributes.get_int("transB", 0))) or (node.op_type == "MatMul" and axis == 1)
+            axis == 0) == bool(node.attributes.get_int("transB", 0))) or (node.op_type == "MatMul" and seen == 1)
         if scale.size > 1 and not per_out:
             log.warning("%s: weight scale axis %d is not the output channel; left as a float kernel", node.name, axis)
             return None

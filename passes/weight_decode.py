@@ -48,9 +48,12 @@ def _has_subgraph(node: ir.Node) -> bool:
 
 def _in_qdq_group(dq: ir.Node, memo: dict) -> bool:
     """Whether a consumer of dq also reads a non-constant DequantizeLinear (an activation): then dq
-    is the weight of a QDQ node group that ONNX Runtime fuses into an integer kernel."""
-    for use in dq.outputs[0].uses():
-        for v in use.node.inputs:
+    is the weight of a QDQ node group that ONNX Runtime fuses into an integer kernel. A Transpose
+    between them (a Linear's weight read by a MatMul) counts as part of the weight."""
+    users = [u.node for u in dq.outputs[0].uses()]
+    users += [u.node for t in users if t.op_type == "Transpose" for u in t.outputs[0].uses()]
+    for user in users:
+        for v in user.inputs:
             p = v.producer() if v is not None else None
             if p is not None and p is not dq and p.op_type == "DequantizeLinear" and not is_constant(v, memo):
                 return True

@@ -71,12 +71,16 @@ def activation_pipeline(act: ActivationPlan, merged_bits: int | None = None) -> 
     """Static integer activations with the plan's calibrated ranges on a graph whose weights the
     plan pipeline already wrote (merged_bits: the plan's merge width; None: the scheme's): the float
     ops ONNX Runtime has integer kernels for in another form rewritten into it (IntegerFormsPass,
-    which calibration ran first too: the ranges are of its tensors), then activation QDQ, then
-    cleanup. Its second pass (ActivationQDQPass) keeps a report."""
+    which calibration ran first too: the ranges are of its tensors), then activation QDQ, then the
+    weights of the kernels left in float decoded as ONNX Runtime folds them at load
+    (WeightDecodePass keeps every weight of a QDQ group: those become integer kernels), so ONNX
+    Runtime computes them in float as verified (a DequantizeLinear weight of a float MatMul is
+    fused into MatMulNBits, which quantizes its input on the fly), then cleanup. Its second pass
+    (ActivationQDQPass) keeps a report."""
     return ir.passes.PassManager([IntegerFormsPass(),
                                   ActivationQDQPass(act.ranges, scheme_of(act), weight_clip=act.weight_clip,
                                                     merged_bits=merged_bits),
-                                  *cleanup_passes()])
+                                  WeightDecodePass(), *cleanup_passes()])
 
 
 def apply_plan(model: ir.Model, plan: Plan, merge_bits: int | None = None, weight_layout: str | None = None,

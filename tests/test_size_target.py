@@ -154,3 +154,15 @@ def test_fine_tuning_the_biases_keeps_the_file_within_its_target(digits, tmp_pat
                            out=tmp_path / "m.onnx", **{**SMALL, "finetune_steps": 3}).report
     ft = r["auto"]["finetune"]
     assert ft["steps"] == 3 and np.isfinite(ft["loss_last"]) and r["size_target"]["within"] and r["verified"]
+
+
+def test_kept_layers_take_their_keep_bits_and_rtn_takes_grids_only():
+    from cora_onnx.torch.search.auto import menus_of
+    from cora_onnx.torch.search.layers import LayerSelection
+    from conftest import TinyNet
+
+    model = TinyNet()
+    menus = menus_of(model, AutoSettings(selection=LayerSelection(keep=("first",), keep_bits=6)))
+    assert [e.label for e in menus["conv1"]] == ["6-bit"] and len(menus["pw"]) > 1
+    uniform = menus_of(model, AutoSettings(families=("uniform",)))
+    assert all(e.kind == "uniform" and not e.rank for m in uniform.values() for e in m)

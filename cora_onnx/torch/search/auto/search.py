@@ -42,7 +42,7 @@ from cora_onnx.torch.search.auto.fit import Fit, adapter_factors, adapter_spectr
 from cora_onnx.torch.search.auto.measure import SensitivityProbe, float_covariances
 from cora_onnx.torch.search.auto.menu import layer_facts, layer_menu
 from cora_onnx.torch.search.auto.settings import AutoSettings
-from cora_onnx.torch.search.layers import uniform_from
+from cora_onnx.torch.search.layers import select_layers, uniform_from
 from cora_onnx.torch.search.pq.codebook import float_target
 from cora_onnx.torch.search.pq.search import stats_sizes
 from cora_onnx.torch.search.pq.statistics import Geom, input_stats, joint_stats
@@ -54,9 +54,12 @@ log = logging.getLogger(__name__)
 
 
 def menus_of(model: nn.Module, settings: AutoSettings) -> dict[str, list[Encoding]]:
-    """Every planned layer's menu (the layers of the model not in selection.skip)."""
-    return {n: layer_menu(m, settings) for n, m in quantizable_layers(model).items()
-            if n not in settings.selection.skip}
+    """Every planned layer's menu (the layers of the model not in selection.skip; a layer the
+    selection keeps, e.g. --keep first, has its keep_bits grid alone)."""
+    layers = quantizable_layers(model)
+    kept = {n for n, b in select_layers(layers, 0, settings.selection).items() if b}
+    return {n: [Encoding("uniform", bits=settings.selection.keep_bits)] if n in kept else layer_menu(m, settings)
+            for n, m in layers.items() if n not in settings.selection.skip}
 
 
 def _references(errors: dict[str, float], menu: list[Encoding]) -> list[str]:

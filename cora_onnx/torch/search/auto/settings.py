@@ -135,4 +135,6 @@ AUTO_OPTIONS = (
     CliOption("--sens-images", "sens_images", int, "Calibration images for each layer's measured harm [auto: 32]."),
     CliOption("--finetune-steps", "finetune_steps", int, "Distillation steps on the adapters and biases after the "
               "choice [auto: 0]."),
+    CliOption("--harm", "harm", HARMS, "What the size-targeted choice minimizes: each layer's output error times "
+              "its measured sensitivity (kl), or the output error alone (output) [kl]."),
 )

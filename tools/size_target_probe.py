@@ -39,7 +39,7 @@ from cora_onnx.onnx.verify import fidelity, top1
 from cora_onnx.run.stages import check_options, size_budget
 from cora_onnx.torch.models import build_model, default_normalization, packaged_weights
 from cora_onnx.core.plan import Plan
-from cora_onnx.torch.export import apply_plan_torch
+from cora_onnx.torch.export import apply_plan_torch, quantizable_layers
 from cora_onnx.torch.search.auto import finetune_choice, fit_choice, harm_table, measure_menu, plan_layers
 from cora_onnx.torch.verify import predict_torch
 
@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=None)
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out", default=None, help="append the rows (JSON lines) here")
+    ap.add_argument("--cache", default=None, help="keep the measured menu in this file (torch.save) and reuse it "
+                                                  "when it exists (same model, options and fits)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="[probe] %(message)s", stream=sys.stderr)
     if args.torch_threads:
@@ -75,8 +77,8 @@ def main() -> None:
     t0 = time.perf_counter()
     model = build_model(args.model, weights).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        opts = check_options(calib_dir, sample_dir, out=Path(tmp) / "m.onnx", mean=mean, std=std, crop_ratio=0.875,
-                             target_ratio=args.ratios[0], model_name=args.model, **options)
+        opts = check_options(calib=calib_dir, val=sample_dir, out=Path(tmp) / "m.onnx", mean=mean, std=std,
+                             crop_ratio=0.875, target_ratio=args.ratios[0], model_name=args.model, **options)
         budget = size_budget(model, opts)
     pre = opts.pre
     sample = load_images(sample_dir, pre, labelled=True, class_map=load_class_map(sample_dir.parent / "class_map.json"),
@@ -87,7 +89,15 @@ def main() -> None:
     setup = time.perf_counter() - t0
     t0 = time.perf_counter()
     cpu0 = time.process_time()
-    measured = measure_menu(fused, budget.settings, calib, keep_fits="menu" in args.fits)
+    if args.cache and Path(args.cache).exists():
+        measured = torch.load(args.cache, weights_only=False)
+        live = quantizable_layers(fused)  # the fused model's own modules (the pickle holds copies)
+        measured = dataclasses.replace(measured, layers={n: live[n] for n in measured.layers})
+        logging.info("measured menu read from %s", args.cache)
+    else:
+        measured = measure_menu(fused, budget.settings, calib, keep_fits="menu" in args.fits)
+        if args.cache:
+            torch.save(measured, args.cache)
     measure_s, measure_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     costs = budget.table.costs
     for ratio in args.ratios:
@@ -116,7 +126,8 @@ def main() -> None:
                     row = {"model": args.model, "ratio": ratio, "harm": harm_name, "fit": fit, "finetune": steps,
                            "options": options, "limit_bytes": limit, "fixed_bytes": budget.table.fixed,
                            "encodings_bytes": choice.cost, "predicted_harm": choice.harm, "exact": choice.exact,
-                           "encodings": encoding_summary(chosen.values()), "layers": {n: e.label for n, e in chosen.items()},
+                           "encodings": encoding_summary(chosen.values()),
+                           "layers": {n: e.label for n, e in chosen.items()},
                            "agreement": fid["top1_agreement"], "kl": fid["kl_divergence"],
                            "top1": top1(logits, sample.labels), "float_top1": top1(float_logits, sample.labels),
                            "fit_errors": {n: r["error"] for n, r in results.items()}, "finetune_log": ft,

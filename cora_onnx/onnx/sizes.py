@@ -28,8 +28,8 @@ from cora_onnx.core.modelfile import onnx_bytes
 from cora_onnx.core.plan import Plan
 from cora_onnx.onnx.pipeline import apply_plan
 
-__all__ = ["SizeTable", "measure_costs", "compact", "finish", "predicted_bytes", "metadata_reserve", "encodings_metadata",
-           "MARGIN", "ENCODINGS_KEY"]
+__all__ = ["SizeTable", "measure_costs", "compact", "finish", "predicted_bytes", "metadata_reserve",
+           "encodings_metadata", "MARGIN", "ENCODINGS_KEY"]
 
 log = logging.getLogger(__name__)
 

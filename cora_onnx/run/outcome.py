@@ -227,7 +227,8 @@ def size_target_report(plan: Plan, file_bytes: int) -> dict:
     t = dict(plan.meta["size_target"])
     payload = sum(c.stored_bits() for lp in plan.layers for c in (lp.uniform, lp.codebook, lp.adapter)
                   if c is not None) // 8
-    return {**t, "bytes": file_bytes, "within": file_bytes <= t["limit_bytes"], "achieved_ratio": t["float_bytes"] / file_bytes,
+    return {**t, "bytes": file_bytes, "within": file_bytes <= t["limit_bytes"],
+            "achieved_ratio": t["float_bytes"] / file_bytes,
             "weight_bytes": int(payload), "overhead_bytes": int(file_bytes - payload),
             "overhead_share": (file_bytes - payload) / file_bytes}
 

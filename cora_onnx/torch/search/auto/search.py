@@ -48,7 +48,8 @@ from cora_onnx.torch.search.pq.search import stats_sizes
 from cora_onnx.torch.search.pq.statistics import Geom, input_stats, joint_stats
 from cora_onnx.torch.search.staged import LayerFeed
 
-__all__ = ["search_auto", "menus_of", "Measured", "measure_menu", "harm_table", "fit_choice", "finetune_choice", "plan_layers"]
+__all__ = ["search_auto", "menus_of", "Measured", "measure_menu", "harm_table", "fit_choice", "finetune_choice",
+           "plan_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +294,8 @@ def _adapter(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor, enc: Encodin
 
 
 def _grid_rows(t: torch.Tensor, bits: int) -> torch.Tensor:
-    return quantize_weight(t, QuantSpec(bits=bits, per_channel=True, symmetric=True, clip="minmax")).dequantize().float()
+    spec = QuantSpec(bits=bits, per_channel=True, symmetric=True, clip="minmax")
+    return quantize_weight(t, spec).dequantize().float()
 
 
 def _refit(model, layers, chosen, images, sizes, settings, gen):

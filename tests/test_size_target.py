@@ -160,7 +160,7 @@ def test_fine_tuning_the_biases_keeps_the_file_within_its_target(digits, tmp_pat
 def test_kept_layers_take_their_keep_bits_and_rtn_takes_grids_only():
     from cora_onnx.torch.search.auto import menus_of
     from cora_onnx.torch.search.layers import LayerSelection
-    from conftest import TinyNet
+    from tinynet import TinyNet
 
     model = TinyNet()
     menus = menus_of(model, AutoSettings(selection=LayerSelection(keep=("first",), keep_bits=6)))

@@ -168,6 +168,30 @@ def test_integer_activations_gate_catches_a_layer_off_by_5_percent(digits, tmp_p
     assert not (tmp_path / "m.onnx").exists() and (tmp_path / "m.failed.onnx").is_file()
 
 
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_export_plan_checks_its_file(digits, tmp_path, monkeypatch, act_bits):
+    """export --plan checks the file against PyTorch with the plan (random images), as quantize
+    does: a correct file gets the one table; a graph corrupted at export (one weight scale x4) is
+    refused in one line, exit 3, kept as NAME.failed.onnx, nothing under the requested name."""
+    from cora_onnx.core.errors import ParityError
+    from cora_onnx.core.plan import Plan
+    from cora_onnx.run.api import export_plan
+
+    _quantize_digits(digits, tmp_path, bits=8, act_bits=act_bits, plan_out=tmp_path / "plan")
+    args = ["export", "--model", digits.arch, "--weights", str(digits.weights), "--plan", str(tmp_path / "plan"),
+            "--out", str(tmp_path / "e.onnx")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"cora-onnx: {digits.arch}, method rtn, plan of ") and "on 16 random images" in res.output
+    assert "parity ONNX Runtime vs PyTorch with the plan" in res.output and "file bits per weight" in res.output
+    _scale_weight(monkeypatch, "features.3", 4.0)
+    with pytest.raises(ParityError, match="features.3"):
+        export_plan(build_model(digits.arch, digits.weights), Plan.load(tmp_path / "plan"), tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists() and (tmp_path / "x.failed.onnx").is_file()
+    res = CliRunner().invoke(main, args[:-1] + [str(tmp_path / "y.onnx")])
+    assert res.exit_code == 3 and res.output.startswith("error: ") and res.output.count("\n") == 1, res.output
+
+
 @pytest.mark.parametrize("act_bits", [None, "8"])
 def test_constant_outputs_are_never_verified(digits, tmp_path, monkeypatch, act_bits):
     """A file whose outputs do not depend on its input (one layer's weights zeroed in the graph,

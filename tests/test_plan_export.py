@@ -69,7 +69,12 @@ def test_export_plan_rebuilds_the_quantized_file(digits, tmp_path, layout):
     assert (plan.activations is not None) == ("act_bits" in extra)
     merged = "act_bits" in extra and extra.get("adapter_layout", "auto") != "branch"
     assert plan.merge_bits == (res.report["activations"]["scheme"]["weight_bits"] if merged else None)
-    export_plan(_model(which, digits), plan, tmp_path / "again.onnx")
+    rep = export_plan(_model(which, digits), plan, tmp_path / "again.onnx")
+    # checked before it is written, against PyTorch with the plan (with A8 the simulation; branches with
+    # A8, which have none, exactly without the activation QDQ)
+    kind = "simulated" if "act_bits" in extra and (merged or "budget" not in extra) else "exact"
+    assert rep["verified"] and rep["parity"]["reference"] == kind and rep["parity"]["images"] == 16
+    assert ("tensors" in rep["parity"]) == (kind == "simulated")
     ops, inits = _contents(tmp_path / "q.onnx")
     again_ops, again_inits = _contents(tmp_path / "again.onnx")
     assert again_ops == ops

@@ -241,9 +241,9 @@ def export(arch, weights, plan_path, verbose, quiet, **given):
     from cora_onnx.torch.models import build_model
 
     plan = Plan.load(plan_path)
-    n = export_plan(build_model(arch, weights), plan, options=opts)
-    act = ", integer activations" if plan.activations is not None else ""
-    click.echo(f"wrote {opts.out} ({n / 1e6:.2f} MB, {len(plan.layers)} planned layers{act})")
+    from cora_onnx.onnx.report import format_table
+
+    click.echo(format_table(export_plan(build_model(arch, weights), plan, options=opts)))
 
 
 @main.command(name="eval")

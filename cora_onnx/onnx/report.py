@@ -1,9 +1,10 @@
 """The reports: typed records (cora_onnx.core.records), each built in one place, serialised to
-JSON for machines (`--report`), and one table for people (`format_table`) for `quantize` and
-`rewrite` (and `format_import_table` for `import-pq`).
+JSON for machines (`--report`), and one table for people (`format_table`) for `quantize`,
+`rewrite` and `export` (and `format_import_table` for `import-pq`).
 
 - `QuantizeReport` (cora_onnx.run.outcome.make_report), `RewriteReport`
-  (cora_onnx.onnx.rewrite.rewrite_onnx), `ImportReport` (cora_onnx.run.pq_import.import_pq);
+  (cora_onnx.onnx.rewrite.rewrite_onnx), `ExportReport` (cora_onnx.run.api.export_plan),
+  `ImportReport` (cora_onnx.run.pq_import.import_pq);
 - their sections: `Figures` (what verification measured: `Top1`, `Parity`, `Fidelity`, latency,
   `SizeBreakdown`; cora_onnx.onnx.verify), `Activations` (cora_onnx.onnx.int8.activation_report).
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from cora_onnx.onnx.verify import Fidelity, Parity
 
 __all__ = ["environment", "format_table", "format_import_table", "write_report", "cpu_flags", "describe_cpu", "Top1",
-           "Figures", "Activations", "Outcome", "QuantizeReport", "RewriteReport", "ImportReport"]
+           "Figures", "Activations", "Outcome", "QuantizeReport", "RewriteReport", "ExportReport", "ImportReport"]
 
 
 def cpu_flags() -> dict:
@@ -202,6 +203,24 @@ class RewriteReport(Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExportReport(Record):
+    """The report of `export --plan` (cora_onnx.run.api.export_plan): the model, the plan, the
+    file written and its check against the PyTorch model with the plan applied (on random images:
+    export takes no image folder)."""
+
+    model: str
+    method: str
+    plan_layers: int
+    integer_activations: bool
+    onnx_path: str
+    onnx_bytes: int
+    float_onnx_bytes: int
+    weight_params: int
+    parity: Parity
+    outcome: Outcome = flat()
+
+
+@dataclass(frozen=True, kw_only=True)
 class ImportReport(Record):
     """The report of `import-pq` (cora_onnx.run.pq_import.import_pq): the checkpoint, the file, its
     check against the decoded PyTorch model, the codebooks."""
@@ -275,6 +294,7 @@ class _View:
     adapter_layout: str | None = None
     ort_format: Mapping[str, Any] | None = None
     notes: tuple[str, ...] = ()
+    parity_images: str = "images"
 
 
 def _quantize_view(r: QuantizeReport) -> _View:
@@ -340,11 +360,22 @@ def _rewrite_view(r: RewriteReport) -> _View:
                  facts=facts, activations=r.activations, ort_format=r.ort_format, notes=tuple(notes))
 
 
-def format_table(r: QuantizeReport | RewriteReport) -> str:
-    """The human summary of a quantize or rewrite report: a title, the reference and
+def _export_view(r: ExportReport) -> _View:
+    ratio = r.float_onnx_bytes / r.onnx_bytes if r.onnx_bytes else None
+    rows = [("ONNX file", _mb(r.float_onnx_bytes), f"{_mb(r.onnx_bytes)} ({ratio:.2f}x smaller)" if ratio else "-"),
+            ("file bits per weight", _bpw(r.float_onnx_bytes * 8 / r.weight_params if r.weight_params else None),
+             _bpw(r.onnx_bytes * 8 / r.weight_params if r.weight_params else None))]
+    act = ", integer activations" if r.integer_activations else ""
+    return _View(f"cora-onnx: {r.model}, method {r.method}, plan of {r.plan_layers} layers{act} -> {r.onnx_path}",
+                 ("float", "exported"), rows, r.parity, "ONNX Runtime vs PyTorch with the plan",
+                 parity_images="random images")
+
+
+def format_table(r: QuantizeReport | RewriteReport | ExportReport) -> str:
+    """The human summary of a quantize, rewrite or export report: a title, the reference and
     output columns (top-1, file size, bits per weight, latency), parity, fidelity to float, facts,
     integer activations, the ORT format, notes."""
-    views = {QuantizeReport: _quantize_view, RewriteReport: _rewrite_view}
+    views = {QuantizeReport: _quantize_view, RewriteReport: _rewrite_view, ExportReport: _export_view}
     v = views[type(r)](r)
     rows = [("", *v.columns), *v.rows]
     w = max(len(a) for a, _, _ in rows)
@@ -352,11 +383,12 @@ def format_table(r: QuantizeReport | RewriteReport) -> str:
     lines += [f"  {fact}" for fact in v.facts]
     par = v.parity
     if par is not None:
-        tensors = par.tensors
-        exact = f"; tensor by tensor on {tensors.images} images: {tensors.tensors} tensors, at most " \
-                f"{tensors.worst.max_steps if tensors.worst else 0} step apart" if tensors is not None else ""
+        t = par.tensors
+        apart = "every value equal" if t is None or t.worst is None else \
+            f"at most {t.worst.max_steps} step{'s' if t.worst.max_steps > 1 else ''} apart"
+        exact = f"; tensor by tensor on {t.images} images: {t.tensors} tensors, {apart}" if t is not None else ""
         lines.append(f"  parity {v.parity_label}: max |logit diff| {par.max_abs_error:.3g}, top-1 agreement "
-                     f"{par.top1_agreement:.2f}% on {par.images} images{exact}")
+                     f"{par.top1_agreement:.2f}% on {par.images} {v.parity_images}{exact}")
     fid = v.fidelity
     if fid is not None:
         lines.append(f"  fidelity to float (ONNX Runtime quantized vs PyTorch float): top-1 agreement "

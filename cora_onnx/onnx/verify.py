@@ -26,7 +26,7 @@ __all__ = ["session", "predict_onnx", "top1", "parity", "fidelity", "measure_lat
            "IMAGE_LAYOUTS", "ParityLimits", "PARITY_LIMITS", "parity_failure", "TensorCheck", "TensorDiff", "Parity",
            "Fidelity", "SizeBreakdown", "Verdict", "compare_tensors",
            "activation_integers", "quantized_tensor_outputs", "output_spread", "is_constant", "CONSTANT_SPREAD",
-           "failed_path", "judge", "weight_layer", "layer_outputs", "producing_layers", "integer_biases"]
+           "failed_path", "judge", "weight_layer", "layer_outputs", "producing_layers", "integer_biases", "activation_grid_in"]
 
 
 def cpu_threads() -> int:
@@ -409,6 +409,29 @@ def producing_layers(proto: onnx.ModelProto, tensors: Sequence[str]) -> dict[str
         if layer is not None:
             out[t] = layer
     return out
+
+
+def activation_grid_in(proto: onnx.ModelProto) -> tuple[dict[str, tuple[float, int]], tuple[int, int], set[str]]:
+    """The grid a simulation of the file's integer activations must round to: tensor -> (scale,
+    zero point) of every activation QuantizeLinear ActivationQDQPass wrote in the file (its
+    provenance names the tensor), the integer range of their type (uint8 or int8), and the tensors
+    that share another's parameters through a data-movement op."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    out, shared, signed = {}, set(), False
+    for node in proto.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        if node.op_type != "QuantizeLinear" or meta.get("cora_onnx.pass") != "ActivationQDQPass" \
+                or "cora_onnx.tensor" not in meta or len(node.input) < 3:
+            continue
+        if node.input[1] in inits and node.input[2] in inits:
+            scale = onnx.numpy_helper.to_array(inits[node.input[1]])
+            zp = onnx.numpy_helper.to_array(inits[node.input[2]])
+            tensor = meta["cora_onnx.tensor"]
+            out[tensor] = (float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0]))
+            signed = zp.dtype == np.int8
+            if meta.get("cora_onnx.shared_with"):
+                shared.add(tensor)
+    return out, ((-128, 127) if signed else (0, 255)), shared
 
 
 def integer_biases(proto: onnx.ModelProto) -> dict[str, np.ndarray]:

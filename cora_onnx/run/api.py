@@ -3,25 +3,29 @@ runs are in cora_onnx.run.stages and cora_onnx.run.outcome, each usable alone.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 from torch import nn
 
-from cora_onnx.torch.export import export_program, fuse_batchnorm
+from cora_onnx.torch.export import apply_plan_torch, export_program, fuse_batchnorm
 from cora_onnx.torch.quantizers import quantizable_layers
-from cora_onnx.core.errors import PlanError, SettingsError
+from cora_onnx.core.errors import ConstantOutputError, ParityError, PlanError, SettingsError
 from cora_onnx.core.files import atomic_write
 from cora_onnx.core.modelfile import onnx_bytes
 from cora_onnx.run.outcome import FloatReference, effective_bits, float_reference, make_report, verify_quantized, write_outputs
 from cora_onnx.onnx.pipeline import apply_plan
 from cora_onnx.onnx.sizes import finish
-from cora_onnx.onnx.report import QuantizeReport
-from cora_onnx.onnx.verify import failed_path
+from cora_onnx.onnx.data import ImageSet
+from cora_onnx.onnx.report import ExportReport, Outcome, QuantizeReport
+from cora_onnx.onnx.verify import failed_path, judge, predict_onnx, session
 from cora_onnx.core.plan import Plan
-from cora_onnx.core.options import RunOptions, weight_layout_for
+from cora_onnx.core.options import IMAGENET_MEAN, IMAGENET_STD, Preprocess, RunOptions, weight_layout_for
+from cora_onnx.torch.verify import check_file, failure_message, simulation
 from cora_onnx.run.stages import (check_options, export_quantized, load_data, load_model, make_settings, run_search,
                                   size_budget)
 
@@ -95,14 +99,22 @@ def quantize(model: nn.Module, options: RunOptions | None = None, *, float_logit
     return QuantizeResult(report, exported.plan or searched.plan, opts.out, model, exported.qmodel)
 
 
+EXPORT_CHECK_IMAGES = 16  # random images the exported file is checked on (export takes no image folder)
+
+
 def export_plan(model: nn.Module, plan: Plan, out: str | Path | None = None, options: RunOptions | None = None,
-                **keywords) -> int:
-    """Export `model` with a saved plan applied, without searching or verifying: its layers, its
-    adapter merge width and integer activations (calibrated ranges), its preprocessing in the
-    file's metadata, so the file is the one `quantize` wrote with that plan. The run options
-    (`options` or keywords): out, input_size (default: the plan's), out_format, weight_layout
-    (auto: the plan's; decode or qdq rewrite the plan's weights that way). PlanError when the
-    model's (BatchNorm-fused) weights are not those the plan was made from. Returns bytes written."""
+                **keywords) -> ExportReport:
+    """Export `model` with a saved plan applied, without searching: its layers, its adapter merge
+    width and integer activations (calibrated ranges), its preprocessing in the file's metadata,
+    so the file is the one `quantize` wrote with that plan. Checked before it is written, as
+    `quantize` checks its file, against the PyTorch model with the plan applied (with integer
+    activations their simulation; with adapters as branches and integer activations, which have
+    no simulation, the same file without activation QDQ, exactly) on EXPORT_CHECK_IMAGES random
+    images: ParityError / ConstantOutputError and the file kept as NAME.failed.onnx when it fails.
+    The run options (`options` or keywords): out, input_size (default: the plan's), out_format,
+    weight_layout (auto: the plan's; decode or qdq rewrite the plan's weights that way), threads,
+    seed. PlanError when the model's (BatchNorm-fused) weights are not those the plan was made
+    from. Returns the report (cora_onnx.onnx.report.ExportReport)."""
     opts = RunOptions.resolve(options, **keywords, **({"out": out} if out is not None else {}))
     if opts.out is None:
         raise SettingsError("export_plan needs an output path (out=)")
@@ -111,16 +123,52 @@ def export_plan(model: nn.Module, plan: Plan, out: str | Path | None = None, opt
             opts.weight_layout, None if plan.activations is None else 8, opts.out_format))
     size = int(opts.input_size or plan.meta.get("input_size", 224))
     fused = fuse_batchnorm(load_model(model), size)
-    weights = {name: mod.weight.detach().cpu().numpy() for name, mod in quantizable_layers(fused).items()}
-    diff = plan.weight_mismatch(weights)
+    layers = quantizable_layers(fused)
+    diff = plan.weight_mismatch({name: mod.weight.detach().cpu().numpy() for name, mod in layers.items()})
     if diff is not None:
         raise PlanError(f"these are not the weights the plan was made from: {diff}")
-    model_ir = export_program(fused, size).model
+    program = export_program(fused, size)
+    model_ir = program.model
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
+    float_bytes = onnx_bytes(model_ir)
+    twin_ir = ir.from_proto(ir.to_proto(model_ir)) if plan.activations is not None else None
     data = onnx_bytes(finish(apply_plan(model_ir, plan), plan))
+    act = plan.activations
+    weights = apply_plan_torch(fused, plan, plan.merge_bits)
+    reference = weights if act is None else simulation(program, weights, data)
+    checked = data
+    if act is not None and reference is weights:
+        # adapters as branches: no simulation of the branches, and on random images the file's
+        # 8-bit activations are far from their calibrated ranges: the weights and branches are
+        # checked exactly in the same file without activation QDQ (outputs: the file itself)
+        checked = onnx_bytes(finish(apply_plan(twin_ir, plan.replace(activations=None)), plan))
+    meta = plan.meta
+    pre = Preprocess(input_size=size, crop_ratio=float(meta.get("crop_ratio", 1.0)),
+                     mean=tuple(meta.get("mean", IMAGENET_MEAN)), std=tuple(meta.get("std", IMAGENET_STD)))
+    rng = np.random.default_rng(opts.seed)
+    images = ImageSet(rng.integers(0, 256, (EXPORT_CHECK_IMAGES, 3, size, size), dtype=np.uint8), None,
+                      tuple(f"random {i}" for i in range(EXPORT_CHECK_IMAGES)), pre)
+    check = check_file(checked, reference, images, act is not None and checked is data, batch_size=opts.batch_size,
+                       threads=opts.threads)
+    v = check.verdict
+    if checked is not data and v.verified:  # the file itself: outputs that depend on the input
+        v = judge(v.parity, check.kind, predict_onnx(session(data, threads=opts.threads), images, opts.batch_size))
+    report = ExportReport(model=opts.model_name or plan.meta.get("model") or type(model).__name__, method=plan.method,
+                          plan_layers=len(plan.layers), integer_activations=act is not None,
+                          onnx_path=str(opts.out), onnx_bytes=len(data), float_onnx_bytes=len(float_bytes),
+                          weight_params=sum(mod.weight.numel() for mod in layers.values()), parity=v.parity,
+                          outcome=Outcome(verified=v.verified))
+    if not v.verified:
+        failed = failed_path(opts.out)
+        msg, _ = failure_message(dataclasses.replace(check, verdict=v), checked, reference, list(layers),
+                                 f"{opts.out} not written, the model is kept as {failed} for inspection",
+                                 subject="the PyTorch model with the plan", images="random images",
+                                 threads=opts.threads)
+        atomic_write(failed, lambda f: f.write(data))
+        raise (ConstantOutputError if v.constant_output else ParityError)(msg)
     if opts.out_format == "ort":
         from cora_onnx.onnx.ort_format import to_ort
 
         data = to_ort(data)[0]
     atomic_write(opts.out, lambda f: f.write(data))
-    return len(data)
+    return dataclasses.replace(report, onnx_bytes=len(data))

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
 from cora_onnx.onnx.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess, load_class_map, load_images, parse_floats
@@ -29,9 +28,8 @@ from cora_onnx.torch.quantizers import quantizable_layers
 from cora_onnx.onnx.report import Figures, Outcome, QuantizeReport, Top1, environment, write_report
 from cora_onnx.torch.search import METHODS
 from cora_onnx.run.stages import Data, Exported, Options, Searched, load_model, num_classes
-from cora_onnx.onnx.verify import (Verdict, failed_path, fidelity, judge, measure_latency, parity, predict_onnx, session,
-                                   size_breakdown, top1)
-from cora_onnx.torch.verify import first_divergent_layer, predict_torch, reference_kind, tensor_check
+from cora_onnx.onnx.verify import Verdict, failed_path, fidelity, measure_latency, session, size_breakdown, top1
+from cora_onnx.torch.verify import PROBE_IMAGES, FileCheck, check_file, failure_message, predict_torch
 
 __all__ = ["Verification", "verify_quantized", "make_report", "write_outputs", "effective_bits", "size_target_report",
            "FloatReference",
@@ -39,28 +37,30 @@ __all__ = ["Verification", "verify_quantized", "make_report", "write_outputs", "
 
 log = logging.getLogger(__name__)
 
-PROBE_IMAGES = 8  # images on which a failed parity check compares the layers' outputs
-
-
 @dataclass(frozen=True, eq=False)
 class Verification:
     """figures: what verification measured (top-1, parity with its verdict, fidelity to float
-    with val, latency, sizes); verdict: the check (cora_onnx.onnx.verify.judge: why it failed,
-    None when verified; whether the outputs are constant); kind: the reference (PARITY_LIMITS);
-    probe: the normalized images the checks compare tensors and layer outputs on."""
+    with val, latency, sizes); check: the file against its PyTorch reference
+    (cora_onnx.torch.verify.check_file: the verdict, the reference kind, the probe images)."""
 
     figures: Figures
-    verdict: Verdict
-    kind: str
-    probe: torch.Tensor
+    check: FileCheck
+
+    @property
+    def verdict(self) -> Verdict:
+        return self.check.verdict
+
+    @property
+    def kind(self) -> str:
+        return self.check.kind
 
     @property
     def verified(self) -> bool:
-        return self.verdict.verified
+        return self.check.verdict.verified
 
     @property
     def failure(self) -> str | None:
-        return self.verdict.failure
+        return self.check.verdict.failure
 
 
 def verify_quantized(model: nn.Module, exported: Exported, data: Data, opts: Options,
@@ -71,26 +71,19 @@ def verify_quantized(model: nn.Module, exported: Exported, data: Data, opts: Opt
     to float, sizes, and latency (skipped when opts.latency_runs is 0 or the check failed)."""
     scheme = opts.scheme
     qsess = session(exported.quant_bytes, threads=opts.threads)
-    val_set, calib_set, batch_size = data.val, data.calib, opts.batch_size
-    t1, fid, f_logits = Top1(), None, None
+    val_set, t1, fid, f_logits = data.val, Top1(), None, None
     if val_set is not None:
-        pset = val_set
-        ort_logits = predict_onnx(qsess, val_set, batch_size, "ONNX Runtime, quantized")
-        q_logits = predict_torch(exported.qmodel, val_set, batch_size, "PyTorch, quantized")
-        f_logits = predict_torch(model, val_set, batch_size, "PyTorch, float") if float_logits is None else \
+        f_logits = predict_torch(model, val_set, opts.batch_size, "PyTorch, float") if float_logits is None else \
             np.asarray(float_logits, dtype=np.float32)
-        t1 = Top1(top1(f_logits, val_set.labels), top1(q_logits, val_set.labels), top1(ort_logits, val_set.labels))
-        fid = fidelity(ort_logits, f_logits)
-    else:
-        pset = calib_set.subset(opts.parity_images, opts.seed)
-        ort_logits = predict_onnx(qsess, pset, batch_size, "ONNX Runtime, quantized")
-        q_logits = predict_torch(exported.qmodel, pset, batch_size, "PyTorch, quantized")
-    # the images a check compares tensor by tensor or layer by layer: those the two runs disagree on first
-    order = np.argsort((ort_logits.argmax(1) == q_logits.argmax(1)).astype(np.int8), kind="stable")[:PROBE_IMAGES]
-    probe = torch.from_numpy(pset.preprocess.normalize(pset.images[np.sort(order)]))
-    kind = reference_kind(scheme is not None, exported.qmodel)
-    tensors = tensor_check(exported.quant_bytes, exported.qmodel, probe, opts.threads) if kind == "simulated" else None
-    verdict = judge(parity(ort_logits, q_logits), kind, ort_logits, tensors, f_logits)
+    check = check_file(exported.quant_bytes, exported.qmodel,
+                       val_set if val_set is not None else data.calib.subset(opts.parity_images, opts.seed),
+                       scheme is not None, sess=qsess, batch_size=opts.batch_size, threads=opts.threads,
+                       float_logits=f_logits)
+    if val_set is not None:
+        t1 = Top1(top1(f_logits, val_set.labels), top1(check.reference, val_set.labels),
+                  top1(check.logits, val_set.labels))
+        fid = fidelity(check.logits, f_logits)
+    verdict = check.verdict
     shape = (3, opts.pre.input_size, opts.pre.input_size)
     batches = (1,) if not opts.latency_batch or opts.latency_batch == 1 else (1, opts.latency_batch)
     timed = opts.latency_runs > 0 and verdict.verified  # a file that is not handed over is not timed
@@ -107,7 +100,7 @@ def verify_quantized(model: nn.Module, exported: Exported, data: Data, opts: Opt
                                   for k in ("float", "quantized", "quantized_folded", *exported.extra)},
                       latency=lat, size_breakdown={"float": size_breakdown(exported.float_bytes),
                                                    "quantized": size_breakdown(exported.quant_bytes)})
-    return Verification(figures, verdict, kind, probe)
+    return Verification(figures, check)
 
 
 def make_report(searched: Searched, exported: Exported, verification: Verification, data: Data,
@@ -172,37 +165,13 @@ def write_outputs(report: QuantizeReport, searched: Searched, exported: Exported
 def _parity_failed(report: QuantizeReport, searched: Searched, exported: Exported, verification: Verification,
                    opts: Options) -> None:
     """Keep the model as NAME.failed.onnx, write the report with verified false (and the plan and
-    float model when asked for), and raise ParityError naming the first layer whose output diverges
+    float model when asked for), and raise ParityError naming where the file diverges
     (ConstantOutputError when the outputs do not depend on the input)."""
-    verdict, probe, out = verification.verdict, verification.probe, opts.out
-    par = verdict.parity
-    failed = failed_path(out)
-    kept = f"the model was not written to {out}, it is kept as {failed} for inspection"
-    located = None  # the report's parity_layer
-    disagree = (f"ONNX Runtime disagrees with the PyTorch model on {par.images} images (top-1 agreement "
-                f"{par.top1_agreement:.2f}%): {verdict.failure}")
-    tensors = par.tensors
-    if verdict.constant_output:
-        msg = f"not verified: {verdict.failure}; {kept}"
-    elif tensors is not None and tensors.first_over is not None and tensors.instrumented_exact:
-        located = {**to_json(tensors.first_over), "diverged": True}  # the tensor-by-tensor check located it
-        msg = f"{disagree}; {kept}"
-    else:
-        layers, where = list(quantizable_layers(searched.fused)), None
-        try:
-            where = first_divergent_layer(exported.quant_bytes, exported.qmodel, layers, probe, verification.kind,
-                                          opts.threads)
-        except Exception as exc:  # the diagnosis must not hide the failure itself
-            log.warning("could not compare the layers' outputs: %s", str(exc).splitlines()[0][:200] if str(exc) else exc)
-        if where is None:
-            said = "no layer output could be compared"
-        elif where[2]:
-            said = f"first diverging layer: {where[0]} (relative error {where[1]:.3g} on {len(probe)} images)"
-        else:
-            said = f"no single layer diverges; largest layer error at {where[0]} ({where[1]:.3g})"
-        if where is not None:
-            located = {"layer": where[0], "relative_error": where[1], "diverged": where[2]}
-        msg = f"{disagree}; {said}; {kept}"
+    verdict, failed = verification.verdict, failed_path(opts.out)
+    msg, located = failure_message(verification.check, exported.quant_bytes, exported.qmodel,
+                                   list(quantizable_layers(searched.fused)),
+                                   f"the model was not written to {opts.out}, it is kept as {failed} for inspection",
+                                   threads=opts.threads)
     atomic_write(failed, lambda f: f.write(exported.quant_bytes))
     report = dataclasses.replace(report, onnx_path=str(failed), outcome=Outcome(
         verified=False, failure="constant_output" if verdict.constant_output else "parity", parity_error=msg,

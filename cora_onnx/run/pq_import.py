@@ -45,9 +45,8 @@ from cora_onnx.onnx.pipeline import apply_plan
 from cora_onnx.core.plan import Codebook, LayerPlan, Plan
 from cora_onnx.core.records import to_json
 from cora_onnx.onnx.report import ImportReport, Outcome, environment, write_report
-from cora_onnx.onnx.verify import (cpu_threads, failed_path, judge, measure_latency, parity, predict_onnx, session,
-                                   size_breakdown, top1)
-from cora_onnx.torch.verify import predict_torch
+from cora_onnx.onnx.verify import cpu_threads, failed_path, measure_latency, session, size_breakdown, top1
+from cora_onnx.torch.verify import check_file
 
 __all__ = ["ARCHITECTURES", "ImportResult", "import_pq", "read_pq_checkpoint", "decode_pq_checkpoint",
 ]
@@ -331,10 +330,9 @@ def import_pq(checkpoint: str | Path, model: str | nn.Module = "resnet18", out: 
     export_seconds = time.perf_counter() - t0
 
     sess = session(data, threads=threads)
-    ort_logits = predict_onnx(sess, parity_set, batch_size, "ONNX Runtime, imported")
-    ref_logits = predict_torch(decoded, parity_set, batch_size, "PyTorch, decoded")
-    verdict = judge(parity(ort_logits, ref_logits), "exact", ort_logits)
-    par, failure, constant = verdict.parity, verdict.failure, verdict.constant_output
+    check = check_file(data, decoded, parity_set, False, sess=sess, batch_size=batch_size, threads=threads)
+    ort_logits, ref_logits = check.logits, check.reference
+    par, failure, constant = check.verdict.parity, check.verdict.failure, check.verdict.constant_output
     t1 = None
     if val_set is not None:
         t1 = {"decoded_torch": top1(ref_logits, val_set.labels), "onnxruntime": top1(ort_logits, val_set.labels)}

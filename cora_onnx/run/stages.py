@@ -27,7 +27,7 @@ from cora_onnx.core.options import ADAPTER_LAYOUTS, Preprocess, RunOptions, weig
 from cora_onnx.onnx.data import ImageSet, load_class_map, load_images
 from cora_onnx.core.budget import format_size
 from cora_onnx.core.errors import CoraError, ModelError, SettingsError
-from cora_onnx.torch.export import AdaptedConv, apply_plan_torch, export_program, fuse_batchnorm
+from cora_onnx.torch.export import apply_plan_torch, export_program, fuse_batchnorm
 from cora_onnx.core.modelfile import onnx_bytes
 from cora_onnx.torch.models import build_model, check_finite
 from cora_onnx.onnx.pipeline import apply_plan
@@ -414,25 +414,19 @@ def integer_activations(model_ir, program, qmodel, calib_set: ImageSet, scheme, 
     (export_program), whose exported graph the simulation of integer activations runs.
     histograms: activation histograms of model_ir already collected on calib_set
     (cora_onnx.onnx.int8.activation_histograms), so several range methods share one pass."""
-    from cora_onnx.onnx.int8 import activation_plan, activation_qparams_of, activation_report
+    from cora_onnx.onnx.int8 import activation_plan, activation_report
     from cora_onnx.onnx.pipeline import apply_activations
-    from cora_onnx.onnx.verify import integer_biases
-    from cora_onnx.torch.simulate import ActivationQuantSim
+    from cora_onnx.torch.verify import simulation
 
     t0 = time.perf_counter()
     act = activation_plan(model_ir, calib_set, scheme, calib_settings, threads, histograms)
-    qparams = activation_qparams_of(model_ir, act)
     pass_report = apply_activations(model_ir, act)
     data = onnx_bytes(model_ir)
-    if any(isinstance(m, AdaptedConv) for m in qmodel.modules()):
-        # the simulation runs the exported program of the model without branches: adapter branches
-        # exist only in the ONNX graph (LowRankBranchPass). Parity is then against the PyTorch model
-        # with the same weights and float activations, which is looser.
+    # adapter branches exist only in the ONNX graph (LowRankBranchPass): parity is then against the
+    # PyTorch model with the same weights and float activations, which is looser
+    sim = simulation(program, qmodel, data)
+    if sim is qmodel:
         log.info("adapter branches: parity is against the PyTorch model with float activations")
-        sim = qmodel
-    else:
-        sim = ActivationQuantSim(program, qmodel, qparams, scheme.act_range,
-                                 biases=integer_biases(ir.to_proto(model_ir)), shared=set(qparams) - set(act.ranges))
     report = dataclasses.replace(
         activation_report(pass_report, calib_set, scheme, calib_settings, data, time.perf_counter() - t0),
         parity_reference="PyTorch simulation of the integer activations" if sim is not qmodel else

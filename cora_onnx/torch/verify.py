@@ -9,6 +9,8 @@ modules are hooked)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -16,14 +18,21 @@ import torch
 from torch import nn
 
 from cora_onnx.core.progress import progress
+from cora_onnx.core.records import to_json
 from cora_onnx.onnx.data import ImageSet
-from cora_onnx.onnx.verify import (PARITY_LIMITS, TensorCheck, activation_integers, compare_tensors, layer_outputs,
-                                   producing_layers)
+from cora_onnx.onnx.verify import (PARITY_LIMITS, TensorCheck, Verdict, activation_grid_in, activation_integers,
+                                   compare_tensors, integer_biases, judge, layer_outputs, parity, predict_onnx,
+                                   producing_layers, session)
 from cora_onnx.torch.export import AdaptedConv
 from cora_onnx.torch.images import TorchImages, as_torch
 from cora_onnx.torch.simulate import ActivationQuantSim
 
-__all__ = ["predict_torch", "reference_kind", "tensor_check", "layer_errors", "first_divergent_layer"]
+__all__ = ["predict_torch", "reference_kind", "simulation", "FileCheck", "check_file", "failure_message",
+           "tensor_check", "layer_errors", "first_divergent_layer", "PROBE_IMAGES"]
+
+log = logging.getLogger(__name__)
+
+PROBE_IMAGES = 8  # images on which the tensor-by-tensor check (and a failed check's diagnosis) compare
 
 
 def predict_torch(model, images: ImageSet | TorchImages, batch_size: int = 32, desc: str = "pytorch") -> np.ndarray:
@@ -40,6 +49,77 @@ def reference_kind(integer_activations: bool, qmodel: nn.Module) -> str:
     if not integer_activations:
         return "exact"
     return "simulated" if isinstance(qmodel, ActivationQuantSim) else "float_activations"
+
+
+def simulation(program, weights: nn.Module, quant_bytes: bytes) -> nn.Module:
+    """The PyTorch reference of a file with integer activations: the simulation of its activation
+    grid (the QuantizeLinear scales and zero points in the file) and of its INT32 biases on the
+    exported program of the float model, with `weights` (the plan's, cora_onnx.torch.export.
+    apply_plan_torch). With adapters as branches (which only the ONNX graph has) `weights` itself,
+    at float activations."""
+    if any(isinstance(m, AdaptedConv) for m in weights.modules()):
+        return weights
+    proto = onnx.load_from_string(quant_bytes)
+    qparams, act_range, shared = activation_grid_in(proto)
+    return ActivationQuantSim(program, weights, qparams, act_range, biases=integer_biases(proto), shared=shared)
+
+
+@dataclass(frozen=True, eq=False)
+class FileCheck:
+    """A file checked against its PyTorch reference on images: the verdict, the reference kind
+    (PARITY_LIMITS), ONNX Runtime's and the reference's outputs, and the normalized probe images
+    the tensor-by-tensor check (and a failure's diagnosis) compare on."""
+
+    verdict: Verdict
+    kind: str
+    logits: np.ndarray
+    reference: np.ndarray
+    probe: torch.Tensor
+
+
+def check_file(quant_bytes: bytes, reference: nn.Module, images: ImageSet, integer_activations: bool, *,
+               sess=None, batch_size: int = 32, threads: int | None = None,
+               float_logits: np.ndarray | None = None) -> FileCheck:
+    """Check the ONNX file `quant_bytes` (its session `sess` when open) against `reference` (the
+    quantized PyTorch model, or with integer activations its simulation) on `images`: parity,
+    the tensor-by-tensor check with the simulation, constant outputs (cora_onnx.onnx.verify.judge).
+    float_logits: the float model's outputs on the same images, for the message."""
+    sess = sess if sess is not None else session(quant_bytes, threads=threads)
+    ort = predict_onnx(sess, images, batch_size, "ONNX Runtime, quantized")
+    ref = predict_torch(reference, images, batch_size, "PyTorch, quantized")
+    # the images the tensor and layer checks compare on: those the two runs disagree on first
+    order = np.argsort((ort.argmax(1) == ref.argmax(1)).astype(np.int8), kind="stable")[:PROBE_IMAGES]
+    probe = torch.from_numpy(images.preprocess.normalize(images.images[np.sort(order)]))
+    kind = reference_kind(integer_activations, reference)
+    tensors = tensor_check(quant_bytes, reference, probe, threads) if kind == "simulated" else None
+    return FileCheck(judge(parity(ort, ref), kind, ort, tensors, float_logits), kind, ort, ref, probe)
+
+
+def failure_message(check: FileCheck, quant_bytes: bytes, reference: nn.Module, layers: list[str], kept: str, *,
+                    subject: str = "the PyTorch model", images: str = "images",
+                    threads: int | None = None) -> tuple[str, dict | None]:
+    """The one-line message of a failed check (`kept`: where the file is now) and where the file
+    diverges (the report's parity_layer, None when unknown): with integer activations the first
+    tensor over the limits (already named in the failure), otherwise the first of `layers` whose
+    Conv/Gemm output in ONNX Runtime differs from the reference's, on the probe images."""
+    v = check.verdict
+    par, t = v.parity, v.parity.tensors
+    if v.constant_output:
+        return f"not verified: {v.failure}; {kept}", None
+    disagree = (f"ONNX Runtime disagrees with {subject} on {par.images} {images} (top-1 agreement "
+                f"{par.top1_agreement:.2f}%): {v.failure}")
+    if t is not None and t.first_over is not None and t.instrumented_exact:
+        return f"{disagree}; {kept}", {**to_json(t.first_over), "diverged": True}
+    where = None
+    try:
+        where = first_divergent_layer(quant_bytes, reference, layers, check.probe, check.kind, threads or 1)
+    except Exception as exc:  # the diagnosis must not hide the failure itself
+        log.warning("could not compare the layers' outputs: %s", str(exc).splitlines()[0][:200] if str(exc) else exc)
+    if where is None:
+        return f"{disagree}; no layer output could be compared; {kept}", None
+    said = f"first diverging layer: {where[0]} (relative error {where[1]:.3g} on {len(check.probe)} images)" \
+        if where[2] else f"no single layer diverges; largest layer error at {where[0]} ({where[1]:.3g})"
+    return f"{disagree}; {said}; {kept}", {"layer": where[0], "relative_error": where[1], "diverged": where[2]}
 
 
 def tensor_check(quant_bytes: bytes, sim: ActivationQuantSim, x: torch.Tensor, threads: int | None = None) -> TensorCheck:

@@ -8,7 +8,7 @@ from torch import nn
 from cora_onnx.core.errors import SettingsError
 from cora_onnx.torch.quantizers import QuantSpec, gptq_round, input_weighted_clip, quantize_weight
 from cora_onnx.torch.search.cora import CoraSettings
-from cora_onnx.torch.search.stats import SecondMoment, input_rows, input_second_moments
+from cora_onnx.torch.search.stats import SecondMoment, input_rows, input_second_moments, patches_at, unfold
 
 
 def _net():
@@ -43,6 +43,32 @@ def test_row_subsampling_and_early_stop():
     assert not calls  # the forward stopped at the only layer asked for
     m = SecondMoment(3)
     assert torch.equal(m.value(), torch.zeros(3, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
+                                dict(kernel_size=(3, 5), dilation=2, padding=(2, 4)), dict(kernel_size=1),
+                                dict(kernel_size=3, padding="same"), dict(kernel_size=2, stride=2)])
+def test_patches_at_some_positions_are_those_of_the_full_unfold(kw):
+    conv = nn.Conv2d(3, 4, **kw)
+    x = torch.randn(2, 3, 11, 9)
+    full = unfold(conv, x)
+    pos = torch.randperm(full.shape[2])[:7]
+    assert torch.equal(patches_at(conv, x, pos), full[:, :, pos])
+    # input_rows draws the same positions as before (one randperm of every position), gathered directly
+    rows = input_rows(conv, x, keep=5, gen=torch.Generator().manual_seed(3))
+    keep = torch.randperm(full.shape[2], generator=torch.Generator().manual_seed(3))[:5]
+    assert torch.equal(rows, full[:, :, keep].transpose(1, 2).reshape(-1, full.shape[1]))
+
+
+def test_wide_second_moment_from_blocks_and_held_back_rows():
+    """K >= 1024: the gram is multiplied by blocks above the diagonal, rows held back until flushed."""
+    m = SecondMoment(1100, chunk=300)
+    x = torch.randn(700, 1100)
+    for i in range(0, 700, 100):
+        m.add_rows(x[i:i + 100])
+    assert m.count == 700
+    torch.testing.assert_close(m.value(), x.double().T @ x.double() / 700, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.means()[0][0], x.double().mean(0), rtol=1e-5, atol=1e-6)
 
 
 def _output_error(w, w_hat, h):

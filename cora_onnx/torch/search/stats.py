@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cora_onnx.core.errors import ModelError
+from cora_onnx.core.progress import Progress
 
-__all__ = ["SecondMoment", "channel_sums", "unfold", "input_rows", "input_width", "input_second_moments"]
+__all__ = ["SecondMoment", "channel_sums", "unfold", "patches_at", "output_positions", "input_rows", "input_width",
+           "input_second_moments"]
 
 
 def input_width(mod: nn.Module) -> int:
@@ -28,20 +30,42 @@ def input_width(mod: nn.Module) -> int:
     return mod.weight[0].numel()
 
 
+def _padding(mod: nn.Module) -> tuple[int, int]:
+    """A conv's padding as numbers ("valid", or "same" with odd kernels, turned into them)."""
+    pad = mod.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return (0, 0)
+        if all(k % 2 for k in mod.kernel_size):
+            return tuple(dl * (k - 1) // 2 for k, dl in zip(mod.kernel_size, mod.dilation))
+        raise ModelError("padding='same' with an even kernel is not supported by the statistics pass")
+    return tuple(pad)
+
+
 def unfold(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Layer input -> (N, C_in*kh*kw, L) patches (Linear: (N, C_in, 1)); string paddings
     ("valid", or "same" with odd kernels) are turned into their numbers."""
     if isinstance(mod, nn.Linear):
         return x.reshape(-1, x.shape[-1], 1)
-    pad = mod.padding
-    if isinstance(pad, str):
-        if pad == "valid":
-            pad = (0, 0)
-        elif all(k % 2 for k in mod.kernel_size):
-            pad = tuple(dl * (k - 1) // 2 for k, dl in zip(mod.kernel_size, mod.dilation))
-        else:
-            raise ModelError("padding='same' with an even kernel is not supported by the statistics pass")
-    return F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)
+    return F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=_padding(mod), stride=mod.stride)
+
+
+def output_positions(mod: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
+    """(H_out, W_out) of the conv on input x."""
+    (ph, pw), (kh, kw), (dh, dw), (sh, sw) = _padding(mod), mod.kernel_size, mod.dilation, mod.stride
+    return ((x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
+def patches_at(mod: nn.Conv2d, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """unfold(mod, x)[:, :, positions] without unfolding the other positions: (N, C_in*kh*kw, len(positions))."""
+    (ph, pw), (kh, kw), (dh, dw), (sh, sw) = _padding(mod), mod.kernel_size, mod.dilation, mod.stride
+    _, wo = output_positions(mod, x)
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    rows = (positions // wo) * sh
+    cols = (positions % wo) * sw
+    ih = rows[None, None, :] + (torch.arange(kh) * dh)[:, None, None]  # (kh, 1, n)
+    iw = cols[None, None, :] + (torch.arange(kw) * dw)[None, :, None]  # (1, kw, n)
+    return xp[:, :, ih, iw].reshape(x.shape[0], -1, positions.shape[0])  # (N, C, kh, kw, n): unfold's order
 
 
 def input_rows(mod: nn.Module, x: torch.Tensor, keep: int | None = None,
@@ -55,11 +79,13 @@ def input_rows(mod: nn.Module, x: torch.Tensor, keep: int | None = None,
         return rows
     if mod.groups != 1:
         raise ValueError("input rows of a grouped conv are per group; not supported")
-    cols = unfold(mod, x)
-    n, k, positions = cols.shape
+    ho, wo = output_positions(mod, x)
+    positions = ho * wo
     if keep is not None and keep < positions:
-        cols = cols[:, :, torch.randperm(positions, generator=gen)[:keep]]
-    return cols.transpose(1, 2).reshape(-1, k)
+        cols = patches_at(mod, x, torch.randperm(positions, generator=gen)[:keep])
+    else:
+        cols = unfold(mod, x)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 def channel_sums(out: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -67,6 +93,27 @@ def channel_sums(out: torch.Tensor) -> tuple[torch.Tensor, int]:
     o = out.detach().float()
     o = o.transpose(0, 1).reshape(o.shape[1], -1) if o.dim() == 4 else o.reshape(-1, o.shape[-1]).T
     return o.double().sum(1), o.shape[1]
+
+
+PENDING_VALUES = 1 << 24  # rows held back by SecondMoment.add_rows before one product (64 MB of float32)
+
+
+def _gram_into(acc: torch.Tensor, a: torch.Tensor) -> None:
+    """acc (G, K, K) float64 += a a^T for a (G, K, n) float32: for a wide K only the blocks on and
+    above the diagonal are multiplied (the others are their transposes), 5/8 of the products at
+    four blocks."""
+    k = a.shape[1]
+    parts = 1 if k < 1024 else 2 if k < 2048 else 4
+    if parts == 1:
+        acc.add_(torch.bmm(a, a.transpose(1, 2)).double())
+        return
+    cuts = [(i * k // parts, (i + 1) * k // parts) for i in range(parts)]
+    for i, (i0, i1) in enumerate(cuts):
+        for j0, j1 in cuts[i:]:
+            block = torch.bmm(a[:, i0:i1], a[:, j0:j1].transpose(1, 2)).double()
+            acc[:, i0:i1, j0:j1].add_(block)
+            if j0 != i0:
+                acc[:, j0:j1, i0:i1].add_(block.transpose(1, 2))
 
 
 class SecondMoment:
@@ -77,38 +124,66 @@ class SecondMoment:
     conv group and the cross moments between the float and the quantized network."""
 
     def __init__(self, size: int, groups: int = 1, chunk: int = 8192) -> None:
-        self.groups, self.size, self.count, self.chunk = groups, size, 0, chunk
+        self.groups, self.size, self.chunk = groups, size, chunk
+        self._count = 0
         self.ab = torch.zeros(groups, size, size, dtype=torch.float64)
         self.sum_a = torch.zeros(groups, size, dtype=torch.float64)
         self.sum_b = torch.zeros(groups, size, dtype=torch.float64)
+        self._pending: list[torch.Tensor] = []
+        self._pending_rows = 0
 
     def add(self, a: torch.Tensor, b: torch.Tensor | None = None) -> None:
         """Fold (G, K, n) columns in (float32 products, float64 sums)."""
         G, K, n = a.shape
         if (G, K) != (self.groups, self.size) or (b is not None and b.shape != a.shape):
             raise ValueError(f"columns {tuple(a.shape)} do not fit a ({self.groups}, {self.size}, n) accumulator")
-        bb = a if b is None else b
-        self.ab.add_(torch.bmm(a, bb.transpose(1, 2)).double())
-        self.sum_a.add_(a.sum(2).double())
-        self.sum_b.add_(bb.sum(2).double())
-        self.count += n
+        if b is None:
+            _gram_into(self.ab, a)
+            s = a.sum(2).double()
+            self.sum_a.add_(s)
+            self.sum_b.add_(s)
+        else:
+            self.ab.add_(torch.bmm(a, b.transpose(1, 2)).double())
+            self.sum_a.add_(a.sum(2).double())
+            self.sum_b.add_(b.sum(2).double())
+        self._count += n
 
     def add_rows(self, rows: torch.Tensor) -> None:
-        """Fold a (n, K) block of rows in (one group), `chunk` rows at a time."""
+        """Fold a (n, K) block of rows in (one group). Rows are held back until about
+        PENDING_VALUES of them (at most `chunk` rows) are there, then multiplied in one product:
+        fewer, larger products and float64 conversions of the K x K sum."""
         rows = rows.detach().to(torch.float32)
+        self._pending.append(rows)
+        self._pending_rows += rows.shape[0]
+        if self._pending_rows >= max(1, min(self.chunk, PENDING_VALUES // max(self.size, 1))):
+            self.flush()
+
+    def flush(self) -> None:
+        """Multiply in the rows add_rows holds back."""
+        if not self._pending:
+            return
+        rows = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
+        self._pending, self._pending_rows = [], 0
         for i in range(0, rows.shape[0], self.chunk):
             self.add(rows[i:i + self.chunk].T[None])
 
+    @property
+    def count(self) -> int:
+        """Rows folded in (those held back included)."""
+        return self._count + self._pending_rows
+
     def means(self) -> tuple[torch.Tensor, torch.Tensor]:
         """E[a], E[b] (G, K) float64."""
-        n = float(max(self.count, 1))
+        self.flush()
+        n = float(max(self._count, 1))
         return self.sum_a / n, self.sum_b / n
 
     def moment(self, centered: bool = False) -> torch.Tensor:
         """E[a b^T] (G, K, K) float64, or the (cross-)covariance E[(a - E a)(b - E b)^T]."""
-        if self.count == 0:
+        self.flush()
+        if self._count == 0:
             raise ModelError("no inputs were accumulated")
-        out = self.ab / float(self.count)
+        out = self.ab / float(self._count)
         if centered:
             mu_a, mu_b = self.means()
             out = out - mu_a[:, :, None] * mu_b[:, None, :]
@@ -116,7 +191,8 @@ class SecondMoment:
 
     def value(self) -> torch.Tensor:
         """The (K, K) second moment of a one-group accumulator; zeros before any row."""
-        return self.ab[0] / max(self.count, 1)
+        self.flush()
+        return self.ab[0] / max(self._count, 1)
 
 
 class _Done(Exception):
@@ -125,12 +201,14 @@ class _Done(Exception):
 
 @torch.no_grad()
 def input_second_moments(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable[torch.Tensor],
-                         rows: dict[str, int] | None = None, seed: int = 0) -> dict[str, SecondMoment]:
+                         rows: dict[str, int] | None = None, seed: int = 0,
+                         progress: Progress | None = None) -> dict[str, SecondMoment]:
     """Run `model` on every batch and accumulate the input second moment of each module in `modules`
     (Conv2d with groups == 1, or Linear). rows: target rows per module over all the batches; a module
     with more positions than that keeps a random subset of output positions per image (never fewer
     than one); absent or None: every position of every image. Each batch's forward stops at the last
-    of `modules` to run. The batches are consumed once (a list or a generator)."""
+    of `modules` to run. The batches are consumed once (a list or a generator). progress: advanced
+    once per batch."""
     batches = list(batches)
     images = sum(int(b.shape[0]) for b in batches)
     gen = torch.Generator().manual_seed(seed)
@@ -155,7 +233,11 @@ def input_second_moments(model: nn.Module, modules: dict[str, nn.Module], batche
                 model(x)
             except _Done:
                 pass
+            if progress is not None:
+                progress.advance()
     finally:
         for h in handles:
             h.remove()
+    for a in acc.values():
+        a.flush()
     return acc

@@ -163,3 +163,22 @@ def test_gptq_per_channel_unchanged_by_group_support():
 def test_bad_group_rejected(bad):
     with pytest.raises(SettingsError, match="group"):
         QuantSpec(**bad)
+
+
+@pytest.mark.parametrize("group", [0, 16])
+def test_several_widths_in_one_pass_are_each_width_alone(group):
+    """gptq_round_many and group_clips stack the widths' rows: each width's grid is the one it gets alone."""
+    from cora_onnx.torch.quantizers import gptq_round, gptq_round_many, group_clips, input_weighted_clip
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(12, 4, 3, 3, generator=g)
+    h = _correlated_inputs(36, 4)
+    specs = [QuantSpec(bits=b, group=group) for b in (2, 3, 4)]
+    alone = [input_weighted_clip(w, sp, h) for sp in specs]
+    if group:
+        together = group_clips(w, specs, h)
+        for a, t in zip(alone, together):
+            assert torch.equal(a.scale, t.scale) and torch.equal(a.q, t.q)
+    for a, t in zip([gptq_round(w, qt, h, act_order=True) for qt in alone],
+                    gptq_round_many(w, alone, h, act_order=True)):
+        assert torch.equal(a.q, t.q) and t.spec == a.spec

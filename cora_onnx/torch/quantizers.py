@@ -14,7 +14,7 @@ from torch import nn
 from cora_onnx.core.errors import SettingsError, check_bits
 
 __all__ = ["quantizable_layers", "CLIP_METHODS", "QuantSpec", "QuantizedTensor", "quantize_weight", "fake_quantize",
-           "output_error", "gptq_round", "input_weighted_clip", "check_group", "group_count", "group_columns"]
+           "output_error", "gptq_round", "gptq_round_many", "input_weighted_clip", "group_clips", "check_group", "group_count", "group_columns"]
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -236,26 +236,43 @@ def _input_weighted_group_clip(w: torch.Tensor, spec: QuantSpec, hessian: torch.
     of `ratios`, chosen by the layer-output error e H e^T of the channel (nearest rounding) with the
     channel's other groups at their current ranges (exact cross terms); the groups are visited in
     order `sweeps` times, every channel at once. Scales are float16 as stored (half=False: float32)."""
+    return group_clips(w, [spec], hessian, ratios, sweeps, half)[0]
+
+
+def group_clips(w: torch.Tensor, specs: list[QuantSpec], hessian: torch.Tensor,
+                ratios: tuple[float, ...] = tuple(1.0 - 0.04 * i for i in range(13)), sweeps: int = 2,
+                half: bool = True) -> list[QuantizedTensor]:
+    """`_input_weighted_group_clip` of one weight at several widths (specs of one group size), in one
+    pass: the rows of every width are stacked (each row's choice depends only on its own error), so
+    the group loop runs once for all of them."""
+    g = specs[0].group
+    if any(sp.group != g or not sp.symmetric for sp in specs):
+        raise SettingsError("group clips at several widths need one group size and symmetric grids")
     store = _half if half else (lambda t: t.clamp_min(torch.finfo(torch.float32).tiny).float())
     c = w.shape[0]
-    w2 = w.detach().to(torch.float64).reshape(c, -1)
-    k, g = w2.shape[1], spec.group
+    w1 = w.detach().to(torch.float64).reshape(c, -1)
+    nw = len(specs)
+    w2 = w1.repeat(nw, 1)  # (nw * c, K): width after width
+    qmax = torch.cat([torch.full((c, 1), float(sp.qmax), dtype=torch.float64) for sp in specs])
+    qmin = -qmax - 1
+    k = w2.shape[1]
     ng = group_count(k, g)
     h = hessian.to(torch.float64)
-    amax = torch.nn.functional.pad(w2.abs(), (0, ng * g - k)).reshape(c, ng, g).amax(2)
+    amax = torch.nn.functional.pad(w2.abs(), (0, ng * g - k)).reshape(nw * c, ng, g).amax(2)
     cuts = [slice(i * g, min((i + 1) * g, k)) for i in range(ng)]
 
     def err(cols: torch.Tensor, a: torch.Tensor) -> torch.Tensor:  # rounding error of the columns on range a
-        s = store(a / spec.qmax).double()[:, None]
-        return (cols / s).round().clamp(spec.qmin, spec.qmax) * s - cols
+        s = store(a / qmax[:, 0]).double()[:, None]
+        return torch.clamp((cols / s).round(), qmin, qmax) * s - cols
 
-    ratio = torch.ones(c, ng, dtype=torch.float64)
+    rows = nw * c
+    ratio = torch.ones(rows, ng, dtype=torch.float64)
     e = torch.cat([err(w2[:, cut], amax[:, i]) for i, cut in enumerate(cuts)], 1)
     he = e @ h
     for _ in range(sweeps):
         for i, cut in enumerate(cuts):
             eg, heg, hgg = e[:, cut], he[:, cut], h[cut, cut]
-            best_d, best_r, best_e = torch.zeros(c, dtype=torch.float64), ratio[:, i].clone(), eg.clone()
+            best_d, best_r, best_e = torch.zeros(rows, dtype=torch.float64), ratio[:, i].clone(), eg.clone()
             for r in ratios:
                 new = err(w2[:, cut], amax[:, i] * r)
                 d = new - eg
@@ -266,10 +283,14 @@ def _input_weighted_group_clip(w: torch.Tensor, spec: QuantSpec, hessian: torch.
                 best_e = torch.where(better[:, None], new, best_e)
             he += (best_e - eg) @ h[cut, :]
             e[:, cut], ratio[:, i] = best_e, best_r
-    scale = store((amax * ratio / spec.qmax).float())
-    q = (w2.float() / group_columns(scale, k, g)).round().clamp(spec.qmin, spec.qmax)
-    return QuantizedTensor(q=q.to(torch.int16).reshape(w.shape), scale=scale,
-                           zero_point=torch.zeros(c, ng, dtype=torch.int16), spec=spec)
+    out = []
+    for j, sp in enumerate(specs):
+        rs = slice(j * c, (j + 1) * c)
+        scale = store((amax[rs] * ratio[rs] / sp.qmax).float())
+        q = (w1.float() / group_columns(scale, k, g)).round().clamp(sp.qmin, sp.qmax)
+        out.append(QuantizedTensor(q=q.to(torch.int16).reshape(w.shape), scale=scale,
+                                   zero_point=torch.zeros(c, ng, dtype=torch.int16), spec=sp))
+    return out
 
 
 def gptq_round(w: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tensor, damp: float = 0.01,
@@ -285,14 +306,28 @@ def gptq_round(w: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tensor, damp
     fraction of its mean; act_order: round the columns by descending Hessian diagonal (the inputs
     with the most energy first, while the most columns are left to absorb their error).
     """
-    spec = qt.spec
-    w2 = w.detach().to(torch.float32).reshape(w.shape[0], -1).clone()
-    k = w2.shape[1]
+    return gptq_round_many(w, [qt], hessian, damp, block, act_order)[0]
+
+
+def gptq_round_many(w: torch.Tensor, qts: list[QuantizedTensor], hessian: torch.Tensor, damp: float = 0.01,
+                    block: int = 128, act_order: bool = False) -> list[QuantizedTensor]:
+    """`gptq_round` of one weight on several grids (e.g. one per width) in one pass: the inverse
+    Hessian is factored once and the rows of every grid are rounded together (GPTQ treats each
+    output row on its own)."""
+    n = len(qts)
+    c = w.shape[0]
+    w1 = w.detach().to(torch.float32).reshape(c, -1)
+    k = w1.shape[1]
+    w2 = w1.repeat(n, 1)  # (n * c, K): grid after grid
     h = hessian.to(torch.float64).clone()
     dead = torch.diag(h) <= 0
     h[dead, dead] = 1.0
     w2[:, dead] = 0.0
-    scale, zp = qt.columns()  # per weight (C, K): a channel's scale, or its group's
+    cols = [qt.columns() for qt in qts]  # per weight (C, K): a channel's scale, or its group's
+    scale = torch.cat([sc for sc, _ in cols])
+    zp = torch.cat([z for _, z in cols])
+    qmin = torch.cat([torch.full((c, 1), float(qt.spec.qmin)) for qt in qts])
+    qmax = torch.cat([torch.full((c, 1), float(qt.spec.qmax)) for qt in qts])
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
     if perm is not None:
         w2, h, scale, zp = w2[:, perm], h[perm][:, perm], scale[:, perm], zp[:, perm]
@@ -307,7 +342,7 @@ def gptq_round(w: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tensor, damp
         for j in range(i1 - i0):
             col = wb[:, j:j + 1]
             sc, zc = scale[:, i0 + j:i0 + j + 1], zp[:, i0 + j:i0 + j + 1]
-            qc = (col / sc + zc).round().clamp(spec.qmin, spec.qmax)
+            qc = torch.clamp((col / sc + zc).round(), qmin, qmax)
             q[:, i0 + j:i0 + j + 1] = qc
             e = (col - (qc - zc) * sc) / hb[j, j]
             wb[:, j + 1:] -= e @ hb[j:j + 1, j + 1:]
@@ -315,4 +350,5 @@ def gptq_round(w: torch.Tensor, qt: QuantizedTensor, hessian: torch.Tensor, damp
         w2[:, i1:] -= err @ hinv[i0:i1, i1:]
     if perm is not None:
         q = q[:, torch.argsort(perm)]
-    return QuantizedTensor(q=q.to(torch.int16).reshape(w.shape), scale=qt.scale, zero_point=qt.zero_point, spec=spec)
+    return [QuantizedTensor(q=q[i * c:(i + 1) * c].to(torch.int16).reshape(w.shape), scale=qt.scale,
+                            zero_point=qt.zero_point, spec=qt.spec) for i, qt in enumerate(qts)]

@@ -30,7 +30,7 @@ from torch import nn
 from cora_onnx.core.errors import ModelError
 from cora_onnx.torch.search.stats import channel_sums
 
-__all__ = ["Stage", "model_stages", "check_stages", "LayerFeed"]
+__all__ = ["Stage", "model_stages", "check_stages", "checked_stages", "stage_index", "LayerFeed"]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,20 @@ def check_stages(model: nn.Module, stages: Sequence[Stage], x: torch.Tensor) -> 
     return bool(torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max().clamp_min(1e-30))))
 
 
+def stage_index(stages: Sequence[Stage], layers: dict[str, nn.Module]) -> dict[str, int | None]:
+    """The stage each layer runs in (None: in no stage's modules)."""
+    where = {id(m): i for i, s in enumerate(stages) for top in s.modules for m in top.modules()}
+    return {n: where.get(id(m)) for n, m in layers.items()}
+
+
+def checked_stages(model: nn.Module, x: torch.Tensor) -> list[Stage] | None:
+    """model_stages(model) when they reproduce its forward on the batch x, else None."""
+    stages = model_stages(model)
+    if stages is None or not check_stages(model, stages, x):
+        return None
+    return stages
+
+
 def layer_input(run: Callable[[torch.Tensor], object], mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """`mod`'s input when run(x) is called (the call stops right there), or None if it never is."""
     seen = []
@@ -207,8 +221,7 @@ class LayerFeed:
         if not (check_stages(teacher, tst, x) and check_stages(student, sst, x)):
             log.warning("statistics: the model's stages do not reproduce its forward; using full forward passes")
             return
-        smods = {id(m): i for i, s in enumerate(sst) for top in s.modules for m in top.modules()}
-        stage_of = {n: smods.get(id(layers[n])) for n in order}
+        stage_of = stage_index(sst, {n: layers[n] for n in order})
         ranks = [stage_of[n] for n in order]
         if any(r is None for r in ranks) or ranks != sorted(ranks):
             log.info("statistics: layers are not in stage order; using full forward passes")

@@ -12,11 +12,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from cora_onnx.torch.quantizers import (QuantSpec, QuantizedTensor, gptq_round, input_weighted_clip, output_error, quantizable_layers,
-                           quantize_weight)
+from cora_onnx.core.progress import Phases
+from cora_onnx.torch.quantizers import (QuantSpec, QuantizedTensor, gptq_round, gptq_round_many, group_clips,
+                                        input_weighted_clip, output_error, quantizable_layers, quantize_weight)
+from cora_onnx.torch.search.harm import layer_harm
 from cora_onnx.torch.search.stats import input_second_moments, input_width
 from cora_onnx.torch.search.cora.layer import SearchLayer
-from cora_onnx.torch.search.cora.mixed import choose_bits, layer_cost, layer_kl
+from cora_onnx.torch.search.cora.mixed import choose_bits, layer_cost
 from cora_onnx.torch.search.cora.settings import CoraSettings
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ def _execution_order(model: nn.Module, layers: dict[str, nn.Module], x: torch.Te
 
 
 def _quantize_layers(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict[str, int], adapted: list[str],
-                     settings: "CoraSettings", batches: list[torch.Tensor]) -> tuple[dict, dict]:
+                     settings: "CoraSettings", batches: list[torch.Tensor], phases: Phases) -> tuple[dict, dict]:
     """Phase 1-2: input statistics and each layer's grid (GPTQ when settings.rounding == "gptq") and
     residual factors (for the adapted layers). With gptq_passes > 1 the layers are taken by depth in
     that many groups, each group's statistics from a copy of the network whose earlier groups are
@@ -87,21 +89,23 @@ def _quantize_layers(teacher: nn.Module, layers: dict[str, nn.Module], bits: dic
         if work is not teacher:
             work_layers[name].weight.data = qt.dequantize().to(torch.float32).reshape(layers[name].weight.shape)
 
-    for name in order:
-        if name not in need_cov:
-            quantize(name, None)
+    with phases("grids", len(order) - len(need_cov), "layers", "CoRa: grids of the layers without statistics") as p:
+        for name in order:
+            if name not in need_cov:
+                quantize(name, None)
+                p.advance()
     cov_order = [n for n in order if n in need_cov]
     groups = [list(g) for g in np.array_split(np.array(cov_order, dtype=object), passes) if len(g)]
     for gi, group in enumerate(groups):
-        t0 = time.perf_counter()
         rows = {n: math.ceil(settings.cov_rows * input_width(layers[n])) for n in group}
-        acc = input_second_moments(work, {n: work_layers[n] for n in group}, batches, rows, seed=settings.seed + gi)
-        t1 = time.perf_counter()
-        for n in group:
-            quantize(n, acc.pop(n).value())
-        log.info("statistics group %d/%d (%d layers, %s rows): %.1f s, quantization %.1f s", gi + 1, len(groups),
-                 len(group), "-".join(str(rows[n]) for n in (group[0], group[-1])), t1 - t0,
-                 time.perf_counter() - t1)
+        of = f" (group {gi + 1}/{len(groups)})" if len(groups) > 1 else ""
+        with phases("statistics", len(batches), "batches", f"CoRa: input statistics of {len(group)} layers{of}") as p:
+            acc = input_second_moments(work, {n: work_layers[n] for n in group}, batches, rows,
+                                       seed=settings.seed + gi, progress=p)
+        with phases("grids", len(group), "layers", f"CoRa: grids and residuals{of}") as p:
+            for n in group:
+                quantize(n, acc.pop(n).value())
+                p.advance()
     return grids, factors
 
 
@@ -151,6 +155,22 @@ def _grid(w: torch.Tensor, spec: QuantSpec, settings: "CoraSettings", cov: torch
     return qt
 
 
+def _grids(w: torch.Tensor, specs: list[QuantSpec], settings: "CoraSettings",
+           cov: torch.Tensor | None) -> list[QuantizedTensor]:
+    """`_grid` at several widths in one pass: the output-error clip of group-wise grids and the GPTQ
+    rounding take the rows of every width together (one inverse Hessian, one column loop)."""
+    if settings.clip_metric == "input" and cov is not None:
+        if len(specs) > 1 and len({sp.group for sp in specs}) == 1 and specs[0].group:
+            qts = group_clips(w, specs, cov)
+        else:
+            qts = [input_weighted_clip(w, sp, cov) for sp in specs]
+    else:
+        qts = [quantize_weight(w, sp) for sp in specs]
+    if settings.rounding == "gptq" and cov is not None:
+        qts = gptq_round_many(w, qts, cov, damp=settings.gptq_damp, act_order=settings.act_order)
+    return qts
+
+
 def _decompose(w: torch.Tensor, qt: QuantizedTensor, settings: "CoraSettings", cov: torch.Tensor | None) -> tuple:
     """The residual's factors (U S, V) with R = U S V, decomposed in the metric of the inputs when
     svd == "activation"."""
@@ -172,11 +192,11 @@ def mixable(layers: dict[str, nn.Module], bits: dict[str, int], b0: int) -> list
 
 
 def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict[str, int],
-                    settings: "CoraSettings", batches: list[torch.Tensor]) -> tuple[dict, dict, dict, dict]:
+                    settings: "CoraSettings", batches: list[torch.Tensor], phases: Phases) -> tuple[dict, dict, dict, dict]:
     """Phase 1-2 with per-layer widths (settings.mixed_bits, cora_onnx.torch.search.cora.mixed): every
     candidate layer (those planned at settings.bits, not grouped) gets a grid at every allowed width;
     the widths are chosen under the bytes of uniform settings.bits (or settings.mixed_budget bits per
-    weight) by measured sensitivity; then
+    weight) by measured sensitivity (cora_onnx.torch.search.harm, from cached stage inputs); then
     the residuals of the convolutions below 8 bits are decomposed (when settings.budget > 0: their
     adapters' rank search follows). Returns (grids, factors (None where no adapter), bits with the
     chosen widths, the report's `mixed` section)."""
@@ -185,36 +205,39 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
     widths = sorted(settings.mixed_bits)
     t0 = time.perf_counter()
     rows = {n: math.ceil(settings.cov_rows * input_width(layers[n])) for n in candidates}
-    acc = input_second_moments(teacher, {n: layers[n] for n in candidates}, batches, rows, seed=settings.seed)
+    with phases("statistics", len(batches), "batches",
+                f"CoRa: input statistics of {len(candidates)} layers on {sum(len(x) for x in batches)} images") as p:
+        acc = input_second_moments(teacher, {n: layers[n] for n in candidates}, batches, rows, seed=settings.seed,
+                                   progress=p)
     covs = {n: acc.pop(n).value() for n in candidates}
-    t1 = time.perf_counter()
     grids, factors, by_width = {}, {}, {}
-    for n in bits:
-        if n not in covs:  # kept or grouped layers: as in the uniform search (no statistics)
-            grids[n], factors[n] = _quantize_layer(layers[n].weight.detach(), settings.spec(bits[n]), settings, None,
-                                                   False)
-    for n in candidates:
-        w = layers[n].weight.detach()
-        # 8 bits as the kept layers get it (the weight-error grid, nearest rounding): GPTQ buys nothing there
-        by_width[n] = {b: _grid(w, settings.spec(b), settings, covs[n] if b < 8 else None) for b in widths}
-    t2 = time.perf_counter()
+    low = [b for b in widths if b < 8]
+    with phases("grids", len(bits), "layers", f"CoRa: grids at {','.join(map(str, widths))} bits") as p:
+        for n in bits:
+            if n not in covs:  # kept or grouped layers: as in the uniform search (no statistics)
+                grids[n], factors[n] = _quantize_layer(layers[n].weight.detach(), settings.spec(bits[n]), settings,
+                                                       None, False)
+            else:
+                w = layers[n].weight.detach()
+                by_width[n] = dict(zip(low, _grids(w, [settings.spec(b) for b in low], settings, covs[n])))
+                if 8 in widths:  # as the kept layers get it (the weight-error grid, nearest rounding): GPTQ buys nothing
+                    by_width[n][8] = _grid(w, settings.spec(8), settings, None)
+            p.advance()
     images = torch.cat(batches)[:settings.sens_images]
     measured = [b for b in settings.mixed_bits if b < 8]
-    log.info("mixed bits: grids of %d layers at %s bits in %.1f s; their harm alone on %d images...", len(candidates),
-             ",".join(map(str, widths)), t2 - t1, len(images))
-    kl = {}
+    with phases("sensitivity", len(candidates), "layers",
+                f"CoRa: harm of each layer alone at {','.join(map(str, measured))} bits on {len(images)} images") as p:
+        harm = layer_harm(teacher, layers, {n: {b: by_width[n][b].dequantize().to(torch.float32) for b in measured}
+                                            for n in candidates}, images, progress=p)
     for b in measured:
-        kl[b] = layer_kl(teacher, layers, {n: by_width[n][b].dequantize().to(torch.float32) for n in candidates},
-                         images)
-        log.info("  at %d bits: mean KL alone %.2g-%.2g (%.1f s so far)", b, min(kl[b].values()), max(kl[b].values()),
-                 time.perf_counter() - t2)
-    harm = {n: {b: kl[b][n] for b in measured} for n in candidates}
+        alone = [harm[n][b] for n in candidates]
+        log.info("  at %d bits: mean KL alone %.2g-%.2g", b, min(alone), max(alone))
     if 8 in settings.mixed_bits:  # next to nothing: carried from the widest measured width by the output error
         top = max(measured, default=None)
         for n in candidates:
             err = {b: output_error(layers[n].weight.detach(), by_width[n][b].dequantize().to(torch.float32), covs[n])
                    for b in (8, top) if b is not None}
-            harm[n][8] = kl[top][n] * err[8] / err[top] if top is not None and err[top] > 0 else 0.0
+            harm[n][8] = harm[n][top] * err[8] / err[top] if top is not None and err[top] > 0 else 0.0
     counts = {n: layers[n].weight.numel() for n in candidates}
     cost = {n: {b: layer_cost(counts[n], layers[n].weight.shape[0], b, settings.group_size) for b in widths}
             for n in candidates}
@@ -226,14 +249,17 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
     chosen = choose_bits(harm, cost, budget)
     t3 = time.perf_counter()
     new_bits = dict(bits)
-    for n in candidates:
-        new_bits[n] = chosen[n]
-        grids[n] = by_width[n][chosen[n]]
-        adapt = chosen[n] < 8 and settings.budget > 0 and isinstance(layers[n], nn.Conv2d)
-        factors[n] = _decompose(layers[n].weight.detach(), grids[n], settings, covs[n]) if adapt else None
+    adapt = [n for n in candidates if chosen[n] < 8 and settings.budget > 0 and isinstance(layers[n], nn.Conv2d)]
+    with phases("decomposition", len(adapt), "layers", "CoRa: residual decompositions") as p:
+        for n in candidates:
+            new_bits[n] = chosen[n]
+            grids[n] = by_width[n][chosen[n]]
+            factors[n] = None
+            if n in adapt:
+                factors[n] = _decompose(layers[n].weight.detach(), grids[n], settings, covs[n])
+                p.advance()
     used = sum(cost[n][chosen[n]] for n in candidates)
-    log.info("mixed bits: statistics %.1f s, grids %.1f s, sensitivity %.1f s; layers per width %s (%.3f of the "
-             "budget)", t1 - t0, t2 - t1, t3 - t2,
+    log.info("mixed bits: layers per width %s (%.3f of the budget)",
              {b: sum(1 for n in candidates if chosen[n] == b) for b in settings.mixed_bits}, used / budget)
     info = {"widths": list(settings.mixed_bits), "bits": {n: chosen[n] for n in candidates},
             "kl_alone": {n: {b: round(harm[n][b], 6) for b in settings.mixed_bits} for n in candidates},

@@ -7,15 +7,12 @@ The cost of a choice is its stored bits (2-4 bits packed or INT4, 5-8 bits in IN
 when only that layer is quantized at that width (measured for every width below 8; the 8-bit harm,
 next to nothing, is carried from the widest measured width by the layer's output error,
 `quantizers.output_error`). The widths with the least summed harm within the bytes of the uniform
-plan are found by `choose_bits`, exactly (the Pareto frontier of stored bits and harm, exact costs)."""
+plan are found by `choose_bits`, exactly (the Pareto frontier of stored bits and harm, exact costs).
+The harm is measured by cora_onnx.torch.search.harm.layer_harm (from cached stage inputs)."""
 
 from __future__ import annotations
 
 import math
-
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from cora_onnx.core.budget import choose, least_cost
 from cora_onnx.core.errors import SettingsError
@@ -60,27 +57,6 @@ def parse_mixed_bits(text) -> tuple[int, ...]:
     except ValueError:
         raise SettingsError(f"mixed bits must be a comma-separated list of widths such as 2,3,4,8, got {text!r}") \
             from None
-
-
-@torch.no_grad()
-def layer_kl(model: nn.Module, layers: dict[str, nn.Module], weights: dict[str, torch.Tensor],
-             images: torch.Tensor, batch: int = 32) -> dict[str, float]:
-    """Mean KL(float || model with only that layer's weight replaced), per layer in `weights`."""
-    def logits():
-        return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)])
-
-    ref = F.log_softmax(logits().double(), dim=1)
-    out = {}
-    for name, w in weights.items():
-        mod = layers[name]
-        keep = mod.weight.data
-        mod.weight.data = w.to(keep.dtype).reshape(keep.shape)
-        try:
-            lq = F.log_softmax(logits().double(), dim=1)
-        finally:
-            mod.weight.data = keep
-        out[name] = float((ref.exp() * (ref - lq)).sum(1).mean())
-    return out
 
 
 def layer_cost(count: int, channels: int, bits: int, group: int) -> int:

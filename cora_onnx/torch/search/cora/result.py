@@ -68,6 +68,7 @@ def _build_plan(st: _Search, grids: dict, live: list[str], seconds: float) -> Pl
                      "adapter_params": adapter_params, "weight_params": st.total_params,
                      "adapter_fraction": adapter_params / st.total_params, "budget": s.budget,
                      "ranks": {n: st.ranks[n] for n in st.adapted}, "search_seconds": seconds,
+                     "phases": st.phases.to_json(),
                      "loss_history": [round(h[0], 5) for h in st.history]}}
     if st.mixed is not None:
         meta["cora"]["mixed_bits"] = st.mixed

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cora_onnx.core.errors import DataError
+from cora_onnx.core.progress import Phases
 from cora_onnx.torch.quantizers import quantizable_layers
 from cora_onnx.core.plan import Plan
 from cora_onnx.torch.images import as_torch
@@ -66,6 +67,7 @@ class _Search:
     history: list = field(default_factory=list)
     objective: object = None
     mixed: dict | None = None
+    phases: Phases = field(default_factory=Phases)
 
 
 def _build_student(st: _Search, grids: dict, factors: dict) -> None:
@@ -89,22 +91,31 @@ def _build_student(st: _Search, grids: dict, factors: dict) -> None:
 
 
 def _make_objective(st: _Search, captures: list) -> None:
-    """st.objective(): one batch's distillation loss of the student against the float network
-    (teacher logits computed once unless augmentation or feature matching need them per step)."""
+    """st.objective(): one batch's distillation loss of the student against the float network.
+    Without augmentation or feature matching the batches are drawn up front (the same draws as
+    one by one) and the teacher's logits computed once, for the images drawn only; otherwise per step."""
     s, calib, teacher = st.settings, st.calib, st.teacher
     per_step = s.augment != "none" or s.features != "none"
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        teacher_logits = None if per_step else torch.cat([teacher(x) for x in calib.batches(64)])
-    log.info("teacher logits on %d images %.1f s", 0 if per_step else len(calib), time.perf_counter() - t0)
     gen = torch.Generator().manual_seed(s.seed)
     feature_names = dict(st.wrapped) if s.features == "layers" else {}
     t_capture = Capture({n: st.layers[n] for n in feature_names})
     s_capture = Capture(feature_names)
     captures += [t_capture, s_capture]
+    draws: list[torch.Tensor] = []
+    if not per_step:
+        draws = [torch.randint(len(calib), (s.search_batch,), generator=gen) for _ in range(int(s.iters))]
+        used = torch.unique(torch.cat(draws)) if draws else torch.zeros(0, dtype=torch.long)
+        row = torch.full((len(calib),), -1, dtype=torch.long)
+        row[used] = torch.arange(len(used))
+        bs = 64
+        with st.phases("teacher logits", -(-len(used) // bs), "batches",
+                       f"CoRa: float logits of the {len(used)} calibration images the steps draw") as p, torch.no_grad():
+            teacher_logits = torch.cat([teacher(calib.preprocess.normalize(calib.images[used[a:a + bs]]))
+                                        for a in p.wrap(range(0, len(used), bs))]) if len(used) else None
+    draws.reverse()
 
     def objective() -> torch.Tensor:
-        idx = torch.randint(len(calib), (s.search_batch,), generator=gen)
+        idx = draws.pop() if draws else torch.randint(len(calib), (s.search_batch,), generator=gen)
         x = calib.preprocess.normalize(calib.images[idx])
         if per_step:
             x = augment_batch(x, s.augment, gen)
@@ -112,7 +123,7 @@ def _make_objective(st: _Search, captures: list) -> None:
                 t = teacher(x)
             t_feats = t_capture.take()
         else:
-            t, t_feats = teacher_logits[idx], {}
+            t, t_feats = teacher_logits[row[idx]], {}
         loss = distill_loss(st.student(x), t, s.distill)
         s_feats = s_capture.take()
         if t_feats:
@@ -133,24 +144,31 @@ def _search_ranks(st: _Search) -> None:
     lo = torch.tensor([1.0 / st.full[n] for n in adapted])
     log.info("rank search: %d steps of %d images, budget %.3f of %d weight parameters",
              s.search_iters, s.search_batch, s.budget, st.total_params)
-    for it in range(s.search_iters):
-        used = (torch.stack(cs) * fracs).sum()
-        kd = st.objective()
-        loss = kd + s.gamma * torch.exp(F.relu(used - s.budget))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_value_(cs, 1.0)
-        opt.step()
-        with torch.no_grad():
-            c_new = torch.minimum(torch.maximum(torch.stack(cs), lo), torch.ones_like(lo))
-            for p, v in zip(cs, c_new):
-                p.fill_(v)
-        st.history.append((float(kd.detach()), float(used.detach())))
-        if it % 25 == 0 or it == s.search_iters - 1:
-            ranks_now = [math.ceil(float(p.detach()) * st.full[n]) for p, n in zip(cs, adapted)]
-            log.info("search %d/%d: distillation loss %.4f, budget used %.4f/%.4f, ranks %d-%d (median %d)",
-                     it + 1, s.search_iters, float(kd.detach()), float(used.detach()), s.budget,
-                     min(ranks_now), max(ranks_now), int(np.median(ranks_now)))
+    with st.phases("rank search", s.search_iters, "steps", "CoRa: rank search") as p:
+        for it in p.wrap(range(s.search_iters)):
+            _rank_step(st, it, cs, fracs, opt, lo)
+
+
+def _rank_step(st: _Search, it: int, cs: list, fracs: torch.Tensor, opt, lo: torch.Tensor) -> None:
+    """One step of the rank search."""
+    s, adapted = st.settings, st.adapted
+    used = (torch.stack(cs) * fracs).sum()
+    kd = st.objective()
+    loss = kd + s.gamma * torch.exp(F.relu(used - s.budget))
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_value_(cs, 1.0)
+    opt.step()
+    with torch.no_grad():
+        c_new = torch.minimum(torch.maximum(torch.stack(cs), lo), torch.ones_like(lo))
+        for p, v in zip(cs, c_new):
+            p.fill_(v)
+    st.history.append((float(kd.detach()), float(used.detach())))
+    if it % 25 == 0 or it == s.search_iters - 1:
+        ranks_now = [math.ceil(float(p.detach()) * st.full[n]) for p, n in zip(cs, adapted)]
+        log.info("search %d/%d: distillation loss %.4f, budget used %.4f/%.4f, ranks %d-%d (median %d)",
+                 it + 1, s.search_iters, float(kd.detach()), float(used.detach()), s.budget,
+                 min(ranks_now), max(ranks_now), int(np.median(ranks_now)))
 
 
 def _fix_ranks(st: _Search) -> list[str]:
@@ -191,14 +209,21 @@ def _finetune(st: _Search, live: list[str], fixed: frozenset) -> None:
     log.info("fine-tuning %d adapters, %d biases and %d gain vectors: %d steps", len(live), biases, gains,
              s.finetune_iters)
     used = float(sum(st.ranks[n] * st.per_rank[n] for n in live) / st.total_params)
-    for it in range(s.finetune_iters):
-        kd = st.objective()
-        opt.zero_grad()
-        kd.backward()
-        opt.step()
-        st.history.append((float(kd.detach()), used))
-        if it % 25 == 0 or it == s.finetune_iters - 1:
-            log.info("fine-tune %d/%d: distillation loss %.4f", it + 1, s.finetune_iters, float(kd.detach()))
+    with st.phases("fine-tuning", s.finetune_iters, "steps", "CoRa: fine-tuning") as p:
+        for it in p.wrap(range(s.finetune_iters)):
+            _finetune_step(st, it, opt, used)
+
+
+def _finetune_step(st: _Search, it: int, opt, used: float) -> None:
+    """One fine-tuning step."""
+    s = st.settings
+    kd = st.objective()
+    opt.zero_grad()
+    kd.backward()
+    opt.step()
+    st.history.append((float(kd.detach()), used))
+    if it % 25 == 0 or it == s.finetune_iters - 1:
+        log.info("fine-tune %d/%d: distillation loss %.4f", it + 1, s.finetune_iters, float(kd.detach()))
 
 
 def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
@@ -220,15 +245,19 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
     stats_batches = list(calib.subset(settings.stats_size, settings.seed + 1).batches(32))
     log.info("CoRa: %d layers; statistics on %d images", len(bits), sum(len(b) for b in stats_batches))
     t0 = time.perf_counter()
-    float_stats = _float_statistics(teacher, layers, stats_batches) if settings.stats != "none" else {}
+    phases = Phases()
+    float_stats = {}
+    if settings.stats != "none":
+        with phases("output statistics", len(stats_batches), "batches", "CoRa: float output statistics") as p:
+            float_stats = _float_statistics(teacher, layers, p.wrap(stats_batches))
     mixed = None
     if settings.mixed_bits and settings.bits < 8 and mixable(layers, bits, settings.bits):  # per-layer widths
-        grids, factors, bits, mixed = _quantize_mixed(teacher, layers, bits, settings, stats_batches)
+        grids, factors, bits, mixed = _quantize_mixed(teacher, layers, bits, settings, stats_batches, phases)
         adapted = [n for n in bits if factors[n] is not None]
     else:
-        grids, factors = _quantize_layers(teacher, layers, bits, adapted, settings, stats_batches)
+        grids, factors = _quantize_layers(teacher, layers, bits, adapted, settings, stats_batches, phases)
     st = _Search(settings, teacher, layers, bits, adapted, calib, sum(m.weight.numel() for m in layers.values()),
-                 mixed=mixed)
+                 mixed=mixed, phases=phases)
     log.info("statistics, quantization (%s rounding) and residual decomposition (%s): %.1f s; %d layers with "
              "adapters", settings.rounding, settings.svd, time.perf_counter() - t0, len(adapted))
     _build_student(st, grids, factors)

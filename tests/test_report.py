@@ -31,7 +31,9 @@ def _quantize_report(**kw):
                 search_seconds=0.5, options={"bits": 4}, settings={"method": "rtn"}, layers=({"name": "fc", "bits": 8},),
                 preprocess={"input_size": 8}, images={"calib": 64, "val": 20},
                 environment={"onnxruntime": "1", "onnx": "1", "torch": None, "python": "3", "threads": 2, "cpu": {}},
-                notes=("a note",), file_bits_per_weight=4.0, float_file_bits_per_weight=16.0)
+                notes=("a note",), file_bits_per_weight=4.0, float_file_bits_per_weight=16.0,
+                phases={**{k: {"seconds": 1.0, "cpu_seconds": 0.5} for k in ("load", "search", "export", "verify")},
+                        "search_phases": {"statistics": {"seconds": 0.2, "cpu_seconds": 0.2}}})
     return QuantizeReport(**{**base, **kw})
 
 

@@ -12,7 +12,7 @@ from cora_onnx.torch.models import build_model
 from cora_onnx.run.outcome import make_report, verify_quantized, write_outputs
 from cora_onnx.run.stages import check_options, export_quantized, load_data, load_model, run_search
 
-TIMES = ("search_seconds", "latency", "latency_ms", "onnx_path", "environment", "options")
+TIMES = ("search_seconds", "latency", "latency_ms", "onnx_path", "environment", "options", "phases")
 
 
 def _norm(d):

@@ -5,16 +5,19 @@ A `Progress` counts the items of one phase (batches, layers, steps). It logs a l
 ends and `interval` seconds have passed since the last line, and a heartbeat (a daemon thread of
 the clock) logs one too when no item ends for that long: a single slow item (a forward pass of a
 large batch on a loaded machine) never leaves the log silent. A phase with no count (one opaque
-call, e.g. the ONNX export) says how long it has run. `Phases` names the phases of one run and
-keeps their wall and process CPU seconds.
+call, e.g. the ONNX export) says how long it has run. Phases nest: while an inner phase runs, only
+it logs (the outer one's heartbeat waits). `Phases` names the phases of one run and keeps their
+wall and process CPU seconds.
 
 The clock is injectable (`Clock`: now, cpu and every), so a test drives time by hand: no sleeps.
-Lines go to the `cora_onnx` logger at INFO (the CLI prints them on stderr; `-q` hides them).
+Lines go to the `cora_onnx` logger at INFO (the CLI prints them on stderr; `-q` hides them); the
+environment variable CORA_ONNX_PROGRESS_SECONDS sets another interval.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -26,6 +29,18 @@ log = logging.getLogger("cora_onnx")
 
 INTERVAL = 20.0  # seconds between two progress lines at most (heartbeat checks HEARTBEAT times as often)
 HEARTBEAT = 10
+INTERVAL_ENV = "CORA_ONNX_PROGRESS_SECONDS"  # overrides INTERVAL (e.g. 5 for more lines; tests: 0.001)
+
+
+def _interval() -> float:
+    text = os.environ.get(INTERVAL_ENV)
+    if not text:
+        return INTERVAL
+    try:
+        value = float(text)
+    except ValueError:
+        return INTERVAL
+    return value if value > 0 else INTERVAL
 
 
 class Clock:
@@ -57,6 +72,8 @@ class Clock:
 
 
 REAL_CLOCK = Clock()
+_ACTIVE: list["Progress"] = []  # the phases running, outermost first: only the innermost logs
+_ACTIVE_LOCK = threading.Lock()
 
 
 def _seconds(s: float) -> str:
@@ -76,10 +93,12 @@ class Progress:
     phase's count and seconds (`seconds`, `cpu_seconds` stay readable); lines between come at most
     `interval` seconds apart: `desc: 5/16 batches (31%), 42.0 s, about 1 min 32 s left`."""
 
-    def __init__(self, desc: str, total: int | None = None, unit: str = "", *, interval: float = INTERVAL,
-                 clock: Clock | None = None, logger: logging.Logger | None = None, quiet_end: bool = False) -> None:
+    def __init__(self, desc: str, total: int | None = None, unit: str = "", *, interval: float | None = None,
+                 clock: Clock | None = None, logger: logging.Logger | None = None, quiet_end: bool = False,
+                 work: float | None = None) -> None:
         self.desc, self.total, self.unit = desc, total, unit
-        self.interval = float(interval)
+        self.work_total, self.work_done = work, 0.0
+        self.interval = float(interval) if interval is not None else _interval()
         self.clock = clock or REAL_CLOCK
         self.log = logger or log
         self.quiet_end = quiet_end
@@ -93,14 +112,19 @@ class Progress:
     def __enter__(self) -> "Progress":
         self._start = self._last = self.clock.now()
         self._cpu0 = self.clock.cpu()
+        with _ACTIVE_LOCK:
+            _ACTIVE.append(self)
         if self.log.isEnabledFor(logging.INFO):
-            self._stop = self.clock.every(self.interval / HEARTBEAT, self.tick)
+            self._stop = self.clock.every(max(self.interval / HEARTBEAT, 0.05), self.tick)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._stop is not None:
             self._stop()
             self._stop = None
+        with _ACTIVE_LOCK:
+            if self in _ACTIVE:
+                _ACTIVE.remove(self)
         self.seconds = self.clock.now() - self._start
         self.cpu_seconds = self.clock.cpu() - self._cpu0
         if exc[0] is None and not (self.quiet_end and self.lines == 0):
@@ -108,17 +132,27 @@ class Progress:
                 if self.unit else ""
             self.log.info("%s: done, %s%s", self.desc, count, _seconds(self.seconds))
 
-    def advance(self, n: int = 1) -> None:
-        """`n` more items done; logs a line when one is due."""
+    def advance(self, n: int = 1, work: float | None = None) -> None:
+        """`n` more items done (`work`: their share of the phase's `work`, when items differ in cost:
+        the time left is then reckoned on the work); logs a line when one is due."""
         with self._lock:
             self.done += n
+            self.work_done += n if work is None else work
         self.tick()
 
     def tick(self) -> None:
-        """Log a line if `interval` seconds have passed since the last one (the heartbeat calls it)."""
+        """Log a line if `interval` seconds have passed since the last one (the heartbeat calls it);
+        while a phase inside this one runs, it logs instead."""
         with self._lock:
             now = self.clock.now()
-            if self._start is None or now - self._last < self.interval:
+            if self._start is None:
+                return
+            with _ACTIVE_LOCK:
+                inner = bool(_ACTIVE) and _ACTIVE[-1] is not self and self in _ACTIVE
+            if inner:
+                self._last = now
+                return
+            if now - self._last < self.interval:
                 return
             self._last = now
             self.lines += 1
@@ -135,7 +169,10 @@ class Progress:
             head += f" ({100.0 * self.done / self.total:.0f}%)"
         if self.done <= 0:
             return f"{head}, {_seconds(elapsed)}, time left not known yet"
-        left = elapsed / self.done * max(self.total - self.done, 0)
+        if self.work_total and self.work_done > 0:
+            left = elapsed / self.work_done * max(self.work_total - self.work_done, 0.0)
+        else:
+            left = elapsed / self.done * max(self.total - self.done, 0)
         return f"{head}, {_seconds(elapsed)}, about {_seconds(left)} left"
 
     def wrap(self, items: Iterable[T]) -> Iterator[T]:
@@ -150,12 +187,13 @@ class Phases:
     kept when it ends: `with phases("statistics", 16, "batches") as p: ...`; `to_json()` gives
     {name: {"seconds", "cpu_seconds"}} (a phase run twice adds up)."""
 
-    def __init__(self, prefix: str = "", *, interval: float = INTERVAL, clock: Clock | None = None,
+    def __init__(self, prefix: str = "", *, interval: float | None = None, clock: Clock | None = None,
                  logger: logging.Logger | None = None) -> None:
         self.prefix, self.interval, self.clock, self.log = prefix, interval, clock, logger
         self.record: dict[str, dict[str, float]] = {}
 
-    def __call__(self, name: str, total: int | None = None, unit: str = "", desc: str | None = None) -> Progress:
+    def __call__(self, name: str, total: int | None = None, unit: str = "", desc: str | None = None,
+                 work: float | None = None) -> Progress:
         phases = self
 
         class _Phase(Progress):
@@ -166,7 +204,7 @@ class Phases:
                 rec["cpu_seconds"] += self.cpu_seconds
 
         return _Phase(desc or f"{self.prefix}{name}", total, unit, interval=self.interval, clock=self.clock,
-                      logger=self.log)
+                      logger=self.log, work=work)
 
     def to_json(self) -> dict[str, dict[str, float]]:
         return {k: {"seconds": round(v["seconds"], 3), "cpu_seconds": round(v["cpu_seconds"], 3)}
@@ -174,7 +212,7 @@ class Phases:
 
 
 def progress(items: Iterable[T], total: int, desc: str, unit: str = "", *, clock: Clock | None = None,
-             interval: float = INTERVAL) -> Iterator[T]:
+             interval: float | None = None) -> Iterator[T]:
     """Yield items while logging progress (see `Progress`): at least every `interval` seconds, and
     a last line with the count and seconds when the phase took that long."""
     with Progress(desc, total, unit, clock=clock, interval=interval, quiet_end=True) as p:

@@ -29,6 +29,7 @@ import numpy as np
 from cora_onnx.core.errors import DataError
 from cora_onnx.core.files import check_input_dir, check_input_file
 from cora_onnx.core.options import IMAGENET_MEAN, IMAGENET_STD, Preprocess, parse_floats
+from cora_onnx.core.progress import progress
 
 __all__ = ["IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "ImageSet", "permutation", "load_images", "load_class_map", "imagenet_class_map",
            "parse_floats"]
@@ -212,7 +213,8 @@ def load_images(folder: str | os.PathLike | Sequence[str | os.PathLike], preproc
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     log.info("decoding %d image%s from %s", len(files), "" if len(files) == 1 else "s", where)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        arrays = list(pool.map(lambda f: _decode(f[0], preprocess.input_size, preprocess.crop_ratio), files))
+        arrays = list(progress(pool.map(lambda f: _decode(f[0], preprocess.input_size, preprocess.crop_ratio), files),
+                               len(files), f"decoding {where}", "images"))
     kept = [(a, f) for a, f in zip(arrays, files) if a is not None]
     if not kept:
         raise DataError(f"{what} {where}: none of its {len(files)} images could be decoded")

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from cora_onnx.core.errors import OnnxModelError, SettingsError
+from cora_onnx.core.progress import Progress
 
 __all__ = ["ORT_LEVELS", "to_ort", "ort_operators", "ort_summary"]
 
@@ -51,7 +52,7 @@ def to_ort(model_bytes: bytes, level: str = "extended") -> tuple[bytes, dict]:
     levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, Progress("ORT format conversion", quiet_end=True):
         path = Path(tmp) / "model.ort"
         so = ort.SessionOptions()
         so.graph_optimization_level = levels[level]

@@ -11,6 +11,7 @@ from passes import (ActivationQDQPass, AdapterMergePass, BiasUpdatePass, Codeboo
 
 from cora_onnx.core.errors import OnnxModelError
 from cora_onnx.core.plan import ActivationPlan, Plan
+from cora_onnx.core.progress import Progress
 
 __all__ = ["cleanup_passes", "plan_pipeline", "activation_pipeline", "apply_plan", "apply_activations", "scheme_of"]
 
@@ -104,7 +105,8 @@ def apply_activations(model: ir.Model, act: ActivationPlan, merged_bits: int | N
 
 def _run(pm: ir.passes.PassManager, model: ir.Model) -> ir.Model:
     try:
-        return pm(model).model
+        with Progress("graph passes", quiet_end=True):
+            return pm(model).model
     except _INFRA_ERRORS as exc:  # the pass infra wraps failures; surface the cause
         cause: BaseException = exc
         while isinstance(cause, _INFRA_ERRORS) and cause.__cause__ is not None:

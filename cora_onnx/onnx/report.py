@@ -172,6 +172,9 @@ class QuantizeReport(Record):
     file_bits_per_weight: float | None = optional()
     float_file_bits_per_weight: float | None = optional()
     ort_format: Mapping[str, Any] | None = optional()
+    # wall and CPU seconds by phase of the run (load, search, export, verify; size_budget with a
+    # size target) and the search's own phases (search_phases): cora_onnx.core.progress.Phases
+    phases: Mapping[str, Any] | None = optional()
 
     @property
     def verified(self) -> bool:

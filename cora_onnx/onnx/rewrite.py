@@ -20,6 +20,7 @@ from cora_onnx.core.errors import InputError, OnnxModelError, SettingsError
 from cora_onnx.core.files import atomic_write
 from cora_onnx.core.options import RunOptions, weight_layout_for
 from cora_onnx.core.plan import LayerPlan, Plan, UniformWeights, WeightFingerprint
+from cora_onnx.core.progress import progress
 from cora_onnx.core.records import to_json
 from cora_onnx.onnx.report import RewriteReport, write_report
 
@@ -167,7 +168,7 @@ def weight_plan(model: ir.Model, bits: int, keep_bits: int = 8, keep: Sequence[s
     first = next((w.name for n, w in layers if n.op_type == "Conv"), None)
     last = layers[-1][1].name if layers else None
     plans = []
-    for node, w in layers:
+    for node, w in progress(layers, len(layers), "rewrite: weight grids", "layers"):
         b = bits
         if ("first" in keep and w.name == first) or ("last" in keep and w.name == last):
             b = max(bits, keep_bits)

@@ -18,7 +18,7 @@ import onnx
 from cora_onnx.onnx.data import ImageSet
 from cora_onnx.core.errors import OnnxModelError
 from cora_onnx.core.modelfile import ModelFile, read_model
-from cora_onnx.core.progress import progress
+from cora_onnx.core.progress import Progress, progress
 from cora_onnx.core.records import Record, key, optional
 
 __all__ = ["session", "predict_onnx", "top1", "parity", "fidelity", "measure_latency", "size_breakdown",
@@ -140,7 +140,8 @@ def session(model: bytes | str | os.PathLike | ModelFile, *, optimize: bool = Tr
         so.add_session_config_entry("session.disable_quant_qdq", "1")
     src = model.source if isinstance(model, ModelFile) else model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        with Progress("ONNX Runtime session (load and graph optimization)", quiet_end=True):
+            return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     except Exception as exc:
         what = f"{model.path}" if isinstance(model, ModelFile) else "the model"
         raise OnnxModelError(f"ONNX Runtime cannot load {what}: {str(exc).splitlines()[0][:300]}") from None
@@ -511,36 +512,46 @@ def measure_latency(models: Mapping[str, object], input_shape: Sequence[int], *,
     sessions = {k: (v if hasattr(v, "run") else session(v, threads=threads)) for k, v in models.items()}
     rng = np.random.default_rng(seed)
     result: dict = {k: {} for k in sessions}
-    for bs in batch_sizes:
-        x = rng.standard_normal((bs, *input_shape), dtype=np.float32)
-        feeds = {}
-        for k, s in sessions.items():
-            i = s.get_inputs()[0]
-            fixed = i.shape[0] if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0 else None
-            if fixed is not None and fixed != bs:
-                raise OnnxModelError(f"{k}: the model's batch size is fixed at {fixed} in the file; it cannot run "
-                                     f"batch {bs}")
-            feeds[k] = {i.name: x}
-            try:
-                s.run(None, feeds[k])
-            except Exception as exc:
-                raise OnnxModelError(f"{k}: ONNX Runtime cannot run the model on an input of shape {list(x.shape)}: "
-                                     f"{' '.join(str(exc).split())[:240]}") from None
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for _ in range(warmup):
-            for k, s in sessions.items():
-                s.run(None, feeds[k])
-        for _ in range(runs):
-            for k, s in sessions.items():
-                t0 = time.perf_counter()
-                s.run(None, feeds[k])
-                times[k].append((time.perf_counter() - t0) * 1000.0)
-        for k, ts in times.items():
-            q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
-            result[k][f"batch_{bs}"] = {"median_ms": statistics.median(ts), "p10_ms": q[0], "p90_ms": q[-1],
-                                        "runs": len(ts)}
+    rounds = len(batch_sizes) * (warmup + runs)
+    with Progress(f"latency of {len(sessions)} model{'s' if len(sessions) != 1 else ''}", rounds,
+                  "rounds (one run of each model)", quiet_end=True) as p:
+        for bs in batch_sizes:
+            _time_batch(sessions, bs, rng.standard_normal((bs, *input_shape), dtype=np.float32), warmup, runs,
+                        result, p)
     result["threads"] = threads
     return result
+
+
+def _time_batch(sessions: dict, bs: int, x: np.ndarray, warmup: int, runs: int, result: dict, p: Progress) -> None:
+    """measure_latency at one batch size: result[name]["batch_<bs>"]."""
+    feeds = {}
+    for k, s in sessions.items():
+        i = s.get_inputs()[0]
+        fixed = i.shape[0] if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0 else None
+        if fixed is not None and fixed != bs:
+            raise OnnxModelError(f"{k}: the model's batch size is fixed at {fixed} in the file; it cannot run "
+                                 f"batch {bs}")
+        feeds[k] = {i.name: x}
+        try:
+            s.run(None, feeds[k])
+        except Exception as exc:
+            raise OnnxModelError(f"{k}: ONNX Runtime cannot run the model on an input of shape {list(x.shape)}: "
+                                 f"{' '.join(str(exc).split())[:240]}") from None
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(warmup):
+        for k, s in sessions.items():
+            s.run(None, feeds[k])
+        p.advance()
+    for _ in range(runs):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feeds[k])
+            times[k].append((time.perf_counter() - t0) * 1000.0)
+        p.advance()
+    for k, ts in times.items():
+        q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
+        result[k][f"batch_{bs}"] = {"median_ms": statistics.median(ts), "p10_ms": q[0], "p90_ms": q[-1],
+                                    "runs": len(ts)}
 
 
 @dataclass(frozen=True)

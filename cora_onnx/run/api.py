@@ -26,6 +26,7 @@ from cora_onnx.onnx.verify import failed_path, judge, predict_onnx, session
 from cora_onnx.core.plan import Plan
 from cora_onnx.core.options import IMAGENET_MEAN, IMAGENET_STD, Preprocess, RunOptions, weight_layout_for
 from cora_onnx.torch.verify import check_file, failure_message, simulation
+from cora_onnx.core.progress import Phases
 from cora_onnx.run.stages import (check_options, export_quantized, load_data, load_model, make_settings, run_search,
                                   size_budget)
 
@@ -88,14 +89,24 @@ def quantize(model: nn.Module, options: RunOptions | None = None, *, float_logit
     make_report -> write_outputs.
     """
     opts = check_options(options, **keywords)
-    model = load_model(model)
-    budget = size_budget(model, opts)  # a size target: measured, and refused when out of reach, before the images
-    data = load_data(model, opts.pre, opts.calib or None, opts.val or None, opts.class_map, float_logits)
-    searched = run_search(model, opts, data.calib, budget)
-    exported = export_quantized(searched, opts, data.calib)
-    verification = verify_quantized(model, exported, data, opts, float_logits)
-    report = write_outputs(make_report(searched, exported, verification, data, opts), searched, exported,
-                           verification, opts)
+    phases = Phases()
+    with phases("load", desc="loading the model"):
+        model = load_model(model)
+    budget = None
+    if opts.size_target is not None:  # measured, and refused when out of reach, before the images
+        with phases("size_budget", desc="size target: the bytes of every layer's encodings"):
+            budget = size_budget(model, opts)
+    with phases("load", desc="loading the images"):
+        data = load_data(model, opts.pre, opts.calib or None, opts.val or None, opts.class_map, float_logits)
+    with phases("search", desc=f"{opts.search} search"):
+        searched = run_search(model, opts, data.calib, budget)
+    with phases("export", desc="export to ONNX and the plan's passes"):
+        exported = export_quantized(searched, opts, data.calib)
+    with phases("verify", desc="verification in ONNX Runtime against PyTorch"):
+        verification = verify_quantized(model, exported, data, opts, float_logits)
+    report = dataclasses.replace(make_report(searched, exported, verification, data, opts),
+                                 phases={**phases.to_json(), "search_phases": searched.plan.meta.get("phases", {})})
+    report = write_outputs(report, searched, exported, verification, opts)
     return QuantizeResult(report, exported.plan or searched.plan, opts.out, model, exported.qmodel)
 
 

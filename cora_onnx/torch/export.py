@@ -16,6 +16,7 @@ from cora_onnx.core.errors import ModelError, PlanError
 from cora_onnx.core.modelfile import onnx_bytes, save_onnx
 from cora_onnx.core.npgrid import merged_grid
 from cora_onnx.core.plan import Plan
+from cora_onnx.core.progress import Progress
 from cora_onnx.torch.quantizers import quantizable_layers
 
 # quantizable_layers (cora_onnx.torch.quantizers) and onnx_bytes, save_onnx (cora_onnx.core.modelfile, no torch) are
@@ -275,7 +276,7 @@ def export_program(model: nn.Module, input_size: int, opset: int = DEFAULT_OPSET
     if keep_bn:
         log.warning("the model still has BatchNorm layers: exported as BatchNormalization nodes "
                     "(the exporter's graph optimizer, which would fuse them into the planned weights, is off)")
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), Progress("torch.onnx export", quiet_end=True):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(model.eval(), (x,), dynamo=True, opset_version=opset, verbose=False,

@@ -10,6 +10,7 @@ from torch import nn
 
 from cora_onnx.core.errors import SettingsError, check_bits
 from cora_onnx.core.plan import LayerPlan, Plan
+from cora_onnx.core.progress import progress
 from cora_onnx.torch.quantizers import CLIP_METHODS, QuantSpec, quantizable_layers, quantize_weight
 from cora_onnx.torch.search.layers import LayerSelection, layer_kind, select_layers, uniform_from
 from cora_onnx.torch.search.cli_options import CliOption
@@ -49,7 +50,7 @@ def search_rtn(model: nn.Module, settings: RtnSettings, calib=None) -> Plan:
     layers = quantizable_layers(model)
     bits = select_layers(layers, settings.bits, settings.selection)
     plans = []
-    for name, b in bits.items():
+    for name, b in progress(bits.items(), len(bits), "rtn: layers", "layers"):
         w = layers[name].weight.detach()
         qt = quantize_weight(w, settings.spec(b))
         err = float((qt.dequantize() - w).pow(2).mean() / w.pow(2).mean().clamp_min(1e-30))

@@ -68,10 +68,10 @@ def _build_plan(st: _Search, grids: dict, live: list[str], seconds: float) -> Pl
                      "adapter_params": adapter_params, "weight_params": st.total_params,
                      "adapter_fraction": adapter_params / st.total_params, "budget": s.budget,
                      "ranks": {n: st.ranks[n] for n in st.adapted}, "search_seconds": seconds,
-                     "phases": st.phases.to_json(),
                      "loss_history": [round(h[0], 5) for h in st.history]}}
     if st.mixed is not None:
         meta["cora"]["mixed_bits"] = st.mixed
+    meta["phases"] = st.phases.to_json()
     log.info("CoRa done in %.1f s: adapters %d parameters (%.2f%% of %d), %d steps", seconds, adapter_params,
              100 * adapter_params / st.total_params, st.total_params, len(st.history))
     return Plan(method="cora", settings={"method": "cora", **s.to_json()}, layers=tuple(plans), meta=meta)

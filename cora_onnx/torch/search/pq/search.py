@@ -16,7 +16,7 @@ from torch import nn
 
 from cora_onnx.core.errors import DataError, ModelError, SettingsError
 from cora_onnx.core.plan import Bias, Codebook, LayerPlan, Plan
-from cora_onnx.core.progress import progress
+from cora_onnx.core.progress import Phases, progress
 from cora_onnx.torch.quantizers import QuantSpec, gptq_round, input_weighted_clip, output_error, quantizable_layers, quantize_weight
 from cora_onnx.torch.images import as_torch
 from cora_onnx.torch.search.layers import layer_kind, select_layers, uniform_from
@@ -281,12 +281,15 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
     images = as_torch(calib).subset(settings.calib_size, settings.seed)
     t_start = time.perf_counter()
 
-    student, slayers, state, plans = fit_layers(model, layers, order, kept, geoms, images, settings)
+    phases = Phases()
+    with phases("layers", desc="pq: layer fits"):
+        student, slayers, state, plans = fit_layers(model, layers, order, kept, geoms, images, settings)
 
     ft_info: dict = {}
     if settings.finetune_steps and state:
-        ft_info = finetune(model, student, slayers, state, images, settings,
-                           torch.Generator().manual_seed(settings.seed + 1))
+        with phases("fine-tuning", desc="pq: fine-tuning"):
+            ft_info = finetune(model, student, slayers, state, images, settings,
+                               torch.Generator().manual_seed(settings.seed + 1))
 
     out = []
     for name in order:
@@ -304,4 +307,4 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
         out.append(lp)
     seconds = time.perf_counter() - t_start
     return Plan(method="pq", settings={"method": "pq", **settings.to_json()}, layers=tuple(out),
-                meta={"pq_seconds": seconds, "pq_finetune": ft_info})
+                meta={"pq_seconds": seconds, "pq_finetune": ft_info, "phases": phases.to_json()})

@@ -244,50 +244,51 @@ def group_clips(w: torch.Tensor, specs: list[QuantSpec], hessian: torch.Tensor,
                 half: bool = True) -> list[QuantizedTensor]:
     """`_input_weighted_group_clip` of one weight at several widths (specs of one group size), in one
     pass: the rows of every width are stacked (each row's choice depends only on its own error), so
-    the group loop runs once for all of them."""
+    the group loop runs once for all of them, every candidate ratio of a group at once. In float32
+    (the rounding of the stored grid is float32 too); a ratio replaces the current one only when it
+    lowers the error, the first of equal ones."""
     g = specs[0].group
     if any(sp.group != g or not sp.symmetric for sp in specs):
         raise SettingsError("group clips at several widths need one group size and symmetric grids")
     store = _half if half else (lambda t: t.clamp_min(torch.finfo(torch.float32).tiny).float())
     c = w.shape[0]
-    w1 = w.detach().to(torch.float64).reshape(c, -1)
+    w1 = w.detach().to(torch.float32).reshape(c, -1)
     nw = len(specs)
     w2 = w1.repeat(nw, 1)  # (nw * c, K): width after width
-    qmax = torch.cat([torch.full((c, 1), float(sp.qmax), dtype=torch.float64) for sp in specs])
+    rows, k = w2.shape
+    qmax = torch.cat([torch.full((c, 1), float(sp.qmax)) for sp in specs])
     qmin = -qmax - 1
-    k = w2.shape[1]
     ng = group_count(k, g)
-    h = hessian.to(torch.float64)
-    amax = torch.nn.functional.pad(w2.abs(), (0, ng * g - k)).reshape(nw * c, ng, g).amax(2)
+    h = hessian.to(torch.float32)
+    amax = torch.nn.functional.pad(w2.abs(), (0, ng * g - k)).reshape(rows, ng, g).amax(2)
     cuts = [slice(i * g, min((i + 1) * g, k)) for i in range(ng)]
+    cand = torch.tensor(tuple(ratios))
 
-    def err(cols: torch.Tensor, a: torch.Tensor) -> torch.Tensor:  # rounding error of the columns on range a
-        s = store(a / qmax[:, 0]).double()[:, None]
+    def err(cols: torch.Tensor, a: torch.Tensor) -> torch.Tensor:  # rounding error of the columns on ranges a
+        s = store(a / qmax[:, 0])[..., None]
         return torch.clamp((cols / s).round(), qmin, qmax) * s - cols
 
-    rows = nw * c
-    ratio = torch.ones(rows, ng, dtype=torch.float64)
+    ratio = torch.ones(rows, ng)
     e = torch.cat([err(w2[:, cut], amax[:, i]) for i, cut in enumerate(cuts)], 1)
     he = e @ h
     for _ in range(sweeps):
         for i, cut in enumerate(cuts):
             eg, heg, hgg = e[:, cut], he[:, cut], h[cut, cut]
-            best_d, best_r, best_e = torch.zeros(rows, dtype=torch.float64), ratio[:, i].clone(), eg.clone()
-            for r in ratios:
-                new = err(w2[:, cut], amax[:, i] * r)
-                d = new - eg
-                delta = 2 * (d * heg).sum(1) + ((d @ hgg) * d).sum(1)  # change of e H e^T
-                better = delta < best_d
-                best_d = torch.where(better, delta, best_d)
-                best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-                best_e = torch.where(better[:, None], new, best_e)
+            new = err(w2[:, cut].expand(len(cand), -1, -1), amax[:, i][None, :] * cand[:, None])  # (n, rows, g)
+            d = new - eg
+            delta = 2 * (d * heg).sum(2) + ((d @ hgg) * d).sum(2)  # change of e H e^T, (n, rows)
+            # candidate 0: the current range (no change); argmin takes the first of the least
+            pick = torch.argmin(torch.cat([torch.zeros(1, rows), delta]), 0)
+            moved = pick > 0
+            best_e = torch.where(moved[:, None], new[(pick - 1).clamp_min(0), torch.arange(rows)], eg)
             he += (best_e - eg) @ h[cut, :]
-            e[:, cut], ratio[:, i] = best_e, best_r
+            e[:, cut] = best_e
+            ratio[:, i] = torch.where(moved, cand[(pick - 1).clamp_min(0)], ratio[:, i])
     out = []
     for j, sp in enumerate(specs):
         rs = slice(j * c, (j + 1) * c)
-        scale = store((amax[rs] * ratio[rs] / sp.qmax).float())
-        q = (w1.float() / group_columns(scale, k, g)).round().clamp(sp.qmin, sp.qmax)
+        scale = store(amax[rs] * ratio[rs] / sp.qmax)
+        q = (w1 / group_columns(scale, k, g)).round().clamp(sp.qmin, sp.qmax)
         out.append(QuantizedTensor(q=q.to(torch.int16).reshape(w.shape), scale=scale,
                                    zero_point=torch.zeros(c, ng, dtype=torch.int16), spec=sp))
     return out
@@ -332,7 +333,8 @@ def gptq_round_many(w: torch.Tensor, qts: list[QuantizedTensor], hessian: torch.
     if perm is not None:
         w2, h, scale, zp = w2[:, perm], h[perm][:, perm], scale[:, perm], zp[:, perm]
     h += torch.eye(k, dtype=h.dtype) * (damp * torch.diag(h).mean())
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
+    h32 = h.to(torch.float32)  # damped: float32 factors as GPTQ's own code (half the time of float64)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h32)), upper=True)
     q = torch.empty_like(w2)
     for i0 in range(0, k, block):
         i1 = min(i0 + block, k)

@@ -273,3 +273,27 @@ def test_cli_lever_options(digits, tmp_path):
         (40, 2.0, 2, True, "input", [])
     bad = runner.invoke(main, [str(a) for a in base + ["--gptq-passes", 0, "--out", tmp_path / "y.onnx"]])
     assert bad.exit_code == 2 and "gptq_passes" in bad.output and not (tmp_path / "y.onnx").exists()
+
+
+def test_phases_and_teacher_logits_shared_with_the_statistics_pass(setup):
+    """Every phase's seconds are in the plan; the steps' teacher logits of the statistics images are
+    the statistics pass's, the others computed: both the float network's logits of those images."""
+    from cora_onnx.core.progress import Phases
+    from cora_onnx.torch.images import as_torch
+    from cora_onnx.torch.search.cora.search import _Search, _teacher_logits
+
+    model, calib = setup
+    plan = search_cora(model, CoraSettings(bits=3, iters=6, finetune_iters=2, stats_size=64, calib_size=200), calib)
+    assert {"statistics", "grids", "sensitivity", "teacher logits", "rank search", "fine-tuning"} <= set(plan.meta["phases"])
+    assert all(v["seconds"] >= 0 and v["cpu_seconds"] >= 0 for v in plan.meta["phases"].values())
+    images = as_torch(calib)
+    known = torch.tensor([1, 4, 7])
+    with torch.no_grad():
+        direct = model(images.preprocess.normalize(images.images[:10]))
+    st = _Search(CoraSettings(bits=3), model, {}, {}, [], images, 1, known_logits=(known, direct[known] + 1.0))
+    out = _teacher_logits(st, torch.arange(10), bs=4)
+    mark = torch.zeros(10, dtype=torch.bool)
+    mark[known] = True
+    torch.testing.assert_close(out[mark], direct[known] + 1.0)  # taken, not recomputed
+    torch.testing.assert_close(out[~mark], direct[~mark], rtol=1e-5, atol=1e-5)
+    assert st.phases.record["teacher logits"]

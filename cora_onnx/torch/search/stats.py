@@ -95,7 +95,7 @@ def channel_sums(out: torch.Tensor) -> tuple[torch.Tensor, int]:
     return o.double().sum(1), o.shape[1]
 
 
-PENDING_VALUES = 1 << 24  # rows held back by SecondMoment.add_rows before one product (64 MB of float32)
+PENDING_VALUES = 1 << 23  # rows held back by SecondMoment.add_rows before one product (32 MB of float32)
 
 
 def _gram_into(acc: torch.Tensor, a: torch.Tensor) -> None:
@@ -202,13 +202,14 @@ class _Done(Exception):
 @torch.no_grad()
 def input_second_moments(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable[torch.Tensor],
                          rows: dict[str, int] | None = None, seed: int = 0,
-                         progress: Progress | None = None) -> dict[str, SecondMoment]:
+                         progress: Progress | None = None, outputs: list | None = None) -> dict[str, SecondMoment]:
     """Run `model` on every batch and accumulate the input second moment of each module in `modules`
     (Conv2d with groups == 1, or Linear). rows: target rows per module over all the batches; a module
     with more positions than that keeps a random subset of output positions per image (never fewer
     than one); absent or None: every position of every image. Each batch's forward stops at the last
-    of `modules` to run. The batches are consumed once (a list or a generator). progress: advanced
-    once per batch."""
+    of `modules` to run, unless `outputs` (a list) is given: the forward then runs to the end and
+    the model's output of each batch is appended to it. The batches are consumed once (a list or a
+    generator). progress: advanced once per batch."""
     batches = list(batches)
     images = sum(int(b.shape[0]) for b in batches)
     gen = torch.Generator().manual_seed(seed)
@@ -221,7 +222,7 @@ def input_second_moments(model: nn.Module, modules: dict[str, nn.Module], batche
             keep = None if target is None else max(1, math.ceil(target / max(images, 1)))
             acc[name].add_rows(input_rows(mod, inputs[0], keep, gen))
             seen.add(name)
-            if len(seen) == len(modules):
+            if len(seen) == len(modules) and outputs is None:
                 raise _Done
         return fn
 
@@ -230,7 +231,9 @@ def input_second_moments(model: nn.Module, modules: dict[str, nn.Module], batche
         for x in batches:
             seen.clear()
             try:
-                model(x)
+                out = model(x)
+                if outputs is not None:
+                    outputs.append(out.detach())
             except _Done:
                 pass
             if progress is not None:

@@ -67,11 +67,14 @@ def _execution_order(model: nn.Module, layers: dict[str, nn.Module], x: torch.Te
 
 
 def _quantize_layers(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict[str, int], adapted: list[str],
-                     settings: "CoraSettings", batches: list[torch.Tensor], phases: Phases) -> tuple[dict, dict]:
+                     settings: "CoraSettings", batches: list[torch.Tensor], phases: Phases,
+                     logits: list | None = None) -> tuple[dict, dict]:
     """Phase 1-2: input statistics and each layer's grid (GPTQ when settings.rounding == "gptq") and
     residual factors (for the adapted layers). With gptq_passes > 1 the layers are taken by depth in
     that many groups, each group's statistics from a copy of the network whose earlier groups are
-    already quantized. Returns ({name: QuantizedTensor}, {name: (U S, V) or None})."""
+    already quantized. logits: when a list, the float network's logits of the batches are appended
+    to it when a statistics pass runs on the float network (the pass then runs to the end).
+    Returns ({name: QuantizedTensor}, {name: (U S, V) or None})."""
     ungrouped = [n for n in bits if not (isinstance(layers[n], nn.Conv2d) and layers[n].groups != 1)]
     need_cov = set(ungrouped) if settings.rounding == "gptq" or settings.clip_metric == "input" else set()
     if settings.svd == "activation":
@@ -101,7 +104,8 @@ def _quantize_layers(teacher: nn.Module, layers: dict[str, nn.Module], bits: dic
         of = f" (group {gi + 1}/{len(groups)})" if len(groups) > 1 else ""
         with phases("statistics", len(batches), "batches", f"CoRa: input statistics of {len(group)} layers{of}") as p:
             acc = input_second_moments(work, {n: work_layers[n] for n in group}, batches, rows,
-                                       seed=settings.seed + gi, progress=p)
+                                       seed=settings.seed + gi, progress=p,
+                                       outputs=logits if gi == 0 and work is teacher else None)
         with phases("grids", len(group), "layers", f"CoRa: grids and residuals{of}") as p:
             for n in group:
                 quantize(n, acc.pop(n).value())
@@ -178,11 +182,28 @@ def _decompose(w: torch.Tensor, qt: QuantizedTensor, settings: "CoraSettings", c
     if settings.svd == "activation":
         h = cov.double()
         h = h + torch.eye(h.shape[0], dtype=h.dtype) * (0.01 * torch.diag(h).mean() + 1e-12)
+        if r.shape[0] <= r.shape[1]:  # C <= K: from the C x C matrix R H R^T, no K x K factorization
+            return _decompose_rows(r.double(), h)
         chol = torch.linalg.cholesky(h)  # H = C C^T
         u, s, vt = torch.linalg.svd(r.double() @ chol, full_matrices=False)
         v = torch.linalg.solve_triangular(chol, vt, upper=False, left=False)  # V^T C^-1
     else:
         u, s, v = torch.linalg.svd(r.double(), full_matrices=False)
+    return (u * s).float(), v.float()
+
+
+def _decompose_rows(r: torch.Tensor, h: torch.Tensor) -> tuple:
+    """The SVD of R C (C C^T = H) from the eigenvectors of R H R^T = U S^2 U^T (C x C, C <= K):
+    U S as before, and V^T C^-1 = S^-1 U^T R, since R C = U S V^T. The same factors as the SVD
+    route (up to each pair's sign) without the K x K Cholesky factor and triangular solve; the
+    directions of negligible energy (S below 1e-12 of the largest) get zero factors."""
+    m = r @ h @ r.T
+    lam, u = torch.linalg.eigh((m + m.T) / 2)
+    lam, u = lam.flip(0), u.flip(1)  # descending
+    s = lam.clamp_min(0).sqrt()
+    live = s > 1e-12 * s[0].clamp_min(1e-300)
+    inv = torch.where(live, 1.0 / torch.where(live, s, torch.ones_like(s)), torch.zeros_like(s))
+    v = (u * inv).T @ r
     return (u * s).float(), v.float()
 
 
@@ -192,14 +213,15 @@ def mixable(layers: dict[str, nn.Module], bits: dict[str, int], b0: int) -> list
 
 
 def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict[str, int],
-                    settings: "CoraSettings", batches: list[torch.Tensor], phases: Phases) -> tuple[dict, dict, dict, dict]:
+                    settings: "CoraSettings", batches: list[torch.Tensor], phases: Phases,
+                    logits: list | None = None) -> tuple[dict, dict, dict, dict]:
     """Phase 1-2 with per-layer widths (settings.mixed_bits, cora_onnx.torch.search.cora.mixed): every
     candidate layer (those planned at settings.bits, not grouped) gets a grid at every allowed width;
     the widths are chosen under the bytes of uniform settings.bits (or settings.mixed_budget bits per
     weight) by measured sensitivity (cora_onnx.torch.search.harm, from cached stage inputs); then
     the residuals of the convolutions below 8 bits are decomposed (when settings.budget > 0: their
     adapters' rank search follows). Returns (grids, factors (None where no adapter), bits with the
-    chosen widths, the report's `mixed` section)."""
+    chosen widths, the report's `mixed` section). logits: as in _quantize_layers."""
     b0 = settings.bits
     candidates = mixable(layers, bits, b0)
     widths = sorted(settings.mixed_bits)
@@ -208,11 +230,13 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
     with phases("statistics", len(batches), "batches",
                 f"CoRa: input statistics of {len(candidates)} layers on {sum(len(x) for x in batches)} images") as p:
         acc = input_second_moments(teacher, {n: layers[n] for n in candidates}, batches, rows, seed=settings.seed,
-                                   progress=p)
+                                   progress=p, outputs=logits)
     covs = {n: acc.pop(n).value() for n in candidates}
     grids, factors, by_width = {}, {}, {}
     low = [b for b in widths if b < 8]
-    with phases("grids", len(bits), "layers", f"CoRa: grids at {','.join(map(str, widths))} bits") as p:
+    effort = {n: float(layers[n].weight.numel()) * (input_width(layers[n]) if n in covs else 1) for n in bits}
+    with phases("grids", len(bits), "layers", f"CoRa: grids at {','.join(map(str, widths))} bits",
+                work=sum(effort.values())) as p:
         for n in bits:
             if n not in covs:  # kept or grouped layers: as in the uniform search (no statistics)
                 grids[n], factors[n] = _quantize_layer(layers[n].weight.detach(), settings.spec(bits[n]), settings,
@@ -222,7 +246,7 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
                 by_width[n] = dict(zip(low, _grids(w, [settings.spec(b) for b in low], settings, covs[n])))
                 if 8 in widths:  # as the kept layers get it (the weight-error grid, nearest rounding): GPTQ buys nothing
                     by_width[n][8] = _grid(w, settings.spec(8), settings, None)
-            p.advance()
+            p.advance(work=effort[n])
     images = torch.cat(batches)[:settings.sens_images]
     measured = [b for b in settings.mixed_bits if b < 8]
     with phases("sensitivity", len(candidates), "layers",
@@ -250,14 +274,15 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
     t3 = time.perf_counter()
     new_bits = dict(bits)
     adapt = [n for n in candidates if chosen[n] < 8 and settings.budget > 0 and isinstance(layers[n], nn.Conv2d)]
-    with phases("decomposition", len(adapt), "layers", "CoRa: residual decompositions") as p:
+    with phases("decomposition", len(adapt), "layers", "CoRa: residual decompositions",
+                work=sum(effort[n] for n in adapt)) as p:
         for n in candidates:
             new_bits[n] = chosen[n]
             grids[n] = by_width[n][chosen[n]]
             factors[n] = None
             if n in adapt:
                 factors[n] = _decompose(layers[n].weight.detach(), grids[n], settings, covs[n])
-                p.advance()
+                p.advance(work=effort[n])
     used = sum(cost[n][chosen[n]] for n in candidates)
     log.info("mixed bits: layers per width %s (%.3f of the budget)",
              {b: sum(1 for n in candidates if chosen[n] == b) for b in settings.mixed_bits}, used / budget)

@@ -68,6 +68,7 @@ class _Search:
     objective: object = None
     mixed: dict | None = None
     phases: Phases = field(default_factory=Phases)
+    known_logits: tuple | None = None  # (calibration indices, the float network's logits of those images)
 
 
 def _build_student(st: _Search, grids: dict, factors: dict) -> None:
@@ -90,6 +91,35 @@ def _build_student(st: _Search, grids: dict, factors: dict) -> None:
     st.student.eval()
 
 
+@torch.no_grad()
+def _teacher_logits(st: _Search, used: torch.Tensor, bs: int = 64) -> torch.Tensor | None:
+    """The float network's logits of the calibration images `used`: those of the statistics images
+    from the statistics pass (st.known_logits), the others computed here."""
+    calib, teacher = st.calib, st.teacher
+    if not len(used):
+        return None
+    out = None
+    have = torch.zeros(len(used), dtype=torch.bool)
+    if st.known_logits is not None:
+        idx, known = st.known_logits
+        pos = torch.full((len(calib),), -1, dtype=torch.long)
+        pos[idx] = torch.arange(len(idx))
+        have = pos[used] >= 0
+        out = torch.empty(len(used), known.shape[1], dtype=known.dtype)
+        out[have] = known[pos[used[have]]]
+    todo = used[~have]
+    with st.phases("teacher logits", -(-len(todo) // bs), "batches",
+                   f"CoRa: float logits of {len(todo)} more calibration images the steps draw "
+                   f"({int(have.sum())} from the statistics pass)") as p:
+        parts = [teacher(calib.preprocess.normalize(calib.images[todo[a:a + bs]])
+                         .contiguous(memory_format=torch.channels_last)) for a in p.wrap(range(0, len(todo), bs))]
+    if out is None:
+        return torch.cat(parts)
+    if parts:
+        out[~have] = torch.cat(parts).to(out.dtype)
+    return out
+
+
 def _make_objective(st: _Search, captures: list) -> None:
     """st.objective(): one batch's distillation loss of the student against the float network.
     Without augmentation or feature matching the batches are drawn up front (the same draws as
@@ -107,11 +137,7 @@ def _make_objective(st: _Search, captures: list) -> None:
         used = torch.unique(torch.cat(draws)) if draws else torch.zeros(0, dtype=torch.long)
         row = torch.full((len(calib),), -1, dtype=torch.long)
         row[used] = torch.arange(len(used))
-        bs = 64
-        with st.phases("teacher logits", -(-len(used) // bs), "batches",
-                       f"CoRa: float logits of the {len(used)} calibration images the steps draw") as p, torch.no_grad():
-            teacher_logits = torch.cat([teacher(calib.preprocess.normalize(calib.images[used[a:a + bs]]))
-                                        for a in p.wrap(range(0, len(used), bs))]) if len(used) else None
+        teacher_logits = _teacher_logits(st, used)
     draws.reverse()
 
     def objective() -> torch.Tensor:
@@ -119,6 +145,8 @@ def _make_objective(st: _Search, captures: list) -> None:
         x = calib.preprocess.normalize(calib.images[idx])
         if per_step:
             x = augment_batch(x, s.augment, gen)
+        x = x.contiguous(memory_format=torch.channels_last)  # CPU convolutions: fwd + bwd ~7% faster (ResNet-18)
+        if per_step:
             with torch.no_grad():
                 t = teacher(x)
             t_feats = t_capture.take()
@@ -242,7 +270,9 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
     adapted = [n for n, b in bits.items() if b == settings.bits and b < 8 and settings.budget > 0
                and isinstance(layers[n], nn.Conv2d) and layers[n].groups == 1]
     calib = as_torch(calib).subset(settings.calib_size, settings.seed)
-    stats_batches = list(calib.subset(settings.stats_size, settings.seed + 1).batches(32))
+    # channels-last batches: PyTorch's CPU convolutions run them faster (ResNet-18 ~10%, MobileNetV2 ~2x)
+    stats_batches = [x.contiguous(memory_format=torch.channels_last)
+                     for x in calib.subset(settings.stats_size, settings.seed + 1).batches(32)]
     log.info("CoRa: %d layers; statistics on %d images", len(bits), sum(len(b) for b in stats_batches))
     t0 = time.perf_counter()
     phases = Phases()
@@ -251,13 +281,18 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
         with phases("output statistics", len(stats_batches), "batches", "CoRa: float output statistics") as p:
             float_stats = _float_statistics(teacher, layers, p.wrap(stats_batches))
     mixed = None
+    # the steps' teacher logits of the statistics images come from the statistics pass
+    logits: list | None = [] if settings.iters > 0 and settings.augment == "none" and settings.features == "none" \
+        else None
     if settings.mixed_bits and settings.bits < 8 and mixable(layers, bits, settings.bits):  # per-layer widths
-        grids, factors, bits, mixed = _quantize_mixed(teacher, layers, bits, settings, stats_batches, phases)
+        grids, factors, bits, mixed = _quantize_mixed(teacher, layers, bits, settings, stats_batches, phases, logits)
         adapted = [n for n in bits if factors[n] is not None]
     else:
-        grids, factors = _quantize_layers(teacher, layers, bits, adapted, settings, stats_batches, phases)
+        grids, factors = _quantize_layers(teacher, layers, bits, adapted, settings, stats_batches, phases, logits)
+    known = (torch.from_numpy(calib.subset_indices(settings.stats_size, settings.seed + 1)), torch.cat(logits)) \
+        if logits else None
     st = _Search(settings, teacher, layers, bits, adapted, calib, sum(m.weight.numel() for m in layers.values()),
-                 mixed=mixed, phases=phases)
+                 mixed=mixed, phases=phases, known_logits=known)
     log.info("statistics, quantization (%s rounding) and residual decomposition (%s): %.1f s; %d layers with "
              "adapters", settings.rounding, settings.svd, time.perf_counter() - t0, len(adapted))
     _build_student(st, grids, factors)

@@ -104,6 +104,7 @@ class ActivationQDQPass(ir.passes.InPlacePass):
                 floating.append(name)
                 continue
             if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
+                w_scale = self._fit_bias(graph, node, qparams[x][0], w_scale)
                 self._quantize_bias(graph, node, qparams[x][0] * w_scale)
             integer.append(name)
         by_name = {v.name: v for n in graph for v in n.outputs}
@@ -228,6 +229,49 @@ class ActivationQDQPass(ir.passes.InPlacePass):
             log.warning("%s: weight scale axis %d is not the output channel; left as a float kernel", node.name, axis)
             return None
         return scale.reshape(-1)
+
+    def _fit_bias(self, graph: ir.Graph, node: ir.Node, in_scale: float, w_scale: np.ndarray) -> np.ndarray:
+        """The weight scales with which the node's bias fits INT32 at scale input x weight with room
+        for the accumulator (|sum of products| <= K x 255 x 128, K weights per output channel), so
+        ONNX Runtime's INT32 addition cannot overflow. A channel whose scale is too small (its
+        weights next to nothing, e.g. a BatchNorm channel folded with gamma ~ 0) is re-quantized at
+        the smallest scale that fits, as ONNX Runtime's quantize_static does; its weights change by
+        less than one old grid step x 127. The grid must be an INT8 initializer used only here;
+        otherwise the scales stay (and _quantize_bias clips, with a warning)."""
+        bias = const_array(node.inputs[2])
+        dq = weight_dequantize(node)
+        w_scale = np.asarray(w_scale, np.float32).reshape(-1)
+        if bias is None or dq is None or w_scale.size != np.size(bias):
+            return w_scale
+        qv = dq.inputs[0]
+        k = int(np.prod(qv.shape)) // max(int(w_scale.size), 1) if qv.shape is not None else 0
+        limit = float(2 ** 31 - 1 - k * 255 * 128)
+        need = (np.abs(bias.astype(np.float64)) / (float(in_scale) * limit)).astype(np.float32)
+        low = w_scale.astype(np.float64) < need
+        if not np.any(low):
+            return w_scale
+        axis = dq.attributes.get_int("axis", 1)
+        scale_v = dq.inputs[1]
+        if limit <= 0 or qv.const_value is None or qv.dtype != ir.DataType.INT8 or len(list(qv.uses())) != 1 \
+                or scale_v is None or scale_v.const_value is None or scale_v.const_value.numpy().size != w_scale.size:
+            return w_scale
+        q = np.moveaxis(qv.const_value.numpy().astype(np.float64), axis, 0).copy()
+        new_s = w_scale.copy()
+        new_s[low] = np.nextafter(need[low], np.float32(np.inf))
+        ratio = (w_scale[low].astype(np.float64) / new_s[low].astype(np.float64)).reshape((-1,) + (1,) * (q.ndim - 1))
+        q[low] = np.clip(np.round(q[low] * ratio), -127, 127)
+        grid = np.ascontiguousarray(np.moveaxis(q, 0, axis)).astype(np.int8)
+        gv = add_initializer(graph, f"{qv.name}_bias_fit", ir.Tensor(grid, name=f"{qv.name}_bias_fit"))
+        sv = add_initializer(graph, f"{qv.name}_scale_bias_fit",
+                             ir.Tensor(new_s.reshape(scale_v.const_value.numpy().shape), name=f"{qv.name}_scale_bias_fit"))
+        dq.replace_input_with(0, gv)
+        dq.replace_input_with(1, sv)
+        for old in (qv, scale_v):
+            if not list(old.uses()) and old.name in graph.initializers:
+                del graph.initializers[old.name]
+        mark(dq, dq.metadata_props.get("cora_onnx.pass", type(self).__name__),
+             **{"bias_fit_channels": int(low.sum()), "restored_by": type(self).__name__})
+        return new_s
 
     def _quantize_bias(self, graph: ir.Graph, node: ir.Node, bias_scale: np.ndarray) -> None:
         b = node.inputs[2]

@@ -103,6 +103,32 @@ def test_all_zero_weight_channel_keeps_its_bias():
     assert np.abs(got - ref).max() < 0.1
 
 
+def test_a_channel_of_near_zero_weights_gets_a_scale_its_bias_fits():
+    """A channel with weights ~1e-9 and a real bias (a BatchNorm channel folded with gamma ~ 0, as
+    EfficientNet-Lite0's stem has): at input x weight scale its bias would not fit INT32, and a
+    clipped bias overflows ONNX Runtime's INT32 sum. Its weight scale is raised until the bias fits
+    with room for the products, so the channel outputs its bias, as the float model does."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 2, 3, 3)).astype(np.float32)
+    w[1] *= 1e-9
+    g = onnx.helper.make_graph([onnx.helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])], "z",
+                               [onnx.helper.make_tensor_value_info("x", 1, ["N", 2, 4, 4])],
+                               [onnx.helper.make_tensor_value_info("y", 1, ["N", 3, 4, 4])],
+                               [onnx.numpy_helper.from_array(w, "w"),
+                                onnx.numpy_helper.from_array(np.array([0.5, -1.5, 0.25], np.float32), "b")])
+    proto = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    model = ir.serde.deserialize_model(proto)
+    ActivationQDQPass({"x": (-1.0, 1.0), "y": (-4.0, 4.0)}, VNNI)(model)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in ir.to_proto(model).graph.initializer}
+    (bias,) = [v for k, v in inits.items() if k.endswith("int32_quantized")]
+    assert np.abs(bias.astype(np.int64)).max() < 2 ** 31 - 1 - 18 * 255 * 128
+    x = rng.uniform(-1, 1, size=(4, 2, 4, 4)).astype(np.float32)
+    got = session(onnx_bytes(model)).run(None, {"x": x})[0]
+    ref = session(proto.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got[:, 1], -1.5, atol=8.0 / 255)
+    assert np.abs(got - np.clip(ref, -4.0, 4.0)).max() < 0.1  # y's range is (-4, 4)
+
+
 def _float_ranges(graph, names):
     """(min, max) of each named tensor of the float graph on graph.x (ONNX Runtime, extra outputs)."""
     import onnxruntime as ort

@@ -227,7 +227,8 @@ def _batchnorm_notes(fused: nn.Module) -> list[str]:
 
 def _notes(plan: Plan, weight_layout: str) -> list[str]:
     if weight_layout == "decode":
-        return ["weights are decoded from their integer grids (CoRa adapters merged in) when ONNX Runtime loads "
+        merged = " (CoRa adapters merged in)" if any(lp.adapter is not None for lp in plan.layers) else ""
+        return [f"weights are decoded from their integer grids{merged} when ONNX Runtime loads "
                 "the file (weight layout decode): small on disk, float weights in memory, float speed; "
                 "--weight-layout qdq writes DequantizeLinear nodes instead."]
     if any(lp.uniform is not None and lp.uniform.bits <= 4 for lp in plan.layers):

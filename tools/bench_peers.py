@@ -214,7 +214,7 @@ def score(arch: str, rows: dict, args) -> None:
         s = session(str(args.dir / f"{arch}-{name}.onnx"), threads=args.threads)
         logits = predict_onnx(s, val, 50, f"{arch} {name}")
         ref = logits if ref is None else ref  # float first
-        rows[name].update(fidelity=fidelity(logits, ref), top1=top1(logits, val.labels))
+        rows[name].update(fidelity=fidelity(logits, ref).to_json(), top1=top1(logits, val.labels))
 
 
 def kernels(path: Path) -> dict:
@@ -262,6 +262,9 @@ def main() -> int:
     for arch in args.models:
         if not args.reuse:
             facts[arch] = make(arch, args, scheme)
+        elif arch not in facts:  # files of a run that stopped before writing its JSON: rows from the file names
+            names = ["float", "ort-static", "nncf", "cora"] + [f"cora-{m}" for m in args.cora_calib if m != "minmax"]
+            facts[arch] = {n: {} for n in names if (args.dir / f"{arch}-{n}.onnx").exists()}
         score(arch, facts[arch], args)
         for name, row in facts[arch].items():
             row.update(bytes=(args.dir / f"{arch}-{name}.onnx").stat().st_size,

@@ -81,9 +81,9 @@ def _family(name: str) -> nn.Module:
     return builders[name]()
 
 
-# the families whose small member has been through test_family_w4_a8; the others have a builder
-# above and join this list once run (tools/zoo.py covers every family at full size)
-FAMILIES = ["resnet", "resnext", "wide_resnet", "densenet", "mobilenet_v3", "regnet_y", "convnext", "squeezenet", "mnasnet",
+# every family's small member (tools/zoo.py covers every family at full size)
+FAMILIES = ["resnet", "resnext", "wide_resnet", "densenet", "inception", "googlenet", "mobilenet_v2", "mobilenet_v3",
+            "efficientnet", "efficientnet_v2", "regnet_x", "regnet_y", "convnext", "shufflenet", "squeezenet", "mnasnet",
             "vgg", "alexnet"]
 SIZES = {"inception": 96}  # inception_v3 needs at least 75 px
 

@@ -26,7 +26,7 @@ __all__ = ["session", "predict_onnx", "top1", "parity", "fidelity", "measure_lat
            "IMAGE_LAYOUTS", "ParityLimits", "PARITY_LIMITS", "parity_failure", "TensorCheck", "TensorDiff", "Parity",
            "Fidelity", "SizeBreakdown", "Verdict", "compare_tensors",
            "activation_integers", "quantized_tensor_outputs", "output_spread", "is_constant", "CONSTANT_SPREAD",
-           "failed_path", "judge", "weight_layer", "layer_outputs", "producing_layers", "integer_biases", "activation_grid_in"]
+           "failed_path", "judge", "weight_layer", "layer_outputs", "producing_layers", "integer_biases", "activation_grid_in", "gated_sigmoids"]
 
 
 def cpu_threads() -> int:
@@ -433,6 +433,39 @@ def activation_grid_in(proto: onnx.ModelProto) -> tuple[dict[str, tuple[float, i
             if meta.get("cora_onnx.shared_with"):
                 shared.add(tensor)
     return out, ((-128, 127) if signed else (0, 255)), shared
+
+
+def gated_sigmoids(proto: onnx.ModelProto) -> dict[str, str]:
+    """x * sigmoid(x) (SiLU / Swish) that the exporter wrote as Sigmoid -> Mul: the Mul's output
+    (named after the program's one silu node) -> the Sigmoid's output (a value of the ONNX graph
+    only), through any QuantizeLinear / DequantizeLinear between them. A simulation that quantizes
+    the Sigmoid's output must split that node there."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def source(t: str) -> str:  # the tensor behind any Q/DQ chain
+        while t in producer and producer[t].op_type in ("QuantizeLinear", "DequantizeLinear"):
+            t = producer[t].input[0]
+        return t
+
+    def users(t: str) -> list:  # the nodes reading t, through any Q/DQ chain
+        out = []
+        for n in consumers.get(t, []):
+            out += users(n.output[0]) if n.op_type in ("QuantizeLinear", "DequantizeLinear") else [n]
+        return out
+
+    out = {}
+    for s in proto.graph.node:
+        if s.op_type != "Sigmoid":
+            continue
+        x, t = source(s.input[0]), s.output[0]
+        muls = [m for m in users(t) if m.op_type == "Mul" and len(m.input) == 2]
+        if len(muls) == 1 and sorted(source(i) for i in muls[0].input) == sorted((x, t)):
+            out[muls[0].output[0]] = t
+    return out
 
 
 def integer_biases(proto: onnx.ModelProto) -> dict[str, np.ndarray]:

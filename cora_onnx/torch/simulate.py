@@ -19,6 +19,8 @@ from cora_onnx.core.errors import ModelError
 
 __all__ = ["ActivationQuantSim"]
 
+_SILU = (torch.ops.aten.silu.default, torch.ops.aten.silu_.default)
+
 
 class ActivationQuantSim(nn.Module):
     """program: cora_onnx.torch.export.export_program(BN-fused model) (any weights); weights: the module
@@ -31,11 +33,15 @@ class ActivationQuantSim(nn.Module):
     of qparams that reuse another tensor's parameters through a data-movement op (the layout's
     `shared`): one an ONNX pass made (e.g. the Reshape that replaced a Flatten, under a new name)
     may be absent from the program, since quantizing moved data again with the same parameters
-    changes nothing; every other tensor must be a node of the program."""
+    changes nothing; every other tensor must be a node of the program. gates: program node (an
+    x * sigmoid(x), one silu node) -> the ONNX tensor of its sigmoid factor, when the exporter
+    wrote it as Sigmoid -> Mul (cora_onnx.onnx.verify.gated_sigmoids): a quantized factor is
+    rounded inside that node, as ONNX Runtime's QLinearSigmoid -> QLinearMul does."""
 
     def __init__(self, program, weights: nn.Module, qparams: Mapping[str, tuple[float, int]],
                  act_range: tuple[int, int], input_name: str = "input",
-                 biases: Mapping[str, np.ndarray] | None = None, shared: Collection[str] = ()) -> None:
+                 biases: Mapping[str, np.ndarray] | None = None, shared: Collection[str] = (),
+                 gates: Mapping[str, str] | None = None) -> None:
         super().__init__()
         # a copy: the program's parameters share storage with the ONNX model's initializers (torch.onnx
         # wraps them without copying), and loading the quantized weights in place would overwrite the
@@ -59,7 +65,11 @@ class ActivationQuantSim(nn.Module):
                     and f"{n.args[0].name}_split_{n.args[1]}" in qparams:
                 alias[n.name] = f"{n.args[0].name}_split_{n.args[1]}"
         names = {n.name for n in gm.graph.nodes}
-        unknown = [t for t in qparams if t not in names and t not in alias.values() and t not in set(shared)]
+        silu = {n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _SILU}
+        self.gates = {node: t for node, t in (gates or {}).items() if node in silu and t in qparams}
+        inner = set(self.gates.values())
+        unknown = [t for t in qparams if t not in names and t not in alias.values() and t not in set(shared)
+                   and t not in inner]
         if unknown:
             raise ModelError(f"simulation: tensor {unknown[0]} of the ONNX graph is not a node of the exported program")
         self.alias = alias
@@ -84,21 +94,29 @@ class ActivationQuantSim(nn.Module):
         record, force = force is not None, force or {}
         qmin, qmax = self.act_range
 
+        def rounded(name: str, out: torch.Tensor) -> torch.Tensor:
+            qp = sim.qparams[name]
+            q = torch.clamp(torch.round(out / qp[0]) + qp[1], qmin, qmax)
+            if record:
+                integers[name] = q.detach().to(torch.int32).numpy()
+            if name in force:
+                q = torch.as_tensor(np.asarray(force[name]), dtype=out.dtype).reshape(q.shape)
+            return (q - qp[1]) * qp[0]
+
         class _Run(torch.fx.Interpreter):
             def run_node(self, n):
-                out = super().run_node(n)
+                if n.name in sim.gates:  # x * sigmoid(x), its factor rounded where ONNX Runtime rounds it
+                    x = self.fetch_args_kwargs_from_env(n)[0][0]
+                    out = x * rounded(sim.gates[n.name], torch.sigmoid(x))
+                else:
+                    out = super().run_node(n)
                 if sim.capture is not None and n.op == "call_function" and len(n.args) > 1 \
                         and getattr(n.args[1], "op", None) == "get_attr" and str(n.args[1].target).endswith(".weight"):
                     sim.capture[str(n.args[1].target)[: -len(".weight")]] = out.detach().clone()  # before rounding
                 name = sim.alias.get(n.name, n.name)
                 qp = sim.qparams.get(name)
                 if qp is not None and isinstance(out, torch.Tensor):
-                    q = torch.clamp(torch.round(out / qp[0]) + qp[1], qmin, qmax)
-                    if record:
-                        integers[name] = q.detach().to(torch.int32).numpy()
-                    if name in force:
-                        q = torch.as_tensor(np.asarray(force[name]), dtype=out.dtype).reshape(q.shape)
-                    out = (q - qp[1]) * qp[0]
+                    out = rounded(name, out)
                 return out
 
         with torch.inference_mode():

@@ -21,7 +21,7 @@ from cora_onnx.core.progress import progress
 from cora_onnx.core.records import to_json
 from cora_onnx.onnx.data import ImageSet
 from cora_onnx.onnx.verify import (PARITY_LIMITS, TensorCheck, Verdict, activation_grid_in, activation_integers,
-                                   compare_tensors, integer_biases, judge, layer_outputs, parity, predict_onnx,
+                                   compare_tensors, gated_sigmoids, integer_biases, judge, layer_outputs, parity, predict_onnx,
                                    producing_layers, session)
 from cora_onnx.torch.export import AdaptedConv
 from cora_onnx.torch.images import TorchImages, as_torch
@@ -61,7 +61,8 @@ def simulation(program, weights: nn.Module, quant_bytes: bytes) -> nn.Module:
         return weights
     proto = onnx.load_from_string(quant_bytes)
     qparams, act_range, shared = activation_grid_in(proto)
-    return ActivationQuantSim(program, weights, qparams, act_range, biases=integer_biases(proto), shared=shared)
+    return ActivationQuantSim(program, weights, qparams, act_range, biases=integer_biases(proto), shared=shared,
+                              gates=gated_sigmoids(proto))
 
 
 @dataclass(frozen=True, eq=False)

@@ -55,14 +55,15 @@ class ActivationQDQPass(ir.passes.InPlacePass):
 
     ranges: tensor name -> (low, high) for every tensor of activation_layout(model).calibrate
     (from cora_onnx.onnx.calibrate); scheme: activation type and weight width for the target CPU;
-    weight_clip: grid search for float weights quantized here ("mse" or "minmax"); merged_bits:
+    weight_clip: grid search for float weights quantized here ("mse" or "minmax"; None: by width,
+    cora_onnx.core.npgrid.default_clip); merged_bits:
     the width of the weights re-quantized at load (AdapterMergePass, GroupScaleMergePass: 7 or 8;
     None: the scheme's width, what the plan pipeline writes for it). A merged width above the
     scheme's leaves its node float. After the pass, `self.report` says which nodes became integer
     and which stayed float."""
 
     def __init__(self, ranges: Mapping[str, tuple[float, float]], scheme: QuantScheme = QuantScheme(),
-                 weight_clip: str = "mse", merged_bits: int | None = None) -> None:
+                 weight_clip: str | None = None, merged_bits: int | None = None) -> None:
         super().__init__()
         self.ranges = dict(ranges)
         self.scheme = scheme

@@ -182,3 +182,24 @@ def test_several_widths_in_one_pass_are_each_width_alone(group):
     for a, t in zip([gptq_round(w, qt, h, act_order=True) for qt in alone],
                     gptq_round_many(w, alone, h, act_order=True)):
         assert torch.equal(a.q, t.q) and t.spec == a.spec
+
+
+def test_default_clip_is_minmax_at_8_bits_and_mse_below():
+    """Without --clip, 7-8-bit grids keep every weight in range (an outlier is not clipped) and
+    narrower grids search the MSE range (the outlier is clipped)."""
+    import numpy as np
+
+    from cora_onnx.core.npgrid import default_clip, quantize_symmetric
+    from cora_onnx.torch.search.rtn import RtnSettings
+
+    assert [default_clip(b) for b in (2, 3, 4, 6, 7, 8)] == ["mse"] * 4 + ["minmax"] * 2
+    assert RtnSettings().spec(8).clip == "minmax" and RtnSettings().spec(4).clip == "mse"
+    assert RtnSettings(clip="mse").spec(8).clip == "mse"
+    w = np.random.default_rng(0).normal(size=(4, 512)).astype(np.float32)
+    w[:, 0] = 8.0  # one large weight per channel
+    for bits, clipped in ((8, False), (4, True)):
+        q, scale = quantize_symmetric(w, bits)
+        top = np.abs(q[:, 0].astype(np.float32) * scale - 8.0).max()
+        assert (top > 0.5) == clipped, (bits, top)
+        qt = quantize_weight(torch.from_numpy(w), RtnSettings().spec(bits))
+        assert torch.equal(qt.q.to(torch.int8), torch.from_numpy(q)), bits

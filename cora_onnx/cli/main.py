@@ -199,7 +199,8 @@ def import_pq(checkpoint, arch, verbose, quiet, **given):
 @run_option("calib", extra_help=" Needed with --act-bits.")
 @run_option("keep", default="first,last", show_default=True, help="Layers kept at --keep-bits: first,last or none.")
 @run_option("keep_bits", default=8, show_default=True)
-@click.option("--clip", type=click.Choice(["mse", "minmax"]), default="mse", show_default=True, help="Weight range search.")
+@click.option("--clip", type=click.Choice(["mse", "minmax"]), default=None,
+              help="Weight range search [mse below 7 bits, minmax at 7-8].")
 @_int8_options
 @run_option("weight_layout")
 @_preprocess_options

@@ -372,7 +372,7 @@ class ActivationPlan:
     ranges: Mapping[str, tuple[float, float]]
     calibration: str = "minmax"
     reason: str = ""
-    weight_clip: str = "mse"
+    weight_clip: str | None = None  # None: by width (cora_onnx.core.npgrid.default_clip)
 
     def __post_init__(self) -> None:
         _check(self.act_dtype in ("uint8", "int8"), f"activation dtype must be uint8 or int8, got {self.act_dtype!r}")

@@ -125,7 +125,7 @@ def activation_histograms(model: ir.Model, images, calib: CalibSettings = CalibS
 
 def activation_plan(model: ir.Model, images, scheme: QuantScheme, calib: CalibSettings = CalibSettings(),
                     threads: int | None = None, histograms: dict | None = None,
-                    weight_clip: str = "mse") -> ActivationPlan:
+                    weight_clip: str | None = None) -> ActivationPlan:
     """Calibrate the activations of `model` (weights already QDQ or float; rewritten in place into
     the forms ONNX Runtime has integer kernels for, passes.IntegerFormsPass) on `images`: the
     plan's integer-activation section (scheme and every calibrated range), which
@@ -151,7 +151,7 @@ def activation_qparams_of(model: ir.Model, act: ActivationPlan) -> dict[str, tup
 
 
 def add_activation_qdq(model: ir.Model, images, scheme: QuantScheme, calib: CalibSettings = CalibSettings(),
-                       threads: int | None = None, weight_clip: str = "mse",
+                       threads: int | None = None, weight_clip: str | None = None,
                        histograms: dict | None = None) -> tuple[dict, dict, dict]:
     """Calibrate the activations of `model` (weights already QDQ or float) on `images` and insert
     activation QDQ in place (no cleanup). Returns (ranges, qparams by tensor, pass report).

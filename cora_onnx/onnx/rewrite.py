@@ -190,7 +190,7 @@ def weight_plan(model: ir.Model, bits: int, keep_bits: int = 8, keep: Sequence[s
                                         "clip": clip, "source": "onnx"}, layers=tuple(plans))
 
 
-REWRITE_METHOD_OPTIONS = {"clip": ("mse", "minmax")}  # rewrite's own weight grid: option -> choices (first: default)
+REWRITE_METHOD_OPTIONS = {"clip": ("mse", "minmax")}  # rewrite's own weight grid: option -> choices (default: by width)
 
 
 def rewrite_onnx(src: str | os.PathLike, options: RunOptions | None = None, **keywords) -> RewriteResult:
@@ -215,9 +215,9 @@ def rewrite_onnx(src: str | os.PathLike, options: RunOptions | None = None, **ke
     for name, value in opts.method_options.items():
         if name not in REWRITE_METHOD_OPTIONS:
             raise SettingsError(f"rewrite has no option {name!r}; its options: {', '.join(REWRITE_METHOD_OPTIONS)}")
-        if value not in REWRITE_METHOD_OPTIONS[name]:
+        if value is not None and value not in REWRITE_METHOD_OPTIONS[name]:
             raise SettingsError(f"{name} must be one of {', '.join(REWRITE_METHOD_OPTIONS[name])}, got {value!r}")
-    clip = opts.method_options.get("clip", REWRITE_METHOD_OPTIONS["clip"][0])
+    clip = opts.method_options.get("clip")  # None: npgrid.default_clip of each layer's width
     if Path(out).resolve() == Path(src).resolve():
         raise InputError(f"output {out} would overwrite the input model")
     from cora_onnx.core.modelfile import read_model

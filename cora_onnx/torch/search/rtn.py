@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from cora_onnx.core.errors import SettingsError, check_bits
+from cora_onnx.core.npgrid import default_clip
 from cora_onnx.core.plan import LayerPlan, Plan
 from cora_onnx.core.progress import progress
 from cora_onnx.torch.quantizers import CLIP_METHODS, QuantSpec, quantizable_layers, quantize_weight
@@ -28,18 +29,19 @@ class RtnSettings:
     bits: int = 4
     per_channel: bool = True
     symmetric: bool = True
-    clip: str = "mse"
+    clip: str | None = None  # None: by width (cora_onnx.core.npgrid.default_clip)
     k: float = 3.0
     selection: LayerSelection = field(default_factory=LayerSelection)
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
-        if self.clip not in CLIP_METHODS:
+        if self.clip is not None and self.clip not in CLIP_METHODS:
             raise SettingsError(f"clip must be one of {', '.join(CLIP_METHODS)}, got {self.clip!r}")
-        QuantSpec(bits=self.bits, clip=self.clip, k=self.k)  # validates k
+        self.spec(self.bits)  # validates k
 
     def spec(self, bits: int) -> QuantSpec:
-        return QuantSpec(bits=bits, per_channel=self.per_channel, symmetric=self.symmetric, clip=self.clip, k=self.k)
+        clip = default_clip(bits) if self.clip is None else self.clip
+        return QuantSpec(bits=bits, per_channel=self.per_channel, symmetric=self.symmetric, clip=clip, k=self.k)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -65,7 +67,8 @@ GRID_OPTIONS = (
     CliOption("--symmetric/--asymmetric", "symmetric", bool,
               "Signed grid with zero point 0, or unsigned with a zero point [symmetric; cora: from --preset]."),
     CliOption("--clip", "clip", tuple(CLIP_METHODS),
-              "Weight range: min/max, mean +/- k std, or per-channel MSE search [mse; cora: from --preset]."),
+              "Weight range: min/max, mean +/- k std, or per-channel MSE search [mse below 7 bits, minmax at 7-8; "
+              "cora: from --preset]."),
     CliOption("--k", "k", float, "Std multiplier for --clip std [3.0]."),
 )
 RTN_OPTIONS = GRID_OPTIONS

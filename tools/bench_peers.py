@@ -28,6 +28,7 @@ NNCF is a benchmark dependency only (`pip install -e ".[peers]"`), never importe
     python tools/bench_peers.py --dir DIR [--models resnet18 efficientnet_lite0 mobilenet_v2]
         [--calib-images 1600] [--runs 100] [--threads 2] [--torch-threads 1] [--out DIR/peers.json]
     python tools/bench_peers.py --dir DIR --reuse --runs 300     # time the files already made
+    python tools/bench_peers.py --dir DIR --reuse --remake cora  # make our rows again, then time all
 """
 
 from __future__ import annotations
@@ -173,8 +174,9 @@ def cora(model, arch: str, dst: Path, args, calib_method: str, calib) -> dict:
             "parity": res.report["parity"]}
 
 
-def make(arch: str, args, scheme) -> dict:
-    """Write DIR/<arch>-<row>.onnx for every row; returns row -> facts."""
+def make(arch: str, args, scheme, only: tuple[str, ...] = ()) -> dict:
+    """Write DIR/<arch>-<row>.onnx for every row (only: just these rows, the float and legacy
+    files kept); returns row -> facts."""
     from cora_onnx.core.modelfile import onnx_bytes
     from cora_onnx.torch.export import export_onnx, fuse_batchnorm
 
@@ -184,15 +186,16 @@ def make(arch: str, args, scheme) -> dict:
     model = build_model(arch, calib, args.shared)
     d = args.dir
     rows: dict[str, dict] = {}
-    (d / f"{arch}-float.onnx").write_bytes(onnx_bytes(export_onnx(fuse_batchnorm(model.eval(), 224), 224)))
-    rows["float"] = {"settings": "BN-fused float (dynamo export)"}
     legacy = d / f"{arch}-legacy.onnx"
-    legacy_export(model, legacy)
+    if not only:
+        (d / f"{arch}-float.onnx").write_bytes(onnx_bytes(export_onnx(fuse_batchnorm(model.eval(), 224), 224)))
+        rows["float"] = {"settings": "BN-fused float (dynamo export)"}
+        legacy_export(model, legacy)
     for name, fn in (("ort-static", lambda p: ort_static(legacy, p, calib, scheme)),
                      ("nncf", lambda p: nncf_quantize(legacy, p, calib)),
                      *((f"cora-{m}" if m != "minmax" else "cora", lambda p, m=m: cora(model, arch, p, args, m, calib))
                        for m in args.cora_calib)):
-        if name.startswith("nncf") and args.no_nncf:
+        if (name.startswith("nncf") and args.no_nncf) or (only and name not in only):
             continue
         t0 = time.perf_counter()
         log(f"{arch}: {name} ...")
@@ -243,6 +246,8 @@ def main() -> int:
     ap.add_argument("--no-nncf", action="store_true", help="skip NNCF (not installed)")
     ap.add_argument("--reuse", action="store_true", help="time and score the files already in --dir "
                                                          "(facts from --dir/peers.json)")
+    ap.add_argument("--remake", nargs="+", default=[], metavar="ROW",
+                    help="with --reuse: make these rows' files again first (e.g. cora after a change)")
     ap.add_argument("--out", type=Path, default=None, help="JSON of every figure [--dir/peers.json]")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -262,7 +267,9 @@ def main() -> int:
     for arch in args.models:
         if not args.reuse:
             facts[arch] = make(arch, args, scheme)
-        elif arch not in facts:  # files of a run that stopped before writing its JSON: rows from the file names
+        elif args.remake:
+            facts.setdefault(arch, {}).update(make(arch, args, scheme, tuple(args.remake)))
+        if args.reuse and arch not in facts:  # files of a run that stopped before writing its JSON: rows from the file names
             names = ["float", "ort-static", "nncf", "cora"] + [f"cora-{m}" for m in args.cora_calib if m != "minmax"]
             facts[arch] = {n: {} for n in names if (args.dir / f"{arch}-{n}.onnx").exists()}
         score(arch, facts[arch], args)

@@ -150,11 +150,26 @@ def test_a_sweep_over_target_ratios(digits, tmp_path):
     assert rows[names[0]]["onnx_bytes"] > rows[names[1]]["onnx_bytes"]
 
 
-def test_fine_tuning_the_biases_keeps_the_file_within_its_target(digits, tmp_path):
-    r = cora_onnx.quantize(build_model(digits.arch, digits.weights), **_args(digits), target_ratio=4,
-                           out=tmp_path / "m.onnx", **{**SMALL, "finetune_steps": 3}).report
+def test_fine_tuning_moves_codewords_and_scales_and_keeps_the_file_within_its_target(digits, tmp_path):
+    """Distillation after the choice tunes codewords, grid scales and biases (codes and integers
+    stay); the file stays within its target and verifies."""
+    runs = {steps: cora_onnx.quantize(build_model(digits.arch, digits.weights), **_args(digits), target_ratio=4,
+                                      out=tmp_path / f"m{steps}.onnx", **{**SMALL, "finetune_steps": steps})
+            for steps in (0, 3)}
+    r = runs[3].report
     ft = r["auto"]["finetune"]
     assert ft["steps"] == 3 and np.isfinite(ft["loss_last"]) and r["size_target"]["within"] and r["verified"]
+    before, after = ({lp.name: lp for lp in runs[s].plan.layers} for s in (0, 3))
+    moved = {"codewords": 0, "scales": 0}
+    for name, lp in after.items():
+        old = before[name]
+        if lp.codebook is not None:
+            assert np.array_equal(lp.codebook.codes, old.codebook.codes)
+            moved["codewords"] += not np.array_equal(lp.codebook.codewords, old.codebook.codewords)
+        elif lp.uniform is not None and lp.uniform.bits < 8:
+            assert np.array_equal(lp.uniform.q, old.uniform.q)
+            moved["scales"] += not np.array_equal(lp.uniform.scale, old.uniform.scale)
+    assert sum(moved.values()) > 0, moved
 
 
 def test_kept_layers_take_their_keep_bits_and_rtn_takes_grids_only():

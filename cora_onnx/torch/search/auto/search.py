@@ -16,12 +16,15 @@ Phases (each logged with its seconds, progress at least every 20 s):
    partially quantized network (cached stage inputs, `staged.LayerFeed`; Linear layers to their
    own weight, the classifier's float target overfits the calibration classes), biases corrected
    to the float network's output means, adapters from the residual in the metric of the inputs;
-6. fine-tuning (finetune_steps > 0): the adapters and biases by distillation.
+6. fine-tuning (finetune_steps > 0): by distillation from the float network, the codewords and
+   channel scales of codebooks (their codes stay, as in "And the bit goes down"), the scales of
+   grids below 8 bits (their integers stay), the adapters and the biases.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -336,9 +339,10 @@ def _refit(model, layers, chosen, images, sizes, settings, gen):
 
 
 def finetune_choice(model: nn.Module, student: nn.Module, results: dict, settings: AutoSettings, calib) -> dict:
-    """Phase 6: settings.finetune_steps steps of distillation of the adapter factors and every bias
-    (the grids and codebooks stay) in `results` (updated in place; fit_choice's), from the float
-    `model`; returns the loss summary."""
+    """Phase 6: settings.finetune_steps steps of distillation, from the float `model`, of the
+    codewords and channel scales of every codebook (codes fixed), the scales of every grid below 8
+    bits (integers fixed), the adapter factors and every bias, in `results` (updated in place;
+    fit_choice's); returns the loss summary."""
     from torch.func import functional_call
 
     from cora_onnx.torch.search.distill import distill_loss
@@ -349,6 +353,7 @@ def finetune_choice(model: nn.Module, student: nn.Module, results: dict, setting
         base[n] = (r["fit"].weight.detach(), tuple(slayers[n].weight.shape))
         bias = r["bias"].detach().clone().requires_grad_(True)
         ps = {"bias": bias}
+        ps.update(_encoding_params(r["fit"]))
         if r["adapter"] is not None:
             ps["b"] = r["adapter"][0].detach().clone().requires_grad_(True)
             ps["a"] = r["adapter"][1].detach().clone().requires_grad_(True)
@@ -370,6 +375,7 @@ def finetune_choice(model: nn.Module, student: nn.Module, results: dict, setting
         overrides = {}
         for n, ps in params.items():
             w, shape = base[n]
+            w = _fitted_weight(results[n]["fit"], ps, shape, w)
             if "a" in ps:
                 w = w + (ps["b"] @ ps["a"]).reshape(shape)
             overrides[f"{n}.weight"] = w
@@ -381,6 +387,7 @@ def finetune_choice(model: nn.Module, student: nn.Module, results: dict, setting
         losses.append(float(loss.detach()))
     for n, ps in params.items():  # the factors go back onto their grids in the plan (_layer_plan)
         results[n]["bias"] = ps["bias"].detach()
+        results[n]["fit"] = _tuned_fit(results[n]["fit"], ps, base[n][1])
         if "a" in ps:
             results[n]["adapter"] = (ps["b"].detach(), ps["a"].detach())
     k = max(1, len(losses) // 10)
@@ -389,6 +396,53 @@ def finetune_choice(model: nn.Module, student: nn.Module, results: dict, setting
     log.info("auto: fine-tuning %d steps, %s loss %.4g -> %.4g (%.1f s)", out["steps"], out["loss"],
              out["loss_first"], out["loss_last"], out["seconds"])
     return out
+
+
+def _encoding_params(fit: Fit) -> dict[str, torch.Tensor]:
+    """The trainable float parts of a fitted encoding: a codebook's codewords and channel scales, a
+    grid's scales below 8 bits (the integers, codes and 8-bit grids stay)."""
+    out = {}
+    if fit.codebook is not None:
+        out["codewords"] = fit.codebook.codewords.detach().float().clone().requires_grad_(True)
+        if fit.codebook.scale is not None:
+            out["channel_scale"] = fit.codebook.scale.detach().float().clone().requires_grad_(True)
+    elif fit.grid is not None and fit.grid.spec.bits < 8:
+        out["grid_scale"] = fit.grid.scale.detach().float().clone().requires_grad_(True)
+    return out
+
+
+def _fitted_weight(fit: Fit, ps: dict, shape: tuple, w: torch.Tensor) -> torch.Tensor:
+    """The layer's weight from its trainable parts `ps` (w, the fitted weight, when it has none)."""
+    if "codewords" in ps:
+        w = ps["codewords"][fit.codebook.codes]
+        if "channel_scale" in ps:
+            w = w * ps["channel_scale"][:, None, None]
+        return w.reshape(shape)
+    if "grid_scale" in ps:
+        return dataclasses.replace(fit.grid, scale=ps["grid_scale"]).dequantize().float().reshape(shape)
+    return w
+
+
+def _stored(t: torch.Tensor, half: bool) -> torch.Tensor:
+    """A fine-tuned float as the file stores it: float16 (a codebook's parts, group scales) or
+    float32, scales kept positive."""
+    t = t.detach().float()
+    return t.clamp(-65504.0, 65504.0).half().float() if half else t
+
+
+def _tuned_fit(fit: Fit, ps: dict, shape: tuple) -> Fit:
+    """The Fit with its fine-tuned codewords / scales (rounded as stored) and its weight from them."""
+    if "codewords" in ps:
+        scale = ps.get("channel_scale")
+        pq = dataclasses.replace(fit.codebook, codewords=_stored(ps["codewords"], True),
+                                 scale=None if scale is None else _stored(scale.abs().clamp_min(2.0 ** -14), True))
+        return dataclasses.replace(fit, codebook=pq, weight=pq.weight().reshape(shape).float())
+    if "grid_scale" in ps:
+        tiny = float(torch.finfo(torch.float16).tiny)
+        scale = _stored(ps["grid_scale"].abs().clamp_min(tiny), bool(fit.grid.spec.group)).to(fit.grid.scale.dtype)
+        grid = dataclasses.replace(fit.grid, scale=scale)
+        return dataclasses.replace(fit, grid=grid, weight=grid.dequantize().float().reshape(shape))
+    return fit
 
 
 def plan_layers(measured: Measured, chosen: dict[str, Encoding], results: dict) -> tuple[LayerPlan, ...]:

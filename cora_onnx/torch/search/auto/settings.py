@@ -41,7 +41,7 @@ class AutoSettings:
     raised up to calib_size until it sees stats_patches patches per input. refit: after the choice,
     fit the chosen encodings layer after layer to the float network's output on the partially
     quantized network (Linear layers to their own weight). finetune_steps: distillation of the
-    adapters and biases afterwards (search_batch images per step, `distill` loss, Adam steps of
+    codewords, grid scales (below 8 bits), adapters and biases afterwards (search_batch images per step, `distill` loss, Adam steps of
     finetune_lr times each tensor's RMS).
     bits: not used (accepted because every method receives --bits)."""
 
@@ -133,8 +133,8 @@ AUTO_OPTIONS = (
               "Raise a layer's statistics images (up to --calib-size) until it sees this many patches per input it "
               "has [auto: 128]."),
     CliOption("--sens-images", "sens_images", int, "Calibration images for each layer's measured harm [auto: 32]."),
-    CliOption("--finetune-steps", "finetune_steps", int, "Distillation steps on the adapters and biases after the "
-              "choice [auto: 0]."),
+    CliOption("--finetune-steps", "finetune_steps", int, "Distillation steps on the codewords, grid scales, "
+              "adapters and biases after the choice [auto: 0]."),
     CliOption("--harm", "harm", HARMS, "What the size-targeted choice minimizes: each layer's output error times "
               "its measured sensitivity (kl), or the output error alone (output) [kl]."),
 )

@@ -210,8 +210,9 @@ def table(records: list[dict], command: str) -> str:
     archs = sorted({a for a, _ in latest}, key=lambda a: (list(FAMILIES).index(_family(a)) if _family(a) in FAMILIES
                                                           else 99, a))
     lines = ["# The torchvision ConvNet zoo through `cora-onnx quantize`", "",
-             "Commands (from the repository root; the seconds are those of a machine shared with other jobs, "
-             "1 torch thread, 1 ONNX Runtime thread: loaded-machine figures, to be rerun on a quiet machine):", "",
+             "Commands (from the repository root, on a 2-core machine; the torch and ONNX Runtime threads are "
+             "those of each command; seconds are wall time with nothing else running unless the notes below say "
+             "otherwise):", "",
              "```", command, "```", "",
              "Random weights (seed 0) with BatchNorm statistics measured on 64 real calibration images "
              "(cora_onnx.torch.models.measure_batchnorm), so logits have their normal size. Methods with default "

@@ -15,7 +15,8 @@ __all__ = ["BiasUpdatePass"]
 
 class BiasUpdatePass(ir.passes.InPlacePass):
     """For every layer with a planned bias: overwrite the initializer `<layer>.bias`, or, when the
-    layer had no bias, add it as the third input of the Conv/Gemm that uses `<layer>.weight`.
+    layer had no bias, add it as the third input of the Conv/Gemm that uses `<layer>.weight` (in
+    place of a zero constant the exporter may have given it).
     A bias stored as float16 (Bias.dtype) becomes the FLOAT16 initializer `<layer>.bias_half`
     read through `<layer>.bias_Cast` (to float, output `<layer>.bias_float`), which ONNX Runtime
     folds at load; the float32 one is left for cleanup.
@@ -57,12 +58,14 @@ class BiasUpdatePass(ir.passes.InPlacePass):
             if len(users) != 1:
                 raise PlanError(f"layer {layer.name}: no single Conv/Gemm uses {layer.weight} to take the new bias")
             node = users[0]
-            if len(node.inputs) > 2 and node.inputs[2] is not None:
-                raise PlanError(f"layer {layer.name}: its bias input is not the initializer {name}")
+            old = node.inputs[2] if len(node.inputs) > 2 else None
+            if old is not None and not _zero_constant(old, node):
+                raise PlanError(f"layer {layer.name}: its bias input {old.name} is not the initializer {name} "
+                                f"and not a zero constant of this node alone")
             b = self._half(graph, layer, name, values, node) if half else \
                 add_initializer(graph, name, ir.Tensor(values, name=name))
             node.resize_inputs(3)
-            node.replace_input_with(2, b)
+            node.replace_input_with(2, b)  # an exporter's zero bias (Conv without bias) is left for cleanup
         return ir.passes.PassResult(model, bool(self.layers))
 
     @staticmethod
@@ -75,3 +78,12 @@ class BiasUpdatePass(ir.passes.InPlacePass):
         mark(cast, "BiasUpdatePass", layer=layer.name)
         graph.insert_before(before, cast)
         return out
+
+
+def _zero_constant(value: ir.Value, node: ir.Node) -> bool:
+    """Whether value is a constant of zeros read by node alone: the bias torch.onnx writes for a Conv
+    that has none in PyTorch (DenseNet's conv2 before a Concat), which the planned bias replaces."""
+    tensor = value.const_value
+    if tensor is None or any(u.node is not node for u in value.uses()):
+        return False
+    return not np.any(tensor.numpy())

@@ -93,3 +93,27 @@ def test_a_bias_planned_for_another_weight_is_refused(graph):
     assert BiasUpdatePass(plan)(graph.model()).modified
     err = plan_error(lambda: BiasUpdatePass(plan)(graph.model(conv1__weight=w * np.float32(1.1))))
     assert "not the float weight the plan was made from" in str(err)
+
+
+@pytest.mark.parametrize("zero", [True, False])
+def test_an_exporters_zero_bias_is_replaced(graph, zero):
+    """torch.onnx gives a Conv without a PyTorch bias a zero constant of a generated name when the
+    Conv is not fused with a BatchNorm (DenseNet's conv2, before a Concat): the planned bias
+    replaces it. A nonzero constant of another name is not the layer's bias to overwrite: refused."""
+    model = graph.model()
+    pw = next(n for n in model.graph if n.name == "pw")
+    old = pw.inputs[2]
+    values = np.zeros(6, np.float32) if zero else np.full(6, 0.5, np.float32)
+    old.const_value = ir.Tensor(values, name="val_7")
+    model.graph.initializers.pop(old.name)
+    old.name = "val_7"
+    model.graph.register_initializer(old)
+    new = np.random.default_rng(7).normal(size=6).astype(np.float32)
+    if not zero:
+        with pytest.raises(Exception, match="val_7 is not the initializer pw.bias"):
+            BiasUpdatePass(_plan(graph, pw=new))(model)
+        return
+    assert BiasUpdatePass(_plan(graph, pw=new))(model).modified
+    assert pw.inputs[2] is model.graph.initializers["pw.bias"] and not old.uses()
+    want = graph.run(graph.proto(pw__bias=new))
+    np.testing.assert_allclose(graph.run(model), want, rtol=1e-6, atol=1e-6)

@@ -15,7 +15,7 @@ from cora_onnx.core.encoding import Encoding, encoding_summary
 from cora_onnx.core.errors import SettingsError
 from cora_onnx.torch.models import build_model
 from cora_onnx.torch.search.auto import AutoSettings, layer_menu
-from cora_onnx.torch.search.auto.fit import adapter_factors, adapter_spectrum, fit_encoding, relative_error
+from cora_onnx.torch.search.auto.fit import adapter_factors, adapter_spectrum, fit_encoding, fit_menu, relative_error
 from cora_onnx.torch.search.auto.search import _harm_curve
 
 # small enough for a test: few calibration images and EM iterations
@@ -59,6 +59,26 @@ def test_encodings_fit_and_adapters_reclaim_the_residual():
     for r in (1, 4, 16):  # the error the singular values promise is the error the factors give
         b, a = adapter_factors(w, fit.weight, H, r, damping=0.0)
         assert relative_error(w, fit.weight + b @ a, H) == pytest.approx(spectrum[r], rel=1e-3, abs=1e-9)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_the_menu_fitted_at_once_is_the_menu_fitted_one_by_one(groups):
+    """fit_menu (the grids below 8 bits clipped and GPTQ-rounded together, one error-feedback
+    factor for every codebook) gives each encoding the fit fit_encoding gives it alone."""
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(16, 32, 3, groups=groups)
+    w = conv.weight.detach()
+    k = w[0].numel()
+    x = torch.randn(groups, 3000, k) @ torch.randn(groups, k, k) * 0.3
+    H = x.transpose(1, 2) @ x / x.shape[1]
+    menu = layer_menu(conv, AutoSettings())
+    together = fit_menu(w, menu, H, em_iters=4, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    alone = {e.label: fit_encoding(w, e, H, em_iters=4, generator=gen) for e in menu if not e.rank}
+    assert list(together) != [] and set(together) == set(alone)
+    for label, fit in alone.items():
+        assert together[label].error == pytest.approx(fit.error, rel=1e-5), label
+        torch.testing.assert_close(together[label].weight, fit.weight, rtol=0, atol=1e-6)
 
 
 def test_harm_curve():

@@ -271,7 +271,9 @@ def group_clips(w: torch.Tensor, specs: list[QuantSpec], hessian: torch.Tensor,
     ratio = torch.ones(rows, ng)
     e = torch.cat([err(w2[:, cut], amax[:, i]) for i, cut in enumerate(cuts)], 1)
     he = e @ h
-    for _ in range(sweeps):
+    # one group per row (a per-channel range): its best ratio does not depend on other groups, so a
+    # second sweep would only repeat the first
+    for _ in range(1 if ng == 1 else sweeps):
         for i, cut in enumerate(cuts):
             eg, heg, hgg = e[:, cut], he[:, cut], h[cut, cut]
             new = err(w2[:, cut].expand(len(cand), -1, -1), amax[:, i][None, :] * cand[:, None])  # (n, rows, g)

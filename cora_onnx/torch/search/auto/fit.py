@@ -12,16 +12,18 @@ inputs (`adapter_factors`), whose error for every rank is known from the singula
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from cora_onnx.core.encoding import Encoding, row_width
-from cora_onnx.torch.quantizers import QuantSpec, QuantizedTensor, gptq_round, input_weighted_clip, quantize_weight
-from cora_onnx.torch.search.pq.codebook import PqFit, assign_with_feedback, fit_codebook
+from cora_onnx.torch.quantizers import (QuantSpec, QuantizedTensor, gptq_round, gptq_round_many, group_clips,
+                                        input_weighted_clip, quantize_weight)
+from cora_onnx.torch.search.pq.codebook import PqFit, assign_with_feedback, fit_codebook, inverse_cholesky
 
-__all__ = ["Fit", "fit_encoding", "relative_error", "adapter_spectrum", "adapter_factors", "CLIP_RATIOS"]
+__all__ = ["Fit", "fit_encoding", "fit_menu", "relative_error", "weight_energy", "adapter_spectrum", "adapter_factors", "CLIP_RATIOS"]
 
 CLIP_RATIOS = tuple(1.0 - 0.04 * i for i in range(13))  # as quantizers.input_weighted_clip
 
@@ -44,11 +46,21 @@ def _energy(w2: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return torch.einsum("gok,gkl,gol->go", wg, H.double(), wg).reshape(-1)
 
 
-def relative_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
-    """sum (w - w^) H (w - w^)^T / sum w H w^T, weights (C_out, ...), H (G, K, K)."""
+def relative_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor, energy: float | None = None) -> float:
+    """sum (w - w^) H (w - w^)^T / sum w H w^T, weights (C_out, ...), H (G, K, K); energy: the
+    denominator when the caller has it (`weight_energy`). The numerator's product is float32 (a
+    rounding error's energy, summed in float64), the denominator float64."""
     w2 = w.reshape(w.shape[0], -1)
-    e = _energy(w_hat.reshape(w2.shape).to(w2.dtype) - w2, H).sum()
-    return float(e / _energy(w2, H).sum().clamp_min(1e-30))
+    G = H.shape[0]
+    eg = (w_hat.reshape(w2.shape).float() - w2.float()).reshape(G, -1, w2.shape[1])
+    num = (torch.bmm(eg, H.float()).double() * eg.double()).sum()
+    den = weight_energy(w, H) if energy is None else energy
+    return float(num / max(den, 1e-30))
+
+
+def weight_energy(w: torch.Tensor, H: torch.Tensor) -> float:
+    """sum w H w^T (float64), the denominator of `relative_error`."""
+    return float(_energy(w.reshape(w.shape[0], -1), H).sum())
 
 
 def _grouped_grid(w: torch.Tensor, spec: QuantSpec, H: torch.Tensor) -> QuantizedTensor:
@@ -74,10 +86,50 @@ def _grouped_grid(w: torch.Tensor, spec: QuantSpec, H: torch.Tensor) -> Quantize
                            zero_point=torch.zeros(c, 1, dtype=torch.int16), spec=spec)
 
 
+def fit_menu(w: torch.Tensor, encs: list[Encoding], H: torch.Tensor, *, damping: float = 0.01, em_iters: int = 20,
+             generator: torch.Generator | None = None) -> dict[str, Fit]:
+    """`fit_encoding` of every encoding in encs (adapters aside) to one weight, label -> Fit, sharing
+    the work they have in common: the grids below 8 bits of an ungrouped layer take their ranges
+    together (the per-channel ones each, the grouped ones of one group size at once) and are rounded
+    by one GPTQ pass (one inverse Hessian, their rows stacked); the codebooks' error feedback shares
+    one inverse Cholesky factor. The same fits as one call per encoding, up to float summation order."""
+    shape = tuple(w.shape)
+    w = w.detach().float()
+    energy = weight_energy(w, H)
+    fits: dict[str, Fit] = {}
+    grids = [e for e in encs if e.kind == "uniform" and e.bits < 8 and not e.rank] if H.shape[0] == 1 else []
+    if grids:
+        specs = {e.label: QuantSpec(bits=e.bits, group=e.scale_group(shape), clip="mse") for e in grids}
+        clipped: dict[str, QuantizedTensor] = {}
+        for g in sorted({sp.group for sp in specs.values()}):
+            same = [lab for lab, sp in specs.items() if sp.group == g]
+            if g:
+                clipped.update(zip(same, group_clips(w, [specs[lab] for lab in same], H[0], CLIP_RATIOS)))
+            else:
+                clipped.update((lab, input_weighted_clip(w, specs[lab], H[0], ratios=CLIP_RATIOS)) for lab in same)
+        labels = list(clipped)
+        rounded = gptq_round_many(w, [clipped[lab] for lab in labels], H[0], damp=damping, act_order=True)
+        for lab, qt in zip(labels, rounded):
+            w_hat = qt.dequantize().float().reshape(shape)
+            fits[lab] = Fit(w_hat, relative_error(w, w_hat, H, energy), grid=qt)
+    factor = None
+    for enc in encs:
+        if enc.rank or enc.label in fits:
+            continue
+        if enc.kind == "pq" and factor is None and row_width(shape) // enc.block > 1:
+            factor = inverse_cholesky(H, 0.01)
+        fits[enc.label] = fit_encoding(w, enc, H, damping=damping, em_iters=em_iters, generator=generator,
+                                       factor=factor, energy=energy)
+    return fits
+
+
 def fit_encoding(w: torch.Tensor, enc: Encoding, H: torch.Tensor, *, damping: float = 0.01, em_iters: int = 20,
-                 generator: torch.Generator | None = None) -> Fit:
+                 generator: torch.Generator | None = None, factor: torch.Tensor | None = None,
+                 energy: float | None = None) -> Fit:
     """Fit `enc` (its adapter aside) to the target weight w (C_out, ...) under H (G, K, K), the input
-    covariance of each of the layer's G conv groups (see the module doc)."""
+    covariance of each of the layer's G conv groups (see the module doc). factor: H's
+    `inverse_cholesky` for a codebook's error feedback, energy: `weight_energy(w, H)`, when the
+    caller has them."""
     shape = tuple(w.shape)
     c, k = shape[0], row_width(shape)
     G = H.shape[0]
@@ -92,7 +144,7 @@ def fit_encoding(w: torch.Tensor, enc: Encoding, H: torch.Tensor, *, damping: fl
             grid = input_weighted_clip(w, spec, H[0], ratios=CLIP_RATIOS)
             qt = gptq_round(w, grid, H[0], damp=damping, act_order=True)
         w_hat = qt.dequantize().float().reshape(shape)
-        return Fit(w_hat, relative_error(w, w_hat, H), grid=qt)
+        return Fit(w_hat, relative_error(w, w_hat, H, energy), grid=qt)
     d = enc.block
     m = k // d
     blocks = torch.diagonal(H.reshape(G, m, d, m, d), dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
@@ -100,9 +152,10 @@ def fit_encoding(w: torch.Tensor, enc: Encoding, H: torch.Tensor, *, damping: fl
     fit = fit_codebook(wv, blocks.float(), enc.codewords, em_iters, channel_scale=True, damping=damping,
                        generator=generator)
     if m > 1:
-        fit = assign_with_feedback(wv, H.float(), fit)
+        fit = assign_with_feedback(wv, H.float(), fit, factor=factor, measure=False)
     w_hat = fit.weight().reshape(shape).float()
-    return Fit(w_hat, relative_error(w, w_hat, H), codebook=fit)
+    err = relative_error(w, w_hat, H, energy)
+    return Fit(w_hat, err, codebook=dataclasses.replace(fit, error=err))
 
 
 def _metric_factor(H: torch.Tensor, damping: float) -> torch.Tensor:

@@ -41,7 +41,7 @@ from cora_onnx.core.plan import Bias, Codebook, LayerPlan, LowRankAdapter, Plan
 from cora_onnx.core.progress import progress
 from cora_onnx.torch.images import as_torch
 from cora_onnx.torch.quantizers import QuantSpec, quantizable_layers, quantize_weight
-from cora_onnx.torch.search.auto.fit import Fit, adapter_factors, adapter_spectrum, fit_encoding, relative_error
+from cora_onnx.torch.search.auto.fit import Fit, adapter_factors, adapter_spectrum, fit_encoding, fit_menu, relative_error
 from cora_onnx.torch.search.auto.measure import SensitivityProbe, float_covariances
 from cora_onnx.torch.search.auto.menu import layer_facts, layer_menu
 from cora_onnx.torch.search.auto.settings import AutoSettings
@@ -139,12 +139,8 @@ def measure_menu(model: nn.Module, settings: AutoSettings, calib, keep_fits: boo
     for n in progress(list(layers), len(layers), "auto: menu fits", "layers"):
         w = layers[n].weight.detach().float()
         H = stats[n][0]
-        errors[n], fits[n] = {}, {}
-        for enc in menus[n]:
-            if enc.rank:
-                continue
-            fit = fit_encoding(w, enc, H, damping=settings.damping, em_iters=settings.menu_em_iters, generator=gen)
-            errors[n][enc.label], fits[n][enc.label] = fit.error, fit
+        fits[n] = fit_menu(w, menus[n], H, damping=settings.damping, em_iters=settings.menu_em_iters, generator=gen)
+        errors[n] = {label: fit.error for label, fit in fits[n].items()}
         spectra = {}
         for enc in menus[n]:
             if enc.rank:

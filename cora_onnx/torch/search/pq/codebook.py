@@ -14,7 +14,7 @@ from cora_onnx.core.errors import ModelError
 from cora_onnx.torch.search.pq.settings import DAMPING
 
 __all__ = ["PqFit", "fit_codebook", "assign_with_feedback", "weighted_error", "full_error", "float_target",
-           "float_output_error", "CHUNK"]
+           "float_output_error", "inverse_cholesky", "CHUNK"]
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +122,21 @@ def fit_codebook(w: torch.Tensor, H: torch.Tensor, k: int, iters: int = 20, *, c
     def quad(C: torch.Tensor) -> torch.Tensor:  # (G*m, k): c^T H_b c
         return torch.einsum("ki,hij,kj->hk", C, Hf, C)
 
+    per_group = O // G
+
     def assign(C: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-        Hv = Hw / s[owner, None]
-        codes = torch.empty(n, dtype=torch.long)
-        step = max(1, CHUNK // max(k, 1))
-        for a in range(0, n, step):
-            dist = Q[hidx[a:a + step]] - 2.0 * Hv[a:a + step] @ C.T
-            codes[a:a + step] = dist.argmin(1)
-        return codes
+        # dist_j = c^T H_b c - 2 (H_b w_j / s)^T c; the sub-vectors of a chunk of whole output channels of
+        # one group take their block's row of Q by broadcasting (no (n, k) gather)
+        Hv = (Hw / s[owner, None]).reshape(O, m, d)
+        Qg = Q.reshape(G, m, k)
+        codes = torch.empty(O, m, dtype=torch.long)
+        rows = max(1, min(per_group, CHUNK // max(k * m, 1)))
+        for g in range(G):
+            for a in range(g * per_group, (g + 1) * per_group, rows):
+                b = min(a + rows, (g + 1) * per_group)
+                dist = (Hv[a:b] @ C.T).mul_(-2.0).add_(Qg[g])
+                codes[a:b] = dist.argmin(-1)
+        return codes.reshape(n)
 
     Q = quad(C)
     codes = assign(C, Q)
@@ -173,17 +180,20 @@ def fit_codebook(w: torch.Tensor, H: torch.Tensor, k: int, iters: int = 20, *, c
     return dataclasses.replace(fit, error=err)
 
 
-def assign_with_feedback(w: torch.Tensor, H: torch.Tensor, fit: PqFit, damp: float = 0.01) -> PqFit:
+def assign_with_feedback(w: torch.Tensor, H: torch.Tensor, fit: PqFit, damp: float = 0.01,
+                         factor: torch.Tensor | None = None, measure: bool = True) -> PqFit:
     """Codes re-assigned block by block (GPTQ order) for a fixed codebook: with U the upper
     Cholesky factor of H^-1, block b is assigned under the metric (U_bb^T U_bb)^-1 and its error E
     updates the later blocks, W_rest -= E U_bb^-1 U_b,rest. w: (C_out, m, d); H: (G, m*d, m*d)
-    full input second moment per group (G must divide C_out). Returns the fit with new codes and
-    its error measured with the full H (the EM's `error` uses only the diagonal blocks)."""
+    full input second moment per group (G must divide C_out); factor: U as `inverse_cholesky(H,
+    damp)` gives it, when the caller has it already (one per layer, for every block size). Returns
+    the fit with new codes and its error measured with the full H (the EM's `error` uses only the
+    diagonal blocks; measure=False: NaN, for a caller that measures the error itself)."""
     O, m, d = w.shape
     G, FF, _ = H.shape
     C, s = fit.codewords, fit.scale if fit.scale is not None else torch.ones(O)
     W = w.reshape(G, O // G, FF).double().clone()
-    U = _inverse_cholesky(H.double(), damp)  # (G, FF, FF)
+    U = inverse_cholesky(H, damp) if factor is None else factor  # (G, FF, FF)
     codes = torch.empty(G, O // G, m, dtype=torch.long)
     sg = s.reshape(G, O // G).double()
     Cd = C.double()
@@ -200,12 +210,14 @@ def assign_with_feedback(w: torch.Tensor, H: torch.Tensor, fit: PqFit, damp: flo
         if b + 1 < m:
             W[:, :, (b + 1) * d:] -= E @ torch.linalg.solve(Ubb, U[:, sl, (b + 1) * d:])
     new = dataclasses.replace(fit, codes=codes.reshape(O, m))
-    return dataclasses.replace(new, error=full_error(w, H, new.weight()))
+    return dataclasses.replace(new, error=full_error(w, H, new.weight()) if measure else float("nan"))
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean diag * I)^-1, per group; the damping grows tenfold
-    (at most three times) while rounding leaves the inverse not numerically positive definite."""
+def inverse_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Upper Cholesky factor (float64) of (H + damp * mean diag * I)^-1, per group (H (G, F, F)); the
+    damping grows tenfold (at most three times) while rounding leaves the inverse not numerically
+    positive definite."""
+    H = H.double()
     FF = H.shape[-1]
     H = (H + H.transpose(1, 2)) / 2
     scale = torch.diagonal(H, dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None]

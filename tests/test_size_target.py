@@ -105,6 +105,9 @@ def test_the_file_is_within_every_target_and_shows_its_choice(digits, tmp_path, 
     assert set(layers) == {lp.name for lp in res.plan.layers}
     assert sum(v["bytes"] for v in layers.values()) == r["auto"]["encodings_bytes"] <= r["auto"]["budget_bytes"]
     assert all(v["harm"] >= 0 and Encoding.parse(v["encoding"]) for v in layers.values())
+    searched = r["phases"]["search_phases"]  # each phase of the search in the report
+    assert {"statistics", "menu", "sensitivity", "choice", "fit"} <= set(searched)
+    assert all(v["seconds"] >= 0 for v in searched.values())
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(meta["cora_onnx.encodings"])["layers"] == {n: v["encoding"] for n, v in layers.items()}
     shown = CliRunner().invoke(main, ["inspect", str(out)])

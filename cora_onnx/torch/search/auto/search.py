@@ -230,7 +230,9 @@ def search_auto(model: nn.Module, settings: AutoSettings, calib=None) -> Plan:
                      "harm": settings.harm, "families": list(settings.families),
                      "summary": encoding_summary([chosen[n] for n in layers]), "layers": table,
                      "sensitivity": measured.sensitivity, "errors": measured.errors, "seconds": seconds,
-                     "finetune": ft}}
+                     "finetune": ft},
+            # the report's search_phases (wall seconds; CoRa's and PQ's have CPU seconds too)
+            "phases": {k: {"seconds": round(v, 3)} for k, v in seconds.items() if k != "total"}}
     log.info("auto: done in %.1f s (%s)", seconds["total"], ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return Plan(method="auto", settings={"method": "auto", **settings.to_json()}, layers=tuple(plans), meta=meta)
 
@@ -319,7 +321,7 @@ def _refit(model, layers, chosen, images, sizes, settings, gen):
             target, target_mean = w, feed.teacher_output_mean(n, tmod)
         else:
             joint = joint_stats(model, tmod, student, smod, geom, None, settings.search_batch, centered=True,
-                                pairs=feed.pairs(n, tmod, smod))
+                                pairs=feed.pairs(n, tmod, smod), moments=("qq", "qf"))
             H, mu = joint["qq"], joint["mu_q"]
             target = float_target(w.reshape(c, -1), H, joint["qf"], settings.damping).reshape(w.shape)
             target_mean = _mean_response(w, joint["mu_f"]) + b0

@@ -97,23 +97,27 @@ def layer_input(model: nn.Module, mod: nn.Module, x: torch.Tensor, name: str = "
 
 def joint_stats(teacher: nn.Module, tmod: nn.Module, student: nn.Module, smod: nn.Module, geom: Geom, images,
                 batch_size: int, centered: bool = False,
-                pairs: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+                pairs: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                moments: tuple[str, ...] = ("qq", "qf", "ff")) -> dict:
     """Full per-group statistics of the layer's input patches on the partially quantized network
     (x_q, `student`) and on the float network (x_f, `teacher`) for the same images, streamed one
     batch at a time (pairs: the (x_q, x_f) input batches instead, e.g. from a staged.LayerFeed):
     "qq" E[x_q x_q^T], "qf" E[x_q x_f^T], "ff" E[x_f x_f^T] (G, F, F), "mu_q" / "mu_f" (G, F);
-    centered: covariances."""
+    centered: covariances. moments: which of qq, qf, ff to accumulate (qf always: the means come
+    from it); each is a product over every patch, the cost of this pass."""
     G, FF = geom.groups, geom.m * geom.d
-    acc = {k: SecondMoment(FF, G) for k in ("qq", "qf", "ff")}
+    acc = {k: SecondMoment(FF, G) for k in ("qq", "qf", "ff") if k in moments or k == "qf"}
     if pairs is None:
         pairs = ((layer_input(student, smod, x, geom.name), layer_input(teacher, tmod, x, geom.name))
                  for x in images.batches(batch_size))
     for xq, xf in pairs:
         for cq, cf in zip(_columns(smod, xq, G), _columns(smod, xf, G)):
-            acc["qq"].add(cq)
             acc["qf"].add(cq, cf)
-            acc["ff"].add(cf)
-    if acc["qq"].count == 0:
+            if "qq" in acc:
+                acc["qq"].add(cq)
+            if "ff" in acc:
+                acc["ff"].add(cf)
+    if acc["qf"].count == 0:
         raise ModelError(f"{geom.name}: no calibration images")
     out = {k: v.moment(centered).float() for k, v in acc.items()}
     mu_q, mu_f = acc["qf"].means()

@@ -90,7 +90,7 @@ def fit_menu(w: torch.Tensor, encs: list[Encoding], H: torch.Tensor, *, damping:
              generator: torch.Generator | None = None) -> dict[str, Fit]:
     """`fit_encoding` of every encoding in encs (adapters aside) to one weight, label -> Fit, sharing
     the work they have in common: the grids below 8 bits of an ungrouped layer take their ranges
-    together (the per-channel ones each, the grouped ones of one group size at once) and are rounded
+    together (those of one group size at once, per channel being one group per row) and are rounded
     by one GPTQ pass (one inverse Hessian, their rows stacked); the codebooks' error feedback shares
     one inverse Cholesky factor. The same fits as one call per encoding, up to float summation order."""
     shape = tuple(w.shape)
@@ -101,12 +101,9 @@ def fit_menu(w: torch.Tensor, encs: list[Encoding], H: torch.Tensor, *, damping:
     if grids:
         specs = {e.label: QuantSpec(bits=e.bits, group=e.scale_group(shape), clip="mse") for e in grids}
         clipped: dict[str, QuantizedTensor] = {}
-        for g in sorted({sp.group for sp in specs.values()}):
+        for g in sorted({sp.group for sp in specs.values()}):  # per channel is the group of a whole row
             same = [lab for lab, sp in specs.items() if sp.group == g]
-            if g:
-                clipped.update(zip(same, group_clips(w, [specs[lab] for lab in same], H[0], CLIP_RATIOS)))
-            else:
-                clipped.update((lab, input_weighted_clip(w, specs[lab], H[0], ratios=CLIP_RATIOS)) for lab in same)
+            clipped.update(zip(same, group_clips(w, [specs[lab] for lab in same], H[0], CLIP_RATIOS)))
         labels = list(clipped)
         rounded = gptq_round_many(w, [clipped[lab] for lab in labels], H[0], damp=damping, act_order=True)
         for lab, qt in zip(labels, rounded):
@@ -117,7 +114,7 @@ def fit_menu(w: torch.Tensor, encs: list[Encoding], H: torch.Tensor, *, damping:
         if enc.rank or enc.label in fits:
             continue
         if enc.kind == "pq" and factor is None and row_width(shape) // enc.block > 1:
-            factor = inverse_cholesky(H, 0.01)
+            factor = inverse_cholesky(H)  # the damping assign_with_feedback uses by default
         fits[enc.label] = fit_encoding(w, enc, H, damping=damping, em_iters=em_iters, generator=generator,
                                        factor=factor, energy=energy)
     return fits

@@ -36,11 +36,14 @@ PROBE_IMAGES = 8  # images on which the tensor-by-tensor check (and a failed che
 
 
 def predict_torch(model, images: ImageSet | TorchImages, batch_size: int = 32, desc: str = "pytorch") -> np.ndarray:
-    """The model's output on every image (eval mode, inference), as float32 numpy."""
+    """The model's output on every image (eval mode, inference), as float32 numpy. Batches go in as
+    channels-last memory: CPU convolutions then take their faster kernels
+    (tools/bench_channels_last.py)."""
     n = (len(images) + batch_size - 1) // batch_size
     model.eval()
     with torch.inference_mode():
-        outs = [model(x).float().numpy() for x in progress(as_torch(images).batches(batch_size), n, desc, "batches")]
+        outs = [model(x.contiguous(memory_format=torch.channels_last)).float().numpy()
+                for x in progress(as_torch(images).batches(batch_size), n, desc, "batches")]
     return np.concatenate(outs)
 
 

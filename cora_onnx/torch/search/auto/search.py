@@ -363,13 +363,13 @@ def finetune_choice(model: nn.Module, student: nn.Module, results: dict, setting
     images = as_torch(calib).subset(settings.calib_size, settings.seed)
     gen = torch.Generator().manual_seed(settings.seed + 2)
     with torch.no_grad():
-        teacher = torch.cat([model(x) for x in images.batches(64)])
+        teacher = torch.cat([model(_fast(x)) for x in images.batches(64)])
     n_img = len(images)
     losses = []
     t0 = time.perf_counter()
     for _ in progress(range(settings.finetune_steps), settings.finetune_steps, "auto: fine-tuning", "steps"):
         idx = torch.randint(n_img, (settings.search_batch,), generator=gen)
-        x = images.preprocess.normalize(images.images[idx])
+        x = _fast(images.preprocess.normalize(images.images[idx]))
         overrides = {}
         for n, ps in params.items():
             w, shape = base[n]
@@ -394,6 +394,12 @@ def finetune_choice(model: nn.Module, student: nn.Module, results: dict, setting
     log.info("auto: fine-tuning %d steps, %s loss %.4g -> %.4g (%.1f s)", out["steps"], out["loss"],
              out["loss_first"], out["loss_last"], out["seconds"])
     return out
+
+
+def _fast(x: torch.Tensor) -> torch.Tensor:
+    """A batch of images in channels-last memory: CPU convolutions then take their faster kernels
+    (as CoRa's and PQ's fine-tuning; tools/bench_channels_last.py measures the gain)."""
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _encoding_params(fit: Fit) -> dict[str, torch.Tensor]:

@@ -427,10 +427,10 @@ def _gptq_spans(w: torch.Tensor, w1: torch.Tensor, qts: list[QuantizedTensor], h
     qs = [torch.empty(c, k, dtype=torch.int16) for _ in qts]
     for s0 in range(0, k, WIDE_K):
         idx = order[s0:s0 + WIDE_K]
-        h = hessian[idx[:, None], idx[None, :]].to(torch.float64)
+        h = hessian[idx[:, None], idx[None, :]].to(torch.float32)  # damped in float32: no float64 block
         h.diagonal()[dead[idx]] = 1.0
         h.diagonal().add_(shift)
-        h = torch.linalg.cholesky(h.to(torch.float32))
+        h = torch.linalg.cholesky(h)
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(h), upper=True)
         del h
         for q, qt in zip(qs, qts):

@@ -14,7 +14,8 @@ from torch import nn
 from cora_onnx.core.errors import SettingsError, check_bits
 
 __all__ = ["quantizable_layers", "CLIP_METHODS", "QuantSpec", "QuantizedTensor", "quantize_weight", "fake_quantize",
-           "output_error", "gptq_round", "gptq_round_many", "input_weighted_clip", "group_clips", "check_group", "group_count", "group_columns"]
+           "output_error", "gptq_round", "gptq_round_many", "input_weighted_clip", "group_clips", "check_group", "group_count", "group_columns",
+           "WIDE_K"]
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -23,6 +24,16 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 CLIP_METHODS = ("minmax", "std", "mse")
+
+WIDE_K = 8192
+"""Input width K above which the output-error clip and GPTQ stop working on the whole K x K input
+second moment H: their cost grows as rows x K^2 (and K^3 for GPTQ's factorization), with several
+K x K copies, which a classifier's Linear 25088 -> 4096 (VGG) takes hours and over 15 GB for. Above
+it the clip weighs each weight's error by H's diagonal alone (each group's or channel's error is
+then its own: O(rows x K) per candidate range), GPTQ works on spans of WIDE_K columns each alone
+(`gptq_round_many`), output_error multiplies by column blocks of H, and the statistics pass sums H
+in float32 (cora_onnx.torch.search.stats.input_second_moments). Layers up to this width get exactly
+what they got before it existed."""
 
 
 def check_group(group) -> None:
@@ -102,10 +113,17 @@ class QuantizedTensor:
     def _bcast(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape((-1,) + (1,) * (self.q.dim() - 1))
 
-    def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and zero point per weight of the (C, K) flattened weight."""
+    def columns(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point per weight of the (C, K) flattened weight; idx: of those columns only
+        (C, len(idx)), without the (C, K) expansion of group scales."""
         c = self.q.shape[0]
         k = self.q[0].numel()
+        if idx is not None:
+            if self.spec.group:
+                at = idx // self.spec.group
+                return self.scale[:, at], self.zero_point[:, at].to(torch.float32)
+            return (self.scale.reshape(-1, 1).expand(c, len(idx)),
+                    self.zero_point.to(torch.float32).reshape(-1, 1).expand(c, len(idx)))
         if self.spec.group:
             return (group_columns(self.scale, k, self.spec.group),
                     group_columns(self.zero_point, k, self.spec.group).to(torch.float32))
@@ -195,16 +213,23 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
     """sum over output channels of (w - w_hat) H (w - w_hat)^T, weights flattened to (C_out, K): the
-    layer's squared output error summed over the input rows whose second moment is H (K, K)."""
-    e = w_hat.reshape(w.shape[0], -1).to(torch.float64) - w.reshape(w.shape[0], -1).to(torch.float64)
-    return float(((e @ hessian.to(torch.float64)) * e).sum())
+    layer's squared output error summed over the input rows whose second moment is H (K, K). In
+    float64; above WIDE_K by blocks of 2048 columns of H (no float64 copy of a float32 H)."""
+    e = w_hat.reshape(w.shape[0], -1).to(torch.float64, copy=True)
+    e -= w.reshape(w.shape[0], -1)  # in place: one (C_out, K) float64 array, not three
+    k = e.shape[1]
+    if k <= WIDE_K:
+        return float(((e @ hessian.to(torch.float64)) * e).sum())
+    return float(sum(((e @ hessian[:, j:j + 2048].to(torch.float64)) * e[:, j:j + 2048]).sum()
+                     for j in range(0, k, 2048)))
 
 
 def input_weighted_clip(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor,
                         ratios: tuple[float, ...] = tuple(1.0 - 0.04 * i for i in range(13))) -> QuantizedTensor:
     """Per-channel grid whose range (min/max times one of `ratios`) minimizes the error on the layer
     *output* for nearest rounding: (w - w_hat) H (w - w_hat)^T per channel, with H the (K, K) second
-    moment of the input rows (closed form per candidate). Needs spec.per_channel."""
+    moment of the input rows (closed form per candidate); above WIDE_K with H's diagonal alone.
+    Needs spec.per_channel."""
     if not spec.per_channel:
         raise SettingsError("the input-weighted clip is per channel; spec.per_channel must be True")
     if not torch.isfinite(w).all():
@@ -212,7 +237,8 @@ def input_weighted_clip(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor,
     if spec.group:
         return _input_weighted_group_clip(w, spec, hessian, ratios)
     w2 = w.detach().to(torch.float32).reshape(w.shape[0], -1)
-    h = hessian.to(torch.float32)
+    wide = w2.shape[1] > WIDE_K
+    h = torch.diagonal(hessian).to(torch.float32) if wide else hessian.to(torch.float32)
     lo0, hi0 = w2.amin(dim=1), w2.amax(dim=1)
     best_err = torch.full_like(lo0, float("inf"))
     best_lo, best_hi = lo0.clone(), hi0.clone()
@@ -220,7 +246,7 @@ def input_weighted_clip(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor,
         lo, hi = lo0 * ratio, hi0 * ratio
         scale, zp = _params(lo, hi, spec)
         e = _fake(w2, scale, zp, spec) - w2
-        err = ((e @ h) * e).sum(dim=1)
+        err = (e * e * h).sum(dim=1) if wide else ((e @ h) * e).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, lo, best_lo)
@@ -246,13 +272,16 @@ def group_clips(w: torch.Tensor, specs: list[QuantSpec], hessian: torch.Tensor,
     pass: the rows of every width are stacked (each row's choice depends only on its own error), so
     the group loop runs once for all of them, every candidate ratio of a group at once. In float32
     (the rounding of the stored grid is float32 too); a ratio replaces the current one only when it
-    lowers the error, the first of equal ones."""
+    lowers the error, the first of equal ones. Above WIDE_K: `_diagonal_group_ratios`."""
     g = specs[0].group
     if any(sp.group != g or not sp.symmetric for sp in specs):
         raise SettingsError("group clips at several widths need one group size and symmetric grids")
     store = _half if half else (lambda t: t.clamp_min(torch.finfo(torch.float32).tiny).float())
     c = w.shape[0]
     w1 = w.detach().to(torch.float32).reshape(c, -1)
+    if w1.shape[1] > WIDE_K:
+        return _group_grids(w, w1, specs, *_diagonal_group_ratios(w1, specs, torch.diagonal(hessian), ratios, store),
+                            store)
     nw = len(specs)
     w2 = w1.repeat(nw, 1)  # (nw * c, K): width after width
     rows, k = w2.shape
@@ -286,6 +315,41 @@ def group_clips(w: torch.Tensor, specs: list[QuantSpec], hessian: torch.Tensor,
             he += (best_e - eg) @ h[cut, :]
             e[:, cut] = best_e
             ratio[:, i] = torch.where(moved, cand[(pick - 1).clamp_min(0)], ratio[:, i])
+    return _group_grids(w, w1, specs, amax, ratio, store)
+
+
+def _diagonal_group_ratios(w1: torch.Tensor, specs: list[QuantSpec], hdiag: torch.Tensor, ratios: tuple[float, ...],
+                           store) -> tuple[torch.Tensor, torch.Tensor]:
+    """group_clips' choice of ranges for a wide weight (K > WIDE_K): each weight's rounding error
+    weighted by the diagonal of H alone, sum_j H_jj e_j^2, so a group's error is its own and one
+    pass takes every group's best ratio, without group_clips' rows x K^2 cross terms. As there, the
+    full range (ratio 1) stays unless a ratio lowers the error, the first of equal ones. w1: the
+    (C, K) float32 weight; returns the groups' max|w| and ratios, (len(specs) * C, groups), width
+    after width."""
+    c, k = w1.shape
+    g, nw = specs[0].group, len(specs)
+    ng = group_count(k, g)
+    qmax = torch.cat([torch.full((c, 1), float(sp.qmax)) for sp in specs])
+    hd = hdiag.to(torch.float32)
+    amax = torch.nn.functional.pad(w1.abs(), (0, ng * g - k)).reshape(c, ng, g).amax(2).repeat(nw, 1)
+    cand = torch.tensor((1.0,) + tuple(ratios))
+    ratio = torch.empty(nw * c, ng)
+    for i in range(ng):
+        cut = slice(i * g, min((i + 1) * g, k))
+        cols = w1[:, cut].repeat(nw, 1)
+        s = store(amax[:, i][None, :] * cand[:, None] / qmax[:, 0])[..., None]  # (candidates, rows, 1)
+        e = torch.clamp((cols / s).round(), -qmax - 1, qmax) * s - cols
+        ratio[:, i] = cand[torch.argmin((e * e * hd[cut]).sum(2), 0)]
+    return amax, ratio
+
+
+def _group_grids(w: torch.Tensor, w1: torch.Tensor, specs: list[QuantSpec], amax: torch.Tensor, ratio: torch.Tensor,
+                 store) -> list[QuantizedTensor]:
+    """group_clips' grids from the chosen ranges: amax * ratio per group ((len(specs) * C, groups),
+    width after width), each weight of w1 (C, K) rounded to its group's scale."""
+    c, k = w1.shape
+    g = specs[0].group
+    ng = group_count(k, g)
     out = []
     for j, sp in enumerate(specs):
         rs = slice(j * c, (j + 1) * c)
@@ -316,11 +380,13 @@ def gptq_round_many(w: torch.Tensor, qts: list[QuantizedTensor], hessian: torch.
                     block: int = 128, act_order: bool = False) -> list[QuantizedTensor]:
     """`gptq_round` of one weight on several grids (e.g. one per width) in one pass: the inverse
     Hessian is factored once and the rows of every grid are rounded together (GPTQ treats each
-    output row on its own)."""
+    output row on its own). Above WIDE_K: `_gptq_spans`."""
     n = len(qts)
     c = w.shape[0]
     w1 = w.detach().to(torch.float32).reshape(c, -1)
     k = w1.shape[1]
+    if k > WIDE_K:
+        return _gptq_spans(w, w1, qts, hessian, damp, block, act_order)
     w2 = w1.repeat(n, 1)  # (n * c, K): grid after grid
     h = hessian.to(torch.float64).clone()
     dead = torch.diag(h) <= 0
@@ -337,6 +403,52 @@ def gptq_round_many(w: torch.Tensor, qts: list[QuantizedTensor], hessian: torch.
     h += torch.eye(k, dtype=h.dtype) * (damp * torch.diag(h).mean())
     h32 = h.to(torch.float32)  # damped: float32 factors as GPTQ's own code (half the time of float64)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h32)), upper=True)
+    q = _gptq_columns(w2, scale, zp, qmin, qmax, hinv, block)
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    return [QuantizedTensor(q=q[i * c:(i + 1) * c].to(torch.int16).reshape(w.shape), scale=qt.scale,
+                            zero_point=qt.zero_point, spec=qt.spec) for i, qt in enumerate(qts)]
+
+
+def _gptq_spans(w: torch.Tensor, w1: torch.Tensor, qts: list[QuantizedTensor], hessian: torch.Tensor, damp: float,
+                block: int, act_order: bool) -> list[QuantizedTensor]:
+    """gptq_round_many for a wide weight w1 (C, K > WIDE_K): the columns (by descending Hessian
+    diagonal with act_order) are taken in spans of WIDE_K, and each span is rounded by GPTQ with its
+    own diagonal block of H, alone: a column's rounding error is pushed onto the later columns of its
+    span only. The damping is that of the whole H (damp times its diagonal's mean). O(rows K WIDE_K)
+    time and WIDE_K^2 memory instead of rows K^2, K^3 and several K x K copies; the grids are
+    rounded one after the other, so the (C, span) arrays are those of one grid at a time."""
+    c, k = w1.shape
+    diag = torch.diagonal(hessian).to(torch.float64)
+    dead = diag <= 0
+    diag = torch.where(dead, torch.ones_like(diag), diag)
+    shift = damp * diag.mean()
+    order = torch.argsort(diag, descending=True) if act_order else torch.arange(k)
+    qs = [torch.empty(c, k, dtype=torch.int16) for _ in qts]
+    for s0 in range(0, k, WIDE_K):
+        idx = order[s0:s0 + WIDE_K]
+        h = hessian[idx[:, None], idx[None, :]].to(torch.float32)  # damped in float32: no float64 block
+        h.diagonal()[dead[idx]] = 1.0
+        h.diagonal().add_(shift)
+        h = torch.linalg.cholesky(h)
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(h), upper=True)
+        del h
+        for q, qt in zip(qs, qts):
+            w2 = w1[:, idx]
+            w2[:, dead[idx]] = 0.0
+            scale, zp = qt.columns(idx)
+            q[:, idx] = _gptq_columns(w2, scale, zp, torch.full((c, 1), float(qt.spec.qmin)),
+                                      torch.full((c, 1), float(qt.spec.qmax)), hinv, block).to(torch.int16)
+    return [QuantizedTensor(q=q.reshape(w.shape), scale=qt.scale, zero_point=qt.zero_point, spec=qt.spec)
+            for q, qt in zip(qs, qts)]
+
+
+def _gptq_columns(w2: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor,
+                  hinv: torch.Tensor, block: int) -> torch.Tensor:
+    """GPTQ's column loop: the integers (as floats) of the rows w2 (rows, K) on the per-weight scale
+    and zero point (rows, K) and per-row qmin/qmax (rows, 1), with hinv the upper Cholesky factor of
+    the damped inverse Hessian (K, K) in that column order; w2 is updated in place."""
+    k = w2.shape[1]
     q = torch.empty_like(w2)
     for i0 in range(0, k, block):
         i1 = min(i0 + block, k)
@@ -352,7 +464,4 @@ def gptq_round_many(w: torch.Tensor, qts: list[QuantizedTensor], hessian: torch.
             wb[:, j + 1:] -= e @ hb[j:j + 1, j + 1:]
             err[:, j:j + 1] = e
         w2[:, i1:] -= err @ hinv[i0:i1, i1:]
-    if perm is not None:
-        q = q[:, torch.argsort(perm)]
-    return [QuantizedTensor(q=q[i * c:(i + 1) * c].to(torch.int16).reshape(w.shape), scale=qt.scale,
-                            zero_point=qt.zero_point, spec=qt.spec) for i, qt in enumerate(qts)]
+    return q

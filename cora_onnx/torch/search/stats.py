@@ -5,8 +5,9 @@ a conv (K = C_in/groups * kh * kw, in torch's unfold order) or the input vectors
 feedback rounding (GPTQ) and input-metric decompositions need the K x K second moment of those rows,
 H = X^T X / rows. A layer whose K reaches thousands (ResNet-18's layer4: 4,608) needs several times
 K rows for H to be full rank, which at 7 x 7 output positions means hundreds of images: the rows are
-never stored, each batch's rows are summed into one float64 K x K accumulator per layer, and the
-forward pass stops at the deepest layer asked for.
+never stored, each batch's rows are summed into one float64 K x K accumulator per layer (float32
+above quantizers.WIDE_K: 2.5 GB instead of 5 at VGG's K = 25,088), and the forward pass stops at
+the deepest layer asked for.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from cora_onnx.core.errors import ModelError
 from cora_onnx.core.progress import Progress
+from cora_onnx.torch.quantizers import WIDE_K
 
 __all__ = ["SecondMoment", "channel_sums", "unfold", "patches_at", "output_positions", "input_rows", "input_width",
            "input_second_moments"]
@@ -99,18 +101,18 @@ PENDING_VALUES = 1 << 23  # rows held back by SecondMoment.add_rows before one p
 
 
 def _gram_into(acc: torch.Tensor, a: torch.Tensor) -> None:
-    """acc (G, K, K) float64 += a a^T for a (G, K, n) float32: for a wide K only the blocks on and
-    above the diagonal are multiplied (the others are their transposes), 5/8 of the products at
-    four blocks."""
+    """acc (G, K, K) float64 (or float32) += a a^T for a (G, K, n) float32: for a wide K only the
+    blocks on and above the diagonal are multiplied (the others are their transposes), 5/8 of the
+    products at four blocks."""
     k = a.shape[1]
     parts = 1 if k < 1024 else 2 if k < 2048 else 4
     if parts == 1:
-        acc.add_(torch.bmm(a, a.transpose(1, 2)).double())
+        acc.add_(torch.bmm(a, a.transpose(1, 2)).to(acc.dtype))
         return
     cuts = [(i * k // parts, (i + 1) * k // parts) for i in range(parts)]
     for i, (i0, i1) in enumerate(cuts):
         for j0, j1 in cuts[i:]:
-            block = torch.bmm(a[:, i0:i1], a[:, j0:j1].transpose(1, 2)).double()
+            block = torch.bmm(a[:, i0:i1], a[:, j0:j1].transpose(1, 2)).to(acc.dtype)
             acc[:, i0:i1, j0:j1].add_(block)
             if j0 != i0:
                 acc[:, j0:j1, i0:i1].add_(block.transpose(1, 2))
@@ -120,13 +122,14 @@ class SecondMoment:
     """Streamed (cross) second moment of layer inputs, per group, in float64: for column batches
     a, b of shape (G, K, n) (K values per row, n rows), accumulates sum a b^T (G, K, K), sum a and
     sum b (G, K) and n. Memory is O(G K^2) whatever the number of images. b defaults to a (the
-    plain second moment). CoRa uses one group (`add_rows`, `value`), product quantization one per
-    conv group and the cross moments between the float and the quantized network."""
+    plain second moment). CoRa uses one group (`add_rows`, `take`), product quantization one per
+    conv group and the cross moments between the float and the quantized network. dtype: of the
+    K x K sum (float32 halves its memory: CoRa's layers wider than quantizers.WIDE_K)."""
 
-    def __init__(self, size: int, groups: int = 1, chunk: int = 8192) -> None:
+    def __init__(self, size: int, groups: int = 1, chunk: int = 8192, dtype: torch.dtype = torch.float64) -> None:
         self.groups, self.size, self.chunk = groups, size, chunk
         self._count = 0
-        self.ab = torch.zeros(groups, size, size, dtype=torch.float64)
+        self.ab = torch.zeros(groups, size, size, dtype=dtype)
         self.sum_a = torch.zeros(groups, size, dtype=torch.float64)
         self.sum_b = torch.zeros(groups, size, dtype=torch.float64)
         self._pending: list[torch.Tensor] = []
@@ -143,7 +146,7 @@ class SecondMoment:
             self.sum_a.add_(s)
             self.sum_b.add_(s)
         else:
-            self.ab.add_(torch.bmm(a, b.transpose(1, 2)).double())
+            self.ab.add_(torch.bmm(a, b.transpose(1, 2)).to(self.ab.dtype))
             self.sum_a.add_(a.sum(2).double())
             self.sum_b.add_(b.sum(2).double())
         self._count += n
@@ -194,6 +197,14 @@ class SecondMoment:
         self.flush()
         return self.ab[0] / max(self._count, 1)
 
+    def take(self) -> torch.Tensor:
+        """value(), divided in place: the sum's own memory becomes the result, without a second
+        K x K (5 GB in float64 at K = 25,088); the accumulator is spent (its sum is gone)."""
+        self.flush()
+        out = self.ab[0].div_(max(self._count, 1))
+        self.ab = None
+        return out
+
 
 class _Done(Exception):
     """Raised by a hook once every layer asked for has seen the batch: the rest of the forward is skipped."""
@@ -213,7 +224,8 @@ def input_second_moments(model: nn.Module, modules: dict[str, nn.Module], batche
     batches = list(batches)
     images = sum(int(b.shape[0]) for b in batches)
     gen = torch.Generator().manual_seed(seed)
-    acc = {n: SecondMoment(input_width(m)) for n, m in modules.items()}
+    acc = {n: SecondMoment(input_width(m), dtype=torch.float32 if input_width(m) > WIDE_K else torch.float64)
+           for n, m in modules.items()}
     seen: set[str] = set()
 
     def hook(name: str):

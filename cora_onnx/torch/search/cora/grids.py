@@ -108,7 +108,7 @@ def _quantize_layers(teacher: nn.Module, layers: dict[str, nn.Module], bits: dic
                                        outputs=logits if gi == 0 and work is teacher else None)
         with phases("grids", len(group), "layers", f"CoRa: grids and residuals{of}") as p:
             for n in group:
-                quantize(n, acc.pop(n).value())
+                quantize(n, acc.pop(n).take())
                 p.advance()
     return grids, factors
 
@@ -231,7 +231,7 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
                 f"CoRa: input statistics of {len(candidates)} layers on {sum(len(x) for x in batches)} images") as p:
         acc = input_second_moments(teacher, {n: layers[n] for n in candidates}, batches, rows, seed=settings.seed,
                                    progress=p, outputs=logits)
-    covs = {n: acc.pop(n).value() for n in candidates}
+    covs = {n: acc.pop(n).take() for n in candidates}
     grids, factors, by_width = {}, {}, {}
     low = [b for b in widths if b < 8]
     effort = {n: float(layers[n].weight.numel()) * (input_width(layers[n]) if n in covs else 1) for n in bits}

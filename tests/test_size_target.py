@@ -15,6 +15,7 @@ from cora_onnx.core.encoding import Encoding, encoding_summary
 from cora_onnx.core.errors import SettingsError
 from cora_onnx.torch.models import build_model
 from cora_onnx.torch.search.auto import AutoSettings, layer_menu
+from cora_onnx.torch.search.auto.settings import FINETUNE_ABOVE, FINETUNE_STEPS
 from cora_onnx.torch.search.auto.fit import adapter_factors, adapter_spectrum, fit_encoding, fit_menu, relative_error
 from cora_onnx.torch.search.auto.search import _harm_curve
 
@@ -105,6 +106,9 @@ def test_the_file_is_within_every_target_and_shows_its_choice(digits, tmp_path, 
     assert set(layers) == {lp.name for lp in res.plan.layers}
     assert sum(v["bytes"] for v in layers.values()) == r["auto"]["encodings_bytes"] <= r["auto"]["budget_bytes"]
     assert all(v["harm"] >= 0 and Encoding.parse(v["encoding"]) for v in layers.values())
+    # fine-tuned by default only when the choice is predicted to harm the network
+    tuned = FINETUNE_STEPS if r["auto"]["predicted_harm"] > FINETUNE_ABOVE else 0
+    assert r["auto"]["finetune"].get("steps", 0) == tuned
     searched = r["phases"]["search_phases"]  # each phase of the search in the report
     assert {"statistics", "menu", "sensitivity", "choice", "fit"} <= set(searched)
     assert all(v["seconds"] >= 0 for v in searched.values())
@@ -171,6 +175,16 @@ def test_a_sweep_over_target_ratios(digits, tmp_path):
         report = json.loads((tmp_path / "s" / name / "report.json").read_text())
         assert row["status"] == "ok" and row["onnx_bytes"] <= report["float_onnx_bytes"] / ratio
     assert rows[names[0]]["onnx_bytes"] > rows[names[1]]["onnx_bytes"]
+
+
+def test_fine_tuning_by_default_only_above_the_harm_threshold():
+    s = AutoSettings()
+    assert s.finetune_steps is None and s.distill == "kl"
+    assert s.finetune_steps_for(FINETUNE_ABOVE) == 0 and s.finetune_steps_for(FINETUNE_ABOVE * 1.01) == FINETUNE_STEPS
+    assert AutoSettings(finetune_steps=0).finetune_steps_for(10.0) == 0
+    assert AutoSettings(finetune_steps=7).finetune_steps_for(0.0) == 7
+    with pytest.raises(SettingsError, match="finetune_steps"):
+        AutoSettings(finetune_steps=-1)
 
 
 def test_fine_tuning_moves_codewords_and_scales_and_keeps_the_file_within_its_target(digits, tmp_path):

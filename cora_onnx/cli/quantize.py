@@ -51,10 +51,12 @@ def _option_help(o, names: tuple[str, ...]) -> str:
 
     defaults = []
     for name in names:
-        f = {f.name: f for f in dataclasses.fields(_methods()[name].settings)}.get(o.field)
+        settings = _methods()[name].settings
+        f = {f.name: f for f in dataclasses.fields(settings)}.get(o.field)
         if f is not None and f.default is not dataclasses.MISSING:
-            # None in a settings class means "the preset decides"
-            defaults.append(f"{name}: {'preset' if f.default is None else f.default}")
+            # None in a settings class means "the preset decides", or what its NONE_MEANS says
+            shown = getattr(settings, "NONE_MEANS", {}).get(o.field, "preset") if f.default is None else f.default
+            defaults.append(f"{name}: {shown}")
     text = re.sub(r"\s*\[[^\]]*\]\.?$", "", o.help)
     return f"{text} [{'; '.join(defaults)}] ({', '.join(names)})"
 

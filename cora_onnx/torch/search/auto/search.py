@@ -16,7 +16,8 @@ Phases (each logged with its seconds, progress at least every 20 s):
    partially quantized network (cached stage inputs, `staged.LayerFeed`; Linear layers to their
    own weight, the classifier's float target overfits the calibration classes), biases corrected
    to the float network's output means, adapters from the residual in the metric of the inputs;
-6. fine-tuning (finetune_steps > 0): by distillation from the float network, the codewords and
+6. fine-tuning (settings.finetune_steps_for the choice's predicted harm: by default only when
+   the choice is predicted to harm the network, AutoSettings): by distillation from the float network, the codewords and
    channel scales of codebooks (their codes stay, as in "And the bit goes down"), the scales of
    grids below 8 bits (their integers stay), the adapters and the biases.
 """
@@ -44,7 +45,7 @@ from cora_onnx.torch.quantizers import QuantSpec, quantizable_layers, quantize_w
 from cora_onnx.torch.search.auto.fit import Fit, adapter_factors, adapter_spectrum, fit_encoding, fit_menu, relative_error
 from cora_onnx.torch.search.auto.measure import SensitivityProbe, float_covariances
 from cora_onnx.torch.search.auto.menu import layer_facts, layer_menu
-from cora_onnx.torch.search.auto.settings import AutoSettings
+from cora_onnx.torch.search.auto.settings import FINETUNE_ABOVE, AutoSettings
 from cora_onnx.torch.search.layers import select_layers, uniform_from
 from cora_onnx.torch.search.pq.codebook import float_target
 from cora_onnx.torch.search.pq.search import stats_sizes
@@ -211,10 +212,14 @@ def search_auto(model: nn.Module, settings: AutoSettings, calib=None) -> Plan:
     student, results = fit_choice(model, measured, chosen, settings, calib)
     seconds["fit"] = time.perf_counter() - t0
     ft = {}
-    if settings.finetune_steps:
+    steps = settings.finetune_steps_for(choice.harm)
+    if steps:
         t0 = time.perf_counter()
-        ft = finetune_choice(model, student, results, settings, calib)
+        ft = finetune_choice(model, student, results, dataclasses.replace(settings, finetune_steps=steps), calib)
         seconds["finetune"] = time.perf_counter() - t0
+    else:
+        log.info("auto: no fine-tuning (%s)", "--finetune-steps 0" if settings.finetune_steps == 0 else
+                 f"predicted harm {choice.harm:.4g} <= {FINETUNE_ABOVE:g}")
 
     plans, table = [], {}
     for n in layers:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
@@ -14,12 +14,18 @@ from cora_onnx.torch.search.cli_options import CliOption
 from cora_onnx.torch.search.distill import DISTILLS
 from cora_onnx.torch.search.layers import LayerSelection
 
-__all__ = ["AutoSettings", "AUTO_OPTIONS", "HARMS", "FAMILIES", "METHOD_FAMILIES"]
+__all__ = ["AutoSettings", "AUTO_OPTIONS", "HARMS", "FAMILIES", "METHOD_FAMILIES", "FINETUNE_STEPS", "FINETUNE_ABOVE"]
 
 HARMS = ("kl", "output")
 FAMILIES = ("uniform", "pq", "adapters")
 # what a size target may choose among when the user names a method (--method pq --target-ratio 20)
 METHOD_FAMILIES = {"auto": FAMILIES, "pq": ("pq",), "cora": ("uniform", "adapters"), "rtn": ("uniform",)}
+# finetune_steps None (the default): FINETUNE_STEPS distillation steps when the choice's predicted
+# harm (its summed per-layer KL, about the network's mean KL on new images) exceeds FINETUNE_ABOVE,
+# none otherwise: a choice predicted faithful keeps its search time, a damaged one spends it where
+# it pays (EfficientNet-Lite0 at 15x; docs/results/size-target.md)
+FINETUNE_STEPS = 250
+FINETUNE_ABOVE = 0.1
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,8 @@ class AutoSettings:
     fit the chosen encodings layer after layer to the float network's output on the partially
     quantized network (Linear layers to their own weight). finetune_steps: distillation of the
     codewords, grid scales (below 8 bits), adapters and biases afterwards (search_batch images per step, `distill` loss, Adam steps of
-    finetune_lr times each tensor's RMS).
+    finetune_lr times each tensor's RMS); None: FINETUNE_STEPS when the choice's predicted harm
+    exceeds FINETUNE_ABOVE, else none (`finetune_steps_for`).
     bits: not used (accepted because every method receives --bits)."""
 
     bits: int | None = None
@@ -64,9 +71,11 @@ class AutoSettings:
     menu_em_iters: int = 8
     damping: float = 0.01
     refit: bool = True
-    finetune_steps: int = 0
+    finetune_steps: int | None = None
+    NONE_MEANS: ClassVar[dict[str, str]] = {"finetune_steps": f"{FINETUNE_STEPS} when the choice's predicted harm "
+                                                               f"exceeds {FINETUNE_ABOVE:g}, else 0"}
     finetune_lr: float = 1e-3
-    distill: str = "mse"
+    distill: str = "kl"
     seed: int = 0
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=()))
 
@@ -101,8 +110,10 @@ class AutoSettings:
             raise SettingsError(f"harm must be one of {', '.join(HARMS)}, got {self.harm!r}")
         for name in ("calib_size", "stats_size", "sens_images", "search_batch", "em_iters", "menu_em_iters"):
             _int(name, 1)
-        for name in ("stats_patches", "finetune_steps", "seed"):
+        for name in ("stats_patches", "seed"):
             _int(name, 0)
+        if self.finetune_steps is not None:
+            _int("finetune_steps", 0)
         if isinstance(self.damping, bool) or not (isinstance(self.damping, (int, float)) and self.damping >= 0):
             raise SettingsError(f"damping must be a number >= 0, got {self.damping!r}")
         if not (isinstance(self.finetune_lr, (int, float)) and self.finetune_lr > 0):
@@ -121,6 +132,13 @@ class AutoSettings:
                 if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 0:
                     raise SettingsError(f"cost of {label} for {name} must be whole bytes >= 0, got {b!r}")
 
+    def finetune_steps_for(self, predicted_harm: float) -> int:
+        """The fine-tuning steps of a choice whose predicted harm is `predicted_harm`: finetune_steps
+        when given, else FINETUNE_STEPS above FINETUNE_ABOVE and 0 at or below it."""
+        if self.finetune_steps is not None:
+            return int(self.finetune_steps)
+        return FINETUNE_STEPS if predicted_harm > FINETUNE_ABOVE else 0
+
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
         out["costs"] = {n: dict(t) for n, t in self.costs.items()}
@@ -134,7 +152,7 @@ AUTO_OPTIONS = (
               "has [auto: 128]."),
     CliOption("--sens-images", "sens_images", int, "Calibration images for each layer's measured harm [auto: 32]."),
     CliOption("--finetune-steps", "finetune_steps", int, "Distillation steps on the codewords, grid scales, "
-              "adapters and biases after the choice [auto: 0]."),
+              "adapters and biases after the choice [auto: 250 when the choice's predicted harm (KL) exceeds 0.1, else 0]."),
     CliOption("--harm", "harm", HARMS, "What the size-targeted choice minimizes: each layer's output error times "
               "its measured sensitivity (kl), or the output error alone (output) [kl]."),
 )

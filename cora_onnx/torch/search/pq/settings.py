@@ -274,7 +274,7 @@ PQ_OPTIONS = (
               "the kinds); overrides --blocks."),
     CliOption("--codewords", "codewords", int, "PQ codewords per layer, 1-256 (uint8 codes) [256]."),
     CliOption("--em-iters", "em_iters", int, "PQ EM iterations per layer [20]."),
-    CliOption("--finetune-steps", "finetune_steps", int, "PQ distillation fine-tuning steps, 0 = none [100]."),
+    CliOption("--finetune-steps", "finetune_steps", int, "Distillation fine-tuning steps after the fit, 0 = none [100]."),
     CliOption("--finetune-lr", "finetune_lr", float, "PQ fine-tuning learning rate (Adam) [1e-4]."),
     CliOption("--calib-size", "calib_size", int, "Calibration images used [256]."),
     CliOption("--stats-size", "stats_size", int,

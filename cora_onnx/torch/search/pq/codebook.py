@@ -328,7 +328,7 @@ def _float_target_spans(w: torch.Tensor, H_qq: torch.Tensor, H_qf: torch.Tensor,
     (the float weight corrected by the mismatch of the two networks' inputs) with the inverse taken
     span by span of WIDE_K inputs, each span's diagonal block of H_qq alone: the correction is the
     exact one when the spans' inputs are uncorrelated, and W* = W when x_q = x_f. The residual
-    products are float32 (C_out F^2, by rows of WIDE_K), the solves float64 on WIDE_K x WIDE_K,
+    products are float32 (C_out F^2, a few rows of H at a time), the solves float64 on WIDE_K x WIDE_K,
     instead of a float64 F x F solve (F^3) and several float64 F x F copies."""
     O, FF = w.shape
     G = H_qq.shape[0]

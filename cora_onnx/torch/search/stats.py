@@ -146,7 +146,10 @@ class SecondMoment:
             self.sum_a.add_(s)
             self.sum_b.add_(s)
         else:
-            self.ab.add_(torch.bmm(a, b.transpose(1, 2)).to(self.ab.dtype))
+            if self.ab.dtype == torch.float32:  # summed in place: no K x K product beside the sum
+                self.ab.baddbmm_(a, b.transpose(1, 2))
+            else:
+                self.ab.add_(torch.bmm(a, b.transpose(1, 2)).to(self.ab.dtype))
             self.sum_a.add_(a.sum(2).double())
             self.sum_b.add_(b.sum(2).double())
         self._count += n
@@ -181,11 +184,20 @@ class SecondMoment:
         n = float(max(self._count, 1))
         return self.sum_a / n, self.sum_b / n
 
-    def moment(self, centered: bool = False) -> torch.Tensor:
-        """E[a b^T] (G, K, K) float64, or the (cross-)covariance E[(a - E a)(b - E b)^T]."""
+    def moment(self, centered: bool = False, spend: bool = False) -> torch.Tensor:
+        """E[a b^T] (G, K, K), in the sum's dtype, or the (cross-)covariance E[(a - E a)(b - E b)^T].
+        spend: computed in the sum's own memory, without a second K x K (2.5 GB in float32 at
+        K = 25,088); the accumulator is spent, as by take()."""
         self.flush()
         if self._count == 0:
             raise ModelError("no inputs were accumulated")
+        if spend:
+            out, self.ab = self.ab.div_(float(self._count)), None
+            if centered:
+                mu_a, mu_b = self.means()
+                for g in range(self.groups):
+                    out[g].addr_(mu_a[g].to(out.dtype), mu_b[g].to(out.dtype), alpha=-1)
+            return out
         out = self.ab / float(self._count)
         if centered:
             mu_a, mu_b = self.means()

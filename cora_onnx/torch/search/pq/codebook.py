@@ -1,5 +1,8 @@
 """The codebook of one layer: the Hessian-weighted EM (`fit_codebook`), the GPTVQ-style
-sequential assignment (`assign_with_feedback`), the float-network target and the error measures."""
+sequential assignment (`assign_with_feedback`), the float-network target and the error measures.
+Above quantizers.WIDE_K inputs (VGG's classifier, K = 25,088) the assignment and the target work
+on spans of about WIDE_K inputs, as CoRa's GPTQ does: their K^3 factorizations, C_out K^2 updates
+and float64 K x K copies took hours and tens of GB there."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import numpy as np
 import torch
 
 from cora_onnx.core.errors import ModelError
+from cora_onnx.torch.quantizers import WIDE_K
 from cora_onnx.torch.search.pq.settings import DAMPING
 
 __all__ = ["PqFit", "fit_codebook", "assign_with_feedback", "weighted_error", "full_error", "float_target",
@@ -135,7 +139,7 @@ def fit_codebook(w: torch.Tensor, H: torch.Tensor, k: int, iters: int = 20, *, c
             for a in range(g * per_group, (g + 1) * per_group, rows):
                 b = min(a + rows, (g + 1) * per_group)
                 dist = (Hv[a:b] @ C.T).mul_(-2.0).add_(Qg[g])
-                codes[a:b] = dist.argmin(-1)
+                codes[a:b] = dist.min(-1).indices  # argmin's first minimum, in 60% of its time
         return codes.reshape(n)
 
     Q = quad(C)
@@ -188,9 +192,16 @@ def assign_with_feedback(w: torch.Tensor, H: torch.Tensor, fit: PqFit, damp: flo
     full input second moment per group (G must divide C_out); factor: U as `inverse_cholesky(H,
     damp)` gives it, when the caller has it already (one per layer, for every block size). Returns
     the fit with new codes and its error measured with the full H (the EM's `error` uses only the
-    diagonal blocks; measure=False: NaN, for a caller that measures the error itself)."""
+    diagonal blocks; measure=False: NaN, for a caller that measures the error itself). Above
+    WIDE_K inputs: `_feedback_spans` (factor is not used), its error measured with the diagonal
+    blocks of H."""
     O, m, d = w.shape
     G, FF, _ = H.shape
+    if FF > WIDE_K:
+        new = _feedback_spans(w, H, fit, damp)
+        blocks = torch.diagonal(H.reshape(G, m, d, m, d), dim1=1, dim2=3).permute(0, 3, 1, 2)
+        return dataclasses.replace(new, error=weighted_error(w, blocks.float(), new.weight()) if measure
+                                   else float("nan"))
     C, s = fit.codewords, fit.scale if fit.scale is not None else torch.ones(O)
     W = w.reshape(G, O // G, FF).double().clone()
     U = inverse_cholesky(H, damp) if factor is None else factor  # (G, FF, FF)
@@ -200,17 +211,58 @@ def assign_with_feedback(w: torch.Tensor, H: torch.Tensor, fit: PqFit, damp: flo
     for b in range(m):
         sl = slice(b * d, (b + 1) * d)
         Ubb = U[:, sl, sl]
-        Minv = torch.linalg.inv(Ubb.transpose(1, 2) @ Ubb)  # (G, d, d): metric of this block
-        v = W[:, :, sl] / sg[..., None]  # (G, O/G, d)
-        quad = torch.einsum("ki,gij,kj->gk", Cd, Minv, Cd)  # (G, k)
-        cross = torch.einsum("goi,gij,kj->gok", v, Minv, Cd)
-        code = (quad[:, None, :] - 2.0 * cross).argmin(-1)
+        code, E = _assign_block(W[:, :, sl], Ubb, sg, Cd)
         codes[:, :, b] = code
-        E = W[:, :, sl] - sg[..., None] * Cd[code]
         if b + 1 < m:
             W[:, :, (b + 1) * d:] -= E @ torch.linalg.solve(Ubb, U[:, sl, (b + 1) * d:])
     new = dataclasses.replace(fit, codes=codes.reshape(O, m))
     return dataclasses.replace(new, error=full_error(w, H, new.weight()) if measure else float("nan"))
+
+
+def _assign_block(Wb: torch.Tensor, Ubb: torch.Tensor, sg: torch.Tensor, Cd: torch.Tensor):
+    """One block of the sequential assignment: the codes (G, C_out/G) of the block's current
+    sub-vectors Wb (G, C_out/G, d) under the metric (U_bb^T U_bb)^-1 (Ubb (G, d, d)), channel
+    scales sg (G, C_out/G), codewords Cd (k, d); and their error Wb - scale * codeword."""
+    Minv = torch.linalg.inv(Ubb.transpose(1, 2) @ Ubb)  # (G, d, d): metric of this block
+    v = Wb / sg[..., None]  # (G, O/G, d)
+    quad = torch.einsum("ki,gij,kj->gk", Cd, Minv, Cd)  # (G, k)
+    cross = torch.einsum("goi,gij,kj->gok", v, Minv, Cd)
+    code = (quad[:, None, :] - 2.0 * cross).argmin(-1)
+    return code, Wb - sg[..., None] * Cd[code]
+
+
+def _feedback_spans(w: torch.Tensor, H: torch.Tensor, fit: PqFit, damp: float, lazy: int = 128) -> PqFit:
+    """assign_with_feedback for a wide layer (m*d > WIDE_K): the blocks are taken in spans of
+    WIDE_K // d blocks, each with the factor of its own diagonal block of H alone (a block's error
+    goes to the later blocks of its span only), and, as GPTQ does, the errors E U_bb^-1 of about
+    `lazy` columns are pushed to the rest of the span in one product. O(C_out K WIDE_K) time and
+    WIDE_K^2 float64 factors instead of C_out K^2 in rank-d updates, K^3 and several K x K; with
+    one span (and no rounding) it assigns as the whole-matrix route does. Returns the fit with the
+    new codes, error unmeasured (NaN)."""
+    O, m, d = w.shape
+    G, FF, _ = H.shape
+    C, s = fit.codewords, fit.scale if fit.scale is not None else torch.ones(O)
+    W = w.reshape(G, O // G, FF).double().clone()
+    codes = torch.empty(G, O // G, m, dtype=torch.long)
+    sg = s.reshape(G, O // G).double()
+    Cd = C.double()
+    per, step = max(1, WIDE_K // d), max(1, lazy // d)
+    for b0 in range(0, m, per):
+        b1 = min(b0 + per, m)
+        U = inverse_cholesky(H[:, b0 * d:b1 * d, b0 * d:b1 * d], damp)  # (G, span, span), span columns from 0
+        for a0 in range(b0, b1, step):
+            a1 = min(a0 + step, b1)
+            F = torch.empty(G, O // G, (a1 - a0) * d, dtype=torch.float64)  # E U_bb^-1 of these blocks
+            for b in range(a0, a1):
+                sl = slice((b - b0) * d, (b - b0 + 1) * d)
+                Ubb = U[:, sl, sl]
+                code, E = _assign_block(W[:, :, b * d:(b + 1) * d], Ubb, sg, Cd)
+                codes[:, :, b] = code
+                Fb = torch.linalg.solve_triangular(Ubb, E, upper=True, left=False)
+                F[:, :, (b - a0) * d:(b - a0 + 1) * d] = Fb
+                W[:, :, (b + 1) * d:a1 * d] -= Fb @ U[:, sl, sl.stop:(a1 - b0) * d]
+            W[:, :, a1 * d:b1 * d] -= F @ U[:, (a0 - b0) * d:(a1 - b0) * d, (a1 - b0) * d:]
+    return dataclasses.replace(fit, codes=codes.reshape(O, m), error=float("nan"))
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -252,20 +304,47 @@ def float_target(w: torch.Tensor, H_qq: torch.Tensor, H_qf: torch.Tensor, dampin
     H_qq over all groups (as in `fit_codebook`: input directions the calibration never excites keep the float
     weight instead of going to zero). Then ||X_f w - X_q v||^2 = (v - w*)^T H_qq (v - w*) + const,
     so PQ of W* under H_qq minimizes the error against the float network. w: (C_out, F); H_qq =
-    E[x_q x_q^T], H_qf = E[x_q x_f^T]: (G, F, F), G groups dividing C_out. Returns (C_out, F)."""
+    E[x_q x_q^T], H_qf = E[x_q x_f^T]: (G, F, F), G groups dividing C_out. Returns (C_out, F).
+    Above WIDE_K inputs: `_float_target_spans`."""
     O, FF = w.shape
     G = H_qq.shape[0]
     if H_qq.shape != (G, FF, FF) or H_qf.shape != H_qq.shape or O % G:
         raise ValueError(f"H_qq {tuple(H_qq.shape)} / H_qf {tuple(H_qf.shape)} do not fit a weight {tuple(w.shape)}")
-    Hq, Hx = H_qq.double(), H_qf.double()
     # the layer's mean energy, not each group's: a depthwise channel whose input is dead on the calibration
     # images must keep its float weight, not get an arbitrary one (EfficientNet-Lite0 _blocks.8 with a
     # per-group ridge: relative weight MSE 27 at the same output error)
-    lam = max(damping, 1e-6) * float(torch.diagonal(Hq, dim1=1, dim2=2).mean().clamp_min(1e-30))
+    lam = max(damping, 1e-6) * float(torch.diagonal(H_qq, dim1=1, dim2=2).double().mean().clamp_min(1e-30))
+    if FF > WIDE_K:
+        return _float_target_spans(w, H_qq, H_qf, lam)
+    Hq, Hx = H_qq.double(), H_qf.double()
     Wt = w.reshape(G, O // G, FF).transpose(1, 2).double()  # (G, F, O/G)
     A = (Hq + Hq.transpose(1, 2)) / 2 + lam * torch.eye(FF, dtype=torch.float64)
     target = torch.linalg.solve(A, Hx @ Wt + lam * Wt)
     return target.transpose(1, 2).reshape(O, FF).to(w.dtype)
+
+
+def _float_target_spans(w: torch.Tensor, H_qq: torch.Tensor, H_qf: torch.Tensor, lam: float) -> torch.Tensor:
+    """float_target for a wide layer (F > WIDE_K), written as W* = W + (H_qq + lam I)^-1 (H_qf - H_qq) W
+    (the float weight corrected by the mismatch of the two networks' inputs) with the inverse taken
+    span by span of WIDE_K inputs, each span's diagonal block of H_qq alone: the correction is the
+    exact one when the spans' inputs are uncorrelated, and W* = W when x_q = x_f. The residual
+    products are float32 (C_out F^2, a few rows of H at a time), the solves float64 on WIDE_K x WIDE_K,
+    instead of a float64 F x F solve (F^3) and several float64 F x F copies."""
+    O, FF = w.shape
+    G = H_qq.shape[0]
+    Wg = w.reshape(G, O // G, FF).float()
+    out = Wg.clone()
+    rows = max(1, CHUNK // FF)  # of H per residual product: no (span, F) difference
+    for g in range(G):
+        for s0 in range(0, FF, WIDE_K):
+            s = slice(s0, min(s0 + WIDE_K, FF))
+            cuts = [slice(i, min(i + rows, s.stop)) for i in range(s.start, s.stop, rows)]
+            r = torch.cat([(H_qf[g, c].float() - H_qq[g, c].float()) @ Wg[g].T for c in cuts]).double()  # (span, O/G)
+            A = H_qq[g, s, s].double()
+            A += H_qq[g, s, s].T  # symmetrized without a second float64 copy
+            A.mul_(0.5).diagonal().add_(lam)
+            out[g, :, s] += torch.linalg.solve(A, r).T.float()
+    return out.reshape(O, FF).to(w.dtype)
 
 
 def float_output_error(w: torch.Tensor, w_hat: torch.Tensor, S: dict) -> float:

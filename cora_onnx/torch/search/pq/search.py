@@ -17,7 +17,7 @@ from torch import nn
 from cora_onnx.core.errors import DataError, ModelError, SettingsError
 from cora_onnx.core.plan import Bias, Codebook, LayerPlan, Plan
 from cora_onnx.core.progress import Phases, progress
-from cora_onnx.torch.quantizers import QuantSpec, gptq_round, input_weighted_clip, output_error, quantizable_layers, quantize_weight
+from cora_onnx.torch.quantizers import WIDE_K, QuantSpec, gptq_round, input_weighted_clip, output_error, quantizable_layers, quantize_weight
 from cora_onnx.torch.images import as_torch
 from cora_onnx.torch.search.layers import layer_kind, select_layers, uniform_from
 from cora_onnx.torch.search.staged import LayerFeed
@@ -96,7 +96,7 @@ def _fit_uniform_gptq(teacher: nn.Module, tmod: nn.Module, student: nn.Module, m
     centered = settings.bias_correction
     if settings.target_for(name) == "float":
         joint = joint_stats(teacher, tmod, student, mod, g, None, settings.search_batch, centered=centered,
-                            pairs=feed.pairs(name, tmod, mod))
+                            pairs=feed.pairs(name, tmod, mod), moments=("qq", "qf"))
         H, mu = joint["qq"][0], joint["mu_q"][0]
         wt = float_target(w2, joint["qq"], joint["qf"], settings.damping)
         fb = tmod.bias
@@ -183,13 +183,17 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
             continue
         g = geoms[name]
         feedback = settings.error_feedback and g.m > 1
+        # above WIDE_K the measures that only inform (the float-output errors, the error without
+        # feedback) are left out: each is a C_out K^2 product, and the float network's own moment a K x K more
+        wide = g.m * g.d > WIDE_K
         # with bias correction the mean shift of the output is absorbed by the bias: fit the covariance.
         # Post-ReLU inputs have means far above their spread, and the second moment would spend the
         # codebook on the mean response
         joint = None
         if settings.target_for(name) == "float":  # fit the float network's output: PQ of W* under H_qq
             joint = joint_stats(model, layers[name], student, mod, g, None, bs, centered=settings.bias_correction,
-                                pairs=feed.pairs(name, layers[name], mod))
+                                pairs=feed.pairs(name, layers[name], mod),
+                                moments=("qq", "qf") if wide else ("qq", "qf", "ff"))
             H, mu = joint["qq"].reshape(g.groups, 1, g.m * g.d, g.m * g.d), joint["mu_q"]
             wv = float_target(w.reshape(w.shape[0], -1), joint["qq"], joint["qf"], settings.damping)
             if settings.bias_correction:  # the float network's output mean: W E[x_f] + b
@@ -198,6 +202,8 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
                 targets[name] = (w.reshape(w.shape[0], -1) * joint["mu_f"][gidx]).sum(1) + \
                     (fb.detach().float() if fb is not None else 0.0)
             wv = wv.reshape(w.shape[0], g.m, g.d)
+            if wide:  # its K x K cross moment goes: the float-output measures are left out
+                joint = None
             if not feedback:
                 H = _diagonal_blocks(H, g)
         else:
@@ -215,11 +221,10 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
             wflat = w.reshape(w.shape[0], -1)
             extra["float_output_error_of_float_weight"] = float_output_error(wflat, wflat, joint)
             extra["float_output_error_of_target"] = float_output_error(wflat, wv.reshape(w.shape[0], -1), joint)
-        if Hfull is not None:
-            extra["full_error_without_feedback"] = full_error(wv, Hfull, fit.weight())
+        if Hfull is not None:  # both errors are in the log line below
+            if not wide:
+                extra["full_error_without_feedback"] = full_error(wv, Hfull, fit.weight())
             fit = assign_with_feedback(wv, Hfull, fit)
-            log.debug("%s: full-covariance error %.4f without feedback, %.4f with", name,
-                      extra["full_error_without_feedback"], fit.error)
         w_hat = fit.weight()
         if joint is not None:
             extra["float_output_error"] = float_output_error(w.reshape(w.shape[0], -1), w_hat.reshape(w.shape[0], -1),
@@ -244,7 +249,8 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
         log.info("%s: %s d=%d k=%d, activation-weighted error %.4f%s, relative weight MSE %.4f (%.1f s)", name,
                  g.kind, g.d, fit.codewords.shape[0], fit.error,
                  (f" (full covariance; {extra['full_error_without_feedback']:.4f} without feedback)"
-                  if "full_error_without_feedback" in extra else "")
+                  if "full_error_without_feedback" in extra else
+                  f" (diagonal blocks, wider than {WIDE_K}: error feedback in spans)" if Hfull is not None else "")
                  + (f", error vs the float network's output {extra['float_output_error']:.4f} (float weight: "
                     f"{extra['float_output_error_of_float_weight']:.4f}, target W*: "
                     f"{extra['float_output_error_of_target']:.4f})" if joint is not None else ""),

@@ -1,5 +1,7 @@
 """Input statistics of a layer on the (partially quantized) network: streamed over image batches,
-memory bounded by the K x K accumulators, never by the number of images."""
+memory bounded by the K x K accumulators, never by the number of images. Above quantizers.WIDE_K
+(VGG's classifier, K = 25,088) the sums are float32 and each moment is made in its sum's own
+memory: one 2.5 GB K x K per moment instead of a float64 sum (5 GB) and its copies."""
 
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ from torch import nn
 
 from cora_onnx.core.errors import ModelError
 from cora_onnx.core.progress import progress
+from cora_onnx.torch.quantizers import WIDE_K
 from cora_onnx.torch.search.stats import SecondMoment, channel_sums, unfold
 from cora_onnx.torch.search.staged import layer_input as staged_layer_input
 from cora_onnx.torch.search.pq.codebook import CHUNK
 
-__all__ = ["Geom", "SecondMoment", "moment_of", "module_moment", "layer_inputs", "input_stats", "joint_stats",
+__all__ = ["Geom", "SecondMoment", "sum_dtype", "moment_of", "module_moment", "layer_inputs", "input_stats", "joint_stats",
            "layer_input", "output_means", "patches_per_image", "unfold"]
 
 
@@ -41,6 +44,11 @@ def _columns(mod: nn.Module, x: torch.Tensor, groups: int):
         yield c.reshape(N, groups, FF // groups, L).permute(1, 2, 0, 3).reshape(groups, FF // groups, -1)
 
 
+def sum_dtype(width: int) -> torch.dtype:
+    """The dtype of a K x K sum of inputs of that width: float64, float32 above WIDE_K."""
+    return torch.float32 if width > WIDE_K else torch.float64
+
+
 def moment_of(inputs: Iterable[torch.Tensor], mod: nn.Module, groups: int, name: str = "a layer") -> SecondMoment:
     """The streamed second moment of `mod`'s unfolded inputs (K = C_in/groups * kh * kw) over
     batches of its input."""
@@ -48,7 +56,7 @@ def moment_of(inputs: Iterable[torch.Tensor], mod: nn.Module, groups: int, name:
     for xin in inputs:
         for cols in _columns(mod, xin, groups):
             if acc is None:
-                acc = SecondMoment(cols.shape[1], groups)
+                acc = SecondMoment(cols.shape[1], groups, dtype=sum_dtype(cols.shape[1]))
             acc.add(cols)
     if acc is None:
         raise ModelError(f"{name}: no calibration images")
@@ -79,7 +87,7 @@ def input_stats(model: nn.Module, mod: nn.Module, geom: Geom, images, batch_size
     if inputs is None:
         inputs = layer_inputs(model, mod, images, batch_size, geom.name)
     acc = moment_of(inputs, mod, G, geom.name)
-    H = acc.moment(centered).float()
+    H = acc.moment(centered, spend=m * d > WIDE_K).float()
     if full:
         H = H.reshape(G, 1, m * d, m * d)
     else:  # the diagonal d x d blocks
@@ -104,9 +112,9 @@ def joint_stats(teacher: nn.Module, tmod: nn.Module, student: nn.Module, smod: n
     batch at a time (pairs: the (x_q, x_f) input batches instead, e.g. from a staged.LayerFeed):
     "qq" E[x_q x_q^T], "qf" E[x_q x_f^T], "ff" E[x_f x_f^T] (G, F, F), "mu_q" / "mu_f" (G, F);
     centered: covariances. moments: which of qq, qf, ff to accumulate (qf always: the means come
-    from it); each is a product over every patch, the cost of this pass."""
+    from it); each is a product over every patch, the cost of this pass, and a K x K."""
     G, FF = geom.groups, geom.m * geom.d
-    acc = {k: SecondMoment(FF, G) for k in ("qq", "qf", "ff") if k in moments or k == "qf"}
+    acc = {k: SecondMoment(FF, G, dtype=sum_dtype(FF)) for k in ("qq", "qf", "ff") if k in moments or k == "qf"}
     if pairs is None:
         pairs = ((layer_input(student, smod, x, geom.name), layer_input(teacher, tmod, x, geom.name))
                  for x in images.batches(batch_size))
@@ -119,7 +127,7 @@ def joint_stats(teacher: nn.Module, tmod: nn.Module, student: nn.Module, smod: n
                 acc["ff"].add(cf)
     if acc["qf"].count == 0:
         raise ModelError(f"{geom.name}: no calibration images")
-    out = {k: v.moment(centered).float() for k, v in acc.items()}
+    out = {k: v.moment(centered, spend=FF > WIDE_K).float() for k, v in acc.items()}
     mu_q, mu_f = acc["qf"].means()
     out["mu_q"], out["mu_f"] = mu_q.float(), mu_f.float()
     return out

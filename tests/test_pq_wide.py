@@ -14,6 +14,7 @@ from cora_onnx.torch.search import LayerSelection, PqSettings, search_pq
 from cora_onnx.torch.search.pq import codebook, search, statistics
 from cora_onnx.torch.search.pq.codebook import PqFit, assign_with_feedback, fit_codebook, float_target
 from cora_onnx.torch.search.pq.statistics import SecondMoment
+from digests import same_machine
 
 
 class _Net(torch.nn.Module):
@@ -74,6 +75,7 @@ def _digest(target: str) -> str:
 
 @pytest.mark.parametrize("wide_k", [quantizers.WIDE_K, 256])
 @pytest.mark.parametrize("target", ["float", "weight"])
+@same_machine
 def test_ordinary_widths_keep_the_fits_they_had(monkeypatch, target, wide_k):
     """Up to WIDE_K (here also at K == WIDE_K, fc1) every codeword, code, scale, bias and error
     measure is the one the code before the wide route gave (the digests were taken from it, commit

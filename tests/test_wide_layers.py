@@ -12,6 +12,7 @@ from cora_onnx.torch import quantizers
 from cora_onnx.torch.quantizers import (QuantSpec, group_clips, gptq_round_many, input_weighted_clip, output_error,
                                         quantize_weight)
 from cora_onnx.torch.search import stats
+from digests import same_machine
 
 
 def _inputs(k: int, n: int, seed: int) -> torch.Tensor:
@@ -41,6 +42,7 @@ def _digest() -> str:
 
 
 @pytest.mark.parametrize("wide_k", [quantizers.WIDE_K, 36])
+@same_machine
 def test_ordinary_widths_keep_the_grids_they_had(monkeypatch, wide_k):
     """Up to WIDE_K (here also at K == WIDE_K) every integer, scale and error is the one the code
     before WIDE_K gave (the digest was taken from it, commit 9ea9304)."""

@@ -108,7 +108,7 @@ def test_the_file_is_within_every_target_and_shows_its_choice(digits, tmp_path, 
     assert all(v["harm"] >= 0 and Encoding.parse(v["encoding"]) for v in layers.values())
     # fine-tuned by default only when the choice is predicted to harm the network
     tuned = FINETUNE_STEPS if r["auto"]["predicted_harm"] > FINETUNE_ABOVE else 0
-    assert r["auto"]["finetune"].get("steps", 0) == tuned
+    assert r["auto"]["finetune"]["steps"] == tuned
     searched = r["phases"]["search_phases"]  # each phase of the search in the report
     assert {"statistics", "menu", "sensitivity", "choice", "fit"} <= set(searched)
     assert all(v["seconds"] >= 0 for v in searched.values())

@@ -218,8 +218,10 @@ def search_auto(model: nn.Module, settings: AutoSettings, calib=None) -> Plan:
         ft = finetune_choice(model, student, results, dataclasses.replace(settings, finetune_steps=steps), calib)
         seconds["finetune"] = time.perf_counter() - t0
     else:
-        log.info("auto: no fine-tuning (%s)", "--finetune-steps 0" if settings.finetune_steps == 0 else
-                 f"predicted harm {choice.harm:.4g} <= {FINETUNE_ABOVE:g}")
+        why = ("finetune_steps 0" if settings.finetune_steps == 0 else
+               f"predicted harm {choice.harm:.4g} <= {FINETUNE_ABOVE:g}")
+        ft = {"steps": 0, "skipped": why}
+        log.info("auto: no fine-tuning (%s)", why)
 
     plans, table = [], {}
     for n in layers:

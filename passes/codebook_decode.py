@@ -24,7 +24,8 @@ class CodebookDecodePass(ir.passes.InPlacePass):
 
     (Gather needs int32/int64 indices, so the codes are widened in the graph.) A corrected
     bias in the plan replaces the layer's bias input (<layer>.bias_corrected, float32, or float16
-    followed by Cast -> <w>_bias_float). The float weight initializer is removed; cleanup removes
+    followed by Cast -> <w>_bias_float): the Conv/Gemm's third input, or for a Linear the exporter
+    wrote as Transpose -> MatMul -> Add, the Add's initializer <layer>.bias. The float weight initializer is removed; cleanup removes
     the old bias. Every node made is marked with the pass; the layer's facts (block size,
     codewords, code type) go on its Gather only."""
 
@@ -45,9 +46,10 @@ class CodebookDecodePass(ir.passes.InPlacePass):
         for layer in self.layers:
             cb = layer.codebook
             old, consumers = planned_weight(graph, layer)
-            bad = [n.op_type for n in consumers if n.op_type not in ("Conv", "Gemm")]
+            bad = [n.op_type for n in consumers if n.op_type not in ("Conv", "Gemm", "Transpose")]
             if bad:
-                raise PlanError(f"layer {layer.name}: weight feeds {bad[0]}, expected Conv or Gemm")
+                raise PlanError(f"layer {layer.name}: weight feeds {bad[0]}, expected Conv, Gemm or Transpose (a "
+                                f"Linear as MatMul)")
             w = layer.weight
             facts = dict(layer=layer.name, block_size=cb.block_size, codewords=cb.codewords.shape[0],
                          codes=cb.codes.dtype.name)
@@ -93,10 +95,17 @@ class CodebookDecodePass(ir.passes.InPlacePass):
                     graph.append(n)
             old.replace_all_uses_with(decoded)
             del graph.initializers[w]
-            if bias is not None:
+            if bias is not None and all(n.op_type in ("Conv", "Gemm") for n in consumers):
                 for n in consumers:
                     if len(n.inputs) < 3:
                         n.resize_inputs(3)
                     n.replace_input_with(2, bias)
+            elif bias is not None:  # Transpose -> MatMul -> Add: the Add's bias initializer takes it
+                own = graph.initializers.get(f"{layer.name}.bias")
+                if own is None or len(own.uses()) != 1:
+                    raise PlanError(f"layer {layer.name}: its weight feeds a Transpose and no initializer "
+                                    f"{layer.name}.bias of one node can take the corrected bias")
+                use = own.uses()[0]
+                use.node.replace_input_with(use.idx, bias)
             modified = True
         return ir.passes.PassResult(model, modified)

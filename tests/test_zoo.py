@@ -257,6 +257,19 @@ def test_linear_inside_a_block_is_mapped(tmp_path, act_bits):
     assert {"block.0.weight_quantized", "block.2.weight_quantized"} <= names
 
 
+def test_linear_inside_a_block_takes_its_codebook(tmp_path):
+    """PQ on a Linear the exporter writes as Transpose + MatMul + Add: the decoded weight feeds the
+    Transpose and the corrected bias replaces the Add's initializer (ConvNeXt's block Linears)."""
+    torch.manual_seed(0)
+    result = cora_onnx.quantize(BlockMLP().eval(), calib=_images(tmp_path), out=tmp_path / "m.onnx", input_size=16,
+                                latency_runs=0, threads=1, method="pq", em_iters=2, finetune_steps=0, codewords=4)
+    assert result.report["verified"] is True
+    import onnx
+
+    names = {i.name for i in onnx.load(tmp_path / "m.onnx").graph.initializer}
+    assert {"block.0.weight_codes", "block.2.weight_codes"} <= names
+
+
 def test_unmappable_layer_is_refused_before_the_search(tmp_path, monkeypatch):
     from cora_onnx.torch import search
 

@@ -25,7 +25,8 @@ class CodebookDecodePass(ir.passes.InPlacePass):
     (Gather needs int32/int64 indices, so the codes are widened in the graph.) A corrected
     bias in the plan replaces the layer's bias input (<layer>.bias_corrected, float32, or float16
     followed by Cast -> <w>_bias_float): the Conv/Gemm's third input, or for a Linear the exporter
-    wrote as Transpose -> MatMul -> Add, the Add's initializer <layer>.bias. The float weight initializer is removed; cleanup removes
+    wrote as Transpose -> MatMul -> Add, that Add's initializer input (in that Add only: the
+    exporter shares equal initializers, e.g. zero biases, among layers). The float weight initializer is removed; cleanup removes
     the old bias. Every node made is marked with the pass; the layer's facts (block size,
     codewords, code type) go on its Gather only."""
 
@@ -100,12 +101,28 @@ class CodebookDecodePass(ir.passes.InPlacePass):
                     if len(n.inputs) < 3:
                         n.resize_inputs(3)
                     n.replace_input_with(2, bias)
-            elif bias is not None:  # Transpose -> MatMul -> Add: the Add's bias initializer takes it
-                own = graph.initializers.get(f"{layer.name}.bias")
-                if own is None or len(own.uses()) != 1:
-                    raise PlanError(f"layer {layer.name}: its weight feeds a Transpose and no initializer "
-                                    f"{layer.name}.bias of one node can take the corrected bias")
-                use = own.uses()[0]
-                use.node.replace_input_with(use.idx, bias)
+            elif bias is not None:  # Transpose -> MatMul -> Add: the Add's bias input takes it
+                adds = _bias_adds(consumers)
+                if len(adds) != 1:
+                    raise PlanError(f"layer {layer.name}: its weight feeds a Transpose, and no single MatMul -> Add "
+                                    f"after it can take the corrected bias")
+                add, idx = adds[0]
+                add.replace_input_with(idx, bias)  # this Add only: exporters share equal initializers
             modified = True
         return ir.passes.PassResult(model, modified)
+
+
+def _bias_adds(consumers: list[ir.Node]) -> list[tuple[ir.Node, int]]:
+    """The (Add, input index) pairs that add an initializer to the MatMul after a Transpose of the
+    weight: a Linear as the exporter writes it on a tensor of more than two dimensions."""
+    out = []
+    for t in consumers:
+        if t.op_type != "Transpose":
+            continue
+        for mm in (u.node for u in t.outputs[0].uses() if u.node.op_type == "MatMul"):
+            for u in mm.outputs[0].uses():
+                if u.node.op_type == "Add":
+                    other = 1 - u.idx
+                    if u.node.inputs[other] is not None and u.node.inputs[other].is_initializer():
+                        out.append((u.node, other))
+    return out

@@ -185,6 +185,9 @@ def test_fine_tuning_by_default_only_above_the_harm_threshold():
     assert AutoSettings(finetune_steps=7).finetune_steps_for(0.0) == 7
     with pytest.raises(SettingsError, match="finetune_steps"):
         AutoSettings(finetune_steps=-1)
+    assert s.augment == "none"
+    with pytest.raises(SettingsError, match="augment must be one of none, flip, crop, mix"):
+        AutoSettings(augment="rotate")
 
 
 def test_fine_tuning_moves_codewords_and_scales_and_keeps_the_file_within_its_target(digits, tmp_path):
@@ -207,6 +210,16 @@ def test_fine_tuning_moves_codewords_and_scales_and_keeps_the_file_within_its_ta
             assert np.array_equal(lp.uniform.q, old.uniform.q)
             moved["scales"] += not np.array_equal(lp.uniform.scale, old.uniform.scale)
     assert sum(moved.values()) > 0, moved
+    # augmented images (the float model's outputs then per step) tune the same parameters otherwise
+    mixed = cora_onnx.quantize(build_model(digits.arch, digits.weights), **_args(digits), target_ratio=4,
+                               out=tmp_path / "mix.onnx", **{**SMALL, "finetune_steps": 3, "augment": "mix"})
+    assert mixed.report["verified"] and mixed.report["size_target"]["within"]
+    tuned = {lp.name: lp for lp in mixed.plan.layers}
+
+    def tuned_part(lp):
+        return lp.codebook.codewords if lp.codebook is not None else lp.uniform.scale
+
+    assert any(not np.array_equal(tuned_part(lp), tuned_part(after[n])) for n, lp in tuned.items())
 
 
 def test_kept_layers_take_their_keep_bits_and_rtn_takes_grids_only():

@@ -6,7 +6,8 @@ Reads the measured menu cached by `tools/size_target_probe.py --model efficientn
 and reused), then for every VARIANT (a JSON dict of AutoSettings fields, e.g.
 '{"finetune_steps":150,"distill":"kl"}') fine-tunes a copy and scores the PyTorch model on
 imagenet-sample/even (crop 0.875): agreement with float, KL, top-1. Rows go to stdout and
-/tmp/ft15/rows.jsonl. COSINE=N in the environment: the learning rate decays on a cosine over N steps.
+/tmp/ft15/rows.jsonl. In the environment: COSINE=N, the learning rate decays on a cosine over N
+steps; TEMPERATURE=T, the KL loss at temperature T; FREEZE=a,b, those layers are not fine-tuned.
 
     mkdir -p /tmp/ft15 && python tools/size_target_finetune_trials.py THREADS RATIO VARIANT...
 """
@@ -41,6 +42,12 @@ if os.environ.get("COSINE"):
             self.t += 1
             return super().step(closure)
     torch.optim.Adam = CosAdam
+if os.environ.get("TEMPERATURE"):  # KL at temperature T (times T^2, as Hinton et al.)
+    import torch.nn.functional as F
+    from cora_onnx.torch.search import distill as _distill
+    T = float(os.environ["TEMPERATURE"])
+    _distill.kd_loss = lambda s, t: -(F.softmax(t / T, 1) * F.log_softmax(s / T, 1)).sum(1).mean() * T * T
+FREEZE = set(filter(None, os.environ.get("FREEZE", "").split(",")))  # layers left out of the fine-tuning
 SH = Path(__file__).resolve().parents[2] / "shared"
 model_name = "efficientnet_lite0"
 model = build_model(model_name, packaged_weights(model_name)).eval()
@@ -77,13 +84,15 @@ for v in variants:
     t = time.perf_counter()
     ft = {}
     if v.get("finetune_steps"):
-        ft = finetune_choice(fused, copy.deepcopy(student), res, dataclasses.replace(settings, **v), calib)
+        ft = finetune_choice(fused, copy.deepcopy(student), {n: r for n, r in res.items() if n not in FREEZE},
+                             dataclasses.replace(settings, **v), calib)
     dt = time.perf_counter() - t
     plan = Plan("auto", {}, plan_layers(measured, chosen, res))
     logits = predict_torch(apply_plan_torch(fused, plan), sample)
     fid = fidelity(logits, float_logits)
     row = {"ratio": ratio, "v": v, "agreement": fid["top1_agreement"], "kl": fid["kl_divergence"],
-           "top1": top1(logits, sample.labels), "ft": ft, "seconds": dt, "threads": torch.get_num_threads(), "cosine": os.environ.get("COSINE")}
+           "top1": top1(logits, sample.labels), "ft": ft, "seconds": dt, "threads": torch.get_num_threads(), "cosine": os.environ.get("COSINE"),
+           "temperature": os.environ.get("TEMPERATURE"), "freeze": sorted(FREEZE)}
     print(json.dumps(row), flush=True)
     with open("/tmp/ft15/rows.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")

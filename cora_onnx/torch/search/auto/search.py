@@ -350,7 +350,7 @@ def finetune_choice(model: nn.Module, student: nn.Module, results: dict, setting
     fit_choice's); returns the loss summary."""
     from torch.func import functional_call
 
-    from cora_onnx.torch.search.distill import distill_loss
+    from cora_onnx.torch.search.distill import augment_batch, distill_loss
 
     slayers = quantizable_layers(student)
     params, base = {}, {}
@@ -369,14 +369,23 @@ def finetune_choice(model: nn.Module, student: nn.Module, results: dict, setting
     opt = torch.optim.Adam(groups)
     images = as_torch(calib).subset(settings.calib_size, settings.seed)
     gen = torch.Generator().manual_seed(settings.seed + 2)
-    with torch.no_grad():
-        teacher = torch.cat([model(_fast(x)) for x in images.batches(64)])
+    per_step = settings.augment != "none"  # the float model's outputs on each augmented batch
+    teacher = None
+    if not per_step:
+        with torch.no_grad():
+            teacher = torch.cat([model(_fast(x)) for x in images.batches(64)])
     n_img = len(images)
     losses = []
     t0 = time.perf_counter()
     for _ in progress(range(settings.finetune_steps), settings.finetune_steps, "auto: fine-tuning", "steps"):
         idx = torch.randint(n_img, (settings.search_batch,), generator=gen)
-        x = _fast(images.preprocess.normalize(images.images[idx]))
+        x = images.preprocess.normalize(images.images[idx])
+        if per_step:
+            x = _fast(augment_batch(x, settings.augment, gen))
+            with torch.no_grad():
+                target = model(x)
+        else:
+            x, target = _fast(x), teacher[idx]
         overrides = {}
         for n, ps in params.items():
             w, shape = base[n]
@@ -385,7 +394,7 @@ def finetune_choice(model: nn.Module, student: nn.Module, results: dict, setting
                 w = w + (ps["b"] @ ps["a"]).reshape(shape)
             overrides[f"{n}.weight"] = w
             overrides[f"{n}.bias"] = ps["bias"]
-        loss = distill_loss(functional_call(student, overrides, (x,)), teacher[idx], settings.distill)
+        loss = distill_loss(functional_call(student, overrides, (x,)), target, settings.distill)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -11,7 +11,7 @@ import numpy as np
 from cora_onnx.core.encoding import Encoding
 from cora_onnx.core.errors import SettingsError
 from cora_onnx.torch.search.cli_options import CliOption
-from cora_onnx.torch.search.distill import DISTILLS
+from cora_onnx.torch.search.distill import AUGMENTS, DISTILLS
 from cora_onnx.torch.search.layers import LayerSelection
 
 __all__ = ["AutoSettings", "AUTO_OPTIONS", "HARMS", "FAMILIES", "METHOD_FAMILIES", "FINETUNE_STEPS", "FINETUNE_ABOVE"]
@@ -49,7 +49,8 @@ class AutoSettings:
     quantized network (Linear layers to their own weight). finetune_steps: distillation of the
     codewords, grid scales (below 8 bits), adapters and biases afterwards (search_batch images per step, `distill` loss, Adam steps of
     finetune_lr times each tensor's RMS); None: FINETUNE_STEPS when the choice's predicted harm
-    exceeds FINETUNE_ABOVE, else none (`finetune_steps_for`).
+    exceeds FINETUNE_ABOVE, else none (`finetune_steps_for`). augment: the distillation images, as
+    CoraSettings.augment (none, flip, crop, mix; the float model's outputs then come per step).
     bits: not used (accepted because every method receives --bits)."""
 
     bits: int | None = None
@@ -76,6 +77,7 @@ class AutoSettings:
                                                                f"exceeds {FINETUNE_ABOVE:g}, else 0"}
     finetune_lr: float = 1e-3
     distill: str = "kl"
+    augment: str = "none"
     seed: int = 0
     selection: LayerSelection = field(default_factory=lambda: LayerSelection(keep=()))
 
@@ -120,6 +122,8 @@ class AutoSettings:
             raise SettingsError(f"finetune_lr must be a positive number, got {self.finetune_lr!r}")
         if self.distill not in DISTILLS:
             raise SettingsError(f"distill must be one of {', '.join(DISTILLS)}, got {self.distill!r}")
+        if self.augment not in AUGMENTS:
+            raise SettingsError(f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
         if not isinstance(self.refit, bool):
             raise SettingsError(f"refit must be True or False, got {self.refit!r}")
         if not isinstance(self.selection, LayerSelection):

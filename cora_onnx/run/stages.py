@@ -33,7 +33,7 @@ from cora_onnx.torch.models import build_model, check_finite
 from cora_onnx.onnx.pipeline import apply_plan
 from cora_onnx.onnx.sizes import finish
 from cora_onnx.onnx.report import Activations
-from cora_onnx.core.plan import Plan
+from cora_onnx.core.plan import Plan, WeightFingerprint
 from cora_onnx.torch.quantizers import quantizable_layers
 from cora_onnx.torch.search import METHODS
 from cora_onnx.onnx.verify import cpu_threads
@@ -235,13 +235,12 @@ def map_layers(fused: nn.Module, program, selection=None) -> None:
     name, or transposed as a MatMul weight: passes.locate_weight). ModelError naming the first that
     is not, so a run fails in seconds, not after its search. Modules that do not run in eval mode
     are already out of the fused model (fuse_batchnorm)."""
-    from cora_onnx.core.plan import WeightFingerprint
     from passes import locate_weight
 
     skip = set(selection.skip) if selection is not None else set()
     graph = program.model.graph
-    missing = [name for name, mod in quantizable_layers(fused).items() if name not in skip and locate_weight(
-        graph, f"{name}.weight", WeightFingerprint.of(mod.weight.detach().cpu().numpy())) is None]
+    missing = [name for name, fp in _fingerprints(fused).items()
+               if name not in skip and locate_weight(graph, f"{name}.weight", fp) is None]
     if missing:
         raise ModelError(f"{len(missing)} Conv/Linear layer(s) not found in the exported ONNX graph (e.g. {missing[0]}: "
                          f"the exporter rewrote its weight), so no plan could be applied to them; leave them in float "
@@ -284,7 +283,8 @@ def size_budget(model: nn.Module, opts: Options) -> Budget | None:
     layers = quantizable_layers(fused)
     menus = menus_of(fused, opts.settings)
     specs = {n: layer_facts(layers[n])[:2] for n in menus}
-    table = measure_costs(program.model, specs, menus, metadata_reserve(menus), layout=_file_layout(Plan("auto", {}, ()), opts))
+    table = measure_costs(program.model, specs, menus, metadata_reserve(menus),
+                          layout=_file_layout(Plan("auto", {}, ()), opts), fingerprints=_fingerprints(fused))
     limit = target.limit(float_bytes)
     least = table.least()
     what = f"{target.describe()} ({limit:,} bytes, the float file being {float_bytes:,})"
@@ -315,13 +315,19 @@ def run_search(model: nn.Module, opts: Options, calib: ImageSet | None, budget: 
     t0 = time.perf_counter()
     plan = METHODS[opts.search].run(fused, opts.settings if budget is None else budget.settings, calib)
     seconds = time.perf_counter() - t0
-    weights = {name: mod.weight.detach().cpu().numpy() for name, mod in quantizable_layers(fused).items()}
+    plan = plan.with_fingerprints(_fingerprints(fused))  # the passes check them, and find renamed weights by them
     extra = {} if budget is None else {"size_target": _target_meta(opts.size_target, budget, _file_layout(plan, opts))}
-    plan = Plan(plan.method, plan.settings, plan.with_fingerprints(weights).layers,
+    plan = Plan(plan.method, plan.settings, plan.layers,
                 meta={**plan.meta, "model": opts.model_name or type(model).__name__, "input_size": pre.input_size,
                       "crop_ratio": pre.crop_ratio, "mean": list(pre.mean), "std": list(pre.std), **extra})
     log.info("search done in %.1f s: %d layers planned", seconds, len(plan.layers))
     return Searched(fused, plan, seconds, program)
+
+
+def _fingerprints(fused: nn.Module) -> dict[str, WeightFingerprint]:
+    """Layer name -> the fingerprint of its float weight, for every Conv/Linear of the BatchNorm-fused
+    model (the weights plans are made from)."""
+    return {name: WeightFingerprint.of(mod.weight.detach().cpu().numpy()) for name, mod in quantizable_layers(fused).items()}
 
 
 def _file_layout(plan: Plan, opts: Options) -> Plan:

@@ -7,12 +7,13 @@ not a test.
 
 Also here: the cases behind the zoo's failures, on tiny modules: an auxiliary head that does not
 run in eval mode leaves the plan, a Linear inside a channels-last block (exported as a MatMul with
-its weight transposed) is mapped, and a layer whose weight the exporter rewrote is refused before
-any search."""
+its weight transposed) is mapped, and a layer whose weight the exporter rewrote, or whose bias the
+passes cannot write, is refused before any search."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -176,6 +177,25 @@ class BlockMLP(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+class SharedBias(nn.Module):
+    """BlockMLP with equal (zero) biases in its block, which the exporter stores as one initializer
+    read by both Adds (random-weight ConvNeXt's block Linears), and a conv that takes an adapter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+        for m in (self.block[0], self.block[2]):
+            nn.init.zeros_(m.bias)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.conv2(torch.relu(self.conv(x)))
+        x = x + self.block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 class ChannelSplit(nn.Module):
     """ShuffleNet's channel split: torch.chunk, one ONNX Split node with two outputs."""
 
@@ -281,6 +301,26 @@ def test_unmappable_layer_is_refused_before_the_search(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match=r"not found in the exported ONNX graph \(e\.g\. fc:.*--skip fc"):
         cora_onnx.quantize(Rewritten().eval(), calib=_images(tmp_path), out=tmp_path / "m.onnx", input_size=16,
                            latency_runs=0, threads=1)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_bias_the_passes_cannot_write_is_refused_before_the_search(tmp_path, monkeypatch):
+    """CoRa corrects every bias once it fine-tunes an adapter; BiasUpdatePass refuses a bias
+    initializer the exporter shares among layers. Without the rehearsal this failed after the
+    search; with it, before: one line naming the layer and the pass's message, no file. (When the
+    pass learns shared biases, as CodebookDecodePass did, this test needs another such case.)"""
+    from cora_onnx.torch import search
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the search ran")
+
+    monkeypatch.setitem(search.METHODS, "cora", dataclasses.replace(search.METHODS["cora"], run=no_search))
+    torch.manual_seed(0)
+    with pytest.raises(ModelError, match=r"method cora may plan for layer block\.0 \(a 2-bit grid, a corrected bias; "
+                                         r"rehearsed before the search\): bias block\.0\.bias is shared by 2 nodes; "
+                                         r"leave it in float with --skip block\.0$"):
+        cora_onnx.quantize(SharedBias().eval(), calib=_images(tmp_path), out=tmp_path / "m.onnx", input_size=16,
+                           latency_runs=0, threads=1, method="cora", budget=0.5)
     assert not (tmp_path / "m.onnx").exists()
 
 

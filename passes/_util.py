@@ -8,7 +8,7 @@ import onnx_ir as ir
 from cora_onnx.core.errors import PlanError
 
 __all__ = ["PROVENANCE_KEY", "mark", "default_opset", "add_initializer", "shared_const", "int_tensor",
-           "require_weights", "planned_weight", "check_fingerprint"]
+           "require_weights", "planned_weight", "check_fingerprint", "bias_adds"]
 
 PROVENANCE_KEY = "cora_onnx.pass"
 
@@ -87,3 +87,19 @@ def planned_weight(graph: ir.Graph, layer) -> tuple[ir.Value, list[ir.Node]]:
         raise PlanError(f"layer {layer.name}: plan shape {layer.shape} differs from ONNX {tuple(value.shape)}")
     check_fingerprint(value, layer)
     return value, [use.node for use in value.uses()]
+
+
+def bias_adds(consumers: list[ir.Node]) -> list[tuple[ir.Node, int]]:
+    """The (Add, input index) pairs that add an initializer to the MatMul after a Transpose of the
+    weight: a Linear as the exporter writes it on a tensor of more than two dimensions."""
+    out = []
+    for t in consumers:
+        if t.op_type != "Transpose":
+            continue
+        for mm in (u.node for u in t.outputs[0].uses() if u.node.op_type == "MatMul"):
+            for u in mm.outputs[0].uses():
+                if u.node.op_type == "Add":
+                    other = 1 - u.idx
+                    if u.node.inputs[other] is not None and u.node.inputs[other].is_initializer():
+                        out.append((u.node, other))
+    return out

@@ -8,7 +8,7 @@ import onnx_ir as ir
 from cora_onnx.core.errors import PlanError
 from cora_onnx.core.plan import Plan
 
-from ._util import add_initializer, default_opset, mark, planned_weight, require_weights
+from ._util import add_initializer, bias_adds, default_opset, mark, planned_weight, require_weights
 
 __all__ = ["CodebookDecodePass"]
 
@@ -102,7 +102,7 @@ class CodebookDecodePass(ir.passes.InPlacePass):
                         n.resize_inputs(3)
                     n.replace_input_with(2, bias)
             elif bias is not None:  # Transpose -> MatMul -> Add: the Add's bias input takes it
-                adds = _bias_adds(consumers)
+                adds = bias_adds(consumers)
                 if len(adds) != 1:
                     raise PlanError(f"layer {layer.name}: its weight feeds a Transpose, and no single MatMul -> Add "
                                     f"after it can take the corrected bias")
@@ -111,18 +111,3 @@ class CodebookDecodePass(ir.passes.InPlacePass):
             modified = True
         return ir.passes.PassResult(model, modified)
 
-
-def _bias_adds(consumers: list[ir.Node]) -> list[tuple[ir.Node, int]]:
-    """The (Add, input index) pairs that add an initializer to the MatMul after a Transpose of the
-    weight: a Linear as the exporter writes it on a tensor of more than two dimensions."""
-    out = []
-    for t in consumers:
-        if t.op_type != "Transpose":
-            continue
-        for mm in (u.node for u in t.outputs[0].uses() if u.node.op_type == "MatMul"):
-            for u in mm.outputs[0].uses():
-                if u.node.op_type == "Add":
-                    other = 1 - u.idx
-                    if u.node.inputs[other] is not None and u.node.inputs[other].is_initializer():
-                        out.append((u.node, other))
-    return out

@@ -140,6 +140,21 @@ def test_an_impossible_target_is_one_line_and_exit_2_before_any_image(digits, tm
     assert not list(tmp_path.iterdir())
 
 
+def test_a_linear_the_exporter_writes_as_a_matmul_is_measured(tmp_path):
+    """A Linear on a channels-last tensor is exported as a MatMul with its weight transposed under
+    a generated name (ConvNeXt's blocks): the measure finds it by its weight's fingerprint, as the
+    export does, instead of refusing the target ("no initializer named block.0.weight")."""
+    from cora_onnx.run.stages import check_options, size_budget
+    from test_zoo import BlockMLP
+
+    torch.manual_seed(0)
+    opts = check_options(calib=tmp_path, out=tmp_path / "m.onnx", input_size=16, target_ratio=2)
+    budget = size_budget(BlockMLP().eval(), opts)
+    costs = budget.table.costs
+    assert {"block.0", "block.2"} <= set(costs)
+    assert costs["block.0"]["8-bit"] > costs["block.0"]["4-bit"] > 0
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(target_ratio=1.0), "target ratio must be a number above 1"),
     (dict(target_size="big"), "target size must be a size"),

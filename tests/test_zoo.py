@@ -7,12 +7,14 @@ not a test.
 
 Also here: the cases behind the zoo's failures, on tiny modules: an auxiliary head that does not
 run in eval mode leaves the plan, a Linear inside a channels-last block (exported as a MatMul with
-its weight transposed) is mapped, and a layer whose weight the exporter rewrote is refused before
-any search."""
+its weight transposed) is mapped, its corrected bias goes into its own Add when the exporter shares
+the bias initializer, and a layer whose weight the exporter rewrote, or which the passes cannot
+write (a tied weight), is refused before any search."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -176,6 +178,25 @@ class BlockMLP(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+class SharedBias(nn.Module):
+    """BlockMLP with equal (zero) biases in its block, which the exporter stores as one initializer
+    read by both Adds (random-weight ConvNeXt's block Linears), and a conv that takes an adapter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+        for m in (self.block[0], self.block[2]):
+            nn.init.zeros_(m.bias)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.conv2(torch.relu(self.conv(x)))
+        x = x + self.block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 class ChannelSplit(nn.Module):
     """ShuffleNet's channel split: torch.chunk, one ONNX Split node with two outputs."""
 
@@ -280,6 +301,58 @@ def test_unmappable_layer_is_refused_before_the_search(tmp_path, monkeypatch):
     torch.manual_seed(0)
     with pytest.raises(ModelError, match=r"not found in the exported ONNX graph \(e\.g\. fc:.*--skip fc"):
         cora_onnx.quantize(Rewritten().eval(), calib=_images(tmp_path), out=tmp_path / "m.onnx", input_size=16,
+                           latency_runs=0, threads=1)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_bias_shared_among_layers_takes_its_corrected_values(tmp_path):
+    """CoRa corrects every bias once it fine-tunes an adapter; the block's equal biases are one
+    initializer in the exported graph (random ConvNeXt's zero biases, read by 22 Adds): each Linear's
+    corrected bias goes into its own Add (BiasUpdatePass), and the file verifies."""
+    torch.manual_seed(0)
+    result = cora_onnx.quantize(SharedBias().eval(), calib=_images(tmp_path), out=tmp_path / "m.onnx", input_size=16,
+                                latency_runs=0, threads=1, method="cora", budget=0.5, iters=4, calib_size=8,
+                                stats_size=8, sens_images=4)
+    assert result.report["verified"] is True
+    assert all(result.plan.layer(n).bias is not None for n in ("block.0", "block.2"))
+    import onnx
+
+    names = {i.name for i in onnx.load(tmp_path / "m.onnx").graph.initializer}
+    assert {"block.0.bias_corrected", "block.2.bias"} <= names
+
+
+class Tied(nn.Module):
+    """Two Linear layers sharing one weight: one initializer in the exported graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc2.weight = self.fc1.weight
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)).mean(dim=(2, 3))
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def test_tied_weights_are_refused_before_the_search(tmp_path, monkeypatch):
+    """Both layers of a tied weight are found in the graph (map_layers: fc2's under fc1's name), but
+    the passes cannot write two plans into one initializer: without the rehearsal this failed after
+    the search ("no initializer named fc1.weight"); with it, before: one line naming the layer found
+    by bisection and the pass's message, no file."""
+    from cora_onnx.torch import search
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the search ran")
+
+    monkeypatch.setitem(search.METHODS, "rtn", dataclasses.replace(search.METHODS["rtn"], run=no_search))
+    torch.manual_seed(0)
+    with pytest.raises(ModelError, match=r"^the ONNX passes cannot write what method rtn may plan for layer fc2 \(a "
+                                         r"4-bit grid; rehearsed before the search\): plan does not fit the ONNX model: "
+                                         r"no initializer named fc1\.weight; leave it in float with --skip fc2$"):
+        cora_onnx.quantize(Tied().eval(), calib=_images(tmp_path), out=tmp_path / "m.onnx", input_size=16,
                            latency_runs=0, threads=1)
     assert not (tmp_path / "m.onnx").exists()
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cora_onnx.core.errors import SettingsError, WEIGHT_BITS
-from cora_onnx.core.plan import Bias, Codebook, LayerPlan, LowRankAdapter, UniformWeights
+from cora_onnx.core.plan import Bias, Codebook, LayerPlan, LowRankAdapter, UniformWeights, WeightFingerprint
 
 __all__ = ["Encoding", "PER_CHANNEL", "row_width", "skeleton", "encoding_summary"]
 
@@ -97,9 +97,12 @@ class Encoding:
         return self.group or row_width(shape)
 
 
-def skeleton(name: str, shape: tuple[int, ...], kind: str, enc: Encoding, bias: bool = True) -> LayerPlan:
+def skeleton(name: str, shape: tuple[int, ...], kind: str, enc: Encoding, bias: bool = True,
+             fingerprint: WeightFingerprint | None = None) -> LayerPlan:
     """The LayerPlan of `enc` for a layer with zero-filled arrays of the stored types and shapes
-    (and a float16 bias when `bias`): what the passes write for it, byte for byte in size."""
+    (and a float16 bias when `bias`): what the passes write for it, byte for byte in size.
+    fingerprint: of the layer's float weight, which the passes find a weight the exporter stored
+    under another name by (a Linear as a MatMul: passes.WeightNamesPass)."""
     shape = tuple(int(s) for s in shape)
     c, k = shape[0], row_width(shape)
     uniform = adapter = codebook = None
@@ -119,7 +122,7 @@ def skeleton(name: str, shape: tuple[int, ...], kind: str, enc: Encoding, bias: 
         codebook = Codebook(block_size=enc.block, codewords=np.zeros((enc.codewords, enc.block), np.float16),
                             codes=np.zeros((c, m), np.uint8), scale=np.ones(c, np.float16))
     return LayerPlan(name=name, kind=kind, shape=shape, uniform=uniform, adapter=adapter, codebook=codebook,
-                     bias=Bias(np.zeros(c, np.float32), dtype="float16") if bias else None)
+                     bias=Bias(np.zeros(c, np.float32), dtype="float16") if bias else None, fingerprint=fingerprint)
 
 
 def encoding_summary(encodings) -> str:

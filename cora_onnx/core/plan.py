@@ -423,11 +423,14 @@ class Plan:
         """The preprocessing facts stored in meta (written into exported models' metadata)."""
         return {k: self.meta[k] for k in ("input_size", "crop_ratio", "mean", "std") if k in self.meta}
 
-    def with_fingerprints(self, weights: Mapping[str, np.ndarray]) -> "Plan":
+    def with_fingerprints(self, weights: Mapping[str, "np.ndarray | WeightFingerprint"]) -> "Plan":
         """This plan with each layer's fingerprint taken from weights (layer name -> the float
-        weight it was planned from); layers absent from weights keep theirs."""
-        layers = tuple(dataclasses.replace(lp, fingerprint=WeightFingerprint.of(weights[lp.name]))
-                       if lp.name in weights else lp for lp in self.layers)
+        weight it was planned from, or its fingerprint); layers absent from weights keep theirs."""
+        def of(w) -> WeightFingerprint:
+            return w if isinstance(w, WeightFingerprint) else WeightFingerprint.of(w)
+
+        layers = tuple(dataclasses.replace(lp, fingerprint=of(weights[lp.name])) if lp.name in weights else lp
+                       for lp in self.layers)
         return self.replace(layers=layers)
 
     def weight_mismatch(self, weights: Mapping[str, np.ndarray]) -> str | None:

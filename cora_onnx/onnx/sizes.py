@@ -25,7 +25,7 @@ from passes.compact_names import name_width
 
 from cora_onnx.core.encoding import Encoding, skeleton
 from cora_onnx.core.modelfile import onnx_bytes
-from cora_onnx.core.plan import Plan
+from cora_onnx.core.plan import Plan, WeightFingerprint
 from cora_onnx.onnx.pipeline import apply_plan
 
 __all__ = ["SizeTable", "measure_costs", "compact", "finish", "predicted_bytes", "metadata_reserve",
@@ -115,7 +115,8 @@ def predicted_bytes(model: ir.Model, plan: Plan, width: int) -> int:
     metadata, compact names of `width`), before any weight is in it: `model` is the float export."""
     from cora_onnx.core.encoding import Encoding
 
-    layers = tuple(skeleton(lp.name, lp.shape, lp.kind, Encoding.parse(lp.info["encoding"])) for lp in plan.layers)
+    layers = tuple(skeleton(lp.name, lp.shape, lp.kind, Encoding.parse(lp.info["encoding"]), fingerprint=lp.fingerprint)
+                   for lp in plan.layers)
     m = apply_plan(ir.from_proto(ir.to_proto(model)), plan.replace(layers=layers))
     m.metadata_props[ENCODINGS_KEY] = encodings_metadata(plan)
     compact(m, width)
@@ -138,12 +139,15 @@ def _attribute(proto: onnx.ModelProto, names: dict[str, str], layers: list[str])
 
 
 def measure_costs(model: ir.Model, layers: Mapping[str, tuple[tuple[int, ...], str]],
-                  menus: Mapping[str, list[Encoding]], reserve: int = 0, layout: Plan | None = None) -> SizeTable:
+                  menus: Mapping[str, list[Encoding]], reserve: int = 0, layout: Plan | None = None,
+                  fingerprints: Mapping[str, WeightFingerprint] | None = None) -> SizeTable:
     """The SizeTable of `model` (the exported float graph, its metadata already set) for layers
     (name -> (weight shape, "conv" or "linear")) with these menus; `reserve`: metadata bytes the
     file will add (see the module doc); `layout`: a plan (its layers ignored) whose merge width and
-    weight and adapter layouts the file is written with (None: Plan's defaults). Adapters are
-    measured once per rank, beside each layer's first grid, and added to the grid's own bytes."""
+    weight and adapter layouts the file is written with (None: Plan's defaults); `fingerprints`:
+    layer -> its float weight's, so the passes find a weight the exporter renamed or transposed (a
+    Linear as a MatMul) as they do for the real plan. Adapters are measured once per rank, beside
+    each layer's first grid, and added to the grid's own bytes."""
     t0 = time.perf_counter()
     names = list(layers)
     plain = {n: [e for e in menus[n] if not e.rank] for n in names}
@@ -161,7 +165,7 @@ def measure_costs(model: ir.Model, layers: Mapping[str, tuple[tuple[int, ...], s
                     r = ranks[n][min(j, len(ranks[n]) - 1)]
                     adapter_bits = next(e.adapter_bits for e in menus[n] if e.rank == r)
                     enc = Encoding("uniform", base.bits, base.group, r, adapter_bits)
-            out.append(skeleton(n, shape, kind, enc))
+            out.append(skeleton(n, shape, kind, enc, fingerprint=(fingerprints or {}).get(n)))
         return Plan("auto", {}, tuple(out)) if layout is None else layout.replace(layers=tuple(out))
 
     plans = [(j, False, column(j, False)) for j in range(max(len(v) for v in plain.values()))]

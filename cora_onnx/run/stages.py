@@ -33,13 +33,13 @@ from cora_onnx.torch.models import build_model, check_finite
 from cora_onnx.onnx.pipeline import apply_plan
 from cora_onnx.onnx.sizes import finish
 from cora_onnx.onnx.report import Activations
-from cora_onnx.core.plan import Plan
+from cora_onnx.core.plan import LayerPlan, Plan, WeightFingerprint
 from cora_onnx.torch.quantizers import quantizable_layers
 from cora_onnx.torch.search import METHODS
 from cora_onnx.onnx.verify import cpu_threads
 
 __all__ = ["RunOptions", "Options", "Data", "Budget", "Searched", "Exported", "check_options", "make_settings",
-           "load_model", "num_classes", "load_data", "map_layers", "size_budget", "run_search", "export_quantized",
+           "load_model", "num_classes", "load_data", "map_layers", "rehearse", "size_budget", "run_search", "export_quantized",
            "integer_activations",
            "ADAPTER_LAYOUTS", "BRANCH_TIMING_CALIB"]
 
@@ -235,17 +235,82 @@ def map_layers(fused: nn.Module, program, selection=None) -> None:
     name, or transposed as a MatMul weight: passes.locate_weight). ModelError naming the first that
     is not, so a run fails in seconds, not after its search. Modules that do not run in eval mode
     are already out of the fused model (fuse_batchnorm)."""
-    from cora_onnx.core.plan import WeightFingerprint
     from passes import locate_weight
 
     skip = set(selection.skip) if selection is not None else set()
     graph = program.model.graph
-    missing = [name for name, mod in quantizable_layers(fused).items() if name not in skip and locate_weight(
-        graph, f"{name}.weight", WeightFingerprint.of(mod.weight.detach().cpu().numpy())) is None]
+    missing = [name for name, fp in _fingerprints(fused).items()
+               if name not in skip and locate_weight(graph, f"{name}.weight", fp) is None]
     if missing:
         raise ModelError(f"{len(missing)} Conv/Linear layer(s) not found in the exported ONNX graph (e.g. {missing[0]}: "
                          f"the exporter rewrote its weight), so no plan could be applied to them; leave them in float "
                          f"with --skip {','.join(missing[:3])}{',...' if len(missing) > 3 else ''}")
+
+
+def rehearse(fused: nn.Module, program, opts: Options) -> None:
+    """Before any search: the plans opts.search may write (its Method's `rehearsal`: skeleton
+    layers, zero-filled, with the fused weights' fingerprints), in the run's file layout, and the
+    variants timed beside the first (_timing_variants), each applied to a copy of the exported float
+    graph by the passes the export runs (cora_onnx.onnx.pipeline.apply_plan). A pass that refuses
+    is a ModelError naming the first layer it refuses (_refused) and its message, so a run fails
+    in seconds, not after its search. Integer activations are calibrated after the search and
+    are not rehearsed."""
+    rehearsal = METHODS[opts.search].rehearsal
+    if rehearsal is None:
+        return
+    t0 = time.perf_counter()
+    fingerprints = _fingerprints(fused)
+    plans = [_file_layout(p.with_fingerprints(fingerprints), opts) for p in rehearsal(fused, opts.settings)]
+    plans += list(_timing_variants(plans[0], opts).values())  # of the first: the others differ in their widths alone
+    for plan in plans:
+        exc = _refuses(program.model, plan)
+        if exc is not None:
+            lp, why = _refused(program.model, plan, exc)
+            raise ModelError(f"the ONNX passes cannot write what method {opts.search} may plan for layer {lp.name} "
+                             f"({_described(lp, plan)}; rehearsed before the search): {why}; leave it in float with "
+                             f"--skip {lp.name}")
+    log.info("rehearsal: %d skeleton plan(s) of %d layers written into the exported graph in %.1f s", len(plans),
+             len(plans[0].layers), time.perf_counter() - t0)
+
+
+def _refuses(model: ir.Model, plan: Plan) -> Exception | None:
+    """The failure of applying `plan` to a copy of `model` (apply_plan), None when it applies."""
+    try:
+        apply_plan(ir.from_proto(ir.to_proto(model)), plan)
+    except Exception as exc:  # any failure of a pass: the export after the search would fail the same way
+        log.debug("rehearsal of %d layers refused", len(plan.layers), exc_info=True)
+        return exc
+    return None
+
+
+def _refused(model: ir.Model, plan: Plan, exc: Exception) -> tuple[LayerPlan, str]:
+    """(LayerPlan, the pass's message in one line) of a plan that `model` refuses with `exc`: the
+    last layer of its shortest refused prefix, found by bisection (a few more copies, on failure only)."""
+    lo, hi = 0, len(plan.layers)  # the first lo layers apply (none, at least), the first hi do not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        found = _refuses(model, plan.replace(layers=plan.layers[:mid]))
+        if found is None:
+            lo = mid
+        else:
+            hi, exc = mid, found
+    lp = plan.layers[hi - 1]
+    return lp, _one_line(exc).removeprefix(f"layer {lp.name}: ")
+
+
+def _one_line(exc: Exception) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _described(lp: LayerPlan, plan: Plan) -> str:
+    """"a 4-bit grid, an adapter as branch convolutions, a corrected bias": what a layer's plan writes."""
+    parts = [f"a codebook of d={lp.codebook.block_size}" if lp.codebook is not None else f"a {lp.uniform.bits}-bit grid"]
+    if lp.adapter is not None:
+        parts.append("an adapter" + (" as branch convolutions" if plan.adapter_layout == "branch" else " merged"))
+    if lp.bias is not None or (lp.codebook is not None and lp.codebook.bias is not None):
+        parts.append("a corrected bias")
+    return ", ".join(parts)
 
 
 @dataclass(frozen=True, eq=False)
@@ -284,7 +349,12 @@ def size_budget(model: nn.Module, opts: Options) -> Budget | None:
     layers = quantizable_layers(fused)
     menus = menus_of(fused, opts.settings)
     specs = {n: layer_facts(layers[n])[:2] for n in menus}
-    table = measure_costs(program.model, specs, menus, metadata_reserve(menus), layout=_file_layout(Plan("auto", {}, ()), opts))
+    try:  # every encoding the search may choose, written into the graph as a skeleton: the rehearsal of auto
+        table = measure_costs(program.model, specs, menus, metadata_reserve(menus),
+                              layout=_file_layout(Plan("auto", {}, ()), opts), fingerprints=_fingerprints(fused))
+    except Exception as exc:  # any failure of a pass: the export after the search would fail the same way
+        raise ModelError(f"the ONNX passes cannot write the encodings a size target may choose (measured before the "
+                         f"search on skeleton plans): {_one_line(exc)}") from exc
     limit = target.limit(float_bytes)
     least = table.least()
     what = f"{target.describe()} ({limit:,} bytes, the float file being {float_bytes:,})"
@@ -300,28 +370,36 @@ def size_budget(model: nn.Module, opts: Options) -> Budget | None:
 
 
 def run_search(model: nn.Module, opts: Options, calib: ImageSet | None, budget: Budget | None = None) -> Searched:
-    """Fold BatchNorm, export the fused float model and check that every layer to plan is found in
-    it (map_layers), seed torch with opts.seed, run opts.search's search on the fused model. With
-    a size target, `budget` (size_budget) brings the fused model, its export and the settings."""
+    """Fold BatchNorm, export the fused float model, check that every layer to plan is found in it
+    (map_layers) and that the passes can write what the search may plan (rehearse), seed torch
+    with opts.seed, run opts.search's search on the fused model. With a size target, `budget`
+    (size_budget) brings the fused model, its export and the settings."""
     torch.manual_seed(opts.seed)
     pre = opts.pre
     if budget is None:
         fused = fuse_batchnorm(model, pre.input_size)
         program = export_program(fused, pre.input_size)
         map_layers(fused, program, getattr(opts.settings, "selection", None))
-    else:
+        rehearse(fused, program, opts)
+    else:  # size_budget wrote every encoding the search may choose into the graph already (measure_costs)
         fused, program = budget.fused, budget.program
     torch.manual_seed(opts.seed)
     t0 = time.perf_counter()
     plan = METHODS[opts.search].run(fused, opts.settings if budget is None else budget.settings, calib)
     seconds = time.perf_counter() - t0
-    weights = {name: mod.weight.detach().cpu().numpy() for name, mod in quantizable_layers(fused).items()}
+    plan = plan.with_fingerprints(_fingerprints(fused))  # the passes check them, and find renamed weights by them
     extra = {} if budget is None else {"size_target": _target_meta(opts.size_target, budget, _file_layout(plan, opts))}
-    plan = Plan(plan.method, plan.settings, plan.with_fingerprints(weights).layers,
+    plan = Plan(plan.method, plan.settings, plan.layers,
                 meta={**plan.meta, "model": opts.model_name or type(model).__name__, "input_size": pre.input_size,
                       "crop_ratio": pre.crop_ratio, "mean": list(pre.mean), "std": list(pre.std), **extra})
     log.info("search done in %.1f s: %d layers planned", seconds, len(plan.layers))
     return Searched(fused, plan, seconds, program)
+
+
+def _fingerprints(fused: nn.Module) -> dict[str, WeightFingerprint]:
+    """Layer name -> the fingerprint of its float weight, for every Conv/Linear of the BatchNorm-fused
+    model (the weights plans are made from)."""
+    return {name: WeightFingerprint.of(mod.weight.detach().cpu().numpy()) for name, mod in quantizable_layers(fused).items()}
 
 
 def _file_layout(plan: Plan, opts: Options) -> Plan:
@@ -369,16 +447,17 @@ def export_quantized(searched: Searched, opts: Options, calib: ImageSet | None) 
     model_ir.metadata_props["cora_onnx.preprocess"] = json.dumps(plan.meta_preprocess())
     float_bytes = onnx_bytes(model_ir)
     extra = {}
-    adapted = any(lp.adapter is not None for lp in plan.layers)
-    if adapted:  # the same model without its branches, timed alongside
+    variants = _timing_variants(plan, opts)
+    adapted = bool(variants)
+    bare = variants.get("quantized_no_adapters")
+    if bare is not None:  # the same model without its branches, timed alongside
         # with merge_bits, weights with group-wise scales are re-quantized per channel (integer kernels)
-        bare = plan.replace(layers=tuple(dataclasses.replace(lp, adapter=None) for lp in plan.layers))
         bare_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), bare)
         extra["quantized_no_adapters"] = onnx_bytes(bare_ir) if scheme is None else \
             integer_activations(bare_ir, program, apply_plan_torch(fused, bare, opts.merge_bits), calib, scheme,
                                 opts.calib_settings, opts.threads)[0]
-    if adapted and opts.adapters == "merge":  # and with the adapters as branch convolutions (latency only)
-        branches = plan.replace(merge_bits=None, adapter_layout="branch")
+    branches = variants.get("quantized_branches")
+    if branches is not None:  # and with the adapters as branch convolutions (latency only)
         branch_ir = apply_plan(ir.from_proto(ir.to_proto(model_ir)), branches)
         extra["quantized_branches"] = onnx_bytes(branch_ir) if scheme is None else integer_activations(
             branch_ir, program, apply_plan_torch(fused, branches), calib.subset(BRANCH_TIMING_CALIB, opts.seed), scheme,
@@ -395,6 +474,19 @@ def export_quantized(searched: Searched, opts: Options, calib: ImageSet | None) 
         if adapted:
             act_report = dataclasses.replace(act_report, adapter_layout=opts.adapters)
     return Exported(float_bytes, quant_bytes, qmodel, extra, act_report, plan)
+
+
+def _timing_variants(plan: Plan, opts: Options) -> dict[str, Plan]:
+    """The plans of the files export_quantized times beside `plan` (in its file layout) when it has
+    adapters: without them ("quantized_no_adapters"), and when they are merged, with them as
+    branch convolutions ("quantized_branches")."""
+    if not any(lp.adapter is not None for lp in plan.layers):
+        return {}
+    out = {"quantized_no_adapters": plan.replace(layers=tuple(dataclasses.replace(lp, adapter=None)
+                                                                for lp in plan.layers))}
+    if opts.adapters == "merge":
+        out["quantized_branches"] = plan.replace(merge_bits=None, adapter_layout="branch")
+    return out
 
 
 def _check_size(data: bytes, plan: Plan) -> None:

@@ -38,24 +38,53 @@ def test_no_planned_bias_is_a_no_op(graph):
     assert not BiasUpdatePass(Plan("cora", {}, (LayerPlan("pw", "conv", graph.SHAPES["pw.weight"]),)))(graph.model()).modified
 
 
-@pytest.mark.parametrize("case", ["no layer", "shared bias"])
+@pytest.mark.parametrize("case", ["no layer", "no node"])
 def test_refuses_what_it_cannot_place(graph, case):
     model = graph.model()
     if case == "no layer":  # a layer the graph does not have
         plan = Plan("cora", {}, (LayerPlan("other", "conv", (8, 3, 3, 3), bias=Bias(np.zeros(8, np.float32))),))
         match = "no initializer named other.weight or other.bias"
-    else:  # two nodes read conv1.bias: overwriting it would change both
+    else:  # conv1.bias read by two nodes, and conv1.weight by none: no node tells conv1's own
         conv1 = next(n for n in model.graph if n.name == "conv1")
         pw = next(n for n in model.graph if n.name == "pw")
         pw.replace_input_with(2, conv1.inputs[2])
+        conv1.replace_input_with(1, pw.inputs[1])
         plan = _plan(graph, conv1=np.zeros(8, np.float32))
-        match = "shared by 2 nodes"
+        match = "bias conv1.bias is shared by 2 nodes, and no single Conv/Gemm"
     with pytest.raises(Exception) as err:
         BiasUpdatePass(plan)(model)
     cause = err.value
     while not isinstance(cause, PlanError) and cause.__cause__ is not None:
         cause = cause.__cause__
     assert isinstance(cause, PlanError) and match in str(cause)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_bias_shared_among_layers_is_replaced_in_its_own_node_only(graph, dtype):
+    """The exporter stores equal biases of several layers as one initializer under the first one's
+    name (random weights' zero biases). Each planned layer's bias replaces it in that layer's own
+    node only: conv1's as conv1.bias_corrected (conv1.bias being the shared name), pw's as pw.bias;
+    a layer not planned keeps reading the shared one."""
+    model = graph.model()
+    nodes = {n.name: n for n in model.graph}
+    shared = nodes["conv1"].inputs[2]
+    nodes["pw"].replace_input_with(2, shared)  # shapes aside: the pass places biases, it does not run them
+    rng = np.random.default_rng(8)
+    new = {"conv1": Bias.narrowest(rng.normal(size=8)) if dtype == "float16" else Bias(np.ones(8, np.float32))}
+    plan = Plan("cora", {}, (LayerPlan("conv1", "conv", graph.SHAPES["conv1.weight"], bias=new["conv1"]),))
+    assert BiasUpdatePass(plan)(model).modified
+    got = nodes["conv1"].inputs[2]
+    got = got.producer().inputs[0] if dtype == "float16" else got
+    assert got.name == ("conv1.bias_corrected_half" if dtype == "float16" else "conv1.bias_corrected")
+    np.testing.assert_array_equal(got.const_value.numpy().astype(np.float32), new["conv1"].values)
+    assert nodes["pw"].inputs[2] is shared and np.array_equal(shared.const_value.numpy(), graph.weights["conv1.bias"])
+    model = graph.model()
+    nodes = {n.name: n for n in model.graph}
+    shared = nodes["conv1"].inputs[2]
+    nodes["pw"].replace_input_with(2, shared)
+    model.graph.initializers.pop("pw.bias")  # as exported: the shared one stands for it
+    assert BiasUpdatePass(_plan(graph, pw=np.ones(6, np.float32)))(model).modified
+    assert nodes["pw"].inputs[2] is model.graph.initializers["pw.bias"] and nodes["conv1"].inputs[2] is shared
 
 
 def test_float16_biases_are_stored_half_and_compute_the_same(graph):

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from cora_onnx.core.errors import SettingsError, check_bits
 from cora_onnx.core.options import KEEP_CHOICES
-from cora_onnx.core.plan import UniformWeights
-from cora_onnx.torch.quantizers import QuantizedTensor, QuantSpec
+from cora_onnx.core.encoding import Encoding, skeleton
+from cora_onnx.core.plan import Bias, LayerPlan, UniformWeights
+from cora_onnx.torch.quantizers import QuantizedTensor, QuantSpec, group_count
 
-__all__ = ["KEEP_CHOICES", "LayerSelection", "default_selection", "select_layers", "layer_kind", "is_depthwise", "uniform_from"]
+__all__ = ["KEEP_CHOICES", "LayerSelection", "default_selection", "select_layers", "layer_kind", "is_depthwise", "uniform_from",
+           "skeleton_layer"]
 
 
 
@@ -79,3 +83,24 @@ def uniform_from(qt: QuantizedTensor) -> UniformWeights:
     return UniformWeights(bits=spec.bits, symmetric=spec.symmetric, per_channel=spec.per_channel,
                           q=qt.q.numpy().astype(dtype), scale=qt.scale.numpy().astype(np.float32),
                           zero_point=qt.zero_point.numpy().astype(dtype), **grouped)
+
+
+def skeleton_layer(name: str, mod: nn.Module, spec: QuantSpec, adapter_bits: int | None = None,
+                   bias: str | None = None) -> LayerPlan:
+    """The LayerPlan a search writes for `mod` on `spec`'s grid (as uniform_from stores it), its
+    arrays zero-filled and its scales 1 (cora_onnx.core.encoding.skeleton): with a rank-1 low-rank
+    adapter when adapter_bits is given (0: float factors, else on grids of that width) and a zero
+    bias stored as `bias` ("float32" or "float16"; None: the layer's own bias kept). What a
+    method's rehearsal is made of (cora_onnx.torch.search.Method, cora_onnx.run.stages.rehearse)."""
+    shape = tuple(int(s) for s in mod.weight.shape)
+    lp = skeleton(name, shape, layer_kind(mod), Encoding("uniform", bits=spec.bits, rank=int(adapter_bits is not None),
+                                                          adapter_bits=adapter_bits or 8), bias=False)
+    c, k = shape[0], int(np.prod(shape[1:]))
+    scales = (c, group_count(k, spec.group)) if spec.group else (c if spec.per_channel else 1,)
+    grid = uniform_from(QuantizedTensor(q=torch.zeros(shape, dtype=torch.int16), scale=torch.ones(scales),
+                                        zero_point=torch.zeros(scales, dtype=torch.int16), spec=spec))
+    adapter = lp.adapter
+    if adapter_bits == 0:
+        adapter = dataclasses.replace(adapter, bits=None, a_scale=None, b_scale=None)
+    return dataclasses.replace(lp, uniform=grid, adapter=adapter,
+                               bias=Bias(np.zeros(c, np.float32), dtype=bias) if bias else None)

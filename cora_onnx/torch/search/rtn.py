@@ -13,10 +13,10 @@ from cora_onnx.core.npgrid import default_clip
 from cora_onnx.core.plan import LayerPlan, Plan
 from cora_onnx.core.progress import progress
 from cora_onnx.torch.quantizers import CLIP_METHODS, QuantSpec, quantizable_layers, quantize_weight
-from cora_onnx.torch.search.layers import LayerSelection, layer_kind, select_layers, uniform_from
+from cora_onnx.torch.search.layers import LayerSelection, layer_kind, select_layers, skeleton_layer, uniform_from
 from cora_onnx.torch.search.cli_options import CliOption
 
-__all__ = ["RtnSettings", "search_rtn", "RTN_OPTIONS", "GRID_OPTIONS"]
+__all__ = ["RtnSettings", "search_rtn", "rehearsal_rtn", "RTN_OPTIONS", "GRID_OPTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,13 @@ def search_rtn(model: nn.Module, settings: RtnSettings, calib=None) -> Plan:
                                uniform=uniform_from(qt), info={"relative_weight_mse": err}))
         log.debug("%s: %d bits, relative weight MSE %.3g", name, b, err)
     return Plan(method="rtn", settings={"method": "rtn", **settings.to_json()}, layers=tuple(plans))
+
+
+def rehearsal_rtn(model: nn.Module, settings: RtnSettings) -> tuple[Plan, ...]:
+    """What search_rtn writes, zero-filled (skeleton_layer): each selected layer's grid, no bias."""
+    layers = quantizable_layers(model)
+    bits = select_layers(layers, settings.bits, settings.selection)
+    return (Plan("rtn", {}, tuple(skeleton_layer(n, layers[n], settings.spec(b)) for n, b in bits.items())),)
 
 
 GRID_OPTIONS = (

@@ -32,8 +32,8 @@ from __future__ import annotations
 from cora_onnx.torch.search.distill import augment_batch
 from cora_onnx.torch.search.cora.layer import SearchLayer, set_module, butterworth
 from cora_onnx.torch.search.cora.result import cora_report
-from cora_onnx.torch.search.cora.search import search_cora
+from cora_onnx.torch.search.cora.search import rehearsal_cora, search_cora
 from cora_onnx.torch.search.cora.settings import CORA_OPTIONS, PRESETS, CoraSettings
 
-__all__ = ["CoraSettings", "search_cora", "cora_report", "CORA_OPTIONS", "PRESETS", "butterworth", "augment_batch",
+__all__ = ["CoraSettings", "search_cora", "rehearsal_cora", "cora_report", "CORA_OPTIONS", "PRESETS", "butterworth", "augment_batch",
            "SearchLayer", "set_module"]

@@ -212,6 +212,12 @@ def mixable(layers: dict[str, nn.Module], bits: dict[str, int], b0: int) -> list
     return [n for n, b in bits.items() if b == b0 and not (isinstance(layers[n], nn.Conv2d) and layers[n].groups != 1)]
 
 
+def adaptable(layers: dict[str, nn.Module], bits: dict[str, int], settings: "CoraSettings") -> list[str]:
+    """The layers that get an adapter when their grid is below 8 bits: the mixable convolutions,
+    with an adapter budget."""
+    return [n for n in mixable(layers, bits, settings.bits) if isinstance(layers[n], nn.Conv2d) and settings.budget > 0]
+
+
 def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict[str, int],
                     settings: "CoraSettings", batches: list[torch.Tensor], phases: Phases,
                     logits: list | None = None) -> tuple[dict, dict, dict, dict]:
@@ -273,7 +279,7 @@ def _quantize_mixed(teacher: nn.Module, layers: dict[str, nn.Module], bits: dict
     chosen = choose_bits(harm, cost, budget)
     t3 = time.perf_counter()
     new_bits = dict(bits)
-    adapt = [n for n in candidates if chosen[n] < 8 and settings.budget > 0 and isinstance(layers[n], nn.Conv2d)]
+    adapt = [n for n in adaptable(layers, bits, settings) if chosen[n] < 8]
     with phases("decomposition", len(adapt), "layers", "CoRa: residual decompositions",
                 work=sum(effort[n] for n in adapt)) as p:
         for n in candidates:

@@ -19,10 +19,11 @@ from cora_onnx.core.progress import Phases
 from cora_onnx.torch.quantizers import quantizable_layers
 from cora_onnx.core.plan import Plan
 from cora_onnx.torch.images import as_torch
-from cora_onnx.torch.search.layers import select_layers
+from cora_onnx.torch.search.layers import select_layers, skeleton_layer
 from cora_onnx.torch.search.distill import Capture, augment_batch, distill_loss, feature_loss
 from cora_onnx.torch.search.cora.layer import SearchLayer, set_module
-from cora_onnx.torch.search.cora.grids import _correct_statistics, _float_statistics, _quantize_layers, _quantize_mixed, _reset_biases, mixable
+from cora_onnx.torch.search.cora.grids import (_correct_statistics, _float_statistics, _quantize_layers, _quantize_mixed,
+                                               _reset_biases, adaptable, mixable)
 from cora_onnx.torch.search.cora.result import _build_plan
 from cora_onnx.torch.search.cora.settings import CoraSettings
 
@@ -267,8 +268,7 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
         p.requires_grad_(False)
     layers = quantizable_layers(teacher)
     bits = select_layers(layers, settings.bits, settings.selection)
-    adapted = [n for n, b in bits.items() if b == settings.bits and b < 8 and settings.budget > 0
-               and isinstance(layers[n], nn.Conv2d) and layers[n].groups == 1]
+    adapted = adaptable(layers, bits, settings) if settings.bits < 8 else []
     calib = as_torch(calib).subset(settings.calib_size, settings.seed)
     # channels-last batches: PyTorch's CPU convolutions run them faster (ResNet-18 ~10%, MobileNetV2 ~2x)
     stats_batches = [x.contiguous(memory_format=torch.channels_last)
@@ -319,3 +319,28 @@ def search_cora(model: nn.Module, settings: CoraSettings, calib) -> Plan:
         for c in captures:
             c.remove()
     return _build_plan(st, grids, live, time.perf_counter() - t_start)
+
+
+def rehearsal_cora(model: nn.Module, settings: CoraSettings) -> tuple[Plan, ...]:
+    """What search_cora may write, zero-filled (skeleton_layer), one plan per width the layers at
+    `bits` may take (mixed_bits, else `bits` alone; the kept layers at their keep_bits in each):
+    the grids of settings.spec, an adapter (rank 1, adapter_bits) on every adaptable layer below 8
+    bits (with one or without: the export also writes the plan without them) and the float32 bias
+    on every layer whose bias the search may change."""
+    layers = quantizable_layers(model)
+    bits = select_layers(layers, settings.bits, settings.selection)
+    moved = set(mixable(layers, bits, settings.bits)) if settings.mixed_bits and settings.bits < 8 else set()
+    adapters = set(adaptable(layers, bits, settings))
+    # the statistics correction changes the biases; the fine-tuning does when it runs (adapters to tune)
+    trained = settings.stats != "none" or (settings.finetune_biases and settings.finetune_iters > 0 and bool(adapters)
+                                           and settings.bits < 8)
+
+    def layer(n: str, b: int):
+        fixed = isinstance(layers[n], nn.Linear) and not settings.fit_classifier
+        changed = layers[n].bias is None or (trained and not fixed)
+        return skeleton_layer(n, layers[n], settings.spec(b),
+                              adapter_bits=settings.adapter_bits if n in adapters and b < 8 else None,
+                              bias="float32" if changed else None)
+
+    widths = sorted(settings.mixed_bits) if moved else [settings.bits]
+    return tuple(Plan("cora", {}, tuple(layer(n, w if n in moved else b) for n, b in bits.items())) for w in widths)

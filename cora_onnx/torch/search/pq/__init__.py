@@ -36,10 +36,10 @@ from __future__ import annotations
 from cora_onnx.torch.search.pq.codebook import (PqFit, assign_with_feedback, fit_codebook, float_output_error, float_target, full_error,
                        weighted_error)
 from cora_onnx.torch.search.pq.summary import pq_report
-from cora_onnx.torch.search.pq.search import search_pq
+from cora_onnx.torch.search.pq.search import pq_layers, rehearsal_pq, search_pq
 from cora_onnx.torch.search.pq.settings import BLOCK_PRESETS, DAMPING, PQ_OPTIONS, TARGETS, PqSettings, block_kind, parse_block_size
 from cora_onnx.torch.search.pq.statistics import Geom, SecondMoment, input_stats
 
-__all__ = ["PqSettings", "PqFit", "search_pq", "fit_codebook", "weighted_error", "block_kind", "parse_block_size",
+__all__ = ["PqSettings", "PqFit", "search_pq", "pq_layers", "rehearsal_pq", "fit_codebook", "weighted_error", "block_kind", "parse_block_size",
            "pq_report", "PQ_OPTIONS", "BLOCK_PRESETS", "assign_with_feedback", "full_error", "float_target",
            "float_output_error", "TARGETS", "DAMPING", "Geom", "SecondMoment", "input_stats"]

@@ -14,19 +14,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from cora_onnx.core.encoding import Encoding, skeleton
 from cora_onnx.core.errors import DataError, ModelError, SettingsError
 from cora_onnx.core.plan import Bias, Codebook, LayerPlan, Plan
 from cora_onnx.core.progress import Phases, progress
 from cora_onnx.torch.quantizers import WIDE_K, QuantSpec, gptq_round, input_weighted_clip, output_error, quantizable_layers, quantize_weight
 from cora_onnx.torch.images import as_torch
-from cora_onnx.torch.search.layers import layer_kind, select_layers, uniform_from
+from cora_onnx.torch.search.layers import layer_kind, select_layers, skeleton_layer, uniform_from
 from cora_onnx.torch.search.staged import LayerFeed
 from cora_onnx.torch.search.pq.codebook import assign_with_feedback, fit_codebook, float_output_error, float_target, full_error
 from cora_onnx.torch.search.pq.finetune import finetune
 from cora_onnx.torch.search.pq.settings import PqSettings, block_kind
 from cora_onnx.torch.search.pq.statistics import Geom, input_stats, joint_stats, output_means, patches_per_image
 
-__all__ = ["search_pq", "fit_layers"]
+__all__ = ["search_pq", "fit_layers", "pq_layers", "rehearsal_pq"]
 
 log = logging.getLogger(__name__)
 
@@ -258,12 +259,11 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
     return student, slayers, state, plans
 
 
-def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
-    """Product-quantize every selected Conv2d/Linear of a BN-fused model (see module doc)."""
-    if calib is None or len(calib) == 0:
-        raise DataError("pq needs calibration images")
-    model = model.eval()
-    layers = quantizable_layers(model)
+def pq_layers(layers: dict[str, nn.Module], settings: PqSettings) -> tuple[list[str], dict[str, int], dict[str, Geom]]:
+    """Which layers search_pq plans, and how: all but selection.skip in order; those kept on a
+    uniform grid (the selection's keep, uniform_layers: name -> bits); the geometry (block size)
+    of the product-quantized others. ModelError without a layer; SettingsError for a pattern that
+    names no layer."""
     if not layers:
         raise ModelError("the model has no Conv2d/Linear layer to quantize")
     # which layers: keep -> uniform at keep_bits, skip -> float, the rest -> PQ (validated first)
@@ -284,6 +284,37 @@ def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
             shown = ", ".join(list(geoms)[:6]) + (", ..." if len(geoms) > 6 else "")
             raise SettingsError(f"block_size entry {pattern!r} is neither a kernel kind (1x1, kxk, <kh>x<kw>, "
                                 f"depthwise, linear) nor the name of a product-quantized layer ({shown})")
+    return order, kept, geoms
+
+
+def rehearsal_pq(model: nn.Module, settings: PqSettings) -> tuple[Plan, ...]:
+    """What search_pq writes, zero-filled: the kept layers' grids (skeleton_layer; with the float32
+    corrected bias when GPTQ-rounded), the others' codebooks of their block size (pq_layers), with
+    the float16 channel scales (channel_scale) and the float16 corrected bias it stores with them."""
+    layers = quantizable_layers(model)
+    order, kept, geoms = pq_layers(layers, settings)
+    out = []
+    for n in order:
+        mod = layers[n]
+        if n in kept:
+            gptq = settings.bias_correction and _gptq_rounded(n, mod, settings)
+            out.append(skeleton_layer(n, mod, QuantSpec(bits=kept[n]), bias="float32" if gptq else None))
+            continue
+        lp = skeleton(n, tuple(mod.weight.shape), layer_kind(mod), Encoding("pq", block=geoms[n].d,
+                                                                         codewords=settings.codewords), bias=False)
+        cb = dataclasses.replace(lp.codebook, scale=lp.codebook.scale if settings.channel_scale else None,
+                                 bias=np.zeros(lp.shape[0], np.float16))
+        out.append(dataclasses.replace(lp, codebook=cb))
+    return (Plan("pq", {}, tuple(out)),)
+
+
+def search_pq(model: nn.Module, settings: PqSettings, calib=None) -> Plan:
+    """Product-quantize every selected Conv2d/Linear of a BN-fused model (see module doc)."""
+    if calib is None or len(calib) == 0:
+        raise DataError("pq needs calibration images")
+    model = model.eval()
+    layers = quantizable_layers(model)
+    order, kept, geoms = pq_layers(layers, settings)
     images = as_torch(calib).subset(settings.calib_size, settings.seed)
     t_start = time.perf_counter()
 

@@ -363,3 +363,16 @@ def test_unmappable_layer_left_in_float_with_skip(tmp_path):
                                 latency_runs=0, threads=1, skip="fc")
     assert result.report["verified"] is True
     assert [lp.name for lp in result.plan.layers] == ["conv"]
+
+
+def test_linear_inside_a_block_takes_a_size_target(tmp_path):
+    """A size target on Linear layers that run on channels-last 4-D tensors (ConvNeXt's blocks):
+    their output means are taken over the last axis (channel_sums), so the fit's corrected biases
+    have the layer's width, and the file verifies within its target."""
+    torch.manual_seed(0)
+    result = cora_onnx.quantize(BlockMLP().eval(), calib=_images(tmp_path), out=tmp_path / "m.onnx", input_size=12,
+                                latency_runs=0, threads=1, target_ratio=1.5, em_iters=2, menu_em_iters=1,
+                                finetune_steps=2)
+    r = result.report
+    assert r["verified"] is True and r["size_target"]["within"]
+    assert all(lp.bias is None or lp.bias.values.shape == (lp.shape[0],) for lp in result.plan.layers)

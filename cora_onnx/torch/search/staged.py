@@ -283,7 +283,7 @@ class LayerFeed:
         """Per-output-channel mean of the teacher layer's output on the layer's statistics images."""
         total, count = 0, 0
         for x in self._batches("teacher", name, tmod, self._cached(name)):
-            s, n = channel_sums(tmod(x))
+            s, n = channel_sums(tmod(x), tmod)
             total, count = total + s, count + n
         return (total / count).float()
 

@@ -90,10 +90,12 @@ def input_rows(mod: nn.Module, x: torch.Tensor, keep: int | None = None,
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def channel_sums(out: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A layer's output batch (N, C, H, W) or (..., C) -> per-channel sums (float64) and values per channel."""
+def channel_sums(out: torch.Tensor, mod: nn.Module) -> tuple[torch.Tensor, int]:
+    """The output batch of layer `mod` -> per-channel sums (float64) and values per channel: a
+    Conv2d's (N, C, H, W), a Linear's (..., C) (a 4-D one too: ConvNeXt's block Linears run on
+    channels-last tensors)."""
     o = out.detach().float()
-    o = o.transpose(0, 1).reshape(o.shape[1], -1) if o.dim() == 4 else o.reshape(-1, o.shape[-1]).T
+    o = o.transpose(0, 1).reshape(o.shape[1], -1) if not isinstance(mod, nn.Linear) else o.reshape(-1, o.shape[-1]).T
     return o.double().sum(1), o.shape[1]
 
 

@@ -163,8 +163,8 @@ def output_means(model: nn.Module, mods: dict[str, nn.Module], images, batch_siz
     counts: dict[str, int] = {}
 
     def make(name):
-        def hook(_mod, _inp, out):
-            total, n = channel_sums(out)
+        def hook(mod, _inp, out):
+            total, n = channel_sums(out, mod)
             sums[name] = sums.get(name, 0) + total
             counts[name] = counts.get(name, 0) + n
         return hook

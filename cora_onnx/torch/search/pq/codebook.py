@@ -319,7 +319,6 @@ def _feedback_spans(w: torch.Tensor, H: Spans, fit: PqFit, damp: float, lazy: in
     if FF != m * d or H.span % d:
         raise ValueError(f"spans of {H.span} over {FF} inputs do not fit sub-vectors {tuple(w.shape)}")
     C, s = fit.codewords, fit.scale if fit.scale is not None else torch.ones(O)
-    W = w.reshape(G, O // G, FF).double().clone()
     codes = torch.empty(G, O // G, m, dtype=torch.long)
     sg = s.reshape(G, O // G).double()
     Cd = C.double()
@@ -327,18 +326,21 @@ def _feedback_spans(w: torch.Tensor, H: Spans, fit: PqFit, damp: float, lazy: in
     for b0, block in zip(range(0, m, per), H.blocks):
         b1 = min(b0 + per, m)
         U = inverse_cholesky(block, damp)  # (G, span, span), span columns from 0
+        # the span's own columns in float64: no error leaves the span (268 MB, not 822, at VGG's classifier)
+        W = w.reshape(G, O // G, FF)[:, :, b0 * d:b1 * d].double().clone()
         for a0 in range(b0, b1, step):
             a1 = min(a0 + step, b1)
             F = torch.empty(G, O // G, (a1 - a0) * d, dtype=torch.float64)  # E U_bb^-1 of these blocks
             for b in range(a0, a1):
                 sl = slice((b - b0) * d, (b - b0 + 1) * d)
                 Ubb = U[:, sl, sl]
-                code, E = _assign_block(W[:, :, b * d:(b + 1) * d], Ubb, sg, Cd)
+                code, E = _assign_block(W[:, :, sl], Ubb, sg, Cd)
                 codes[:, :, b] = code
                 Fb = torch.linalg.solve_triangular(Ubb, E, upper=True, left=False)
                 F[:, :, (b - a0) * d:(b - a0 + 1) * d] = Fb
-                W[:, :, (b + 1) * d:a1 * d] -= Fb @ U[:, sl, sl.stop:(a1 - b0) * d]
-            W[:, :, a1 * d:b1 * d] -= F @ U[:, (a0 - b0) * d:(a1 - b0) * d, (a1 - b0) * d:]
+                W[:, :, sl.stop:(a1 - b0) * d] -= Fb @ U[:, sl, sl.stop:(a1 - b0) * d]
+            W[:, :, (a1 - b0) * d:] -= F @ U[:, (a0 - b0) * d:(a1 - b0) * d, (a1 - b0) * d:]
+        del U, W
     return dataclasses.replace(fit, codes=codes.reshape(O, m), error=float("nan"))
 
 

@@ -179,7 +179,7 @@ def span_stats(mod: nn.Module, geom: Geom, span: int, batches: Iterable, w: torc
         residual /= count
         if centered:  # Cov_qf - Cov_qq = E[x_q (x_f - x_q)^T] - mu_q (mu_f - mu_q)^T
             for g in range(G):
-                residual[g].addr_(mu["q"][g].float(), (Wg[g].double() @ (mu["f"][g] - mu["q"][g])).float(), alpha=-1)
+                residual[g].addr_(mu["q"][g].float(), Wg[g] @ (mu["f"][g] - mu["q"][g]).float(), alpha=-1)
         out["residual"], out["mu_f"] = residual, mu["f"].float()
     return out
 

@@ -107,8 +107,9 @@ class _Handler(logging.Handler):
         print(self.sampler.line(record.getMessage()[:220]), file=sys.stderr, flush=True)
 
 
-def pq_wide(pool: int, c_out: int, calib: Path, sets: list[str]) -> None:
-    """search_pq on the proxy of the module doc."""
+def pq_wide(pool: int, c_out: int, calib: Path, sets: list[str], holdout: Path | None = None) -> None:
+    """search_pq on the proxy of the module doc; each searched layer's output error against the
+    float network on the calibration images and on `holdout`'s."""
     import torch
     from torch import nn
 
@@ -124,9 +125,29 @@ def pq_wide(pool: int, c_out: int, calib: Path, sets: list[str]) -> None:
         over[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
     images = load_images(calib, Preprocess(224))
     plan = search_pq(model, PqSettings(**over), images)
+    from cora_onnx.torch.export import apply_plan_torch
+
+    quant = apply_plan_torch(model, plan)
+    sets_ = {"calib": images, **({"holdout": load_images(holdout, Preprocess(224))} if holdout else {})}
+    outputs = {}
+    with torch.no_grad():  # each layer's output, float and quantized network
+        for which, imgs in sets_.items():
+            x = torch.from_numpy(next(imgs.batches(len(imgs))))
+            for net, tag in ((model, "float"), (quant, "pq")):
+                hooks = [m.register_forward_hook(lambda _m, _i, out, n=n, k=(which, tag): outputs.__setitem__((n, k), out))
+                         for n, m in net.named_children() if n in ("4", "6")]
+                net(x)
+                for h in hooks:
+                    h.remove()
     for lp in plan.layers:
-        logging.getLogger("cora_onnx").info("%s: activation-weighted error %s, relative weight MSE %.5f", lp.name,
-                                            lp.info.get("activation_weighted_error"), lp.info["relative_weight_mse"])
+        msg = f"{lp.name}: activation-weighted error {lp.info.get('activation_weighted_error')}, relative weight " \
+              f"MSE {lp.info['relative_weight_mse']:.5f}"
+        for which in sets_:
+            if (lp.name, (which, "pq")) in outputs:
+                yf, yq = outputs[(lp.name, (which, "float"))], outputs[(lp.name, (which, "pq"))]
+                spread = (yf - yf.mean(0)).pow(2).sum()  # about each output's mean: the bias carries the rest
+                msg += f", output error / float spread on {which} {float((yq - yf).pow(2).sum() / spread):.6f}"
+        logging.getLogger("cora_onnx").info(msg)
 
 
 def main() -> None:
@@ -138,6 +159,7 @@ def main() -> None:
     ap.add_argument("--pq-wide", type=int, default=None, metavar="POOL", help="the VGG classifier proxy (module doc)")
     ap.add_argument("--c-out", type=int, default=4096, help="outputs of the proxy's wide layer")
     ap.add_argument("--calib", type=Path, default=None, help="calibration images of the proxy")
+    ap.add_argument("--holdout", type=Path, default=None, help="images the proxy's output errors are also measured on")
     ap.add_argument("--pq-set", action="append", default=[], metavar="KEY=VALUE", help="a PqSettings field (proxy)")
     ap.add_argument("args", nargs=argparse.REMAINDER, help="-- then the cora-onnx command line")
     args = ap.parse_args()
@@ -159,7 +181,7 @@ def main() -> None:
     with sampler:
         try:
             if args.pq_wide is not None:
-                pq_wide(args.pq_wide, args.c_out, args.calib, args.pq_set)
+                pq_wide(args.pq_wide, args.c_out, args.calib, args.pq_set, args.holdout)
             else:
                 cli_main.main(cli, standalone_mode=False)
         except SystemExit as exc:

@@ -196,7 +196,7 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
         if settings.bias_correction and name in by_weight and name not in targets:  # staged: from the cache
             targets[name] = feed.teacher_output_mean(name, layers[name])
         t0 = time.perf_counter()
-        w = mod.weight.detach().float().clone()
+        w = layers[name].weight.detach().float()  # the float weight, as the student's still is: the teacher's, no copy
         if name in gptq:
             plans[name] = _fit_uniform_gptq(model, layers[name], student, mod, name, kept[name], feed, targets,
                                             settings)

@@ -213,7 +213,7 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
         g = geoms[name]
         feedback = settings.error_feedback and g.m > 1
         # above WIDE_K the measures that only inform (the float-output errors, the error without
-        # feedback) are left out: each is a C_out K^2 product, and the float network's own moment a K x K more
+        # feedback) are left out: each needs K x K moments (the wide route makes none) and a C_out K^2 product
         wide = g.m * g.d > WIDE_K
         # with bias correction the mean shift of the output is absorbed by the bias: fit the covariance.
         # Post-ReLU inputs have means far above their spread, and the second moment would spend the

@@ -24,6 +24,7 @@ quarter of its K x K memory and half of its C_OUT x K.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -134,7 +135,9 @@ def pq_wide(pool: int, c_out: int, calib: Path, sets: list[str], holdout: Path |
         for which, imgs in sets_.items():
             x = torch.from_numpy(next(imgs.batches(len(imgs))))
             for net, tag in ((model, "float"), (quant, "pq")):
-                hooks = [m.register_forward_hook(lambda _m, _i, out, n=n, k=(which, tag): outputs.__setitem__((n, k), out))
+                def keep(_m, _i, out, key):
+                    outputs[key] = out
+                hooks = [m.register_forward_hook(functools.partial(keep, key=(n, (which, tag))))
                          for n, m in net.named_children() if n in ("4", "6")]
                 net(x)
                 for h in hooks:
@@ -189,7 +192,11 @@ def main() -> None:
         except Exception:
             traceback.print_exc()
             code = 1
-    print(f"\nexit {code}, peak RSS {sampler.peak / MB:.0f} MB, {time.monotonic() - sampler.t0:.0f} s", file=sys.stderr)
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the kernel's, between samples too
+    print(f"\nexit {code}, peak RSS {sampler.peak / MB:.0f} MB sampled ({maxrss / MB:.0f} MB ru_maxrss), "
+          f"{time.monotonic() - sampler.t0:.0f} s", file=sys.stderr)
     print("rises to a new high (RSS when the stack was taken, innermost project frame last; every rise in --out):",
           file=sys.stderr)
     high = 0
@@ -199,7 +206,8 @@ def main() -> None:
             print(f"  {r['t']:8.1f} s {r['rss_mb']:6d} MB  {' > '.join(r['stack'][-2:])}", file=sys.stderr)
     if args.out:
         args.out.write_text(json.dumps({"argv": cli, "exit": code, "peak_rss_mb": round(sampler.peak / MB),
-                                        "lines": sampler.lines, "rises": sampler.rises}, indent=1))
+                                        "ru_maxrss_mb": round(maxrss / MB), "lines": sampler.lines,
+                                        "rises": sampler.rises}, indent=1))
     sys.exit(code)
 
 

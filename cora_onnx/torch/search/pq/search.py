@@ -25,7 +25,8 @@ from cora_onnx.torch.search.pq.codebook import (assign_with_feedback, fit_codebo
                                                 float_target_spans, full_error, span_width)
 from cora_onnx.torch.search.pq.finetune import finetune
 from cora_onnx.torch.search.pq.settings import PqSettings, block_kind
-from cora_onnx.torch.search.pq.statistics import Geom, input_stats, joint_stats, output_means, patches_per_image, span_stats
+from cora_onnx.torch.search.pq.statistics import (Geom, input_stats, joint_stats, output_means, patches_per_image,
+                                                  span_stats)
 
 __all__ = ["search_pq", "fit_layers"]
 

@@ -84,16 +84,54 @@ def test_ordinary_widths_keep_the_fits_they_had(monkeypatch, target, wide_k):
     assert _digest(target) == {"float": "642a759e7c1051a2", "weight": "84efebf504bbfb98"}[target]
 
 
-def test_wide_layers_are_fitted_without_the_float_measures(monkeypatch):
-    """With fc1 (K = 256) above WIDE_K the search runs the wide route: fc1 is product-quantized with
-    its error under the diagonal blocks and without the float-output measures; the other layers
-    keep them."""
+@pytest.mark.parametrize("target", ["float", "weight"])
+def test_wide_layers_are_fitted_without_the_float_measures(monkeypatch, target):
+    """With fc1 (K = 256) above WIDE_K the search runs the wide route (statistics in spans): fc1 is
+    product-quantized with its error under the diagonal blocks and without the float-output
+    measures; the other layers keep them."""
     _wide_k(monkeypatch, 64)
-    plan = _search("float")
+    plan = _search(target)
     fc1, fc2 = plan.layer("fc1").info, plan.layer("fc2").info
     assert plan.layer("fc1").codebook is not None and 0 < fc1["activation_weighted_error"] < 1
     assert "float_output_error" not in fc1 and "full_error_without_feedback" not in fc1
-    assert "float_output_error" in fc2 and "full_error_without_feedback" in fc2
+    assert ("float_output_error" in fc2) == (target == "float") and "full_error_without_feedback" in fc2
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_span_stats_are_the_spans_of_the_joint_moments(centered):
+    """span_stats, a wide layer's statistics without a K x K: the diagonal span blocks of
+    joint_stats' E[x_q x_q^T], the means, and the float target's correction (H_qf - H_qq) W^T
+    summed without either moment (here a grouped conv, K = 36 per group, spans of 27); without
+    the float network's inputs the same blocks and means."""
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1, groups=2)
+    g = torch.Generator().manual_seed(8)
+    xq = [torch.relu(torch.randn(4, 8, 5, 5, generator=g)) + 0.5 for _ in range(3)]
+    xf = [x + 0.1 * torch.randn(x.shape, generator=g) for x in xq]
+    geom = statistics.Geom("conv", "kxk", 9, 2, 4)
+    joint = statistics.joint_stats(None, conv, None, conv, geom, None, 4, centered=centered, pairs=zip(xq, xf))
+    w = conv.weight.detach().reshape(6, -1)
+    st = statistics.span_stats(conv, geom, 27, zip(xq, xf), w=w, centered=centered)
+    want = codebook.Spans.of(joint["qq"], 27)
+    assert [b.shape for b in st["qq"].blocks] == [(2, 27, 27), (2, 9, 9)]
+    for got, exp in zip(st["qq"].blocks, want.blocks):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st["residual"], (joint["qf"] - joint["qq"]) @ w.reshape(2, 3, 36).transpose(1, 2),
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(st["mu_q"], joint["mu_q"])
+    torch.testing.assert_close(st["mu_f"], joint["mu_f"])
+    alone = statistics.span_stats(conv, geom, 27, xq, centered=centered)
+    assert "residual" not in alone and torch.equal(alone["mu_q"], st["mu_q"])
+    assert all(torch.equal(a, b) for a, b in zip(alone["qq"].blocks, st["qq"].blocks))
+    torch.testing.assert_close(st["qq"].blocks_of(9), codebook._blocks_of(joint["qq"], 9), rtol=1e-5, atol=1e-6)
+
+
+def test_unique_rows_is_torch_unique():
+    """The EM's distinct sub-vectors (O(n) memory): torch.unique(dim=0)'s rows in its order."""
+    g = torch.Generator().manual_seed(9)
+    for d in (1, 4, 9):
+        v = torch.randint(-2, 3, (600, d), generator=g).float() / 2
+        v[::5] = torch.randn(120, d, generator=g)
+        assert torch.equal(codebook._unique_rows(v), torch.unique(v, dim=0))
 
 
 def _correlated(k: int, n: int, seed: int) -> torch.Tensor:
@@ -119,6 +157,9 @@ def test_wide_float_target_is_exact_on_uncorrelated_spans(monkeypatch):
     _wide_k(monkeypatch, span)
     torch.testing.assert_close(float_target(w, h_qq, h_qf), exact, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(float_target(w, h_qq, h_qq), w, rtol=1e-4, atol=1e-5)
+    spans = codebook.Spans.of(h_qq, span)  # as the search gives them: the spans and the correction
+    residual = (h_qf - h_qq) @ w.T
+    torch.testing.assert_close(codebook.float_target_spans(w, spans, residual), exact, rtol=1e-4, atol=1e-5)
 
 
 def test_wide_feedback_is_the_feedback_within_its_spans(monkeypatch):

@@ -2,7 +2,8 @@
 sequential assignment (`assign_with_feedback`), the float-network target and the error measures.
 Above quantizers.WIDE_K inputs (VGG's classifier, K = 25,088) the assignment and the target work
 on spans of about WIDE_K inputs, as CoRa's GPTQ does: their K^3 factorizations, C_out K^2 updates
-and float64 K x K copies took hours and tens of GB there."""
+and float64 K x K copies took hours and tens of GB there. They use only the diagonal span blocks
+of the input second moment (`Spans`), which the search accumulates without any K x K."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from cora_onnx.core.errors import ModelError
 from cora_onnx.torch.quantizers import WIDE_K
 from cora_onnx.torch.search.pq.settings import DAMPING
 
-__all__ = ["PqFit", "fit_codebook", "assign_with_feedback", "weighted_error", "full_error", "float_target",
-           "float_output_error", "inverse_cholesky", "CHUNK"]
+__all__ = ["PqFit", "Spans", "span_width", "fit_codebook", "assign_with_feedback", "weighted_error", "full_error",
+           "float_target", "float_target_spans", "float_output_error", "inverse_cholesky", "CHUNK"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,53 @@ class PqFit:
         """Decoded sub-vectors, (C_out, m, d)."""
         w = self.codewords[self.codes]
         return w if self.scale is None else w * self.scale[:, None, None]
+
+
+def span_width(d: int) -> int:
+    """Inputs per span of a layer wider than WIDE_K with blocks of d inputs: as many whole blocks
+    as WIDE_K holds."""
+    return max(1, WIDE_K // d) * d
+
+
+def _blocks_of(H: torch.Tensor, d: int) -> torch.Tensor:
+    """(G, F, F) -> its (G, F/d, d, d) diagonal d x d blocks."""
+    G, FF, _ = H.shape
+    return torch.diagonal(H.reshape(G, FF // d, d, FF // d, d), dim1=1, dim2=3).permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True, eq=False)
+class Spans:
+    """What the routes of a layer wider than WIDE_K use of its (G, K, K) input second moment H:
+    its diagonal blocks over consecutive spans of `span` inputs (the last one shorter), each
+    (G, s, s). K x span values instead of K x K (822 MB in float32 at VGG's K = 25,088 and spans
+    of 8,192, not 2.5 GB)."""
+
+    blocks: tuple[torch.Tensor, ...]
+    span: int
+
+    @classmethod
+    def of(cls, H: torch.Tensor, span: int) -> "Spans":
+        """The spans of a whole (G, K, K) matrix (views of it)."""
+        return cls(tuple(H[:, a:a + span, a:a + span] for a in range(0, H.shape[-1], span)), span)
+
+    @property
+    def groups(self) -> int:
+        return int(self.blocks[0].shape[0])
+
+    @property
+    def size(self) -> int:
+        """K: the inputs of all the spans."""
+        return sum(int(b.shape[-1]) for b in self.blocks)
+
+    def diagonal(self) -> torch.Tensor:
+        """H's diagonal, (G, K)."""
+        return torch.cat([torch.diagonal(b, dim1=1, dim2=2) for b in self.blocks], 1)
+
+    def blocks_of(self, d: int) -> torch.Tensor:
+        """H's diagonal d x d blocks, (G, K/d, d, d) (d must divide the span)."""
+        if self.span % d:
+            raise ValueError(f"blocks of {d} do not tile spans of {self.span}")
+        return torch.cat([_blocks_of(b, d) for b in self.blocks], 1)
 
 
 def _block_index(c_out: int, groups: int, m: int) -> torch.Tensor:
@@ -115,12 +163,13 @@ def fit_codebook(w: torch.Tensor, H: torch.Tensor, k: int, iters: int = 20, *, c
         s = torch.where(s > 0, s, torch.ones_like(s))
     else:
         s = torch.ones(O)
-    v = wf / s[owner, None]
-    uniq = torch.unique(v, dim=0)
+    s0 = s  # restarts of empty codewords: sub-vectors over their initial scale (no (n, d) copy kept)
+    uniq = _unique_rows(wf / s0[owner, None])
     if uniq.shape[0] <= k:
         C = uniq.clone()
     else:
         C = uniq[torch.randperm(uniq.shape[0], generator=gen)[:k]].clone()
+    del uniq
     k = C.shape[0]
 
     def quad(C: torch.Tensor) -> torch.Tensor:  # (G*m, k): c^T H_b c
@@ -155,9 +204,8 @@ def fit_codebook(w: torch.Tensor, H: torch.Tensor, k: int, iters: int = 20, *, c
         C_new = C.clone()
         C_new[used] = torch.linalg.solve(A[used], r[used].unsqueeze(-1)).squeeze(-1).float()
         if not bool(used.all()):  # empty codewords restart at the worst-reconstructed sub-vectors
-            err = (wf - s[owner, None] * C[codes]) * (Hw - s[owner, None] * torch.einsum("nij,nj->ni", Hf[hidx], C[codes]))
-            worst = err.sum(1).argsort(descending=True)[: int((~used).sum())]
-            C_new[~used] = v[worst]
+            worst = _errors(wf, Hw, Hf, hidx, s[owner], C, codes).argsort(descending=True)[: int((~used).sum())]
+            C_new[~used] = wf[worst] / s0[owner[worst], None]
         C = C_new
         Q = quad(C)
         if channel_scale:  # S-step: least-squares scale per output channel
@@ -184,7 +232,34 @@ def fit_codebook(w: torch.Tensor, H: torch.Tensor, k: int, iters: int = 20, *, c
     return dataclasses.replace(fit, error=err)
 
 
-def assign_with_feedback(w: torch.Tensor, H: torch.Tensor, fit: PqFit, damp: float = 0.01,
+def _unique_rows(v: torch.Tensor) -> torch.Tensor:
+    """torch.unique(v, dim=0), the distinct rows of v (n, d) in ascending lexicographic order, in
+    O(n) memory: one stable sort per column, from the last. torch's own keeps a tensor object per
+    row (about 275 bytes a row: 7 GB for VGG's classifier, 25.7M sub-vectors of 4)."""
+    n, d = v.shape
+    order = torch.arange(n)
+    for j in range(d - 1, -1, -1):
+        order = order[torch.sort(v[order, j], stable=True).indices]
+    rows = v[order]
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[1:] = (rows[1:] != rows[:-1]).any(1)
+    return rows[keep]
+
+
+def _errors(wf: torch.Tensor, Hw: torch.Tensor, Hf: torch.Tensor, hidx: torch.Tensor, so: torch.Tensor,
+            C: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Each sub-vector's error (w - s c)^T (H w - s H c) under its block (n,), by chunks of sub-vectors:
+    no (n, d, d) gather of the blocks (1.6 GB for VGG's classifier)."""
+    out = torch.empty(wf.shape[0])
+    step = max(1, CHUNK // wf.shape[1] ** 2)
+    for a in range(0, wf.shape[0], step):
+        c, sc = C[codes[a:a + step]], so[a:a + step, None]
+        err = (wf[a:a + step] - sc * c) * (Hw[a:a + step] - sc * torch.einsum("nij,nj->ni", Hf[hidx[a:a + step]], c))
+        out[a:a + step] = err.sum(1)
+    return out
+
+
+def assign_with_feedback(w: torch.Tensor, H: torch.Tensor | Spans, fit: PqFit, damp: float = 0.01,
                          factor: torch.Tensor | None = None, measure: bool = True) -> PqFit:
     """Codes re-assigned block by block (GPTQ order) for a fixed codebook: with U the upper
     Cholesky factor of H^-1, block b is assigned under the metric (U_bb^T U_bb)^-1 and its error E
@@ -193,15 +268,15 @@ def assign_with_feedback(w: torch.Tensor, H: torch.Tensor, fit: PqFit, damp: flo
     damp)` gives it, when the caller has it already (one per layer, for every block size). Returns
     the fit with new codes and its error measured with the full H (the EM's `error` uses only the
     diagonal blocks; measure=False: NaN, for a caller that measures the error itself). Above
-    WIDE_K inputs: `_feedback_spans` (factor is not used), its error measured with the diagonal
-    blocks of H."""
+    WIDE_K inputs, or with H given as its Spans: `_feedback_spans` (factor is not used), its error
+    measured with the diagonal blocks of H."""
     O, m, d = w.shape
-    G, FF, _ = H.shape
-    if FF > WIDE_K:
-        new = _feedback_spans(w, H, fit, damp)
-        blocks = torch.diagonal(H.reshape(G, m, d, m, d), dim1=1, dim2=3).permute(0, 3, 1, 2)
-        return dataclasses.replace(new, error=weighted_error(w, blocks.float(), new.weight()) if measure
+    if isinstance(H, Spans) or H.shape[-1] > WIDE_K:
+        spans = H if isinstance(H, Spans) else Spans.of(H, span_width(d))
+        new = _feedback_spans(w, spans, fit, damp)
+        return dataclasses.replace(new, error=weighted_error(w, spans.blocks_of(d).float(), new.weight()) if measure
                                    else float("nan"))
+    G, FF, _ = H.shape
     C, s = fit.codewords, fit.scale if fit.scale is not None else torch.ones(O)
     W = w.reshape(G, O // G, FF).double().clone()
     U = inverse_cholesky(H, damp) if factor is None else factor  # (G, FF, FF)
@@ -231,37 +306,41 @@ def _assign_block(Wb: torch.Tensor, Ubb: torch.Tensor, sg: torch.Tensor, Cd: tor
     return code, Wb - sg[..., None] * Cd[code]
 
 
-def _feedback_spans(w: torch.Tensor, H: torch.Tensor, fit: PqFit, damp: float, lazy: int = 128) -> PqFit:
-    """assign_with_feedback for a wide layer (m*d > WIDE_K): the blocks are taken in spans of
-    WIDE_K // d blocks, each with the factor of its own diagonal block of H alone (a block's error
+def _feedback_spans(w: torch.Tensor, H: Spans, fit: PqFit, damp: float, lazy: int = 128) -> PqFit:
+    """assign_with_feedback for a wide layer (m*d > WIDE_K): the blocks are taken in H's spans
+    (span_width(d): WIDE_K // d blocks), each with the factor of its own diagonal block of H alone (a block's error
     goes to the later blocks of its span only), and, as GPTQ does, the errors E U_bb^-1 of about
     `lazy` columns are pushed to the rest of the span in one product. O(C_out K WIDE_K) time and
     WIDE_K^2 float64 factors instead of C_out K^2 in rank-d updates, K^3 and several K x K; with
     one span (and no rounding) it assigns as the whole-matrix route does. Returns the fit with the
     new codes, error unmeasured (NaN)."""
     O, m, d = w.shape
-    G, FF, _ = H.shape
+    G, FF = H.groups, H.size
+    if FF != m * d or H.span % d:
+        raise ValueError(f"spans of {H.span} over {FF} inputs do not fit sub-vectors {tuple(w.shape)}")
     C, s = fit.codewords, fit.scale if fit.scale is not None else torch.ones(O)
-    W = w.reshape(G, O // G, FF).double().clone()
     codes = torch.empty(G, O // G, m, dtype=torch.long)
     sg = s.reshape(G, O // G).double()
     Cd = C.double()
-    per, step = max(1, WIDE_K // d), max(1, lazy // d)
-    for b0 in range(0, m, per):
+    per, step = H.span // d, max(1, lazy // d)
+    for b0, block in zip(range(0, m, per), H.blocks):
         b1 = min(b0 + per, m)
-        U = inverse_cholesky(H[:, b0 * d:b1 * d, b0 * d:b1 * d], damp)  # (G, span, span), span columns from 0
+        U = inverse_cholesky(block, damp)  # (G, span, span), span columns from 0
+        # the span's own columns in float64: no error leaves the span (268 MB, not 822, at VGG's classifier)
+        W = w.reshape(G, O // G, FF)[:, :, b0 * d:b1 * d].double().clone()
         for a0 in range(b0, b1, step):
             a1 = min(a0 + step, b1)
             F = torch.empty(G, O // G, (a1 - a0) * d, dtype=torch.float64)  # E U_bb^-1 of these blocks
             for b in range(a0, a1):
                 sl = slice((b - b0) * d, (b - b0 + 1) * d)
                 Ubb = U[:, sl, sl]
-                code, E = _assign_block(W[:, :, b * d:(b + 1) * d], Ubb, sg, Cd)
+                code, E = _assign_block(W[:, :, sl], Ubb, sg, Cd)
                 codes[:, :, b] = code
                 Fb = torch.linalg.solve_triangular(Ubb, E, upper=True, left=False)
                 F[:, :, (b - a0) * d:(b - a0 + 1) * d] = Fb
-                W[:, :, (b + 1) * d:a1 * d] -= Fb @ U[:, sl, sl.stop:(a1 - b0) * d]
-            W[:, :, a1 * d:b1 * d] -= F @ U[:, (a0 - b0) * d:(a1 - b0) * d, (a1 - b0) * d:]
+                W[:, :, sl.stop:(a1 - b0) * d] -= Fb @ U[:, sl, sl.stop:(a1 - b0) * d]
+            W[:, :, (a1 - b0) * d:] -= F @ U[:, (a0 - b0) * d:(a1 - b0) * d, (a1 - b0) * d:]
+        del U, W
     return dataclasses.replace(fit, codes=codes.reshape(O, m), error=float("nan"))
 
 
@@ -269,15 +348,22 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """Upper Cholesky factor (float64) of (H + damp * mean diag * I)^-1, per group (H (G, F, F)); the
     damping grows tenfold (at most three times) while rounding leaves the inverse not numerically
     positive definite."""
-    H = H.double()
-    FF = H.shape[-1]
-    H = (H + H.transpose(1, 2)) / 2
-    scale = torch.diagonal(H, dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None]
+    # (H + H^T) / 2 + damp * scale * I made in place, each attempt from H: two F x F float64 at a
+    # time, not seven (512 MB each on a span of a wide layer)
     for attempt in range(4):
-        L, info = torch.linalg.cholesky_ex(H + damp * scale * torch.eye(FF, dtype=H.dtype))
+        damped = H.double().clone() if H.dtype == torch.float64 else H.double()
+        damped += H.transpose(1, 2)
+        damped /= 2
+        scale = torch.diagonal(damped, dim1=1, dim2=2).mean(1).clamp_min(1e-12)
+        torch.diagonal(damped, dim1=1, dim2=2).add_((damp * scale)[:, None])
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if not bool(info.any()):
             inv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex((inv + inv.transpose(1, 2)) / 2, upper=True)
+            del L
+            inv = inv + inv.transpose(1, 2)
+            inv /= 2
+            U, info = torch.linalg.cholesky_ex(inv, upper=True)
             if not bool(info.any()):
                 return U
         if attempt < 3:
@@ -305,7 +391,7 @@ def float_target(w: torch.Tensor, H_qq: torch.Tensor, H_qf: torch.Tensor, dampin
     weight instead of going to zero). Then ||X_f w - X_q v||^2 = (v - w*)^T H_qq (v - w*) + const,
     so PQ of W* under H_qq minimizes the error against the float network. w: (C_out, F); H_qq =
     E[x_q x_q^T], H_qf = E[x_q x_f^T]: (G, F, F), G groups dividing C_out. Returns (C_out, F).
-    Above WIDE_K inputs: `_float_target_spans`."""
+    Above WIDE_K inputs: `float_target_spans`."""
     O, FF = w.shape
     G = H_qq.shape[0]
     if H_qq.shape != (G, FF, FF) or H_qf.shape != H_qq.shape or O % G:
@@ -313,9 +399,9 @@ def float_target(w: torch.Tensor, H_qq: torch.Tensor, H_qf: torch.Tensor, dampin
     # the layer's mean energy, not each group's: a depthwise channel whose input is dead on the calibration
     # images must keep its float weight, not get an arbitrary one (EfficientNet-Lite0 _blocks.8 with a
     # per-group ridge: relative weight MSE 27 at the same output error)
-    lam = max(damping, 1e-6) * float(torch.diagonal(H_qq, dim1=1, dim2=2).double().mean().clamp_min(1e-30))
     if FF > WIDE_K:
-        return _float_target_spans(w, H_qq, H_qf, lam)
+        return float_target_spans(w, Spans.of(H_qq, WIDE_K), _residual(w, H_qq, H_qf), damping)
+    lam = max(damping, 1e-6) * float(torch.diagonal(H_qq, dim1=1, dim2=2).double().mean().clamp_min(1e-30))
     Hq, Hx = H_qq.double(), H_qf.double()
     Wt = w.reshape(G, O // G, FF).transpose(1, 2).double()  # (G, F, O/G)
     A = (Hq + Hq.transpose(1, 2)) / 2 + lam * torch.eye(FF, dtype=torch.float64)
@@ -323,27 +409,40 @@ def float_target(w: torch.Tensor, H_qq: torch.Tensor, H_qf: torch.Tensor, dampin
     return target.transpose(1, 2).reshape(O, FF).to(w.dtype)
 
 
-def _float_target_spans(w: torch.Tensor, H_qq: torch.Tensor, H_qf: torch.Tensor, lam: float) -> torch.Tensor:
+def _residual(w: torch.Tensor, H_qq: torch.Tensor, H_qf: torch.Tensor) -> torch.Tensor:
+    """(H_qf - H_qq) W^T per group, (G, F, C_out/G) float32, a few rows of H at a time (no F x F difference)."""
+    G, FF = H_qq.shape[0], H_qq.shape[-1]
+    Wg = w.reshape(G, -1, FF).float()
+    rows = max(1, CHUNK // FF)
+    return torch.stack([torch.cat([(H_qf[g, a:a + rows].float() - H_qq[g, a:a + rows].float()) @ Wg[g].T
+                                   for a in range(0, FF, rows)]) for g in range(G)])
+
+
+def float_target_spans(w: torch.Tensor, H_qq: Spans, residual: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
     """float_target for a wide layer (F > WIDE_K), written as W* = W + (H_qq + lam I)^-1 (H_qf - H_qq) W
     (the float weight corrected by the mismatch of the two networks' inputs) with the inverse taken
-    span by span of WIDE_K inputs, each span's diagonal block of H_qq alone: the correction is the
-    exact one when the spans' inputs are uncorrelated, and W* = W when x_q = x_f. The residual
-    products are float32 (C_out F^2, a few rows of H at a time), the solves float64 on WIDE_K x WIDE_K,
-    instead of a float64 F x F solve (F^3) and several float64 F x F copies."""
+    span by span, each span's diagonal block of H_qq alone: the correction is the exact one when
+    the spans' inputs are uncorrelated, and W* = W when x_q = x_f. residual: (H_qf - H_qq) W^T per
+    group, (G, F, C_out/G) (statistics.span_stats sums it without either F x F moment); lam as in
+    `float_target`. The solves are float64 on a span x span, instead of a float64 F x F solve (F^3)
+    and several float64 F x F copies."""
     O, FF = w.shape
-    G = H_qq.shape[0]
+    G = H_qq.groups
+    if H_qq.size != FF or residual.shape != (G, FF, O // G) or O % G:
+        raise ValueError(f"spans of {H_qq.size} inputs / residual {tuple(residual.shape)} do not fit a weight "
+                         f"{tuple(w.shape)}")
+    lam = max(damping, 1e-6) * float(H_qq.diagonal().double().mean().clamp_min(1e-30))
     Wg = w.reshape(G, O // G, FF).float()
     out = Wg.clone()
-    rows = max(1, CHUNK // FF)  # of H per residual product: no (span, F) difference
     for g in range(G):
-        for s0 in range(0, FF, WIDE_K):
-            s = slice(s0, min(s0 + WIDE_K, FF))
-            cuts = [slice(i, min(i + rows, s.stop)) for i in range(s.start, s.stop, rows)]
-            r = torch.cat([(H_qf[g, c].float() - H_qq[g, c].float()) @ Wg[g].T for c in cuts]).double()  # (span, O/G)
-            A = H_qq[g, s, s].double()
-            A += H_qq[g, s, s].T  # symmetrized without a second float64 copy
+        a = 0
+        for block in H_qq.blocks:
+            s = slice(a, a + block.shape[-1])
+            a = s.stop
+            A = block[g].to(torch.float64, copy=True)
+            A += block[g].T  # symmetrized without a second float64 copy
             A.mul_(0.5).diagonal().add_(lam)
-            out[g, :, s] += torch.linalg.solve(A, r).T.float()
+            out[g, :, s] += torch.linalg.solve(A, residual[g, s].double()).T.float()
     return out.reshape(O, FF).to(w.dtype)
 
 

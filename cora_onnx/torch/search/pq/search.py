@@ -22,10 +22,12 @@ from cora_onnx.torch.quantizers import WIDE_K, QuantSpec, gptq_round, input_weig
 from cora_onnx.torch.images import as_torch
 from cora_onnx.torch.search.layers import layer_kind, select_layers, skeleton_layer, uniform_from
 from cora_onnx.torch.search.staged import LayerFeed
-from cora_onnx.torch.search.pq.codebook import assign_with_feedback, fit_codebook, float_output_error, float_target, full_error
+from cora_onnx.torch.search.pq.codebook import (assign_with_feedback, fit_codebook, float_output_error, float_target,
+                                                float_target_spans, full_error, span_width)
 from cora_onnx.torch.search.pq.finetune import finetune
 from cora_onnx.torch.search.pq.settings import PqSettings, block_kind
-from cora_onnx.torch.search.pq.statistics import Geom, input_stats, joint_stats, output_means, patches_per_image
+from cora_onnx.torch.search.pq.statistics import (Geom, input_stats, joint_stats, output_means, patches_per_image,
+                                                  span_stats)
 
 __all__ = ["search_pq", "fit_layers", "pq_layers", "rehearsal_pq"]
 
@@ -82,6 +84,34 @@ def _gptq_rounded(name: str, mod: nn.Module, settings: PqSettings) -> bool:
     pattern (a layer kept only by the selection, e.g. the first, is rounded to nearest) and not grouped."""
     return (settings.uniform_rounding == "gptq" and getattr(mod, "groups", 1) == 1
             and any(fnmatch.fnmatchcase(name, p) for p, _ in settings.uniform_patterns()))
+
+
+def _output_mean(w: torch.Tensor, mu_f: torch.Tensor, tmod: nn.Module, groups: int) -> torch.Tensor:
+    """The float network's output mean of a layer, W E[x_f] + b (w (C_out, ...), mu_f (G, K))."""
+    w2 = w.reshape(w.shape[0], -1)
+    gidx = torch.arange(w.shape[0]) // (w.shape[0] // groups)
+    return (w2 * mu_f[gidx]).sum(1) + (tmod.bias.detach().float() if tmod.bias is not None else 0.0)
+
+
+def _wide_statistics(tmod: nn.Module, mod: nn.Module, name: str, g: Geom, w: torch.Tensor, feed: LayerFeed,
+                     feedback: bool, settings: PqSettings):
+    """The statistics of a layer wider than WIDE_K (statistics.span_stats: no K x K moment, K x
+    span_width(d) values and, with the float target, its correction K x C_out): (the sub-vectors
+    to fit (C_out, m, d), the EM's d x d blocks (G, m, d, d), the error feedback's codebook.Spans
+    (None without feedback), the mean input (G, K), the float network's output mean (None unless
+    the float target with bias correction))."""
+    w2 = w.reshape(w.shape[0], -1)
+    centered, mean = settings.bias_correction, None
+    if settings.target_for(name) == "float":
+        st = span_stats(mod, g, span_width(g.d), feed.pairs(name, tmod, mod), w=w2, centered=centered)
+        wv = float_target_spans(w2, st["qq"], st.pop("residual"), settings.damping)
+        if centered:
+            mean = _output_mean(w, st["mu_f"], tmod, g.groups)
+    else:
+        st = span_stats(mod, g, span_width(g.d), feed.student_inputs(name, mod), centered=centered)
+        wv = w2
+    return (wv.reshape(w.shape[0], g.m, g.d), st["qq"].blocks_of(g.d).contiguous(), st["qq"] if feedback else None,
+            st["mu_q"], mean)
 
 
 def _fit_uniform_gptq(teacher: nn.Module, tmod: nn.Module, student: nn.Module, mod: nn.Module, name: str, bits: int,
@@ -168,7 +198,7 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
         if settings.bias_correction and name in by_weight and name not in targets:  # staged: from the cache
             targets[name] = feed.teacher_output_mean(name, layers[name])
         t0 = time.perf_counter()
-        w = mod.weight.detach().float().clone()
+        w = layers[name].weight.detach().float()  # the float weight, as the student's still is: the teacher's, no copy
         if name in gptq:
             plans[name] = _fit_uniform_gptq(model, layers[name], student, mod, name, kept[name], feed, targets,
                                             settings)
@@ -185,34 +215,31 @@ def fit_layers(model: nn.Module, layers: dict[str, nn.Module], order: list[str],
         g = geoms[name]
         feedback = settings.error_feedback and g.m > 1
         # above WIDE_K the measures that only inform (the float-output errors, the error without
-        # feedback) are left out: each is a C_out K^2 product, and the float network's own moment a K x K more
+        # feedback) are left out: each needs K x K moments (the wide route makes none) and a C_out K^2 product
         wide = g.m * g.d > WIDE_K
         # with bias correction the mean shift of the output is absorbed by the bias: fit the covariance.
         # Post-ReLU inputs have means far above their spread, and the second moment would spend the
         # codebook on the mean response
-        joint = None
-        if settings.target_for(name) == "float":  # fit the float network's output: PQ of W* under H_qq
+        joint = Hfull = None
+        if wide:  # no K x K: span blocks (and the float target's correction) only
+            wv, H, Hfull, mu, mean = _wide_statistics(layers[name], mod, name, g, w, feed, feedback, settings)
+            if mean is not None:
+                targets[name] = mean
+        elif settings.target_for(name) == "float":  # fit the float network's output: PQ of W* under H_qq
             joint = joint_stats(model, layers[name], student, mod, g, None, bs, centered=settings.bias_correction,
-                                pairs=feed.pairs(name, layers[name], mod),
-                                moments=("qq", "qf") if wide else ("qq", "qf", "ff"))
+                                pairs=feed.pairs(name, layers[name], mod))
             H, mu = joint["qq"].reshape(g.groups, 1, g.m * g.d, g.m * g.d), joint["mu_q"]
             wv = float_target(w.reshape(w.shape[0], -1), joint["qq"], joint["qf"], settings.damping)
             if settings.bias_correction:  # the float network's output mean: W E[x_f] + b
-                fb = layers[name].bias
-                gidx = torch.arange(w.shape[0]) // (w.shape[0] // g.groups)
-                targets[name] = (w.reshape(w.shape[0], -1) * joint["mu_f"][gidx]).sum(1) + \
-                    (fb.detach().float() if fb is not None else 0.0)
+                targets[name] = _output_mean(w, joint["mu_f"], layers[name], g.groups)
             wv = wv.reshape(w.shape[0], g.m, g.d)
-            if wide:  # its K x K cross moment goes: the float-output measures are left out
-                joint = None
             if not feedback:
                 H = _diagonal_blocks(H, g)
         else:
             H, mu = input_stats(student, mod, g, None, bs, full=feedback, centered=settings.bias_correction,
                                 inputs=feed.student_inputs(name, mod))
             wv = w.reshape(w.shape[0], g.m, g.d)
-        Hfull = None
-        if feedback:  # diagonal blocks for the EM, the full matrix for the sequential assignment
+        if feedback and not wide:  # diagonal blocks for the EM, the full matrix for the sequential assignment
             Hfull = H.reshape(g.groups, g.m * g.d, g.m * g.d)
             H = _diagonal_blocks(H, g)
         fit = fit_codebook(wv, H, settings.codewords, settings.em_iters, channel_scale=settings.channel_scale,

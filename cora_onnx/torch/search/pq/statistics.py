@@ -1,7 +1,8 @@
 """Input statistics of a layer on the (partially quantized) network: streamed over image batches,
 memory bounded by the K x K accumulators, never by the number of images. Above quantizers.WIDE_K
 (VGG's classifier, K = 25,088) the sums are float32 and each moment is made in its sum's own
-memory: one 2.5 GB K x K per moment instead of a float64 sum (5 GB) and its copies."""
+memory: one 2.5 GB K x K per moment instead of a float64 sum (5 GB) and its copies; the product
+quantization of such a layer needs no K x K at all (`span_stats`)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from torch import nn
 from cora_onnx.core.errors import ModelError
 from cora_onnx.core.progress import progress
 from cora_onnx.torch.quantizers import WIDE_K
-from cora_onnx.torch.search.stats import SecondMoment, channel_sums, unfold
+from cora_onnx.torch.search.stats import SecondMoment, _gram_into, channel_sums, unfold
 from cora_onnx.torch.search.staged import layer_input as staged_layer_input
-from cora_onnx.torch.search.pq.codebook import CHUNK
+from cora_onnx.torch.search.pq.codebook import CHUNK, Spans
 
 __all__ = ["Geom", "SecondMoment", "sum_dtype", "moment_of", "module_moment", "layer_inputs", "input_stats", "joint_stats",
-           "layer_input", "output_means", "patches_per_image", "unfold"]
+           "span_stats", "layer_input", "output_means", "patches_per_image", "unfold"]
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,56 @@ def joint_stats(teacher: nn.Module, tmod: nn.Module, student: nn.Module, smod: n
     out = {k: v.moment(centered, spend=FF > WIDE_K).float() for k, v in acc.items()}
     mu_q, mu_f = acc["qf"].means()
     out["mu_q"], out["mu_f"] = mu_q.float(), mu_f.float()
+    return out
+
+
+def span_stats(mod: nn.Module, geom: Geom, span: int, batches: Iterable, w: torch.Tensor | None = None,
+               centered: bool = False) -> dict:
+    """What the product quantization of a layer wider than WIDE_K uses of its input statistics,
+    without a K x K: "qq", the diagonal blocks over spans of `span` inputs of the student's
+    E[x_q x_q^T] (codebook.Spans, float32 sums: K x span values), "mu_q" (G, K). batches: the
+    student layer's input batches (staged.LayerFeed.student_inputs); with w, the layer's float
+    weight (C_out, K): (x_q, x_f) pairs (LayerFeed.pairs) and also "residual", the float target's
+    correction (H_qf - H_qq) W^T per group (G, K, C_out/G; codebook.float_target_spans), summed as
+    E[x_q ((x_f - x_q)^T W^T)] (no difference of two large moments, no K x K), and "mu_f".
+    centered: covariances, as in `joint_stats`."""
+    G, FF = geom.groups, geom.m * geom.d
+    cuts = [(a, min(a + span, FF)) for a in range(0, FF, span)]
+    blocks = [torch.zeros(G, b - a, b - a) for a, b in cuts]
+    sums = {"q": torch.zeros(G, FF, dtype=torch.float64)}
+    residual = Wg = None
+    if w is not None:
+        Wg = w.reshape(G, -1, FF).float()
+        residual = torch.zeros(G, FF, Wg.shape[1])
+        sums["f"] = torch.zeros(G, FF, dtype=torch.float64)
+    count = 0
+    for batch in batches:
+        xq, xf = batch if w is not None else (batch, None)
+        floats = _columns(mod, xf, G) if xf is not None else None
+        for cq in _columns(mod, xq, G):
+            for (a, b), block in zip(cuts, blocks):
+                _gram_into(block, cq[:, a:b])
+            sums["q"] += cq.sum(2).double()
+            count += cq.shape[2]
+            if floats is not None:
+                cf = next(floats)
+                sums["f"] += cf.sum(2).double()
+                residual.baddbmm_(cq, torch.bmm(Wg, cf - cq).transpose(1, 2))
+    if count == 0:
+        raise ModelError(f"{geom.name}: no calibration images")
+    mu = {k: v / count for k, v in sums.items()}
+    for (a, b), block in zip(cuts, blocks):
+        block /= count
+        if centered:
+            for g in range(G):
+                block[g].addr_(mu["q"][g, a:b].float(), mu["q"][g, a:b].float(), alpha=-1)
+    out = {"qq": Spans(tuple(blocks), span), "mu_q": mu["q"].float()}
+    if residual is not None:
+        residual /= count
+        if centered:  # Cov_qf - Cov_qq = E[x_q (x_f - x_q)^T] - mu_q (mu_f - mu_q)^T
+            for g in range(G):
+                residual[g].addr_(mu["q"][g].float(), Wg[g] @ (mu["f"][g] - mu["q"][g]).float(), alpha=-1)
+        out["residual"], out["mu_f"] = residual, mu["f"].float()
     return out
 
 

@@ -247,3 +247,28 @@ def test_kept_layers_take_their_keep_bits_and_rtn_takes_grids_only():
     assert [e.label for e in menus["conv1"]] == ["6-bit"] and len(menus["pw"]) > 1
     uniform = menus_of(model, AutoSettings(families=("uniform",)))
     assert all(e.kind == "uniform" and not e.rank for m in uniform.values() for e in m)
+
+
+def test_the_choice_is_fitted_to_the_float_weights_unless_refit(digits):
+    """By default each chosen encoding is fitted to the float weight under the float network's input
+    statistics (what the menu ranked it by); refit fits later layers to the float output on the
+    partially quantized network instead, which gives other weights."""
+    from cora_onnx.onnx.data import Preprocess, load_images
+    from cora_onnx.torch.search.auto import fit_choice, measure_menu
+
+    model = build_model(digits.arch, digits.weights).eval()
+    calib = load_images(digits.calib_dir, Preprocess(digits.input_size, 1.0, digits.mean, digits.std))
+    settings = AutoSettings(**SMALL)
+    assert settings.refit is False
+    measured = measure_menu(model, settings, calib)
+    chosen = {n: menu[0] for n, menu in measured.menus.items()}  # the 2-bit grids of every layer
+    _, results = fit_choice(model, measured, chosen, settings, calib)
+    first = next(iter(measured.layers))
+    again = fit_encoding(measured.layers[first].weight.detach().float(), chosen[first], measured.stats[first][0],
+                         damping=settings.damping, em_iters=settings.em_iters, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(results[first]["fit"].weight, again.weight)
+    _, refitted = fit_choice(model, measured, chosen, AutoSettings(**SMALL, refit=True), calib)
+    last = list(measured.layers)[-2]  # a conv whose inputs come from quantized layers
+    assert not torch.equal(results[last]["fit"].weight, refitted[last]["fit"].weight)
+    for r in (*results.values(), *refitted.values()):
+        assert np.isfinite(r["error"]) and torch.isfinite(r["bias"]).all()

@@ -8,12 +8,12 @@ would have, fits them and scores the PyTorch model on imagenet-sample/even (500 
 file computes (the quantize runs check it in ONNX Runtime; tools/size_target.sh).
 
     python tools/size_target_probe.py --model efficientnet_lite0 --ratios 10 15 20 \\
-        --harms kl output --fits refit menu --torch-threads 1 --out probe.jsonl
+        --harms kl output --fits float refit --torch-threads 1 --out probe.jsonl
 
 Variants: --harms kl (measured KL per unit of output error, the default) / output (the relative
-output error alone, every layer weighted the same); --fits refit (layer after layer on the
-partially quantized network, the default) / menu (the fits on the float network's statistics, as
-measured). Each row is one JSON line: ratio, harm, fit, predicted bytes and harm, the encodings,
+output error alone, every layer weighted the same); --fits float (the chosen encodings fitted to
+the float weights on the float network's statistics, the default) / refit (layer after layer to
+the float network's output on the partially quantized network). Each row is one JSON line: ratio, harm, fit, predicted bytes and harm, the encodings,
 agreement, KL, top-1, seconds.
 """
 
@@ -53,7 +53,7 @@ def main() -> None:
                                                      "../shared/models/resnet18-imagenet.pt for resnet18]")
     ap.add_argument("--ratios", type=float, nargs="+", default=[10, 15, 20])
     ap.add_argument("--harms", nargs="+", default=["kl"], choices=["kl", "output"])
-    ap.add_argument("--fits", nargs="+", default=["refit"], choices=["refit", "menu"])
+    ap.add_argument("--fits", nargs="+", default=["float"], choices=["float", "refit"])
     ap.add_argument("--finetune", type=int, nargs="+", default=[0],
                     help="distillation steps on the adapters and biases after the fit (0: none); one row each")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -95,7 +95,7 @@ def main() -> None:
         measured = dataclasses.replace(measured, layers={n: live[n] for n in measured.layers})
         logging.info("measured menu read from %s", args.cache)
     else:
-        measured = measure_menu(fused, budget.settings, calib, keep_fits="menu" in args.fits)
+        measured = measure_menu(fused, budget.settings, calib)
         if args.cache:
             torch.save(measured, args.cache)
     measure_s, measure_cpu = time.perf_counter() - t0, time.process_time() - cpu0

@@ -12,10 +12,14 @@ Phases (each logged with its seconds, progress at least every 20 s):
    through a second, coarser reference above it); harm = "output": e itself;
 4. choice: the least summed harm whose bytes (each encoding's bytes in the file, measured on the
    exported graph) fit the budget, exactly (`cora_onnx.core.budget.choose`);
-5. fit: the chosen encodings fitted layer after layer to the float network's output on the
-   partially quantized network (cached stage inputs, `staged.LayerFeed`; Linear layers to their
-   own weight, the classifier's float target overfits the calibration classes), biases corrected
-   to the float network's output means, adapters from the residual in the metric of the inputs;
+5. fit: the chosen encodings fitted to the float weights under the float network's input
+   statistics (as the menu, with em_iters EM iterations), biases corrected by the float input
+   means, adapters from the residual in the metric of the inputs. refit instead fits them layer
+   after layer to the float network's output on the partially quantized network (cached stage
+   inputs, `staged.LayerFeed`; Linear layers to their own weight): closer on the calibration
+   images, further from the float network on new classes once many layers are coarse
+   (EfficientNet-Lite0 at 15x: 52.6% agreement against 64.2% on the 500-class protocol, before
+   fine-tuning; docs/results/size-target.md), so it is not the default;
 6. fine-tuning (settings.finetune_steps_for the choice's predicted harm: by default only when
    the choice is predicted to harm the network, AutoSettings): by distillation from the float network, the codewords and
    channel scales of codebooks (their codes stay, as in "And the bit goes down"), the scales of
@@ -194,7 +198,7 @@ def search_auto(model: nn.Module, settings: AutoSettings, calib=None) -> Plan:
         missing = [e.label for e in menu if e.label not in settings.costs.get(n, {})]
         if missing:
             raise SettingsError(f"no byte cost for {n}: {', '.join(missing)}")
-    measured = measure_menu(model, settings, calib, keep_fits=not settings.refit)
+    measured = measure_menu(model, settings, calib)
     seconds = dict(measured.seconds)
     harm = harm_table(measured, settings.harm)
 
@@ -245,14 +249,19 @@ def search_auto(model: nn.Module, settings: AutoSettings, calib=None) -> Plan:
 
 
 def fit_choice(model: nn.Module, measured: Measured, chosen: dict[str, Encoding], settings: AutoSettings, calib):
-    """Phase 5: the chosen encodings fitted layer after layer (settings.refit) or taken from the
-    menu fits (measure_menu(keep_fits=True)); returns (the student model with them, per layer
-    {fit, adapter, bias, error})."""
+    """Phase 5: the chosen encodings fitted to the float weights on the float network's input
+    statistics (the default; em_iters EM iterations for codebooks), or layer after layer to the
+    float network's output on the partially quantized network (settings.refit); returns (the
+    student model with them, per layer {fit, adapter, bias, error})."""
+    gen = torch.Generator().manual_seed(settings.seed)
     if settings.refit:
         images = as_torch(calib).subset(settings.calib_size, settings.seed)
-        return _refit(model, measured.layers, chosen, images, measured.sizes, settings,
-                      torch.Generator().manual_seed(settings.seed))
-    fits = {n: measured.fits[n][chosen[n].without_adapter().label] for n in measured.layers}
+        return _refit(model, measured.layers, chosen, images, measured.sizes, settings, gen)
+    fits = {}
+    for n in progress(list(measured.layers), len(measured.layers), "auto: fitting the choice", "layers"):
+        base = chosen[n].without_adapter()
+        fits[n] = fit_encoding(measured.layers[n].weight.detach().float(), base, measured.stats[n][0],
+                               damping=settings.damping, em_iters=settings.em_iters, generator=gen)
     return _fitted_as_measured(model, measured.layers, chosen, fits, measured.stats, settings)
 
 

@@ -44,9 +44,10 @@ class AutoSettings:
     network's KL(float || quantized) on sens_images calibration images with only that layer on a
     reference encoding, per unit of that encoding's output error) or "output" (the relative output
     error alone). Statistics: each layer's input covariance from stats_size calibration images,
-    raised up to calib_size until it sees stats_patches patches per input. refit: after the choice,
-    fit the chosen encodings layer after layer to the float network's output on the partially
-    quantized network (Linear layers to their own weight). finetune_steps: distillation of the
+    raised up to calib_size until it sees stats_patches patches per input. After the choice, the
+    chosen encodings are fitted to the float weights under those statistics; refit: instead, layer
+    after layer to the float network's output on the partially quantized network (Linear layers
+    to their own weight), which generalizes worse to new classes (search_auto's module doc). finetune_steps: distillation of the
     codewords, grid scales (below 8 bits), adapters and biases afterwards (search_batch images per step, `distill` loss, Adam steps of
     finetune_lr times each tensor's RMS); None: FINETUNE_STEPS when the choice's predicted harm
     exceeds FINETUNE_ABOVE, else none (`finetune_steps_for`). augment: the distillation images, as
@@ -71,7 +72,7 @@ class AutoSettings:
     em_iters: int = 20
     menu_em_iters: int = 8
     damping: float = 0.01
-    refit: bool = True
+    refit: bool = False
     finetune_steps: int | None = None
     NONE_MEANS: ClassVar[dict[str, str]] = {"finetune_steps": f"{FINETUNE_STEPS} when the choice's predicted harm "
                                                                f"exceeds {FINETUNE_ABOVE:g}, else 0"}

@@ -272,3 +272,48 @@ def test_the_choice_is_fitted_to_the_float_weights_unless_refit(digits):
     assert not torch.equal(results[last]["fit"].weight, refitted[last]["fit"].weight)
     for r in (*results.values(), *refitted.values()):
         assert np.isfinite(r["error"]) and torch.isfinite(r["bias"]).all()
+
+
+def test_sensitivity_is_measured_with_the_bias_the_fit_gives(digits):
+    """Each reference encoding's KL is the network's with that layer's weight and its corrected bias
+    (float output mean kept), as the fitted model will have it; the probe puts the layer back."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from cora_onnx.onnx.data import Preprocess, load_images
+    from cora_onnx.torch.images import as_torch
+    from cora_onnx.torch.search.auto import measure_menu
+    from cora_onnx.torch.search.auto.measure import SensitivityProbe
+    from cora_onnx.torch.search.auto.search import _corrected_bias
+    from cora_onnx.torch.quantizers import quantizable_layers
+
+    model = build_model(digits.arch, digits.weights).eval()
+    calib = load_images(digits.calib_dir, Preprocess(digits.input_size, 1.0, digits.mean, digits.std))
+    settings = AutoSettings(**SMALL)
+    measured = measure_menu(model, settings, calib)
+    images = as_torch(calib).subset(settings.calib_size, settings.seed)
+    x = images.subset(settings.sens_images, settings.seed + 1).take(np.arange(settings.sens_images))
+    probe = SensitivityProbe(model, measured.layers, x)
+    with torch.no_grad():
+        before = model(x)
+    checked = 0
+    for n, points in measured.sensitivity.items():
+        for p in points:
+            w_hat = measured.fits[n][p["encoding"]].weight
+            bias = _corrected_bias(measured.layers[n], w_hat, measured.stats[n][1])
+            assert p["kl"] == pytest.approx(probe.kl(n, w_hat, bias), rel=1e-9, abs=1e-12)
+            other = copy.deepcopy(model)
+            layer = quantizable_layers(other)[n]
+            with torch.no_grad():
+                layer.weight.copy_(w_hat.reshape(layer.weight.shape))
+                layer.bias = torch.nn.Parameter(bias)
+                lq = F.log_softmax(other(x).double(), 1)
+            ref = F.log_softmax(before.double(), 1)
+            assert p["kl"] == pytest.approx(float((ref.exp() * (ref - lq)).sum(1).mean()), rel=1e-4, abs=1e-9)
+            checked += 1
+    with torch.no_grad():
+        assert checked and torch.equal(model(x), before)
+    # the correction matters: without it the same weights give other KLs
+    n, p = next((n, ps[0]) for n, ps in measured.sensitivity.items() if ps)
+    assert probe.kl(n, measured.fits[n][p["encoding"]].weight) != pytest.approx(p["kl"], rel=1e-6)

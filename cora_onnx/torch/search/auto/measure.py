@@ -118,13 +118,17 @@ class SensitivityProbe:
         return h
 
     @torch.no_grad()
-    def kl(self, name: str, weight: torch.Tensor) -> float:
-        """Mean KL(float || the network with only `name`'s weight replaced) on the probe's images."""
+    def kl(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> float:
+        """Mean KL(float || the network with only `name`'s weight, and its bias when given, replaced)
+        on the probe's images."""
         mod = self.layers[name]
-        keep = mod.weight.data
+        keep, keep_bias = mod.weight.data, mod.bias
         mod.weight.data = weight.to(keep.dtype).reshape(keep.shape)
+        if bias is not None:
+            mod.bias = nn.Parameter(bias.to(keep.dtype).reshape(-1), requires_grad=False)
         try:
             lq = F.log_softmax(self.logits(name).double(), 1)
         finally:
             mod.weight.data = keep
+            mod.bias = keep_bias
         return float((self.ref.exp() * (self.ref - lq)).sum(1).mean())

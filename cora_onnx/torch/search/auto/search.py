@@ -7,7 +7,9 @@ Phases (each logged with its seconds, progress at least every 20 s):
    (`fit_encoding`), its relative output error e recorded; adapters' errors for every rank come
    from the singular values of the grid's residual in the metric of the inputs;
 3. harm: harm = "kl": each layer's sensitivity is measured, the network's KL(float || quantized)
-   on a few calibration images with only that layer on a reference encoding; a layer's harm at
+   on a few calibration images with only that layer on a reference encoding, its bias corrected
+   as the fit corrects it (without the correction the harm of coarse encodings is overstated:
+   EfficientNet-Lite0 at 10x, 86.6% agreement against 89.0% with it, before fine-tuning); a layer's harm at
    error e follows the measured KL per unit of error (linear below the reference, a power law
    through a second, coarser reference above it); harm = "output": e itself;
 4. choice: the least summed harm whose bytes (each encoding's bytes in the file, measured on the
@@ -166,7 +168,9 @@ def measure_menu(model: nn.Module, settings: AutoSettings, calib, keep_fits: boo
         probe = SensitivityProbe(model, layers, x)
         for n in progress(list(layers), len(layers), "auto: sensitivity", "layers"):
             refs = _references(errors[n], menus[n])
-            sensitivity[n] = [{"encoding": r, "error": errors[n][r], "kl": probe.kl(n, fits[n][r].weight)}
+            sensitivity[n] = [{"encoding": r, "error": errors[n][r],
+                               "kl": probe.kl(n, fits[n][r].weight, _corrected_bias(layers[n], fits[n][r].weight,
+                                                                                    stats[n][1]))}
                               for r in refs]
     seconds["sensitivity"] = time.perf_counter() - t0
     return Measured(layers, menus, sizes, stats, errors, fits, sensitivity, seconds)
@@ -279,11 +283,18 @@ def _fitted_as_measured(model, layers, chosen, fits, stats, settings):
         if chosen[n].rank:
             adapter = _adapter(w, w_hat, H, chosen[n], settings)
             w_hat = w_hat + (adapter[0] @ adapter[1]).reshape(w.shape)
-        b0 = mod.bias.detach().float() if mod.bias is not None else torch.zeros(w.shape[0])
-        bias = b0 + _mean_response(w - w_hat, mu)
+        bias = _corrected_bias(mod, w_hat, mu)
         _set(slayers[n], w_hat, bias)
         results[n] = {"fit": fit, "adapter": adapter, "bias": bias, "error": relative_error(w, w_hat, H)}
     return student, results
+
+
+def _corrected_bias(mod: nn.Module, w_hat: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """The layer's bias moved by the float input means mu so its output mean stays the float one
+    with the weight w_hat (as the fit leaves it)."""
+    w = mod.weight.detach().float()
+    b0 = mod.bias.detach().float() if mod.bias is not None else torch.zeros(w.shape[0])
+    return b0 + _mean_response(w - w_hat.reshape(w.shape), mu)
 
 
 def _mean_response(w: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:

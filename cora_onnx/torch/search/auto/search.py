@@ -9,7 +9,7 @@ Phases (each logged with its seconds, progress at least every 20 s):
 3. harm: harm = "kl": each layer's sensitivity is measured, the network's KL(float || quantized)
    on a few calibration images with only that layer on a reference encoding, its bias corrected
    as the fit corrects it (without the correction the harm of coarse encodings is overstated:
-   EfficientNet-Lite0 at 10x, 86.6% agreement against 89.0% with it, before fine-tuning); a layer's harm at
+   EfficientNet-Lite0 at 10x through the CLI, 86.2% agreement against 91.2% with it); a layer's harm at
    error e follows the measured KL per unit of error (linear below the reference, a power law
    through a second, coarser reference above it); harm = "output": e itself;
 4. choice: the least summed harm whose bytes (each encoding's bytes in the file, measured on the
@@ -107,8 +107,8 @@ def _harm_curve(points: list[tuple[float, float]]):
 class Measured:
     """Phases 1-3 of the search (module doc), what every choice is made from: the layers, their
     menus and statistics images, each layer's input covariance and mean on the float network, each
-    encoding's relative output error, the fits of the chosen-to-be encodings kept so far (all the
-    menu's while `keep_fits`), and per layer the measured (encoding, error, KL) references."""
+    encoding's relative output error, the fits of each layer's reference encodings, and per layer
+    the measured (encoding, error, KL) references."""
 
     layers: dict
     menus: dict
@@ -120,10 +120,9 @@ class Measured:
     seconds: dict
 
 
-def measure_menu(model: nn.Module, settings: AutoSettings, calib, keep_fits: bool = False) -> Measured:
+def measure_menu(model: nn.Module, settings: AutoSettings, calib) -> Measured:
     """Phases 1-3: statistics, every menu encoding's output error, each layer's sensitivity
-    (harm "kl"). keep_fits keeps every encoding's fit (memory: a weight per encoding), else
-    only the references'."""
+    (harm "kl"); only the reference encodings' fits are kept (a weight per encoding otherwise)."""
     model = model.eval()
     layers = {n: m for n, m in quantizable_layers(model).items() if n not in settings.selection.skip}
     if not layers:
@@ -155,9 +154,7 @@ def measure_menu(model: nn.Module, settings: AutoSettings, calib, keep_fits: boo
                 if base not in spectra:
                     spectra[base] = adapter_spectrum(w, fits[n][base].weight, H, settings.damping)
                 errors[n][enc.label] = float(spectra[base][min(enc.rank, len(spectra[base]) - 1)])
-        if not keep_fits:
-            refs = _references(errors[n], menus[n])
-            fits[n] = {r: fits[n][r] for r in refs}
+        fits[n] = {r: fits[n][r] for r in _references(errors[n], menus[n])}
     seconds["menu"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
